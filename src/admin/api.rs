@@ -1,0 +1,355 @@
+//! The admin API: HTTP in, a typed [`Command`] in the middle, JSON out.
+//!
+//! The handler only authenticates, parses the request into a `Command` and
+//! formats the reply; [`dispatch`] does the work. `switchyard ctl` builds the
+//! same `Command`s and sends them with [`Command::to_request`], so the two
+//! sides cannot drift apart.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use ipnet::IpNet;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::auth::{self, Token};
+use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard};
+
+/// Largest request body the admin API reads (64 KiB).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Everything the admin API can do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Status,
+    History,
+    Switch {
+        service: String,
+        to: Color,
+        reason: Option<String>,
+    },
+    Rollback {
+        service: String,
+        reason: Option<String>,
+    },
+}
+
+impl Command {
+    /// The HTTP request that carries this command: method, path, JSON body.
+    pub fn to_request(&self) -> (Method, String, Option<Value>) {
+        match self {
+            Command::Status => (Method::GET, "/status".into(), None),
+            Command::History => (Method::GET, "/history".into(), None),
+            Command::Switch {
+                service,
+                to,
+                reason,
+            } => (
+                Method::POST,
+                format!("/services/{service}/switch"),
+                Some(json!({ "to": to, "reason": reason })),
+            ),
+            Command::Rollback { service, reason } => (
+                Method::POST,
+                format!("/services/{service}/rollback"),
+                Some(json!({ "reason": reason })),
+            ),
+        }
+    }
+
+    /// Parses an HTTP request into a command.
+    pub fn from_request(method: &Method, path: &str, body: &[u8]) -> Result<Command, ApiError> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (method, segments.as_slice()) {
+            (&Method::GET, ["status"]) => Ok(Command::Status),
+            (&Method::GET, ["history"]) => Ok(Command::History),
+            (&Method::POST, ["services", service, "switch"]) => {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    to: String,
+                    reason: Option<String>,
+                }
+                let b: Body = parse_body(body)?;
+                let to =
+                    b.to.parse::<Color>()
+                        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                Ok(Command::Switch {
+                    service: service.to_string(),
+                    to,
+                    reason: b.reason,
+                })
+            }
+            (&Method::POST, ["services", service, "rollback"]) => {
+                #[derive(Deserialize, Default)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    reason: Option<String>,
+                }
+                let b: Body = if body.iter().all(u8::is_ascii_whitespace) {
+                    Body::default()
+                } else {
+                    parse_body(body)?
+                };
+                Ok(Command::Rollback {
+                    service: service.to_string(),
+                    reason: b.reason,
+                })
+            }
+            (_, ["status"] | ["history"] | ["services", _, "switch" | "rollback"]) => {
+                Err(ApiError::MethodNotAllowed)
+            }
+            _ => Err(ApiError::NotFound(format!("no admin endpoint {path}"))),
+        }
+    }
+}
+
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("bad JSON body: {e}")))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("client address not allowed")]
+    Forbidden,
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body over {MAX_BODY} bytes")]
+    TooLarge,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<SwitchError> for ApiError {
+    fn from(e: SwitchError) -> Self {
+        match e {
+            SwitchError::UnknownService(_) => ApiError::NotFound(e.to_string()),
+            SwitchError::NoPrevious(_) => ApiError::Conflict(e.to_string()),
+            SwitchError::Store(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Carries out a command. The only place admin actions change anything.
+pub fn dispatch(board: &Switchboard, cmd: Command) -> Result<Value, ApiError> {
+    match cmd {
+        Command::Status => {
+            let snap = board.load();
+            let services: serde_json::Map<String, Value> = snap
+                .services
+                .iter()
+                .map(|s| (s.name.to_string(), service_json(s)))
+                .collect();
+            Ok(json!({ "services": services }))
+        }
+        Command::History => {
+            let events = board
+                .history()
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(json!({ "events": events }))
+        }
+        Command::Switch {
+            service,
+            to,
+            reason,
+        } => Ok(service_json(&board.switch(
+            &service,
+            to,
+            SwitchKind::Switch,
+            reason,
+        )?)),
+        Command::Rollback { service, reason } => {
+            Ok(service_json(&board.rollback(&service, reason)?))
+        }
+    }
+}
+
+/// One service as the API shows it.
+pub fn service_json(s: &ServiceState) -> Value {
+    let pool = |c: Color| -> Vec<Value> {
+        s.pool(c)
+            .backends
+            .iter()
+            .map(|b| json!({ "addr": b.addr.to_string() }))
+            .collect()
+    };
+    json!({
+        "name": &*s.name,
+        "active": s.active,
+        "previous": s.previous,
+        "pools": { "blue": pool(Color::Blue), "green": pool(Color::Green) },
+        "in_flight": {
+            "blue": s.pool(Color::Blue).in_flight(),
+            "green": s.pool(Color::Green).in_flight(),
+        },
+    })
+}
+
+/// The admin listener's application.
+pub struct AdminApi {
+    board: Arc<Switchboard>,
+    token: Token,
+    allow: Vec<IpNet>,
+}
+
+impl AdminApi {
+    pub fn new(board: Arc<Switchboard>, token: Token, allow: Vec<IpNet>) -> AdminApi {
+        AdminApi {
+            board,
+            token,
+            allow,
+        }
+    }
+
+    async fn handle(&self, session: &mut ServerSession) -> Result<Value, ApiError> {
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if !ip.is_some_and(|ip| auth::allowed(&self.allow, ip)) {
+            return Err(ApiError::Forbidden);
+        }
+        let header = session.get_header(http::header::AUTHORIZATION);
+        if !self.token.matches_header(header.map(|h| h.as_bytes())) {
+            return Err(ApiError::Unauthorized);
+        }
+        let body = read_body(session).await?;
+        let req = session.req_header();
+        let cmd = Command::from_request(&req.method, req.uri.path(), &body)?;
+        let board = self.board.clone();
+        // Switches fsync; keep that off the listener's async threads.
+        tokio::task::spawn_blocking(move || dispatch(&board, cmd))
+            .await
+            .map_err(|e| ApiError::Internal(format!("admin task failed: {e}")))?
+    }
+}
+
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, ApiError> {
+    let declared = session
+        .get_header(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return Err(ApiError::TooLarge);
+    }
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(ApiError::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(ApiError::BadRequest(format!("cannot read body: {e}"))),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApi {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let (status, value) = match self.handle(session).await {
+            Ok(v) => (StatusCode::OK, v),
+            Err(e) => {
+                if e.status().is_server_error() {
+                    tracing::error!(cause = %e, "admin request failed");
+                }
+                (e.status(), json!({ "error": e.to_string() }))
+            }
+        };
+        if status != StatusCode::OK {
+            // The body was not read to the end: do not reuse the connection.
+            session.set_keepalive(None);
+        }
+        let mut body = serde_json::to_vec_pretty(&value).unwrap_or_default();
+        body.push(b'\n');
+        let mut resp = Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_LENGTH, body.len());
+        if status == StatusCode::UNAUTHORIZED {
+            resp = resp.header(http::header::WWW_AUTHENTICATE, "Bearer");
+        }
+        resp.body(body).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_through_http() {
+        let cmds = [
+            Command::Status,
+            Command::History,
+            Command::Switch {
+                service: "api".into(),
+                to: Color::Green,
+                reason: Some("deploy 1.2".into()),
+            },
+            Command::Rollback {
+                service: "api".into(),
+                reason: None,
+            },
+        ];
+        for cmd in cmds {
+            let (method, path, body) = cmd.to_request();
+            let body = body.map(|b| b.to_string()).unwrap_or_default();
+            let back = Command::from_request(&method, &path, body.as_bytes()).unwrap();
+            assert_eq!(back, cmd);
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_typed() {
+        let post =
+            |path: &str, body: &str| Command::from_request(&Method::POST, path, body.as_bytes());
+        assert!(matches!(
+            post("/services/api/switch", "{\"to\":\"purple\"}"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            post("/services/api/switch", "{\"to\":"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            post("/services/api/switch", "{\"to\":\"blue\",\"x\":1}"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(post("/nope", ""), Err(ApiError::NotFound(_))));
+        assert!(matches!(
+            post("/status", ""),
+            Err(ApiError::MethodNotAllowed)
+        ));
+        assert!(post("/services/api/rollback", "").is_ok());
+    }
+}

@@ -1,0 +1,633 @@
+//! Configuration: the TOML file as written (`file` structs, unknown keys
+//! rejected) and the validated [`Config`] the rest of switchyard reads.
+//!
+//! Parsing and validation happen once, at start-up or in `switchyard check`,
+//! so that every mistake is reported with its file, line and column before
+//! any traffic is served. Nothing here panics on user input.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::pools::Color;
+
+/// Worker threads of the proxy service (2).
+pub const DEFAULT_THREADS: usize = 2;
+/// How long in-flight requests may run on after SIGTERM before the process exits (30 s).
+/// Pingora's own default (300 s) is too long for a deploy.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// Where active colors and the switch history are kept (relative to the working directory).
+pub const DEFAULT_STATE_DIR: &str = "state";
+/// Client-facing plain HTTP listener.
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:80";
+/// Admin API listener: loopback only unless the operator says otherwise.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
+/// Client networks allowed to call the admin API: loopback only.
+pub const DEFAULT_ADMIN_ALLOW: [&str; 2] = ["127.0.0.1/32", "::1/128"];
+/// How long to wait for a TCP connection to a backend (5 s).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle upstream connections kept for reuse, across all backends (128 connections).
+pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: usize = 128;
+
+/// The validated configuration. Immutable once built; shared as `Arc<Config>`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from, for messages.
+    pub path: PathBuf,
+    pub server: Server,
+    pub listen: Listen,
+    pub admin: Admin,
+    /// Services in a stable order; a service's index here is its id everywhere else.
+    pub services: Vec<Service>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub state_dir: PathBuf,
+    pub upstream_keepalive_pool: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Where the bearer token is read from; the env variable
+    /// `SWITCHYARD_ADMIN_TOKEN` takes precedence. No token, no admin API.
+    pub token_file: Option<PathBuf>,
+    pub allow: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: String,
+    pub blue: Vec<SocketAddr>,
+    pub green: Vec<SocketAddr>,
+    /// The color served when no saved state exists.
+    pub active: Color,
+    pub connect_timeout: Duration,
+}
+
+impl Service {
+    pub fn pool(&self, color: Color) -> &[SocketAddr] {
+        match color {
+            Color::Blue => &self.blue,
+            Color::Green => &self.green,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Lower-case host without port; `None` matches requests for hosts that have no routes.
+    pub host: Option<String>,
+    pub path: String,
+    pub action: RouteAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteAction {
+    /// Proxy to the service with this index in [`Config::services`].
+    Proxy(usize),
+    /// Answer 404 from the proxy; the request never reaches a backend.
+    Deny,
+}
+
+/// One mistake in a configuration file, located by line and column (1-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.path.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+/// Every mistake found in one file; validation goes on past the first so
+/// `switchyard check` can list them all at once.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigErrors {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", list.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid { list: Vec<ConfigError> },
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigErrors::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates configuration text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let mut v = Validator {
+            path,
+            text,
+            errors: Vec::new(),
+        };
+        let file: file::Root = match toml::from_str(text) {
+            Ok(file) => file,
+            Err(err) => {
+                v.error(err.span().map_or(0, |s| s.start), err.message().to_string());
+                return Err(ConfigErrors::Invalid { list: v.errors });
+            }
+        };
+        let config = v.validate(file);
+        if v.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors::Invalid { list: v.errors })
+        }
+    }
+
+    pub fn service_index(&self, name: &str) -> Option<usize> {
+        self.services.iter().position(|s| s.name == name)
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, offset: usize, message: String) {
+        let (line, col) = line_col(self.text, offset);
+        self.errors.push(ConfigError {
+            path: self.path.to_path_buf(),
+            line,
+            col,
+            message,
+        });
+    }
+
+    fn at<T>(&mut self, value: &Spanned<T>, message: String) {
+        self.error(value.span().start, message);
+    }
+
+    fn duration(&mut self, value: Option<&Spanned<String>>, default: Duration) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.at(
+                    value,
+                    format!(
+                        "bad duration {:?}: {e}; write it like \"30s\", \"500ms\" or \"2m\"",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, value: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+        match value.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.at(
+                    value,
+                    format!(
+                        "bad {what} address {:?}: expected IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn validate(&mut self, file: file::Root) -> Config {
+        let server = self.server(file.server.unwrap_or_default());
+        let listen = self.listen(file.listen.unwrap_or_default());
+        let admin = self.admin(file.admin.unwrap_or_default());
+        let services: Vec<Service> = file
+            .services
+            .into_iter()
+            .filter_map(|(name, s)| self.service(name, s))
+            .collect();
+        if services.is_empty() {
+            self.error(
+                0,
+                "no services: add at least one [services.NAME] with blue and green pools".into(),
+            );
+        }
+        let routes = self.routes(file.routes, &services);
+        Config {
+            path: self.path.to_path_buf(),
+            server,
+            listen,
+            admin,
+            services,
+            routes,
+        }
+    }
+
+    fn server(&mut self, s: file::Server) -> Server {
+        let threads = match s.threads {
+            Some(t) if *t.get_ref() == 0 || *t.get_ref() > 1024 => {
+                self.at(&t, "threads must be between 1 and 1024".into());
+                DEFAULT_THREADS
+            }
+            Some(t) => *t.get_ref() as usize,
+            None => DEFAULT_THREADS,
+        };
+        Server {
+            threads,
+            grace_period: self.duration(s.grace_period.as_ref(), DEFAULT_GRACE_PERIOD),
+            state_dir: s
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            upstream_keepalive_pool: s
+                .upstream_keepalive_pool
+                .unwrap_or(DEFAULT_UPSTREAM_KEEPALIVE_POOL),
+        }
+    }
+
+    fn listen(&mut self, l: file::Listen) -> Listen {
+        let mut addr = |value: Option<Spanned<String>>, default: &str, what: &str| {
+            value
+                .and_then(|v| self.addr(&v, what))
+                .unwrap_or_else(|| default.parse().expect("default addresses are valid"))
+        };
+        Listen {
+            http: addr(l.http, DEFAULT_HTTP_LISTEN, "listen.http"),
+            admin: addr(l.admin, DEFAULT_ADMIN_LISTEN, "listen.admin"),
+        }
+    }
+
+    fn admin(&mut self, a: file::Admin) -> Admin {
+        let allow = match a.allow {
+            None => DEFAULT_ADMIN_ALLOW
+                .iter()
+                .map(|n| n.parse().expect("default networks are valid"))
+                .collect(),
+            Some(list) => list
+                .iter()
+                .filter_map(|n| match n.get_ref().parse::<IpNet>() {
+                    Ok(net) => Some(net),
+                    Err(_) => {
+                        self.at(
+                            n,
+                            format!(
+                                "bad network {:?}: expected CIDR like \"127.0.0.1/32\"",
+                                n.get_ref()
+                            ),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+        };
+        Admin {
+            token_file: a.token_file,
+            allow,
+        }
+    }
+
+    fn service(&mut self, name: Spanned<String>, s: file::Service) -> Option<Service> {
+        let valid_name = !name.get_ref().is_empty()
+            && name
+                .get_ref()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !valid_name {
+            self.at(
+                &name,
+                format!(
+                    "bad service name {:?}: use lower-case letters, digits, '-' and '_'",
+                    name.get_ref()
+                ),
+            );
+        }
+        let mut pool = |list: Spanned<Vec<Spanned<String>>>, color: &str| -> Vec<SocketAddr> {
+            if list.get_ref().is_empty() {
+                self.at(
+                    &list,
+                    format!(
+                        "service {:?} has an empty {color} pool: list at least one backend address",
+                        name.get_ref()
+                    ),
+                );
+            }
+            let mut seen = HashSet::new();
+            let mut out = Vec::new();
+            for a in list.get_ref() {
+                if let Some(addr) = self.addr(a, "backend") {
+                    if seen.insert(addr) {
+                        out.push(addr);
+                    } else {
+                        self.at(a, format!("backend {addr} is listed twice in this pool"));
+                    }
+                }
+            }
+            out
+        };
+        let blue = pool(s.blue, "blue");
+        let green = pool(s.green, "green");
+        let active = match s.active {
+            None => Color::Blue,
+            Some(c) => match c.get_ref().parse::<Color>() {
+                Ok(color) => color,
+                Err(e) => {
+                    self.at(&c, e.to_string());
+                    Color::Blue
+                }
+            },
+        };
+        let connect_timeout = self.duration(s.connect_timeout.as_ref(), DEFAULT_CONNECT_TIMEOUT);
+        valid_name.then(|| Service {
+            name: name.into_inner(),
+            blue,
+            green,
+            active,
+            connect_timeout,
+        })
+    }
+
+    fn routes(&mut self, routes: Vec<Spanned<file::Route>>, services: &[Service]) -> Vec<Route> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for spanned in routes {
+            let r = spanned.get_ref();
+            let host = match &r.host {
+                None => None,
+                Some(h) => {
+                    let host = h.get_ref().to_ascii_lowercase();
+                    let ok = !host.is_empty()
+                        && host
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                    if !ok {
+                        self.at(
+                            h,
+                            format!(
+                                "bad host {:?}: give a plain host name without port or scheme, e.g. \"api.example.com\"",
+                                h.get_ref()
+                            ),
+                        );
+                    }
+                    Some(host)
+                }
+            };
+            if !r.path.get_ref().starts_with('/') {
+                self.at(
+                    &r.path,
+                    format!("route path {:?} must start with '/'", r.path.get_ref()),
+                );
+            }
+            let action = match (&r.service, &r.action) {
+                (Some(svc), None) => match services.iter().position(|s| s.name == *svc.get_ref()) {
+                    Some(i) => Some(RouteAction::Proxy(i)),
+                    None => {
+                        self.at(
+                            svc,
+                            format!(
+                                "route to unknown service {:?}; defined services: {}",
+                                svc.get_ref(),
+                                names(services)
+                            ),
+                        );
+                        None
+                    }
+                },
+                (None, Some(a)) if a.get_ref() == "deny" => Some(RouteAction::Deny),
+                (None, Some(a)) => {
+                    self.at(
+                        a,
+                        format!(
+                            "unknown route action {:?}; the only action is \"deny\"",
+                            a.get_ref()
+                        ),
+                    );
+                    None
+                }
+                _ => {
+                    self.at(
+                        &spanned,
+                        "a route needs exactly one of `service = \"NAME\"` or `action = \"deny\"`"
+                            .into(),
+                    );
+                    None
+                }
+            };
+            if !seen.insert((host.clone(), r.path.get_ref().clone())) {
+                self.at(
+                    &spanned,
+                    format!(
+                        "duplicate route: host {} path {:?} is already routed above",
+                        host.as_deref().unwrap_or("(any)"),
+                        r.path.get_ref()
+                    ),
+                );
+                continue;
+            }
+            if let Some(action) = action {
+                out.push(Route {
+                    host,
+                    path: r.path.get_ref().clone(),
+                    action,
+                });
+            }
+        }
+        out
+    }
+}
+
+fn names(services: &[Service]) -> String {
+    let list: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    if list.is_empty() {
+        "(none)".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+/// The file as written. Each struct mirrors a TOML table and refuses keys it
+/// does not know, so a typo is an error rather than a silently ignored setting.
+mod file {
+    use super::*;
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Root {
+        pub server: Option<Server>,
+        pub listen: Option<Listen>,
+        pub admin: Option<Admin>,
+        #[serde(default)]
+        pub services: BTreeMap<Spanned<String>, Service>,
+        #[serde(default)]
+        pub routes: Vec<Spanned<Route>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Server {
+        pub threads: Option<Spanned<u32>>,
+        pub grace_period: Option<Spanned<String>>,
+        pub state_dir: Option<PathBuf>,
+        pub upstream_keepalive_pool: Option<usize>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Listen {
+        pub http: Option<Spanned<String>>,
+        pub admin: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        pub token_file: Option<PathBuf>,
+        pub allow: Option<Vec<Spanned<String>>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Service {
+        pub blue: Spanned<Vec<Spanned<String>>>,
+        pub green: Spanned<Vec<Spanned<String>>>,
+        pub active: Option<Spanned<String>>,
+        pub connect_timeout: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Route {
+        pub host: Option<Spanned<String>>,
+        pub path: Spanned<String>,
+        pub service: Option<Spanned<String>>,
+        pub action: Option<Spanned<String>>,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+threads = 1
+grace_period = "5s"
+
+[listen]
+http = "127.0.0.1:8000"
+
+[services.api]
+blue = ["127.0.0.1:8080"]
+green = ["127.0.0.1:8081"]
+active = "green"
+
+[[routes]]
+host = "API.example.com"
+path = "/api/"
+service = "api"
+
+[[routes]]
+path = "/actuator"
+action = "deny"
+"#;
+
+    fn errors(text: &str) -> Vec<ConfigError> {
+        match Config::parse(Path::new("t.toml"), text) {
+            Ok(_) => panic!("expected errors"),
+            Err(ConfigErrors::Invalid { list }) => list,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(c.server.threads, 1);
+        assert_eq!(c.server.grace_period, Duration::from_secs(5));
+        assert_eq!(c.listen.admin, DEFAULT_ADMIN_LISTEN.parse().unwrap());
+        assert_eq!(c.admin.allow.len(), 2);
+        assert_eq!(c.services[0].active, Color::Green);
+        assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
+        assert_eq!(c.routes[1].action, RouteAction::Deny);
+    }
+
+    #[test]
+    fn unknown_service_is_located() {
+        let text = GOOD.replace("service = \"api\"", "service = \"apx\"");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].line, e[0].col), (17, 11));
+        assert!(e[0].message.contains("unknown service \"apx\""), "{}", e[0]);
+    }
+
+    #[test]
+    fn every_mistake_is_reported() {
+        let text = GOOD
+            .replace("\"5s\"", "\"soon\"")
+            .replace("[\"127.0.0.1:8081\"]", "[]")
+            .replace("\"green\"", "\"purple\"")
+            .replace("\"127.0.0.1:8000\"", "\"127.0.0.1:x\"");
+        let e = errors(&text);
+        let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![4, 7, 11, 12], "{e:?}");
+    }
+
+    #[test]
+    fn duplicate_route_and_unknown_key() {
+        let text = format!("{GOOD}\n[[routes]]\npath = \"/actuator\"\naction = \"deny\"\n");
+        let e = errors(&text);
+        assert!(e[0].message.contains("duplicate route"), "{}", e[0]);
+        assert_eq!(e[0].line, 23);
+        let e = errors(&GOOD.replace("threads = 1", "threads = 1\ncolour = 2"));
+        assert_eq!(e[0].line, 4);
+        assert!(e[0].message.contains("colour"), "{}", e[0]);
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("a\nbé c", 6), (2, 4));
+        assert_eq!(line_col("", 10), (1, 1));
+    }
+}

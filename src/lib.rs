@@ -1,0 +1,142 @@
+//! switchyard: an edge reverse proxy on Pingora whose every service has a
+//! blue and a green upstream pool, switched atomically through an admin API.
+//!
+//! This file wires the pieces into one Pingora server; each concern lives in
+//! its own module.
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod pools;
+pub mod proxy;
+pub mod route;
+pub mod shutdown;
+pub mod store;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+use pingora::apps::http_app::HttpServer;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::admin::api::AdminApi;
+use crate::admin::auth::{self, TokenError};
+use crate::config::Config;
+use crate::pools::Switchboard;
+use crate::route::RouteTable;
+use crate::store::{FileStore, StoreError};
+
+/// Runtime shutdown allowance after the grace period, for Pingora's own
+/// teardown (1 s). Our drain watcher normally exits long before.
+const RUNTIME_SHUTDOWN_TIMEOUT_SECS: u64 = 1;
+
+/// Process-level switches from the command line.
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    /// Take over the listening sockets of a running switchyard (Pingora's `-u`).
+    pub upgrade: bool,
+    /// Detach into the background (Pingora's `-d`).
+    pub daemon: bool,
+}
+
+/// Why switchyard could not start. Each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigErrors),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A configured server, ready to `run`. `demo` adds its sample upstreams first.
+pub struct Switchyard {
+    pub server: Server,
+    pub board: Arc<Switchboard>,
+}
+
+impl Switchyard {
+    /// Builds the proxy, the admin API (when a token is configured) and the
+    /// drain watcher from a validated config. Binds nothing yet.
+    pub fn build(config: &Config, opts: &RunOptions) -> Result<Switchyard, StartError> {
+        let token = auth::load_token(&config.admin, std::env::var(auth::TOKEN_ENV).ok())?;
+        let store = FileStore::open(&config.server.state_dir)?;
+        let board = Arc::new(Switchboard::new(config, Box::new(store))?);
+
+        let mut server = Server::new_with_opt_and_conf(
+            Opt {
+                upgrade: opts.upgrade,
+                daemon: opts.daemon,
+                ..Opt::default()
+            },
+            server_conf(config, opts),
+        );
+        server.bootstrap();
+
+        let requests = Arc::new(AtomicUsize::new(0));
+        let proxy = proxy::Proxy::new(
+            RouteTable::new(&config.routes),
+            board.clone(),
+            requests.clone(),
+        );
+        let mut proxy = http_proxy_service_with_name(&server.configuration, proxy, "proxy");
+        proxy.add_tcp(&config.listen.http.to_string());
+        server.add_service(proxy);
+
+        match token {
+            Some(token) => {
+                if !config.listen.admin.ip().is_loopback() {
+                    tracing::warn!(listen = %config.listen.admin, "admin API listens beyond loopback; keep the allowlist tight");
+                }
+                let api = AdminApi::new(board.clone(), token, config.admin.allow.clone());
+                let mut admin = Service::new("admin".into(), HttpServer::new_app(api));
+                admin.threads = Some(1);
+                admin.add_tcp(&config.listen.admin.to_string());
+                server.add_service(admin);
+                tracing::info!(listen = %config.listen.admin, "admin API enabled");
+            }
+            None => tracing::warn!(
+                "admin API disabled: no token configured (set {} or create admin.token_file, mode 0600)",
+                auth::TOKEN_ENV
+            ),
+        }
+
+        server.add_service(background_service(
+            "drain",
+            shutdown::Drain::new(requests, config.server.grace_period),
+        ));
+        tracing::info!(
+            config = %config.path.display(),
+            http = %config.listen.http,
+            services = config.services.len(),
+            routes = config.routes.len(),
+            "switchyard starting"
+        );
+        Ok(Switchyard { server, board })
+    }
+
+    /// Serves until a shutdown signal; see [`shutdown`] for what each does.
+    pub fn run(self) {
+        self.server.run(RunArgs::default());
+    }
+}
+
+fn server_conf(config: &Config, opts: &RunOptions) -> ServerConf {
+    let state = &config.server.state_dir;
+    ServerConf {
+        threads: config.server.threads,
+        daemon: opts.daemon,
+        // A backstop only: the drain watcher exits as soon as nothing is in flight.
+        grace_period_seconds: Some(config.server.grace_period.as_secs() + 1),
+        graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN_TIMEOUT_SECS),
+        upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
+        pid_file: state.join("switchyard.pid").display().to_string(),
+        upgrade_sock: state.join("upgrade.sock").display().to_string(),
+        ..ServerConf::default()
+    }
+}

@@ -1,0 +1,330 @@
+//! The `switchyard` command line: run | check | demo | ctl. Everything real
+//! lives in the library; this file parses arguments and prints results.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use switchyard::admin::api::Command;
+use switchyard::admin::auth;
+use switchyard::admin::client::Client;
+use switchyard::config::{self, Config};
+use switchyard::demo::{self, SampleUpstream};
+use switchyard::pools::Color;
+use switchyard::store::{FileStore, StateStore};
+use switchyard::{RunOptions, Switchyard};
+
+#[derive(Parser)]
+#[command(version, about = "Edge reverse proxy with atomic blue/green switching")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve traffic with a configuration file.
+    Run {
+        #[arg(short, long, default_value = "conf/switchyard.toml")]
+        config: PathBuf,
+        /// Take over the listening sockets of a running switchyard (send it SIGQUIT).
+        #[arg(short, long)]
+        upgrade: bool,
+        /// Run in the background.
+        #[arg(short, long)]
+        daemon: bool,
+    },
+    /// Validate a configuration file (and the token and state files it names), like `nginx -t`.
+    Check {
+        #[arg(short, long, default_value = "conf/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Run the proxy with built-in blue and green sample upstreams on loopback.
+    Demo {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = demo::DEFAULT_HTTP)]
+        http: std::net::SocketAddr,
+        /// Where the demo admin API listens.
+        #[arg(long, default_value = demo::DEFAULT_ADMIN)]
+        admin: std::net::SocketAddr,
+    },
+    /// Talk to a running switchyard's admin API.
+    Ctl {
+        /// Base URL of the admin API.
+        #[arg(long, default_value = "http://127.0.0.1:9900")]
+        admin: String,
+        /// Read the token from this file (mode 0600) instead of $SWITCHYARD_ADMIN_TOKEN.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Print the raw JSON reply, for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// Show every service: active color and pools.
+    Status,
+    /// Send all new requests of SERVICE to COLOR.
+    Switch {
+        service: String,
+        color: String,
+        /// Recorded in the history.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Switch SERVICE back to the color it had before the last switch.
+    Rollback {
+        service: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List past switches, oldest first.
+    History,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Run {
+            config,
+            upgrade,
+            daemon,
+        } => run(&config, RunOptions { upgrade, daemon }),
+        Cmd::Check { config } => return check(&config),
+        Cmd::Demo { http, admin } => run_demo(http, admin),
+        Cmd::Ctl {
+            admin,
+            token_file,
+            json,
+            action,
+        } => ctl(&admin, token_file, json, action),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
+    init_logging();
+    let config = Config::load(path)?;
+    Switchyard::build(&config, &opts)?.run();
+    Ok(())
+}
+
+fn check(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("{}: check failed", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ok = true;
+    match auth::load_token(&config.admin, std::env::var(auth::TOKEN_ENV).ok()) {
+        Ok(Some(_)) => {}
+        Ok(None) => println!("note: no admin token configured; the admin API will stay off"),
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            ok = false;
+        }
+    }
+    if let Err(e) = FileStore::existing(&config.server.state_dir).load() {
+        eprintln!("{}: {e}", path.display());
+        ok = false;
+    }
+    if !ok {
+        eprintln!("{}: check failed", path.display());
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{}: ok ({} services, {} routes)",
+        path.display(),
+        config.services.len(),
+        config.routes.len()
+    );
+    ExitCode::SUCCESS
+}
+
+fn run_demo(http: std::net::SocketAddr, admin: std::net::SocketAddr) -> anyhow::Result<()> {
+    for (addr, flag) in [(http, "--http"), (admin, "--admin")] {
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("{addr} is taken; pick another with {flag} 127.0.0.1:PORT"))?;
+    }
+    let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let token = demo::random_token().context("cannot read /dev/urandom")?;
+    write_private(&dir.join("admin.token"), &token)?;
+    let blue = demo::free_loopback_addr()?;
+    let green = demo::free_loopback_addr()?;
+    let text = demo::config_text(&dir, http, admin, blue, green);
+    let config_path = dir.join("switchyard.toml");
+    std::fs::write(&config_path, &text)?;
+    let config = Config::parse(&config_path, &text)?;
+
+    init_logging();
+    std::env::remove_var(auth::TOKEN_ENV);
+    let mut yard = Switchyard::build(&config, &RunOptions::default())?;
+    yard.server
+        .add_service(SampleUpstream::new(Color::Blue).service(blue));
+    yard.server
+        .add_service(SampleUpstream::new(Color::Green).service(green));
+
+    let exe = std::env::args()
+        .next()
+        .unwrap_or_else(|| "switchyard".into());
+    println!(
+        r#"
+switchyard demo: proxy on http://{http}, blue upstream on {blue}, green upstream on {green}
+config and state in {dir}
+
+  curl http://{http}/                      # answered by blue (version 1.0.0)
+
+  export SWITCHYARD_ADMIN_TOKEN={token}
+  {exe} ctl --admin http://{admin} status
+  {exe} ctl --admin http://{admin} switch web green
+  curl http://{http}/                      # now answered by green (version 1.1.0)
+  {exe} ctl --admin http://{admin} rollback web
+  {exe} ctl --admin http://{admin} history
+
+Ctrl-C stops the demo.
+"#,
+        dir = dir.display()
+    );
+    yard.run();
+    Ok(())
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+fn ctl(
+    base: &str,
+    token_file: Option<PathBuf>,
+    json: bool,
+    action: CtlAction,
+) -> anyhow::Result<()> {
+    // An explicit --token-file wins over the environment.
+    let env = if token_file.is_some() {
+        None
+    } else {
+        std::env::var(auth::TOKEN_ENV).ok()
+    };
+    let source = config::Admin {
+        token_file,
+        allow: Vec::new(),
+    };
+    let Some(token) = auth::load_token(&source, env)? else {
+        bail!(
+            "no admin token: set {} or pass --token-file FILE",
+            auth::TOKEN_ENV
+        );
+    };
+    let cmd = match action {
+        CtlAction::Status => Command::Status,
+        CtlAction::History => Command::History,
+        CtlAction::Switch {
+            service,
+            color,
+            reason,
+        } => Command::Switch {
+            service,
+            to: color.parse::<Color>()?,
+            reason,
+        },
+        CtlAction::Rollback { service, reason } => Command::Rollback { service, reason },
+    };
+    let reply = Client::new(base, token).send(&cmd)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    } else {
+        print_human(&cmd, &reply);
+    }
+    Ok(())
+}
+
+fn print_human(cmd: &Command, reply: &Value) {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    match cmd {
+        Command::Status => {
+            let empty = serde_json::Map::new();
+            for (name, svc) in reply["services"].as_object().unwrap_or(&empty) {
+                print_service(name, svc);
+            }
+        }
+        Command::Switch { .. } | Command::Rollback { .. } => {
+            println!(
+                "{}: now {} (was {})",
+                s(&reply["name"]),
+                s(&reply["active"]),
+                s(&reply["previous"])
+            );
+        }
+        Command::History => {
+            let events = reply["events"].as_array().cloned().unwrap_or_default();
+            if events.is_empty() {
+                println!("no switches yet");
+            }
+            for e in events {
+                println!(
+                    "{}  {:<12} {:>5} -> {:<5}  {}",
+                    s(&e["time"]),
+                    s(&e["service"]),
+                    s(&e["from"]),
+                    s(&e["to"]),
+                    s(&e["reason"])
+                );
+            }
+        }
+    }
+}
+
+fn print_service(name: &str, svc: &Value) {
+    let active = svc["active"].as_str().unwrap_or("-");
+    println!("{name}: active {active}");
+    for color in ["blue", "green"] {
+        let addrs: Vec<&str> = svc["pools"][color]
+            .as_array()
+            .map(|a| a.iter().filter_map(|b| b["addr"].as_str()).collect())
+            .unwrap_or_default();
+        let marker = if color == active { "*" } else { " " };
+        println!(
+            "  {marker} {color:<5} in flight {:<4} {}",
+            svc["in_flight"][color].as_u64().unwrap_or(0),
+            addrs.join(", ")
+        );
+    }
+}
