@@ -1,0 +1,104 @@
+//! Graceful shutdown on SIGTERM: in-flight requests finish, the process exits
+//! 0 as soon as it is idle, and the listener goes away.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    // grace_period is much longer than the slow request: the proxy has to
+    // exit when the request is done, not when the grace period runs out.
+    let mut proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .grace_period("8s")
+        .start();
+
+    let slow_url = format!("{}/slow?delay_ms=1500", proxy.http_url());
+    let slow = std::thread::spawn(move || try_get(&agent(), &slow_url, None));
+    assert!(
+        poll_until(Duration::from_secs(10), || blue.in_flight_for("/s") >= 1),
+        "blue never received the slow request"
+    );
+
+    let t0 = Instant::now();
+    proxy.sigterm();
+
+    // New connections are refused eventually (at the latest once it exits).
+    let http = proxy.http_addr();
+    assert!(
+        poll_until(Duration::from_secs(10), || connection_refused(&http)),
+        "http port still accepting 10 s after SIGTERM"
+    );
+
+    let result = slow.join().expect("slow client panicked");
+    let (code, body) = result.unwrap_or_else(|e| panic!("in-flight request failed: {e}"));
+    assert_eq!((code, body.as_str()), (200, "blue"), "in-flight request");
+
+    let st = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("still running 10 s after SIGTERM");
+    let took = t0.elapsed();
+    assert_eq!(st.code(), Some(0), "exit status {st}");
+    assert!(
+        took < Duration::from_secs(5),
+        "exit took {took:?}: it should follow the last request, not the 8 s grace period"
+    );
+}
+
+#[test]
+fn idle_proxy_exits_promptly_on_sigterm() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let mut proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .grace_period("8s")
+        .start();
+    assert_eq!(proxy.get("/", None), (200, "blue".to_string()));
+
+    let t0 = Instant::now();
+    proxy.sigterm();
+    let st = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("still running 10 s after SIGTERM");
+    let took = t0.elapsed();
+    assert_eq!(st.code(), Some(0), "exit status {st}");
+    assert!(took < Duration::from_secs(4), "idle exit took {took:?}");
+    assert!(connection_refused(&proxy.http_addr()));
+}
+
+#[test]
+fn grace_period_bounds_a_request_that_runs_too_long() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let mut proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .grace_period("1s")
+        .start();
+
+    // Far longer than the grace period (and the client's own timeout).
+    let slow_url = format!("{}/stuck?delay_ms=20000", proxy.http_url());
+    let slow = std::thread::spawn(move || try_get(&agent(), &slow_url, None));
+    assert!(
+        poll_until(Duration::from_secs(10), || blue.in_flight_for("/s") >= 1),
+        "blue never received the slow request"
+    );
+
+    let t0 = Instant::now();
+    proxy.sigterm();
+    let exited = proxy.wait_exit(Duration::from_secs(8));
+    assert!(exited.is_some(), "grace period of 1 s was not enforced");
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited after {took:?}, before the 1 s grace period with a request in flight"
+    );
+    assert!(took < Duration::from_secs(6), "exit took {took:?}");
+    // The cut-off request must not look like a success.
+    let result = slow.join().expect("slow client panicked");
+    assert!(
+        !matches!(result, Ok((200, _))),
+        "request cut off by shutdown reported 200: {result:?}"
+    );
+}
