@@ -34,6 +34,33 @@ pub const DEFAULT_ADMIN_ALLOW: [&str; 2] = ["127.0.0.1/32", "::1/128"];
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle upstream connections kept for reuse, across all backends (128 connections).
 pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: usize = 128;
+/// How long a client may take to send a whole request header (10 s), as nginx's
+/// `client_header_timeout` in the deployment being replaced.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause between two reads of a request body (10 s).
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle kept-alive client connection stays open (15 s).
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a write to a client may block (10 s).
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request header accepted (32 KiB); larger ones get 431.
+pub const DEFAULT_MAX_HEADER_SIZE: usize = 32 * 1024;
+/// `Retry-After` sent with 503 answers (30 s).
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Longest wait for bytes from a backend on a route (60 s), like nginx's `proxy_read_timeout`.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle limit of an upgraded (WebSocket) connection (1 h).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Largest request body on a route (1 MiB): uploads go to S3 directly.
+pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+/// Probe period of active health checks (2 s).
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one health probe may take (1 s).
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Passes in a row that make a backend healthy (2).
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+/// Failures in a row that make a backend unhealthy (3).
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
 
 /// The validated configuration. Immutable once built; shared as `Arc<Config>`.
 #[derive(Debug, Clone)]
@@ -54,6 +81,17 @@ pub struct Server {
     pub grace_period: Duration,
     pub state_dir: PathBuf,
     pub upstream_keepalive_pool: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub send_timeout: Duration,
+    /// Peers whose `X-Forwarded-*` headers are believed (a load balancer in front).
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_header_size: usize,
+    /// The page served with 503 in maintenance or when no backend is healthy;
+    /// `None` means the built-in page.
+    pub maintenance_page: Option<PathBuf>,
+    pub retry_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +116,22 @@ pub struct Service {
     /// The color served when no saved state exists.
     pub active: Color,
     pub connect_timeout: Duration,
+    pub health: Option<HealthCheck>,
+    /// Healthy backends a color needs before traffic may switch to it;
+    /// `None` means all of them.
+    pub min_healthy: Option<usize>,
+}
+
+/// An active health check: `GET path` must answer `expect` (and contain `body`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub expect: u16,
+    pub body: Option<String>,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 impl Service {
@@ -95,6 +149,30 @@ pub struct Route {
     pub host: Option<String>,
     pub path: String,
     pub action: RouteAction,
+    pub limits: RouteLimits,
+}
+
+/// Per-route transport settings: what kind of traffic the route carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteLimits {
+    /// Whether WebSocket upgrades are passed through.
+    pub websocket: bool,
+    /// Idle limit of an upgraded connection.
+    pub idle_timeout: Duration,
+    /// Longest wait for bytes from the backend (long for SSE streams).
+    pub read_timeout: Duration,
+    pub max_body: usize,
+}
+
+impl Default for RouteLimits {
+    fn default() -> Self {
+        RouteLimits {
+            websocket: false,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            max_body: DEFAULT_MAX_BODY,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +293,41 @@ impl Validator<'_> {
         }
     }
 
+    fn size(&mut self, value: Option<&Spanned<String>>, default: usize) -> usize {
+        let Some(value) = value else { return default };
+        match value.get_ref().parse::<bytesize::ByteSize>() {
+            Ok(size) if size.as_u64() <= usize::MAX as u64 => size.as_u64() as usize,
+            _ => {
+                self.at(
+                    value,
+                    format!(
+                        "bad size {:?}: write it like \"1MiB\", \"32KiB\" or \"512\"",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn networks(&mut self, list: &[Spanned<String>]) -> Vec<IpNet> {
+        list.iter()
+            .filter_map(|n| match n.get_ref().parse::<IpNet>() {
+                Ok(net) => Some(net),
+                Err(_) => {
+                    self.at(
+                        n,
+                        format!(
+                            "bad network {:?}: expected CIDR like \"127.0.0.1/32\"",
+                            n.get_ref()
+                        ),
+                    );
+                    None
+                }
+            })
+            .collect()
+    }
+
     fn addr(&mut self, value: &Spanned<String>, what: &str) -> Option<SocketAddr> {
         match value.get_ref().parse::<SocketAddr>() {
             Ok(a) => Some(a),
@@ -275,6 +388,15 @@ impl Validator<'_> {
             upstream_keepalive_pool: s
                 .upstream_keepalive_pool
                 .unwrap_or(DEFAULT_UPSTREAM_KEEPALIVE_POOL),
+            header_timeout: self.duration(s.header_timeout.as_ref(), DEFAULT_HEADER_TIMEOUT),
+            body_timeout: self.duration(s.body_timeout.as_ref(), DEFAULT_BODY_TIMEOUT),
+            keepalive_timeout: self
+                .duration(s.keepalive_timeout.as_ref(), DEFAULT_KEEPALIVE_TIMEOUT),
+            send_timeout: self.duration(s.send_timeout.as_ref(), DEFAULT_SEND_TIMEOUT),
+            trusted_proxies: self.networks(s.trusted_proxies.as_deref().unwrap_or_default()),
+            max_header_size: self.size(s.max_header_size.as_ref(), DEFAULT_MAX_HEADER_SIZE),
+            maintenance_page: s.maintenance_page,
+            retry_after: self.duration(s.retry_after.as_ref(), DEFAULT_RETRY_AFTER),
         }
     }
 
@@ -296,22 +418,7 @@ impl Validator<'_> {
                 .iter()
                 .map(|n| n.parse().expect("default networks are valid"))
                 .collect(),
-            Some(list) => list
-                .iter()
-                .filter_map(|n| match n.get_ref().parse::<IpNet>() {
-                    Ok(net) => Some(net),
-                    Err(_) => {
-                        self.at(
-                            n,
-                            format!(
-                                "bad network {:?}: expected CIDR like \"127.0.0.1/32\"",
-                                n.get_ref()
-                            ),
-                        );
-                        None
-                    }
-                })
-                .collect(),
+            Some(list) => self.networks(&list),
         };
         Admin {
             token_file: a.token_file,
@@ -370,13 +477,71 @@ impl Validator<'_> {
             },
         };
         let connect_timeout = self.duration(s.connect_timeout.as_ref(), DEFAULT_CONNECT_TIMEOUT);
+        let health = s.health.map(|h| self.health(h));
+        let min_healthy = s.min_healthy.map(|m| {
+            let smallest = blue.len().min(green.len());
+            if health.is_none() {
+                self.at(&m, "min_healthy needs a `health` check to count healthy backends".into());
+            } else if *m.get_ref() == 0 || *m.get_ref() > smallest {
+                self.at(
+                    &m,
+                    format!(
+                        "min_healthy must be between 1 and the size of the smaller pool ({smallest})"
+                    ),
+                );
+            }
+            *m.get_ref()
+        });
         valid_name.then(|| Service {
             name: name.into_inner(),
             blue,
             green,
             active,
             connect_timeout,
+            health,
+            min_healthy,
         })
+    }
+
+    fn health(&mut self, h: file::Health) -> HealthCheck {
+        if !h.path.get_ref().starts_with('/') {
+            self.at(
+                &h.path,
+                format!("health path {:?} must start with '/'", h.path.get_ref()),
+            );
+        }
+        let mut count = |v: Option<Spanned<u32>>, default: u32, what: &str| match v {
+            Some(n) if *n.get_ref() == 0 => {
+                self.at(&n, format!("{what} must be at least 1"));
+                default
+            }
+            Some(n) => *n.get_ref(),
+            None => default,
+        };
+        let rise = count(h.rise, DEFAULT_HEALTH_RISE, "rise");
+        let fall = count(h.fall, DEFAULT_HEALTH_FALL, "fall");
+        let interval = self.duration(h.interval.as_ref(), DEFAULT_HEALTH_INTERVAL);
+        let timeout = self.duration(h.timeout.as_ref(), DEFAULT_HEALTH_TIMEOUT);
+        let expect = match h.expect {
+            Some(code) if !(100..=599).contains(code.get_ref()) => {
+                self.at(
+                    &code,
+                    "expect must be an HTTP status between 100 and 599".into(),
+                );
+                200
+            }
+            Some(code) => *code.get_ref(),
+            None => 200,
+        };
+        HealthCheck {
+            path: h.path.into_inner(),
+            interval,
+            timeout,
+            expect,
+            body: h.body,
+            rise,
+            fall,
+        }
     }
 
     fn routes(&mut self, routes: Vec<Spanned<file::Route>>, services: &[Service]) -> Vec<Route> {
@@ -456,11 +621,19 @@ impl Validator<'_> {
                 );
                 continue;
             }
+            let defaults = RouteLimits::default();
+            let limits = RouteLimits {
+                websocket: r.websocket.unwrap_or(false),
+                idle_timeout: self.duration(r.idle_timeout.as_ref(), defaults.idle_timeout),
+                read_timeout: self.duration(r.read_timeout.as_ref(), defaults.read_timeout),
+                max_body: self.size(r.max_body.as_ref(), defaults.max_body),
+            };
             if let Some(action) = action {
                 out.push(Route {
                     host,
                     path: r.path.get_ref().clone(),
                     action,
+                    limits,
                 });
             }
         }
@@ -511,6 +684,14 @@ mod file {
         pub grace_period: Option<Spanned<String>>,
         pub state_dir: Option<PathBuf>,
         pub upstream_keepalive_pool: Option<usize>,
+        pub header_timeout: Option<Spanned<String>>,
+        pub body_timeout: Option<Spanned<String>>,
+        pub keepalive_timeout: Option<Spanned<String>>,
+        pub send_timeout: Option<Spanned<String>>,
+        pub trusted_proxies: Option<Vec<Spanned<String>>>,
+        pub max_header_size: Option<Spanned<String>>,
+        pub maintenance_page: Option<PathBuf>,
+        pub retry_after: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -534,6 +715,20 @@ mod file {
         pub green: Spanned<Vec<Spanned<String>>>,
         pub active: Option<Spanned<String>>,
         pub connect_timeout: Option<Spanned<String>>,
+        pub health: Option<Health>,
+        pub min_healthy: Option<Spanned<usize>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Health {
+        pub path: Spanned<String>,
+        pub interval: Option<Spanned<String>>,
+        pub timeout: Option<Spanned<String>>,
+        pub expect: Option<Spanned<u16>>,
+        pub body: Option<String>,
+        pub rise: Option<Spanned<u32>>,
+        pub fall: Option<Spanned<u32>>,
     }
 
     #[derive(Deserialize)]
@@ -543,6 +738,10 @@ mod file {
         pub path: Spanned<String>,
         pub service: Option<Spanned<String>>,
         pub action: Option<Spanned<String>>,
+        pub websocket: Option<bool>,
+        pub idle_timeout: Option<Spanned<String>>,
+        pub read_timeout: Option<Spanned<String>>,
+        pub max_body: Option<Spanned<String>>,
     }
 }
 

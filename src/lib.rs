@@ -7,17 +7,21 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod forwarded;
+pub mod health;
 pub mod pools;
 pub mod proxy;
+pub mod respond;
 pub mod route;
 pub mod shutdown;
+pub mod slow_clients;
 pub mod store;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use pingora::apps::http_app::HttpServer;
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
@@ -26,13 +30,20 @@ use pingora::services::listening::Service;
 use crate::admin::api::AdminApi;
 use crate::admin::auth::{self, TokenError};
 use crate::config::Config;
+use crate::health::HealthChecker;
 use crate::pools::Switchboard;
+use crate::respond::Pages;
 use crate::route::RouteTable;
+use crate::slow_clients::HeaderTimeout;
 use crate::store::{FileStore, StoreError};
 
 /// Runtime shutdown allowance after the grace period, for Pingora's own
 /// teardown (1 s). Our drain watcher normally exits long before.
 const RUNTIME_SHUTDOWN_TIMEOUT_SECS: u64 = 1;
+
+/// Attempts per request at most (3): a stale kept-alive upstream connection
+/// is retried, and a refused or reset one moves once to another backend.
+const MAX_TRIES: usize = 3;
 
 /// Process-level switches from the command line.
 #[derive(Debug, Default, Clone)]
@@ -52,6 +63,11 @@ pub enum StartError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot read maintenance page {}: {source}", path.display())]
+    Page {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A configured server, ready to `run`. `demo` adds its sample upstreams first.
@@ -78,15 +94,38 @@ impl Switchyard {
         );
         server.bootstrap();
 
+        let page = config.server.maintenance_page.as_deref();
+        let pages =
+            Pages::new(page, config.server.retry_after).map_err(|source| StartError::Page {
+                path: page.unwrap_or(std::path::Path::new("")).to_path_buf(),
+                source,
+            })?;
         let requests = Arc::new(AtomicUsize::new(0));
         let proxy = proxy::Proxy::new(
             RouteTable::new(&config.routes),
             board.clone(),
+            proxy::Settings::new(&config.server, pages),
             requests.clone(),
         );
-        let mut proxy = http_proxy_service_with_name(&server.configuration, proxy, "proxy");
+        let app = HeaderTimeout::new(
+            http_proxy(&server.configuration, proxy),
+            config.server.header_timeout,
+        );
+        let mut proxy = Service::new("proxy".into(), app);
         proxy.add_tcp(&config.listen.http.to_string());
         server.add_service(proxy);
+
+        let checks: Vec<_> = config
+            .services
+            .iter()
+            .filter_map(|s| s.health.clone().map(|h| (s.name.clone(), h)))
+            .collect();
+        if !checks.is_empty() {
+            server.add_service(background_service(
+                "health",
+                HealthChecker::new(board.clone(), checks),
+            ));
+        }
 
         match token {
             Some(token) => {
@@ -135,6 +174,8 @@ fn server_conf(config: &Config, opts: &RunOptions) -> ServerConf {
         grace_period_seconds: Some(config.server.grace_period.as_secs() + 1),
         graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN_TIMEOUT_SECS),
         upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
+        // A stale kept-alive upstream connection, then one other backend.
+        max_retries: MAX_TRIES,
         pid_file: state.join("switchyard.pid").display().to_string(),
         upgrade_sock: state.join("upgrade.sock").display().to_string(),
         ..ServerConf::default()

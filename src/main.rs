@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -78,12 +79,30 @@ enum CtlAction {
         /// Recorded in the history.
         #[arg(long)]
         reason: Option<String>,
+        /// Switch even if COLOR has too few healthy backends.
+        #[arg(long)]
+        force: bool,
+        /// First wait up to this long (e.g. 60s) for COLOR to become healthy.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        wait_healthy: Option<Duration>,
+        /// Then wait up to this long for the old color's requests to finish.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        wait_drained: Option<Duration>,
     },
     /// Switch SERVICE back to the color it had before the last switch.
     Rollback {
         service: String,
         #[arg(long)]
         reason: Option<String>,
+        /// Roll back even if the previous color has too few healthy backends.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Answer SERVICE's requests with 503 and the maintenance page (on), or serve again (off).
+    Maintenance {
+        service: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
     },
     /// List past switches, oldest first.
     History,
@@ -253,6 +272,9 @@ fn ctl(
             auth::TOKEN_ENV
         );
     };
+    let client = Client::new(base, token);
+    let progress = |line: &str| eprintln!("{line}");
+    let mut drain = None;
     let cmd = match action {
         CtlAction::Status => Command::Status,
         CtlAction::History => Command::History,
@@ -260,18 +282,44 @@ fn ctl(
             service,
             color,
             reason,
-        } => Command::Switch {
+            force,
+            wait_healthy,
+            wait_drained,
+        } => {
+            let to = color.parse::<Color>()?;
+            if let Some(within) = wait_healthy {
+                client.wait_healthy(&service, to, within, progress)?;
+            }
+            drain = wait_drained.map(|within| (service.clone(), to.other(), within));
+            Command::Switch {
+                service,
+                to,
+                reason,
+                force,
+            }
+        }
+        CtlAction::Rollback {
             service,
-            to: color.parse::<Color>()?,
             reason,
+            force,
+        } => Command::Rollback {
+            service,
+            reason,
+            force,
         },
-        CtlAction::Rollback { service, reason } => Command::Rollback { service, reason },
+        CtlAction::Maintenance { service, state } => Command::Maintenance {
+            service,
+            on: state == "on",
+        },
     };
-    let reply = Client::new(base, token).send(&cmd)?;
+    let reply = client.send(&cmd)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&reply)?);
     } else {
         print_human(&cmd, &reply);
+    }
+    if let Some((service, old, within)) = drain {
+        client.wait_drained(&service, old, within, progress)?;
     }
     Ok(())
 }
@@ -291,6 +339,14 @@ fn print_human(cmd: &Command, reply: &Value) {
                 s(&reply["name"]),
                 s(&reply["active"]),
                 s(&reply["previous"])
+            );
+        }
+        Command::Maintenance { .. } => {
+            let on = reply["maintenance"].as_bool().unwrap_or(false);
+            println!(
+                "{}: maintenance {}",
+                s(&reply["name"]),
+                if on { "on" } else { "off" }
             );
         }
         Command::History => {
@@ -314,17 +370,29 @@ fn print_human(cmd: &Command, reply: &Value) {
 
 fn print_service(name: &str, svc: &Value) {
     let active = svc["active"].as_str().unwrap_or("-");
-    println!("{name}: active {active}");
+    let maintenance = if svc["maintenance"] == true {
+        "  [maintenance]"
+    } else {
+        ""
+    };
+    println!("{name}: active {active}{maintenance}");
     for color in ["blue", "green"] {
-        let addrs: Vec<&str> = svc["pools"][color]
-            .as_array()
-            .map(|a| a.iter().filter_map(|b| b["addr"].as_str()).collect())
-            .unwrap_or_default();
         let marker = if color == active { "*" } else { " " };
         println!(
-            "  {marker} {color:<5} in flight {:<4} {}",
+            "  {marker} {color:<5} in flight {} (upgraded {})",
             svc["in_flight"][color].as_u64().unwrap_or(0),
-            addrs.join(", ")
+            svc["upgraded"][color].as_u64().unwrap_or(0),
         );
+        for b in svc["pools"][color].as_array().into_iter().flatten() {
+            let error = b["last_error"]
+                .as_str()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default();
+            println!(
+                "      {:<22} {}{error}",
+                b["addr"].as_str().unwrap_or("?"),
+                b["health"].as_str().unwrap_or("?")
+            );
+        }
     }
 }

@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::health::{Health, HealthStatus};
 use crate::store::{Event, SavedService, SavedState, StateStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -73,6 +74,7 @@ impl FromStr for Color {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
+    pub health: Health,
 }
 
 /// The backends of one color of one service. Pools are built once at start-up
@@ -85,52 +87,90 @@ pub struct Pool {
     pub connect_timeout: Duration,
     next: AtomicUsize,
     in_flight: AtomicUsize,
+    upgraded: AtomicUsize,
 }
 
 impl Pool {
     fn new(color: Color, addrs: &[SocketAddr], connect_timeout: Duration) -> Pool {
         Pool {
             color,
-            backends: addrs.iter().map(|&addr| Backend { addr }).collect(),
+            backends: addrs
+                .iter()
+                .map(|&addr| Backend {
+                    addr,
+                    health: Health::default(),
+                })
+                .collect(),
             connect_timeout,
             next: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            upgraded: AtomicUsize::new(0),
         }
     }
 
-    /// The next backend in round-robin order; `None` for an empty pool.
-    pub fn select(&self) -> Option<&Backend> {
-        if self.backends.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.backends.get(i % self.backends.len())
+    /// The next routable backend in round-robin order, skipping `avoid` (a
+    /// backend that just failed); `None` when no backend may take the request.
+    pub fn select(&self, avoid: Option<SocketAddr>) -> Option<&Backend> {
+        let n = self.backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.backends[(start + i) % n])
+            .find(|b| b.health.routable() && Some(b.addr) != avoid)
     }
 
-    /// Requests currently being served by this pool.
+    /// Requests currently being served by this pool, upgraded connections included.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Open upgraded (WebSocket) connections.
+    pub fn upgraded(&self) -> usize {
+        self.upgraded.load(Ordering::Relaxed)
+    }
+
+    pub fn healthy(&self) -> usize {
+        self.backends
+            .iter()
+            .filter(|b| b.health.status() == HealthStatus::Healthy)
+            .count()
     }
 }
 
 /// Counts a request against its pool for as long as it lives.
 #[derive(Debug)]
-pub struct InFlight(Arc<Pool>);
+pub struct InFlight {
+    pool: Arc<Pool>,
+    upgraded: bool,
+}
 
 impl InFlight {
     pub fn new(pool: Arc<Pool>) -> InFlight {
         pool.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(pool)
+        InFlight {
+            pool,
+            upgraded: false,
+        }
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
-        &self.0
+        &self.pool
+    }
+
+    /// The request became a tunnel (101 Switching Protocols).
+    pub fn mark_upgraded(&mut self) {
+        if !self.upgraded {
+            self.upgraded = true;
+            self.pool.upgraded.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.pool.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.upgraded {
+            self.pool.upgraded.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -141,10 +181,43 @@ pub struct ServiceState {
     pub active: Color,
     /// The color before the last switch: where `rollback` goes.
     pub previous: Option<Color>,
+    /// Answer 503 with the maintenance page instead of proxying.
+    pub maintenance: bool,
+    /// Whether switches wait for health: only services with a health check
+    /// have anything to gate on.
+    pub gated: bool,
+    /// Healthy backends a color needs before a switch to it; `None`: all of them.
+    pub min_healthy: Option<usize>,
     pools: [Arc<Pool>; 2],
 }
 
 impl ServiceState {
+    /// Why `to` may not take traffic yet, if it may not.
+    fn gate(&self, to: Color) -> Option<String> {
+        if !self.gated {
+            return None;
+        }
+        let pool = self.pool(to);
+        let required = self.min_healthy.unwrap_or(pool.backends.len());
+        let healthy = pool.healthy();
+        if healthy >= required {
+            return None;
+        }
+        let detail: Vec<String> = pool
+            .backends
+            .iter()
+            .filter(|b| b.health.status() != HealthStatus::Healthy)
+            .map(|b| match b.health.last_error() {
+                Some(e) => format!("{} {:?}: {e}", b.addr, b.health.status()),
+                None => format!("{} {:?}: not checked enough yet", b.addr, b.health.status()),
+            })
+            .collect();
+        Some(format!(
+            "{to} has {healthy} healthy backends of {required} required ({}); wait for health checks or pass force",
+            detail.join("; ").to_lowercase()
+        ))
+    }
+
     pub fn pool(&self, color: Color) -> &Arc<Pool> {
         &self.pools[color.index()]
     }
@@ -176,6 +249,8 @@ pub enum SwitchError {
     UnknownService(String),
     #[error("service {0:?} has no previous color to roll back to")]
     NoPrevious(String),
+    #[error("refusing to switch {service:?}: {reason}")]
+    NotHealthy { service: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -217,6 +292,9 @@ impl Switchboard {
                     name: Arc::from(s.name.as_str()),
                     active: saved.map_or(s.active, |v| v.active),
                     previous: saved.and_then(|v| v.previous),
+                    maintenance: saved.is_some_and(|v| v.maintenance),
+                    gated: s.health.is_some(),
+                    min_healthy: s.min_healthy,
                     pools: Color::ALL.map(|c| Arc::new(Pool::new(c, s.pool(c), s.connect_timeout))),
                 }
             })
@@ -234,49 +312,54 @@ impl Switchboard {
     }
 
     /// Makes `to` the active color of `service`. Returns once every new request
-    /// goes to `to`; switching to the active color changes nothing.
+    /// goes to `to`; switching to the active color changes nothing. Unless
+    /// `force`, a color without enough healthy backends is refused.
     pub fn switch(
         &self,
         service: &str,
         to: Color,
         kind: SwitchKind,
         reason: Option<String>,
+        force: bool,
     ) -> Result<ServiceState, SwitchError> {
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let snap = self.current.load_full();
-        let (index, state) = snap
-            .service(service)
-            .ok_or_else(|| SwitchError::UnknownService(service.to_string()))?;
-        if state.active == to {
-            return Ok(state.clone());
-        }
-        let mut services = snap.services.clone();
-        services[index].previous = Some(state.active);
-        services[index].active = to;
-        let next = Snapshot { services };
-        // Persist first: if the disk refuses, nothing has changed.
-        self.store.save(&saved_state(&next))?;
-        self.current.store(Arc::new(next));
-        let event = Event {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            service: service.to_string(),
-            from: state.active,
-            to,
-            reason: reason.unwrap_or_else(|| {
+        let from = self.change(service, |state| {
+            if state.active == to {
+                return Ok(None);
+            }
+            if let (false, Some(reason)) = (force, state.gate(to)) {
+                return Err(SwitchError::NotHealthy {
+                    service: service.to_string(),
+                    reason,
+                });
+            }
+            let from = state.active;
+            state.previous = Some(from);
+            state.active = to;
+            Ok(Some(from))
+        })?;
+        if let Some(from) = from {
+            let reason = reason.unwrap_or_else(|| {
                 match kind {
                     SwitchKind::Switch => "switch",
                     SwitchKind::Rollback => "rollback",
                 }
                 .to_string()
-            }),
-        };
-        if let Err(err) = self.store.append_history(&event) {
-            // The switch itself is durable and live; losing the history line is
-            // worth an alarm but not worth undoing the switch.
-            tracing::error!(cause = %err, service, "switch done but its history entry was not written");
+            });
+            tracing::info!(service, %from, %to, force, reason = %reason, "switched");
+            let event = Event {
+                time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                service: service.to_string(),
+                from,
+                to,
+                reason,
+            };
+            if let Err(err) = self.store.append_history(&event) {
+                // The switch itself is durable and live; losing the history line is
+                // worth an alarm but not worth undoing the switch.
+                tracing::error!(cause = %err, service, "switch done but its history entry was not written");
+            }
         }
-        tracing::info!(service, from = %state.active, %to, reason = %event.reason, "switched");
-        Ok(self.current.load().services[index].clone())
+        self.service(service)
     }
 
     /// Switches `service` back to its previous color.
@@ -284,17 +367,63 @@ impl Switchboard {
         &self,
         service: &str,
         reason: Option<String>,
+        force: bool,
     ) -> Result<ServiceState, SwitchError> {
-        let previous = {
-            let snap = self.load();
-            let (_, state) = snap
-                .service(service)
-                .ok_or_else(|| SwitchError::UnknownService(service.to_string()))?;
-            state
-                .previous
-                .ok_or_else(|| SwitchError::NoPrevious(service.to_string()))?
-        };
-        self.switch(service, previous, SwitchKind::Rollback, reason)
+        let previous = self
+            .service(service)?
+            .previous
+            .ok_or_else(|| SwitchError::NoPrevious(service.to_string()))?;
+        self.switch(service, previous, SwitchKind::Rollback, reason, force)
+    }
+
+    /// Turns maintenance mode of `service` on or off.
+    pub fn set_maintenance(&self, service: &str, on: bool) -> Result<ServiceState, SwitchError> {
+        let changed = self.change(service, |state| {
+            let changed = state.maintenance != on;
+            state.maintenance = on;
+            Ok(changed)
+        })?;
+        if changed {
+            tracing::info!(service, on, "maintenance mode");
+        }
+        self.service(service)
+    }
+
+    /// The current state of one service.
+    pub fn service(&self, service: &str) -> Result<ServiceState, SwitchError> {
+        self.load()
+            .service(service)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| SwitchError::UnknownService(service.to_string()))
+    }
+
+    /// The one write path: edit a copy of `service`, persist, then publish.
+    /// `edit` returns what the caller wants back; a change that leaves the
+    /// state equal is neither persisted nor published.
+    fn change<T>(
+        &self,
+        service: &str,
+        edit: impl FnOnce(&mut ServiceState) -> Result<T, SwitchError>,
+    ) -> Result<T, SwitchError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let snap = self.current.load_full();
+        let (index, state) = snap
+            .service(service)
+            .ok_or_else(|| SwitchError::UnknownService(service.to_string()))?;
+        let mut next = state.clone();
+        let out = edit(&mut next)?;
+        if (next.active, next.previous, next.maintenance)
+            == (state.active, state.previous, state.maintenance)
+        {
+            return Ok(out);
+        }
+        let mut services = snap.services.clone();
+        services[index] = next;
+        let next = Snapshot { services };
+        // Persist first: if the disk refuses, nothing has changed.
+        self.store.save(&saved_state(&next))?;
+        self.current.store(Arc::new(next));
+        Ok(out)
     }
 
     pub fn history(&self) -> Result<Vec<Event>, StoreError> {
@@ -324,6 +453,7 @@ fn saved_state(snap: &Snapshot) -> SavedState {
                     SavedService {
                         active: s.active,
                         previous: s.previous,
+                        maintenance: s.maintenance,
                     },
                 )
             })
@@ -354,7 +484,9 @@ green = ["127.0.0.1:3"]
         let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
         let snap = board.load();
         let pool = snap.services[0].active_pool();
-        let picks: Vec<u16> = (0..4).map(|_| pool.select().unwrap().addr.port()).collect();
+        let picks: Vec<u16> = (0..4)
+            .map(|_| pool.select(None).unwrap().addr.port())
+            .collect();
         assert_eq!(picks, vec![1, 2, 1, 2]);
     }
 
@@ -363,7 +495,7 @@ green = ["127.0.0.1:3"]
         let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
         let before = board.load();
         let after = board
-            .switch("api", Color::Green, SwitchKind::Switch, None)
+            .switch("api", Color::Green, SwitchKind::Switch, None, false)
             .unwrap();
         assert_eq!(after.active, Color::Green);
         assert_eq!(after.previous, Some(Color::Blue));
@@ -374,7 +506,7 @@ green = ["127.0.0.1:3"]
             before.services[0].pool(Color::Green),
             board.load().services[0].pool(Color::Green)
         ));
-        let back = board.rollback("api", None).unwrap();
+        let back = board.rollback("api", None, false).unwrap();
         assert_eq!(back.active, Color::Blue);
         let reasons: Vec<String> = board
             .history()
@@ -389,15 +521,64 @@ green = ["127.0.0.1:3"]
     fn errors_change_nothing() {
         let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
         assert!(matches!(
-            board.switch("nope", Color::Green, SwitchKind::Switch, None),
+            board.switch("nope", Color::Green, SwitchKind::Switch, None, false),
             Err(SwitchError::UnknownService(_))
         ));
         assert!(matches!(
-            board.rollback("api", None),
+            board.rollback("api", None, false),
             Err(SwitchError::NoPrevious(_))
         ));
         assert_eq!(board.load().services[0].active, Color::Blue);
         assert!(board.history().unwrap().is_empty());
+    }
+
+    #[test]
+    fn switch_waits_for_health_unless_forced() {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            r#"
+[services.api]
+blue = ["127.0.0.1:1"]
+green = ["127.0.0.1:3", "127.0.0.1:4"]
+health = { path = "/ping", rise = 1, fall = 1 }
+min_healthy = 1
+"#,
+        )
+        .unwrap();
+        let board = Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap();
+        let switch = |force| board.switch("api", Color::Green, SwitchKind::Switch, None, force);
+        // Unknown health does not count as healthy.
+        let err = switch(false).unwrap_err().to_string();
+        assert!(err.contains("0 healthy backends of 1 required"), "{err}");
+        assert_eq!(board.load().services[0].active, Color::Blue);
+        let green = board.load().services[0].pool(Color::Green).clone();
+        green.backends[0]
+            .health
+            .record(Err("connect: refused".into()), 1, 1);
+        green.backends[1].health.record(Ok(()), 1, 1);
+        assert_eq!(switch(false).unwrap().active, Color::Green);
+        // An unhealthy backend leaves rotation.
+        assert!((0..4).all(|_| green.select(None).unwrap().addr.port() == 4));
+        // Blue was never checked: rolling back to it needs force too.
+        assert!(board.rollback("api", None, false).is_err());
+        board.rollback("api", None, true).unwrap();
+        green.backends[1]
+            .health
+            .record(Err("status 500".into()), 1, 1);
+        assert!(green.select(None).is_none());
+        assert_eq!(switch(true).unwrap().active, Color::Green);
+    }
+
+    #[test]
+    fn maintenance_is_part_of_the_snapshot() {
+        let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
+        assert!(board.set_maintenance("api", true).unwrap().maintenance);
+        assert!(board.load().services[0].maintenance);
+        assert!(!board.set_maintenance("api", false).unwrap().maintenance);
+        assert!(matches!(
+            board.set_maintenance("nope", true),
+            Err(SwitchError::UnknownService(_))
+        ));
     }
 
     #[test]

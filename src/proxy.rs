@@ -1,31 +1,67 @@
 //! The request's story, as Pingora phases. Each phase stays thin: the rules
-//! live in `route.rs` (where to go) and `pools.rs` (which color, which backend).
+//! live in `route.rs` (where to go), `pools.rs` (which color, which backend),
+//! `forwarded.rs` (who the client is) and `respond.rs` (the proxy's own answers).
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::RouteAction;
+use crate::config::{self, RouteAction, RouteLimits};
+use crate::forwarded::{self, Client};
 use crate::pools::{InFlight, Switchboard};
+use crate::respond::{self, Refusal};
 use crate::route::RouteTable;
+
+/// Settings every request reads, taken from `[server]` once at start-up.
+pub struct Settings {
+    pub body_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub send_timeout: Duration,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub max_header_size: usize,
+    pub pages: respond::Pages,
+}
+
+impl Settings {
+    pub fn new(server: &config::Server, pages: respond::Pages) -> Settings {
+        Settings {
+            body_timeout: server.body_timeout,
+            keepalive_timeout: server.keepalive_timeout,
+            send_timeout: server.send_timeout,
+            trusted_proxies: server.trusted_proxies.clone(),
+            max_header_size: server.max_header_size,
+            pages,
+        }
+    }
+}
 
 pub struct Proxy {
     routes: RouteTable,
     board: Arc<Switchboard>,
+    settings: Settings,
     /// Every request between its headers and its log line; shutdown waits for 0.
     requests: Arc<AtomicUsize>,
 }
 
 impl Proxy {
-    pub fn new(routes: RouteTable, board: Arc<Switchboard>, requests: Arc<AtomicUsize>) -> Proxy {
+    pub fn new(
+        routes: RouteTable,
+        board: Arc<Switchboard>,
+        settings: Settings,
+        requests: Arc<AtomicUsize>,
+    ) -> Proxy {
         Proxy {
             routes,
             board,
+            settings,
             requests,
         }
     }
@@ -35,7 +71,16 @@ impl Proxy {
 /// started with, so retries and accounting stay on that color.
 pub struct Ctx {
     _request: RequestCount,
+    request_id: String,
+    client: Option<Client>,
+    limits: RouteLimits,
+    websocket: bool,
     target: Option<InFlight>,
+    /// The backend of the latest attempt, avoided by a retry.
+    backend: Option<SocketAddr>,
+    retried: bool,
+    response_started: bool,
+    body_bytes: usize,
 }
 
 struct RequestCount(Arc<AtomicUsize>);
@@ -54,30 +99,94 @@ impl ProxyHttp for Proxy {
         self.requests.fetch_add(1, Ordering::Relaxed);
         Ctx {
             _request: RequestCount(self.requests.clone()),
+            request_id: String::new(),
+            client: None,
+            limits: RouteLimits::default(),
+            websocket: false,
             target: None,
+            backend: None,
+            retried: false,
+            response_started: false,
+            body_bytes: 0,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
-        let host = req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.host());
-        let action = match self.routes.resolve(host, req.uri.path()) {
-            Ok(action) => action,
-            Err(_) => return respond(session, 400, "bad request path").await,
+        ctx.request_id = match req.headers.get(forwarded::X_REQUEST_ID) {
+            Some(id) if forwarded::sane_request_id(id.as_bytes()) => {
+                String::from_utf8_lossy(id.as_bytes()).into_owned()
+            }
+            _ => forwarded::new_request_id(),
         };
-        let service = match action {
-            Some(RouteAction::Proxy(service)) => service,
-            Some(RouteAction::Deny) => return respond(session, 404, "not found").await,
-            None => return respond(session, 404, "no route for this host and path").await,
+        if header_size(req) > self.settings.max_header_size {
+            return self.refuse(session, ctx, Refusal::HeaderTooLarge).await;
+        }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        let req = session.req_header();
+        let forwarded_for = req.headers.get(forwarded::X_FORWARDED_FOR);
+        ctx.client = Some(Client::identify(
+            peer,
+            forwarded_for.map(|v| v.as_bytes()),
+            &self.settings.trusted_proxies,
+        ));
+
+        let target = match self.routes.resolve(request_host(req), req.uri.path()) {
+            Ok(Some(target)) => target,
+            Ok(None) => return self.refuse(session, ctx, Refusal::NoRoute).await,
+            Err(_) => return self.refuse(session, ctx, Refusal::BadPath).await,
         };
+        let service = match target.action {
+            RouteAction::Proxy(service) => service,
+            RouteAction::Deny => return self.refuse(session, ctx, Refusal::Denied).await,
+        };
+        ctx.limits = target.limits;
+        ctx.websocket = is_websocket_upgrade(req);
+        if ctx.websocket && !target.limits.websocket {
+            return self
+                .refuse(session, ctx, Refusal::WebSocketNotAllowed)
+                .await;
+        }
+        if content_length(req).is_some_and(|n| n > target.limits.max_body) {
+            return self
+                .refuse(session, ctx, Refusal::BodyTooLarge(target.limits.max_body))
+                .await;
+        }
+
+        let s = &self.settings;
+        session.set_keepalive(Some(s.keepalive_timeout.as_secs().max(1)));
+        let (read, write) = match ctx.websocket {
+            true => (target.limits.idle_timeout, target.limits.idle_timeout),
+            false => (s.body_timeout, s.send_timeout),
+        };
+        session.set_read_timeout(Some(read));
+        session.set_write_timeout(Some(write));
+
         let snapshot = self.board.load();
-        let pool = snapshot.services[service].active_pool().clone();
-        ctx.target = Some(InFlight::new(pool));
+        let state = &snapshot.services[service];
+        if state.maintenance {
+            return self.refuse(session, ctx, Refusal::Maintenance).await;
+        }
+        ctx.target = Some(InFlight::new(state.active_pool().clone()));
         Ok(false)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Chunked bodies carry no length up front: count as they stream.
+        ctx.body_bytes += body.as_ref().map_or(0, Bytes::len);
+        if !ctx.websocket && ctx.body_bytes > ctx.limits.max_body {
+            return Error::e_explain(HTTPStatus(413), "request body over the route's max_body");
+        }
+        Ok(())
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -86,22 +195,160 @@ impl ProxyHttp for Proxy {
             .as_ref()
             .map(InFlight::pool)
             .ok_or_else(|| Error::explain(InternalError, "no pool chosen for request"))?;
-        let backend = pool
-            .select()
-            .ok_or_else(|| Error::explain(HTTPStatus(503), "pool has no backends"))?;
+        // A retry avoids the backend that just failed, if the pool has another.
+        let backend = ctx
+            .backend
+            .and_then(|failed| pool.select(Some(failed)))
+            .or_else(|| pool.select(None))
+            .ok_or_else(|| {
+                Error::explain(HTTPStatus(503), "no healthy backend in the active pool")
+            })?;
+        ctx.backend = Some(backend.addr);
         let mut peer = HttpPeer::new(backend.addr, false, String::new());
         peer.options.connection_timeout = Some(pool.connect_timeout);
+        peer.options.read_timeout = Some(match ctx.websocket {
+            true => ctx.limits.idle_timeout,
+            false => ctx.limits.read_timeout,
+        });
         Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(client) = &ctx.client else {
+            return Error::e_explain(InternalError, "client not identified");
+        };
+        let host = request_host(session.req_header());
+        forwarded::apply(upstream, client, &ctx.request_id, host)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.response_started = true;
+        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(target) = ctx.target.as_mut() {
+                target.mark_upgraded();
+            }
+        }
+        respond::stamp(resp, &ctx.request_id)
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if self.may_retry(session, ctx) {
+            ctx.retried = true;
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.retry_buffer_truncated() {
+            e.set_retry(false);
+        } else if !ctx.response_started && self.may_retry(session, ctx) {
+            // Reset before any response byte: nothing reached the client yet.
+            ctx.retried = true;
+            e.set_retry(true);
+        } else {
+            // A stale kept-alive upstream connection is always worth one more try.
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = respond::status_for(e);
+        if code > 0 && session.response_written().is_none() {
+            let refusal = match code {
+                503 => Refusal::NoHealthyBackend,
+                413 => Refusal::BodyTooLarge(ctx.limits.max_body),
+                code => Refusal::Upstream(code),
+            };
+            let pages = &self.settings.pages;
+            if let Err(err) = pages.send(session, &ctx.request_id, refusal).await {
+                tracing::debug!(cause = %err, "could not send error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 }
 
-/// Answers from the proxy itself with a short JSON body.
-async fn respond(session: &mut Session, status: u16, message: &str) -> Result<bool> {
-    let body = Bytes::from(serde_json::json!({ "error": message }).to_string());
-    let mut resp = ResponseHeader::build(status, Some(3))?;
-    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(true)
+impl Proxy {
+    /// One retry per request, idempotent methods only, and only where the
+    /// pool has another backend to try (never the other color).
+    fn may_retry(&self, session: &Session, ctx: &Ctx) -> bool {
+        !ctx.retried
+            && session.req_header().method.is_idempotent()
+            && ctx
+                .target
+                .as_ref()
+                .zip(ctx.backend)
+                .is_some_and(|(t, failed)| t.pool().select(Some(failed)).is_some())
+    }
+
+    async fn refuse(&self, session: &mut Session, ctx: &Ctx, refusal: Refusal) -> Result<bool> {
+        if refusal.closes_connection() {
+            session.set_keepalive(None);
+        }
+        self.settings
+            .pages
+            .send(session, &ctx.request_id, refusal)
+            .await?;
+        Ok(true)
+    }
+}
+
+/// The request's host: the `Host` header, or the authority of an absolute URI (HTTP/2).
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.host())
+}
+
+fn is_websocket_upgrade(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+fn content_length(req: &RequestHeader) -> Option<usize> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Bytes of the request line and headers as they came on the wire (close enough).
+fn header_size(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.raw_path().len() + 12;
+    req.headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
 }

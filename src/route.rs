@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use crate::config::{Route, RouteAction};
+use crate::config::{Route, RouteAction, RouteLimits};
 
 /// A path that climbs above `/` with `..`: answered 400.
 #[derive(Debug, PartialEq, Eq)]
@@ -26,7 +26,14 @@ pub struct RouteTable {
 #[derive(Debug)]
 struct Entry {
     prefix: Box<[u8]>,
-    action: RouteAction,
+    target: Target,
+}
+
+/// What a matched route says to do with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub action: RouteAction,
+    pub limits: RouteLimits,
 }
 
 impl RouteTable {
@@ -35,7 +42,10 @@ impl RouteTable {
         for r in routes {
             let entry = Entry {
                 prefix: r.path.as_bytes().into(),
-                action: r.action,
+                target: Target {
+                    action: r.action,
+                    limits: r.limits,
+                },
             };
             match &r.host {
                 Some(h) => table.by_host.entry(h.clone()).or_default().push(entry),
@@ -51,8 +61,8 @@ impl RouteTable {
         table
     }
 
-    /// The action for a request; `Ok(None)` when no route matches.
-    pub fn resolve(&self, host: Option<&str>, path: &str) -> Result<Option<RouteAction>, BadPath> {
+    /// The route for a request; `Ok(None)` when none matches.
+    pub fn resolve(&self, host: Option<&str>, path: &str) -> Result<Option<Target>, BadPath> {
         let entries = host
             .map(normalize_host)
             .and_then(|h| self.by_host.get(h.as_ref()))
@@ -61,7 +71,7 @@ impl RouteTable {
         Ok(entries
             .iter()
             .find(|e| path.starts_with(&e.prefix))
-            .map(|e| e.action))
+            .map(|e| e.target))
     }
 }
 
@@ -144,7 +154,16 @@ mod tests {
             host: host.map(str::to_string),
             path: path.to_string(),
             action,
+            limits: RouteLimits::default(),
         }
+    }
+
+    fn action(
+        t: &RouteTable,
+        host: Option<&str>,
+        path: &str,
+    ) -> Result<Option<RouteAction>, BadPath> {
+        t.resolve(host, path).map(|r| r.map(|t| t.action))
     }
 
     fn table() -> RouteTable {
@@ -160,7 +179,7 @@ mod tests {
     #[test]
     fn host_then_longest_prefix() {
         let t = table();
-        let r = |h: Option<&str>, p: &str| t.resolve(h, p).unwrap();
+        let r = |h: Option<&str>, p: &str| action(&t, h, p).unwrap();
         assert_eq!(r(Some("example.com"), "/x"), Some(RouteAction::Proxy(0)));
         assert_eq!(r(None, "/wp-admin/x"), Some(RouteAction::Deny));
         assert_eq!(
@@ -182,7 +201,7 @@ mod tests {
     #[test]
     fn normalization_closes_deny_bypasses() {
         let t = table();
-        let r = |p: &str| t.resolve(Some("api.example.com"), p);
+        let r = |p: &str| action(&t, Some("api.example.com"), p);
         assert_eq!(r("/api/../actuator/env"), Ok(Some(RouteAction::Deny)));
         assert_eq!(r("//actuator"), Ok(Some(RouteAction::Deny)));
         assert_eq!(r("/%61ctuator"), Ok(Some(RouteAction::Deny)));

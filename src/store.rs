@@ -35,6 +35,8 @@ impl SavedState {
 pub struct SavedService {
     pub active: Color,
     pub previous: Option<Color>,
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 /// One switch, as kept in the history.
@@ -271,6 +273,7 @@ mod tests {
             SavedService {
                 active: Color::Green,
                 previous: Some(Color::Blue),
+                maintenance: true,
             },
         );
         store.save(&state).unwrap();

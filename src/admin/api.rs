@@ -30,10 +30,17 @@ pub enum Command {
         service: String,
         to: Color,
         reason: Option<String>,
+        /// Switch even when the target color is not healthy enough.
+        force: bool,
     },
     Rollback {
         service: String,
         reason: Option<String>,
+        force: bool,
+    },
+    Maintenance {
+        service: String,
+        on: bool,
     },
 }
 
@@ -47,15 +54,25 @@ impl Command {
                 service,
                 to,
                 reason,
+                force,
             } => (
                 Method::POST,
                 format!("/services/{service}/switch"),
-                Some(json!({ "to": to, "reason": reason })),
+                Some(json!({ "to": to, "reason": reason, "force": force })),
             ),
-            Command::Rollback { service, reason } => (
+            Command::Rollback {
+                service,
+                reason,
+                force,
+            } => (
                 Method::POST,
                 format!("/services/{service}/rollback"),
-                Some(json!({ "reason": reason })),
+                Some(json!({ "reason": reason, "force": force })),
+            ),
+            Command::Maintenance { service, on } => (
+                Method::POST,
+                format!("/services/{service}/maintenance"),
+                Some(json!({ "on": on })),
             ),
         }
     }
@@ -72,6 +89,8 @@ impl Command {
                 struct Body {
                     to: String,
                     reason: Option<String>,
+                    #[serde(default)]
+                    force: bool,
                 }
                 let b: Body = parse_body(body)?;
                 let to =
@@ -81,6 +100,7 @@ impl Command {
                     service: service.to_string(),
                     to,
                     reason: b.reason,
+                    force: b.force,
                 })
             }
             (&Method::POST, ["services", service, "rollback"]) => {
@@ -88,6 +108,8 @@ impl Command {
                 #[serde(deny_unknown_fields)]
                 struct Body {
                     reason: Option<String>,
+                    #[serde(default)]
+                    force: bool,
                 }
                 let b: Body = if body.iter().all(u8::is_ascii_whitespace) {
                     Body::default()
@@ -97,11 +119,25 @@ impl Command {
                 Ok(Command::Rollback {
                     service: service.to_string(),
                     reason: b.reason,
+                    force: b.force,
                 })
             }
-            (_, ["status"] | ["history"] | ["services", _, "switch" | "rollback"]) => {
-                Err(ApiError::MethodNotAllowed)
+            (&Method::POST, ["services", service, "maintenance"]) => {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    on: bool,
+                }
+                let b: Body = parse_body(body)?;
+                Ok(Command::Maintenance {
+                    service: service.to_string(),
+                    on: b.on,
+                })
             }
+            (
+                _,
+                ["status"] | ["history"] | ["services", _, "switch" | "rollback" | "maintenance"],
+            ) => Err(ApiError::MethodNotAllowed),
             _ => Err(ApiError::NotFound(format!("no admin endpoint {path}"))),
         }
     }
@@ -150,7 +186,9 @@ impl From<SwitchError> for ApiError {
     fn from(e: SwitchError) -> Self {
         match e {
             SwitchError::UnknownService(_) => ApiError::NotFound(e.to_string()),
-            SwitchError::NoPrevious(_) => ApiError::Conflict(e.to_string()),
+            SwitchError::NoPrevious(_) | SwitchError::NotHealthy { .. } => {
+                ApiError::Conflict(e.to_string())
+            }
             SwitchError::Store(_) => ApiError::Internal(e.to_string()),
         }
     }
@@ -178,14 +216,21 @@ pub fn dispatch(board: &Switchboard, cmd: Command) -> Result<Value, ApiError> {
             service,
             to,
             reason,
+            force,
         } => Ok(service_json(&board.switch(
             &service,
             to,
             SwitchKind::Switch,
             reason,
+            force,
         )?)),
-        Command::Rollback { service, reason } => {
-            Ok(service_json(&board.rollback(&service, reason)?))
+        Command::Rollback {
+            service,
+            reason,
+            force,
+        } => Ok(service_json(&board.rollback(&service, reason, force)?)),
+        Command::Maintenance { service, on } => {
+            Ok(service_json(&board.set_maintenance(&service, on)?))
         }
     }
 }
@@ -196,18 +241,26 @@ pub fn service_json(s: &ServiceState) -> Value {
         s.pool(c)
             .backends
             .iter()
-            .map(|b| json!({ "addr": b.addr.to_string() }))
+            .map(|b| {
+                json!({
+                    "addr": b.addr.to_string(),
+                    "health": b.health.status(),
+                    "last_error": b.health.last_error(),
+                })
+            })
             .collect()
     };
+    let per_color = |f: fn(&crate::pools::Pool) -> usize| json!({ "blue": f(s.pool(Color::Blue)), "green": f(s.pool(Color::Green)) });
     json!({
         "name": &*s.name,
         "active": s.active,
         "previous": s.previous,
+        "maintenance": s.maintenance,
+        "health_checked": s.gated,
+        "min_healthy": s.gated.then(|| s.min_healthy.unwrap_or_else(|| s.pool(Color::Blue).backends.len().max(s.pool(Color::Green).backends.len()))),
         "pools": { "blue": pool(Color::Blue), "green": pool(Color::Green) },
-        "in_flight": {
-            "blue": s.pool(Color::Blue).in_flight(),
-            "green": s.pool(Color::Green).in_flight(),
-        },
+        "in_flight": per_color(crate::pools::Pool::in_flight),
+        "upgraded": per_color(crate::pools::Pool::upgraded),
     })
 }
 
@@ -315,10 +368,16 @@ mod tests {
                 service: "api".into(),
                 to: Color::Green,
                 reason: Some("deploy 1.2".into()),
+                force: true,
             },
             Command::Rollback {
                 service: "api".into(),
                 reason: None,
+                force: false,
+            },
+            Command::Maintenance {
+                service: "api".into(),
+                on: true,
             },
         ];
         for cmd in cmds {

@@ -1,12 +1,13 @@
 //! `switchyard ctl`'s side of the admin API: sends a [`Command`] and returns
 //! the JSON reply, or an error that says what went wrong.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::api::Command;
 use super::auth::Token;
+use crate::pools::Color;
 
 /// How long `ctl` waits for the admin API (10 s): a switch only writes a small file.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -19,7 +20,12 @@ pub enum ClientError {
     Refused { status: u16, message: String },
     #[error("admin API sent a reply that is not JSON: {0}")]
     BadReply(String),
+    #[error("gave up waiting: {0}")]
+    Timeout(String),
 }
+
+/// How often `ctl` polls `/status` while waiting (250 ms).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 pub struct Client {
     base: String,
@@ -77,5 +83,113 @@ impl Client {
             return Err(ClientError::Refused { status, message });
         }
         Ok(value)
+    }
+}
+
+impl Client {
+    /// One service's entry of `/status`.
+    fn service(&self, service: &str) -> Result<Value, ClientError> {
+        let status = self.send(&Command::Status)?;
+        match status["services"].get(service) {
+            Some(v) => Ok(v.clone()),
+            None => Err(ClientError::Refused {
+                status: 404,
+                message: format!("unknown service {service:?}"),
+            }),
+        }
+    }
+
+    /// Polls until `color` of `service` has the healthy backends a switch
+    /// needs, reporting each change through `progress`.
+    pub fn wait_healthy(
+        &self,
+        service: &str,
+        color: Color,
+        within: Duration,
+        mut progress: impl FnMut(&str),
+    ) -> Result<(), ClientError> {
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        loop {
+            let svc = self.service(service)?;
+            let Some(required) = svc["min_healthy"].as_u64() else {
+                progress(&format!(
+                    "{service} has no health check: nothing to wait for"
+                ));
+                return Ok(());
+            };
+            let backends = svc["pools"][color.as_str()]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let healthy = backends.iter().filter(|b| b["health"] == "healthy").count() as u64;
+            let line = format!(
+                "{service} {color}: {healthy}/{required} healthy backends needed{}",
+                describe_backends(&backends)
+            );
+            if line != last {
+                progress(&line);
+                last = line;
+            }
+            if healthy >= required {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout(last));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Polls until `color` of `service` has nothing in flight.
+    pub fn wait_drained(
+        &self,
+        service: &str,
+        color: Color,
+        within: Duration,
+        mut progress: impl FnMut(&str),
+    ) -> Result<(), ClientError> {
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        loop {
+            let svc = self.service(service)?;
+            let in_flight = svc["in_flight"][color.as_str()].as_u64().unwrap_or(0);
+            let upgraded = svc["upgraded"][color.as_str()].as_u64().unwrap_or(0);
+            if in_flight == 0 {
+                progress(&format!("{service} {color}: drained"));
+                return Ok(());
+            }
+            let line = format!(
+                "{service} {color}: {in_flight} requests still in flight ({upgraded} upgraded connections)"
+            );
+            if line != last {
+                progress(&line);
+                last = line;
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout(last));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+fn describe_backends(backends: &[Value]) -> String {
+    let parts: Vec<String> = backends
+        .iter()
+        .filter(|b| b["health"] != "healthy")
+        .map(|b| {
+            let addr = b["addr"].as_str().unwrap_or("?");
+            let health = b["health"].as_str().unwrap_or("?");
+            match b["last_error"].as_str() {
+                Some(e) => format!("{addr} {health}: {e}"),
+                None => format!("{addr} {health}"),
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join("; "))
     }
 }

@@ -1,0 +1,216 @@
+//! Active health checks of every backend of both colors.
+//!
+//! Each service with a `health` setting gets one loop that probes all its
+//! backends (blue and green) every `interval` with `GET path`. A backend
+//! becomes healthy after `rise` passes in a row and unhealthy after `fall`
+//! failures in a row. Until its first verdict a backend is `unknown`: it takes
+//! traffic (a restart of switchyard must not answer 503 for the first few
+//! seconds) but does not count as healthy when a switch is gated.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::HealthCheck;
+use crate::pools::{Color, ServiceState, Switchboard};
+
+/// Largest health response read (16 KiB): enough for a status line, headers
+/// and a small body to search for the expected text.
+const MAX_RESPONSE: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+/// One backend's health, shared by every snapshot (backends outlive switches).
+#[derive(Debug)]
+pub struct Health {
+    status: AtomicU8,
+    passes: AtomicU32,
+    fails: AtomicU32,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            status: AtomicU8::new(HealthStatus::Unknown as u8),
+            passes: AtomicU32::new(0),
+            fails: AtomicU32::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+impl Health {
+    pub fn status(&self) -> HealthStatus {
+        match self.status.load(Ordering::Relaxed) {
+            1 => HealthStatus::Healthy,
+            2 => HealthStatus::Unhealthy,
+            _ => HealthStatus::Unknown,
+        }
+    }
+
+    /// Whether the backend may take requests: anything but a proven failure.
+    pub fn routable(&self) -> bool {
+        self.status() != HealthStatus::Unhealthy
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records one probe; returns the new status when it changed.
+    pub fn record(&self, result: Result<(), String>, rise: u32, fall: u32) -> Option<HealthStatus> {
+        let before = self.status();
+        let next = match result {
+            Ok(()) => {
+                self.fails.store(0, Ordering::Relaxed);
+                let passes = self.passes.fetch_add(1, Ordering::Relaxed) + 1;
+                (passes >= rise).then_some(HealthStatus::Healthy)
+            }
+            Err(e) => {
+                self.passes.store(0, Ordering::Relaxed);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+                (fails >= fall).then_some(HealthStatus::Unhealthy)
+            }
+        };
+        match next {
+            Some(status) if status != before => {
+                self.status.store(status as u8, Ordering::Relaxed);
+                Some(status)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One probe: `GET path` over a fresh HTTP/1.0 connection (so the body is
+/// never chunked and every probe also proves the backend accepts connections).
+pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> {
+    let attempt = async {
+        let mut conn = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let request = format!(
+            "GET {} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: switchyard-health\r\n\r\n",
+            check.path
+        );
+        conn.write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::with_capacity(1024);
+        let mut limited = (&mut conn).take(MAX_RESPONSE as u64);
+        limited
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        judge(&buf, check)
+    };
+    match tokio::time::timeout(check.timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+    }
+}
+
+/// Whether a raw HTTP response passes the check.
+fn judge(response: &[u8], check: &HealthCheck) -> Result<(), String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let body_start = match parsed.parse(response) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err("incomplete response".into()),
+        Err(e) => return Err(format!("bad response: {e}")),
+    };
+    let code = parsed.code.unwrap_or(0);
+    if code != check.expect {
+        return Err(format!("status {code}, expected {}", check.expect));
+    }
+    if let Some(text) = &check.body {
+        let body = &response[body_start..];
+        if !body.windows(text.len()).any(|w| w == text.as_bytes()) {
+            return Err(format!("body does not contain {text:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// The background service that runs every service's probe loop.
+pub struct HealthChecker {
+    board: Arc<Switchboard>,
+    checks: Vec<(String, HealthCheck)>,
+}
+
+impl HealthChecker {
+    /// `checks`: service name and its check, for services that have one.
+    pub fn new(board: Arc<Switchboard>, checks: Vec<(String, HealthCheck)>) -> HealthChecker {
+        HealthChecker { board, checks }
+    }
+}
+
+/// Probes every backend of both colors of one service, concurrently.
+async fn check_service(service: &str, state: &ServiceState, check: &HealthCheck) {
+    let probes = Color::ALL.into_iter().flat_map(|color| {
+        state.pool(color).backends.iter().map(move |b| async move {
+            let result = probe(b.addr, check).await;
+            let cause = result.as_ref().err().cloned().unwrap_or_default();
+            match b.health.record(result, check.rise, check.fall) {
+                Some(HealthStatus::Unhealthy) => {
+                    tracing::warn!(service, %color, backend = %b.addr, cause, "backend unhealthy")
+                }
+                Some(status) => {
+                    tracing::info!(service, %color, backend = %b.addr, ?status, "backend healthy")
+                }
+                None => {}
+            }
+        })
+    });
+    futures_util::future::join_all(probes).await;
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let loops = self.checks.iter().map(|(service, check)| {
+            let board = self.board.clone();
+            let mut shutdown = shutdown.clone();
+            let (service, check) = (service.clone(), check.clone());
+            async move {
+                let mut tick = tokio::time::interval(check.interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let snap = board.load();
+                    let Some((_, state)) = snap.service(&service) else {
+                        return;
+                    };
+                    check_service(&service, state, &check).await;
+                }
+            }
+        });
+        let loops: Vec<_> = loops.map(tokio::spawn).collect();
+        // Each loop also stops on the signal; aborting covers a probe in progress.
+        let _ = shutdown.changed().await;
+        for l in loops {
+            l.abort();
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The answers switchyard gives itself: refusals, the maintenance page, and
+//! the headers stamped on every response (`Server`, `X-Request-Id`).
+//!
+//! Every refusal is short: JSON `{"error": "..."}`, except 503s, which browsers
+//! get as the HTML maintenance page (JSON when they ask for it with `Accept`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::ErrorSource;
+
+use crate::forwarded::X_REQUEST_ID;
+
+/// The `Server` header on every response: no version, nothing to fingerprint.
+pub const SERVER: &str = "switchyard";
+
+/// The page used when `server.maintenance_page` is not set.
+pub const BUILTIN_PAGE: &str = include_str!("../conf/maintenance.html");
+
+/// Why the proxy answered by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NoRoute,
+    Denied,
+    BadPath,
+    HeaderTooLarge,
+    BodyTooLarge(usize),
+    WebSocketNotAllowed,
+    Maintenance,
+    NoHealthyBackend,
+    /// The backend failed: 502, or 504 on a timeout.
+    Upstream(u16),
+}
+
+impl Refusal {
+    pub fn status(self) -> u16 {
+        match self {
+            Refusal::NoRoute | Refusal::Denied => 404,
+            Refusal::BadPath | Refusal::WebSocketNotAllowed => 400,
+            Refusal::HeaderTooLarge => 431,
+            Refusal::BodyTooLarge(_) => 413,
+            Refusal::Maintenance | Refusal::NoHealthyBackend => 503,
+            Refusal::Upstream(code) => code,
+        }
+    }
+
+    fn message(self) -> String {
+        match self {
+            Refusal::NoRoute => "no route for this host and path".into(),
+            Refusal::Denied => "not found".into(),
+            Refusal::BadPath => "bad request path".into(),
+            Refusal::HeaderTooLarge => "request header too large".into(),
+            Refusal::BodyTooLarge(max) => format!("request body larger than {max} bytes"),
+            Refusal::WebSocketNotAllowed => "WebSocket is not enabled on this route".into(),
+            Refusal::Maintenance => "service under maintenance".into(),
+            Refusal::NoHealthyBackend => "no healthy backend, try again later".into(),
+            Refusal::Upstream(504) => "upstream timed out".into(),
+            Refusal::Upstream(_) => "upstream failed".into(),
+        }
+    }
+
+    /// Refusals sent before the request body was read leave the connection
+    /// in an unknown state: close it.
+    pub fn closes_connection(self) -> bool {
+        matches!(
+            self,
+            Refusal::HeaderTooLarge | Refusal::BodyTooLarge(_) | Refusal::WebSocketNotAllowed
+        )
+    }
+}
+
+/// The 503 page and `Retry-After`, loaded once at start-up.
+pub struct Pages {
+    page: Bytes,
+    retry_after: String,
+}
+
+impl Pages {
+    pub fn new(page: Option<&Path>, retry_after: Duration) -> std::io::Result<Pages> {
+        let page = match page {
+            Some(path) => Bytes::from(std::fs::read(path)?),
+            None => Bytes::from_static(BUILTIN_PAGE.as_bytes()),
+        };
+        Ok(Pages {
+            page,
+            retry_after: retry_after.as_secs().max(1).to_string(),
+        })
+    }
+
+    /// Writes the whole answer for `refusal`.
+    pub async fn send(
+        &self,
+        session: &mut Session,
+        request_id: &str,
+        refusal: Refusal,
+    ) -> Result<()> {
+        let status = refusal.status();
+        let wants_json = session
+            .req_header()
+            .headers
+            .get(http::header::ACCEPT)
+            .is_some_and(|a| a.to_str().is_ok_and(|a| a.contains("application/json")));
+        let (content_type, body) = if status == 503 && !wants_json {
+            ("text/html; charset=utf-8", self.page.clone())
+        } else {
+            let json = serde_json::json!({ "error": refusal.message() });
+            ("application/json", Bytes::from(format!("{json}\n")))
+        };
+        let mut resp = ResponseHeader::build(status, Some(6))?;
+        resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        if status == 503 {
+            resp.insert_header(http::header::RETRY_AFTER, &self.retry_after)?;
+        }
+        stamp(&mut resp, request_id)?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+}
+
+/// Headers every response carries.
+pub fn stamp(resp: &mut ResponseHeader, request_id: &str) -> Result<()> {
+    resp.insert_header(http::header::SERVER, SERVER)?;
+    resp.insert_header(X_REQUEST_ID, request_id)
+}
+
+/// The status to answer for a failed proxy attempt; 0 when the client is gone.
+pub fn status_for(e: &Error) -> u16 {
+    match e.etype() {
+        HTTPStatus(code) => *code,
+        ConnectTimedout | ReadTimedout | WriteTimedout if e.esource() == &ErrorSource::Upstream => {
+            504
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                WriteError | ReadError | ConnectionClosed => 0,
+                ReadTimedout => 408,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
