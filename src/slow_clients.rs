@@ -19,7 +19,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,7 +30,7 @@ use pingora::protocols::{
 };
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{sleep, Sleep};
+use tokio::time::{sleep_until, Instant, Sleep};
 
 /// Puts a header deadline on every connection `app` serves.
 pub struct HeaderTimeout<A> {
@@ -83,7 +83,12 @@ struct Guarded {
     inner: Stream,
     timeout: Duration,
     phase: Phase,
-    deadline: Option<Pin<Box<Sleep>>>,
+    /// When the header being read must be complete.
+    deadline: Option<Instant>,
+    /// Wakes a read that is waiting at the deadline. Armed only when a read
+    /// would block, and allocated once per connection: a header that arrives
+    /// in one read (the common case) costs no timer at all.
+    timer: Option<Pin<Box<Sleep>>>,
     scan: HeaderScan,
 }
 
@@ -121,7 +126,8 @@ impl Guarded {
             inner,
             timeout,
             phase: Phase::Header,
-            deadline: Some(Box::pin(sleep(timeout))),
+            deadline: Some(Instant::now() + timeout),
+            timer: None,
             scan: HeaderScan::default(),
         }
     }
@@ -129,7 +135,14 @@ impl Guarded {
     fn start_header(&mut self) {
         self.phase = Phase::Header;
         self.scan = HeaderScan::default();
-        self.deadline = Some(Box::pin(sleep(self.timeout)));
+        self.deadline = Some(Instant::now() + self.timeout);
+    }
+
+    fn timed_out(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("request header not complete within {:?}", self.timeout),
+        )
     }
 }
 
@@ -147,16 +160,22 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if let Some(deadline) = this.deadline.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("request header not complete within {:?}", this.timeout),
-                )));
-            }
+        if this.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Poll::Ready(Err(this.timed_out()));
         }
         let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if Pin::new(&mut this.inner).poll_read(cx, buf)?.is_pending() {
+            if let Some(deadline) = this.deadline {
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+                timer.as_mut().reset(deadline);
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(this.timed_out()));
+                }
+            }
+            return Poll::Pending;
+        }
         let new = &buf.filled()[before..];
         if this.phase == Phase::Responded && !new.is_empty() {
             this.start_header();
