@@ -12,6 +12,10 @@ use common::*;
 /// One request made by a load client.
 struct Record {
     started: Instant,
+    /// When the response had been read. A client thread can be descheduled
+    /// between taking `started` and sending, so only `ended` bounds when the
+    /// proxy saw the request from above.
+    ended: Instant,
     status: u16,
     body: String,
 }
@@ -51,6 +55,7 @@ fn switch_under_concurrent_load_is_atomic_and_loses_nothing() {
                     };
                     recs.push(Record {
                         started: t,
+                        ended: Instant::now(),
                         status,
                         body,
                     });
@@ -104,12 +109,13 @@ fn switch_under_concurrent_load_is_atomic_and_loses_nothing() {
         &failed[..failed.len().min(5)]
     );
 
-    // Each window is classified by when the request started relative to the
-    // switch calls; requests overlapping a call may go either way.
+    // A window holds the requests that started after `from` (so the proxy
+    // saw them after that switch returned) and ended before `to` (so it saw
+    // them before the next switch call began); requests overlapping a call
+    // may go either way.
     let window = |from: Option<Instant>, to: Option<Instant>| {
-        recs.iter().filter(move |r| {
-            from.is_none_or(|f| r.started >= f) && to.is_none_or(|t| r.started < t)
-        })
+        recs.iter()
+            .filter(move |r| from.is_none_or(|f| r.started >= f) && to.is_none_or(|t| r.ended < t))
     };
     let count = |from, to, color: &str| window(from, to).filter(|r| r.body == color).count();
 

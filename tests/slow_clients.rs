@@ -1,0 +1,306 @@
+//! Slow and oversized clients: header and body timeouts, idle keep-alive
+//! connections, body and header size limits.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Trickles an endless header line into `c`, one byte about every 200 ms,
+/// until the server closes the connection or `limit` passes. Returns the
+/// time from `since` to the close (None if still open) and whatever the
+/// server sent before closing.
+fn trickle_until_closed(
+    c: &mut RawConn,
+    since: Instant,
+    limit: Duration,
+) -> (Option<Duration>, Vec<u8>) {
+    while since.elapsed() < limit {
+        if c.send(b"a").is_err() {
+            return (Some(since.elapsed()), Vec::new());
+        }
+        // Waiting here is what makes the client slow.
+        if let Some(data) = c.wait_closed(Duration::from_millis(200)) {
+            return (Some(since.elapsed()), data);
+        }
+    }
+    (None, Vec::new())
+}
+
+#[test]
+fn slowloris_is_disconnected_while_other_clients_are_served() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .server(r#"header_timeout = "1s""#)
+        .start();
+    let addr = proxy.http_addr();
+
+    let slow = std::thread::spawn(move || {
+        let mut c = RawConn::connect(&addr);
+        let t0 = Instant::now();
+        c.send(b"GET /slowloris HTTP/1.1\r\nHost: slow.test\r\nX-Slow: ")
+            .unwrap();
+        trickle_until_closed(&mut c, t0, Duration::from_secs(4))
+    });
+
+    // Meanwhile normal clients are served.
+    let mut served = 0;
+    while !slow.is_finished() && served < 200 {
+        assert_eq!(proxy.get("/normal", None), (200, "blue".to_string()));
+        served += 1;
+    }
+    let (closed, data) = slow.join().expect("slow client panicked");
+    let took = closed.expect("slowloris connection still open after 4 s (header_timeout 1s)");
+    assert!(
+        took >= Duration::from_millis(700),
+        "closed after {took:?}, before the 1 s header_timeout"
+    );
+    assert!(
+        data.is_empty(),
+        "expected a close without a response, got {:?}",
+        String::from_utf8_lossy(&data)
+    );
+    assert!(served >= 1, "no normal request completed meanwhile");
+    assert_eq!(blue.received("/slowloris"), 0);
+
+    // A client that is slow but finishes its header in time is served.
+    let mut c = RawConn::connect(&proxy.http_addr());
+    for part in [
+        &b"GET /slow-but-ok HTTP/1.1\r\n"[..],
+        b"Host: slow.test\r\n",
+        b"Connection: close\r\n\r\n",
+    ] {
+        c.send(part).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = c
+        .read_response(Duration::from_secs(5))
+        .expect("slow but complete header");
+    assert_eq!((r.status, r.body.as_str()), (200, "blue"), "{r:?}");
+}
+
+#[test]
+fn slow_second_request_on_a_kept_alive_connection_is_disconnected() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .server(r#"header_timeout = "1s""#)
+        .start();
+
+    let mut c = RawConn::connect(&proxy.http_addr());
+    c.send(b"GET /first HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+        .unwrap();
+    let r = c
+        .read_response(Duration::from_secs(5))
+        .expect("first response");
+    assert_eq!((r.status, r.body.as_str()), (200, "blue"), "{r:?}");
+
+    // The header timer starts at the first byte of the next request.
+    let t0 = Instant::now();
+    c.send(b"GET /second HTTP/1.1\r\nHost: slow.test\r\nX-Slow: ")
+        .unwrap();
+    let (closed, data) = trickle_until_closed(&mut c, t0, Duration::from_secs(4));
+    let took = closed.expect("slow second request still open after 4 s (header_timeout 1s)");
+    assert!(took >= Duration::from_millis(700), "closed after {took:?}");
+    assert!(data.is_empty(), "{:?}", String::from_utf8_lossy(&data));
+    assert_eq!(blue.received("/second"), 0);
+}
+
+#[test]
+fn idle_kept_alive_connection_is_closed_after_keepalive_timeout() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .server(r#"keepalive_timeout = "1s""#)
+        .start();
+
+    let mut c = RawConn::connect(&proxy.http_addr());
+    for path in ["/ka-1", "/ka-2"] {
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: ka.test\r\n\r\n").as_bytes())
+            .unwrap();
+        let r = c
+            .read_response(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{path} on a kept-alive connection: {e}"));
+        assert_eq!((r.status, r.body.as_str()), (200, "blue"), "{r:?}");
+    }
+    let t0 = Instant::now();
+    let data = c
+        .wait_closed(Duration::from_secs(4))
+        .expect("idle connection still open 4 s after its last response (keepalive_timeout 1s)");
+    let took = t0.elapsed();
+    assert!(data.is_empty(), "{:?}", String::from_utf8_lossy(&data));
+    assert!(
+        took >= Duration::from_millis(500),
+        "closed {took:?} after the response: keep-alive not honoured"
+    );
+}
+
+/// `/upload` accepts at most 1 KiB of body; `/` has the default 1 MiB.
+fn upload_config(blue: &Upstream, green: &Upstream) -> String {
+    let mut s = service("api", &[blue], &[green], "blue");
+    s.push_str(&route_with("/upload", "api", "max_body = \"1KiB\""));
+    s.push_str(&route(None, "/", "api"));
+    s
+}
+
+fn post_head(path: &str, extra: &str) -> String {
+    format!("POST {path} HTTP/1.1\r\nHost: up.test\r\nContent-Type: application/octet-stream\r\n{extra}Connection: close\r\n\r\n")
+}
+
+#[test]
+fn content_length_over_max_body_is_413_and_not_forwarded() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(upload_config(&blue, &green)).start();
+    let addr = proxy.http_addr();
+
+    // Exactly the limit is fine.
+    let body = vec![b'k'; 1024];
+    let mut req = post_head("/upload/ok", "Content-Length: 1024\r\n").into_bytes();
+    req.extend_from_slice(&body);
+    let (code, text) = raw_http(&addr, &req);
+    assert_eq!((code, text.as_str()), (200, "blue"));
+    assert_eq!(blue.body_bytes(), 1024);
+
+    // One KiB over.
+    let body = vec![b'k'; 2048];
+    let mut req = post_head("/upload/big", "Content-Length: 2048\r\n").into_bytes();
+    req.extend_from_slice(&body);
+    let (code, text) = raw_http(&addr, &req);
+    assert_eq!(code, 413, "{text}");
+    let v = parse_json(&text);
+    assert!(
+        v["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "413 body is not {{\"error\": ...}}: {text}"
+    );
+    assert_eq!(
+        blue.received("/upload/big"),
+        0,
+        "an oversized body was forwarded"
+    );
+
+    // The default limit (1 MiB) on another route: the declared length alone
+    // decides, before any body is sent.
+    let mut c = RawConn::connect(&addr);
+    c.send(post_head("/default", "Content-Length: 1048577\r\n").as_bytes())
+        .unwrap();
+    let r = c
+        .read_head(Duration::from_secs(5))
+        .expect("an answer to a Content-Length over 1 MiB");
+    assert_eq!(r.status, 413, "{r:?}");
+    assert_eq!(blue.received("/default"), 0);
+    assert_eq!(blue.body_bytes(), 1024);
+}
+
+#[test]
+fn chunked_body_over_max_body_is_refused_and_upstream_gets_at_most_max_body() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(upload_config(&blue, &green)).start();
+
+    let mut c = RawConn::connect(&proxy.http_addr());
+    c.send(post_head("/upload/chunked", "Transfer-Encoding: chunked\r\n").as_bytes())
+        .unwrap();
+    // 8 chunks of 512 bytes: 4 KiB against a 1 KiB limit. Writes may fail
+    // once the proxy has given up on the request.
+    let chunk = format!("200\r\n{}\r\n", "c".repeat(512));
+    for _ in 0..8 {
+        if c.send(chunk.as_bytes()).is_err() {
+            break;
+        }
+    }
+    let _ = c.send(b"0\r\n\r\n");
+
+    match c.read_response(Duration::from_secs(5)) {
+        Ok(r) => assert_eq!(r.status, 413, "{r:?}"),
+        // No (complete) answer: the connection was closed, acceptable once
+        // the response had started.
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            "neither a 413 nor a closed connection: {e}"
+        ),
+    }
+    // Watch the upstream for a moment: it must never get more than 1 KiB.
+    let over = poll_until(Duration::from_millis(500), || blue.body_bytes() > 1024);
+    assert!(
+        !over,
+        "upstream received {} body bytes, over the 1 KiB max_body",
+        blue.body_bytes()
+    );
+}
+
+#[test]
+fn request_headers_over_max_header_size_get_431() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .server(r#"max_header_size = "4KiB""#)
+        .start();
+    let addr = proxy.http_addr();
+
+    let req = |path: &str, size: usize| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: big.test\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "h".repeat(size)
+        )
+    };
+    let (code, text) = raw_http(&addr, req("/small", 2000).as_bytes());
+    assert_eq!((code, text.as_str()), (200, "blue"));
+    let (code, text) = raw_http(&addr, req("/huge", 6000).as_bytes());
+    assert_eq!(code, 431, "{text}");
+    assert_eq!(blue.received("/huge"), 0);
+
+    // Many small headers count too.
+    let mut many = String::from("GET /many HTTP/1.1\r\nHost: big.test\r\n");
+    for i in 0..100 {
+        many.push_str(&format!("X-H{i}: {}\r\n", "m".repeat(60)));
+    }
+    many.push_str("Connection: close\r\n\r\n");
+    let (code, text) = raw_http(&addr, many.as_bytes());
+    assert_eq!(code, 431, "{text}");
+    assert_eq!(blue.received("/many"), 0);
+}
+
+#[test]
+fn stalled_request_body_is_given_up_after_body_timeout() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .server(r#"body_timeout = "1s""#)
+        .start();
+
+    let mut c = RawConn::connect(&proxy.http_addr());
+    c.send(post_head("/stalled", "Content-Length: 100\r\n").as_bytes())
+        .unwrap();
+    c.send(&[b's'; 10]).unwrap();
+    let t0 = Instant::now();
+    // The rest of the body never comes: the proxy must answer with an error
+    // or close within a bound, never forward a complete request.
+    match c.read_head(Duration::from_secs(4)) {
+        Ok(r) => assert!(
+            r.status >= 400,
+            "a stalled body got {} after {:?}",
+            r.status,
+            t0.elapsed()
+        ),
+        Err(e) => assert_ne!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut,
+            "no answer and no close 4 s into a stalled body (body_timeout 1s)"
+        ),
+    }
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(700), "gave up after {took:?}");
+    assert!(
+        blue.body_bytes() <= 10,
+        "upstream got {} bytes",
+        blue.body_bytes()
+    );
+}
