@@ -1,0 +1,1258 @@
+//! Load-test harness: switchyard against nginx (the proxy it replaces) and,
+//! when installed, HAProxy, all on loopback in front of one shared upstream.
+//!
+//! Run it with `.ci/bench [--quick]` (or `cargo bench --bench load -- [--quick]`).
+//! Without cargo's `--bench` argument (e.g. under `cargo test --all-targets`)
+//! it exits at once.
+//!
+//! Scenarios (pick some by name: `.ci/bench --quick small sse switch`):
+//!   small      small responses, keep-alive             (wrk -t1 -c50)
+//!   16k        16 KiB responses, keep-alive
+//!   close      a new connection per request (`Connection: close`)
+//!   idle       10 000 idle kept-alive client connections: memory
+//!   sse        server-sent events relay: time to first byte, added delay
+//!   realistic  route table like conf/switchyard.toml, health checks, forwarded headers
+//!   switch     blue/green switches every 100 ms under constant load
+//!
+//! Every figure of a wrk scenario is the median over rounds; the rounds of
+//! the proxies are interleaved (A B C, B C A, ...) so drift hits all alike.
+//! CPU is utime+stime of the proxy's processes (nginx: master + workers)
+//! from /proc; memory is VmHWM (nginx: summed over its processes).
+
+#[path = "load/confs.rs"]
+mod confs;
+#[path = "load/idle.rs"]
+mod idle;
+#[path = "load/procs.rs"]
+mod procs;
+#[path = "load/sse.rs"]
+mod sse;
+#[path = "load/switch.rs"]
+mod switch;
+#[path = "load/wrk.rs"]
+mod wrk;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use confs::{Kind, Setup, Target, Tools, Upstream};
+
+const ALL: &[&str] = &[
+    "small",
+    "16k",
+    "close",
+    "idle",
+    "sse",
+    "realistic",
+    "switch",
+];
+const CONNECTIONS: u32 = 50;
+const SWITCH_CLIENTS: usize = 8;
+const SWITCH_EVERY: Duration = Duration::from_millis(100);
+const SSE_EVERY: Duration = Duration::from_millis(10);
+/// Host header of the simple scenarios (no route names a host there).
+const BENCH_HOST: &str = "bench.local";
+
+struct Opts {
+    quick: bool,
+    rounds: usize,
+    secs: u32,
+    warmup: u32,
+    switch_secs: u32,
+    sse_events: usize,
+    idle_conns: usize,
+    haproxy: bool,
+    only: Vec<String>,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Opts, String> {
+        let quick = args.iter().any(|a| a == "--quick");
+        let mut o = if quick {
+            Opts {
+                quick,
+                rounds: 1,
+                secs: 2,
+                warmup: 1,
+                switch_secs: 10,
+                sse_events: 100,
+                idle_conns: 10_000,
+                haproxy: true,
+                only: Vec::new(),
+            }
+        } else {
+            Opts {
+                quick,
+                rounds: 3,
+                secs: 8,
+                warmup: 2,
+                switch_secs: 30,
+                sse_events: 300,
+                idle_conns: 10_000,
+                haproxy: true,
+                only: Vec::new(),
+            }
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = |name: &str| -> Result<u64, String> {
+                it.next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| format!("{name} needs a number"))
+            };
+            match a.as_str() {
+                "--bench" | "--quick" => {}
+                "--rounds" => o.rounds = value(a)?.max(1) as usize,
+                "--secs" => o.secs = value(a)?.max(1) as u32,
+                "--switch-secs" => o.switch_secs = value(a)?.max(1) as u32,
+                "--idle-conns" => o.idle_conns = value(a)?.max(1) as usize,
+                "--no-haproxy" => o.haproxy = false,
+                "-h" | "--help" => return Err(String::new()),
+                s if ALL.contains(&s) => o.only.push(s.to_string()),
+                s => return Err(format!("unknown argument {s:?}")),
+            }
+        }
+        Ok(o)
+    }
+
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+}
+
+const USAGE: &str = "usage: .ci/bench [--quick] [--rounds N] [--secs N] [--switch-secs N] \
+[--idle-conns N] [--no-haproxy] [SCENARIO...]
+scenarios: small 16k close idle sse realistic switch (default: all)";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!(
+            "load: load-test harness; it only runs under `cargo bench --bench load` \
+             (see .ci/bench). Nothing to do."
+        );
+        return;
+    }
+    let opts = match Opts::parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("load: {e}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    std::process::exit(run(&opts));
+}
+
+/// Everything the scenarios share.
+struct Env {
+    dir: PathBuf,
+    tools: Tools,
+    wrk: PathBuf,
+    lua: PathBuf,
+    upstream: Upstream,
+    clk_tck: f64,
+}
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    for dir in [
+        "/usr/sbin",
+        "/usr/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/sbin",
+    ] {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+fn run(opts: &Opts) -> i32 {
+    let started = Instant::now();
+    // A hard bound on the whole run (half as long again as planned, plus
+    // slack). Children die with us (PR_SET_PDEATHSIG).
+    let planned = 4 * 3 * (opts.warmup + opts.rounds as u32 * opts.secs) + 2 * opts.switch_secs;
+    let limit = Duration::from_secs(u64::from(planned) * 3 / 2 + 180);
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("load: still running after {limit:?}; giving up");
+        std::process::exit(3);
+    });
+    let nofile = procs::raise_nofile(131_072);
+    if nofile < opts.idle_conns as u64 + 1024 {
+        eprintln!("load: open-file limit is {nofile}; the idle scenario may fall short");
+    }
+
+    let (Some(nginx), Some(wrk)) = (find_tool("nginx"), find_tool("wrk")) else {
+        eprintln!("load: needs nginx and wrk (apt-get install nginx-light wrk; .ci/bench does it)");
+        return 1;
+    };
+    let haproxy = if opts.haproxy {
+        find_tool("haproxy")
+    } else {
+        None
+    };
+    let tmp = match tempfile::Builder::new()
+        .prefix("switchyard-load-")
+        .tempdir()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("load: temp dir: {e}");
+            return 1;
+        }
+    };
+    let dir = tmp.path().to_path_buf();
+    let setup = || -> Result<Env, String> {
+        let (token, token_file) = confs::write_token(&dir)?;
+        let lua = dir.join("report.lua");
+        fs::write(&lua, wrk::LUA).map_err(|e| e.to_string())?;
+        let upstream = confs::start_upstream(&nginx, &dir.join("upstream"), nofile)?;
+        Ok(Env {
+            dir: dir.clone(),
+            tools: Tools {
+                nginx: nginx.clone(),
+                haproxy: haproxy.clone(),
+                switchyard: PathBuf::from(env!("CARGO_BIN_EXE_switchyard")),
+                token,
+                token_file,
+                nofile,
+            },
+            wrk: wrk.clone(),
+            lua,
+            upstream,
+            clk_tck: procs::clock_ticks_per_sec(),
+        })
+    };
+    let mut env = match setup() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("load: setup: {e}");
+            return 1;
+        }
+    };
+
+    println!(
+        "load: {} run: {} round(s) of {} s per proxy (wrk -t1 -c{CONNECTIONS}, {} s warm-up), \
+         proxies: switchyard, nginx{}",
+        if opts.quick { "quick" } else { "full" },
+        opts.rounds,
+        opts.secs,
+        opts.warmup,
+        if env.tools.haproxy.is_some() {
+            ", haproxy"
+        } else {
+            " (haproxy not installed)"
+        }
+    );
+
+    let mut wrk_results: Vec<WrkScenario> = Vec::new();
+    let mut idle_result: Option<Vec<(Kind, idle::IdleResult)>> = None;
+    let mut sse_result: Option<SseResult> = None;
+    let mut switch_result: Option<Vec<switch::SwitchReport>> = None;
+    let mut errors: Vec<String> = Vec::new();
+    let g = env.upstream.general.clone();
+    let simple = Setup::Simple {
+        backend: g[0],
+        alt: g[1],
+        many_conns: false,
+        stream: false,
+    };
+    for &name in ALL {
+        if !opts.wants(name) {
+            continue;
+        }
+        let t = Instant::now();
+        eprintln!("load: scenario {name} ...");
+        let result = match name {
+            "small" => wrk_scenario(
+                &env,
+                opts,
+                WrkSpec::simple(name, "(a) small, keep-alive", "/", &[], simple),
+            )
+            .map(|r| wrk_results.push(r)),
+            "16k" => wrk_scenario(
+                &env,
+                opts,
+                WrkSpec::simple(name, "(b) 16 KiB, keep-alive", "/16k", &[], simple),
+            )
+            .map(|r| wrk_results.push(r)),
+            "close" => wrk_scenario(
+                &env,
+                opts,
+                WrkSpec::simple(
+                    name,
+                    "(c) new conn per request",
+                    "/",
+                    &["Connection: close"],
+                    simple,
+                ),
+            )
+            .map(|r| wrk_results.push(r)),
+            "realistic" => wrk_scenario(
+                &env,
+                opts,
+                WrkSpec {
+                    key: name,
+                    title: "(f) realistic routes",
+                    setup: Setup::Realistic,
+                    host: confs::API_HOST,
+                    path: confs::REALISTIC_PATH,
+                    headers: vec![format!("Host: {}", confs::API_HOST)],
+                },
+            )
+            .map(|r| wrk_results.push(r)),
+            "idle" => idle_scenario(&env, opts).map(|r| idle_result = Some(r)),
+            "sse" => sse_scenario(&env, opts).map(|r| sse_result = Some(r)),
+            "switch" => switch_scenario(&env, opts).map(|r| switch_result = Some(r)),
+            _ => unreachable!(),
+        };
+        match result {
+            Ok(()) => eprintln!(
+                "load: scenario {name} done in {:.0} s",
+                t.elapsed().as_secs_f64()
+            ),
+            Err(e) => {
+                eprintln!("load: scenario {name} FAILED: {e}");
+                errors.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    if let Some(how) = env.upstream.proc.exited() {
+        errors.push(format!("the upstream nginx exited during the run ({how})"));
+    }
+
+    println!();
+    print_wrk_table(&wrk_results);
+    if let Some(r) = &idle_result {
+        print_idle_table(r, opts.idle_conns);
+    }
+    if let Some(r) = &sse_result {
+        print_sse_table(r);
+    }
+    let mut exit = if errors.is_empty() { 0 } else { 1 };
+    if let Some(r) = &switch_result {
+        if !print_switch_table(r) {
+            exit = 1;
+        }
+    }
+    for e in &errors {
+        println!("ERROR {e}");
+    }
+    let total = started.elapsed().as_secs_f64();
+    println!("\nload: finished in {total:.0} s");
+
+    let doc = json!({
+        "meta": meta(opts, &env, total),
+        "wrk_scenarios": wrk_results.iter().map(WrkScenario::json).collect::<Vec<_>>(),
+        "idle_connections": idle_result.as_ref().map(|r| {
+            r.iter().map(|(k, v)| json!({"proxy": k.name(), "result": v.json()})).collect::<Vec<_>>()
+        }),
+        "sse": sse_result.as_ref().map(SseResult::json),
+        "switch_under_load": switch_result.as_ref().map(|r| r.iter().map(switch::SwitchReport::json).collect::<Vec<_>>()),
+        "errors": errors,
+    });
+    match write_results(&doc) {
+        Ok((latest, stamped)) => println!(
+            "load: results in {} and {}",
+            latest.display(),
+            stamped.display()
+        ),
+        Err(e) => {
+            eprintln!("load: writing results: {e}");
+            exit = 1;
+        }
+    }
+    drop(env);
+    exit
+}
+
+// ---------------------------------------------------------------------------
+// wrk scenarios: (a) (b) (c) (f)
+// ---------------------------------------------------------------------------
+
+struct WrkSpec {
+    key: &'static str,
+    title: &'static str,
+    setup: Setup,
+    host: &'static str,
+    path: &'static str,
+    headers: Vec<String>,
+}
+
+impl WrkSpec {
+    fn simple(
+        key: &'static str,
+        title: &'static str,
+        path: &'static str,
+        headers: &[&str],
+        setup: Setup,
+    ) -> WrkSpec {
+        WrkSpec {
+            key,
+            title,
+            setup,
+            host: BENCH_HOST,
+            path,
+            headers: headers.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+}
+
+struct Round {
+    wrk: wrk::WrkOut,
+    cpu_ticks: u64,
+    cpu_us_per_req: f64,
+}
+
+struct ProxyRuns {
+    kind: Kind,
+    rounds: Vec<Round>,
+    peak_rss_kib: u64,
+}
+
+/// Medians over rounds.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    cpu: f64,
+    rss_mib: f64,
+    errors: u64,
+}
+
+impl ProxyRuns {
+    fn figures(&self) -> Figures {
+        let m = |f: fn(&Round) -> f64| median(self.rounds.iter().map(f).collect());
+        Figures {
+            rps: m(|r| r.wrk.rps),
+            p50: m(|r| r.wrk.p50_ms),
+            p99: m(|r| r.wrk.p99_ms),
+            p999: m(|r| r.wrk.p999_ms),
+            cpu: m(|r| r.cpu_us_per_req),
+            rss_mib: self.peak_rss_kib as f64 / 1024.0,
+            errors: self
+                .rounds
+                .iter()
+                .map(|r| r.wrk.socket_errors + r.wrk.non2xx)
+                .sum(),
+        }
+    }
+}
+
+struct WrkScenario {
+    key: &'static str,
+    title: &'static str,
+    proxies: Vec<ProxyRuns>,
+}
+
+impl WrkScenario {
+    fn nginx(&self) -> Option<Figures> {
+        self.proxies
+            .iter()
+            .find(|p| p.kind == Kind::Nginx)
+            .map(ProxyRuns::figures)
+    }
+
+    fn json(&self) -> Value {
+        let base = self.nginx();
+        let proxies: serde_json::Map<String, Value> = self
+            .proxies
+            .iter()
+            .map(|p| {
+                let f = p.figures();
+                let rel = |v: f64, b: fn(&Figures) -> f64| base.and_then(|n| ratio(v, b(&n)));
+                (
+                    p.kind.name().to_string(),
+                    json!({
+                        "median": {
+                            "rps": f.rps, "p50_ms": f.p50, "p99_ms": f.p99, "p999_ms": f.p999,
+                            "cpu_us_per_req": f.cpu, "peak_rss_mib": f.rss_mib, "errors": f.errors,
+                        },
+                        "ratio_to_nginx": {
+                            "rps": rel(f.rps, |n| n.rps),
+                            "p50_ms": rel(f.p50, |n| n.p50),
+                            "p99_ms": rel(f.p99, |n| n.p99),
+                            "p999_ms": rel(f.p999, |n| n.p999),
+                            "cpu_us_per_req": rel(f.cpu, |n| n.cpu),
+                            "peak_rss_mib": rel(f.rss_mib, |n| n.rss_mib),
+                        },
+                        "peak_rss_kib": p.peak_rss_kib,
+                        "rounds": p.rounds.iter().map(|r| json!({
+                            "wrk": r.wrk.raw,
+                            "secs": r.wrk.secs,
+                            "rps": r.wrk.rps,
+                            "p50_ms": r.wrk.p50_ms,
+                            "p99_ms": r.wrk.p99_ms,
+                            "p999_ms": r.wrk.p999_ms,
+                            "max_ms": r.wrk.max_ms,
+                            "cpu_ticks": r.cpu_ticks,
+                            "cpu_us_per_req": r.cpu_us_per_req,
+                            "socket_errors": r.wrk.socket_errors,
+                            "non_2xx": r.wrk.non2xx,
+                        })).collect::<Vec<_>>(),
+                    }),
+                )
+            })
+            .collect();
+        json!({"scenario": self.key, "title": self.title, "proxies": proxies})
+    }
+}
+
+fn scenario_dir(env: &Env, key: &str) -> PathBuf {
+    env.dir.join(format!("scenario-{key}"))
+}
+
+/// Checks that every proxy answers the same statuses (equivalent configs).
+fn check_answers(targets: &[Target], checks: &[(&str, &str, u16)]) -> Result<(), String> {
+    for t in targets {
+        for &(host, path, want) in checks {
+            let got = procs::http_get(t.addr(), host, path).map(|(s, _)| s);
+            if !matches!(got, Ok(s) if s == want) {
+                return Err(format!(
+                    "{} answers {got:?} to GET {path} (Host {host}); expected {want}",
+                    t.kind.name()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, String> {
+    let ready = (spec.host, spec.path, 200);
+    let targets = confs::start_proxies(
+        &env.tools,
+        &env.upstream,
+        &scenario_dir(env, spec.key),
+        spec.setup,
+        ready,
+    )?;
+    if matches!(spec.setup, Setup::Realistic) {
+        check_answers(&targets, confs::REALISTIC_CHECKS)?;
+    }
+    let url = |t: &Target| format!("http://127.0.0.1:{}{}", t.port, spec.path);
+    let run_wrk = |t: &Target, secs: u32| {
+        let u = url(t);
+        wrk::run(
+            &env.wrk,
+            &env.lua,
+            &wrk::Load {
+                url: &u,
+                secs,
+                connections: CONNECTIONS,
+                headers: &spec.headers,
+            },
+        )
+    };
+    for t in &targets {
+        run_wrk(t, opts.warmup)?;
+    }
+    let mut runs: Vec<ProxyRuns> = targets
+        .iter()
+        .map(|t| ProxyRuns {
+            kind: t.kind,
+            rounds: Vec::new(),
+            peak_rss_kib: 0,
+        })
+        .collect();
+    for round in 0..opts.rounds {
+        for i in 0..targets.len() {
+            let idx = (i + round) % targets.len();
+            let t = &targets[idx];
+            let before = t.proc.cpu_ticks();
+            let out = run_wrk(t, opts.secs)?;
+            let ticks = t.proc.cpu_ticks().saturating_sub(before);
+            let cpu_us_per_req = if out.requests > 0 {
+                ticks as f64 * 1e6 / env.clk_tck / out.requests as f64
+            } else {
+                0.0
+            };
+            eprintln!(
+                "load:   {} round {}: {:.0} req/s, p99 {:.2} ms, {:.1} CPU µs/req{}",
+                t.kind.name(),
+                round + 1,
+                out.rps,
+                out.p99_ms,
+                cpu_us_per_req,
+                if out.socket_errors + out.non2xx > 0 {
+                    format!(", {} errors, {} non-2xx", out.socket_errors, out.non2xx)
+                } else {
+                    String::new()
+                }
+            );
+            runs[idx].rounds.push(Round {
+                wrk: out,
+                cpu_ticks: ticks,
+                cpu_us_per_req,
+            });
+        }
+    }
+    for (r, t) in runs.iter_mut().zip(&targets) {
+        r.peak_rss_kib = t.proc.hwm_kib();
+    }
+    Ok(WrkScenario {
+        key: spec.key,
+        title: spec.title,
+        proxies: runs,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// (d) idle connections
+// ---------------------------------------------------------------------------
+
+fn idle_scenario(env: &Env, opts: &Opts) -> Result<Vec<(Kind, idle::IdleResult)>, String> {
+    let g = &env.upstream.general;
+    let setup = Setup::Simple {
+        backend: g[0],
+        alt: g[1],
+        many_conns: true,
+        stream: false,
+    };
+    let targets = confs::start_proxies(
+        &env.tools,
+        &env.upstream,
+        &scenario_dir(env, "idle"),
+        setup,
+        (BENCH_HOST, "/", 200),
+    )?;
+    let mut out = Vec::new();
+    for t in &targets {
+        // Warm up first so the baseline is a proxy that has served traffic.
+        let url = format!("http://127.0.0.1:{}/", t.port);
+        wrk::run(
+            &env.wrk,
+            &env.lua,
+            &wrk::Load {
+                url: &url,
+                secs: 1,
+                connections: CONNECTIONS,
+                headers: &[],
+            },
+        )?;
+        std::thread::sleep(Duration::from_millis(300));
+        let mut n = opts.idle_conns;
+        if t.kind == Kind::Haproxy {
+            let cap = confs::haproxy_maxconn(setup, env.tools.nofile).saturating_sub(100) as usize;
+            if cap < n {
+                eprintln!(
+                    "load:   haproxy: the open-file limit ({}) caps it at {cap} connections",
+                    env.tools.nofile
+                );
+                n = cap;
+            }
+        }
+        let r = idle::hold(&t.proc, t.addr(), BENCH_HOST, n);
+        eprintln!(
+            "load:   {}: {} of {} held in {:.1} s, RSS {:.1} -> {:.1} MiB ({:.1} KiB/conn)",
+            t.kind.name(),
+            r.held,
+            r.wanted,
+            r.open_secs,
+            r.rss_before_kib as f64 / 1024.0,
+            r.rss_held_kib as f64 / 1024.0,
+            r.kib_per_conn()
+        );
+        out.push((t.kind, r));
+    }
+    Ok(out)
+}
+
+fn print_idle_table(results: &[(Kind, idle::IdleResult)], wanted: usize) {
+    let base = results
+        .iter()
+        .find(|(k, _)| *k == Kind::Nginx)
+        .map(|(_, r)| r.clone());
+    println!("(d) {wanted} idle keep-alive client connections (RSS summed over processes; ratio to nginx in parentheses)");
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|(k, r)| {
+            let mib = |kib: u64| kib as f64 / 1024.0;
+            vec![
+                k.name().to_string(),
+                format!("{}/{}", r.held, r.wanted),
+                format!("{}/{}", r.sampled_alive, r.sampled),
+                cell(
+                    mib(r.rss_before_kib),
+                    base.as_ref().map(|b| mib(b.rss_before_kib)),
+                    1,
+                ),
+                cell(
+                    mib(r.rss_held_kib),
+                    base.as_ref().map(|b| mib(b.rss_held_kib)),
+                    1,
+                ),
+                cell(r.kib_per_conn(), base.as_ref().map(|b| b.kib_per_conn()), 2),
+                cell(mib(r.hwm_kib), base.as_ref().map(|b| mib(b.hwm_kib)), 1),
+                format!("{:.1}", mib(r.rss_after_close_kib)),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "proxy",
+            "held",
+            "alive after",
+            "RSS before MiB",
+            "RSS held MiB",
+            "KiB/conn",
+            "peak RSS MiB",
+            "RSS after close MiB",
+        ],
+        &rows,
+    );
+    println!();
+}
+
+// ---------------------------------------------------------------------------
+// (e) SSE relay
+// ---------------------------------------------------------------------------
+
+struct SseRound {
+    target: String,
+    sample: sse::SseSample,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+struct SseResult {
+    events: usize,
+    rounds: Vec<Vec<SseRound>>,
+}
+
+impl SseResult {
+    /// Per target: (ttfb ms, first event ms, p50 µs, p99 µs, added p50 µs,
+    /// added p99 µs), medians over rounds; "added" is via-proxy minus direct
+    /// of the same round.
+    fn summary(&self) -> Vec<(String, [f64; 6])> {
+        let names: Vec<String> = self
+            .rounds
+            .first()
+            .map(|r| r.iter().map(|s| s.target.clone()).collect())
+            .unwrap_or_default();
+        names
+            .into_iter()
+            .map(|name| {
+                let mut cols: [Vec<f64>; 6] = Default::default();
+                for round in &self.rounds {
+                    let direct = round.iter().find(|s| s.target == "direct");
+                    let Some(s) = round.iter().find(|s| s.target == name) else {
+                        continue;
+                    };
+                    cols[0].push(s.sample.ttfb_ms);
+                    cols[1].push(s.sample.first_event_ms);
+                    cols[2].push(s.p50_us);
+                    cols[3].push(s.p99_us);
+                    if let Some(d) = direct {
+                        cols[4].push(s.p50_us - d.p50_us);
+                        cols[5].push(s.p99_us - d.p99_us);
+                    }
+                }
+                let fig = cols.map(median);
+                (name, fig)
+            })
+            .collect()
+    }
+
+    fn json(&self) -> Value {
+        let summary: serde_json::Map<String, Value> = self
+            .summary()
+            .into_iter()
+            .map(|(name, f)| {
+                (
+                    name,
+                    json!({
+                        "ttfb_ms": f[0], "first_event_ms": f[1],
+                        "delay_p50_us": f[2], "delay_p99_us": f[3],
+                        "added_p50_us": f[4], "added_p99_us": f[5],
+                    }),
+                )
+            })
+            .collect();
+        json!({
+            "events_per_stream": self.events,
+            "event_interval_ms": SSE_EVERY.as_millis() as u64,
+            "median_over_rounds": summary,
+            "rounds": self.rounds.iter().map(|round| round.iter().map(|s| json!({
+                "target": s.target,
+                "ttfb_ms": s.sample.ttfb_ms,
+                "first_event_ms": s.sample.first_event_ms,
+                "delay_p50_us": s.p50_us,
+                "delay_p99_us": s.p99_us,
+                "delays_us": s.sample.delays_us,
+            })).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn sse_scenario(env: &Env, opts: &Opts) -> Result<SseResult, String> {
+    let upstream = sse::start_server(SSE_EVERY).map_err(|e| format!("SSE upstream: {e}"))?;
+    let setup = Setup::Simple {
+        backend: upstream.port(),
+        alt: env.upstream.general[1],
+        many_conns: false,
+        stream: true,
+    };
+    let targets = confs::start_proxies(
+        &env.tools,
+        &env.upstream,
+        &scenario_dir(env, "sse"),
+        setup,
+        (BENCH_HOST, "/health", 200),
+    )?;
+    let mut list: Vec<(String, std::net::SocketAddr)> = vec![("direct".into(), upstream)];
+    list.extend(
+        targets
+            .iter()
+            .map(|t| (t.kind.name().to_string(), t.addr())),
+    );
+    // Warm-up: one short stream each.
+    for (_, addr) in &list {
+        sse::read_stream(*addr, BENCH_HOST, 5)?;
+    }
+    // All streams of a round run at the same time, so whatever else the
+    // machine does hits the direct stream and the proxied ones alike.
+    let mut rounds = Vec::new();
+    for round in 0..opts.rounds {
+        let threads: Vec<_> = list
+            .iter()
+            .map(|(name, addr)| {
+                let (name, addr, events) = (name.clone(), *addr, opts.sse_events);
+                std::thread::spawn(move || (name, sse::read_stream(addr, BENCH_HOST, events)))
+            })
+            .collect();
+        let mut this = Vec::new();
+        for t in threads {
+            let (name, sample) = t.join().map_err(|_| "SSE client panicked".to_string())?;
+            let sample = sample?;
+            let mut d = sample.delays_us.clone();
+            d.sort_by(f64::total_cmp);
+            let (p50_us, p99_us) = (percentile(&d, 50.0), percentile(&d, 99.0));
+            eprintln!(
+                "load:   {name} round {}: ttfb {:.2} ms, delay p50 {p50_us:.0} µs, p99 {p99_us:.0} µs",
+                round + 1,
+                sample.ttfb_ms
+            );
+            this.push(SseRound {
+                target: name,
+                sample,
+                p50_us,
+                p99_us,
+            });
+        }
+        rounds.push(this);
+    }
+    Ok(SseResult {
+        events: opts.sse_events,
+        rounds,
+    })
+}
+
+fn print_sse_table(r: &SseResult) {
+    println!(
+        "(e) SSE relay: {} events per stream, one every {} ms, all streams at once; \
+         delay = receive time - send stamp; added = via proxy - direct (medians over rounds)",
+        r.events,
+        SSE_EVERY.as_millis()
+    );
+    let rows: Vec<Vec<String>> = r
+        .summary()
+        .into_iter()
+        .map(|(name, f)| {
+            let added = |v: f64| {
+                if name == "direct" {
+                    "-".to_string()
+                } else {
+                    format!("{v:.0}")
+                }
+            };
+            vec![
+                name.clone(),
+                format!("{:.2}", f[0]),
+                format!("{:.2}", f[1]),
+                format!("{:.0}", f[2]),
+                format!("{:.0}", f[3]),
+                added(f[4]),
+                added(f[5]),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "target",
+            "TTFB ms",
+            "1st event ms",
+            "delay p50 µs",
+            "delay p99 µs",
+            "added p50 µs",
+            "added p99 µs",
+        ],
+        &rows,
+    );
+    println!();
+}
+
+// ---------------------------------------------------------------------------
+// Switch under load
+// ---------------------------------------------------------------------------
+
+fn switch_scenario(env: &Env, opts: &Opts) -> Result<Vec<switch::SwitchReport>, String> {
+    let targets = confs::start_proxies(
+        &env.tools,
+        &env.upstream,
+        &scenario_dir(env, "switch"),
+        Setup::Switch,
+        (BENCH_HOST, "/", 200),
+    )?;
+    let mut reports = Vec::new();
+    for t in &targets {
+        let url = format!("http://127.0.0.1:{}/", t.port);
+        let plan = switch::Plan {
+            proxy: t.kind.name(),
+            method: "",
+            url: &url,
+            clients: SWITCH_CLIENTS,
+            secs: opts.switch_secs,
+            interval: SWITCH_EVERY,
+        };
+        let report = match t.kind {
+            Kind::Switchyard => {
+                let admin = format!("http://127.0.0.1:{}/services/app/switch", t.admin_port);
+                let auth = format!("Bearer {}", env.tools.token);
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(5)))
+                    .build()
+                    .into();
+                let plan = switch::Plan {
+                    method: "POST /services/app/switch",
+                    ..plan
+                };
+                switch::run(&plan, |to| {
+                    let body =
+                        json!({"to": switch::color_name(to), "reason": "load test"}).to_string();
+                    let mut resp = agent
+                        .post(&admin)
+                        .header("Authorization", &auth)
+                        .header("Content-Type", "application/json")
+                        .send(body.as_str())
+                        .map_err(|e| e.to_string())?;
+                    let status = resp.status().as_u16();
+                    let text = resp.body_mut().read_to_string().unwrap_or_default();
+                    if status == 200 {
+                        Ok(())
+                    } else {
+                        Err(format!("{status}: {text}"))
+                    }
+                })
+            }
+            Kind::Nginx => {
+                let include = t.dir.join("app-color.conf");
+                let plan = switch::Plan {
+                    method: "rewrite upstream + nginx -s reload",
+                    ..plan
+                };
+                let up = &env.upstream;
+                let r = switch::run(&plan, |to| {
+                    let port = if to == switch::BLUE {
+                        up.blue
+                    } else {
+                        up.green
+                    };
+                    confs::write_nginx_color(&include, port)?;
+                    confs::nginx_reload(&env.tools.nginx, &t.dir, &t.conf)
+                });
+                // Leave nginx on blue again and let old workers go.
+                let _ = confs::write_nginx_color(&include, up.blue);
+                r
+            }
+            Kind::Haproxy => continue,
+        };
+        eprintln!(
+            "load:   {}: {} requests, {} failed, {} answered by the old color after the switch returned, {} switches",
+            report.proxy, report.requests, report.failed, report.stale, report.switches
+        );
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
+/// Prints the switch table; false when switchyard broke its promise.
+fn print_switch_table(reports: &[switch::SwitchReport]) -> bool {
+    println!(
+        "Switch under load: {SWITCH_CLIENTS} keep-alive clients, active color flipped every {} ms; \
+         clean = no failed request and none answered by the old color once the switch call had returned \
+         (required of switchyard; nginx is shown for comparison)",
+        SWITCH_EVERY.as_millis()
+    );
+    let mut ok = true;
+    let rows: Vec<Vec<String>> = reports
+        .iter()
+        .map(|r| {
+            let clean = r.failed == 0 && r.stale == 0 && r.switch_errors == 0;
+            if r.proxy == "switchyard" && !clean {
+                ok = false;
+            }
+            vec![
+                r.proxy.clone(),
+                r.method.clone(),
+                format!("{:.0}", r.secs),
+                r.requests.to_string(),
+                r.failed.to_string(),
+                r.stale.to_string(),
+                format!("{}/{}", r.switches - r.switch_errors, r.switches),
+                format!("{:.1}/{:.1}", r.call_ms_p50, r.call_ms_max),
+                if clean { "yes" } else { "NO" }.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "proxy",
+            "switch method",
+            "s",
+            "requests",
+            "failed",
+            "old color after switch",
+            "switches ok",
+            "call ms p50/max",
+            "clean",
+        ],
+        &rows,
+    );
+    for r in reports {
+        let mut f: Vec<_> = r.failures.iter().collect();
+        f.sort_by(|a, b| b.1.cmp(a.1));
+        for (e, n) in f.into_iter().take(4) {
+            println!("  {} failure ×{n}: {e}", r.proxy);
+        }
+    }
+    println!();
+    ok
+}
+
+// ---------------------------------------------------------------------------
+// Tables, statistics, results
+// ---------------------------------------------------------------------------
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ratio(v: f64, base: f64) -> Option<f64> {
+    (base > 0.0).then(|| v / base)
+}
+
+/// `value (ratio to base)`.
+fn cell(v: f64, base: Option<f64>, digits: usize) -> String {
+    match base.and_then(|b| ratio(v, b)) {
+        Some(r) => format!("{v:.digits$} ({r:.2})"),
+        None => format!("{v:.digits$}"),
+    }
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([headers[i].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let pad = widths[i] - c.chars().count();
+                if i < 2 {
+                    format!("{c}{}", " ".repeat(pad))
+                } else {
+                    format!("{}{c}", " ".repeat(pad))
+                }
+            })
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    println!(
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_wrk_table(scenarios: &[WrkScenario]) {
+    if scenarios.is_empty() {
+        return;
+    }
+    println!(
+        "wrk -t1 -c{CONNECTIONS}: medians over rounds; (ratio to nginx): req/s higher is better, \
+         everything else lower is better"
+    );
+    let mut rows = Vec::new();
+    for s in scenarios {
+        let base = s.nginx();
+        for p in &s.proxies {
+            let f = p.figures();
+            let b = |g: fn(&Figures) -> f64| base.as_ref().map(g);
+            rows.push(vec![
+                s.title.to_string(),
+                p.kind.name().to_string(),
+                cell(f.rps, b(|n| n.rps), 0),
+                cell(f.p50, b(|n| n.p50), 2),
+                cell(f.p99, b(|n| n.p99), 2),
+                cell(f.p999, b(|n| n.p999), 2),
+                cell(f.cpu, b(|n| n.cpu), 1),
+                cell(f.rss_mib, b(|n| n.rss_mib), 1),
+                f.errors.to_string(),
+            ]);
+        }
+    }
+    print_table(
+        &[
+            "scenario",
+            "proxy",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "CPU µs/req",
+            "peak RSS MiB",
+            "errors",
+        ],
+        &rows,
+    );
+    println!();
+}
+
+fn command_line(cmd: &Path, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    json!({
+        "time_utc": utc_stamp(SystemTime::now(), true),
+        "quick": opts.quick,
+        "rounds": opts.rounds,
+        "secs_per_run": opts.secs,
+        "warmup_secs": opts.warmup,
+        "wrk": format!("wrk -t1 -c{CONNECTIONS} -d{}s --latency --timeout 5s", opts.secs),
+        "switch_secs": opts.switch_secs,
+        "switch_clients": SWITCH_CLIENTS,
+        "switch_every_ms": SWITCH_EVERY.as_millis() as u64,
+        "idle_conns": opts.idle_conns,
+        "total_secs": total_secs,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "clock_ticks_per_sec": env.clk_tck,
+        "git_rev": git(&["rev-parse", "HEAD"]),
+        "git_dirty": git(&["status", "--porcelain"]).map(|s| !s.is_empty()),
+        "switchyard": env.tools.switchyard,
+        "nginx": command_line(&env.tools.nginx, &["-v"]),
+        "haproxy": env.tools.haproxy.as_ref().map(|h| command_line(h, &["-v"])),
+        "wrk_version": command_line(&env.wrk, &["-v"]),
+        "proxy_settings": {
+            "switchyard": "threads = 1; health checks only in `realistic`",
+            "nginx": "worker_processes 1; proxy_http_version 1.1; upstream keepalive 128; access_log off",
+            "haproxy": "nbthread 1; http-reuse always",
+        },
+    })
+}
+
+/// `2024-05-01T12:34:56Z` (or `20240501T123456Z` for file names).
+fn utc_stamp(t: SystemTime, pretty: bool) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (hh, mm, ss) = (rem / 3600, rem / 60 % 60, rem % 60);
+    if pretty {
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+    } else {
+        format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
+    }
+}
+
+fn write_results(doc: &Value) -> Result<(PathBuf, PathBuf), String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let text = serde_json::to_string_pretty(doc).map_err(|e| e.to_string())?;
+    let stamped = dir.join(format!("load-{}.json", utc_stamp(SystemTime::now(), false)));
+    let latest = dir.join("latest.json");
+    fs::write(&stamped, &text).map_err(|e| format!("{}: {e}", stamped.display()))?;
+    fs::write(&latest, &text).map_err(|e| format!("{}: {e}", latest.display()))?;
+    Ok((latest, stamped))
+}

@@ -1,0 +1,812 @@
+//! Configurations of the upstream and of every proxy under test, written so
+//! that switchyard, nginx and HAProxy do the same job.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::procs::{self, Proc};
+
+/// Body of `GET /` on the upstream.
+pub const SMALL_BODY: &str = "hello from upstream\n";
+/// Size of `GET /16k` on the upstream.
+pub const BIG_BODY: usize = 16 * 1024;
+
+/// Host and paths of the "realistic" scenario.
+pub const API_HOST: &str = "api.example.com";
+pub const APP_HOST: &str = "example.com";
+pub const REALISTIC_PATH: &str = "/api/v1/users/me";
+
+/// Requests whose answers must agree between the proxies of the realistic
+/// scenario: (host, path, status).
+pub const REALISTIC_CHECKS: &[(&str, &str, u16)] = &[
+    (API_HOST, REALISTIC_PATH, 200),
+    (API_HOST, "/api/v1/meetings/7/settlement", 200),
+    (API_HOST, "/v1/models", 200),
+    (API_HOST, "/actuator/health", 404),
+    (API_HOST, "/swagger-ui/index.html", 404),
+    (API_HOST, "/", 404),
+    (APP_HOST, "/", 200),
+    (APP_HOST, "/wp-login.php", 404),
+    (APP_HOST, "/wp-admin/setup.php", 404),
+    ("unknown.example.net", "/", 404),
+];
+
+pub struct Tools {
+    pub nginx: PathBuf,
+    pub haproxy: Option<PathBuf>,
+    pub switchyard: PathBuf,
+    pub token: String,
+    pub token_file: PathBuf,
+    /// The open-file limit every child inherits.
+    pub nofile: u64,
+}
+
+/// The shared upstream: one nginx worker. `general` ports all serve the same
+/// content (`/`, `/16k`, `/health`); `blue` and `green` answer their color.
+pub struct Upstream {
+    pub proc: Proc,
+    pub general: Vec<u16>,
+    pub blue: u16,
+    pub green: u16,
+}
+
+/// Which proxy: also the table order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Switchyard,
+    Nginx,
+    Haproxy,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Switchyard => "switchyard",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "haproxy",
+        }
+    }
+}
+
+/// What the proxies of a scenario are set up to do.
+#[derive(Clone, Copy)]
+pub enum Setup {
+    /// Everything to one backend (`backend`); `alt` is switchyard's idle green pool.
+    Simple {
+        backend: u16,
+        alt: u16,
+        /// Many idle client connections are coming: size connection tables for them.
+        many_conns: bool,
+        /// The backend streams (SSE): nginx must not buffer.
+        stream: bool,
+    },
+    /// A route table like conf/switchyard.toml; health checks on.
+    Realistic,
+    /// Blue/green service `app` whose active color changes under load. nginx
+    /// reads its upstream from `app-color.conf` in its directory.
+    Switch,
+}
+
+/// One proxy under test.
+pub struct Target {
+    pub kind: Kind,
+    pub proc: Proc,
+    pub port: u16,
+    /// switchyard only.
+    pub admin_port: u16,
+    /// nginx only: its directory and config, for `nginx -s reload`.
+    pub dir: PathBuf,
+    pub conf: PathBuf,
+}
+
+impl Target {
+    pub fn addr(&self) -> std::net::SocketAddr {
+        procs::local(self.port)
+    }
+}
+
+pub fn write_token(dir: &Path) -> Result<(String, PathBuf), String> {
+    let mut bytes = [0u8; 16];
+    let random = fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_ok();
+    if !random {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes = t.to_le_bytes();
+    }
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join("admin.token");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    std::io::Write::write_all(&mut f, token.as_bytes()).map_err(|e| e.to_string())?;
+    Ok((token, path))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The parts of an nginx config every instance shares.
+fn nginx_conf(dir: &Path, worker_connections: u32, nofile: u64, http: &str) -> String {
+    let d = dir.display();
+    // Workers of a root master run as nobody, who cannot read the temp dir.
+    let user = if is_root() { "user root root;\n" } else { "" };
+    format!(
+        "{user}worker_processes 1;
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile {nofile};
+events {{
+    worker_connections {worker_connections};
+}}
+http {{
+    access_log off;
+    default_type text/plain;
+    server_tokens off;
+    sendfile on;
+    keepalive_timeout 60s;
+    keepalive_requests 1000000;
+    client_body_temp_path {d}/tmp_body;
+    proxy_temp_path {d}/tmp_proxy;
+    fastcgi_temp_path {d}/tmp_fastcgi;
+    uwsgi_temp_path {d}/tmp_uwsgi;
+    scgi_temp_path {d}/tmp_scgi;
+{http}}}
+"
+    )
+}
+
+fn start_nginx(
+    name: &str,
+    nginx: &Path,
+    dir: &Path,
+    conf_text: &str,
+) -> Result<(Proc, PathBuf), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let conf = dir.join("nginx.conf");
+    fs::write(&conf, conf_text).map_err(|e| format!("{}: {e}", conf.display()))?;
+    let mut cmd = Command::new(nginx);
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(dir.join("error.log"));
+    let p = Proc::spawn(name, cmd, &dir.join("stderr.log"), true)?;
+    Ok((p, conf))
+}
+
+/// `nginx -s reload` for the instance in `dir`; returns once the command exits.
+pub fn nginx_reload(nginx: &Path, dir: &Path, conf: &Path) -> Result<(), String> {
+    let out = Command::new(nginx)
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(conf)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .args(["-s", "reload"])
+        .output()
+        .map_err(|e| format!("nginx -s reload: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nginx -s reload: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+pub fn start_upstream(nginx: &Path, dir: &Path, nofile: u64) -> Result<Upstream, String> {
+    let ports = procs::free_ports(10);
+    let (general, rest) = ports.split_at(8);
+    let (blue, green) = (rest[0], rest[1]);
+    let data = dir.join("data");
+    fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+    fs::write(data.join("16k"), vec![b'x'; BIG_BODY]).map_err(|e| e.to_string())?;
+    let mut http = String::from("    server {\n");
+    for p in general {
+        writeln!(http, "        listen 127.0.0.1:{p} backlog=4096;").unwrap();
+    }
+    write!(
+        http,
+        "        location / {{ return 200 \"{}\"; }}
+        location = /16k {{ root {}; }}
+        location = /health {{ return 200 \"ok\\n\"; }}
+    }}
+    server {{
+        listen 127.0.0.1:{blue} backlog=4096;
+        location / {{ return 200 \"blue\"; }}
+    }}
+    server {{
+        listen 127.0.0.1:{green} backlog=4096;
+        location / {{ return 200 \"green\"; }}
+    }}
+",
+        SMALL_BODY.replace('\n', "\\n"),
+        data.display()
+    )
+    .unwrap();
+    let (mut proc, _) = start_nginx(
+        "upstream nginx",
+        nginx,
+        dir,
+        &nginx_conf(dir, 16384, nofile, &http),
+    )?;
+    let addr = procs::local(general[0]);
+    procs::wait_ready(&mut proc, addr, "upstream", "/", 200)?;
+    for &p in [blue, green].iter().chain(general) {
+        procs::wait_ready(&mut proc, procs::local(p), "upstream", "/", 200)?;
+    }
+    Ok(Upstream {
+        proc,
+        general: general.to_vec(),
+        blue,
+        green,
+    })
+}
+
+/// Starts switchyard, nginx and (when installed) HAProxy for `setup`, each
+/// in its own directory under `dir`, and waits until each serves.
+pub fn start_proxies(
+    tools: &Tools,
+    up: &Upstream,
+    dir: &Path,
+    setup: Setup,
+    ready: (&str, &str, u16),
+) -> Result<Vec<Target>, String> {
+    let mut kinds = vec![Kind::Switchyard, Kind::Nginx];
+    if tools.haproxy.is_some() && !matches!(setup, Setup::Switch) {
+        kinds.push(Kind::Haproxy);
+    }
+    let mut out = Vec::new();
+    for kind in kinds {
+        let d = dir.join(kind.name());
+        fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        let ports = procs::free_ports(2);
+        let (port, admin_port) = (ports[0], ports[1]);
+        let (mut proc, conf) = match kind {
+            Kind::Switchyard => {
+                let conf = d.join("switchyard.toml");
+                let text = switchyard_conf(tools, up, &d, port, admin_port, setup);
+                fs::write(&conf, text).map_err(|e| e.to_string())?;
+                let mut cmd = Command::new(&tools.switchyard);
+                cmd.arg("run").arg("-c").arg(&conf).current_dir(&d);
+                cmd.env_remove("SWITCHYARD_ADMIN_TOKEN");
+                cmd.env("RUST_LOG", "warn");
+                let p = Proc::spawn("switchyard", cmd, &d.join("switchyard.log"), false)?;
+                (p, conf)
+            }
+            Kind::Nginx => {
+                let (many, http) = nginx_proxy_http(up, &d, port, setup)?;
+                let text = nginx_conf(&d, if many { 12288 } else { 1024 }, tools.nofile, &http);
+                start_nginx("nginx", &tools.nginx, &d, &text)?
+            }
+            Kind::Haproxy => {
+                let conf = d.join("haproxy.cfg");
+                fs::write(&conf, haproxy_conf(up, port, setup, tools.nofile))
+                    .map_err(|e| e.to_string())?;
+                let mut cmd = Command::new(tools.haproxy.as_ref().expect("haproxy"));
+                cmd.arg("-db").arg("-f").arg(&conf);
+                let p = Proc::spawn("haproxy", cmd, &d.join("haproxy.log"), false)?;
+                (p, conf)
+            }
+        };
+        let (host, path, status) = ready;
+        procs::wait_ready(&mut proc, procs::local(port), host, path, status)?;
+        out.push(Target {
+            kind,
+            proc,
+            port,
+            admin_port,
+            dir: d,
+            conf,
+        });
+    }
+    Ok(out)
+}
+
+fn switchyard_conf(
+    tools: &Tools,
+    up: &Upstream,
+    dir: &Path,
+    port: u16,
+    admin: u16,
+    setup: Setup,
+) -> String {
+    let d = dir.display();
+    let mut s = String::new();
+    let server_extra = match setup {
+        // As conf/switchyard.toml.
+        Setup::Realistic => format!(
+            "header_timeout = \"10s\"
+body_timeout = \"10s\"
+keepalive_timeout = \"15s\"
+send_timeout = \"10s\"
+max_header_size = \"32KiB\"
+trusted_proxies = []
+maintenance_page = \"{d}/maintenance.html\"
+retry_after = \"30s\"
+"
+        ),
+        _ => "keepalive_timeout = \"60s\"\n".to_string(),
+    };
+    if matches!(setup, Setup::Realistic) {
+        let _ = fs::write(dir.join("maintenance.html"), "<h1>Back soon</h1>\n");
+    }
+    write!(
+        s,
+        "[server]
+threads = 1
+grace_period = \"1s\"
+state_dir = \"{d}/state\"
+{server_extra}
+[listen]
+http = \"127.0.0.1:{port}\"
+admin = \"127.0.0.1:{admin}\"
+
+[admin]
+token_file = \"{}\"
+allow = [\"127.0.0.1/32\", \"::1/128\"]
+
+",
+        tools.token_file.display()
+    )
+    .unwrap();
+    match setup {
+        Setup::Simple { backend, alt, .. } => write!(
+            s,
+            "[services.app]
+blue = [\"127.0.0.1:{backend}\"]
+green = [\"127.0.0.1:{alt}\"]
+active = \"blue\"
+
+[[routes]]
+path = \"/\"
+service = \"app\"
+"
+        )
+        .unwrap(),
+        Setup::Switch => write!(
+            s,
+            "[services.app]
+blue = [\"127.0.0.1:{}\"]
+green = [\"127.0.0.1:{}\"]
+active = \"blue\"
+
+[[routes]]
+path = \"/\"
+service = \"app\"
+",
+            up.blue, up.green
+        )
+        .unwrap(),
+        Setup::Realistic => {
+            let g = &up.general;
+            let health = "health = { path = \"/health\", interval = \"2s\", timeout = \"1s\", expect = 200, rise = 2, fall = 3 }";
+            write!(
+                s,
+                "[services.web]
+blue = [\"127.0.0.1:{}\"]
+green = [\"127.0.0.1:{}\"]
+active = \"blue\"
+{health}
+
+[services.api]
+blue = [\"127.0.0.1:{}\"]
+green = [\"127.0.0.1:{}\"]
+active = \"blue\"
+health = {{ path = \"/health\", interval = \"2s\", timeout = \"1s\", expect = 200, body = \"ok\", rise = 2, fall = 3 }}
+
+[services.ai]
+blue = [\"127.0.0.1:{}\"]
+green = [\"127.0.0.1:{}\"]
+active = \"blue\"
+connect_timeout = \"3s\"
+health = {{ path = \"/health\", interval = \"5s\", timeout = \"2s\", expect = 200, rise = 2, fall = 3 }}
+",
+                g[2], g[3], g[4], g[5], g[6], g[7]
+            )
+            .unwrap();
+            for r in realistic_routes() {
+                s.push_str("\n[[routes]]\n");
+                writeln!(s, "host = \"{}\"", r.host).unwrap();
+                writeln!(s, "path = \"{}\"", r.path).unwrap();
+                match r.service {
+                    Some(svc) => writeln!(s, "service = \"{svc}\"").unwrap(),
+                    None => s.push_str("action = \"deny\"\n"),
+                }
+                if r.websocket {
+                    s.push_str("websocket = true\nidle_timeout = \"1h\"\n");
+                }
+                if let Some(t) = r.read_timeout {
+                    writeln!(s, "read_timeout = \"{t}\"").unwrap();
+                }
+            }
+        }
+    }
+    s
+}
+
+/// One route of the realistic table (the shape of conf/switchyard.toml).
+struct RRoute {
+    host: &'static str,
+    path: &'static str,
+    /// `None`: deny.
+    service: Option<&'static str>,
+    websocket: bool,
+    read_timeout: Option<&'static str>,
+}
+
+fn realistic_routes() -> Vec<RRoute> {
+    let r = |host, path, service, websocket, read_timeout| RRoute {
+        host,
+        path,
+        service,
+        websocket,
+        read_timeout,
+    };
+    vec![
+        r(APP_HOST, "/", Some("web"), false, None),
+        r(APP_HOST, "/wp-admin/", None, false, None),
+        r(APP_HOST, "/wp-login.php", None, false, None),
+        r(APP_HOST, "/xmlrpc.php", None, false, None),
+        r(APP_HOST, "/panel/", None, false, None),
+        r(APP_HOST, "/upload.php", None, false, None),
+        r(API_HOST, "/api/", Some("api"), false, None),
+        r(API_HOST, "/api/v2/ws", Some("api"), true, None),
+        r(
+            API_HOST,
+            "/api/v1/meetings/",
+            Some("api"),
+            false,
+            Some("31m"),
+        ),
+        r(
+            API_HOST,
+            "/api/v1/rag-chat/stream",
+            Some("api"),
+            false,
+            Some("90s"),
+        ),
+        r(API_HOST, "/actuator", None, false, None),
+        r(API_HOST, "/swagger-ui", None, false, None),
+        r(API_HOST, "/v3/api-docs", None, false, None),
+        r(API_HOST, "/webjars/", None, false, None),
+        r(API_HOST, "/v1/", Some("ai"), false, Some("5m")),
+    ]
+}
+
+/// nginx as the reverse proxy: (needs a big connection table, http block).
+fn nginx_proxy_http(
+    up: &Upstream,
+    dir: &Path,
+    port: u16,
+    setup: Setup,
+) -> Result<(bool, String), String> {
+    let base = "        proxy_http_version 1.1;
+        proxy_set_header Connection \"\";
+        proxy_set_header Host $http_host;
+";
+    let upstream = |name: &str, addr: &str| {
+        format!(
+            "    upstream {name} {{
+        server {addr};
+        keepalive 128;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }}
+"
+        )
+    };
+    Ok(match setup {
+        Setup::Simple {
+            backend,
+            many_conns,
+            stream,
+            ..
+        } => {
+            let extra = if stream {
+                "        proxy_buffering off;\n        proxy_cache off;\n"
+            } else {
+                ""
+            };
+            (
+                many_conns,
+                format!(
+                    "{}    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+{base}{extra}        }}
+    }}
+",
+                    upstream("backend", &format!("127.0.0.1:{backend}"))
+                ),
+            )
+        }
+        Setup::Switch => {
+            let include = dir.join("app-color.conf");
+            write_nginx_color(&include, up.blue)?;
+            (
+                false,
+                format!(
+                    "    upstream app {{
+        include {};
+        keepalive 128;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://app;
+{base}        }}
+    }}
+",
+                    include.display()
+                ),
+            )
+        }
+        Setup::Realistic => (false, nginx_realistic(up, port)),
+    })
+}
+
+/// Points nginx's `app` upstream at `port` (written whole, then renamed).
+pub fn write_nginx_color(include: &Path, port: u16) -> Result<(), String> {
+    let tmp = include.with_extension("tmp");
+    fs::write(&tmp, format!("server 127.0.0.1:{port};\n")).map_err(|e| e.to_string())?;
+    fs::rename(&tmp, include).map_err(|e| e.to_string())
+}
+
+/// The nginx config switchyard replaces: the same hosts, prefixes, deny
+/// routes, WebSocket and SSE locations, forwarded headers and request ids.
+fn nginx_realistic(up: &Upstream, port: u16) -> String {
+    let g = &up.general;
+    let mut h = String::new();
+    // Keep a sane client request id, else make one; echo it to the client.
+    h.push_str(
+        "    map $http_x_request_id $reqid {
+        default $request_id;
+        \"~^[A-Za-z0-9._:-]{1,128}$\" $http_x_request_id;
+    }
+    map $http_upgrade $connection_upgrade {
+        default upgrade;
+        \"\" \"\";
+    }
+",
+    );
+    for (name, b) in [("web", g[2]), ("api", g[4]), ("ai", g[6])] {
+        write!(
+            h,
+            "    upstream {name} {{
+        server 127.0.0.1:{b};
+        keepalive 128;
+        keepalive_requests 1000000;
+        keepalive_timeout 60s;
+    }}
+"
+        )
+        .unwrap();
+    }
+    // proxy_set_header in a location replaces every inherited one, so each
+    // proxying location gets the whole set.
+    let headers = |connection: &str| {
+        format!(
+            "            proxy_http_version 1.1;
+            proxy_set_header Connection {connection};
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_set_header X-Request-Id $reqid;
+            add_header X-Request-Id $reqid always;
+"
+        )
+    };
+    let mut servers: Vec<(&str, String)> =
+        vec![(APP_HOST, String::new()), (API_HOST, String::new())];
+    for r in realistic_routes() {
+        let body = &mut servers
+            .iter_mut()
+            .find(|(host, _)| *host == r.host)
+            .expect("known host")
+            .1;
+        match r.service {
+            None => writeln!(body, "        location {} {{ return 404; }}", r.path).unwrap(),
+            Some(svc) => {
+                writeln!(body, "        location {} {{", r.path).unwrap();
+                writeln!(body, "            proxy_pass http://{svc};").unwrap();
+                if r.websocket {
+                    body.push_str(&headers("$connection_upgrade"));
+                    body.push_str("            proxy_set_header Upgrade $http_upgrade;\n");
+                    body.push_str(
+                        "            proxy_read_timeout 1h;\n            proxy_send_timeout 1h;\n",
+                    );
+                } else {
+                    body.push_str(&headers("\"\""));
+                }
+                if let Some(t) = r.read_timeout {
+                    writeln!(body, "            proxy_read_timeout {t};").unwrap();
+                    body.push_str("            proxy_buffering off;\n");
+                }
+                body.push_str("        }\n");
+            }
+        }
+    }
+    // Listen options may be given once per address: on the default server.
+    for (host, body) in servers {
+        // Paths no route covers are 404, as in switchyard.
+        let fallback = if body.contains("location / {") {
+            ""
+        } else {
+            "        location / { return 404; }\n"
+        };
+        write!(
+            h,
+            "    server {{
+        listen 127.0.0.1:{port};
+        server_name {host};
+        client_header_timeout 10s;
+        client_body_timeout 10s;
+        send_timeout 10s;
+        keepalive_timeout 15s;
+        large_client_header_buffers 4 32k;
+        client_max_body_size 1m;
+{body}{fallback}    }}
+"
+        )
+        .unwrap();
+    }
+    format!(
+        "{h}    server {{
+        listen 127.0.0.1:{port} default_server backlog=4096;
+        server_name _;
+        location / {{ return 404; }}
+    }}
+"
+    )
+}
+
+/// HAProxy refuses to start when 2 × maxconn (+ a little) file descriptors
+/// are not available, so the connection limit is fitted to the open-file
+/// limit (which only root with CAP_SYS_RESOURCE can raise).
+pub fn haproxy_maxconn(setup: Setup, nofile: u64) -> u64 {
+    let many = matches!(
+        setup,
+        Setup::Simple {
+            many_conns: true,
+            ..
+        }
+    );
+    let want = if many { 12288 } else { 4096 };
+    want.min(nofile.saturating_sub(200) / 2)
+}
+
+fn haproxy_conf(up: &Upstream, port: u16, setup: Setup, nofile: u64) -> String {
+    let maxconn = haproxy_maxconn(setup, nofile);
+    let mut s = format!(
+        "global
+    nbthread 1
+    maxconn {maxconn}
+    ulimit-n {nofile}
+
+defaults
+    mode http
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout http-keep-alive 60s
+    timeout tunnel 1h
+    http-reuse always
+
+"
+    );
+    match setup {
+        Setup::Simple {
+            backend, stream, ..
+        } => write!(
+            s,
+            "frontend fe
+    bind 127.0.0.1:{port}
+    {}
+    default_backend be
+
+backend be
+    server s1 127.0.0.1:{backend}
+",
+            // Without it HAProxy sends with MSG_MORE and holds small
+            // event-stream writes back (the streaming twin of nginx's
+            // `proxy_buffering off`).
+            if stream {
+                "option http-no-delay"
+            } else {
+                "# (no streaming options)"
+            }
+        )
+        .unwrap(),
+        Setup::Switch => write!(
+            s,
+            "frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+
+backend be
+    server s1 127.0.0.1:{}
+",
+            up.blue
+        )
+        .unwrap(),
+        Setup::Realistic => {
+            let g = &up.general;
+            write!(
+                s,
+                "frontend fe
+    bind 127.0.0.1:{port}
+    timeout client 15s
+    timeout http-keep-alive 15s
+    unique-id-format %{{+X}}o%ci%cp%fp%Ts%rt%pid
+    unique-id-header X-Request-Id
+    http-response set-header X-Request-Id %[unique-id]
+    option forwardfor
+    http-request set-header X-Real-IP %[src]
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    acl app hdr(host),field(1,:) -i {APP_HOST}
+    acl api hdr(host),field(1,:) -i {API_HOST}
+    acl app_deny path_beg /wp-admin/ /wp-login.php /xmlrpc.php /panel/ /upload.php
+    acl api_deny path_beg /actuator /swagger-ui /v3/api-docs /webjars/
+    http-request deny deny_status 404 if app app_deny
+    http-request deny deny_status 404 if api api_deny
+    use_backend api if api {{ path_beg /api/ }}
+    use_backend ai if api {{ path_beg /v1/ }}
+    use_backend web if app
+    default_backend none
+
+backend none
+    http-request deny deny_status 404
+
+backend web
+    option httpchk GET /health
+    http-check expect status 200
+    server b 127.0.0.1:{} check inter 2s rise 2 fall 3
+
+backend api
+    http-request set-timeout server 31m if {{ path_beg /api/v1/meetings/ }}
+    http-request set-timeout server 90s if {{ path_beg /api/v1/rag-chat/stream }}
+    option httpchk GET /health
+    http-check expect string ok
+    server b 127.0.0.1:{} check inter 2s rise 2 fall 3
+
+backend ai
+    timeout connect 3s
+    timeout server 5m
+    option httpchk GET /health
+    http-check expect status 200
+    server b 127.0.0.1:{} check inter 5s rise 2 fall 3
+",
+                g[2], g[4], g[6]
+            )
+            .unwrap()
+        }
+    }
+    s
+}
