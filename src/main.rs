@@ -18,6 +18,11 @@ use switchyard::pools::Color;
 use switchyard::store::{FileStore, StateStore};
 use switchyard::{RunOptions, Switchyard};
 
+/// glibc malloc showed up as ~12 % of proxy CPU under load (Pingora allocates
+/// per request); mimalloc's thread-local free lists cost a fraction of that.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Edge reverse proxy with atomic blue/green switching")]
 struct Cli {
