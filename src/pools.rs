@@ -192,13 +192,17 @@ pub struct ServiceState {
 }
 
 impl ServiceState {
+    /// Healthy backends `color` needs before a switch to it; `None` when
+    /// switches are not gated.
+    pub fn required_healthy(&self, color: Color) -> Option<usize> {
+        self.gated
+            .then(|| self.min_healthy.unwrap_or(self.pool(color).backends.len()))
+    }
+
     /// Why `to` may not take traffic yet, if it may not.
     fn gate(&self, to: Color) -> Option<String> {
-        if !self.gated {
-            return None;
-        }
+        let required = self.required_healthy(to)?;
         let pool = self.pool(to);
-        let required = self.min_healthy.unwrap_or(pool.backends.len());
         let healthy = pool.healthy();
         if healthy >= required {
             return None;

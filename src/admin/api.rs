@@ -256,8 +256,10 @@ pub fn service_json(s: &ServiceState) -> Value {
         "active": s.active,
         "previous": s.previous,
         "maintenance": s.maintenance,
-        "health_checked": s.gated,
-        "min_healthy": s.gated.then(|| s.min_healthy.unwrap_or_else(|| s.pool(Color::Blue).backends.len().max(s.pool(Color::Green).backends.len()))),
+        "min_healthy": s.gated.then(|| json!({
+            "blue": s.required_healthy(Color::Blue),
+            "green": s.required_healthy(Color::Green),
+        })),
         "pools": { "blue": pool(Color::Blue), "green": pool(Color::Green) },
         "in_flight": per_color(crate::pools::Pool::in_flight),
         "upgraded": per_color(crate::pools::Pool::upgraded),

@@ -99,6 +99,33 @@ impl Client {
         }
     }
 
+    /// Polls `service`'s status until `check` reports it done, printing each
+    /// new progress line; at the deadline the last line is the error.
+    fn wait_until(
+        &self,
+        service: &str,
+        within: Duration,
+        mut progress: impl FnMut(&str),
+        mut check: impl FnMut(&Value) -> (bool, String),
+    ) -> Result<(), ClientError> {
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        loop {
+            let (done, line) = check(&self.service(service)?);
+            if line != last {
+                progress(&line);
+                last = line;
+            }
+            if done {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout(last));
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
     /// Polls until `color` of `service` has the healthy backends a switch
     /// needs, reporting each change through `progress`.
     pub fn wait_healthy(
@@ -106,17 +133,14 @@ impl Client {
         service: &str,
         color: Color,
         within: Duration,
-        mut progress: impl FnMut(&str),
+        progress: impl FnMut(&str),
     ) -> Result<(), ClientError> {
-        let deadline = Instant::now() + within;
-        let mut last = String::new();
-        loop {
-            let svc = self.service(service)?;
-            let Some(required) = svc["min_healthy"].as_u64() else {
-                progress(&format!(
-                    "{service} has no health check: nothing to wait for"
-                ));
-                return Ok(());
+        self.wait_until(service, within, progress, |svc| {
+            let Some(required) = svc["min_healthy"][color.as_str()].as_u64() else {
+                return (
+                    true,
+                    format!("{service} has no health check: nothing to wait for"),
+                );
             };
             let backends = svc["pools"][color.as_str()]
                 .as_array()
@@ -127,18 +151,8 @@ impl Client {
                 "{service} {color}: {healthy}/{required} healthy backends needed{}",
                 describe_backends(&backends)
             );
-            if line != last {
-                progress(&line);
-                last = line;
-            }
-            if healthy >= required {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(ClientError::Timeout(last));
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
+            (healthy >= required, line)
+        })
     }
 
     /// Polls until `color` of `service` has nothing in flight.
@@ -147,30 +161,21 @@ impl Client {
         service: &str,
         color: Color,
         within: Duration,
-        mut progress: impl FnMut(&str),
+        progress: impl FnMut(&str),
     ) -> Result<(), ClientError> {
-        let deadline = Instant::now() + within;
-        let mut last = String::new();
-        loop {
-            let svc = self.service(service)?;
+        self.wait_until(service, within, progress, |svc| {
             let in_flight = svc["in_flight"][color.as_str()].as_u64().unwrap_or(0);
             let upgraded = svc["upgraded"][color.as_str()].as_u64().unwrap_or(0);
-            if in_flight == 0 {
-                progress(&format!("{service} {color}: drained"));
-                return Ok(());
+            match in_flight {
+                0 => (true, format!("{service} {color}: drained")),
+                n => (
+                    false,
+                    format!(
+                        "{service} {color}: {n} requests still in flight ({upgraded} upgraded connections)"
+                    ),
+                ),
             }
-            let line = format!(
-                "{service} {color}: {in_flight} requests still in flight ({upgraded} upgraded connections)"
-            );
-            if line != last {
-                progress(&line);
-                last = line;
-            }
-            if Instant::now() >= deadline {
-                return Err(ClientError::Timeout(last));
-            }
-            std::thread::sleep(POLL_INTERVAL);
-        }
+        })
     }
 }
 
