@@ -1,5 +1,8 @@
 //! Load-test harness: switchyard against nginx (the proxy it replaces) and,
 //! when installed, HAProxy, all on loopback in front of one shared upstream.
+//! A bare Pingora proxy (`examples/bare_pingora.rs`: Pingora's defaults, one
+//! thread) joins the simple scenarios (a)-(e) as a baseline: what Pingora
+//! itself costs, and so what switchyard adds on top.
 //!
 //! Run it with `.ci/bench [--quick]` (or `cargo bench --bench load -- [--quick]`).
 //! Without cargo's `--bench` argument (e.g. under `cargo test --all-targets`)
@@ -13,6 +16,10 @@
 //!   sse        server-sent events relay: time to first byte, added delay
 //!   realistic  route table like conf/switchyard.toml, health checks, forwarded headers
 //!   switch     blue/green switches every 100 ms under constant load
+//!
+//! The bare Pingora proxy cannot route or switch, so it sits out `realistic`
+//! and `switch`. `.ci/bench` builds it (`target/release/examples/bare_pingora`);
+//! when that binary is missing it is left out with a note.
 //!
 //! Every figure of a wrk scenario is the median over rounds; the rounds of
 //! the proxies are interleaved (A B C, B C A, ...) so drift hits all alike.
@@ -66,6 +73,7 @@ struct Opts {
     sse_events: usize,
     idle_conns: usize,
     haproxy: bool,
+    pingora: bool,
     only: Vec<String>,
 }
 
@@ -82,6 +90,7 @@ impl Opts {
                 sse_events: 100,
                 idle_conns: 10_000,
                 haproxy: true,
+                pingora: true,
                 only: Vec::new(),
             }
         } else {
@@ -94,6 +103,7 @@ impl Opts {
                 sse_events: 300,
                 idle_conns: 10_000,
                 haproxy: true,
+                pingora: true,
                 only: Vec::new(),
             }
         };
@@ -111,6 +121,7 @@ impl Opts {
                 "--switch-secs" => o.switch_secs = value(a)?.max(1) as u32,
                 "--idle-conns" => o.idle_conns = value(a)?.max(1) as usize,
                 "--no-haproxy" => o.haproxy = false,
+                "--no-pingora" => o.pingora = false,
                 "-h" | "--help" => return Err(String::new()),
                 s if ALL.contains(&s) => o.only.push(s.to_string()),
                 s => return Err(format!("unknown argument {s:?}")),
@@ -125,7 +136,7 @@ impl Opts {
 }
 
 const USAGE: &str = "usage: .ci/bench [--quick] [--rounds N] [--secs N] [--switch-secs N] \
-[--idle-conns N] [--no-haproxy] [SCENARIO...]
+[--idle-conns N] [--no-haproxy] [--no-pingora] [SCENARIO...]
 scenarios: small 16k close idle sse realistic switch (default: all)";
 
 fn main() {
@@ -180,11 +191,27 @@ fn find_tool(name: &str) -> Option<PathBuf> {
     })
 }
 
+/// The bare Pingora proxy that `.ci/bench` builds (`cargo build --release
+/// --example bare_pingora`), if it is there: `target/release/examples/`, or
+/// next to this bench's own `deps/` directory when CARGO_TARGET_DIR moved it.
+fn find_bare_pingora() -> Option<PathBuf> {
+    let in_tree =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/examples/bare_pingora");
+    let beside_us = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("examples/bare_pingora")));
+    [Some(in_tree), beside_us]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+}
+
 fn run(opts: &Opts) -> i32 {
     let started = Instant::now();
     // A hard bound on the whole run (half as long again as planned, plus
-    // slack). Children die with us (PR_SET_PDEATHSIG).
-    let planned = 4 * 3 * (opts.warmup + opts.rounds as u32 * opts.secs) + 2 * opts.switch_secs;
+    // slack): 4 wrk scenarios of at most 4 proxies, and the switch scenario.
+    // Children die with us (PR_SET_PDEATHSIG).
+    let planned = 4 * 4 * (opts.warmup + opts.rounds as u32 * opts.secs) + 2 * opts.switch_secs;
     let limit = Duration::from_secs(u64::from(planned) * 3 / 2 + 180);
     std::thread::spawn(move || {
         std::thread::sleep(limit);
@@ -202,6 +229,11 @@ fn run(opts: &Opts) -> i32 {
     };
     let haproxy = if opts.haproxy {
         find_tool("haproxy")
+    } else {
+        None
+    };
+    let pingora = if opts.pingora {
+        find_bare_pingora()
     } else {
         None
     };
@@ -226,6 +258,7 @@ fn run(opts: &Opts) -> i32 {
             tools: Tools {
                 nginx: nginx.clone(),
                 haproxy: haproxy.clone(),
+                pingora: pingora.clone(),
                 switchyard: PathBuf::from(env!("CARGO_BIN_EXE_switchyard")),
                 token,
                 token_file,
@@ -247,15 +280,23 @@ fn run(opts: &Opts) -> i32 {
 
     println!(
         "load: {} run: {} round(s) of {} s per proxy (wrk -t1 -c{CONNECTIONS}, {} s warm-up), \
-         proxies: switchyard, nginx{}",
+         proxies: switchyard{}, nginx{}",
         if opts.quick { "quick" } else { "full" },
         opts.rounds,
         opts.secs,
         opts.warmup,
-        if env.tools.haproxy.is_some() {
-            ", haproxy"
-        } else {
-            " (haproxy not installed)"
+        match (&env.tools.pingora, opts.pingora) {
+            (Some(_), _) => ", pingora (bare baseline; simple scenarios only)",
+            (None, true) => {
+                " (pingora left out: target/release/examples/bare_pingora not built; \
+                 `cargo build --release --example bare_pingora`, which .ci/bench does)"
+            }
+            (None, false) => " (pingora left out: --no-pingora)",
+        },
+        match (&env.tools.haproxy, opts.haproxy) {
+            (Some(_), _) => ", haproxy",
+            (None, true) => " (haproxy not installed)",
+            (None, false) => " (haproxy left out: --no-haproxy)",
         }
     );
 
@@ -381,7 +422,7 @@ fn run(opts: &Opts) -> i32 {
 }
 
 // ---------------------------------------------------------------------------
-// wrk scenarios: (a) (b) (c) (f)
+// wrk scenarios: (a) (b) (c) (f); the bare Pingora proxy is in (a) (b) (c)
 // ---------------------------------------------------------------------------
 
 struct WrkSpec {
@@ -982,7 +1023,8 @@ fn switch_scenario(env: &Env, opts: &Opts) -> Result<Vec<switch::SwitchReport>, 
                 let _ = confs::write_nginx_color(&include, up.blue);
                 r
             }
-            Kind::Haproxy => continue,
+            // Neither is started for the switch scenario.
+            Kind::Haproxy | Kind::Pingora => continue,
         };
         eprintln!(
             "load:   {}: {} requests, {} failed, {} answered by the old color after the switch returned, {} switches",
@@ -1215,11 +1257,13 @@ fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
         "switchyard": env.tools.switchyard,
         "nginx": command_line(&env.tools.nginx, &["-v"]),
         "haproxy": env.tools.haproxy.as_ref().map(|h| command_line(h, &["-v"])),
+        "pingora": env.tools.pingora,
         "wrk_version": command_line(&env.wrk, &["-v"]),
         "proxy_settings": {
             "switchyard": "threads = 1; health checks only in `realistic`",
             "nginx": "worker_processes 1; proxy_http_version 1.1; upstream keepalive 128; access_log off",
             "haproxy": "nbthread 1; http-reuse always",
+            "pingora": "examples/bare_pingora.rs: Pingora 0.9 defaults (work stealing, upstream keep-alive pool 128, system allocator), threads = 1; scenarios (a)-(e) only",
         },
     })
 }

@@ -1,5 +1,7 @@
 //! Configurations of the upstream and of every proxy under test, written so
-//! that switchyard, nginx and HAProxy do the same job.
+//! that switchyard, nginx and HAProxy do the same job. The bare Pingora proxy
+//! (`examples/bare_pingora.rs`) takes no config: it sends everything to one
+//! backend, so it only joins the simple scenarios.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -37,6 +39,8 @@ pub const REALISTIC_CHECKS: &[(&str, &str, u16)] = &[
 pub struct Tools {
     pub nginx: PathBuf,
     pub haproxy: Option<PathBuf>,
+    /// `examples/bare_pingora.rs`, when built (and not left out).
+    pub pingora: Option<PathBuf>,
     pub switchyard: PathBuf,
     pub token: String,
     pub token_file: PathBuf,
@@ -57,6 +61,8 @@ pub struct Upstream {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
     Switchyard,
+    /// A bare Pingora proxy with Pingora's defaults: what switchyard builds on.
+    Pingora,
     Nginx,
     Haproxy,
 }
@@ -65,6 +71,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Switchyard => "switchyard",
+            Kind::Pingora => "pingora",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
         }
@@ -261,8 +268,9 @@ pub fn start_upstream(nginx: &Path, dir: &Path, nofile: u64) -> Result<Upstream,
     })
 }
 
-/// Starts switchyard, nginx and (when installed) HAProxy for `setup`, each
-/// in its own directory under `dir`, and waits until each serves.
+/// Starts switchyard, the bare Pingora proxy (when built; simple setups
+/// only: it cannot route or switch), nginx and (when installed) HAProxy for
+/// `setup`, each in its own directory under `dir`, and waits until each serves.
 pub fn start_proxies(
     tools: &Tools,
     up: &Upstream,
@@ -270,7 +278,11 @@ pub fn start_proxies(
     setup: Setup,
     ready: (&str, &str, u16),
 ) -> Result<Vec<Target>, String> {
-    let mut kinds = vec![Kind::Switchyard, Kind::Nginx];
+    let mut kinds = vec![Kind::Switchyard];
+    if tools.pingora.is_some() && matches!(setup, Setup::Simple { .. }) {
+        kinds.push(Kind::Pingora);
+    }
+    kinds.push(Kind::Nginx);
     if tools.haproxy.is_some() && !matches!(setup, Setup::Switch) {
         kinds.push(Kind::Haproxy);
     }
@@ -291,6 +303,18 @@ pub fn start_proxies(
                 cmd.env("RUST_LOG", "warn");
                 let p = Proc::spawn("switchyard", cmd, &d.join("switchyard.log"), false)?;
                 (p, conf)
+            }
+            Kind::Pingora => {
+                let Setup::Simple { backend, .. } = setup else {
+                    unreachable!("the bare Pingora proxy runs in simple setups only")
+                };
+                let mut cmd = Command::new(tools.pingora.as_ref().expect("bare_pingora"));
+                cmd.arg(format!("127.0.0.1:{port}"))
+                    .arg(format!("127.0.0.1:{backend}"))
+                    .current_dir(&d);
+                let p = Proc::spawn("pingora", cmd, &d.join("pingora.log"), false)?;
+                // No config file: the command line is all of it.
+                (p, PathBuf::new())
             }
             Kind::Nginx => {
                 let (many, http) = nginx_proxy_http(up, &d, port, setup)?;
