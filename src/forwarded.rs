@@ -73,9 +73,9 @@ pub fn sane_request_id(id: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// A new request id: a per-process random prefix and a counter. Unique and
-/// cheap; not meant to be unguessable.
-pub fn new_request_id() -> String {
+/// A new request id: a per-process random prefix and a counter, 32 hex
+/// digits. Unique and cheap; not meant to be unguessable.
+pub fn new_request_id() -> HeaderValue {
     static PREFIX: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = PREFIX.get_or_init(|| {
@@ -90,17 +90,36 @@ pub fn new_request_id() -> String {
         }
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix:016x}{n:016x}")
+    let mut id = [0u8; 32];
+    let digits = u128::from(*prefix) << 64 | u128::from(n);
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[(digits >> (124 - 4 * i) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
+}
+
+/// An IP address as a header value, formatted without a temporary String.
+fn ip_header(ip: IpAddr) -> Result<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 48];
+    let mut w = &mut buf[..];
+    write!(w, "{ip}").or_err(InternalError, "formatting an address")?;
+    let len = 48 - w.len();
+    HeaderValue::from_bytes(&buf[..len]).or_err(InternalError, "address header")
 }
 
 /// Writes the forwarding headers into the request sent upstream.
 pub fn apply(
     req: &mut RequestHeader,
     client: &Client,
-    request_id: &str,
+    request_id: &HeaderValue,
     host: Option<&str>,
 ) -> Result<()> {
-    let peer = client.peer.to_string();
+    let peer = ip_header(client.peer)?;
+    let real_ip = match client.ip == client.peer {
+        true => peer.clone(),
+        false => ip_header(client.ip)?,
+    };
     let xff = match req.headers.get(X_FORWARDED_FOR) {
         Some(prior) if client.trusted => {
             let mut v = prior.as_bytes().to_vec();
@@ -108,10 +127,10 @@ pub fn apply(
             v.extend_from_slice(peer.as_bytes());
             HeaderValue::from_bytes(&v).or_err(InvalidHTTPHeader, "X-Forwarded-For")?
         }
-        _ => HeaderValue::from_str(&peer).or_err(InvalidHTTPHeader, "X-Forwarded-For")?,
+        _ => peer,
     };
     req.insert_header(X_FORWARDED_FOR, xff)?;
-    req.insert_header(X_REAL_IP, client.ip.to_string())?;
+    req.insert_header(X_REAL_IP, real_ip)?;
     if !(client.trusted && req.headers.contains_key(X_FORWARDED_PROTO)) {
         req.insert_header(X_FORWARDED_PROTO, "http")?;
     }
@@ -123,7 +142,7 @@ pub fn apply(
             }
         }
     }
-    req.insert_header(X_REQUEST_ID, request_id)?;
+    req.insert_header(X_REQUEST_ID, request_id.clone())?;
     Ok(())
 }
 
@@ -170,7 +189,9 @@ mod tests {
         assert!(!sane_request_id(&[b'a'; 129]));
         let (a, b) = (new_request_id(), new_request_id());
         assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
         assert!(sane_request_id(a.as_bytes()));
+        assert_eq!(ip_header("::1".parse().unwrap()).unwrap(), "::1");
     }
 
     #[test]
@@ -179,7 +200,13 @@ mod tests {
         req.insert_header(X_FORWARDED_FOR, "6.6.6.6").unwrap();
         req.insert_header(X_FORWARDED_PROTO, "https").unwrap();
         let untrusted = Client::identify("127.0.0.1".parse().unwrap(), None, &[]);
-        apply(&mut req, &untrusted, "id1", Some("example.com")).unwrap();
+        apply(
+            &mut req,
+            &untrusted,
+            &HeaderValue::from_static("id1"),
+            Some("example.com"),
+        )
+        .unwrap();
         assert_eq!(req.headers[X_FORWARDED_FOR], "127.0.0.1");
         assert_eq!(req.headers[X_FORWARDED_PROTO], "http");
         assert_eq!(req.headers[X_FORWARDED_HOST], "example.com");
@@ -191,7 +218,7 @@ mod tests {
             Some(b"6.6.6.6"),
             &nets(&["127.0.0.0/8"]),
         );
-        apply(&mut req, &trusted, "id2", None).unwrap();
+        apply(&mut req, &trusted, &HeaderValue::from_static("id2"), None).unwrap();
         assert_eq!(req.headers[X_FORWARDED_FOR], "6.6.6.6, 127.0.0.1");
         assert_eq!(req.headers[X_REAL_IP], "6.6.6.6");
         assert_eq!(req.headers[X_REQUEST_ID], "id2");

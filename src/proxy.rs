@@ -71,7 +71,7 @@ impl Proxy {
 /// started with, so retries and accounting stay on that color.
 pub struct Ctx {
     _request: RequestCount,
-    request_id: String,
+    request_id: http::HeaderValue,
     client: Option<Client>,
     limits: RouteLimits,
     websocket: bool,
@@ -99,7 +99,7 @@ impl ProxyHttp for Proxy {
         self.requests.fetch_add(1, Ordering::Relaxed);
         Ctx {
             _request: RequestCount(self.requests.clone()),
-            request_id: String::new(),
+            request_id: http::HeaderValue::from_static(""),
             client: None,
             limits: RouteLimits::default(),
             websocket: false,
@@ -114,9 +114,7 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
         ctx.request_id = match req.headers.get(forwarded::X_REQUEST_ID) {
-            Some(id) if forwarded::sane_request_id(id.as_bytes()) => {
-                String::from_utf8_lossy(id.as_bytes()).into_owned()
-            }
+            Some(id) if forwarded::sane_request_id(id.as_bytes()) => id.clone(),
             _ => forwarded::new_request_id(),
         };
         if header_size(req) > self.settings.max_header_size {

@@ -94,7 +94,7 @@ impl Pages {
     pub async fn send(
         &self,
         session: &mut Session,
-        request_id: &str,
+        request_id: &http::HeaderValue,
         refusal: Refusal,
     ) -> Result<()> {
         let status = refusal.status();
@@ -123,9 +123,9 @@ impl Pages {
 }
 
 /// Headers every response carries.
-pub fn stamp(resp: &mut ResponseHeader, request_id: &str) -> Result<()> {
+pub fn stamp(resp: &mut ResponseHeader, request_id: &http::HeaderValue) -> Result<()> {
     resp.insert_header(http::header::SERVER, SERVER)?;
-    resp.insert_header(X_REQUEST_ID, request_id)
+    resp.insert_header(X_REQUEST_ID, request_id.clone())
 }
 
 /// The status to answer for a failed proxy attempt; 0 when the client is gone.
