@@ -190,6 +190,12 @@ fn server_conf(config: &Config, opts: &RunOptions) -> ServerConf {
         // A stale kept-alive upstream connection, then one other backend.
         max_retries: MAX_TRIES,
         pid_file: state.join("switchyard.pid").display().to_string(),
+        // A daemon would otherwise move to `/` (breaking relative paths) and
+        // lose its log with stderr.
+        working_directory: opts.daemon.then(|| std::env::current_dir().ok()).flatten(),
+        error_log: opts
+            .daemon
+            .then(|| state.join("switchyard.log").display().to_string()),
         upgrade_sock: state.join("upgrade.sock").display().to_string(),
         ..ServerConf::default()
     }

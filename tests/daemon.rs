@@ -1,0 +1,53 @@
+//! `run -d`: the daemon keeps relative paths working, writes its pid and log
+//! into state_dir, serves, and drains and stops on SIGTERM.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn daemon_serves_logs_to_state_dir_and_stops_on_sigterm() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let dir = tempfile::tempdir().unwrap();
+    let [http, admin] = free_ports::<2>();
+    // Relative state_dir: must resolve against the directory it was started in.
+    let config = format!(
+        "[server]\nthreads = 1\nstate_dir = \"state\"\n\n[listen]\nhttp = \"127.0.0.1:{http}\"\nadmin = \"127.0.0.1:{admin}\"\n\n{}",
+        simple_api(&blue, &green)
+    );
+    std::fs::write(dir.path().join("switchyard.toml"), config).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "-c", "switchyard.toml", "-d"])
+        .current_dir(dir.path())
+        .env_remove(TOKEN_ENV)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let pid_file = dir.path().join("state/switchyard.pid");
+    let url = format!("http://127.0.0.1:{http}/");
+    assert!(
+        poll_until(Duration::from_secs(20), || pid_file.exists()
+            && try_get(&agent(), &url, None).is_ok()),
+        "daemon did not come up"
+    );
+    assert_eq!(get(&url, None), (200, "blue".to_string()));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(
+        poll_until(Duration::from_secs(10), || unsafe { libc::kill(pid, 0) }
+            != 0),
+        "daemon {pid} still running after SIGTERM"
+    );
+    // What the daemon logged after detaching went to the file, not to nowhere.
+    let log = std::fs::read_to_string(dir.path().join("state/switchyard.log")).unwrap();
+    assert!(log.contains("drained"), "{log}");
+}
