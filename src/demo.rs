@@ -93,6 +93,7 @@ token_file = "{token}"
 blue = ["{blue}"]
 green = ["{green}"]
 active = "blue"
+health = {{ path = "/health", interval = "1s", timeout = "1s", rise = 1, fall = 2 }}
 
 [[routes]]
 path = "/"

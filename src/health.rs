@@ -102,30 +102,63 @@ impl Health {
 
 /// One probe: `GET path` over a fresh HTTP/1.0 connection (so the body is
 /// never chunked and every probe also proves the backend accepts connections).
+/// Reading stops as soon as the answer can be judged: some servers keep even
+/// an HTTP/1.0 connection open.
 pub async fn probe(addr: SocketAddr, check: &HealthCheck) -> Result<(), String> {
     let attempt = async {
         let mut conn = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let request = format!(
-            "GET {} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: switchyard-health\r\n\r\n",
+            "GET {} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: switchyard-health\r\nConnection: close\r\n\r\n",
             check.path
         );
         conn.write_all(request.as_bytes())
             .await
             .map_err(|e| format!("write: {e}"))?;
         let mut buf = Vec::with_capacity(1024);
-        let mut limited = (&mut conn).take(MAX_RESPONSE as u64);
-        limited
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = conn
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            buf.extend_from_slice(&chunk[..n]);
+            if n == 0 || buf.len() >= MAX_RESPONSE || complete(&buf, check.body.is_some()) {
+                break;
+            }
+        }
         judge(&buf, check)
     };
     match tokio::time::timeout(check.timeout, attempt).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {:?}", check.timeout)),
     }
+}
+
+/// Whether `response` holds everything the check needs: the header, and the
+/// whole body (by `Content-Length`) when the body is searched.
+fn complete(response: &[u8], need_body: bool) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let Ok(httparse::Status::Complete(header_len)) = parsed.parse(response) else {
+        return false;
+    };
+    if !need_body {
+        return true;
+    }
+    let length = parsed
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+    length.is_some_and(|len| response.len() >= header_len + len)
 }
 
 /// Whether a raw HTTP response passes the check.
@@ -212,5 +245,61 @@ impl BackgroundService for HealthChecker {
         for l in loops {
             l.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(body: Option<&str>) -> HealthCheck {
+        HealthCheck {
+            path: "/ping".into(),
+            interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(1),
+            expect: 200,
+            body: body.map(str::to_string),
+            rise: 2,
+            fall: 2,
+        }
+    }
+
+    #[test]
+    fn judging_responses() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npong";
+        assert_eq!(judge(ok, &check(None)), Ok(()));
+        assert_eq!(judge(ok, &check(Some("pong"))), Ok(()));
+        assert!(judge(ok, &check(Some("ok!"))).unwrap_err().contains("body"));
+        let down = b"HTTP/1.1 503 Service Unavailable\r\n\r\n";
+        assert!(judge(down, &check(None)).unwrap_err().contains("503"));
+        assert!(judge(b"garbage\r\n\r\n", &check(None)).is_err());
+    }
+
+    #[test]
+    fn reading_stops_once_the_answer_is_known() {
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n";
+        assert!(!complete(b"HTTP/1.1 200 OK\r\n", false));
+        assert!(complete(head, false));
+        assert!(!complete(head, true));
+        assert!(complete(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npong",
+            true
+        ));
+    }
+
+    #[test]
+    fn rise_and_fall() {
+        let h = Health::default();
+        assert_eq!(h.status(), HealthStatus::Unknown);
+        assert!(h.routable());
+        assert_eq!(h.record(Ok(()), 2, 2), None);
+        assert_eq!(h.record(Ok(()), 2, 2), Some(HealthStatus::Healthy));
+        assert_eq!(h.record(Err("x".into()), 2, 2), None);
+        assert_eq!(
+            h.record(Err("y".into()), 2, 2),
+            Some(HealthStatus::Unhealthy)
+        );
+        assert!(!h.routable());
+        assert_eq!(h.last_error().as_deref(), Some("y"));
     }
 }

@@ -228,7 +228,7 @@ config and state in {dir}
 
   export SWITCHYARD_ADMIN_TOKEN={token}
   {exe} ctl --admin http://{admin} status
-  {exe} ctl --admin http://{admin} switch web green
+  {exe} ctl --admin http://{admin} switch web green --wait-healthy 10s
   curl http://{http}/                      # now answered by green (version 1.1.0)
   {exe} ctl --admin http://{admin} rollback web
   {exe} ctl --admin http://{admin} history
