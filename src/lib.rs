@@ -90,6 +90,8 @@ impl Switchyard {
         let token = auth::load_token(&config.admin, std::env::var(auth::TOKEN_ENV).ok())?;
         let store = FileStore::open(&config.server.state_dir)?;
         let board = Arc::new(Switchboard::new(config, Box::new(store))?);
+        // Everything that can fail is read before Pingora touches any socket.
+        let pages = load_pages(&config.server)?;
 
         let mut server = Server::new_with_opt_and_conf(
             Opt {
@@ -101,12 +103,6 @@ impl Switchyard {
         );
         server.bootstrap();
 
-        let page = config.server.maintenance_page.as_deref();
-        let pages =
-            Pages::new(page, config.server.retry_after).map_err(|source| StartError::Page {
-                path: page.unwrap_or(std::path::Path::new("")).to_path_buf(),
-                source,
-            })?;
         let requests = Arc::new(AtomicUsize::new(0));
         let proxy = proxy::Proxy::new(
             RouteTable::new(&config.routes),
@@ -173,6 +169,15 @@ impl Switchyard {
     pub fn run(self) {
         self.server.run(RunArgs::default());
     }
+}
+
+/// The 503 page and `Retry-After` from `[server]`.
+pub fn load_pages(server: &config::Server) -> Result<Pages, StartError> {
+    let page = server.maintenance_page.as_deref();
+    Pages::new(page, server.retry_after).map_err(|source| StartError::Page {
+        path: page.unwrap_or(std::path::Path::new("")).to_path_buf(),
+        source,
+    })
 }
 
 fn server_conf(config: &Config, opts: &RunOptions) -> ServerConf {

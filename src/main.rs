@@ -43,7 +43,7 @@ enum Cmd {
         #[arg(short, long)]
         daemon: bool,
     },
-    /// Validate a configuration file (and the token and state files it names), like `nginx -t`.
+    /// Validate a configuration file (and the token, state and page files it names), like `nginx -t`.
     Check {
         #[arg(short, long, default_value = "conf/switchyard.toml")]
         config: PathBuf,
@@ -176,6 +176,10 @@ fn check(path: &Path) -> ExitCode {
         }
     }
     if let Err(e) = FileStore::existing(&config.server.state_dir).load() {
+        eprintln!("{}: {e}", path.display());
+        ok = false;
+    }
+    if let Err(e) = switchyard::load_pages(&config.server) {
         eprintln!("{}: {e}", path.display());
         ok = false;
     }

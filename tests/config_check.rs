@@ -272,3 +272,22 @@ fn shipped_configs_pass_check() {
         );
     }
 }
+
+#[test]
+fn missing_maintenance_page_fails_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("missing.html");
+    let path = dir.path().join("switchyard.toml");
+    let text = format!(
+        "[server]\nmaintenance_page = {}\n\n[services.a]\nblue = [\"127.0.0.1:1\"]\ngreen = [\"127.0.0.1:2\"]\n",
+        toml_str(page.to_str().unwrap())
+    );
+    fs::write(&path, text).unwrap();
+    let out = run_check(&path, None);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("missing.html"), "{stderr}");
+    fs::write(&page, "<p>back soon</p>").unwrap();
+    let out = run_check(&path, None);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
