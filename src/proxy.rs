@@ -95,6 +95,11 @@ impl Drop for RequestCount {
 impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
+    /// No modules: Pingora's default adds a (disabled) compression module to
+    /// every request. switchyard never compresses, so streams are never held
+    /// back for it, and the module's per-request work is saved.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> Ctx {
         self.requests.fetch_add(1, Ordering::Relaxed);
         Ctx {
