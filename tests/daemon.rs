@@ -8,6 +8,18 @@ use std::time::Duration;
 
 use common::*;
 
+/// Stops the daemon even when an assertion fails: it is not our child, so
+/// nothing else would.
+struct Daemon(Option<i32>);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 #[test]
 fn daemon_serves_logs_to_state_dir_and_stops_on_sigterm() {
     let blue = Upstream::start("blue");
@@ -29,10 +41,20 @@ fn daemon_serves_logs_to_state_dir_and_stops_on_sigterm() {
     assert!(out.status.success(), "{}", describe(&out));
 
     let pid_file = dir.path().join("state/switchyard.pid");
+    let read_pid =
+        || -> Option<i32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
+    let mut daemon = Daemon(None);
+    assert!(
+        poll_until(Duration::from_secs(20), || {
+            daemon.0 = read_pid();
+            daemon.0.is_some()
+        }),
+        "daemon wrote no pid file"
+    );
     let url = format!("http://127.0.0.1:{http}/");
     assert!(
-        poll_until(Duration::from_secs(20), || pid_file.exists()
-            && try_get(&agent(), &url, None).is_ok()),
+        poll_until(Duration::from_secs(20), || try_get(&agent(), &url, None)
+            .is_ok()),
         "daemon did not come up"
     );
     assert_eq!(get(&url, None), (200, "blue".to_string()));
