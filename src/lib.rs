@@ -80,7 +80,6 @@ pub enum StartError {
 /// A configured server, ready to `run`. `demo` adds its sample upstreams first.
 pub struct Switchyard {
     pub server: Server,
-    pub board: Arc<Switchboard>,
 }
 
 impl Switchyard {
@@ -162,7 +161,7 @@ impl Switchyard {
             routes = config.routes.len(),
             "switchyard starting"
         );
-        Ok(Switchyard { server, board })
+        Ok(Switchyard { server })
     }
 
     /// Serves until a shutdown signal; see [`shutdown`] for what each does.
