@@ -1,13 +1,14 @@
 //! Micro-benchmarks of the per-request work switchyard adds: route matching
-//! over the shipped route table, and the snapshot load + backend pick.
-//! `cargo bench --bench micro`. (Rate limiters arrive with the limits issue;
-//! their check joins this file then.)
+//! over the shipped route table, the snapshot load + backend pick, and the
+//! shipped rate limit's check. `cargo bench --bench micro`.
 
 use std::hint::black_box;
+use std::net::IpAddr;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard::config::Config;
+use switchyard::limits::rate::RateLimit;
 use switchyard::pools::Switchboard;
 use switchyard::route::RouteTable;
 use switchyard::store::FileStore;
@@ -59,5 +60,40 @@ fn snapshot(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing, snapshot);
+fn rate_limit(c: &mut Criterion) {
+    let config = shipped();
+    let writes = config
+        .rate_limits
+        .iter()
+        .find(|l| l.name == "writes")
+        .expect("shipped config has the writes limit");
+    let client: IpAddr = "203.0.113.7".parse().unwrap();
+
+    // A GET on a limited route: the method is not counted (the common case).
+    let limit = RateLimit::new(writes);
+    c.bench_function("rate limit/uncounted method", |b| {
+        b.iter(|| limit.check(black_box(&http::Method::GET), black_box(client)))
+    });
+    // One client hammering: after its burst every check is a refusal.
+    c.bench_function("rate limit/one client over its rate", |b| {
+        b.iter(|| limit.check(black_box(&http::Method::POST), black_box(client)))
+    });
+    // 65 536 distinct clients in turn: the table lookup with a big table.
+    let limit = RateLimit::new(writes);
+    let mut n: u32 = 0;
+    c.bench_function("rate limit/65536 clients in turn", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(1);
+            let ip = IpAddr::from((0x0a00_0000 | (n & 0xffff)).to_be_bytes());
+            limit.check(black_box(&http::Method::POST), ip)
+        })
+    });
+    // IPv6 clients are keyed by their /64.
+    let v6: IpAddr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
+    c.bench_function("rate limit/IPv6 client", |b| {
+        b.iter(|| limit.check(black_box(&http::Method::POST), black_box(v6)))
+    });
+}
+
+criterion_group!(benches, routing, snapshot, rate_limit);
 criterion_main!(benches);

@@ -61,6 +61,11 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEALTH_RISE: u32 = 2;
 /// Failures in a row that make a backend unhealthy (3).
 pub const DEFAULT_HEALTH_FALL: u32 = 3;
+/// Requests a client may send beyond its rate in a rush (0), as nginx's `burst`.
+pub const DEFAULT_RATE_BURST: u32 = 0;
+/// Largest request count in a rate (1 000 000): at most one request per
+/// microsecond per client, far beyond anything a limit is for.
+pub const MAX_RATE: u32 = 1_000_000;
 
 /// The validated configuration. Immutable once built; shared as `Arc<Config>`.
 #[derive(Debug, Clone)]
@@ -73,6 +78,8 @@ pub struct Config {
     /// Services in a stable order; a service's index here is its id everywhere else.
     pub services: Vec<Service>,
     pub routes: Vec<Route>,
+    /// Named per-client rate limits; a route's index into this list is in its limits.
+    pub rate_limits: Vec<RateLimit>,
 }
 
 #[derive(Debug, Clone)]
@@ -143,6 +150,21 @@ impl Service {
     }
 }
 
+/// A per-client request rate (`[rate_limits.NAME]`), nginx's `limit_req`
+/// with `nodelay`: requests over the rate are refused with 429, not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub name: String,
+    /// `requests` per `per`, e.g. 2 per second.
+    pub requests: u32,
+    pub per: Duration,
+    /// Requests beyond the rate a client may send at once: a fresh client
+    /// gets `burst + 1` before the rate applies.
+    pub burst: u32,
+    /// Methods the limit counts; `None` means every method.
+    pub methods: Option<Vec<http::Method>>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// Lower-case host without port; `None` matches requests for hosts that have no routes.
@@ -162,6 +184,8 @@ pub struct RouteLimits {
     /// Longest wait for bytes from the backend (long for SSE streams).
     pub read_timeout: Duration,
     pub max_body: usize,
+    /// Index into [`Config::rate_limits`] of the limit this route counts against.
+    pub rate_limit: Option<usize>,
 }
 
 impl Default for RouteLimits {
@@ -171,6 +195,7 @@ impl Default for RouteLimits {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
             max_body: DEFAULT_MAX_BODY,
+            rate_limit: None,
         }
     }
 }
@@ -359,7 +384,12 @@ impl Validator<'_> {
                 "no services: add at least one [services.NAME] with blue and green pools".into(),
             );
         }
-        let routes = self.routes(file.routes, &services);
+        let rate_limits: Vec<RateLimit> = file
+            .rate_limits
+            .into_iter()
+            .filter_map(|(name, r)| self.rate_limit(name, r))
+            .collect();
+        let routes = self.routes(file.routes, &services, &rate_limits);
         Config {
             path: self.path.to_path_buf(),
             server,
@@ -367,6 +397,7 @@ impl Validator<'_> {
             admin,
             services,
             routes,
+            rate_limits,
         }
     }
 
@@ -427,20 +458,7 @@ impl Validator<'_> {
     }
 
     fn service(&mut self, name: Spanned<String>, s: file::Service) -> Option<Service> {
-        let valid_name = !name.get_ref().is_empty()
-            && name
-                .get_ref()
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if !valid_name {
-            self.at(
-                &name,
-                format!(
-                    "bad service name {:?}: use lower-case letters, digits, '-' and '_'",
-                    name.get_ref()
-                ),
-            );
-        }
+        let valid_name = self.name(&name, "service");
         let mut pool = |list: Spanned<Vec<Spanned<String>>>, color: &str| -> Vec<SocketAddr> {
             if list.get_ref().is_empty() {
                 self.at(
@@ -544,7 +562,76 @@ impl Validator<'_> {
         }
     }
 
-    fn routes(&mut self, routes: Vec<Spanned<file::Route>>, services: &[Service]) -> Vec<Route> {
+    fn rate_limit(&mut self, name: Spanned<String>, r: file::RateLimit) -> Option<RateLimit> {
+        let valid_name = self.name(&name, "rate limit");
+        let (requests, per) = match parse_rate(r.rate.get_ref()) {
+            Some(rate) => rate,
+            None => {
+                self.at(
+                    &r.rate,
+                    format!(
+                        "bad rate {:?}: write it like \"2/s\", \"30/m\" or \"500/h\" (1 to {MAX_RATE} requests)",
+                        r.rate.get_ref()
+                    ),
+                );
+                (1, Duration::from_secs(1))
+            }
+        };
+        let burst = match r.burst {
+            Some(b) if *b.get_ref() >= MAX_RATE => {
+                self.at(&b, format!("burst must be below {MAX_RATE}"));
+                DEFAULT_RATE_BURST
+            }
+            Some(b) => *b.get_ref(),
+            None => DEFAULT_RATE_BURST,
+        };
+        let methods = r.methods.map(|list| {
+            let mut out: Vec<http::Method> = Vec::new();
+            for m in &list {
+                let upper = m.get_ref().to_ascii_uppercase();
+                match http::Method::from_bytes(upper.as_bytes()) {
+                    Ok(method) if !upper.is_empty() && !out.contains(&method) => out.push(method),
+                    Ok(_) if !upper.is_empty() => {
+                        self.at(m, format!("method {upper} is listed twice"))
+                    }
+                    _ => self.at(
+                        m,
+                        format!("bad method {:?}: give names like \"POST\"", m.get_ref()),
+                    ),
+                }
+            }
+            out
+        });
+        valid_name.then(|| RateLimit {
+            name: name.into_inner(),
+            requests,
+            per,
+            burst,
+            methods,
+        })
+    }
+
+    /// Checks a service or rate-limit name: they appear in URLs, metrics and logs.
+    fn name(&mut self, name: &Spanned<String>, what: &str) -> bool {
+        let n = name.get_ref();
+        let ok = !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !ok {
+            self.at(
+                name,
+                format!("bad {what} name {n:?}: use lower-case letters, digits, '-' and '_'"),
+            );
+        }
+        ok
+    }
+
+    fn routes(
+        &mut self,
+        routes: Vec<Spanned<file::Route>>,
+        services: &[Service],
+        rate_limits: &[RateLimit],
+    ) -> Vec<Route> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         for spanned in routes {
@@ -621,12 +708,32 @@ impl Validator<'_> {
                 );
                 continue;
             }
+            let rate_limit = r.rate_limit.as_ref().and_then(|name| {
+                let found = rate_limits.iter().position(|l| l.name == *name.get_ref());
+                if found.is_none() {
+                    let defined: Vec<&str> = rate_limits.iter().map(|l| l.name.as_str()).collect();
+                    self.at(
+                        name,
+                        format!(
+                            "route uses unknown rate limit {:?}; defined [rate_limits]: {}",
+                            name.get_ref(),
+                            if defined.is_empty() {
+                                "(none)".to_string()
+                            } else {
+                                defined.join(", ")
+                            }
+                        ),
+                    );
+                }
+                found
+            });
             let defaults = RouteLimits::default();
             let limits = RouteLimits {
                 websocket: r.websocket.unwrap_or(false),
                 idle_timeout: self.duration(r.idle_timeout.as_ref(), defaults.idle_timeout),
                 read_timeout: self.duration(r.read_timeout.as_ref(), defaults.read_timeout),
                 max_body: self.size(r.max_body.as_ref(), defaults.max_body),
+                rate_limit,
             };
             if let Some(action) = action {
                 out.push(Route {
@@ -648,6 +755,19 @@ fn names(services: &[Service]) -> String {
     } else {
         list.join(", ")
     }
+}
+
+/// `"N/s"`, `"N/m"` or `"N/h"` as (N, the unit), N from 1 to [`MAX_RATE`].
+fn parse_rate(text: &str) -> Option<(u32, Duration)> {
+    let (count, unit) = text.split_once('/')?;
+    let count: u32 = count.trim().parse().ok()?;
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return None,
+    };
+    (1..=MAX_RATE).contains(&count).then_some((count, per))
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -675,6 +795,16 @@ mod file {
         pub services: BTreeMap<Spanned<String>, Service>,
         #[serde(default)]
         pub routes: Vec<Spanned<Route>>,
+        #[serde(default)]
+        pub rate_limits: BTreeMap<Spanned<String>, RateLimit>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RateLimit {
+        pub rate: Spanned<String>,
+        pub burst: Option<Spanned<u32>>,
+        pub methods: Option<Vec<Spanned<String>>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -742,6 +872,7 @@ mod file {
         pub idle_timeout: Option<Spanned<String>>,
         pub read_timeout: Option<Spanned<String>>,
         pub max_body: Option<Spanned<String>>,
+        pub rate_limit: Option<Spanned<String>>,
     }
 }
 
@@ -822,6 +953,62 @@ action = "deny"
         let e = errors(&GOOD.replace("threads = 1", "threads = 1\ncolour = 2"));
         assert_eq!(e[0].line, 4);
         assert!(e[0].message.contains("colour"), "{}", e[0]);
+    }
+
+    #[test]
+    fn rate_limits_parse_and_routes_name_them() {
+        let text = format!(
+            "{GOOD}\n[rate_limits.writes]\nrate = \"2/s\"\nburst = 10\nmethods = [\"post\", \"PUT\"]\n"
+        )
+        .replace("service = \"api\"", "service = \"api\"\nrate_limit = \"writes\"");
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let limit = &c.rate_limits[0];
+        assert_eq!(
+            (limit.requests, limit.per, limit.burst),
+            (2, Duration::from_secs(1), 10)
+        );
+        assert_eq!(
+            limit.methods,
+            Some(vec![http::Method::POST, http::Method::PUT])
+        );
+        assert_eq!(c.routes[0].limits.rate_limit, Some(0));
+        assert_eq!(c.routes[1].limits.rate_limit, None);
+    }
+
+    #[test]
+    fn bad_rate_limits_are_located() {
+        let text = format!(
+            "{GOOD}\n[rate_limits.writes]\nrate = \"2/d\"\nburst = 1000000\nmethods = [\"PO ST\"]\n"
+        )
+        .replace(
+            "service = \"api\"",
+            "service = \"api\"\nrate_limit = \"write\"",
+        );
+        let e = errors(&text);
+        let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![25, 26, 27, 18], "{e:?}");
+        assert!(e[0].message.contains("bad rate \"2/d\""), "{}", e[0]);
+        assert!(e[1].message.contains("burst"), "{}", e[1]);
+        assert!(e[2].message.contains("bad method"), "{}", e[2]);
+        assert!(
+            e[3].message
+                .contains("unknown rate limit \"write\"; defined [rate_limits]: writes"),
+            "{}",
+            e[3]
+        );
+    }
+
+    #[test]
+    fn rates_read_like_nginx() {
+        assert_eq!(parse_rate("2/s"), Some((2, Duration::from_secs(1))));
+        assert_eq!(parse_rate("30/m"), Some((30, Duration::from_secs(60))));
+        assert_eq!(
+            parse_rate("500 / h"),
+            Some((500, Duration::from_secs(3600)))
+        );
+        for bad in ["0/s", "2", "2/d", "-1/s", "1000001/s", "x/s", ""] {
+            assert_eq!(parse_rate(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -95,9 +95,16 @@ green = ["{green}"]
 active = "blue"
 health = {{ path = "/health", interval = "1s", timeout = "1s", rise = 1, fall = 2 }}
 
+# Writes per client: 2 a second after a burst of 5; more get 429.
+[rate_limits.writes]
+rate = "2/s"
+burst = 5
+methods = ["POST", "PUT", "DELETE"]
+
 [[routes]]
 path = "/"
 service = "web"
+rate_limit = "writes"
 "#,
         state = state.display(),
         token = token.display(),

@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod forwarded;
 pub mod health;
+pub mod limits;
 pub mod pools;
 pub mod proxy;
 pub mod respond;
@@ -32,6 +33,7 @@ use crate::admin::api::AdminApi;
 use crate::admin::auth::{self, TokenError};
 use crate::config::Config;
 use crate::health::HealthChecker;
+use crate::limits::rate::{RateLimits, Sweeper};
 use crate::pools::Switchboard;
 use crate::respond::Pages;
 use crate::route::RouteTable;
@@ -103,9 +105,11 @@ impl Switchyard {
         server.bootstrap();
 
         let requests = Arc::new(AtomicUsize::new(0));
+        let rate_limits = Arc::new(RateLimits::new(&config.rate_limits));
         let proxy = proxy::Proxy::new(
             RouteTable::new(&config.routes),
             board.clone(),
+            rate_limits.clone(),
             proxy::Settings::new(&config.server, pages),
             requests.clone(),
         );
@@ -130,6 +134,10 @@ impl Switchyard {
                 "health",
                 HealthChecker::new(board.clone(), checks),
             ));
+        }
+
+        if !rate_limits.is_empty() {
+            server.add_service(background_service("rate-limit sweep", Sweeper(rate_limits)));
         }
 
         match token {

@@ -16,6 +16,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{self, RouteAction, RouteLimits};
 use crate::forwarded::{self, Client};
+use crate::limits::rate::RateLimits;
 use crate::pools::{InFlight, Switchboard};
 use crate::respond::{self, Refusal};
 use crate::route::RouteTable;
@@ -46,6 +47,7 @@ impl Settings {
 pub struct Proxy {
     routes: RouteTable,
     board: Arc<Switchboard>,
+    rate_limits: Arc<RateLimits>,
     settings: Settings,
     /// Every request between its headers and its log line; shutdown waits for 0.
     requests: Arc<AtomicUsize>,
@@ -55,12 +57,14 @@ impl Proxy {
     pub fn new(
         routes: RouteTable,
         board: Arc<Switchboard>,
+        rate_limits: Arc<RateLimits>,
         settings: Settings,
         requests: Arc<AtomicUsize>,
     ) -> Proxy {
         Proxy {
             routes,
             board,
+            rate_limits,
             settings,
             requests,
         }
@@ -131,11 +135,13 @@ impl ProxyHttp for Proxy {
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
         let req = session.req_header();
         let forwarded_for = req.headers.get(forwarded::X_FORWARDED_FOR);
-        ctx.client = Some(Client::identify(
+        let client = Client::identify(
             peer,
             forwarded_for.map(|v| v.as_bytes()),
             &self.settings.trusted_proxies,
-        ));
+        );
+        let client_ip = client.ip;
+        ctx.client = Some(client);
 
         let target = match self.routes.resolve(request_host(req), req.uri.path()) {
             Ok(Some(target)) => target,
@@ -157,6 +163,15 @@ impl ProxyHttp for Proxy {
             return self
                 .refuse(session, ctx, Refusal::BodyTooLarge(target.limits.max_body))
                 .await;
+        }
+        let rate_limit = target
+            .limits
+            .rate_limit
+            .and_then(|i| self.rate_limits.get(i));
+        if let Some(Err(wait)) = rate_limit.map(|l| l.check(&req.method, client_ip)) {
+            // Round up: a client that waits `Retry-After` seconds is let through.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return self.refuse(session, ctx, Refusal::RateLimited(secs)).await;
         }
 
         let s = &self.settings;

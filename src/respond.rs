@@ -29,6 +29,8 @@ pub enum Refusal {
     HeaderTooLarge,
     BodyTooLarge(usize),
     WebSocketNotAllowed,
+    /// The client is over its rate; it may send again in this many seconds.
+    RateLimited(u64),
     Maintenance,
     NoHealthyBackend,
     /// The backend failed: 502, or 504 on a timeout.
@@ -42,6 +44,7 @@ impl Refusal {
             Refusal::BadPath | Refusal::WebSocketNotAllowed => 400,
             Refusal::HeaderTooLarge => 431,
             Refusal::BodyTooLarge(_) => 413,
+            Refusal::RateLimited(_) => 429,
             Refusal::Maintenance | Refusal::NoHealthyBackend => 503,
             Refusal::Upstream(code) => code,
         }
@@ -55,6 +58,7 @@ impl Refusal {
             Refusal::HeaderTooLarge => "request header too large".into(),
             Refusal::BodyTooLarge(max) => format!("request body larger than {max} bytes"),
             Refusal::WebSocketNotAllowed => "WebSocket is not enabled on this route".into(),
+            Refusal::RateLimited(_) => "too many requests, slow down".into(),
             Refusal::Maintenance => "service under maintenance".into(),
             Refusal::NoHealthyBackend => "no healthy backend, try again later".into(),
             Refusal::Upstream(504) => "upstream timed out".into(),
@@ -113,8 +117,14 @@ impl Pages {
         resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-        if status == 503 {
-            resp.insert_header(http::header::RETRY_AFTER, &self.retry_after)?;
+        match refusal {
+            Refusal::RateLimited(secs) => {
+                resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?
+            }
+            _ if status == 503 => {
+                resp.insert_header(http::header::RETRY_AFTER, &self.retry_after)?
+            }
+            _ => {}
         }
         stamp(&mut resp, request_id)?;
         session.write_response_header(Box::new(resp), false).await?;

@@ -1,0 +1,203 @@
+//! Per-client request rates: nginx's `limit_req` with `nodelay`.
+//!
+//! Each `[rate_limits.NAME]` is one keyed GCRA limiter (governor) shared by
+//! every route that names it, so a client's budget is the same whichever of
+//! those routes it calls. A request over the rate is refused with 429 and a
+//! `Retry-After`; it is never queued, and it does not use up budget.
+//!
+//! A client is its IP address (after `trusted_proxies`), except that IPv6
+//! clients are keyed by their /64: one host usually holds a whole /64, and
+//! keying single addresses would let it rotate through them.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::config;
+
+/// How often client entries that have fully refilled are dropped (60 s), so
+/// the table stays the size of the clients seen within one refill period.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// One named limit, checked by every route that uses it.
+pub struct RateLimit {
+    /// Methods counted; `None` counts every method.
+    methods: Option<Vec<http::Method>>,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    clock: DefaultClock,
+}
+
+impl RateLimit {
+    pub fn new(limit: &config::RateLimit) -> RateLimit {
+        // Validation keeps requests in 1..=MAX_RATE and burst below it, so
+        // neither the period nor the bucket can be zero.
+        let period = limit.per / limit.requests.max(1);
+        let bucket = NonZeroU32::new(limit.burst.saturating_add(1)).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(bucket);
+        RateLimit {
+            methods: limit.methods.clone(),
+            limiter: DefaultKeyedRateLimiter::keyed(quota),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// `Err(wait)` when `client` is over the rate: how long until it may
+    /// send again. Methods the limit does not count always pass, untouched.
+    pub fn check(&self, method: &http::Method, client: IpAddr) -> Result<(), Duration> {
+        if self.methods.as_ref().is_some_and(|m| !m.contains(method)) {
+            return Ok(());
+        }
+        self.limiter
+            .check_key(&client_key(client))
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    /// Clients currently tracked.
+    pub fn clients(&self) -> usize {
+        self.limiter.len()
+    }
+
+    /// Drops clients whose budget has refilled: they are indistinguishable
+    /// from clients never seen.
+    pub fn sweep(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
+
+/// Every configured limit, indexed like `Config::rate_limits`.
+pub struct RateLimits(Vec<RateLimit>);
+
+impl RateLimits {
+    pub fn new(limits: &[config::RateLimit]) -> RateLimits {
+        RateLimits(limits.iter().map(RateLimit::new).collect())
+    }
+
+    pub fn get(&self, index: usize) -> Option<&RateLimit> {
+        self.0.get(index)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn sweep(&self) {
+        self.0.iter().for_each(RateLimit::sweep);
+    }
+}
+
+/// The key a client is counted under: its IPv4 address, or the /64 of its
+/// IPv6 address (IPv4-mapped IPv6 counts as the IPv4 address).
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
+/// Background housekeeping: sweeps every limit each [`SWEEP_INTERVAL`].
+pub struct Sweeper(pub Arc<RateLimits>);
+
+#[async_trait]
+impl BackgroundService for Sweeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.0.sweep(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(requests: u32, burst: u32, methods: Option<Vec<http::Method>>) -> RateLimit {
+        RateLimit::new(&config::RateLimit {
+            name: "t".into(),
+            requests,
+            per: Duration::from_secs(1),
+            burst,
+            methods,
+        })
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_fresh_client_gets_burst_plus_one_then_waits_one_period() {
+        let l = limit(2, 10, None);
+        let a = ip("192.0.2.1");
+        for i in 0..11 {
+            assert_eq!(l.check(&http::Method::POST, a), Ok(()), "request {i}");
+        }
+        let wait = l.check(&http::Method::POST, a).unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        // Another client has its own budget.
+        assert_eq!(l.check(&http::Method::POST, ip("192.0.2.2")), Ok(()));
+    }
+
+    #[test]
+    fn methods_outside_the_list_are_not_counted() {
+        let l = limit(1, 0, Some(vec![http::Method::POST]));
+        let a = ip("192.0.2.1");
+        assert_eq!(l.check(&http::Method::POST, a), Ok(()));
+        assert!(l.check(&http::Method::POST, a).is_err());
+        for _ in 0..100 {
+            assert_eq!(l.check(&http::Method::GET, a), Ok(()));
+        }
+        assert_eq!(l.clients(), 1);
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_64() {
+        assert_eq!(client_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(client_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        let l = limit(1, 0, None);
+        assert_eq!(l.check(&http::Method::GET, ip("2001:db8:1:2::1")), Ok(()));
+        assert!(l.check(&http::Method::GET, ip("2001:db8:1:2::2")).is_err());
+        assert_eq!(l.check(&http::Method::GET, ip("2001:db8:1:3::1")), Ok(()));
+    }
+
+    #[test]
+    fn sweep_forgets_only_refilled_clients() {
+        // 1 000 000/s refills within a microsecond: every client is stale at once.
+        let fast = limit(1_000_000, 0, None);
+        for i in 0..100u8 {
+            let _ = fast.check(&http::Method::GET, IpAddr::from([10, 0, 0, i]));
+        }
+        assert_eq!(fast.clients(), 100);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while fast.clients() > 0 && std::time::Instant::now() < deadline {
+            fast.sweep();
+        }
+        assert_eq!(fast.clients(), 0);
+        // 1/s with a spent budget: still remembered after a sweep.
+        let slow = limit(1, 0, None);
+        let _ = slow.check(&http::Method::GET, ip("192.0.2.1"));
+        slow.sweep();
+        assert_eq!(slow.clients(), 1);
+    }
+}
