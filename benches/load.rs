@@ -575,6 +575,28 @@ fn check_answers(targets: &[Target], checks: &[(&str, &str, u16)]) -> Result<(),
     Ok(())
 }
 
+/// Every proxy of the realistic scenario limits writes per client: a burst
+/// of POSTs passes (11 with nginx's `burst=10`), and a rush beyond it is
+/// refused with 429.
+fn check_write_limit(targets: &[Target]) -> Result<(), String> {
+    for t in targets {
+        let statuses: Vec<u16> = (0..20)
+            .map(|_| {
+                procs::http_request(t.addr(), "POST", confs::API_HOST, confs::REALISTIC_PATH)
+                    .map_or(0, |(s, _)| s)
+            })
+            .collect();
+        let first_refusal = statuses.iter().position(|&s| s == 429);
+        if !first_refusal.is_some_and(|i| i >= 11) {
+            return Err(format!(
+                "{} does not limit writes like the others: 20 POSTs answered {statuses:?}",
+                t.kind.name()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, String> {
     let ready = (spec.host, spec.path, 200);
     let targets = confs::start_proxies(
@@ -586,6 +608,7 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
     )?;
     if matches!(spec.setup, Setup::Realistic) {
         check_answers(&targets, confs::REALISTIC_CHECKS)?;
+        check_write_limit(&targets)?;
     }
     let url = |t: &Target| format!("http://127.0.0.1:{}{}", t.port, spec.path);
     let run_wrk = |t: &Target, secs: u32| {

@@ -443,6 +443,11 @@ green = [\"127.0.0.1:{}\"]
 active = \"blue\"
 connect_timeout = \"3s\"
 health = {{ path = \"/health\", interval = \"5s\", timeout = \"2s\", expect = 200, rise = 2, fall = 3 }}
+
+[rate_limits.writes]
+rate = \"2/s\"
+burst = 10
+methods = [\"POST\", \"PUT\", \"DELETE\"]
 ",
                 g[2], g[3], g[4], g[5], g[6], g[7]
             )
@@ -461,6 +466,9 @@ health = {{ path = \"/health\", interval = \"5s\", timeout = \"2s\", expect = 20
                 if let Some(t) = r.read_timeout {
                     writeln!(s, "read_timeout = \"{t}\"").unwrap();
                 }
+                if r.rate_limited() {
+                    s.push_str("rate_limit = \"writes\"\n");
+                }
             }
         }
     }
@@ -475,6 +483,14 @@ struct RRoute {
     service: Option<&'static str>,
     websocket: bool,
     read_timeout: Option<&'static str>,
+}
+
+impl RRoute {
+    /// Writes to the API and the AI endpoint count against the per-client
+    /// rate limit (2/s, burst 10, POST/PUT/DELETE), as in conf/switchyard.toml.
+    fn rate_limited(&self) -> bool {
+        matches!(self.service, Some("api" | "ai")) && !self.websocket
+    }
 }
 
 fn realistic_routes() -> Vec<RRoute> {
@@ -613,6 +629,15 @@ fn nginx_realistic(up: &Upstream, port: u16) -> String {
         default upgrade;
         \"\" \"\";
     }
+    # Only writes are counted: an empty key is not limited.
+    map $request_method $write_client {
+        default \"\";
+        POST $binary_remote_addr;
+        PUT $binary_remote_addr;
+        DELETE $binary_remote_addr;
+    }
+    limit_req_zone $write_client zone=writes:10m rate=2r/s;
+    limit_req_status 429;
 ",
     );
     for (name, b) in [("web", g[2]), ("api", g[4]), ("ai", g[6])] {
@@ -669,6 +694,9 @@ fn nginx_realistic(up: &Upstream, port: u16) -> String {
                 if let Some(t) = r.read_timeout {
                     writeln!(body, "            proxy_read_timeout {t};").unwrap();
                     body.push_str("            proxy_buffering off;\n");
+                }
+                if r.rate_limited() {
+                    body.push_str("            limit_req zone=writes burst=10 nodelay;\n");
                 }
                 body.push_str("        }\n");
             }
@@ -800,6 +828,12 @@ backend be
     acl api_deny path_beg /actuator /swagger-ui /v3/api-docs /webjars/
     http-request deny deny_status 404 if app app_deny
     http-request deny deny_status 404 if api api_deny
+    # Writes per client to the API and AI routes (HAProxy's nearest to limit_req).
+    stick-table type ip size 100k expire 10s store http_req_rate(1s)
+    acl write method POST PUT DELETE
+    acl limited path_beg /api/ /v1/
+    http-request track-sc0 src if api limited write
+    http-request deny deny_status 429 if api limited write {{ sc_http_req_rate(0) gt 12 }}
     use_backend api if api {{ path_beg /api/ }}
     use_backend ai if api {{ path_beg /v1/ }}
     use_backend web if app

@@ -230,12 +230,22 @@ pub fn local(port: u16) -> SocketAddr {
 /// `GET path` with `Connection: close` on a new connection; reads until the
 /// server closes. Returns the status and the raw response.
 pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> io::Result<(u16, Vec<u8>)> {
+    http_request(addr, "GET", host, path)
+}
+
+/// [`http_get`] with another method (and an empty body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+) -> io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: switchyard-bench\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\nUser-Agent: switchyard-bench\r\n\r\n"
     )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
