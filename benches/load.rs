@@ -24,12 +24,18 @@
 //! Every figure of a wrk scenario is the median over rounds; the rounds of
 //! the proxies are interleaved (A B C, B C A, ...) so drift hits all alike.
 //! CPU is utime+stime of the proxy's processes (nginx: master + workers)
-//! from /proc; memory is VmHWM (nginx: summed over its processes).
+//! from /proc, also shown split into user and kernel time; memory is VmHWM
+//! (nginx: summed over its processes).
+//!
+//! `--perf` adds an unmeasured profiling round to each wrk scenario: see
+//! `load/perf.rs`.
 
 #[path = "load/confs.rs"]
 mod confs;
 #[path = "load/idle.rs"]
 mod idle;
+#[path = "load/perf.rs"]
+mod perf;
 #[path = "load/procs.rs"]
 mod procs;
 #[path = "load/sse.rs"]
@@ -39,6 +45,7 @@ mod switch;
 #[path = "load/wrk.rs"]
 mod wrk;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -74,6 +81,8 @@ struct Opts {
     idle_conns: usize,
     haproxy: bool,
     pingora: bool,
+    /// Profile each proxy of the wrk scenarios (`perf record`).
+    perf: bool,
     only: Vec<String>,
 }
 
@@ -91,6 +100,7 @@ impl Opts {
                 idle_conns: 10_000,
                 haproxy: true,
                 pingora: true,
+                perf: false,
                 only: Vec::new(),
             }
         } else {
@@ -104,6 +114,7 @@ impl Opts {
                 idle_conns: 10_000,
                 haproxy: true,
                 pingora: true,
+                perf: false,
                 only: Vec::new(),
             }
         };
@@ -122,6 +133,7 @@ impl Opts {
                 "--idle-conns" => o.idle_conns = value(a)?.max(1) as usize,
                 "--no-haproxy" => o.haproxy = false,
                 "--no-pingora" => o.pingora = false,
+                "--perf" => o.perf = true,
                 "-h" | "--help" => return Err(String::new()),
                 s if ALL.contains(&s) => o.only.push(s.to_string()),
                 s => return Err(format!("unknown argument {s:?}")),
@@ -136,7 +148,7 @@ impl Opts {
 }
 
 const USAGE: &str = "usage: .ci/bench [--quick] [--rounds N] [--secs N] [--switch-secs N] \
-[--idle-conns N] [--no-haproxy] [--no-pingora] [SCENARIO...]
+[--idle-conns N] [--no-haproxy] [--no-pingora] [--perf] [SCENARIO...]
 scenarios: small 16k close idle sse realistic switch (default: all)";
 
 fn main() {
@@ -169,6 +181,8 @@ struct Env {
     lua: PathBuf,
     upstream: Upstream,
     clk_tck: f64,
+    /// `perf`, when `--perf` asked for profiles.
+    perf: Option<PathBuf>,
 }
 
 fn find_tool(name: &str) -> Option<PathBuf> {
@@ -227,6 +241,14 @@ fn run(opts: &Opts) -> i32 {
         eprintln!("load: needs nginx and wrk (apt-get install nginx-light wrk; .ci/bench does it)");
         return 1;
     };
+    let perf = match (opts.perf, find_tool("perf")) {
+        (false, _) => None,
+        (true, Some(perf)) => Some(perf),
+        (true, None) => {
+            eprintln!("load: --perf needs perf (apt-get install linux-perf; .ci/bench does it)");
+            return 1;
+        }
+    };
     let haproxy = if opts.haproxy {
         find_tool("haproxy")
     } else {
@@ -268,6 +290,7 @@ fn run(opts: &Opts) -> i32 {
             lua,
             upstream,
             clk_tck: procs::clock_ticks_per_sec(),
+            perf: perf.clone(),
         })
     };
     let mut env = match setup() {
@@ -378,6 +401,7 @@ fn run(opts: &Opts) -> i32 {
 
     println!();
     print_wrk_table(&wrk_results);
+    print_profile_table(&wrk_results);
     if let Some(r) = &idle_result {
         print_idle_table(r, opts.idle_conns);
     }
@@ -457,12 +481,16 @@ struct Round {
     wrk: wrk::WrkOut,
     cpu_ticks: u64,
     cpu_us_per_req: f64,
+    user_us_per_req: f64,
+    kernel_us_per_req: f64,
 }
 
 struct ProxyRuns {
     kind: Kind,
     rounds: Vec<Round>,
     peak_rss_kib: u64,
+    /// `--perf`: percent of samples per component.
+    profile: Option<BTreeMap<&'static str, f64>>,
 }
 
 /// Medians over rounds.
@@ -473,6 +501,8 @@ struct Figures {
     p99: f64,
     p999: f64,
     cpu: f64,
+    user: f64,
+    kernel: f64,
     rss_mib: f64,
     errors: u64,
 }
@@ -486,6 +516,8 @@ impl ProxyRuns {
             p99: m(|r| r.wrk.p99_ms),
             p999: m(|r| r.wrk.p999_ms),
             cpu: m(|r| r.cpu_us_per_req),
+            user: m(|r| r.user_us_per_req),
+            kernel: m(|r| r.kernel_us_per_req),
             rss_mib: self.peak_rss_kib as f64 / 1024.0,
             errors: self
                 .rounds
@@ -524,6 +556,7 @@ impl WrkScenario {
                         "median": {
                             "rps": f.rps, "p50_ms": f.p50, "p99_ms": f.p99, "p999_ms": f.p999,
                             "cpu_us_per_req": f.cpu, "peak_rss_mib": f.rss_mib, "errors": f.errors,
+                            "user_us_per_req": f.user, "kernel_us_per_req": f.kernel,
                         },
                         "ratio_to_nginx": {
                             "rps": rel(f.rps, |n| n.rps),
@@ -534,6 +567,7 @@ impl WrkScenario {
                             "peak_rss_mib": rel(f.rss_mib, |n| n.rss_mib),
                         },
                         "peak_rss_kib": p.peak_rss_kib,
+                        "profile_percent": p.profile,
                         "rounds": p.rounds.iter().map(|r| json!({
                             "wrk": r.wrk.raw,
                             "secs": r.wrk.secs,
@@ -544,6 +578,8 @@ impl WrkScenario {
                             "max_ms": r.wrk.max_ms,
                             "cpu_ticks": r.cpu_ticks,
                             "cpu_us_per_req": r.cpu_us_per_req,
+                            "user_us_per_req": r.user_us_per_req,
+                            "kernel_us_per_req": r.kernel_us_per_req,
                             "socket_errors": r.wrk.socket_errors,
                             "non_2xx": r.wrk.non2xx,
                         })).collect::<Vec<_>>(),
@@ -633,20 +669,27 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
             kind: t.kind,
             rounds: Vec::new(),
             peak_rss_kib: 0,
+            profile: None,
         })
         .collect();
     for round in 0..opts.rounds {
         for i in 0..targets.len() {
             let idx = (i + round) % targets.len();
             let t = &targets[idx];
-            let before = t.proc.cpu_ticks();
+            let (user0, kernel0) = t.proc.cpu_split();
             let out = run_wrk(t, opts.secs)?;
-            let ticks = t.proc.cpu_ticks().saturating_sub(before);
-            let cpu_us_per_req = if out.requests > 0 {
-                ticks as f64 * 1e6 / env.clk_tck / out.requests as f64
-            } else {
-                0.0
+            let (user1, kernel1) = t.proc.cpu_split();
+            let requests = out.requests;
+            let per_req = |ticks: u64| {
+                if requests > 0 {
+                    ticks as f64 * 1e6 / env.clk_tck / requests as f64
+                } else {
+                    0.0
+                }
             };
+            let (user, kernel) = (user1.saturating_sub(user0), kernel1.saturating_sub(kernel0));
+            let ticks = user + kernel;
+            let cpu_us_per_req = per_req(ticks);
             eprintln!(
                 "load:   {} round {}: {:.0} req/s, p99 {:.2} ms, {:.1} CPU µs/req{}",
                 t.kind.name(),
@@ -664,7 +707,14 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
                 wrk: out,
                 cpu_ticks: ticks,
                 cpu_us_per_req,
+                user_us_per_req: per_req(user),
+                kernel_us_per_req: per_req(kernel),
             });
+        }
+    }
+    if let Some(perf) = &env.perf {
+        for (r, t) in runs.iter_mut().zip(&targets) {
+            r.profile = Some(profile(env, perf, spec.key, t, || run_wrk(t, opts.secs))?);
         }
     }
     for (r, t) in runs.iter_mut().zip(&targets) {
@@ -675,6 +725,58 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
         title: spec.title,
         proxies: runs,
     })
+}
+
+/// One unmeasured round of `load` under `perf record`; returns the share
+/// of samples per component and draws a flame graph when it can.
+fn profile(
+    env: &Env,
+    perf: &Path,
+    key: &str,
+    t: &Target,
+    load: impl FnOnce() -> Result<wrk::WrkOut, String>,
+) -> Result<BTreeMap<&'static str, f64>, String> {
+    let name = t.kind.name();
+    let data = env.dir.join(format!("perf-{key}-{name}.data"));
+    let recording = perf::record(perf, &t.proc.pids(), 5, &data)?;
+    load()?;
+    let data = recording.finish()?;
+    let shares = perf::breakdown(perf, &data)?;
+    let svg = results_dir().join(format!("flame-{key}-{name}.svg"));
+    let title = format!("{name}: {key}, wrk -t1 -c{CONNECTIONS}");
+    match perf::flamegraph(perf, &data, &title, &svg)? {
+        true => eprintln!("load:   {name}: flame graph in {}", svg.display()),
+        false => eprintln!("load:   {name}: no flame graph (cargo install inferno to get one)"),
+    }
+    Ok(shares)
+}
+
+fn print_profile_table(scenarios: &[WrkScenario]) {
+    for s in scenarios {
+        let profiled: Vec<&ProxyRuns> = s.proxies.iter().filter(|p| p.profile.is_some()).collect();
+        if profiled.is_empty() {
+            continue;
+        }
+        println!(
+            "{}: share of the proxy's CPU samples (perf, by function name)",
+            s.title
+        );
+        let mut header = vec!["component"];
+        header.extend(profiled.iter().map(|p| p.kind.name()));
+        let rows: Vec<Vec<String>> = perf::COMPONENTS
+            .iter()
+            .map(|c| {
+                let mut row = vec![c.to_string()];
+                for p in &profiled {
+                    let pct = p.profile.as_ref().and_then(|m| m.get(c)).copied();
+                    row.push(pct.map_or("-".into(), |v| format!("{v:.1} %")));
+                }
+                row
+            })
+            .collect();
+        print_table(&header, &rows);
+        println!();
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1211,6 +1313,7 @@ fn print_wrk_table(scenarios: &[WrkScenario]) {
                 cell(f.p99, b(|n| n.p99), 2),
                 cell(f.p999, b(|n| n.p999), 2),
                 cell(f.cpu, b(|n| n.cpu), 1),
+                format!("{:.1} / {:.1}", f.user, f.kernel),
                 cell(f.rss_mib, b(|n| n.rss_mib), 1),
                 f.errors.to_string(),
             ]);
@@ -1225,6 +1328,7 @@ fn print_wrk_table(scenarios: &[WrkScenario]) {
             "p99 ms",
             "p99.9 ms",
             "CPU µs/req",
+            "user / kernel",
             "peak RSS MiB",
             "errors",
         ],
@@ -1313,8 +1417,12 @@ fn utc_stamp(t: SystemTime, pretty: bool) -> String {
     }
 }
 
+fn results_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results")
+}
+
 fn write_results(doc: &Value) -> Result<(PathBuf, PathBuf), String> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
+    let dir = results_dir();
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let text = serde_json::to_string_pretty(doc).map_err(|e| e.to_string())?;
     let stamped = dir.join(format!("load-{}.json", utc_stamp(SystemTime::now(), false)));

@@ -53,9 +53,12 @@ impl Proc {
         pids
     }
 
-    /// utime + stime in clock ticks, summed over [`Proc::pids`].
-    pub fn cpu_ticks(&self) -> u64 {
-        self.pids().into_iter().filter_map(cpu_ticks).sum()
+    /// (utime, stime) in clock ticks, summed over [`Proc::pids`].
+    pub fn cpu_split(&self) -> (u64, u64) {
+        self.pids()
+            .into_iter()
+            .filter_map(cpu_ticks)
+            .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds))
     }
 
     /// Peak resident set (VmHWM) in KiB, summed over [`Proc::pids`].
@@ -142,9 +145,10 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split_whitespace().map(str::to_string).collect())
 }
 
-pub fn cpu_ticks(pid: u32) -> Option<u64> {
+/// (utime, stime) of one process in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
     let f = stat_fields(pid)?;
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
 }
 
 pub fn children_of(parent: u32) -> Vec<u32> {
