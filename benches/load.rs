@@ -623,7 +623,7 @@ fn check_write_limit(targets: &[Target]) -> Result<(), String> {
             })
             .collect();
         let first_refusal = statuses.iter().position(|&s| s == 429);
-        if !first_refusal.is_some_and(|i| i >= 11) {
+        if first_refusal.is_none_or(|i| i < 11) {
             return Err(format!(
                 "{} does not limit writes like the others: 20 POSTs answered {statuses:?}",
                 t.kind.name()
