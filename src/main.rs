@@ -237,6 +237,9 @@ config and state in {dir}
   {exe} ctl --admin http://{admin} rollback web
   {exe} ctl --admin http://{admin} history
 
+  # writes are rate-limited per client (2/s, burst 5): the 7th POST gets 429
+  for i in $(seq 8); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST http://{http}/; done
+
 Ctrl-C stops the demo.
 "#,
         dir = dir.display()
