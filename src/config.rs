@@ -671,7 +671,7 @@ impl Validator<'_> {
                             format!(
                                 "route to unknown service {:?}; defined services: {}",
                                 svc.get_ref(),
-                                names(services)
+                                names(services.iter().map(|s| s.name.as_str()))
                             ),
                         );
                         None
@@ -711,17 +711,12 @@ impl Validator<'_> {
             let rate_limit = r.rate_limit.as_ref().and_then(|name| {
                 let found = rate_limits.iter().position(|l| l.name == *name.get_ref());
                 if found.is_none() {
-                    let defined: Vec<&str> = rate_limits.iter().map(|l| l.name.as_str()).collect();
                     self.at(
                         name,
                         format!(
                             "route uses unknown rate limit {:?}; defined [rate_limits]: {}",
                             name.get_ref(),
-                            if defined.is_empty() {
-                                "(none)".to_string()
-                            } else {
-                                defined.join(", ")
-                            }
+                            names(rate_limits.iter().map(|l| l.name.as_str()))
                         ),
                     );
                 }
@@ -748,8 +743,9 @@ impl Validator<'_> {
     }
 }
 
-fn names(services: &[Service]) -> String {
-    let list: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+/// A list of defined names for messages, or "(none)".
+fn names<'a>(defined: impl Iterator<Item = &'a str>) -> String {
+    let list: Vec<&str> = defined.collect();
     if list.is_empty() {
         "(none)".into()
     } else {
