@@ -129,8 +129,12 @@ fn the_budget_refills_at_the_rate() {
     let proxy = start(&blue, &green, "1/s", 0);
     let url = proxy.http_url();
     assert_eq!(post(&url, "/limited", A).status, 200);
-    let r = post(&url, "/limited", A);
-    assert_eq!(r.status, 429, "{r:?}");
+    // Normally the very next POST is refused; on a machine so loaded that a
+    // second passes between two requests, a later one is.
+    let r = (0..10)
+        .map(|_| post(&url, "/limited", A))
+        .find(|r| r.status == 429)
+        .expect("a rush of POSTs at 1/s gets a 429");
     assert_eq!(r.header("retry-after"), Some("1"), "{r:?}");
     // Within about a second the client may send again.
     assert!(
