@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -31,7 +31,6 @@ pub struct RateLimit {
     /// Methods counted; `None` counts every method.
     methods: Option<Vec<http::Method>>,
     limiter: DefaultKeyedRateLimiter<IpAddr>,
-    clock: DefaultClock,
 }
 
 impl RateLimit {
@@ -46,7 +45,6 @@ impl RateLimit {
         RateLimit {
             methods: limit.methods.clone(),
             limiter: DefaultKeyedRateLimiter::keyed(quota),
-            clock: DefaultClock::default(),
         }
     }
 
@@ -58,7 +56,7 @@ impl RateLimit {
         }
         self.limiter
             .check_key(&client_key(client))
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+            .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
     }
 
     /// Clients currently tracked.
