@@ -225,7 +225,11 @@ fn run(opts: &Opts) -> i32 {
     // A hard bound on the whole run (half as long again as planned, plus
     // slack): 4 wrk scenarios of at most 4 proxies, and the switch scenario.
     // Children die with us (PR_SET_PDEATHSIG).
-    let planned = 4 * 4 * (opts.warmup + opts.rounds as u32 * opts.secs) + 2 * opts.switch_secs;
+    let mut planned = 4 * 4 * (opts.warmup + opts.rounds as u32 * opts.secs) + 2 * opts.switch_secs;
+    if opts.perf {
+        // A profiling round per proxy, then perf report and a flame graph.
+        planned += 4 * 4 * 60;
+    }
     let limit = Duration::from_secs(u64::from(planned) * 3 / 2 + 180);
     std::thread::spawn(move || {
         std::thread::sleep(limit);
@@ -714,7 +718,8 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
     }
     if let Some(perf) = &env.perf {
         for (r, t) in runs.iter_mut().zip(&targets) {
-            r.profile = Some(profile(env, perf, spec.key, t, || run_wrk(t, opts.secs))?);
+            let load = || run_wrk(t, opts.secs);
+            r.profile = Some(profile(env, perf, spec.key, t, opts.secs, load)?);
         }
     }
     for (r, t) in runs.iter_mut().zip(&targets) {
@@ -727,18 +732,20 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
     })
 }
 
-/// One unmeasured round of `load` under `perf record`; returns the share
-/// of samples per component and draws a flame graph when it can.
+/// One unmeasured round of `load` (`secs` long) under `perf record`;
+/// returns the share of samples per component and draws a flame graph when
+/// it can.
 fn profile(
     env: &Env,
     perf: &Path,
     key: &str,
     t: &Target,
+    secs: u32,
     load: impl FnOnce() -> Result<wrk::WrkOut, String>,
 ) -> Result<BTreeMap<&'static str, f64>, String> {
     let name = t.kind.name();
     let data = env.dir.join(format!("perf-{key}-{name}.data"));
-    let recording = perf::record(perf, &t.proc.pids(), 5, &data)?;
+    let recording = perf::record(perf, &t.proc.pids(), secs, &data)?;
     load()?;
     let data = recording.finish()?;
     let shares = perf::breakdown(perf, &data)?;
