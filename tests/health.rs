@@ -323,8 +323,9 @@ fn output_text(out: &std::process::Output) -> String {
     )
 }
 
-#[test]
-fn ctl_wait_healthy_switches_once_green_becomes_healthy() {
+/// Service `api` with health checks, blue active and healthy, green
+/// unhealthy: the starting point of a deploy that must wait.
+fn blue_active_green_unhealthy() -> (Upstream, Upstream, Proxy) {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
     green.set_healthy(false);
@@ -337,6 +338,12 @@ fn ctl_wait_healthy_switches_once_green_becomes_healthy() {
         &[(&blue, "healthy"), (&green, "unhealthy")],
         HEALTH_DEADLINE,
     );
+    (blue, green, proxy)
+}
+
+#[test]
+fn ctl_wait_healthy_switches_once_green_becomes_healthy() {
+    let (_blue, green, proxy) = blue_active_green_unhealthy();
 
     let mut child = proxy.spawn_ctl(&["switch", "api", "green", "--wait-healthy", "10s"]);
     // Let several probes fail while ctl waits; it must neither switch nor
@@ -377,18 +384,7 @@ fn ctl_wait_healthy_switches_once_green_becomes_healthy() {
 
 #[test]
 fn ctl_wait_healthy_gives_up_at_its_deadline_and_changes_nothing() {
-    let blue = Upstream::start("blue");
-    let green = Upstream::start("green");
-    green.set_healthy(false);
-    let proxy = ProxyBuilder::new(
-        service_with("api", &[&blue], &[&green], "blue", &fast_health()) + &route(None, "/", "api"),
-    )
-    .start();
-    proxy.wait_health(
-        "api",
-        &[(&blue, "healthy"), (&green, "unhealthy")],
-        HEALTH_DEADLINE,
-    );
+    let (_blue, _green, proxy) = blue_active_green_unhealthy();
 
     let t0 = Instant::now();
     let out = proxy.ctl(&["switch", "api", "green", "--wait-healthy", "1s"]);

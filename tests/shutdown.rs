@@ -7,6 +7,21 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Sends `path` from another thread and waits until blue is working on it.
+fn in_flight_request(
+    proxy: &Proxy,
+    blue: &Upstream,
+    path: &str,
+) -> std::thread::JoinHandle<Result<(u16, String), ureq::Error>> {
+    let url = format!("{}{path}", proxy.http_url());
+    let request = std::thread::spawn(move || try_get(&agent(), &url, None));
+    assert!(
+        poll_until(Duration::from_secs(10), || blue.in_flight_for("/s") >= 1),
+        "blue never received the slow request"
+    );
+    request
+}
+
 #[test]
 fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
     let blue = Upstream::start("blue");
@@ -17,12 +32,7 @@ fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
         .grace_period("8s")
         .start();
 
-    let slow_url = format!("{}/slow?delay_ms=1500", proxy.http_url());
-    let slow = std::thread::spawn(move || try_get(&agent(), &slow_url, None));
-    assert!(
-        poll_until(Duration::from_secs(10), || blue.in_flight_for("/s") >= 1),
-        "blue never received the slow request"
-    );
+    let slow = in_flight_request(&proxy, &blue, "/slow?delay_ms=1500");
 
     let t0 = Instant::now();
     proxy.sigterm();
@@ -78,12 +88,7 @@ fn grace_period_bounds_a_request_that_runs_too_long() {
         .start();
 
     // Far longer than the grace period (and the client's own timeout).
-    let slow_url = format!("{}/stuck?delay_ms=20000", proxy.http_url());
-    let slow = std::thread::spawn(move || try_get(&agent(), &slow_url, None));
-    assert!(
-        poll_until(Duration::from_secs(10), || blue.in_flight_for("/s") >= 1),
-        "blue never received the slow request"
-    );
+    let slow = in_flight_request(&proxy, &blue, "/stuck?delay_ms=20000");
 
     let t0 = Instant::now();
     proxy.sigterm();
