@@ -199,22 +199,28 @@ fn client_outside_allowlist_gets_403() {
     assert_eq!(green.received("/after-403"), 0);
 }
 
-#[test]
-fn world_readable_token_file_refuses_start() {
+/// Starts with a token file of `mode`, expects start-up to fail, and
+/// returns what switchyard said, with the token file's path.
+fn refused_start_with_token_mode(mode: u32) -> (String, String) {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
     let mut proxy = ProxyBuilder::new(simple_api(&blue, &green))
         .token(TokenSource::File {
             token: TOKEN.to_string(),
-            mode: 0o644,
+            mode,
         })
         .spawn();
     let st = proxy
         .wait_exit(FAIL_DEADLINE)
-        .expect("started with a 0644 token file");
+        .unwrap_or_else(|| panic!("started with a {mode:o} token file"));
     assert!(!st.success(), "{st}");
-    let err = proxy.stderr_text();
     let path = proxy.token_path().display().to_string();
+    (proxy.stderr_text(), path)
+}
+
+#[test]
+fn world_readable_token_file_refuses_start() {
+    let (err, path) = refused_start_with_token_mode(0o644);
     assert!(err.contains(&path), "stderr does not name {path}:\n{err}");
     assert!(
         err.contains("chmod 600"),
@@ -224,23 +230,8 @@ fn world_readable_token_file_refuses_start() {
 
 #[test]
 fn group_readable_token_file_refuses_start() {
-    let blue = Upstream::start("blue");
-    let green = Upstream::start("green");
-    let mut proxy = ProxyBuilder::new(simple_api(&blue, &green))
-        .token(TokenSource::File {
-            token: TOKEN.to_string(),
-            mode: 0o640,
-        })
-        .spawn();
-    let st = proxy
-        .wait_exit(FAIL_DEADLINE)
-        .expect("started with a 0640 token file");
-    assert!(!st.success(), "{st}");
-    assert!(
-        proxy.stderr_text().contains("chmod 600"),
-        "{}",
-        proxy.stderr_text()
-    );
+    let (err, _) = refused_start_with_token_mode(0o640);
+    assert!(err.contains("chmod 600"), "{err}");
 }
 
 #[test]
