@@ -411,7 +411,9 @@ fn http10_framing(session: &mut Session, resp: &mut ResponseHeader) -> Result<()
         );
     }
     resp.remove_header(&http::header::TRANSFER_ENCODING);
-    if !resp.headers.contains_key(http::header::CONTENT_LENGTH) {
+    let bodyless = session.req_header().method == http::Method::HEAD
+        || matches!(resp.status.as_u16(), 204 | 304);
+    if !bodyless && !resp.headers.contains_key(http::header::CONTENT_LENGTH) {
         session.set_keepalive(None);
     }
     Ok(())

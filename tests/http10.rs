@@ -181,6 +181,19 @@ fn chunked_backend_answer_reaches_an_http10_client_as_a_plain_body() {
     assert_eq!((r.status(), r.body.as_slice()), (200, &b"hello world"[..]));
     assert_eq!(r.header("content-length"), Some("11"), "{}", r.head);
 
+    // A HEAD answer has no body to delimit: asked-for keep-alive stays.
+    let mut c = RawConn::connect(&addr);
+    c.send(b"HEAD /chunked HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
+    let r = c.read_head(Duration::from_secs(5)).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("transfer-encoding"), None, "{r:?}");
+    assert_eq!(r.header("connection"), Some("keep-alive"), "{r:?}");
+    c.send(b"GET /length HTTP/1.0\r\n\r\n").unwrap();
+    let rest = c.wait_closed(Duration::from_secs(5)).expect("closed");
+    let r = split_response(&rest);
+    assert_eq!((r.status(), r.body.as_slice()), (200, &b"hello world"[..]));
+
     // A transfer coding other than chunked cannot be undone for 1.0: 502.
     let r = exchange_until_close(&addr, b"GET /gzip-te HTTP/1.0\r\n\r\n");
     assert_eq!(r.status(), 502, "{}", r.head);
