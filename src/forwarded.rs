@@ -1,20 +1,40 @@
-//! Who the client is, and the `X-Forwarded-*` / `X-Request-Id` headers that
-//! tell the backend.
+//! Who the client is, and the forwarding headers that tell the backend:
+//! `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`
+//! and `X-Request-Id`.
 //!
-//! An incoming `X-Forwarded-For` is only believed when the direct peer is a
-//! trusted proxy (a load balancer in front); otherwise anyone could claim any
-//! address and walk around per-client limits. The client is then the rightmost
-//! address of the chain that is not itself a trusted proxy.
+//! Forwarding headers are only believed from a trusted proxy (a load
+//! balancer in front, `server.trusted_proxies`); otherwise anyone could claim
+//! any address, scheme or host and walk around per-client limits or make the
+//! backend build URLs for another site. The client is the rightmost address
+//! of the `X-Forwarded-For` chain that is not itself a trusted proxy.
+//!
+//! From an untrusted peer the whole family that backends read as "set by a
+//! proxy" ([`is_proxy_set`]) is removed before switchyard writes its own. The
+//! list follows what the backends behind switchyard act on: Spring's
+//! `ForwardedHeaderFilter` and Tomcat's `RemoteIpValve` (`Forwarded`, every
+//! `X-Forwarded-*`), Next.js internals (`x-middleware-*` including
+//! `x-middleware-subrequest`, CVE-2025-29927; `x-invoke-*`, `x-matched-path`,
+//! `x-now-route-matches`) and the client-IP headers of CDNs and frameworks.
+//!
+//! switchyard never writes an RFC 7239 `Forwarded` header of its own: Spring
+//! prefers `Forwarded` over `X-Forwarded-*`, so one saying `proto=http`
+//! behind a TLS-terminating load balancer that sets only
+//! `X-Forwarded-Proto: https` would make the API build `http://` links. A
+//! trusted peer's `Forwarded` is kept, with switchyard's hop appended.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
+use http::header::HeaderName;
 use http::HeaderValue;
 use ipnet::IpNet;
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 
+use crate::host::Authority;
+
+pub const FORWARDED: &str = "forwarded";
 pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
 pub const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 pub const X_FORWARDED_HOST: &str = "x-forwarded-host";
@@ -24,6 +44,46 @@ pub const X_REQUEST_ID: &str = "x-request-id";
 /// Longest request id passed through (128 bytes); longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
 
+/// Header-name prefixes (lower case) a backend treats as set by a proxy:
+/// removed from untrusted peers' requests.
+pub const PROXY_SET_PREFIXES: &[&str] = &["x-forwarded-", "x-middleware-", "x-invoke-"];
+
+/// Header names (lower case) a backend treats as set by a proxy, besides
+/// [`PROXY_SET_PREFIXES`]: removed from untrusted peers' requests.
+pub const PROXY_SET_NAMES: &[&str] = &[
+    // RFC 7239 and its predecessors.
+    "forwarded",
+    "forwarded-for",
+    "x-forwarded",
+    // Client address as told by a proxy or CDN.
+    "x-real-ip",
+    "x-client-ip",
+    "client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "cf-connecting-ipv6",
+    "cf-pseudo-ipv4",
+    "fastly-client-ip",
+    "x-appengine-user-ip",
+    "x-envoy-external-address",
+    "x-original-forwarded-for",
+    "x-proxyuser-ip",
+    // The URL or host before a proxy rewrote it (IIS, Symfony, Laravel).
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-host",
+    // Next.js routing internals.
+    "x-matched-path",
+    "x-now-route-matches",
+];
+
+/// Whether a backend would take header `name` (lower case, as `http`
+/// stores names) as set by a proxy.
+pub fn is_proxy_set(name: &str) -> bool {
+    PROXY_SET_NAMES.contains(&name) || PROXY_SET_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// The client as far as the proxy can tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Client {
@@ -31,12 +91,26 @@ pub struct Client {
     pub peer: IpAddr,
     /// The real client: the peer, or from `X-Forwarded-For` when the peer is trusted.
     pub ip: IpAddr,
-    /// Whether the peer is a trusted proxy, so its `X-Forwarded-*` headers stand.
+    /// Whether the peer is a trusted proxy, so its forwarding headers stand.
     pub trusted: bool,
 }
 
 impl Client {
-    pub fn identify(peer: IpAddr, forwarded_for: Option<&[u8]>, trusted: &[IpNet]) -> Client {
+    /// Identifies the client from the TCP peer and every `X-Forwarded-For`
+    /// line of the request, in order (a proxy may append a line rather than
+    /// extend the first one).
+    ///
+    /// From a trusted peer the chain is walked from the right over trusted
+    /// hops; the first other entry is the client. An entry that is not an
+    /// address (`unknown`, garbage) stops the walk at the last trusted hop:
+    /// skipping it would hand the choice to whatever the client wrote further
+    /// left. `IP:port` entries (some load balancers add the port) count as
+    /// their address.
+    pub fn identify<'a>(
+        peer: IpAddr,
+        forwarded_for: impl IntoIterator<Item = &'a [u8]>,
+        trusted: &[IpNet],
+    ) -> Client {
         let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
         if !is_trusted(&peer) {
             return Client {
@@ -45,23 +119,34 @@ impl Client {
                 trusted: false,
             };
         }
-        let chain: Vec<IpAddr> = forwarded_for
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(|v| v.split(',').filter_map(|a| a.trim().parse().ok()).collect())
-            .unwrap_or_default();
-        let ip = chain
-            .iter()
-            .rev()
-            .find(|ip| !is_trusted(ip))
-            .or(chain.first())
-            .copied()
-            .unwrap_or(peer);
+        let lines: Vec<&[u8]> = forwarded_for.into_iter().collect();
+        let mut ip = peer;
+        'walk: for line in lines.iter().rev() {
+            for entry in line.rsplit(|&b| b == b',') {
+                match parse_chain_entry(entry) {
+                    Some(hop) if is_trusted(&hop) => ip = hop,
+                    Some(hop) => {
+                        ip = hop;
+                        break 'walk;
+                    }
+                    None => break 'walk,
+                }
+            }
+        }
         Client {
             peer,
             ip,
             trusted: true,
         }
     }
+}
+
+/// One `X-Forwarded-For` entry: `IP`, `IP:port` or `[IPv6]:port`.
+fn parse_chain_entry(entry: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(entry).ok()?.trim();
+    text.parse::<IpAddr>()
+        .ok()
+        .or_else(|| text.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// A request id from the client is kept when it is short and plain.
@@ -108,35 +193,57 @@ fn ip_header(ip: IpAddr) -> Result<HeaderValue> {
     HeaderValue::from_bytes(&buf[..len]).or_err(InternalError, "address header")
 }
 
-/// Writes the forwarding headers into the request sent upstream.
+/// Writes the forwarding headers into the request sent upstream, after
+/// removing every proxy-set header an untrusted peer sent:
+/// - `X-Forwarded-For`: the trusted peer's chain (all its lines, joined)
+///   plus the peer; else just the peer;
+/// - `X-Real-IP`: the client ([`Client::identify`]);
+/// - `X-Forwarded-Proto`: a trusted peer's, else `http`;
+/// - `X-Forwarded-Host`: a trusted peer's, else the routed authority
+///   (removed when the request named none, HTTP/1.0 without `Host`);
+/// - `Forwarded`: a trusted peer's, with `for=<peer>` appended (RFC 7239
+///   §4, §6); never created;
+/// - `X-Request-Id`: `request_id`.
 pub fn apply(
     req: &mut RequestHeader,
     client: &Client,
     request_id: &HeaderValue,
-    host: Option<&str>,
+    authority: Option<&Authority>,
 ) -> Result<()> {
+    if !client.trusted {
+        strip_proxy_set(req);
+    }
     let peer = ip_header(client.peer)?;
     let real_ip = match client.ip == client.peer {
         true => peer.clone(),
         false => ip_header(client.ip)?,
     };
-    let xff = match req.headers.get(X_FORWARDED_FOR) {
-        Some(prior) if client.trusted => {
-            let mut v = prior.as_bytes().to_vec();
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(peer.as_bytes());
-            HeaderValue::from_bytes(&v).or_err(InvalidHTTPHeader, "X-Forwarded-For")?
+    let xff = match joined(req, X_FORWARDED_FOR) {
+        Some(mut chain) if client.trusted => {
+            chain.extend_from_slice(b", ");
+            chain.extend_from_slice(peer.as_bytes());
+            HeaderValue::from_bytes(&chain).or_err(InvalidHTTPHeader, "X-Forwarded-For")?
         }
         _ => peer,
     };
     req.insert_header(X_FORWARDED_FOR, xff)?;
     req.insert_header(X_REAL_IP, real_ip)?;
+    if let Some(mut elements) = joined(req, FORWARDED) {
+        // Only a trusted peer's can still be here.
+        elements.extend_from_slice(b", for=");
+        match client.peer {
+            IpAddr::V4(ip) => elements.extend_from_slice(ip.to_string().as_bytes()),
+            IpAddr::V6(ip) => elements.extend_from_slice(format!("\"[{ip}]\"").as_bytes()),
+        }
+        let value = HeaderValue::from_bytes(&elements).or_err(InvalidHTTPHeader, "Forwarded")?;
+        req.insert_header(FORWARDED, value)?;
+    }
     if !(client.trusted && req.headers.contains_key(X_FORWARDED_PROTO)) {
         req.insert_header(X_FORWARDED_PROTO, "http")?;
     }
     if !(client.trusted && req.headers.contains_key(X_FORWARDED_HOST)) {
-        match host {
-            Some(h) => req.insert_header(X_FORWARDED_HOST, h)?,
+        match authority {
+            Some(a) => req.insert_header(X_FORWARDED_HOST, a.header_value().clone())?,
             None => {
                 req.remove_header(X_FORWARDED_HOST);
             }
@@ -144,6 +251,36 @@ pub fn apply(
     }
     req.insert_header(X_REQUEST_ID, request_id.clone())?;
     Ok(())
+}
+
+/// Removes every header [`is_proxy_set`] names, in any case and however
+/// often it was repeated. Allocates only when there is something to remove.
+fn strip_proxy_set(req: &mut RequestHeader) {
+    let doomed: Vec<HeaderName> = req
+        .headers
+        .keys()
+        .filter(|name| is_proxy_set(name.as_str()))
+        .cloned()
+        .collect();
+    for name in doomed {
+        req.remove_header(&name);
+    }
+}
+
+/// Every line of header `name` joined with `, ` (RFC 9110 §5.3), or `None`
+/// when there is none.
+fn joined(req: &RequestHeader, name: &str) -> Option<Vec<u8>> {
+    let mut out: Option<Vec<u8>> = None;
+    for value in req.headers.get_all(name) {
+        match out.as_mut() {
+            None => out = Some(value.as_bytes().to_vec()),
+            Some(v) => {
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(value.as_bytes());
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -154,31 +291,42 @@ mod tests {
         list.iter().map(|n| n.parse().unwrap()).collect()
     }
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn identify(peer: &str, lines: &[&str], trusted: &[&str]) -> Client {
+        Client::identify(ip(peer), lines.iter().map(|l| l.as_bytes()), &nets(trusted))
+    }
+
     #[test]
     fn untrusted_peer_is_the_client() {
-        let c = Client::identify(
-            "203.0.113.9".parse().unwrap(),
-            Some(b"1.2.3.4"),
-            &nets(&["10.0.0.0/8"]),
-        );
-        assert_eq!(c.ip, "203.0.113.9".parse::<IpAddr>().unwrap());
+        let c = identify("203.0.113.9", &["1.2.3.4"], &["10.0.0.0/8"]);
+        assert_eq!(c.ip, ip("203.0.113.9"));
         assert!(!c.trusted);
     }
 
     #[test]
     fn trusted_chain_yields_rightmost_untrusted() {
-        let trusted = nets(&["10.0.0.0/8"]);
-        let c = Client::identify(
-            "10.0.0.2".parse().unwrap(),
-            Some(b"6.6.6.6, 198.51.100.7, 10.0.0.1"),
-            &trusted,
-        );
-        assert_eq!(c.ip, "198.51.100.7".parse::<IpAddr>().unwrap());
-        let only_proxies =
-            Client::identify("10.0.0.2".parse().unwrap(), Some(b"10.0.0.3"), &trusted);
-        assert_eq!(only_proxies.ip, "10.0.0.3".parse::<IpAddr>().unwrap());
-        let none = Client::identify("10.0.0.2".parse().unwrap(), None, &trusted);
-        assert_eq!(none.ip, "10.0.0.2".parse::<IpAddr>().unwrap());
+        let t = &["10.0.0.0/8"];
+        let c = identify("10.0.0.2", &["6.6.6.6, 198.51.100.7, 10.0.0.1"], t);
+        assert_eq!(c.ip, ip("198.51.100.7"));
+        assert_eq!(identify("10.0.0.2", &["10.0.0.3"], t).ip, ip("10.0.0.3"));
+        assert_eq!(identify("10.0.0.2", &[], t).ip, ip("10.0.0.2"));
+        // A second line appended by the load balancer is the right end of
+        // the chain, not something to ignore.
+        let c = identify("10.0.0.2", &["6.6.6.6", "198.51.100.7, 10.0.0.1"], t);
+        assert_eq!(c.ip, ip("198.51.100.7"));
+        // Ports as some load balancers write them.
+        let c = identify("10.0.0.2", &["6.6.6.6, 198.51.100.7:5123"], t);
+        assert_eq!(c.ip, ip("198.51.100.7"));
+        let c = identify("10.0.0.2", &["[2001:db8::7]:443"], t);
+        assert_eq!(c.ip, ip("2001:db8::7"));
+        // Garbage stops the walk: what is left of it is the client's to write.
+        let c = identify("10.0.0.2", &["6.6.6.6, unknown, 10.0.0.1"], t);
+        assert_eq!(c.ip, ip("10.0.0.1"));
+        let c = identify("10.0.0.2", &["6.6.6.6, "], t);
+        assert_eq!(c.ip, ip("10.0.0.2"));
     }
 
     #[test]
@@ -194,17 +342,22 @@ mod tests {
         assert_eq!(ip_header("::1".parse().unwrap()).unwrap(), "::1");
     }
 
+    fn authority(s: &str) -> Authority {
+        Authority::parse(s.as_bytes()).unwrap()
+    }
+
     #[test]
     fn headers_are_replaced_or_appended() {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.insert_header(X_FORWARDED_FOR, "6.6.6.6").unwrap();
         req.insert_header(X_FORWARDED_PROTO, "https").unwrap();
-        let untrusted = Client::identify("127.0.0.1".parse().unwrap(), None, &[]);
+        let untrusted = identify("127.0.0.1", &[], &[]);
+        let host = authority("example.com");
         apply(
             &mut req,
             &untrusted,
             &HeaderValue::from_static("id1"),
-            Some("example.com"),
+            Some(&host),
         )
         .unwrap();
         assert_eq!(req.headers[X_FORWARDED_FOR], "127.0.0.1");
@@ -212,15 +365,92 @@ mod tests {
         assert_eq!(req.headers[X_FORWARDED_HOST], "example.com");
 
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        req.insert_header(X_FORWARDED_FOR, "6.6.6.6").unwrap();
-        let trusted = Client::identify(
-            "127.0.0.1".parse().unwrap(),
-            Some(b"6.6.6.6"),
-            &nets(&["127.0.0.0/8"]),
-        );
+        req.append_header(X_FORWARDED_FOR, "6.6.6.6").unwrap();
+        req.append_header("X-Forwarded-For", "7.7.7.7").unwrap();
+        req.insert_header(FORWARDED, "for=6.6.6.6;proto=https")
+            .unwrap();
+        let trusted = identify("::1", &["6.6.6.6", "7.7.7.7"], &["::1/128"]);
         apply(&mut req, &trusted, &HeaderValue::from_static("id2"), None).unwrap();
-        assert_eq!(req.headers[X_FORWARDED_FOR], "6.6.6.6, 127.0.0.1");
-        assert_eq!(req.headers[X_REAL_IP], "6.6.6.6");
+        assert_eq!(req.headers[X_FORWARDED_FOR], "6.6.6.6, 7.7.7.7, ::1");
+        assert_eq!(req.headers.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(req.headers[X_REAL_IP], "7.7.7.7");
+        assert_eq!(
+            req.headers[FORWARDED],
+            "for=6.6.6.6;proto=https, for=\"[::1]\""
+        );
         assert_eq!(req.headers[X_REQUEST_ID], "id2");
+        assert!(req.headers.get(X_FORWARDED_HOST).is_none());
+    }
+
+    #[test]
+    fn the_whole_proxy_set_family_is_stripped_from_untrusted_peers() {
+        let sent = [
+            "Forwarded",
+            "FORWARDED",
+            "X-Forwarded-Port",
+            "x-forwarded-prefix",
+            "X-FORWARDED-SSL",
+            "X-Forwarded-By",
+            "X-Forwarded-Server",
+            "X-Forwarded-Anything-New",
+            "X-Forwarded",
+            "Forwarded-For",
+            "X-Real-Ip",
+            "True-Client-IP",
+            "X-Client-IP",
+            "X-Cluster-Client-IP",
+            "CF-Connecting-IP",
+            "Client-IP",
+            "Fastly-Client-IP",
+            "X-Original-URL",
+            "X-Rewrite-URL",
+            "X-Original-Forwarded-For",
+            "X-Middleware-Subrequest",
+            "x-middleware-rewrite",
+            "X-Middleware-Override-Headers",
+            "X-Invoke-Path",
+            "X-Matched-Path",
+            "X-Now-Route-Matches",
+        ];
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for name in sent {
+            req.append_header(name.to_string(), "evil").unwrap();
+            req.append_header(name.to_string(), "evil-again").unwrap();
+        }
+        req.insert_header("X-Kept", "yes").unwrap();
+        req.insert_header("RSC", "1").unwrap();
+        req.insert_header("Next-Router-State-Tree", "x").unwrap();
+        let untrusted = identify("192.0.2.1", &[], &[]);
+        let host = authority("shop.example");
+        apply(
+            &mut req,
+            &untrusted,
+            &HeaderValue::from_static("id"),
+            Some(&host),
+        )
+        .unwrap();
+        let mut names: Vec<&str> = req.headers.keys().map(|n| n.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "next-router-state-tree",
+                "rsc",
+                "x-forwarded-for",
+                "x-forwarded-host",
+                "x-forwarded-proto",
+                "x-kept",
+                "x-real-ip",
+                "x-request-id"
+            ]
+        );
+        for name in ["x-forwarded-for", "x-real-ip"] {
+            assert_eq!(req.headers.get_all(name).iter().count(), 1);
+            assert_eq!(req.headers[name], "192.0.2.1");
+        }
+        assert_eq!(req.headers[X_FORWARDED_HOST], "shop.example");
+        assert!(sent.iter().all(|n| is_proxy_set(&n.to_ascii_lowercase())));
+        assert!(!is_proxy_set("x-request-id"));
+        assert!(!is_proxy_set("x-forwardedfor"));
     }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod forwarded;
 pub mod health;
+pub mod host;
 pub mod limits;
 pub mod pools;
 pub mod proxy;

@@ -1,6 +1,7 @@
 //! The request's story, as Pingora phases. Each phase stays thin: the rules
 //! live in `route.rs` (where to go), `pools.rs` (which color, which backend),
-//! `forwarded.rs` (who the client is) and `respond.rs` (the proxy's own answers).
+//! `host.rs` (which host the request is for), `forwarded.rs` (who the client
+//! is) and `respond.rs` (the proxy's own answers).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +17,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{self, RouteAction, RouteLimits};
 use crate::forwarded::{self, Client};
+use crate::host::{self, Authority};
 use crate::limits::rate::RateLimits;
 use crate::pools::{InFlight, Switchboard};
 use crate::respond::{self, Refusal};
@@ -77,6 +79,12 @@ pub struct Ctx {
     _request: RequestCount,
     request_id: http::HeaderValue,
     client: Option<Client>,
+    /// The one authority the request is for (`host.rs`), set once in
+    /// `request_filter`; routing, the upstream `Host` and the forwarded
+    /// headers all read it from here. `None` for HTTP/1.0 without `Host`.
+    authority: Option<Authority>,
+    /// The client speaks HTTP/1.0: no chunked framing, no 1xx, no upgrades.
+    http10: bool,
     limits: RouteLimits,
     websocket: bool,
     target: Option<InFlight>,
@@ -110,6 +118,8 @@ impl ProxyHttp for Proxy {
             _request: RequestCount(self.requests.clone()),
             request_id: http::HeaderValue::from_static(""),
             client: None,
+            authority: None,
+            http10: false,
             limits: RouteLimits::default(),
             websocket: false,
             target: None,
@@ -134,16 +144,27 @@ impl ProxyHttp for Proxy {
             .and_then(|a| a.as_inet())
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
         let req = session.req_header();
-        let forwarded_for = req.headers.get(forwarded::X_FORWARDED_FOR);
+        let forwarded_for = req.headers.get_all(forwarded::X_FORWARDED_FOR);
         let client = Client::identify(
             peer,
-            forwarded_for.map(|v| v.as_bytes()),
+            forwarded_for.iter().map(|v| v.as_bytes()),
             &self.settings.trusted_proxies,
         );
         let client_ip = client.ip;
         ctx.client = Some(client);
+        ctx.http10 = req.version < http::Version::HTTP_11;
+        if ctx.http10 {
+            // RFC 9110 §15.2: no 1xx interim responses to an HTTP/1.0 client.
+            session.set_ignore_info_resp(true);
+        }
+        let req = session.req_header();
+        ctx.authority = match host::request_authority(req) {
+            Ok(authority) => authority,
+            Err(e) => return self.refuse(session, ctx, Refusal::BadHost(e)).await,
+        };
 
-        let target = match self.routes.resolve(request_host(req), req.uri.path()) {
+        let host = ctx.authority.as_ref().map(Authority::host);
+        let target = match self.routes.resolve(host, req.uri.path()) {
             Ok(Some(target)) => target,
             Ok(None) => return self.refuse(session, ctx, Refusal::NoRoute).await,
             Err(_) => return self.refuse(session, ctx, Refusal::BadPath).await,
@@ -153,7 +174,8 @@ impl ProxyHttp for Proxy {
             RouteAction::Deny => return self.refuse(session, ctx, Refusal::Denied).await,
         };
         ctx.limits = target.limits;
-        ctx.websocket = is_websocket_upgrade(req);
+        // RFC 9110 §7.8: an HTTP/1.0 client's Upgrade is ignored.
+        ctx.websocket = !ctx.http10 && is_websocket_upgrade(req);
         if ctx.websocket && !target.limits.websocket {
             return self
                 .refuse(session, ctx, Refusal::WebSocketNotAllowed)
@@ -175,7 +197,11 @@ impl ProxyHttp for Proxy {
         }
 
         let s = &self.settings;
-        session.set_keepalive(Some(s.keepalive_timeout.as_secs().max(1)));
+        // Only where the client allows it: HTTP/1.1 unless `Connection:
+        // close`, HTTP/1.0 only with `Connection: keep-alive` (RFC 9112 §9.3).
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(s.keepalive_timeout.as_secs().max(1)));
+        }
         let (read, write) = match ctx.websocket {
             true => (target.limits.idle_timeout, target.limits.idle_timeout),
             false => (s.body_timeout, s.send_timeout),
@@ -233,24 +259,44 @@ impl ProxyHttp for Proxy {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         let Some(client) = &ctx.client else {
             return Error::e_explain(InternalError, "client not identified");
         };
-        let host = request_host(session.req_header());
-        forwarded::apply(upstream, client, &ctx.request_id, host)
+        // The backend sees the authority the request was routed by, in
+        // origin-form (RFC 9112 §3.2.1: a server expects absolute-form only
+        // from proxies).
+        if let Some(origin) = host::origin_form(upstream.raw_path()) {
+            upstream.set_raw_path(&origin)?;
+        }
+        match &ctx.authority {
+            Some(a) => upstream.insert_header(http::header::HOST, a.header_value().clone())?,
+            // HTTP/1.1 to the backend needs a Host; empty when the client
+            // named none (RFC 9112 §3.2).
+            None => upstream.insert_header(http::header::HOST, "")?,
+        }
+        if ctx.http10 {
+            // RFC 9110 §10.1.1 and §7.8: ignored for HTTP/1.0, so the
+            // backend (spoken to in HTTP/1.1) must not see them either.
+            upstream.remove_header(&http::header::EXPECT);
+            upstream.remove_header(&http::header::UPGRADE);
+        }
+        forwarded::apply(upstream, client, &ctx.request_id, ctx.authority.as_ref())
     }
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.response_started = true;
+        if ctx.http10 {
+            http10_framing(session, resp)?;
+        }
         if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
             if let Some(target) = ctx.target.as_mut() {
                 target.mark_upgraded();
@@ -340,12 +386,37 @@ impl Proxy {
     }
 }
 
-/// The request's host: the `Host` header, or the authority of an absolute URI (HTTP/2).
-fn request_host(req: &RequestHeader) -> Option<&str> {
-    req.headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri.host())
+/// Frames a response for an HTTP/1.0 client, which cannot decode chunked
+/// transfer coding (RFC 9112 §6.1: no `Transfer-Encoding` in a response to
+/// a 1.0 request). Pingora relays a backend's chunked body (or adds chunking
+/// to an unframed one) as chunked; without `Transfer-Encoding` it writes the
+/// plain body instead, delimited by `Content-Length` if the backend gave one,
+/// else by closing the connection (RFC 9112 §6.3), so keep-alive ends here.
+/// A transfer coding other than chunked cannot be undone here: 502.
+fn http10_framing(session: &mut Session, resp: &mut ResponseHeader) -> Result<()> {
+    let Some(te) = resp.headers.get(http::header::TRANSFER_ENCODING) else {
+        return Ok(());
+    };
+    if !te.as_bytes().eq_ignore_ascii_case(b"chunked")
+        || resp
+            .headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .count()
+            > 1
+    {
+        return Error::e_explain(
+            HTTPStatus(502),
+            "backend transfer coding an HTTP/1.0 client cannot decode",
+        );
+    }
+    resp.remove_header(&http::header::TRANSFER_ENCODING);
+    let bodyless = session.req_header().method == http::Method::HEAD
+        || matches!(resp.status.as_u16(), 204 | 304);
+    if !bodyless && !resp.headers.contains_key(http::header::CONTENT_LENGTH) {
+        session.set_keepalive(None);
+    }
+    Ok(())
 }
 
 fn is_websocket_upgrade(req: &RequestHeader) -> bool {

@@ -13,6 +13,7 @@ use pingora::prelude::*;
 use pingora::ErrorSource;
 
 use crate::forwarded::X_REQUEST_ID;
+use crate::host::HostError;
 
 /// The `Server` header on every response: no version, nothing to fingerprint.
 pub const SERVER: &str = "switchyard";
@@ -26,6 +27,8 @@ pub enum Refusal {
     NoRoute,
     Denied,
     BadPath,
+    /// No valid, single authority (`Host`, absolute-form target): see `host.rs`.
+    BadHost(HostError),
     HeaderTooLarge,
     BodyTooLarge(usize),
     WebSocketNotAllowed,
@@ -41,7 +44,7 @@ impl Refusal {
     pub fn status(self) -> u16 {
         match self {
             Refusal::NoRoute | Refusal::Denied => 404,
-            Refusal::BadPath | Refusal::WebSocketNotAllowed => 400,
+            Refusal::BadPath | Refusal::BadHost(_) | Refusal::WebSocketNotAllowed => 400,
             Refusal::HeaderTooLarge => 431,
             Refusal::BodyTooLarge(_) => 413,
             Refusal::RateLimited(_) => 429,
@@ -55,6 +58,7 @@ impl Refusal {
             Refusal::NoRoute => "no route for this host and path".into(),
             Refusal::Denied => "not found".into(),
             Refusal::BadPath => "bad request path".into(),
+            Refusal::BadHost(e) => format!("bad request host: {e}"),
             Refusal::HeaderTooLarge => "request header too large".into(),
             Refusal::BodyTooLarge(max) => format!("request body larger than {max} bytes"),
             Refusal::WebSocketNotAllowed => "WebSocket is not enabled on this route".into(),
@@ -71,7 +75,10 @@ impl Refusal {
     pub fn closes_connection(self) -> bool {
         matches!(
             self,
-            Refusal::HeaderTooLarge | Refusal::BodyTooLarge(_) | Refusal::WebSocketNotAllowed
+            Refusal::HeaderTooLarge
+                | Refusal::BodyTooLarge(_)
+                | Refusal::WebSocketNotAllowed
+                | Refusal::BadHost(_)
         )
     }
 }

@@ -298,3 +298,154 @@ fn responses_carry_server_switchyard_without_version() {
     assert_eq!(r.status, 404, "{r:?}");
     assert_eq!(r.header_all("server"), ["switchyard"], "{r:?}");
 }
+
+/// Every header of the proxy-set family, as a client might spell it.
+const PROXY_SET_FAMILY: &[&str] = &[
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Host",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+    "X-Forwarded-Ssl",
+    "X-Forwarded-By",
+    "X-Forwarded-Server",
+    "X-Forwarded-Scheme",
+    "x-forwarded-uri",
+    "X-FORWARDED-PORT",
+    "X-Forwarded",
+    "Forwarded-For",
+    "X-Real-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "X-Cluster-Client-IP",
+    "CF-Connecting-IP",
+    "Client-IP",
+    "Fastly-Client-IP",
+    "X-Original-Forwarded-For",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+    "X-Middleware-Subrequest",
+    "X-Middleware-Rewrite",
+    "x-middleware-override-headers",
+    "X-Invoke-Path",
+    "X-Matched-Path",
+    "X-Now-Route-Matches",
+];
+
+/// A raw request carrying each family header twice, once in the case given
+/// and once upper-cased, plus headers that must pass.
+fn family_request(path: &str) -> Vec<u8> {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: shop.example.com\r\nConnection: close\r\n");
+    for name in PROXY_SET_FAMILY {
+        req += &format!("{name}: for=203.0.113.50;proto=https;host=evil.example\r\n");
+        req += &format!("{}: 203.0.113.51\r\n", name.to_ascii_uppercase());
+    }
+    req += "X-Kept: yes\r\nRSC: 1\r\n\r\n";
+    req.into_bytes()
+}
+
+#[test]
+fn untrusted_peer_cannot_send_any_proxy_set_header() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(config(&blue, &green)).start();
+
+    // The issue's input first, exactly.
+    let mut c = RawConn::connect(&proxy.http_addr());
+    c.send(
+        b"GET /spring HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\
+          Forwarded: for=203.0.113.50;proto=https;host=evil.example\r\n\
+          X-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /admin\r\nX-Forwarded-Ssl: on\r\n\r\n",
+    )
+    .unwrap();
+    let r = c.read_response(Duration::from_secs(5)).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = only_request(&blue, "/spring");
+    for h in [
+        "forwarded",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-ssl",
+    ] {
+        assert!(
+            seen.header(h).is_none(),
+            "{h} reached the backend: {seen:?}"
+        );
+    }
+
+    // Then the whole family, mixed case, repeated.
+    let mut c = RawConn::connect(&proxy.http_addr());
+    c.send(&family_request("/family")).unwrap();
+    let r = c.read_response(Duration::from_secs(5)).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = only_request(&blue, "/family");
+    let ours = [
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-real-ip", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "shop.example.com"),
+    ];
+    for name in PROXY_SET_FAMILY {
+        let name = name.to_ascii_lowercase();
+        match ours.iter().find(|(n, _)| *n == name) {
+            Some((_, value)) => assert_eq!(seen.header_all(&name), [*value], "{seen:?}"),
+            None => assert!(
+                seen.header(&name).is_none(),
+                "{name} reached the backend: {seen:?}"
+            ),
+        }
+    }
+    assert_eq!(seen.header("x-kept"), Some("yes"), "{seen:?}");
+    assert_eq!(seen.header("rsc"), Some("1"), "{seen:?}");
+}
+
+#[test]
+fn trusted_peer_keeps_the_family_and_its_chains_are_appended_to() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(config(&blue, &green))
+        .server(r#"trusted_proxies = ["127.0.0.0/8"]"#)
+        .start();
+
+    let mut c = RawConn::connect(&proxy.http_addr());
+    c.send(
+        b"GET /lb HTTP/1.1\r\nHost: internal.example\r\nConnection: close\r\n\
+          X-Forwarded-For: 6.6.6.6\r\nx-forwarded-for: 198.51.100.7\r\n\
+          Forwarded: for=6.6.6.6\r\nFORWARDED: for=198.51.100.7;proto=https;host=shop.example.com\r\n\
+          X-Forwarded-Proto: https\r\nX-Forwarded-Host: shop.example.com\r\n\
+          X-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /shop\r\nX-Forwarded-Ssl: on\r\n\
+          X-Middleware-Subrequest: kept-from-the-lb\r\n\r\n",
+    )
+    .unwrap();
+    let r = c.read_response(Duration::from_secs(5)).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = only_request(&blue, "/lb");
+    // Both lines of the chain, in order, then the peer; the load balancer's
+    // line is the right end, so the client is its address, not the first.
+    assert_eq!(
+        single(&seen, "x-forwarded-for"),
+        "6.6.6.6, 198.51.100.7, 127.0.0.1"
+    );
+    assert_eq!(single(&seen, "x-real-ip"), "198.51.100.7");
+    assert_eq!(
+        single(&seen, "forwarded"),
+        "for=6.6.6.6, for=198.51.100.7;proto=https;host=shop.example.com, for=127.0.0.1"
+    );
+    for (h, v) in [
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "shop.example.com"),
+        ("x-forwarded-port", "443"),
+        ("x-forwarded-prefix", "/shop"),
+        ("x-forwarded-ssl", "on"),
+        ("x-middleware-subrequest", "kept-from-the-lb"),
+    ] {
+        assert_eq!(single(&seen, h), v, "{seen:?}");
+    }
+    // switchyard never invents a Forwarded header of its own.
+    let r = request("GET", &format!("{}/plain-lb", proxy.http_url()), &[], None);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(only_request(&blue, "/plain-lb")
+        .header("forwarded")
+        .is_none());
+}
