@@ -1140,9 +1140,9 @@ pub fn show_duration(d: Duration) -> String {
     let ms = d.as_millis();
     match ms {
         0 => "0s".into(),
-        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
-        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
-        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ if ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
         _ => format!("{ms}ms"),
     }
 }
@@ -1178,9 +1178,9 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
 pub fn show_size(n: usize) -> String {
     match n {
         0 => "0".into(),
-        _ if n % (1 << 30) == 0 => format!("{}GiB", n >> 30),
-        _ if n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
-        _ if n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
+        _ if n.is_multiple_of(1 << 30) => format!("{}GiB", n >> 30),
+        _ if n.is_multiple_of(1 << 20) => format!("{}MiB", n >> 20),
+        _ if n.is_multiple_of(1 << 10) => format!("{}KiB", n >> 10),
         _ => n.to_string(),
     }
 }

@@ -73,9 +73,11 @@ pub fn admin_base_url(given: &str) -> Result<String, ClientError> {
     let text = given.trim();
     let authority = match text.split_once("://") {
         Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-        Some((scheme, _)) => return Err(bad(&format!(
+        Some((scheme, _)) => {
+            return Err(bad(&format!(
             "the admin API speaks plain HTTP, not {scheme}://; write HOST:PORT or http://HOST:PORT"
-        ))),
+        )))
+        }
         None => text,
     };
     let authority = authority.strip_suffix('/').unwrap_or(authority);
