@@ -379,8 +379,15 @@ impl Validator<'_> {
             if !repeat {
                 self.error(span.start, explain_serde_error(&message, &key, &removed));
             }
-            if let [section, name] = removed.path.as_slice() {
-                self.dropped.insert((section.clone(), name.clone()));
+            match removed.path.as_slice() {
+                [section, name] => {
+                    self.dropped.insert((section.clone(), name.clone()));
+                }
+                // A whole section of the wrong type: every name in it is unknown.
+                [section] => {
+                    self.dropped.insert((section.clone(), "*".into()));
+                }
+                _ => {}
             }
             removed_keys.push((removed.parent, key));
         }
@@ -405,8 +412,9 @@ impl Validator<'_> {
 
     /// Whether `[section.name]` was dropped for a mistake already reported.
     fn was_dropped(&self, section: &str, name: &str) -> bool {
-        self.dropped
-            .contains(&(section.to_string(), name.to_string()))
+        [name, "*"]
+            .iter()
+            .any(|n| self.dropped.contains(&(section.to_string(), n.to_string())))
     }
 
     fn at<T>(&mut self, value: &Spanned<T>, message: String) {
@@ -1503,6 +1511,14 @@ action = "deny"
             e[0].message.contains("missing required key `green`"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn a_section_of_the_wrong_type_is_one_mistake() {
+        let text = "services = 5\n\n[[routes]]\npath = \"/\"\nservice = \"api\"\n";
+        let e = errors(text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].line, 1, "{e:?}");
     }
 
     #[test]

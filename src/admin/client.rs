@@ -31,6 +31,7 @@ pub const ADMIN_HEADER_VALUE: &str = "1";
 /// Most of a non-admin answer `ctl` reads to describe it (64 KiB).
 const MAX_FOREIGN_BODY: u64 = 64 * 1024;
 
+/// Why a `ctl` call failed; each message says what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("bad admin address {given:?}: {why}")]
@@ -130,6 +131,8 @@ pub fn base_url_for(addr: SocketAddr) -> String {
     format!("http://{}", SocketAddr::new(ip, addr.port()))
 }
 
+/// A connection to one admin API, for one `ctl` run. Blocking (ureq): `ctl`
+/// makes a handful of requests and exits.
 pub struct Client {
     base: String,
     token: Token,
@@ -243,6 +246,10 @@ impl Client {
         })
     }
 
+    /// Sends `cmd` and returns the JSON reply of a 200. The first call
+    /// checks that the address is a switchyard admin API (see the module
+    /// docs); a non-200 answer becomes [`ClientError::Refused`] with the
+    /// server's `error` message.
     pub fn send(&self, cmd: &Command) -> Result<Value, ClientError> {
         self.identify()?;
         let (method, path, body) = cmd.to_request();
