@@ -5,14 +5,16 @@
 //! so that every mistake is reported with its file, line and column before
 //! any traffic is served. Nothing here panics on user input.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::pools::Color;
@@ -66,6 +68,44 @@ pub const DEFAULT_RATE_BURST: u32 = 0;
 /// Largest request count in a rate (1 000 000): at most one request per
 /// microsecond per client, far beyond anything a limit is for.
 pub const MAX_RATE: u32 = 1_000_000;
+
+/// Shortest timeout or interval accepted (100 ms): zero would close every
+/// connection at once, and anything shorter is below scheduling noise.
+pub const MIN_DURATION: Duration = Duration::from_millis(100);
+/// Any timeout or interval without a range of its own, and `routes.read_timeout`
+/// and `idle_timeout` (long streams): 100 ms to 24 h.
+pub const DURATION_RANGE: RangeInclusive<Duration> = MIN_DURATION..=Duration::from_secs(24 * 3600);
+/// `server.grace_period`: 100 ms to 1 h (a deploy should not wait longer).
+pub const GRACE_PERIOD_RANGE: RangeInclusive<Duration> = MIN_DURATION..=Duration::from_secs(3600);
+/// `server.header_timeout`: 100 ms to 10 min (nginx's default is 60 s).
+pub const HEADER_TIMEOUT_RANGE: RangeInclusive<Duration> = MIN_DURATION..=Duration::from_secs(600);
+/// `server.body_timeout`, `keepalive_timeout`, `send_timeout`: 100 ms to 1 h.
+pub const CLIENT_TIMEOUT_RANGE: RangeInclusive<Duration> = MIN_DURATION..=Duration::from_secs(3600);
+/// `server.retry_after`: 1 s to 24 h. `Retry-After` counts whole seconds
+/// (RFC 9110 §10.2.3), hence the higher minimum.
+pub const RETRY_AFTER_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+/// `services.NAME.connect_timeout`: 100 ms to 5 min.
+pub const CONNECT_TIMEOUT_RANGE: RangeInclusive<Duration> = MIN_DURATION..=Duration::from_secs(300);
+/// `health.interval`: 100 ms to 1 h.
+pub const HEALTH_INTERVAL_RANGE: RangeInclusive<Duration> =
+    MIN_DURATION..=Duration::from_secs(3600);
+/// `health.timeout`: 100 ms to 5 min.
+pub const HEALTH_TIMEOUT_RANGE: RangeInclusive<Duration> = MIN_DURATION..=Duration::from_secs(300);
+/// Any size without a range of its own, and `routes.max_body`: 0 bytes (no
+/// body allowed) to 1 GiB.
+pub const SIZE_RANGE: RangeInclusive<usize> = 0..=1024 * 1024 * 1024;
+/// `server.max_header_size`: 1 KiB to 1 MiB; over 1 MiB Pingora itself answers 400.
+pub const MAX_HEADER_SIZE_RANGE: RangeInclusive<usize> = 1024..=1024 * 1024;
+/// `server.threads`: 1 to 1024 worker threads.
+pub const THREADS_RANGE: RangeInclusive<u32> = 1..=1024;
+/// `server.upstream_keepalive_pool`: 0 (no reuse) to 65 536 idle connections.
+pub const KEEPALIVE_POOL_RANGE: RangeInclusive<usize> = 0..=65_536;
+/// `health.rise` and `fall`: 1 to 100 probes in a row.
+pub const RISE_FALL_RANGE: RangeInclusive<u32> = 1..=100;
+/// The most mistakes one file may hold before `check` stops listing them
+/// (1000): each costs a re-read of the parsed tree, so this bounds the work.
+pub const MAX_ERRORS: usize = 1000;
 
 /// The validated configuration. Immutable once built; shared as `Arc<Config>`.
 #[derive(Debug, Clone)]
@@ -254,24 +294,24 @@ impl Config {
     }
 
     /// Validates configuration text; `path` is only used in messages.
+    ///
+    /// Every mistake is reported, sorted by line: unknown keys, wrong types
+    /// and missing required keys (found while reading the file structs, see
+    /// [`Validator::file`]) and the semantic checks after them. Only a TOML
+    /// syntax error stops at once, since nothing after it can be read.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let mut v = Validator {
             path,
             text,
             errors: Vec::new(),
+            dropped: HashSet::new(),
         };
-        let file: file::Root = match toml::from_str(text) {
-            Ok(file) => file,
-            Err(err) => {
-                v.error(err.span().map_or(0, |s| s.start), err.message().to_string());
-                return Err(ConfigErrors::Invalid { list: v.errors });
-            }
-        };
-        let config = v.validate(file);
-        if v.errors.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors::Invalid { list: v.errors })
+        let config = v.file().map(|file| v.validate(file));
+        // Stable: two mistakes at one place keep the order they were found in.
+        v.errors.sort_by_key(|e| (e.line, e.col));
+        match config {
+            Some(config) if v.errors.is_empty() => Ok(config),
+            _ => Err(ConfigErrors::Invalid { list: v.errors }),
         }
     }
 
@@ -284,6 +324,79 @@ struct Validator<'a> {
     path: &'a Path,
     text: &'a str,
     errors: Vec<ConfigError>,
+    /// `(section, name)` of `[services.NAME]` and `[rate_limits.NAME]` tables
+    /// dropped for a mistake already reported, so routes naming them do not
+    /// add a second, misleading "unknown service".
+    dropped: HashSet<(String, String)>,
+}
+
+/// What error recovery took out of the parsed tree.
+struct Removed {
+    /// Keys (and array indexes) from the root to the removed entry.
+    path: Vec<String>,
+    /// Span of the table or array it was removed from.
+    parent: Range<usize>,
+    /// The TOML type of the removed value, e.g. "integer".
+    kind: &'static str,
+}
+
+impl Validator<'_> {
+    /// Reads the file structs, going on past mistakes: serde stops at the
+    /// first unknown key, wrong type or missing key, so each is reported,
+    /// the entry it points at is taken out of the parsed tree, and reading
+    /// starts over, until the rest reads cleanly. `None` when the TOML itself
+    /// is malformed (reported) or nothing readable is left.
+    fn file(&mut self) -> Option<file::Root> {
+        let mut root = match DeTable::parse(self.text) {
+            Ok(root) => root,
+            Err(err) => {
+                let at = err.span().map_or(0, |s| s.start);
+                self.error(at, format!("TOML syntax: {}", err.message().trim()));
+                return None;
+            }
+        };
+        // (parent span, key) of entries removed for a bad value: when the key
+        // was required, serde then reports it missing, which is not news.
+        let mut removed_keys: Vec<(Range<usize>, String)> = Vec::new();
+        for _ in 0..MAX_ERRORS {
+            let err = match file::Root::deserialize(toml::de::Deserializer::from(root.clone())) {
+                Ok(file) => return Some(file),
+                Err(err) => err,
+            };
+            let message = err.message().trim().to_string();
+            let Some(span) = err.span() else {
+                self.error(0, message);
+                return None;
+            };
+            let root_span = root.span();
+            let Some(removed) = remove_at(root.get_mut(), root_span, &span, &mut Vec::new()) else {
+                self.error(span.start, message);
+                return None;
+            };
+            let key = removed.path.last().cloned().unwrap_or_default();
+            let repeat = missing_field(&message)
+                .is_some_and(|m| removed_keys.iter().any(|(s, k)| *s == span && k == m));
+            if !repeat {
+                self.error(span.start, explain_serde_error(&message, &key, &removed));
+            }
+            match removed.path.as_slice() {
+                [section, name] => {
+                    self.dropped.insert((section.clone(), name.clone()));
+                }
+                // A whole section of the wrong type: every name in it is unknown.
+                [section] => {
+                    self.dropped.insert((section.clone(), "*".into()));
+                }
+                _ => {}
+            }
+            removed_keys.push((removed.parent, key));
+        }
+        self.error(
+            0,
+            format!("more than {MAX_ERRORS} mistakes; fix these first"),
+        );
+        None
+    }
 }
 
 impl Validator<'_> {
@@ -297,41 +410,111 @@ impl Validator<'_> {
         });
     }
 
+    /// Whether `[section.name]` was dropped for a mistake already reported.
+    fn was_dropped(&self, section: &str, name: &str) -> bool {
+        [name, "*"]
+            .iter()
+            .any(|n| self.dropped.contains(&(section.to_string(), n.to_string())))
+    }
+
     fn at<T>(&mut self, value: &Spanned<T>, message: String) {
         self.error(value.span().start, message);
     }
 
+    /// A timeout or interval without a range of its own ([`DURATION_RANGE`]).
     fn duration(&mut self, value: Option<&Spanned<String>>, default: Duration) -> Duration {
+        self.duration_in(value, default, DURATION_RANGE)
+    }
+
+    /// A duration setting; a bad form or a value outside `range` is reported
+    /// with the allowed range, and `default` stands in for it.
+    fn duration_in(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        default: Duration,
+        range: RangeInclusive<Duration>,
+    ) -> Duration {
         let Some(value) = value else { return default };
-        match humantime::parse_duration(value.get_ref()) {
-            Ok(d) => d,
-            Err(e) => {
+        let text = value.get_ref();
+        match parse_duration(text) {
+            Ok(d) if range.contains(&d) => d,
+            Ok(_) => {
                 self.at(
                     value,
                     format!(
-                        "bad duration {:?}: {e}; write it like \"30s\", \"500ms\" or \"2m\"",
-                        value.get_ref()
+                        "duration {text:?} is out of range: allowed from {} to {}",
+                        show_duration(*range.start()),
+                        show_duration(*range.end())
                     ),
                 );
+                default
+            }
+            Err(e) => {
+                self.at(value, format!("bad duration {text:?}: {e}"));
                 default
             }
         }
     }
 
+    /// A size without a range of its own ([`SIZE_RANGE`]).
     fn size(&mut self, value: Option<&Spanned<String>>, default: usize) -> usize {
+        self.size_in(value, default, SIZE_RANGE)
+    }
+
+    /// A size setting; a bad form or a value outside `range` is reported with
+    /// the allowed range, and `default` stands in for it.
+    fn size_in(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        default: usize,
+        range: RangeInclusive<usize>,
+    ) -> usize {
         let Some(value) = value else { return default };
-        match value.get_ref().parse::<bytesize::ByteSize>() {
-            Ok(size) if size.as_u64() <= usize::MAX as u64 => size.as_u64() as usize,
-            _ => {
+        let text = value.get_ref();
+        match parse_size(text) {
+            Ok(n) if range.contains(&n) => n,
+            Ok(_) => {
                 self.at(
                     value,
                     format!(
-                        "bad size {:?}: write it like \"1MiB\", \"32KiB\" or \"512\"",
-                        value.get_ref()
+                        "size {text:?} is out of range: allowed from {} to {}",
+                        show_size(*range.start()),
+                        show_size(*range.end())
                     ),
                 );
                 default
             }
+            Err(e) => {
+                self.at(value, format!("bad size {text:?}: {e}"));
+                default
+            }
+        }
+    }
+
+    /// A count setting (`what` names it); a value outside `range` is
+    /// reported with the allowed range, and `default` stands in for it.
+    fn count<T: Copy + PartialOrd + fmt::Display>(
+        &mut self,
+        value: Option<&Spanned<T>>,
+        default: T,
+        range: RangeInclusive<T>,
+        what: &str,
+    ) -> T {
+        match value {
+            Some(v) if !range.contains(v.get_ref()) => {
+                self.at(
+                    v,
+                    format!(
+                        "{what} = {} is out of range: allowed from {} to {}",
+                        v.get_ref(),
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                default
+            }
+            Some(v) => *v.get_ref(),
+            None => default,
         }
     }
 
@@ -378,7 +561,11 @@ impl Validator<'_> {
             .into_iter()
             .filter_map(|(name, s)| self.service(name, s))
             .collect();
-        if services.is_empty() {
+        let any_dropped = self
+            .dropped
+            .iter()
+            .any(|(section, _)| section == "services");
+        if services.is_empty() && !any_dropped {
             self.error(
                 0,
                 "no services: add at least one [services.NAME] with blue and green pools".into(),
@@ -402,32 +589,75 @@ impl Validator<'_> {
     }
 
     fn server(&mut self, s: file::Server) -> Server {
-        let threads = match s.threads {
-            Some(t) if *t.get_ref() == 0 || *t.get_ref() > 1024 => {
-                self.at(&t, "threads must be between 1 and 1024".into());
-                DEFAULT_THREADS
-            }
-            Some(t) => *t.get_ref() as usize,
-            None => DEFAULT_THREADS,
-        };
+        let threads = self.count(
+            s.threads.as_ref(),
+            DEFAULT_THREADS as u32,
+            THREADS_RANGE,
+            "threads",
+        ) as usize;
         Server {
             threads,
-            grace_period: self.duration(s.grace_period.as_ref(), DEFAULT_GRACE_PERIOD),
+            grace_period: self.duration_in(
+                s.grace_period.as_ref(),
+                DEFAULT_GRACE_PERIOD,
+                GRACE_PERIOD_RANGE,
+            ),
             state_dir: s
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            upstream_keepalive_pool: s
-                .upstream_keepalive_pool
-                .unwrap_or(DEFAULT_UPSTREAM_KEEPALIVE_POOL),
-            header_timeout: self.duration(s.header_timeout.as_ref(), DEFAULT_HEADER_TIMEOUT),
-            body_timeout: self.duration(s.body_timeout.as_ref(), DEFAULT_BODY_TIMEOUT),
-            keepalive_timeout: self
-                .duration(s.keepalive_timeout.as_ref(), DEFAULT_KEEPALIVE_TIMEOUT),
-            send_timeout: self.duration(s.send_timeout.as_ref(), DEFAULT_SEND_TIMEOUT),
+            upstream_keepalive_pool: self.count(
+                s.upstream_keepalive_pool.as_ref(),
+                DEFAULT_UPSTREAM_KEEPALIVE_POOL,
+                KEEPALIVE_POOL_RANGE,
+                "upstream_keepalive_pool",
+            ),
+            header_timeout: self.duration_in(
+                s.header_timeout.as_ref(),
+                DEFAULT_HEADER_TIMEOUT,
+                HEADER_TIMEOUT_RANGE,
+            ),
+            body_timeout: self.duration_in(
+                s.body_timeout.as_ref(),
+                DEFAULT_BODY_TIMEOUT,
+                CLIENT_TIMEOUT_RANGE,
+            ),
+            keepalive_timeout: self.duration_in(
+                s.keepalive_timeout.as_ref(),
+                DEFAULT_KEEPALIVE_TIMEOUT,
+                CLIENT_TIMEOUT_RANGE,
+            ),
+            send_timeout: self.duration_in(
+                s.send_timeout.as_ref(),
+                DEFAULT_SEND_TIMEOUT,
+                CLIENT_TIMEOUT_RANGE,
+            ),
             trusted_proxies: self.networks(s.trusted_proxies.as_deref().unwrap_or_default()),
-            max_header_size: self.size(s.max_header_size.as_ref(), DEFAULT_MAX_HEADER_SIZE),
+            max_header_size: self.size_in(
+                s.max_header_size.as_ref(),
+                DEFAULT_MAX_HEADER_SIZE,
+                MAX_HEADER_SIZE_RANGE,
+            ),
             maintenance_page: s.maintenance_page,
-            retry_after: self.duration(s.retry_after.as_ref(), DEFAULT_RETRY_AFTER),
+            retry_after: self.retry_after(s.retry_after.as_ref()),
+        }
+    }
+
+    /// `Retry-After` is sent in whole seconds (RFC 9110 §10.2.3): a fraction
+    /// would be cut off silently, so it is refused.
+    fn retry_after(&mut self, value: Option<&Spanned<String>>) -> Duration {
+        let d = self.duration_in(value, DEFAULT_RETRY_AFTER, RETRY_AFTER_RANGE);
+        match value {
+            Some(v) if d.subsec_nanos() != 0 => {
+                self.at(
+                    v,
+                    format!(
+                        "retry_after {:?} must be whole seconds: Retry-After counts seconds",
+                        v.get_ref()
+                    ),
+                );
+                DEFAULT_RETRY_AFTER
+            }
+            _ => d,
         }
     }
 
@@ -459,6 +689,10 @@ impl Validator<'_> {
 
     fn service(&mut self, name: Spanned<String>, s: file::Service) -> Option<Service> {
         let valid_name = self.name(&name, "service");
+        if !valid_name {
+            self.dropped
+                .insert(("services".into(), name.get_ref().clone()));
+        }
         let mut pool = |list: Spanned<Vec<Spanned<String>>>, color: &str| -> Vec<SocketAddr> {
             if list.get_ref().is_empty() {
                 self.at(
@@ -494,7 +728,11 @@ impl Validator<'_> {
                 }
             },
         };
-        let connect_timeout = self.duration(s.connect_timeout.as_ref(), DEFAULT_CONNECT_TIMEOUT);
+        let connect_timeout = self.duration_in(
+            s.connect_timeout.as_ref(),
+            DEFAULT_CONNECT_TIMEOUT,
+            CONNECT_TIMEOUT_RANGE,
+        );
         let health = s.health.map(|h| self.health(h));
         let min_healthy = s.min_healthy.map(|m| {
             let smallest = blue.len().min(green.len());
@@ -528,18 +766,28 @@ impl Validator<'_> {
                 format!("health path {:?} must start with '/'", h.path.get_ref()),
             );
         }
-        let mut count = |v: Option<Spanned<u32>>, default: u32, what: &str| match v {
-            Some(n) if *n.get_ref() == 0 => {
-                self.at(&n, format!("{what} must be at least 1"));
-                default
-            }
-            Some(n) => *n.get_ref(),
-            None => default,
-        };
-        let rise = count(h.rise, DEFAULT_HEALTH_RISE, "rise");
-        let fall = count(h.fall, DEFAULT_HEALTH_FALL, "fall");
-        let interval = self.duration(h.interval.as_ref(), DEFAULT_HEALTH_INTERVAL);
-        let timeout = self.duration(h.timeout.as_ref(), DEFAULT_HEALTH_TIMEOUT);
+        let rise = self.count(
+            h.rise.as_ref(),
+            DEFAULT_HEALTH_RISE,
+            RISE_FALL_RANGE,
+            "rise",
+        );
+        let fall = self.count(
+            h.fall.as_ref(),
+            DEFAULT_HEALTH_FALL,
+            RISE_FALL_RANGE,
+            "fall",
+        );
+        let interval = self.duration_in(
+            h.interval.as_ref(),
+            DEFAULT_HEALTH_INTERVAL,
+            HEALTH_INTERVAL_RANGE,
+        );
+        let timeout = self.duration_in(
+            h.timeout.as_ref(),
+            DEFAULT_HEALTH_TIMEOUT,
+            HEALTH_TIMEOUT_RANGE,
+        );
         let expect = match h.expect {
             Some(code) if !(100..=599).contains(code.get_ref()) => {
                 self.at(
@@ -564,6 +812,10 @@ impl Validator<'_> {
 
     fn rate_limit(&mut self, name: Spanned<String>, r: file::RateLimit) -> Option<RateLimit> {
         let valid_name = self.name(&name, "rate limit");
+        if !valid_name {
+            self.dropped
+                .insert(("rate_limits".into(), name.get_ref().clone()));
+        }
         let (requests, per) = match parse_rate(r.rate.get_ref()) {
             Some(rate) => rate,
             None => {
@@ -632,7 +884,8 @@ impl Validator<'_> {
         services: &[Service],
         rate_limits: &[RateLimit],
     ) -> Vec<Route> {
-        let mut seen = HashSet::new();
+        // (host, path) -> line of the route that claimed it first.
+        let mut seen: HashMap<(Option<String>, String), usize> = HashMap::new();
         let mut out = Vec::new();
         for spanned in routes {
             let r = spanned.get_ref();
@@ -665,6 +918,8 @@ impl Validator<'_> {
             let action = match (&r.service, &r.action) {
                 (Some(svc), None) => match services.iter().position(|s| s.name == *svc.get_ref()) {
                     Some(i) => Some(RouteAction::Proxy(i)),
+                    // Its table had a mistake, already reported.
+                    None if self.was_dropped("services", svc.get_ref()) => None,
                     None => {
                         self.at(
                             svc,
@@ -697,20 +952,24 @@ impl Validator<'_> {
                     None
                 }
             };
-            if !seen.insert((host.clone(), r.path.get_ref().clone())) {
+            let line = line_col(self.text, spanned.span().start).0;
+            let key = (host.clone(), r.path.get_ref().clone());
+            let duplicate = seen.get(&key).copied();
+            if let Some(first) = duplicate {
                 self.at(
                     &spanned,
                     format!(
-                        "duplicate route: host {} path {:?} is already routed above",
+                        "duplicate route: host {} path {:?} is already routed by the route on line {first}",
                         host.as_deref().unwrap_or("(any)"),
                         r.path.get_ref()
                     ),
                 );
-                continue;
+            } else {
+                seen.insert(key, line);
             }
             let rate_limit = r.rate_limit.as_ref().and_then(|name| {
                 let found = rate_limits.iter().position(|l| l.name == *name.get_ref());
-                if found.is_none() {
+                if found.is_none() && !self.was_dropped("rate_limits", name.get_ref()) {
                     self.at(
                         name,
                         format!(
@@ -725,12 +984,13 @@ impl Validator<'_> {
             let defaults = RouteLimits::default();
             let limits = RouteLimits {
                 websocket: r.websocket.unwrap_or(false),
+                // Long streams (SSE, WebSockets) use the whole general range.
                 idle_timeout: self.duration(r.idle_timeout.as_ref(), defaults.idle_timeout),
                 read_timeout: self.duration(r.read_timeout.as_ref(), defaults.read_timeout),
                 max_body: self.size(r.max_body.as_ref(), defaults.max_body),
                 rate_limit,
             };
-            if let Some(action) = action {
+            if let (Some(action), None) = (action, duplicate) {
                 out.push(Route {
                     host,
                     path: r.path.get_ref().clone(),
@@ -740,6 +1000,213 @@ impl Validator<'_> {
             }
         }
         out
+    }
+}
+
+/// Whether `inner` lies within `outer`.
+fn contains(outer: &Range<usize>, inner: &Range<usize>) -> bool {
+    outer.start <= inner.start && inner.end <= outer.end
+}
+
+/// Removes the innermost entry of `table` (span `span`) whose key or value
+/// holds the error span `err`; `path` is the way down to `table`.
+fn remove_at(
+    table: &mut DeTable<'_>,
+    span: Range<usize>,
+    err: &Range<usize>,
+    path: &mut Vec<String>,
+) -> Option<Removed> {
+    let mut hit = None;
+    for (k, v) in table.iter_mut() {
+        path.push(k.get_ref().to_string());
+        if let Some(found) = remove_in(v, err, path) {
+            return Some(found);
+        }
+        path.pop();
+        if hit.is_none() && (contains(&k.span(), err) || contains(&v.span(), err)) {
+            hit = Some(k.clone());
+        }
+    }
+    let key = hit?;
+    let value = table.remove(&key)?;
+    path.push(key.get_ref().to_string());
+    Some(Removed {
+        path: path.clone(),
+        parent: span,
+        kind: value.get_ref().type_str(),
+    })
+}
+
+/// [`remove_at`] for whatever a value holds: a table's entries or an
+/// array's items.
+fn remove_in(
+    value: &mut Spanned<DeValue<'_>>,
+    err: &Range<usize>,
+    path: &mut Vec<String>,
+) -> Option<Removed> {
+    let span = value.span();
+    match value.get_mut() {
+        DeValue::Table(table) => remove_at(table, span, err, path),
+        DeValue::Array(items) => {
+            let mut hit = None;
+            for (i, item) in items.iter_mut().enumerate() {
+                path.push(i.to_string());
+                if let Some(found) = remove_in(item, err, path) {
+                    return Some(found);
+                }
+                path.pop();
+                if hit.is_none() && contains(&item.span(), err) {
+                    hit = Some(i);
+                }
+            }
+            let index = hit?;
+            let kind = items[index].get_ref().type_str();
+            *items = items
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != index)
+                .map(|(_, item)| item.clone())
+                .collect();
+            path.push(index.to_string());
+            Some(Removed {
+                path: path.clone(),
+                parent: span,
+                kind,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The key named by serde's "missing field `KEY`".
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
+}
+
+/// serde's message in the config's words, with the fix where one is known:
+/// a bare number where a duration or size string belongs.
+fn explain_serde_error(message: &str, key: &str, removed: &Removed) -> String {
+    let message = message
+        .replace("unknown field", "unknown key")
+        .replace("missing field", "missing required key")
+        .replace("expected one of", "expected one of these keys:");
+    let number = message
+        .strip_prefix("invalid type: integer `")
+        .and_then(|rest| rest.split('`').next());
+    match number {
+        Some(n) if removed.kind == "integer" && message.contains("expected a string") => {
+            if is_duration_key(key) {
+                format!("{message}; durations are strings with a unit: write {key} = \"{n}s\"")
+            } else {
+                format!("{message}; write {key} = \"{n}\"")
+            }
+        }
+        _ => message,
+    }
+}
+
+/// Whether a key holds a duration, by the naming rule every duration key follows.
+fn is_duration_key(key: &str) -> bool {
+    ["timeout", "interval", "period", "retry_after"]
+        .iter()
+        .any(|end| key.ends_with(end))
+}
+
+/// Parses a duration as the README documents it: a whole number and one
+/// unit, `ms`, `s`, `m` or `h`, with nothing between them (`"500ms"`,
+/// `"30s"`, `"2m"`, `"1h"`). The error says how to write it.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let Ok(n) = number.parse::<u64>() else {
+        return Err("write a whole number and a unit: ms, s, m or h, e.g. \"30s\"".into());
+    };
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "" => return Err(format!("a duration needs a unit: \"{n}s\", or ms, m, h")),
+        _ if unit.starts_with('.') => {
+            return Err("no fractions: write a smaller unit, e.g. \"1500ms\" for 1.5 s".into())
+        }
+        _ => {
+            return Err(format!(
+                "unknown unit {:?}: write ms, s, m or h right after the number, e.g. \"{n}s\"",
+                unit.trim()
+            ))
+        }
+    };
+    n.checked_mul(scale)
+        .map(Duration::from_millis)
+        .ok_or_else(|| "too large".to_string())
+}
+
+/// A duration in the shortest unit that says it exactly, as it is written
+/// in the config: `"100ms"`, `"90s"`, `"10m"`, `"24h"`.
+pub fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".into(),
+        _ if ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+/// Parses a size: a whole number of bytes, optionally followed by a unit:
+/// `B`, `KiB`, `MiB`, `GiB` (powers of 1024) or `KB`, `MB`, `GB` (powers of
+/// 1000), e.g. `"512"`, `"32KiB"`, `"1MiB"`.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let Ok(n) = number.parse::<usize>() else {
+        return Err("write a whole number of bytes with an optional unit, e.g. \"1MiB\", \"32KiB\" or \"512\"".into());
+    };
+    let scale: usize = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "unknown unit {:?}: write B, KiB, MiB, GiB, KB, MB or GB right after the number, e.g. \"{n}KiB\"",
+                unit.trim()
+            ))
+        }
+    };
+    n.checked_mul(scale).ok_or_else(|| "too large".to_string())
+}
+
+/// A size as written in the config: `"1MiB"`, `"32KiB"`, `"512"`.
+pub fn show_size(n: usize) -> String {
+    match n {
+        0 => "0".into(),
+        _ if n.is_multiple_of(1 << 30) => format!("{}GiB", n >> 30),
+        _ if n.is_multiple_of(1 << 20) => format!("{}MiB", n >> 20),
+        _ if n.is_multiple_of(1 << 10) => format!("{}KiB", n >> 10),
+        _ => n.to_string(),
+    }
+}
+
+/// A path for a message: relative ones also say what they are relative to
+/// (the directory switchyard was started in, absolute), since that is where
+/// a reader would not look.
+pub fn show_path(path: &Path) -> String {
+    if path.is_absolute() {
+        return path.display().to_string();
+    }
+    match std::env::current_dir() {
+        Ok(dir) => format!(
+            "{} (relative to {}, the directory switchyard was started in)",
+            path.display(),
+            dir.display()
+        ),
+        Err(_) => path.display().to_string(),
     }
 }
 
@@ -809,7 +1276,7 @@ mod file {
         pub threads: Option<Spanned<u32>>,
         pub grace_period: Option<Spanned<String>>,
         pub state_dir: Option<PathBuf>,
-        pub upstream_keepalive_pool: Option<usize>,
+        pub upstream_keepalive_pool: Option<Spanned<usize>>,
         pub header_timeout: Option<Spanned<String>>,
         pub body_timeout: Option<Spanned<String>>,
         pub keepalive_timeout: Option<Spanned<String>>,
@@ -982,16 +1449,17 @@ action = "deny"
         );
         let e = errors(&text);
         let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
-        assert_eq!(lines, vec![25, 26, 27, 18], "{e:?}");
-        assert!(e[0].message.contains("bad rate \"2/d\""), "{}", e[0]);
-        assert!(e[1].message.contains("burst"), "{}", e[1]);
-        assert!(e[2].message.contains("bad method"), "{}", e[2]);
+        // In line order, whatever order they were found in.
+        assert_eq!(lines, vec![18, 25, 26, 27], "{e:?}");
         assert!(
-            e[3].message
+            e[0].message
                 .contains("unknown rate limit \"write\"; defined [rate_limits]: writes"),
             "{}",
-            e[3]
+            e[0]
         );
+        assert!(e[1].message.contains("bad rate \"2/d\""), "{}", e[1]);
+        assert!(e[2].message.contains("burst"), "{}", e[2]);
+        assert!(e[3].message.contains("bad method"), "{}", e[3]);
     }
 
     #[test]
@@ -1005,6 +1473,128 @@ action = "deny"
         for bad in ["0/s", "2", "2/d", "-1/s", "1000001/s", "x/s", ""] {
             assert_eq!(parse_rate(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn structural_and_semantic_mistakes_are_all_reported_in_line_order() {
+        let text = GOOD
+            .replace("threads = 1", "threads = \"one\"\ncolour = 2")
+            .replace("http = \"127.0.0.1:8000\"", "htp = \"127.0.0.1:8000\"")
+            .replace("service = \"api\"", "service = \"apx\"\nwebsockets = true");
+        let e = errors(&text);
+        let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![3, 4, 8, 18, 19], "{e:?}");
+        assert!(e[0].message.contains("invalid type"), "{}", e[0]);
+        assert!(e[1].message.contains("unknown key `colour`"), "{}", e[1]);
+        assert!(e[2].message.contains("unknown key `htp`"), "{}", e[2]);
+        assert!(e[3].message.contains("unknown service \"apx\""), "{}", e[3]);
+        assert!(
+            e[4].message.contains("unknown key `websockets`"),
+            "{}",
+            e[4]
+        );
+    }
+
+    #[test]
+    fn a_broken_required_key_is_reported_once_and_its_service_is_not_unknown() {
+        // A wrong type for a required key: one error, not also "missing", and
+        // the route to the dropped service does not add "unknown service".
+        let text = GOOD.replace("blue = [\"127.0.0.1:8080\"]", "blue = \"127.0.0.1:8080\"");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].line, 10, "{e:?}");
+        // A missing required key is named.
+        let text = GOOD.replace("green = [\"127.0.0.1:8081\"]\n", "");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].message.contains("missing required key `green`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_section_of_the_wrong_type_is_one_mistake() {
+        let text = "services = 5\n\n[[routes]]\npath = \"/\"\nservice = \"api\"\n";
+        let e = errors(text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].line, 1, "{e:?}");
+    }
+
+    #[test]
+    fn durations_take_one_documented_form_and_a_range() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in [
+            "10 sec",
+            "10 seconds",
+            "1.5s",
+            "10",
+            "s",
+            "",
+            "-1s",
+            "1m30s",
+            "10S",
+            " 5s",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert!(parse_duration("90").unwrap_err().contains("\"90s\""));
+        for (text, shown) in [
+            ("100ms", "100ms"),
+            ("90s", "90s"),
+            ("600s", "10m"),
+            ("24h", "24h"),
+        ] {
+            assert_eq!(show_duration(parse_duration(text).unwrap()), shown);
+        }
+        for (line, bad) in [
+            ("grace_period = \"5s\"", "grace_period = \"0s\""),
+            ("grace_period = \"5s\"", "grace_period = \"99ms\""),
+            ("threads = 1", "threads = 1\nheader_timeout = \"0s\""),
+            ("threads = 1", "threads = 1\nkeepalive_timeout = \"9000h\""),
+            ("threads = 1", "threads = 1\nretry_after = \"1500ms\""),
+        ] {
+            let e = errors(&GOOD.replace(line, bad));
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+        }
+        let e = errors(&GOOD.replace("threads = 1", "threads = 1\nheader_timeout = \"0s\""));
+        assert!(
+            e[0].message.contains("allowed from 100ms to 10m"),
+            "{}",
+            e[0]
+        );
+        let e = errors(&GOOD.replace("threads = 1", "threads = 1\nsend_timeout = 90"));
+        assert!(e[0].message.contains("send_timeout = \"90s\""), "{}", e[0]);
+    }
+
+    #[test]
+    fn sizes_and_counts_have_ranges() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("32KiB"), Ok(32 * 1024));
+        assert_eq!(parse_size("1MB"), Ok(1_000_000));
+        for bad in ["1.5MiB", "1 MiB", "1mib", "", "MiB", "-1"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            "max_header_size = \"100\"",
+            "max_header_size = \"2MiB\"",
+            "threads = 0",
+            "upstream_keepalive_pool = 1000000",
+        ] {
+            let e = errors(&GOOD.replace("threads = 1", bad));
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            assert!(e[0].message.contains("allowed from"), "{bad}: {}", e[0]);
+        }
+    }
+
+    #[test]
+    fn duplicate_route_names_the_first_line() {
+        let text = format!("{GOOD}\n[[routes]]\npath = \"/actuator\"\naction = \"deny\"\n");
+        let e = errors(&text);
+        assert!(e[0].message.contains("on line 19"), "{}", e[0]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! its own module.
 
 pub mod admin;
+pub mod cleanup;
 pub mod config;
 pub mod demo;
 pub mod forwarded;

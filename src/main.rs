@@ -11,12 +11,12 @@ use serde_json::Value;
 
 use switchyard::admin::api::Command;
 use switchyard::admin::auth;
-use switchyard::admin::client::Client;
+use switchyard::admin::client::{self, Client};
 use switchyard::config::{self, Config};
 use switchyard::demo::{self, SampleUpstream};
 use switchyard::pools::Color;
 use switchyard::store::{FileStore, StateStore};
-use switchyard::{RunOptions, Switchyard};
+use switchyard::{cleanup, RunOptions, Switchyard};
 
 /// glibc malloc showed up as ~12 % of proxy CPU under load (Pingora allocates
 /// per request); mimalloc's thread-local free lists cost a fraction of that.
@@ -58,12 +58,18 @@ enum Cmd {
         admin: std::net::SocketAddr,
     },
     /// Talk to a running switchyard's admin API.
+    ///
+    /// Where: --admin, else [listen] admin of the -c config, else 127.0.0.1:9900.
+    /// Token: --token-file, else $SWITCHYARD_ADMIN_TOKEN, else admin.token_file of the -c config.
     Ctl {
-        /// Base URL of the admin API.
-        #[arg(long, default_value = "http://127.0.0.1:9900")]
-        admin: String,
-        /// Read the token from this file (mode 0600) instead of $SWITCHYARD_ADMIN_TOKEN.
-        #[arg(long)]
+        /// Read the admin address and token file from this config file.
+        #[arg(short, long, value_name = "CONFIG")]
+        config: Option<PathBuf>,
+        /// The admin API: HOST:PORT, [IPV6]:PORT or http://HOST:PORT [default: 127.0.0.1:9900].
+        #[arg(long, value_name = "ADDRESS")]
+        admin: Option<String>,
+        /// Read the token from this file (mode 0600); wins over $SWITCHYARD_ADMIN_TOKEN.
+        #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
         /// Print the raw JSON reply, for scripts.
         #[arg(long)]
@@ -79,7 +85,10 @@ enum CtlAction {
     Status,
     /// Send all new requests of SERVICE to COLOR.
     Switch {
+        /// A service name from the config, e.g. `web`.
         service: String,
+        /// The color to switch to.
+        #[arg(value_parser = ["blue", "green"])]
         color: String,
         /// Recorded in the history.
         #[arg(long)]
@@ -88,15 +97,17 @@ enum CtlAction {
         #[arg(long)]
         force: bool,
         /// First wait up to this long (e.g. 60s) for COLOR to become healthy.
-        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        #[arg(long, value_parser = config::parse_duration, value_name = "DURATION")]
         wait_healthy: Option<Duration>,
-        /// Then wait up to this long for the old color's requests to finish.
-        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        /// Then wait up to this long (e.g. 120s) for the old color's requests to finish.
+        #[arg(long, value_parser = config::parse_duration, value_name = "DURATION")]
         wait_drained: Option<Duration>,
     },
     /// Switch SERVICE back to the color it had before the last switch.
     Rollback {
+        /// A service name from the config, e.g. `web`.
         service: String,
+        /// Recorded in the history.
         #[arg(long)]
         reason: Option<String>,
         /// Roll back even if the previous color has too few healthy backends.
@@ -105,7 +116,9 @@ enum CtlAction {
     },
     /// Answer SERVICE's requests with 503 and the maintenance page (on), or serve again (off).
     Maintenance {
+        /// A service name from the config, e.g. `web`.
         service: String,
+        /// `on` answers 503 with the maintenance page; `off` serves again.
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
@@ -124,11 +137,20 @@ fn main() -> ExitCode {
         Cmd::Check { config } => return check(&config),
         Cmd::Demo { http, admin } => run_demo(http, admin),
         Cmd::Ctl {
+            config,
             admin,
             token_file,
             json,
             action,
-        } => ctl(&admin, token_file, json, action),
+        } => ctl(
+            Target {
+                config,
+                admin,
+                token_file,
+            },
+            json,
+            action,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -153,7 +175,17 @@ fn init_logging() {
 fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
     init_logging();
     let config = Config::load(path)?;
-    Switchyard::build(&config, &opts)?.run();
+    let problems = check_files(&config);
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    if let Some(missing) = missing_token_file(&config) {
+        tracing::warn!("{missing}");
+    }
+    let yard = Switchyard::build(&config, &opts)?;
+    // Written by the daemon after it forks; gone again when it exits.
+    cleanup::remove_pid_file_on_exit(config.server.state_dir.join("switchyard.pid"));
+    yard.run();
     Ok(())
 }
 
@@ -166,26 +198,18 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut ok = true;
-    match auth::load_token(&config.admin, std::env::var(auth::TOKEN_ENV).ok()) {
-        Ok(Some(_)) => {}
-        Ok(None) => println!("note: no admin token configured; the admin API will stay off"),
-        Err(e) => {
-            eprintln!("{}: {e}", path.display());
-            ok = false;
+    let problems = check_files(&config);
+    if !problems.is_empty() {
+        for p in problems {
+            eprintln!("{}: {p}", path.display());
         }
-    }
-    if let Err(e) = FileStore::existing(&config.server.state_dir).load() {
-        eprintln!("{}: {e}", path.display());
-        ok = false;
-    }
-    if let Err(e) = switchyard::load_pages(&config.server) {
-        eprintln!("{}: {e}", path.display());
-        ok = false;
-    }
-    if !ok {
         eprintln!("{}: check failed", path.display());
         return ExitCode::FAILURE;
+    }
+    if let Some(missing) = missing_token_file(&config) {
+        println!("warning: {missing}");
+    } else if config.admin.token_file.is_none() && std::env::var_os(auth::TOKEN_ENV).is_none() {
+        println!("note: no admin token configured; the admin API will stay off");
     }
     println!(
         "{}: ok ({} services, {} routes)",
@@ -196,6 +220,54 @@ fn check(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// What `check` and `run` verify beyond the config text: the token file,
+/// the saved state and the maintenance page. Relative paths in a message
+/// say what they are relative to.
+fn check_files(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(e) = auth::load_token(&config.admin, std::env::var(auth::TOKEN_ENV).ok()) {
+        problems.push(e.to_string());
+    }
+    let state_dir = &config.server.state_dir;
+    if let Err(e) = FileStore::existing(state_dir).load() {
+        problems.push(format!("{e}{}", relative_note("state_dir", state_dir)));
+    }
+    if let Err(e) = switchyard::load_pages(&config.server) {
+        let page = config
+            .server
+            .maintenance_page
+            .as_deref()
+            .unwrap_or(Path::new(""));
+        problems.push(format!("{e}{}", relative_note("maintenance_page", page)));
+    }
+    problems
+}
+
+/// For a relative path: what it is relative to, for an error message.
+fn relative_note(key: &str, path: &Path) -> String {
+    if path.is_absolute() || path.as_os_str().is_empty() {
+        String::new()
+    } else {
+        format!("\n  ({key} = {})", config::show_path(path))
+    }
+}
+
+/// When `admin.token_file` is configured but does not exist (and no
+/// $SWITCHYARD_ADMIN_TOKEN stands in): what that means and the command that
+/// creates it.
+fn missing_token_file(config: &Config) -> Option<String> {
+    let file = config.admin.token_file.as_deref()?;
+    if std::env::var_os(auth::TOKEN_ENV).is_some() || file.exists() {
+        return None;
+    }
+    Some(format!(
+        "admin.token_file {} does not exist, so the admin API will stay off. Create it \
+         (mode 0600) with:\n  {}",
+        config::show_path(file),
+        auth::create_token_command(file)
+    ))
+}
+
 fn run_demo(http: std::net::SocketAddr, admin: std::net::SocketAddr) -> anyhow::Result<()> {
     for (addr, flag) in [(http, "--http"), (admin, "--admin")] {
         std::net::TcpListener::bind(addr)
@@ -203,6 +275,8 @@ fn run_demo(http: std::net::SocketAddr, admin: std::net::SocketAddr) -> anyhow::
     }
     let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // It holds the admin token: gone on Ctrl-C, SIGTERM or any other exit.
+    cleanup::remove_dir_on_exit(dir.clone());
     let token = demo::random_token().context("cannot read /dev/urandom")?;
     write_private(&dir.join("admin.token"), &token)?;
     let blue = demo::free_loopback_addr()?;
@@ -226,7 +300,7 @@ fn run_demo(http: std::net::SocketAddr, admin: std::net::SocketAddr) -> anyhow::
     println!(
         r#"
 switchyard demo: proxy on http://{http}, blue upstream on {blue}, green upstream on {green}
-config and state in {dir}
+config and state in {dir} (removed when the demo exits)
 
   curl http://{http}/                      # answered by blue (version 1.0.0)
 
@@ -262,31 +336,102 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ctl(
-    base: &str,
+/// Where `ctl` finds the admin API and its token (see [`Cmd::Ctl`]).
+struct Target {
+    config: Option<PathBuf>,
+    admin: Option<String>,
     token_file: Option<PathBuf>,
-    json: bool,
-    action: CtlAction,
-) -> anyhow::Result<()> {
-    // An explicit --token-file wins over the environment.
-    let env = if token_file.is_some() {
-        None
-    } else {
-        std::env::var(auth::TOKEN_ENV).ok()
+}
+
+/// Reads the token by precedence: `--token-file`, then
+/// $SWITCHYARD_ADMIN_TOKEN, then the config's `admin.token_file`. A file
+/// that does not exist is an error that says so.
+fn ctl_token(target: &Target, config: Option<&Config>) -> anyhow::Result<auth::Token> {
+    let env = std::env::var(auth::TOKEN_ENV).ok();
+    let (file, env, origin) = match (&target.token_file, env, config) {
+        (Some(file), _, _) => (Some(file.clone()), None, "--token-file".to_string()),
+        (None, Some(value), _) => (None, Some(value), String::new()),
+        (None, None, Some(c)) => (
+            c.admin.token_file.clone(),
+            None,
+            format!("admin.token_file of {}", c.path.display()),
+        ),
+        (None, None, None) => (None, None, String::new()),
     };
+    if let Some(path) = &file {
+        if !path.exists() {
+            let mut message = format!("{origin} {} does not exist", config::show_path(path));
+            if target.token_file.is_none() {
+                message.push_str(&format!(
+                    "; without it switchyard runs with its admin API off. Create it (mode 0600) \
+                     and restart switchyard:\n  {}",
+                    auth::create_token_command(path)
+                ));
+            }
+            bail!("{message}");
+        }
+    }
     let source = config::Admin {
-        token_file,
+        token_file: file,
         allow: Vec::new(),
     };
-    let Some(token) = auth::load_token(&source, env)? else {
-        bail!(
-            "no admin token: set {} or pass --token-file FILE",
+    match auth::load_token(&source, env)? {
+        Some(token) => Ok(token),
+        None => match config {
+            Some(c) => bail!(
+                "no admin token: {} has no admin.token_file; set {} or pass --token-file FILE",
+                c.path.display(),
+                auth::TOKEN_ENV
+            ),
+            None => bail!(
+                "no admin token: set {}, pass --token-file FILE, or -c CONFIG to use its admin.token_file",
+                auth::TOKEN_ENV
+            ),
+        },
+    }
+}
+
+/// What to say when nothing listens at the admin address.
+fn refused_hint(config: Option<&Config>) -> String {
+    match config {
+        Some(c) => {
+            let token = match &c.admin.token_file {
+                Some(file) => format!("admin.token_file {}", config::show_path(file)),
+                None => "no admin.token_file".to_string(),
+            };
+            format!(
+                "is switchyard running with {}? Its admin API only runs when it has a token: \
+                 {token}, or ${} in its environment (its log says \"admin API disabled\" otherwise)",
+                c.path.display(),
+                auth::TOKEN_ENV
+            )
+        }
+        None => format!(
+            "is switchyard running, and is this its [listen] admin address? Its admin API only \
+             runs when it has a token (admin.token_file, or ${} in its environment); \
+             -c CONFIG reads the address and token file from its config",
             auth::TOKEN_ENV
-        );
+        ),
+    }
+}
+
+fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
+    let config = match &target.config {
+        Some(path) => Some(Config::load(path)?),
+        None => None,
     };
-    let client = Client::new(base, token);
+    // --admin, then the config's [listen] admin, then the default.
+    let base = match (&target.admin, &config) {
+        (Some(admin), _) => client::admin_base_url(admin)?,
+        (None, Some(c)) => client::base_url_for(c.listen.admin),
+        (None, None) => client::admin_base_url(config::DEFAULT_ADMIN_LISTEN)?,
+    };
+    let token = ctl_token(&target, config.as_ref())?;
+    let client = Client::new(&base, token, refused_hint(config.as_ref()));
     let progress = |line: &str| eprintln!("{line}");
     let mut drain = None;
+    // The active color before a switch, to tell a no-op from a switch.
+    let mut before = None;
     let cmd = match action {
         CtlAction::Status => Command::Status,
         CtlAction::History => Command::History,
@@ -299,6 +444,10 @@ fn ctl(
             wait_drained,
         } => {
             let to = color.parse::<Color>()?;
+            let status = client.send(&Command::Status)?;
+            before = status["services"][&service]["active"]
+                .as_str()
+                .map(str::to_string);
             if let Some(within) = wait_healthy {
                 client.wait_healthy(&service, to, within, progress)?;
             }
@@ -328,7 +477,7 @@ fn ctl(
     if json {
         println!("{}", serde_json::to_string_pretty(&reply)?);
     } else {
-        print_human(&cmd, &reply);
+        print_human(&cmd, &reply, before.as_deref());
     }
     if let Some((service, old, within)) = drain {
         client.wait_drained(&service, old, within, progress)?;
@@ -336,7 +485,8 @@ fn ctl(
     Ok(())
 }
 
-fn print_human(cmd: &Command, reply: &Value) {
+/// `before` is the service's active color before a switch, if known.
+fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
     let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
     match cmd {
         Command::Status => {
@@ -344,6 +494,9 @@ fn print_human(cmd: &Command, reply: &Value) {
             for (name, svc) in reply["services"].as_object().unwrap_or(&empty) {
                 print_service(name, svc);
             }
+        }
+        Command::Switch { to, .. } if before == Some(to.as_str()) => {
+            println!("{}: already {to}; nothing changed", s(&reply["name"]));
         }
         Command::Switch { .. } | Command::Rollback { .. } => {
             println!(

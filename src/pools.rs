@@ -217,7 +217,7 @@ impl ServiceState {
             })
             .collect();
         Some(format!(
-            "{to} has {healthy} healthy backends of {required} required ({}); wait for health checks or pass force",
+            "{to} has {healthy} healthy backends of {required} required ({}); wait for health checks, or force it (ctl --force; \"force\": true in the API)",
             detail.join("; ").to_lowercase()
         ))
     }

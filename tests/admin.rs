@@ -444,3 +444,472 @@ fn ctl_reads_token_file() {
     let v = ok_json(&out);
     assert_eq!(v["services"]["api"]["active"], "blue", "{v}");
 }
+
+// ---------------------------------------------------------------------------
+// ctl against things that are not the admin API, and how it finds the admin API
+// ---------------------------------------------------------------------------
+
+/// A loopback server that answers every connection with fixed bytes and
+/// records the request heads it received. Stops when dropped.
+struct FakeServer {
+    addr: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeServer {
+    /// `speaks_first`: send `reply` on accept, before reading (like SSH).
+    fn start(reply: &'static [u8], speaks_first: bool) -> FakeServer {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            // Bounded: no test makes more than a few connections.
+            for conn in listener.incoming().take(50) {
+                if stop2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                if speaks_first {
+                    let _ = conn.write_all(reply);
+                }
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen2
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                if !speaks_first {
+                    let _ = conn.write_all(reply);
+                }
+                let _ = conn.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        FakeServer {
+            addr,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(&self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Asserts that ctl failed, printed nothing on stdout, and said on stderr
+/// that `url` is not the admin API.
+fn assert_not_admin(case: &str, out: &std::process::Output) {
+    assert!(
+        !out.status.success(),
+        "{case}: ctl succeeded\n{}",
+        describe(out)
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{case}: ctl printed a result\n{}",
+        describe(out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a switchyard admin API"),
+        "{case}: stderr does not say it is not the admin API\n{}",
+        describe(out)
+    );
+}
+
+#[test]
+fn ctl_pointed_at_the_proxy_port_fails_and_posts_nothing() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    let before = proxy.status();
+    let wrong = proxy.http_url();
+    let cases: [&[&str]; 6] = [
+        &["status"],
+        &["--json", "status"],
+        &["history"],
+        &["switch", "api", "green"],
+        &["rollback", "api"],
+        &["maintenance", "api", "on"],
+    ];
+    for args in cases {
+        let out = run_ctl(&wrong, Some(TOKEN), args);
+        assert_not_admin(&format!("proxy port, {args:?}"), &out);
+    }
+    // Nothing was posted to a backend, and the token never left for one.
+    for up in [&blue, &green] {
+        for r in up.seen() {
+            assert_ne!(r.method, "POST", "a POST reached {}: {r:?}", up.label());
+            assert!(
+                r.header("authorization").is_none(),
+                "the admin token reached {}",
+                up.label()
+            );
+        }
+    }
+    assert_eq!(
+        proxy.status(),
+        before,
+        "a ctl call to the proxy port changed state"
+    );
+}
+
+#[test]
+fn ctl_recognises_other_http_servers_and_non_http_ports() {
+    let cases: [(&str, &[u8], bool); 6] = [
+        (
+            "404 JSON",
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 21\r\n\r\n{\"error\":\"not found\"}",
+            false,
+        ),
+        (
+            "HTML page",
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 26\r\n\r\n<html><h1>Hello</h1></html>",
+            false,
+        ),
+        (
+            "200 unrelated JSON",
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 48\r\n\r\n{\"services\":{\"api\":{\"active\":\"blue\"}},\"x\":true}",
+            false,
+        ),
+        (
+            "200 text",
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 3\r\n\r\nok\n",
+            false,
+        ),
+        (
+            "redirect",
+            b"HTTP/1.1 301 Moved Permanently\r\nlocation: http://127.0.0.1:1/status\r\ncontent-length: 0\r\n\r\n",
+            false,
+        ),
+        ("401 without marker", b"HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer\r\ncontent-length: 0\r\n\r\n", false),
+    ];
+    for (case, reply, first) in cases {
+        let server = FakeServer::start(reply, first);
+        for args in [&["status"][..], &["switch", "api", "green"]] {
+            let out = run_ctl(&server.url(), Some(TOKEN), args);
+            assert_not_admin(&format!("{case}, {args:?}"), &out);
+        }
+        for head in server.requests() {
+            assert!(head.starts_with("GET "), "{case}: got {head:?}");
+            assert!(
+                !head.to_ascii_lowercase().contains("authorization"),
+                "{case}: the token was sent to a server not known to be the admin API: {head:?}"
+            );
+        }
+    }
+
+    // Ports that do not speak HTTP: one that talks first, one that answers garbage.
+    for (case, reply, first) in [
+        ("ssh banner", &b"SSH-2.0-OpenSSH_9.6\r\n"[..], true),
+        ("garbage", &b"\x00\x01\x02 hello\r\n\r\n"[..], false),
+    ] {
+        let server = FakeServer::start(reply, first);
+        let out = run_ctl(&server.url(), Some(TOKEN), &["switch", "api", "green"]);
+        assert!(!out.status.success(), "{case}\n{}", describe(&out));
+        assert!(out.stdout.is_empty(), "{case}\n{}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("not a switchyard admin API") || err.contains("does not speak HTTP"),
+            "{case}\n{}",
+            describe(&out)
+        );
+    }
+}
+
+#[test]
+fn ctl_admin_address_forms() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    let addr = proxy.admin_addr();
+    for given in [
+        addr.clone(),
+        format!("http://{addr}"),
+        format!("http://{addr}/"),
+        format!("HTTP://{addr}"),
+    ] {
+        let v = ok_json(&run_ctl(&given, Some(TOKEN), &["--json", "status"]));
+        assert_eq!(v["services"]["api"]["active"], "blue", "{given}: {v}");
+    }
+    for (given, says) in [
+        (format!("https://{addr}"), "plain HTTP"),
+        ("127.0.0.1".to_string(), "give a port"),
+        ("::1:9900".to_string(), "brackets"),
+        (format!("http://{addr}/admin"), "without a path"),
+    ] {
+        let out = run_ctl(&given, Some(TOKEN), &["status"]);
+        assert!(!out.status.success(), "{given}\n{}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(says),
+            "{given}: wanted {says:?}\n{}",
+            describe(&out)
+        );
+    }
+}
+
+#[test]
+fn ctl_switch_to_the_active_color_says_nothing_changed() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    let out = proxy.ctl(&["switch", "api", "blue"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(stdout(&out).trim(), "api: already blue; nothing changed");
+
+    let out = proxy.ctl(&["switch", "api", "green"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "api: now green (was blue)",
+        "{}",
+        describe(&out)
+    );
+    let out = proxy.ctl(&["switch", "api", "green"]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "api: already green; nothing changed",
+        "{}",
+        describe(&out)
+    );
+    let (_, h) = proxy.admin("GET", "/history", None);
+    assert_eq!(h["events"].as_array().map(Vec::len), Some(1), "{h}");
+}
+
+/// Runs `switchyard ctl ARGS...` in `cwd` with `$SWITCHYARD_ADMIN_TOKEN` set
+/// to `env_token` (or unset), without adding `--admin`.
+fn ctl_in(cwd: &std::path::Path, env_token: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("ctl")
+        .args(args)
+        .current_dir(cwd)
+        .env_remove(TOKEN_ENV)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(t) = env_token {
+        cmd.env(TOKEN_ENV, t);
+    }
+    wait_output_with_deadline(cmd.spawn().unwrap(), Duration::from_secs(20), "ctl")
+}
+
+#[test]
+fn ctl_missing_token_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (given, shown) in [
+        (
+            "/nonexistent/admin.token".to_string(),
+            "/nonexistent/admin.token".to_string(),
+        ),
+        (
+            "missing.token".to_string(),
+            format!(
+                "relative to {}",
+                dir.path().canonicalize().unwrap().display()
+            ),
+        ),
+    ] {
+        let out = ctl_in(
+            dir.path(),
+            None,
+            &["--admin", "127.0.0.1:9", "--token-file", &given, "status"],
+        );
+        assert!(!out.status.success(), "{}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("does not exist"),
+            "{given}\n{}",
+            describe(&out)
+        );
+        assert!(
+            err.contains(&shown),
+            "{given}: wanted {shown:?}\n{}",
+            describe(&out)
+        );
+        assert!(!err.contains("pass --token-file"), "{}", describe(&out));
+    }
+}
+
+#[test]
+fn ctl_connection_refused_hints_that_the_admin_api_is_off() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .token(TokenSource::None)
+        .start();
+    let out = run_ctl(&proxy.admin_url(), Some(TOKEN), &["status"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connection refused"), "{}", describe(&out));
+    assert!(
+        err.contains("only runs when it has a token"),
+        "{}",
+        describe(&out)
+    );
+
+    // With -c, the hint names the config; the config has no token file.
+    let config = proxy.config_path().to_str().unwrap();
+    let out = ctl_in(proxy.dir(), Some(TOKEN), &["-c", config, "status"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connection refused"), "{}", describe(&out));
+    assert!(err.contains(config), "{}", describe(&out));
+}
+
+#[test]
+fn ctl_reads_admin_address_and_token_file_from_the_config() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    let config = proxy.config_path().to_str().unwrap().to_string();
+
+    // No --admin, no token in the environment: both come from the config.
+    let out = ctl_in(
+        proxy.dir(),
+        None,
+        &["-c", &config, "switch", "api", "green"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(proxy.active("api"), "green");
+
+    // $SWITCHYARD_ADMIN_TOKEN wins over the config's token file...
+    let out = ctl_in(
+        proxy.dir(),
+        Some("wrong-token-0123456789"),
+        &["-c", &config, "status"],
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        describe(&out)
+    );
+    // ...and --token-file wins over both.
+    let token_file = proxy.token_path().to_str().unwrap();
+    let out = ctl_in(
+        proxy.dir(),
+        Some("wrong-token-0123456789"),
+        &["-c", &config, "--token-file", token_file, "status"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    // --admin wins over the config's [listen] admin.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let out = ctl_in(
+        proxy.dir(),
+        None,
+        &["-c", &config, "--admin", &dead, "status"],
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&dead),
+        "{}",
+        describe(&out)
+    );
+
+    // A configured token file that is missing: said, with the command that creates it.
+    std::fs::remove_file(proxy.token_path()).unwrap();
+    let out = ctl_in(proxy.dir(), None, &["-c", &config, "status"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist"), "{}", describe(&out));
+    assert!(err.contains(token_file), "{}", describe(&out));
+    assert!(err.contains("umask 077"), "{}", describe(&out));
+}
+
+#[test]
+fn run_says_the_configured_token_file_is_missing_and_how_to_create_it() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let mut proxy = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    std::fs::remove_file(proxy.token_path()).unwrap();
+    proxy.relaunch();
+    let token = proxy.token_path().to_str().unwrap().to_string();
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            let e = proxy.stderr_text();
+            e.contains("does not exist") && e.contains(&token) && e.contains("umask 077")
+        }),
+        "stderr does not name the missing token file and the command:\n{}",
+        proxy.stderr_text()
+    );
+}
+
+#[test]
+fn ctl_help_409_and_wait_healthy_wording() {
+    // Help: SERVICE and COLOR are explained.
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "switch", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for line in ["A service name", "The color to switch to"] {
+        assert!(help.contains(line), "help lacks {line:?}:\n{help}");
+    }
+
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    green.set_healthy(false);
+    let svc = service_with("api", &[&blue], &[&green], "blue", &fast_health());
+    let proxy = ProxyBuilder::new(format!("{svc}{}", route(None, "/", "api"))).start();
+    proxy.wait_health(
+        "api",
+        &[(&blue, "healthy"), (&green, "unhealthy")],
+        Duration::from_secs(10),
+    );
+    // The 409 names the flag that exists.
+    let out = proxy.ctl(&["switch", "api", "green"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("409") && err.contains("--force"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!err.contains("pass force"), "{}", describe(&out));
+
+    // A satisfied wait does not read as still waiting.
+    green.set_healthy(true);
+    proxy.wait_health(
+        "api",
+        &[(&blue, "healthy"), (&green, "healthy")],
+        Duration::from_secs(10),
+    );
+    let out = proxy.ctl(&["switch", "api", "green", "--wait-healthy", "10s"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("api green: healthy (1 healthy, 1 needed)"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!err.contains("waiting"), "{}", describe(&out));
+}

@@ -291,3 +291,301 @@ fn missing_maintenance_page_fails_check() {
     let out = run_check(&path, None);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }
+
+/// Runs `check` on `text` and returns its diagnostics (exit 1 asserted).
+fn rejected(dir: &Path, text: &str) -> Vec<(usize, usize, String)> {
+    let path = dir.join("switchyard.toml");
+    fs::write(&path, text).unwrap();
+    let out = run_check(&path, Some(dir));
+    assert_eq!(out.status.code(), Some(1), "{}\n{text}", describe(&out));
+    diagnostics(
+        &String::from_utf8_lossy(&out.stderr),
+        path.to_str().unwrap(),
+    )
+}
+
+#[test]
+fn every_mistake_is_reported_in_line_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = good_config(dir.path());
+    text = replace_line(&text, "threads = 1", "threads = \"two\"");
+    text = replace_line(
+        &text,
+        "grace_period = \"5s\"",
+        "grace_period = \"5s\"\ncolour = 1",
+    );
+    text = replace_line(
+        &text,
+        "http = \"127.0.0.1:18080\"",
+        "htp = \"127.0.0.1:18080\"",
+    );
+    text = replace_line(&text, "service = \"api\"", "service = \"nope\"");
+    text = replace_line(
+        &text,
+        "action = \"deny\"",
+        "action = \"deny\"\nwebsockets = true",
+    );
+    text.push_str("\n[[routes]]\nservice = \"api\"\n");
+    let expected = [
+        (line_of(&text, "threads = \"two\""), "invalid type"),
+        (line_of(&text, "colour = 1"), "unknown key `colour`"),
+        (
+            line_of(&text, "htp = \"127.0.0.1:18080\""),
+            "unknown key `htp`",
+        ),
+        (
+            line_of(&text, "service = \"nope\""),
+            "unknown service \"nope\"",
+        ),
+        (
+            line_of(&text, "websockets = true"),
+            "unknown key `websockets`",
+        ),
+        (text.lines().count() - 1, "missing required key `path`"),
+    ];
+    let diags = rejected(dir.path(), &text);
+    let lines: Vec<usize> = diags.iter().map(|d| d.0).collect();
+    let want: Vec<usize> = expected.iter().map(|e| e.0).collect();
+    assert_eq!(lines, want, "{diags:#?}");
+    for ((_, _, msg), (_, says)) in diags.iter().zip(expected) {
+        assert!(msg.contains(says), "wanted {says:?} in {msg:?}");
+    }
+}
+
+#[test]
+fn durations_have_one_form_and_a_range_per_setting() {
+    let cases = [
+        ("header_timeout = \"0s\"", "allowed from 100ms to 10m"),
+        ("header_timeout = \"10 sec\"", "bad duration"),
+        ("header_timeout = \"10 seconds\"", "bad duration"),
+        ("header_timeout = \"1.5s\"", "1500ms"),
+        ("body_timeout = \"0ms\"", "allowed from 100ms"),
+        ("keepalive_timeout = \"9000h\"", "allowed from 100ms to 1h"),
+        ("send_timeout = \"10\"", "\"10s\""),
+        ("send_timeout = 10", "send_timeout = \"10s\""),
+        ("retry_after = \"0s\"", "allowed from 1s to 24h"),
+        ("retry_after = \"1500ms\"", "whole seconds"),
+        ("grace_period = \"50ms\"", "allowed from 100ms to 1h"),
+    ];
+    for (line, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let text = good_config(dir.path());
+        let text = if line.starts_with("grace_period") {
+            replace_line(&text, "grace_period = \"5s\"", line)
+        } else {
+            replace_line(&text, "threads = 1", &format!("threads = 1\n{line}"))
+        };
+        let diags = rejected(dir.path(), &text);
+        assert_eq!(diags.len(), 1, "{line}: {diags:#?}");
+        assert_eq!(diags[0].0, line_of(&text, line), "{line}: {diags:#?}");
+        assert!(
+            diags[0].2.contains(says),
+            "{line}: wanted {says:?} in {:?}",
+            diags[0].2
+        );
+    }
+    // Service, health and route durations too.
+    for (from, to, says) in [
+        (
+            "active = \"blue\"",
+            "active = \"blue\"\nconnect_timeout = \"0s\"",
+            "allowed from 100ms to 5m",
+        ),
+        (
+            "active = \"blue\"",
+            "active = \"blue\"\nhealth = { path = \"/h\", interval = \"0s\" }",
+            "allowed from 100ms to 1h",
+        ),
+        (
+            "path = \"/api/\"",
+            "path = \"/api/\"\nread_timeout = 90",
+            "read_timeout = \"90s\"",
+        ),
+        (
+            "path = \"/api/\"",
+            "path = \"/api/\"\nidle_timeout = \"400d\"",
+            "bad duration",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = replace_line(&good_config(dir.path()), from, to);
+        let diags = rejected(dir.path(), &text);
+        assert_eq!(diags.len(), 1, "{to}: {diags:#?}");
+        assert!(
+            diags[0].2.contains(says),
+            "{to}: wanted {says:?} in {:?}",
+            diags[0].2
+        );
+    }
+}
+
+#[test]
+fn sizes_and_counts_have_a_range_per_setting() {
+    for (line, says) in [
+        ("max_header_size = \"0\"", "allowed from 1KiB to 1MiB"),
+        ("max_header_size = \"2MiB\"", "allowed from 1KiB to 1MiB"),
+        ("max_header_size = \"1.5KiB\"", "bad size"),
+        ("max_header_size = \"32 kb\"", "bad size"),
+        (
+            "upstream_keepalive_pool = 1000000",
+            "allowed from 0 to 65536",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = replace_line(
+            &good_config(dir.path()),
+            "threads = 1",
+            &format!("threads = 1\n{line}"),
+        );
+        let diags = rejected(dir.path(), &text);
+        assert_eq!(diags.len(), 1, "{line}: {diags:#?}");
+        assert!(
+            diags[0].2.contains(says),
+            "{line}: wanted {says:?} in {:?}",
+            diags[0].2
+        );
+    }
+    for (from, to, says) in [
+        ("threads = 1", "threads = 0", "allowed from 1 to 1024"),
+        ("threads = 1", "threads = 5000", "allowed from 1 to 1024"),
+        (
+            "path = \"/api/\"",
+            "path = \"/api/\"\nmax_body = \"2GiB\"",
+            "allowed from 0 to 1GiB",
+        ),
+        (
+            "active = \"blue\"",
+            "active = \"blue\"\nhealth = { path = \"/h\", rise = 0, fall = 1000 }",
+            "allowed from 1 to 100",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let text = replace_line(&good_config(dir.path()), from, to);
+        let diags = rejected(dir.path(), &text);
+        assert!(!diags.is_empty(), "{to}");
+        for d in &diags {
+            assert!(d.2.contains(says), "{to}: wanted {says:?} in {:?}", d.2);
+        }
+    }
+}
+
+#[test]
+fn duplicate_route_names_the_line_of_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = good_config(dir.path());
+    // The first route's `[[routes]]` header is two lines above its path.
+    let first = line_of(&text, "path = \"/api/\"") - 2;
+    text.push_str(
+        "\n[[routes]]\nhost = \"API.example.com\"\npath = \"/api/\"\nservice = \"api\"\n",
+    );
+    let diags = rejected(dir.path(), &text);
+    assert_eq!(diags.len(), 1, "{diags:#?}");
+    assert!(
+        diags[0].2.contains(&format!("on line {first}")),
+        "{:?} does not name line {first}",
+        diags[0].2
+    );
+}
+
+#[test]
+fn unreadable_relative_paths_say_what_they_are_relative_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    // A relative maintenance page that is missing.
+    let text = replace_line(
+        &good_config(dir.path()),
+        "threads = 1",
+        "threads = 1\nmaintenance_page = \"pages/missing.html\"",
+    );
+    let path = dir.path().join("switchyard.toml");
+    fs::write(&path, &text).unwrap();
+    let out = run_check(&path, Some(dir.path()));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pages/missing.html"), "{}", describe(&out));
+    assert!(
+        err.contains(&format!("relative to {}", base.display())),
+        "{}",
+        describe(&out)
+    );
+
+    // A relative token file readable by others.
+    fs::write(
+        dir.path().join("loose.token"),
+        "check-token-0123456789abcdef\n",
+    )
+    .unwrap();
+    fs::set_permissions(
+        dir.path().join("loose.token"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let token = dir.path().join("admin.token");
+    let text =
+        good_config(dir.path()).replace(&toml_str(token.to_str().unwrap()), "\"loose.token\"");
+    fs::write(&path, &text).unwrap();
+    let out = run_check(&path, Some(dir.path()));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("relative to {}", base.display())),
+        "{}",
+        describe(&out)
+    );
+
+    // A relative state dir whose state file cannot be read.
+    let text = good_config(dir.path());
+    let state = dir.path().join("state");
+    let text = text.replace(&toml_str(state.to_str().unwrap()), "\"state\"");
+    fs::create_dir_all(state.join("state.json")).unwrap();
+    fs::write(&path, &text).unwrap();
+    let out = run_check(&path, Some(dir.path()));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("state_dir = state"), "{}", describe(&out));
+    assert!(
+        err.contains(&format!("relative to {}", base.display())),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn missing_token_file_is_named_with_the_command_that_creates_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.toml");
+    let text = good_config(dir.path());
+    let token = dir.path().join("admin.token");
+    fs::remove_file(&token).unwrap();
+    fs::write(&path, &text).unwrap();
+    let out = run_check(&path, None);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("does not exist"), "{}", describe(&out));
+    assert!(said.contains(token.to_str().unwrap()), "{}", describe(&out));
+    // The printed command creates a token file that check then accepts.
+    let cmd = said
+        .lines()
+        .find(|l| l.contains("umask 077"))
+        .unwrap_or_else(|| panic!("no command printed:\n{}", describe(&out)))
+        .trim()
+        .to_string();
+    let ran = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .output()
+        .unwrap();
+    assert!(ran.status.success(), "{cmd}: {ran:?}");
+    assert_eq!(
+        fs::metadata(&token).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "{cmd}"
+    );
+    let out = run_check(&path, None);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("does not exist"),
+        "{}",
+        describe(&out)
+    );
+}

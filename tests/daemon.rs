@@ -1,5 +1,6 @@
 //! `run -d`: the daemon keeps relative paths working, writes its pid and log
-//! into state_dir, serves, and drains and stops on SIGTERM.
+//! into state_dir, serves, drains and stops on SIGTERM, and removes its pid
+//! file when it exits.
 
 mod common;
 
@@ -21,7 +22,7 @@ impl Drop for Daemon {
 }
 
 #[test]
-fn daemon_serves_logs_to_state_dir_and_stops_on_sigterm() {
+fn daemon_serves_logs_to_state_dir_stops_on_sigterm_and_removes_its_pid_file() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
     let dir = tempfile::tempdir().unwrap();
@@ -68,6 +69,12 @@ fn daemon_serves_logs_to_state_dir_and_stops_on_sigterm() {
         poll_until(Duration::from_secs(10), || unsafe { libc::kill(pid, 0) }
             != 0),
         "daemon {pid} still running after SIGTERM"
+    );
+    // Its pid file goes with it.
+    assert!(
+        poll_until(Duration::from_secs(5), || !pid_file.exists()),
+        "{} left behind after the daemon exited",
+        pid_file.display()
     );
     // What the daemon logged after detaching went to the file, not to nowhere.
     let log = std::fs::read_to_string(dir.path().join("state/switchyard.log")).unwrap();

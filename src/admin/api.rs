@@ -349,7 +349,12 @@ impl ServeHttp for AdminApi {
         let mut resp = Response::builder()
             .status(status)
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::CONTENT_LENGTH, body.len());
+            .header(http::header::CONTENT_LENGTH, body.len())
+            // On every answer, errors too: how `ctl` knows it reached the admin API.
+            .header(
+                super::client::ADMIN_HEADER,
+                super::client::ADMIN_HEADER_VALUE,
+            );
         if status == StatusCode::UNAUTHORIZED {
             resp = resp.header(http::header::WWW_AUTHENTICATE, "Bearer");
         }

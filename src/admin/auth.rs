@@ -43,15 +43,15 @@ impl Token {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("cannot read admin token file {}: {source}", path.display())]
+    #[error("cannot read admin token file {}: {source}", config::show_path(path))]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error(
         "admin token file {} is accessible by group or others (mode {mode:04o}); run: chmod 600 {}",
-        path.display(),
-        path.display()
+        config::show_path(path),
+        shell_quote(path)
     )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("admin token from {0} is {1} bytes; use at least {MIN_TOKEN_LEN}, e.g. `openssl rand -hex 32`")]
@@ -95,6 +95,31 @@ fn read_token_file(path: &Path) -> Result<Option<String>, TokenError> {
         });
     }
     std::fs::read_to_string(path).map(Some).map_err(read_err)
+}
+
+/// The one shell command that creates a token file at `path` with mode
+/// 0600 (umask 077 in a subshell), from 32 random bytes as hex; it needs
+/// only POSIX tools, no openssl.
+pub fn create_token_command(path: &Path) -> String {
+    format!(
+        "(umask 077; head -c 32 /dev/urandom | od -An -vtx1 | tr -d ' \\n' > {})",
+        shell_quote(path)
+    )
+}
+
+/// `path` as one shell word: as is when it holds only safe characters,
+/// otherwise in single quotes.
+fn shell_quote(path: &Path) -> String {
+    let text = path.display().to_string();
+    let safe = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@".contains(&b));
+    if safe {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 /// Whether a client address is on the allowlist. IPv4 clients that reach an
@@ -156,6 +181,24 @@ mod tests {
             Err(TokenError::TooShort(_, 5))
         ));
         assert!(load_token(&admin(None), None).unwrap().is_none());
+    }
+
+    #[test]
+    fn token_command_creates_a_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("my token's file");
+        let cmd = create_token_command(&path);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}: {out:?}");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{cmd}");
+        let t = load_token(&admin(Some(path)), None).unwrap().unwrap();
+        assert_eq!(t.as_str().len(), 64, "{cmd}");
+        assert!(t.as_str().bytes().all(|b| b.is_ascii_hexdigit()), "{cmd}");
     }
 
     #[test]
