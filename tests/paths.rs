@@ -91,6 +91,14 @@ fn the_issue_inputs_are_refused_before_any_backend() {
         assert_eq!(code, 400, "GET {target}");
         f.expect_refused(target);
     }
+    // The same paths in absolute form (RFC 9112 §3.2.2) are read the same way.
+    for path in [
+        "/api/..;/actuator/env",
+        "/api/%2e%2e;/actuator/env",
+        "/actuator;x/env",
+    ] {
+        f.expect_refused(&format!("http://{HOST}{path}"));
+    }
     // The control case is still denied (404) after resolving `..`.
     let (code, _) = f.raw_get("/api/../actuator/env");
     assert_eq!(code, 404);
