@@ -36,6 +36,14 @@ fn routing(c: &mut Criterion) {
             )
         })
     });
+    c.bench_function("route/settlement stream pattern", |b| {
+        b.iter(|| {
+            table.resolve(
+                black_box(Some("api.moyeobab.com")),
+                black_box("/api/v1/meetings/42/settlement/progress/stream"),
+            )
+        })
+    });
     c.bench_function("route/path needing normalization", |b| {
         b.iter(|| {
             table.resolve(

@@ -209,6 +209,8 @@ pub struct RateLimit {
 pub struct Route {
     /// Lower-case host without port; `None` matches requests for hosts that have no routes.
     pub host: Option<String>,
+    /// Prefix of the normalized request path, starting with `/`; a `*`
+    /// segment matches exactly one whole segment (see `route.rs`).
     pub path: String,
     pub action: RouteAction,
     pub limits: RouteLimits,
@@ -913,6 +915,11 @@ impl Validator<'_> {
                 self.at(
                     &r.path,
                     format!("route path {:?} must start with '/'", r.path.get_ref()),
+                );
+            } else if let Some(problem) = crate::route::route_path_error(r.path.get_ref()) {
+                self.at(
+                    &r.path,
+                    format!("route path {:?}: {problem}", r.path.get_ref()),
                 );
             }
             let action = match (&r.service, &r.action) {
