@@ -894,21 +894,24 @@ impl Validator<'_> {
             let host = match &r.host {
                 None => None,
                 Some(h) => {
-                    let host = h.get_ref().to_ascii_lowercase();
-                    let ok = !host.is_empty()
-                        && host
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-                    if !ok {
-                        self.at(
-                            h,
-                            format!(
-                                "bad host {:?}: give a plain host name without port or scheme, e.g. \"api.example.com\"",
-                                h.get_ref()
-                            ),
-                        );
+                    // The grammar requests are held to (host.rs), so every
+                    // host a request can name can also be routed, and in the
+                    // same canonical form (lower case, no trailing dot).
+                    match crate::host::Authority::parse(h.get_ref().as_bytes()) {
+                        Ok(a) if a.port().is_none() && !h.get_ref().ends_with(':') => {
+                            Some(a.host().to_string())
+                        }
+                        _ => {
+                            self.at(
+                                h,
+                                format!(
+                                    "bad host {:?}: give a host name, an IPv4 address or a bracketed IPv6 address, without port or scheme, e.g. \"api.example.com\"",
+                                    h.get_ref()
+                                ),
+                            );
+                            Some(h.get_ref().to_ascii_lowercase())
+                        }
                     }
-                    Some(host)
                 }
             };
             if !r.path.get_ref().starts_with('/') {
@@ -1602,6 +1605,29 @@ action = "deny"
         let text = format!("{GOOD}\n[[routes]]\npath = \"/actuator\"\naction = \"deny\"\n");
         let e = errors(&text);
         assert!(e[0].message.contains("on line 19"), "{}", e[0]);
+    }
+
+    #[test]
+    fn route_hosts_follow_the_request_host_grammar() {
+        let with_host = |h: &str| GOOD.replace("API.example.com", h);
+        for (written, canonical) in [
+            ("API.Example.com.", "api.example.com"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("[::1]", "[::1]"),
+            ("under_score.example", "under_score.example"),
+        ] {
+            let c = Config::parse(Path::new("t.toml"), &with_host(written)).unwrap();
+            assert_eq!(c.routes[0].host.as_deref(), Some(canonical), "{written}");
+            // A request naming the host any valid way reaches the route.
+            let table = crate::route::RouteTable::new(&c.routes);
+            let request = crate::host::Authority::parse(format!("{written}:8443").as_bytes())
+                .unwrap();
+            assert!(table.resolve(Some(request.host()), "/api/x").unwrap().is_some());
+        }
+        for bad in ["a.com:80", "a.com:", "http://a.com", "a b", "a..b", "", "::1", "1.2.3"] {
+            let e = errors(&with_host(bad));
+            assert!(e[0].message.contains("bad host"), "{bad}: {}", e[0]);
+        }
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl ProxyHttp for Proxy {
         let target = match self.routes.resolve(host, req.uri.path()) {
             Ok(Some(target)) => target,
             Ok(None) => return self.refuse(session, ctx, Refusal::NoRoute).await,
-            Err(_) => return self.refuse(session, ctx, Refusal::BadPath).await,
+            Err(e) => return self.refuse(session, ctx, Refusal::BadPath(e)).await,
         };
         let service = match target.action {
             RouteAction::Proxy(service) => service,

@@ -14,6 +14,7 @@ use pingora::ErrorSource;
 
 use crate::forwarded::X_REQUEST_ID;
 use crate::host::HostError;
+use crate::route::BadPath;
 
 /// The `Server` header on every response: no version, nothing to fingerprint.
 pub const SERVER: &str = "switchyard";
@@ -26,7 +27,8 @@ pub const BUILTIN_PAGE: &str = include_str!("../conf/maintenance.html");
 pub enum Refusal {
     NoRoute,
     Denied,
-    BadPath,
+    /// A path backends would read differently, or above `/`: see `route.rs`.
+    BadPath(BadPath),
     /// No valid, single authority (`Host`, absolute-form target): see `host.rs`.
     BadHost(HostError),
     HeaderTooLarge,
@@ -44,7 +46,7 @@ impl Refusal {
     pub fn status(self) -> u16 {
         match self {
             Refusal::NoRoute | Refusal::Denied => 404,
-            Refusal::BadPath | Refusal::BadHost(_) | Refusal::WebSocketNotAllowed => 400,
+            Refusal::BadPath(_) | Refusal::BadHost(_) | Refusal::WebSocketNotAllowed => 400,
             Refusal::HeaderTooLarge => 431,
             Refusal::BodyTooLarge(_) => 413,
             Refusal::RateLimited(_) => 429,
@@ -57,7 +59,7 @@ impl Refusal {
         match self {
             Refusal::NoRoute => "no route for this host and path".into(),
             Refusal::Denied => "not found".into(),
-            Refusal::BadPath => "bad request path".into(),
+            Refusal::BadPath(e) => format!("bad request path: {e}"),
             Refusal::BadHost(e) => format!("bad request host: {e}"),
             Refusal::HeaderTooLarge => "request header too large".into(),
             Refusal::BodyTooLarge(max) => format!("request body larger than {max} bytes"),

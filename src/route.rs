@@ -126,12 +126,13 @@ impl RouteTable {
     }
 
     /// The route for a request: `Ok(None)` when none matches, `Err` when the
-    /// path must be refused with 400. Allocation-free unless the path needs
-    /// normalizing.
+    /// path must be refused with 400. `host` is the request's canonical host
+    /// ([`crate::host::Authority::host`]: validated, lower-case, no port, no
+    /// trailing dot), `None` for an HTTP/1.0 request without one.
+    /// Allocation-free unless the path needs normalizing.
     pub fn resolve(&self, host: Option<&str>, path: &str) -> Result<Option<Target>, BadPath> {
         let entries = host
-            .map(normalize_host)
-            .and_then(|h| self.by_host.get(h.as_ref()))
+            .and_then(|h| self.by_host.get(h))
             .unwrap_or(&self.any_host);
         let path = normalize_path(path)?;
         let mut best: Option<&Entry> = None;
@@ -252,22 +253,6 @@ pub fn route_path_error(path: &str) -> Option<String> {
         }
     }
     None
-}
-
-/// Lower-case host without port or trailing dot.
-fn normalize_host(host: &str) -> Cow<'_, str> {
-    let host = if let Some(rest) = host.strip_prefix('[') {
-        // [v6]:port
-        rest.split(']').next().unwrap_or(rest)
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
-    let host = host.strip_suffix('.').unwrap_or(host);
-    if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(host.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(host)
-    }
 }
 
 /// The path as the backends will read it, for matching; borrowed (no
@@ -435,12 +420,9 @@ mod tests {
         let r = |h: Option<&str>, p: &str| action(&t, h, p).unwrap();
         assert_eq!(r(Some("example.com"), "/x"), Some(RouteAction::Proxy(0)));
         assert_eq!(r(None, "/wp-admin/x"), Some(RouteAction::Deny));
+        assert_eq!(r(Some("api.example.com"), "/api/v1"), Some(RouteAction::Proxy(1)));
         assert_eq!(
-            r(Some("API.Example.com:8443"), "/api/v1"),
-            Some(RouteAction::Proxy(1))
-        );
-        assert_eq!(
-            r(Some("api.example.com."), "/api/v2/ws"),
+            r(Some("api.example.com"), "/api/v2/ws"),
             Some(RouteAction::Proxy(2))
         );
         assert_eq!(
