@@ -26,6 +26,7 @@ pub const REALISTIC_PATH: &str = "/api/v1/users/me";
 pub const REALISTIC_CHECKS: &[(&str, &str, u16)] = &[
     (API_HOST, REALISTIC_PATH, 200),
     (API_HOST, "/api/v1/meetings/7/settlement", 200),
+    (API_HOST, "/api/v1/meetings/7/settlement/progress/stream", 200),
     (API_HOST, "/v1/models", 200),
     (API_HOST, "/actuator/health", 404),
     (API_HOST, "/swagger-ui/index.html", 404),
@@ -512,7 +513,7 @@ fn realistic_routes() -> Vec<RRoute> {
         r(API_HOST, "/api/v2/ws", Some("api"), true, None),
         r(
             API_HOST,
-            "/api/v1/meetings/",
+            "/api/v1/meetings/*/settlement/progress/stream",
             Some("api"),
             false,
             Some("31m"),
@@ -677,10 +678,15 @@ fn nginx_realistic(up: &Upstream, port: u16) -> String {
             .find(|(host, _)| *host == r.host)
             .expect("known host")
             .1;
+        // A `*` segment needs a regex location in nginx.
+        let location = match r.path.contains('*') {
+            true => format!("~ ^{}", r.path.replace('*', "[^/]+")),
+            false => r.path.to_string(),
+        };
         match r.service {
-            None => writeln!(body, "        location {} {{ return 404; }}", r.path).unwrap(),
+            None => writeln!(body, "        location {location} {{ return 404; }}").unwrap(),
             Some(svc) => {
-                writeln!(body, "        location {} {{", r.path).unwrap();
+                writeln!(body, "        location {location} {{").unwrap();
                 writeln!(body, "            proxy_pass http://{svc};").unwrap();
                 if r.websocket {
                     body.push_str(&headers("$connection_upgrade"));
@@ -848,7 +854,7 @@ backend web
     server b 127.0.0.1:{} check inter 2s rise 2 fall 3
 
 backend api
-    http-request set-timeout server 31m if {{ path_beg /api/v1/meetings/ }}
+    http-request set-timeout server 31m if {{ path_reg ^/api/v1/meetings/[^/]+/settlement/progress/stream }}
     http-request set-timeout server 90s if {{ path_beg /api/v1/rag-chat/stream }}
     option httpchk GET /health
     http-check expect string ok
