@@ -66,6 +66,9 @@ pub const DEFAULT_RATE_BURST: u32 = 0;
 /// Largest request count in a rate (1 000 000): at most one request per
 /// microsecond per client, far beyond anything a limit is for.
 pub const MAX_RATE: u32 = 1_000_000;
+/// Largest `max_connections` / `max_connections_per_client` (16 777 216
+/// connections): far beyond any open-file limit.
+pub const MAX_CONNECTION_CAP: u64 = 1 << 24;
 
 /// The validated configuration. Immutable once built; shared as `Arc<Config>`.
 #[derive(Debug, Clone)]
@@ -99,6 +102,14 @@ pub struct Server {
     /// `None` means the built-in page.
     pub maintenance_page: Option<PathBuf>,
     pub retry_after: Duration,
+    /// Client connections held at once (nginx's `worker_connections`,
+    /// HAProxy's `maxconn`); `None`: sized from the open-file limit at start
+    /// ([`crate::connections::default_max_connections`]).
+    pub max_connections: Option<usize>,
+    /// Client connections per peer address (nginx's `limit_conn`); `None`:
+    /// no per-client cap, since behind a load balancer every client shares
+    /// its address.
+    pub max_connections_per_client: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -428,7 +439,24 @@ impl Validator<'_> {
             max_header_size: self.size(s.max_header_size.as_ref(), DEFAULT_MAX_HEADER_SIZE),
             maintenance_page: s.maintenance_page,
             retry_after: self.duration(s.retry_after.as_ref(), DEFAULT_RETRY_AFTER),
+            max_connections: self.connection_cap(s.max_connections, "max_connections"),
+            max_connections_per_client: self
+                .connection_cap(s.max_connections_per_client, "max_connections_per_client"),
         }
+    }
+
+    /// A connection count from 1 to [`MAX_CONNECTION_CAP`].
+    fn connection_cap(&mut self, value: Option<Spanned<u64>>, what: &str) -> Option<usize> {
+        let value = value?;
+        let n = *value.get_ref();
+        if n == 0 || n > MAX_CONNECTION_CAP {
+            self.at(
+                &value,
+                format!("{what} must be between 1 and {MAX_CONNECTION_CAP} connections"),
+            );
+            return None;
+        }
+        usize::try_from(n).ok()
     }
 
     fn listen(&mut self, l: file::Listen) -> Listen {
@@ -818,6 +846,8 @@ mod file {
         pub max_header_size: Option<Spanned<String>>,
         pub maintenance_page: Option<PathBuf>,
         pub retry_after: Option<Spanned<String>>,
+        pub max_connections: Option<Spanned<u64>>,
+        pub max_connections_per_client: Option<Spanned<u64>>,
     }
 
     #[derive(Deserialize, Default)]
