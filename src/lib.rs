@@ -186,9 +186,13 @@ impl Switchyard {
 /// caps: `max_connections` from the limit unless configured.
 fn connection_table(server: &config::Server) -> Connections {
     let open_files = match connections::raise_open_file_limit() {
-        Ok((before, after)) => {
+        Ok((before, after)) if before < after => {
             tracing::info!(before, after, "open-file limit (RLIMIT_NOFILE) raised to its hard limit");
             after
+        }
+        Ok((_, limit)) => {
+            tracing::info!(limit, "open-file limit (RLIMIT_NOFILE) is at its hard limit");
+            limit
         }
         Err(e) => {
             tracing::warn!(cause = %e, "cannot read or raise the open-file limit; assuming 1024");
