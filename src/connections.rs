@@ -54,7 +54,7 @@ pub fn raise_open_file_limit() -> io::Result<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let before = lim.rlim_cur as u64;
+    let before = lim.rlim_cur;
     if lim.rlim_cur >= lim.rlim_max {
         return Ok((before, before));
     }
@@ -66,7 +66,7 @@ pub fn raise_open_file_limit() -> io::Result<(u64, u64)> {
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((before, lim.rlim_max as u64))
+    Ok((before, lim.rlim_max))
 }
 
 /// The default `max_connections` for an open-file limit of `open_files`:
@@ -212,7 +212,9 @@ impl Connections {
                 let n = table.entry(ip).or_insert(0);
                 if *n >= cap {
                     drop(table);
-                    self.stats.refused_per_client.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .refused_per_client
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(client = %ip, cap, "connection refused: max_connections_per_client");
                     return Err(Refused::PerClient);
                 }
@@ -231,7 +233,10 @@ impl Connections {
                 // Dropping the admission gives back both places.
                 drop(admission);
                 self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(cap = self.max_total, "connection refused: max_connections, none idle");
+                tracing::debug!(
+                    cap = self.max_total,
+                    "connection refused: max_connections, none idle"
+                );
                 return Err(Refused::Total);
             }
             self.stats.evicted_idle.fetch_add(1, Ordering::Relaxed);
@@ -323,7 +328,10 @@ mod tests {
     #[test]
     fn default_leaves_room_for_upstreams_and_files() {
         assert_eq!(default_max_connections(1024, 128), (1024 - 64 - 128) / 2);
-        assert_eq!(default_max_connections(100, 128), MIN_DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            default_max_connections(100, 128),
+            MIN_DEFAULT_MAX_CONNECTIONS
+        );
         assert!(default_max_connections(u64::MAX, 128) > 1 << 30);
     }
 
@@ -332,7 +340,10 @@ mod tests {
         let c = Arc::new(Connections::new(100, Some(2)));
         let a1 = c.admit(ip("127.0.0.1"), true).unwrap();
         let _a2 = c.admit(ip("127.0.0.1"), true).unwrap();
-        assert_eq!(c.admit(ip("127.0.0.1"), true).unwrap_err(), Refused::PerClient);
+        assert_eq!(
+            c.admit(ip("127.0.0.1"), true).unwrap_err(),
+            Refused::PerClient
+        );
         let _b = c.admit(ip("127.0.0.2"), true).unwrap();
         drop(a1);
         let _a3 = c.admit(ip("127.0.0.1"), true).unwrap();

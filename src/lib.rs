@@ -187,11 +187,18 @@ impl Switchyard {
 fn connection_table(server: &config::Server) -> Connections {
     let open_files = match connections::raise_open_file_limit() {
         Ok((before, after)) if before < after => {
-            tracing::info!(before, after, "open-file limit (RLIMIT_NOFILE) raised to its hard limit");
+            tracing::info!(
+                before,
+                after,
+                "open-file limit (RLIMIT_NOFILE) raised to its hard limit"
+            );
             after
         }
         Ok((_, limit)) => {
-            tracing::info!(limit, "open-file limit (RLIMIT_NOFILE) is at its hard limit");
+            tracing::info!(
+                limit,
+                "open-file limit (RLIMIT_NOFILE) is at its hard limit"
+            );
             limit
         }
         Err(e) => {

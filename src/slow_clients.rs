@@ -432,7 +432,9 @@ impl AsyncWrite for Guarded {
                     this.deadline = None;
                     this.held = Vec::new();
                     // Only Pingora's own error answers carry its name.
-                    if let Some(head) = code.filter(|c| *c >= 400).and_then(|_| rewrite_server(data))
+                    if let Some(head) = code
+                        .filter(|c| *c >= 400)
+                        .and_then(|_| rewrite_server(data))
                     {
                         this.wbuf = head;
                         this.wpos = 0;

@@ -215,7 +215,9 @@ fn exhausted_open_file_limit_does_not_spin_and_recovers() {
         .server("max_connections = 100000\nheader_timeout = \"60s\"")
         .start();
     let addr = proxy.http_addr();
-    assert!(proxy.stderr_text().contains("max_connections leaves too few open files"));
+    assert!(proxy
+        .stderr_text()
+        .contains("max_connections leaves too few open files"));
 
     // Connections beyond the limit wait in the listen backlog.
     let flood: Vec<RawConn> = (0..200).map(|_| RawConn::connect(&addr)).collect();
@@ -228,7 +230,10 @@ fn exhausted_open_file_limit_does_not_spin_and_recovers() {
         "the flood did not fill the open-file limit: {fds} open"
     );
     let share = cpu_share(&proxy);
-    assert!(share < MAX_CPU_SHARE, "proxy used {share:.2} of a core at EMFILE");
+    assert!(
+        share < MAX_CPU_SHARE,
+        "proxy used {share:.2} of a core at EMFILE"
+    );
 
     drop(flood);
     assert!(poll_until(Duration::from_secs(10), || {
