@@ -1043,3 +1043,36 @@ action = "deny"
         assert_eq!(line_col("", 10), (1, 1));
     }
 }
+
+#[cfg(test)]
+mod connection_cap_tests {
+    use super::*;
+
+    const SERVICE: &str =
+        "[services.api]\nblue = [\"127.0.0.1:8080\"]\ngreen = [\"127.0.0.1:8081\"]\n";
+
+    #[test]
+    fn connection_caps_are_optional_and_range_checked() {
+        let path = Path::new("t.toml");
+        let c = Config::parse(path, SERVICE).unwrap();
+        assert_eq!(c.server.max_connections, None);
+        assert_eq!(c.server.max_connections_per_client, None);
+        let text =
+            format!("[server]\nmax_connections = 500\nmax_connections_per_client = 20\n{SERVICE}");
+        let c = Config::parse(path, &text).unwrap();
+        assert_eq!(c.server.max_connections, Some(500));
+        assert_eq!(c.server.max_connections_per_client, Some(20));
+        let text = format!(
+            "[server]\nmax_connections = 0\nmax_connections_per_client = 99999999\n{SERVICE}"
+        );
+        let err = Config::parse(path, &text).unwrap_err().to_string();
+        assert!(
+            err.contains("t.toml:2:19: max_connections must be between 1 and"),
+            "{err}"
+        );
+        assert!(
+            err.contains("t.toml:3:30: max_connections_per_client must be between 1"),
+            "{err}"
+        );
+    }
+}
