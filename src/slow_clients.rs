@@ -572,6 +572,140 @@ mod tests {
     }
 
     #[test]
+    fn body_framing_headers_are_noticed() {
+        let mut scan = HeaderScan::default();
+        assert!(scan.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Content-Length: 1\r\n\r\n"));
+        assert!(!scan.body);
+        let mut scan = HeaderScan::default();
+        assert!(!scan.feed(b"POST / HTTP/1.1\r\nconTent-LENGTH: 5\r"));
+        assert!(scan.feed(b"\n\r\n"));
+        assert!(scan.body);
+        let mut scan = HeaderScan::default();
+        assert!(scan.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        assert!(scan.body);
+    }
+
+    #[test]
+    fn server_header_is_rewritten_in_the_head_only() {
+        let head = b"HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\nContent-Length: 0\r\n\r\n";
+        let out = rewrite_server(head).expect("rewritten");
+        assert_eq!(
+            out,
+            b"HTTP/1.1 400 Bad Request\r\nServer: switchyard\r\nContent-Length: 0\r\n\r\n"
+        );
+        let lower = b"HTTP/1.1 405 x\r\nserver: pingora\r\n\r\n";
+        assert!(rewrite_server(lower).is_some());
+        let in_body = b"HTTP/1.1 404 x\r\nServer: switchyard\r\n\r\n\r\nServer: Pingora\r\n";
+        assert_eq!(rewrite_server(in_body), None);
+        assert_eq!(
+            rewrite_server(b"HTTP/1.1 400 x\r\nServer: Pingora\r\n"),
+            None
+        );
+    }
+
+    /// A wrapped connection over an in-memory pipe that takes at most
+    /// `pipe` bytes at a time, and the client's end.
+    fn wrapped(
+        pipe: usize,
+        timeout: Duration,
+    ) -> (Guarded, tokio::io::DuplexStream, Arc<Connections>) {
+        let (server, client) = tokio::io::duplex(pipe);
+        let table = Arc::new(Connections::new(1, None));
+        let admission = table.admit(None, true).expect("admitted");
+        let slot = admission.slot().expect("slot");
+        // The place stays taken for the whole test.
+        std::mem::forget(admission);
+        (
+            Guarded::new(Box::new(server), timeout, slot, table.clone()),
+            client,
+            table,
+        )
+    }
+
+    #[tokio::test]
+    async fn rewritten_answer_survives_partial_writes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut conn, mut client, _) = wrapped(7, Duration::from_secs(5));
+        let request = b"GE T / HTTP/1.1\r\n\r\n";
+        let mut got = vec![0u8; request.len()];
+        let (sent, read) = tokio::join!(client.write_all(request), conn.read_exact(&mut got));
+        sent.unwrap();
+        read.unwrap();
+        assert_eq!(got, request);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        conn.write_all(b"HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        Shutdown::shutdown(&mut conn).await;
+        drop(conn);
+        let got = reader.await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "HTTP/1.1 400 Bad Request\r\nServer: switchyard\r\nContent-Length: 0\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn header_is_held_back_until_complete_and_a_cut_one_reads_as_eof() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut conn, mut client, table) = wrapped(1024, Duration::from_millis(300));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 8];
+        // Nothing is handed on while the header is incomplete.
+        let early = tokio::time::timeout(Duration::from_millis(50), conn.read(&mut buf)).await;
+        assert!(early.is_err(), "{early:?}");
+        client.write_all(b"\r\nbody").await.unwrap();
+        // Then all of it, through a small buffer, in order.
+        let mut got = Vec::new();
+        while !got.ends_with(b"body") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody");
+
+        // After a response, a next header that stalls ends as a clean EOF.
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        client.write_all(b"GET /next HTTP/1.1\r\n").await.unwrap();
+        let n = conn.read(&mut [0u8; 4096]).await.unwrap();
+        assert_eq!(n, 0, "a header cut by the deadline reads as EOF");
+        assert_eq!(table.stats.header_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_evicted_reads_as_eof() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut conn, mut client, table) = wrapped(1024, Duration::from_secs(5));
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 4096];
+        conn.read(&mut buf).await.unwrap();
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        // Pingora's 1-byte reads during a response do not make it idle.
+        let probe = tokio::time::timeout(Duration::from_millis(20), conn.read(&mut buf[..1])).await;
+        assert!(probe.is_err());
+        assert!(table.admit(None, false).is_err(), "nothing idle yet");
+        // Waiting for a next request with a full buffer does.
+        let (read, admitted) = tokio::join!(conn.read(&mut buf), async {
+            tokio::task::yield_now().await;
+            table.admit(None, false)
+        });
+        assert!(admitted.is_ok(), "the idle connection gave way");
+        assert_eq!(read.unwrap(), 0, "evicted: a clean EOF");
+        assert_eq!(table.stats.evicted_idle.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn status_lines() {
         assert_eq!(
             status_code(b"HTTP/1.1 101 Switching Protocols\r\n"),
