@@ -10,14 +10,16 @@
 //! request read) is told to close instead, so clients with requests in flight
 //! keep being served; only when nothing is idle is the new connection closed.
 //! Each refusal and eviction is counted (for the metrics listener) and logged
-//! at debug only: under a flood, one log line per connection would bury the
-//! real errors.
+//! at debug; a warning with the counts so far is logged at most once per
+//! [`CAP_WARN_INTERVAL`]: under a flood, one line per connection would bury
+//! the real errors.
 //!
 //! Costs: the accept path takes an atomic for the total, a lock on the
 //! per-client table (only when a per-client cap is set) and a lock on the
 //! table of evictable connections. A request pays two atomics on its
 //! connection's [`Slot`] (idle after the response, busy at its first byte)
-//! plus one shared counter that orders idle connections; no lock. Finding the
+//! plus one shared counter that orders idle connections, and registers its
+//! waker while it waits idle (one atomic swap); no lock. Finding the
 //! oldest idle connection scans the table under its lock, which only happens
 //! at the cap.
 
@@ -26,6 +28,7 @@ use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 
@@ -37,6 +40,9 @@ pub const FD_RESERVE: u64 = 64;
 /// The smallest computed default of `max_connections` (16 connections), so
 /// a process started with a tiny open-file limit still serves someone.
 pub const MIN_DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+/// Shortest time between two warnings that a cap was hit (60 s).
+pub const CAP_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Candidates tried when an eviction loses a race with its connection
 /// turning busy (8); each try picks the next oldest.
@@ -119,6 +125,10 @@ pub struct Connections {
     next_id: AtomicU64,
     /// Orders idle periods: a smaller ticket went idle earlier.
     next_ticket: AtomicU64,
+    /// When the table was made, and the time after it (in seconds) before
+    /// which no further cap warning is logged.
+    born: Instant,
+    next_warn_secs: AtomicU64,
     pub stats: ConnStats,
 }
 
@@ -178,6 +188,8 @@ impl Connections {
             evictable: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             next_ticket: AtomicU64::new(1),
+            born: Instant::now(),
+            next_warn_secs: AtomicU64::new(0),
             stats: ConnStats::default(),
         }
     }
@@ -216,6 +228,7 @@ impl Connections {
                         .refused_per_client
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(client = %ip, cap, "connection refused: max_connections_per_client");
+                    self.warn_cap_hit();
                     return Err(Refused::PerClient);
                 }
                 *n += 1;
@@ -237,9 +250,11 @@ impl Connections {
                     cap = self.max_total,
                     "connection refused: max_connections, none idle"
                 );
+                self.warn_cap_hit();
                 return Err(Refused::Total);
             }
             self.stats.evicted_idle.fetch_add(1, Ordering::Relaxed);
+            self.warn_cap_hit();
         }
         if evictable {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -248,6 +263,31 @@ impl Connections {
             admission.slot = Some((id, slot));
         }
         Ok(admission)
+    }
+
+    /// One warning per [`CAP_WARN_INTERVAL`] at most, with the totals, so an
+    /// operator learns that a cap is being hit without a line per connection.
+    fn warn_cap_hit(&self) {
+        let now = self.born.elapsed().as_secs();
+        let next = self.next_warn_secs.load(Ordering::Relaxed);
+        let later = now + CAP_WARN_INTERVAL.as_secs();
+        if now < next
+            || self
+                .next_warn_secs
+                .compare_exchange(next, later, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let s = &self.stats;
+        tracing::warn!(
+            max_connections = self.max_total,
+            max_connections_per_client = self.max_per_client,
+            refused_total = s.refused_total.load(Ordering::Relaxed),
+            refused_per_client = s.refused_per_client.load(Ordering::Relaxed),
+            evicted_idle = s.evicted_idle.load(Ordering::Relaxed),
+            "connection caps reached (totals since start; reported at most once a minute)"
+        );
     }
 
     /// Tells the connection idle the longest to close. False if none is idle.

@@ -58,8 +58,8 @@ use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::connections::{Connections, Slot};
 
-/// Most bytes of one request header held back (1 MiB, Pingora's own header
-/// limit, plus one): beyond it the bytes go to Pingora, which answers 400.
+/// Most bytes of one request header held back (1 MiB, just over Pingora's
+/// own header limit): beyond it the bytes go to Pingora, which answers 400.
 const HOLD_LIMIT: usize = 1024 * 1024;
 
 /// Puts a header deadline and connection admission on every connection

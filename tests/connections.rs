@@ -77,6 +77,18 @@ fn idle_keep_alive_flood_gives_way_to_new_clients_and_in_flight_requests_finish(
     assert!(poll_until(Duration::from_secs(5), || blue
         .in_flight_for("/inflight")
         == 1));
+    // And a stream whose response has begun: not idle either.
+    let mut stream = RawConn::connect(&addr);
+    stream
+        .send(b"GET /events?sse=2&gated=1 HTTP/1.1\r\nHost: flood.test\r\n\r\n")
+        .unwrap();
+    stream
+        .read_head(Duration::from_secs(5))
+        .expect("stream head");
+    let mut events = Vec::new();
+    stream
+        .read_body_until(&mut events, "data: blue-1\n\n", Duration::from_secs(5))
+        .unwrap();
 
     // 300 kept-alive clients, each served once and then idle: far more than
     // the cap. Each new one at the cap closes the oldest idle one.
@@ -101,17 +113,28 @@ fn idle_keep_alive_flood_gives_way_to_new_clients_and_in_flight_requests_finish(
     // A second client is served, and the in-flight request finishes.
     let mut second = RawConn::connect(&addr);
     served(&mut second, "/second");
-    blue.release(1);
+    // One permit for the held request, one for the stream's second event.
+    blue.release(2);
     let r = busy
         .read_response(Duration::from_secs(10))
         .expect("the in-flight request survives the flood");
     assert_eq!((r.status, r.body.as_str()), (200, "blue"), "{r:?}");
+    stream
+        .read_body_until(&mut events, "data: blue-2\n\n", Duration::from_secs(10))
+        .expect("the stream survives the flood");
     assert_eq!(error_lines(&proxy), Vec::<String>::new());
+    // Operators hear of it once, not per connection.
+    let warnings = proxy
+        .stderr_text()
+        .matches("connection caps reached")
+        .count();
+    assert_eq!(warnings, 1, "{}", proxy.stderr_text());
 
     // Recovery: with the flood gone the connections are given back.
     drop(flood);
     drop(second);
     drop(busy);
+    drop(stream);
     let mut fds = 0;
     assert!(
         poll_until(Duration::from_secs(10), || {
@@ -233,6 +256,13 @@ fn exhausted_open_file_limit_does_not_spin_and_recovers() {
     assert!(
         share < MAX_CPU_SHARE,
         "proxy used {share:.2} of a core at EMFILE"
+    );
+    // Pingora's accept loop waits a second after each EMFILE: its error
+    // line comes about once a second, not in a loop.
+    let accept_errors = proxy.stderr_text().matches("Accept() failed").count();
+    assert!(
+        accept_errors <= 2 * CPU_WINDOW.as_secs() as usize + 10,
+        "{accept_errors} accept errors logged"
     );
 
     drop(flood);
