@@ -687,7 +687,8 @@ mod tests {
         let (mut conn, mut client, table) = wrapped(1024, Duration::from_secs(5));
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let mut buf = [0u8; 4096];
-        conn.read(&mut buf).await.unwrap();
+        let n = conn.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
         conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             .await
             .unwrap();
