@@ -68,6 +68,9 @@ pub const DEFAULT_RATE_BURST: u32 = 0;
 /// Largest request count in a rate (1 000 000): at most one request per
 /// microsecond per client, far beyond anything a limit is for.
 pub const MAX_RATE: u32 = 1_000_000;
+/// Largest `max_connections` / `max_connections_per_client` (16 777 216
+/// connections): far beyond any open-file limit.
+pub const MAX_CONNECTION_CAP: u64 = 1 << 24;
 
 /// Shortest timeout or interval accepted (100 ms): zero would close every
 /// connection at once, and anything shorter is below scheduling noise.
@@ -139,6 +142,14 @@ pub struct Server {
     /// `None` means the built-in page.
     pub maintenance_page: Option<PathBuf>,
     pub retry_after: Duration,
+    /// Client connections held at once (nginx's `worker_connections`,
+    /// HAProxy's `maxconn`); `None`: sized from the open-file limit at start
+    /// ([`crate::connections::default_max_connections`]).
+    pub max_connections: Option<usize>,
+    /// Client connections per peer address (nginx's `limit_conn`); `None`:
+    /// no per-client cap, since behind a load balancer every client shares
+    /// its address.
+    pub max_connections_per_client: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -641,6 +652,9 @@ impl Validator<'_> {
             ),
             maintenance_page: s.maintenance_page,
             retry_after: self.retry_after(s.retry_after.as_ref()),
+            max_connections: self.connection_cap(s.max_connections, "max_connections"),
+            max_connections_per_client: self
+                .connection_cap(s.max_connections_per_client, "max_connections_per_client"),
         }
     }
 
@@ -661,6 +675,20 @@ impl Validator<'_> {
             }
             _ => d,
         }
+    }
+
+    /// A connection count from 1 to [`MAX_CONNECTION_CAP`].
+    fn connection_cap(&mut self, value: Option<Spanned<u64>>, what: &str) -> Option<usize> {
+        let value = value?;
+        let n = *value.get_ref();
+        if n == 0 || n > MAX_CONNECTION_CAP {
+            self.at(
+                &value,
+                format!("{what} = {n} is out of range: allowed from 1 to {MAX_CONNECTION_CAP}"),
+            );
+            return None;
+        }
+        usize::try_from(n).ok()
     }
 
     fn listen(&mut self, l: file::Listen) -> Listen {
@@ -1295,6 +1323,8 @@ mod file {
         pub max_header_size: Option<Spanned<String>>,
         pub maintenance_page: Option<PathBuf>,
         pub retry_after: Option<Spanned<String>>,
+        pub max_connections: Option<Spanned<u64>>,
+        pub max_connections_per_client: Option<Spanned<u64>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -1620,11 +1650,23 @@ action = "deny"
             assert_eq!(c.routes[0].host.as_deref(), Some(canonical), "{written}");
             // A request naming the host any valid way reaches the route.
             let table = crate::route::RouteTable::new(&c.routes);
-            let request = crate::host::Authority::parse(format!("{written}:8443").as_bytes())
-                .unwrap();
-            assert!(table.resolve(Some(request.host()), "/api/x").unwrap().is_some());
+            let request =
+                crate::host::Authority::parse(format!("{written}:8443").as_bytes()).unwrap();
+            assert!(table
+                .resolve(Some(request.host()), "/api/x")
+                .unwrap()
+                .is_some());
         }
-        for bad in ["a.com:80", "a.com:", "http://a.com", "a b", "a..b", "", "::1", "1.2.3"] {
+        for bad in [
+            "a.com:80",
+            "a.com:",
+            "http://a.com",
+            "a b",
+            "a..b",
+            "",
+            "::1",
+            "1.2.3",
+        ] {
             let e = errors(&with_host(bad));
             assert!(e[0].message.contains("bad host"), "{bad}: {}", e[0]);
         }
@@ -1634,5 +1676,38 @@ action = "deny"
     fn line_col_counts_characters() {
         assert_eq!(line_col("a\nbé c", 6), (2, 4));
         assert_eq!(line_col("", 10), (1, 1));
+    }
+}
+
+#[cfg(test)]
+mod connection_cap_tests {
+    use super::*;
+
+    const SERVICE: &str =
+        "[services.api]\nblue = [\"127.0.0.1:8080\"]\ngreen = [\"127.0.0.1:8081\"]\n";
+
+    #[test]
+    fn connection_caps_are_optional_and_range_checked() {
+        let path = Path::new("t.toml");
+        let c = Config::parse(path, SERVICE).unwrap();
+        assert_eq!(c.server.max_connections, None);
+        assert_eq!(c.server.max_connections_per_client, None);
+        let text =
+            format!("[server]\nmax_connections = 500\nmax_connections_per_client = 20\n{SERVICE}");
+        let c = Config::parse(path, &text).unwrap();
+        assert_eq!(c.server.max_connections, Some(500));
+        assert_eq!(c.server.max_connections_per_client, Some(20));
+        let text = format!(
+            "[server]\nmax_connections = 0\nmax_connections_per_client = 99999999\n{SERVICE}"
+        );
+        let err = Config::parse(path, &text).unwrap_err().to_string();
+        assert!(
+            err.contains("t.toml:2:19: max_connections = 0 is out of range: allowed from 1 to"),
+            "{err}"
+        );
+        assert!(
+            err.contains("t.toml:3:30: max_connections_per_client = 99999999 is out of range"),
+            "{err}"
+        );
     }
 }

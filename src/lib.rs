@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod cleanup;
 pub mod config;
+pub mod connections;
 pub mod demo;
 pub mod forwarded;
 pub mod health;
@@ -34,6 +35,7 @@ use pingora::services::listening::Service;
 use crate::admin::api::AdminApi;
 use crate::admin::auth::{self, TokenError};
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::health::HealthChecker;
 use crate::limits::rate::{RateLimits, Sweeper};
 use crate::pools::Switchboard;
@@ -115,9 +117,11 @@ impl Switchyard {
             proxy::Settings::new(&config.server, pages),
             requests.clone(),
         );
+        let connections = Arc::new(connection_table(&config.server));
         let app = HeaderTimeout::new(
             http_proxy(&server.configuration, proxy),
             config.server.header_timeout,
+            connections,
         );
         let mut proxy = Service::new("proxy".into(), app);
         proxy.add_listener(
@@ -178,6 +182,48 @@ impl Switchyard {
     pub fn run(self) {
         self.server.run(RunArgs::default());
     }
+}
+
+/// Raises the open-file limit to its hard limit and sizes the connection
+/// caps: `max_connections` from the limit unless configured.
+fn connection_table(server: &config::Server) -> Connections {
+    let open_files = match connections::raise_open_file_limit() {
+        Ok((before, after)) if before < after => {
+            tracing::info!(
+                before,
+                after,
+                "open-file limit (RLIMIT_NOFILE) raised to its hard limit"
+            );
+            after
+        }
+        Ok((_, limit)) => {
+            tracing::info!(
+                limit,
+                "open-file limit (RLIMIT_NOFILE) is at its hard limit"
+            );
+            limit
+        }
+        Err(e) => {
+            tracing::warn!(cause = %e, "cannot read or raise the open-file limit; assuming 1024");
+            1024
+        }
+    };
+    let safe = connections::default_max_connections(open_files, server.upstream_keepalive_pool);
+    let max = server.max_connections.unwrap_or(safe);
+    if max > safe {
+        tracing::warn!(
+            max_connections = max,
+            open_files,
+            "max_connections leaves too few open files for upstream connections; \
+             accept() may fail with EMFILE (raise the hard limit: ulimit -Hn, LimitNOFILE=)"
+        );
+    }
+    tracing::info!(
+        max_connections = max,
+        max_connections_per_client = server.max_connections_per_client,
+        "client connection caps"
+    );
+    Connections::new(max, server.max_connections_per_client)
 }
 
 /// The 503 page and `Retry-After` from `[server]`.

@@ -4,7 +4,7 @@
 //! is) and `respond.rs` (the proxy's own answers).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,11 @@ use crate::limits::rate::RateLimits;
 use crate::pools::{InFlight, Switchboard};
 use crate::respond::{self, Refusal};
 use crate::route::RouteTable;
+
+/// Requests answered 503 because no backend of the active pool was healthy,
+/// since start (for the metrics listener). Logged at debug only: under an
+/// outage every request would otherwise add an ERROR line.
+pub static NO_HEALTHY_BACKEND: AtomicU64 = AtomicU64::new(0);
 
 /// Settings every request reads, taken from `[server]` once at start-up.
 pub struct Settings {
@@ -339,6 +344,17 @@ impl ProxyHttp for Proxy {
             e.retry.decide_reuse(client_reused);
         }
         e
+    }
+
+    /// Expected outcomes are counted and logged at debug instead of
+    /// Pingora's ERROR line; real failures still log.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        let expected = matches!(e.etype(), HTTPStatus(503));
+        if expected {
+            NO_HEALTHY_BACKEND.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(cause = %e, "answered 503: no healthy backend");
+        }
+        expected
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {

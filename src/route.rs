@@ -420,7 +420,10 @@ mod tests {
         let r = |h: Option<&str>, p: &str| action(&t, h, p).unwrap();
         assert_eq!(r(Some("example.com"), "/x"), Some(RouteAction::Proxy(0)));
         assert_eq!(r(None, "/wp-admin/x"), Some(RouteAction::Deny));
-        assert_eq!(r(Some("api.example.com"), "/api/v1"), Some(RouteAction::Proxy(1)));
+        assert_eq!(
+            r(Some("api.example.com"), "/api/v1"),
+            Some(RouteAction::Proxy(1))
+        );
         assert_eq!(
             r(Some("api.example.com"), "/api/v2/ws"),
             Some(RouteAction::Proxy(2))

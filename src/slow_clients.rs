@@ -1,23 +1,47 @@
-//! A deadline for the whole request header (nginx's `client_header_timeout`).
+//! The per-connection wrapper: a deadline for the whole request header
+//! (nginx's `client_header_timeout`), connection admission, idle tracking
+//! for eviction, and one `Server` identity on every answer.
 //!
 //! Pingora only times out each single read, so a slowloris client that sends
 //! one header byte every few seconds holds a connection forever. This wraps
 //! each accepted connection: the request header must be complete within
 //! `header_timeout` of the connection being accepted (first request) or of
 //! its first byte arriving (later requests on a kept-alive connection). Past
-//! the deadline the read fails and the connection is closed.
+//! the deadline the connection is closed.
+//!
+//! The bytes of a header are held back until its empty line arrives, and
+//! only then handed to Pingora. A connection cut by the deadline (or closed
+//! by the client) mid-header so ends, for Pingora, before any byte of a
+//! request: it closes silently instead of logging an ERROR per cut
+//! connection. The cut is counted ([`crate::connections::ConnStats::header_timeouts`]) and logged
+//! at debug. The price: a malformed request line is answered 400 only once
+//! its header ends, and a header that never ends is closed without an answer
+//! at the deadline.
 //!
 //! The wrapper follows the HTTP/1 exchange from the bytes themselves: the end
 //! of a header is its empty line; the first write after it is the response
 //! (`1xx` interim answers aside); the next bytes read after a response start
 //! the next request. After `101 Switching Protocols` it steps aside for good,
-//! and HTTP/2 connections are not wrapped. Known limit: a request body still
-//! being uploaded after its response has begun is timed like a header.
+//! and HTTP/2 connections are not wrapped (they still count as connections).
+//! Known limit: a request body still being uploaded after its response has
+//! begun is timed like a header (and is not held back: requests that carry a
+//! body framing header turn holding off for the next header).
+//!
+//! Idle tracking: once a response has started and Pingora reads with a full
+//! buffer (its 1-byte reads during a response only watch for a client
+//! close), the connection is idle and may be evicted at the connection cap
+//! ([`crate::connections`]); an evicted connection reads as a clean EOF.
+//!
+//! Pingora writes some answers itself (400 for a request it cannot parse,
+//! 405 for CONNECT) with `Server: Pingora`; the wrapper rewrites that header
+//! in the response head to `Server: switchyard` on the way out.
 
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,19 +56,36 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep_until, Instant, Sleep};
 
-/// Puts a header deadline on every connection `app` serves.
+use crate::connections::{Connections, Slot};
+
+/// Most bytes of one request header held back (1 MiB, just over Pingora's
+/// own header limit): beyond it the bytes go to Pingora, which answers 400.
+const HOLD_LIMIT: usize = 1024 * 1024;
+
+/// Puts a header deadline and connection admission on every connection
+/// `app` serves.
 pub struct HeaderTimeout<A> {
     app: Arc<A>,
     timeout: Duration,
+    connections: Arc<Connections>,
 }
 
 impl<A> HeaderTimeout<A> {
-    pub fn new(app: A, timeout: Duration) -> Self {
+    /// `timeout` is the whole-header deadline; `connections` admits (or
+    /// refuses) each accepted connection.
+    pub fn new(app: A, timeout: Duration, connections: Arc<Connections>) -> Self {
         HeaderTimeout {
             app: Arc::new(app),
             timeout,
+            connections,
         }
     }
+}
+
+/// The client's address of an accepted connection.
+fn peer_ip(stream: &Stream) -> Option<IpAddr> {
+    let digest = stream.get_socket_digest()?;
+    Some(digest.peer_addr()?.as_inet()?.ip())
 }
 
 #[async_trait]
@@ -54,12 +95,22 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let stream: Stream = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            stream
-        } else {
-            Box::new(Guarded::new(stream, self.timeout))
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        // Refused: the stream is dropped here, which closes it at once.
+        let admission = self.connections.admit(peer_ip(&stream), !h2).ok()?;
+        let stream: Stream = match admission.slot() {
+            Some(slot) if !h2 => Box::new(Guarded::new(
+                stream,
+                self.timeout,
+                slot,
+                self.connections.clone(),
+            )),
+            _ => stream,
         };
-        self.app.process_new(stream, shutdown).await
+        // The place is given back when the connection has been served.
+        let reuse = self.app.process_new(stream, shutdown).await;
+        drop(admission);
+        reuse
     }
 
     /// Deliberately not passed on. Pingora's proxy cleanup, run when the
@@ -94,9 +145,25 @@ struct Guarded {
     /// in one read (the common case) costs no timer at all.
     timer: Option<Pin<Box<Sleep>>>,
     scan: HeaderScan,
+    /// Whether the header being read is held back until it is complete.
+    hold: bool,
+    /// Bytes of the current header not yet handed to Pingora.
+    held: Vec<u8>,
+    /// A complete header being handed over, from `out_pos` on.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// A rewritten response head not yet written, from `wpos` on.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Idle state shared with [`Connections`].
+    slot: Arc<Slot>,
+    /// The ticket of the current idle period, 0 when busy.
+    idle: u64,
+    connections: Arc<Connections>,
 }
 
-/// Finds the empty line that ends an HTTP/1 header, across reads.
+/// Finds the empty line that ends an HTTP/1 header, across reads, and
+/// whether the header announces a body.
 #[derive(Debug, Default)]
 struct HeaderScan {
     /// Bytes in the current line, CR excluded.
@@ -104,6 +171,10 @@ struct HeaderScan {
     /// Whether a non-empty line (the request line) was seen: leading empty
     /// lines before a request are allowed and ignored.
     seen_line: bool,
+    /// The first bytes of the current line, lower-cased.
+    start: [u8; 18],
+    /// A `Content-Length` or `Transfer-Encoding` header was seen.
+    body: bool,
 }
 
 impl HeaderScan {
@@ -113,11 +184,19 @@ impl HeaderScan {
             match b {
                 b'\n' if self.line_len == 0 && self.seen_line => return true,
                 b'\n' => {
+                    let start = &self.start[..self.line_len.min(self.start.len())];
+                    self.body |= start.starts_with(b"content-length:")
+                        || start.starts_with(b"transfer-encoding:");
                     self.seen_line |= self.line_len > 0;
                     self.line_len = 0;
                 }
                 b'\r' => {}
-                _ => self.line_len += 1,
+                _ => {
+                    if let Some(slot) = self.start.get_mut(self.line_len) {
+                        *slot = b.to_ascii_lowercase();
+                    }
+                    self.line_len += 1;
+                }
             }
         }
         false
@@ -125,7 +204,12 @@ impl HeaderScan {
 }
 
 impl Guarded {
-    fn new(inner: Stream, timeout: Duration) -> Guarded {
+    fn new(
+        inner: Stream,
+        timeout: Duration,
+        slot: Arc<Slot>,
+        connections: Arc<Connections>,
+    ) -> Guarded {
         Guarded {
             inner,
             timeout,
@@ -133,20 +217,77 @@ impl Guarded {
             deadline: Some(Instant::now() + timeout),
             timer: None,
             scan: HeaderScan::default(),
+            hold: true,
+            held: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            wbuf: Vec::new(),
+            wpos: 0,
+            slot,
+            idle: 0,
+            connections,
         }
     }
 
     fn start_header(&mut self) {
         self.phase = Phase::Header;
+        // A body may still be arriving after an early response: never hold
+        // it back waiting for an empty line.
+        self.hold = !self.scan.body;
         self.scan = HeaderScan::default();
         self.deadline = Some(Instant::now() + self.timeout);
     }
 
-    fn timed_out(&self) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("request header not complete within {:?}", self.timeout),
-        )
+    /// The header missed its deadline: counted, and logged at debug only
+    /// (an expected outcome under a slowloris flood).
+    fn timed_out(&mut self) -> Poll<io::Result<()>> {
+        self.deadline = None;
+        self.connections
+            .stats
+            .header_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(timeout = ?self.timeout, "request header not complete in time; connection closed");
+        self.held = Vec::new();
+        if self.hold {
+            // Nothing of this header reached Pingora: a clean EOF.
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("request header not complete within {:?}", self.timeout),
+            )))
+        }
+    }
+
+    /// Hands over released header bytes; true if any were pending.
+    fn give_out(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.out_pos >= self.out.len() {
+            return false;
+        }
+        let n = buf.remaining().min(self.out.len() - self.out_pos);
+        buf.put_slice(&self.out[self.out_pos..self.out_pos + n]);
+        self.out_pos += n;
+        if self.out_pos == self.out.len() {
+            self.out = Vec::new();
+            self.out_pos = 0;
+        }
+        true
+    }
+
+    /// Writes out a rewritten response head; Ready once nothing is left.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wpos < self.wbuf.len() {
+            let n = match Pin::new(&mut self.inner).poll_write(cx, &self.wbuf[self.wpos..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            self.wpos += n;
+        }
+        self.wbuf = Vec::new();
+        self.wpos = 0;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -157,6 +298,27 @@ fn status_code(bytes: &[u8]) -> Option<u16> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
+/// The `Server` value Pingora puts on the answers it builds itself
+/// (pingora-core `protocols/http/error_resp.rs`).
+const PINGORA_SERVER: &[u8] = b"\r\nserver: pingora\r\n";
+
+/// `data` with `Server: Pingora` in its response head replaced by switchyard's
+/// own; None when the head (which Pingora writes in one piece) has no such
+/// header.
+fn rewrite_server(data: &[u8]) -> Option<Vec<u8>> {
+    let head_end = data.windows(4).position(|w| w == b"\r\n\r\n")? + 2;
+    let at = data[..head_end + 2]
+        .windows(PINGORA_SERVER.len())
+        .position(|w| w.eq_ignore_ascii_case(PINGORA_SERVER))?;
+    let mut out = Vec::with_capacity(data.len() + 8);
+    out.extend_from_slice(&data[..at]);
+    out.extend_from_slice(b"\r\nServer: ");
+    out.extend_from_slice(crate::respond::SERVER.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&data[at + PINGORA_SERVER.len()..]);
+    Some(out)
+}
+
 impl AsyncRead for Guarded {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -164,31 +326,87 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Poll::Ready(Err(this.timed_out()));
+        if this.give_out(buf) {
+            return Poll::Ready(Ok(()));
         }
-        let before = buf.filled().len();
-        if Pin::new(&mut this.inner).poll_read(cx, buf)?.is_pending() {
-            if let Some(deadline) = this.deadline {
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
-                timer.as_mut().reset(deadline);
-                if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(this.timed_out()));
+        if this.deadline.is_some_and(|d| Instant::now() >= d) {
+            return this.timed_out();
+        }
+        if this.phase == Phase::Responded {
+            // A full-size read after a response: Pingora waits for the next
+            // request, so the connection is idle (evictable).
+            if this.idle == 0 && buf.remaining() > 1 {
+                let ticket = this.connections.ticket();
+                if this.slot.set_idle(ticket) {
+                    this.idle = ticket;
                 }
             }
-            return Poll::Pending;
+            if this.idle != 0 {
+                this.slot.register(cx.waker());
+            }
+            if this.slot.evicted() {
+                // Nothing of a next request was handed on: Pingora closes quietly.
+                return Poll::Ready(Ok(()));
+            }
         }
-        let new = &buf.filled()[before..];
-        if this.phase == Phase::Responded && !new.is_empty() {
-            this.start_header();
+        loop {
+            let before = buf.filled().len();
+            if Pin::new(&mut this.inner).poll_read(cx, buf)?.is_pending() {
+                if let Some(deadline) = this.deadline {
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+                    timer.as_mut().reset(deadline);
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return this.timed_out();
+                    }
+                }
+                return Poll::Pending;
+            }
+            let new_len = buf.filled().len() - before;
+            if new_len == 0 {
+                // The client closed; a held partial header is dropped so
+                // Pingora sees a clean close.
+                this.held = Vec::new();
+                return Poll::Ready(Ok(()));
+            }
+            if this.phase == Phase::Responded {
+                if this.idle != 0 && !this.slot.set_busy(this.idle) {
+                    // Evicted while these bytes arrived: drop them, end here.
+                    buf.set_filled(before);
+                    return Poll::Ready(Ok(()));
+                }
+                this.idle = 0;
+                this.start_header();
+            }
+            if this.phase != Phase::Header {
+                return Poll::Ready(Ok(()));
+            }
+            let done = this.scan.feed(&buf.filled()[before..]);
+            if done {
+                this.phase = Phase::Request;
+                this.deadline = None;
+            }
+            if !this.hold {
+                return Poll::Ready(Ok(()));
+            }
+            if done || this.held.len() + new_len > HOLD_LIMIT {
+                if this.held.is_empty() {
+                    // The whole header came in this read: nothing to copy.
+                    return Poll::Ready(Ok(()));
+                }
+                // Hand over the held bytes and then these.
+                this.held.extend_from_slice(&buf.filled()[before..]);
+                buf.set_filled(before);
+                this.out = std::mem::take(&mut this.held);
+                this.out_pos = 0;
+                this.hold = done;
+                this.give_out(buf);
+                return Poll::Ready(Ok(()));
+            }
+            this.held.extend_from_slice(&buf.filled()[before..]);
+            buf.set_filled(before);
         }
-        if this.phase == Phase::Header && this.scan.feed(new) {
-            this.phase = Phase::Request;
-            this.deadline = None;
-        }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -199,6 +417,9 @@ impl AsyncWrite for Guarded {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if this.poll_drain(cx)?.is_pending() {
+            return Poll::Pending;
+        }
         if matches!(this.phase, Phase::Header | Phase::Request) {
             match status_code(data) {
                 Some(101) => {
@@ -206,9 +427,24 @@ impl AsyncWrite for Guarded {
                     this.deadline = None;
                 }
                 Some(100..=199) => {}
-                _ => {
+                code => {
                     this.phase = Phase::Responded;
                     this.deadline = None;
+                    this.held = Vec::new();
+                    // Only Pingora's own error answers carry its name.
+                    if let Some(head) = code
+                        .filter(|c| *c >= 400)
+                        .and_then(|_| rewrite_server(data))
+                    {
+                        this.wbuf = head;
+                        this.wpos = 0;
+                        // The bytes are ours now; what is left goes out on
+                        // the next write, flush or shutdown.
+                        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+                            return Poll::Ready(Err(e));
+                        }
+                        return Poll::Ready(Ok(data.len()));
+                    }
                 }
             }
         }
@@ -226,7 +462,12 @@ impl AsyncWrite for Guarded {
                 let first: &[u8] = first;
                 self.poll_write(cx, first)
             }
-            _ => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
+            _ => {
+                if self.poll_drain(cx)?.is_pending() {
+                    return Poll::Pending;
+                }
+                Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+            }
         }
     }
 
@@ -235,10 +476,16 @@ impl AsyncWrite for Guarded {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.poll_drain(cx)?.is_pending() {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.poll_drain(cx)?.is_pending() {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -255,6 +502,8 @@ impl fmt::Debug for Guarded {
 #[async_trait]
 impl Shutdown for Guarded {
     async fn shutdown(&mut self) {
+        // A rewritten answer still buffered goes out before the close.
+        let _ = futures_util::future::poll_fn(|cx| self.poll_drain(cx)).await;
         self.inner.shutdown().await
     }
 }
@@ -320,6 +569,141 @@ mod tests {
         assert!(scan.feed(b"\nbody"));
         let mut bare_lf = HeaderScan::default();
         assert!(bare_lf.feed(b"GET / HTTP/1.0\n\n"));
+    }
+
+    #[test]
+    fn body_framing_headers_are_noticed() {
+        let mut scan = HeaderScan::default();
+        assert!(scan.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Content-Length: 1\r\n\r\n"));
+        assert!(!scan.body);
+        let mut scan = HeaderScan::default();
+        assert!(!scan.feed(b"POST / HTTP/1.1\r\nconTent-LENGTH: 5\r"));
+        assert!(scan.feed(b"\n\r\n"));
+        assert!(scan.body);
+        let mut scan = HeaderScan::default();
+        assert!(scan.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        assert!(scan.body);
+    }
+
+    #[test]
+    fn server_header_is_rewritten_in_the_head_only() {
+        let head = b"HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\nContent-Length: 0\r\n\r\n";
+        let out = rewrite_server(head).expect("rewritten");
+        assert_eq!(
+            out,
+            b"HTTP/1.1 400 Bad Request\r\nServer: switchyard\r\nContent-Length: 0\r\n\r\n"
+        );
+        let lower = b"HTTP/1.1 405 x\r\nserver: pingora\r\n\r\n";
+        assert!(rewrite_server(lower).is_some());
+        let in_body = b"HTTP/1.1 404 x\r\nServer: switchyard\r\n\r\n\r\nServer: Pingora\r\n";
+        assert_eq!(rewrite_server(in_body), None);
+        assert_eq!(
+            rewrite_server(b"HTTP/1.1 400 x\r\nServer: Pingora\r\n"),
+            None
+        );
+    }
+
+    /// A wrapped connection over an in-memory pipe that takes at most
+    /// `pipe` bytes at a time, and the client's end.
+    fn wrapped(
+        pipe: usize,
+        timeout: Duration,
+    ) -> (Guarded, tokio::io::DuplexStream, Arc<Connections>) {
+        let (server, client) = tokio::io::duplex(pipe);
+        let table = Arc::new(Connections::new(1, None));
+        let admission = table.admit(None, true).expect("admitted");
+        let slot = admission.slot().expect("slot");
+        // The place stays taken for the whole test.
+        std::mem::forget(admission);
+        (
+            Guarded::new(Box::new(server), timeout, slot, table.clone()),
+            client,
+            table,
+        )
+    }
+
+    #[tokio::test]
+    async fn rewritten_answer_survives_partial_writes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut conn, mut client, _) = wrapped(7, Duration::from_secs(5));
+        let request = b"GE T / HTTP/1.1\r\n\r\n";
+        let mut got = vec![0u8; request.len()];
+        let (sent, read) = tokio::join!(client.write_all(request), conn.read_exact(&mut got));
+        sent.unwrap();
+        read.unwrap();
+        assert_eq!(got, request);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        conn.write_all(b"HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        Shutdown::shutdown(&mut conn).await;
+        drop(conn);
+        let got = reader.await.unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "HTTP/1.1 400 Bad Request\r\nServer: switchyard\r\nContent-Length: 0\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn header_is_held_back_until_complete_and_a_cut_one_reads_as_eof() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut conn, mut client, table) = wrapped(1024, Duration::from_millis(300));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 8];
+        // Nothing is handed on while the header is incomplete.
+        let early = tokio::time::timeout(Duration::from_millis(50), conn.read(&mut buf)).await;
+        assert!(early.is_err(), "{early:?}");
+        client.write_all(b"\r\nbody").await.unwrap();
+        // Then all of it, through a small buffer, in order.
+        let mut got = Vec::new();
+        while !got.ends_with(b"body") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody");
+
+        // After a response, a next header that stalls ends as a clean EOF.
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        client.write_all(b"GET /next HTTP/1.1\r\n").await.unwrap();
+        let n = conn.read(&mut [0u8; 4096]).await.unwrap();
+        assert_eq!(n, 0, "a header cut by the deadline reads as EOF");
+        assert_eq!(table.stats.header_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_evicted_reads_as_eof() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut conn, mut client, table) = wrapped(1024, Duration::from_secs(5));
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = conn.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        // Pingora's 1-byte reads during a response do not make it idle.
+        let probe = tokio::time::timeout(Duration::from_millis(20), conn.read(&mut buf[..1])).await;
+        assert!(probe.is_err());
+        assert!(table.admit(None, false).is_err(), "nothing idle yet");
+        // Waiting for a next request with a full buffer does.
+        let (read, admitted) = tokio::join!(conn.read(&mut buf), async {
+            tokio::task::yield_now().await;
+            table.admit(None, false)
+        });
+        assert!(admitted.is_ok(), "the idle connection gave way");
+        assert_eq!(read.unwrap(), 0, "evicted: a clean EOF");
+        assert_eq!(table.stats.evicted_idle.load(Ordering::Relaxed), 1);
     }
 
     #[test]

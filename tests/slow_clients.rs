@@ -304,3 +304,188 @@ fn stalled_request_body_is_given_up_after_body_timeout() {
         blue.body_bytes()
     );
 }
+
+/// Sends `request` raw (a write error after the server answered is fine)
+/// and reads the response head.
+fn raw_head(addr: &str, request: &[u8]) -> Reply {
+    let mut c = RawConn::connect(addr);
+    let _ = c.send(request);
+    c.read_head(Duration::from_secs(10)).unwrap_or_else(|e| {
+        panic!(
+            "{:?}: {e}",
+            String::from_utf8_lossy(&request[..80.min(request.len())])
+        )
+    })
+}
+
+/// Every answer says `Server: switchyard`, including those Pingora builds
+/// itself: each request here is refused by Pingora's parser or framing
+/// checks, or by the proxy, before any backend is involved.
+#[test]
+fn answers_pingora_writes_itself_say_server_switchyard() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    let addr = proxy.http_addr();
+
+    let mut huge = b"GET /huge HTTP/1.1\r\nHost: id.test\r\nX-Huge: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'h', 1100 * 1024));
+    huge.extend_from_slice(b"\r\n\r\n");
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "malformed request line",
+            b"GET /a b c HTTP/1.1 x\r\nHost: id.test\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "method with a space",
+            b"G ET / HTTP/1.1\r\nHost: id.test\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "bad version",
+            b"GET / HTTP/9.x\r\nHost: id.test\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "NUL in a header value",
+            b"GET / HTTP/1.1\r\nHost: id.test\r\nX-A: a\0b\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "bad header name",
+            b"GET / HTTP/1.1\r\nHost: id.test\r\nBad Name: x\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "header name with a colon-less line",
+            b"GET / HTTP/1.1\r\nHost: id.test\r\nnocolon\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "invalid Content-Length",
+            b"POST / HTTP/1.1\r\nHost: id.test\r\nContent-Length: abc\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "conflicting Content-Lengths",
+            b"POST / HTTP/1.1\r\nHost: id.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+                .to_vec(),
+            400,
+        ),
+        (
+            "non-chunked final Transfer-Encoding",
+            b"POST / HTTP/1.1\r\nHost: id.test\r\nTransfer-Encoding: gzip\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "Transfer-Encoding on HTTP/1.0",
+            b"POST / HTTP/1.0\r\nHost: id.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                .to_vec(),
+            400,
+        ),
+        (
+            "CONNECT",
+            b"CONNECT id.test:443 HTTP/1.1\r\nHost: id.test:443\r\n\r\n".to_vec(),
+            405,
+        ),
+        ("header over 1 MiB", huge, 400),
+    ];
+    for (what, req, want) in &cases {
+        let r = raw_head(&addr, req);
+        assert_eq!(r.status, *want, "{what}: {r:?}");
+        assert_eq!(r.header_all("server"), vec!["switchyard"], "{what}: {r:?}");
+    }
+
+    // An invalid chunked body is found while proxying: answered by the proxy.
+    let mut c = RawConn::connect(&addr);
+    c.send(
+        b"POST /chunks HTTP/1.1\r\nHost: id.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n",
+    )
+    .unwrap();
+    if let Ok(r) = c.read_head(Duration::from_secs(10)) {
+        assert!(r.status >= 400, "invalid chunked body: {r:?}");
+        assert_eq!(r.header_all("server"), vec!["switchyard"], "{r:?}");
+    }
+
+    // Proxied and proxy-made answers keep theirs, once.
+    let r = raw_head(&addr, b"GET /ok HTTP/1.1\r\nHost: id.test\r\n\r\n");
+    assert_eq!(
+        (r.status, r.header_all("server")),
+        (200, vec!["switchyard"])
+    );
+    assert_eq!(blue.received("/huge"), 0);
+    assert_eq!(blue.received("/ok"), 1);
+}
+
+fn error_lines(proxy: &Proxy) -> Vec<String> {
+    proxy
+        .stderr_text()
+        .lines()
+        .filter(|l| l.contains("ERROR"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Connections cut by the header deadline and 503s for want of a healthy
+/// backend are expected outcomes: no ERROR line each. A real failure (a
+/// backend that resets) still logs one.
+#[test]
+fn expected_outcomes_log_no_error_but_real_failures_do() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    // A second service without health checks, on loopback ports where
+    // nothing listens: its requests fail for real (502).
+    let [dead1, dead2] = free_ports::<2>();
+    let proxy = ProxyBuilder::new(
+        service_with("api", &[&blue], &[&green], "blue", &fast_health())
+            + &format!(
+                "[services.dead]\nblue = [\"127.0.0.1:{dead1}\"]\ngreen = [\"127.0.0.1:{dead2}\"]\n\n"
+            )
+            + &route(None, "/dead", "dead")
+            + &route(None, "/", "api"),
+    )
+    .server(r#"header_timeout = "500ms""#)
+    .start();
+    let addr = proxy.http_addr();
+    assert_eq!(proxy.get("/up", None), (200, "blue".to_string()));
+
+    // Headers cut by the deadline: partway through a first request, partway
+    // through a second on a kept-alive connection, and nothing sent at all.
+    let mut first = RawConn::connect(&addr);
+    first
+        .send(b"GET /cut HTTP/1.1\r\nHost: q.test\r\nX-Slow: ")
+        .unwrap();
+    let mut second = RawConn::connect(&addr);
+    second
+        .send(b"GET /one HTTP/1.1\r\nHost: q.test\r\n\r\n")
+        .unwrap();
+    second
+        .read_response(Duration::from_secs(5))
+        .expect("first response");
+    second
+        .send(b"GET /two HTTP/1.1\r\nHost: q.test\r\nX-Slow: ")
+        .unwrap();
+    let mut silent = RawConn::connect(&addr);
+    for c in [&mut first, &mut second, &mut silent] {
+        let data = c
+            .wait_closed(Duration::from_secs(5))
+            .expect("cut by the header deadline");
+        assert!(data.is_empty(), "{:?}", String::from_utf8_lossy(&data));
+    }
+
+    // No healthy backend: 503 with the maintenance page.
+    blue.set_healthy(false);
+    proxy.wait_health("api", &[(&blue, "unhealthy")], Duration::from_secs(10));
+    for _ in 0..5 {
+        assert_eq!(proxy.get("/down", None).0, 503);
+    }
+    assert_eq!(error_lines(&proxy), Vec::<String>::new());
+
+    // A real failure is still an ERROR.
+    assert_eq!(proxy.get("/dead", None).0, 502);
+    assert!(
+        poll_until(Duration::from_secs(5), || !error_lines(&proxy).is_empty()),
+        "a backend reset logged no ERROR"
+    );
+}

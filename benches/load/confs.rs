@@ -26,7 +26,11 @@ pub const REALISTIC_PATH: &str = "/api/v1/users/me";
 pub const REALISTIC_CHECKS: &[(&str, &str, u16)] = &[
     (API_HOST, REALISTIC_PATH, 200),
     (API_HOST, "/api/v1/meetings/7/settlement", 200),
-    (API_HOST, "/api/v1/meetings/7/settlement/progress/stream", 200),
+    (
+        API_HOST,
+        "/api/v1/meetings/7/settlement/progress/stream",
+        200,
+    ),
     (API_HOST, "/v1/models", 200),
     (API_HOST, "/actuator/health", 404),
     (API_HOST, "/swagger-ui/index.html", 404),

@@ -503,6 +503,34 @@ impl RawConn {
         }
     }
 
+    /// Connects to `addr` from the local address `local` (another loopback
+    /// address such as `127.0.0.2`, to act as a second client); panics if
+    /// that fails.
+    pub fn connect_from(local: &str, addr: &str) -> RawConn {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        let stream = rt
+            .block_on(async {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(format!("{local}:0").parse().expect("local address"))?;
+                socket.connect(addr.parse().expect("address")).await
+            })
+            .and_then(|s| s.into_std())
+            .unwrap_or_else(|e| panic!("connect {addr} from {local}: {e}"));
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = stream.set_nodelay(true);
+        RawConn {
+            stream,
+            buf: Vec::new(),
+            framing: Framing::Done,
+        }
+    }
+
     /// Writes all of `bytes`. Fails once the server has closed or reset the
     /// connection (possibly only on a later write).
     pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -1537,6 +1565,7 @@ pub struct ProxyBuilder {
     grace_period: String,
     state_json: Option<String>,
     server_extra: Vec<String>,
+    open_files: Option<u64>,
 }
 
 impl ProxyBuilder {
@@ -1552,7 +1581,16 @@ impl ProxyBuilder {
             grace_period: "5s".to_string(),
             state_json: None,
             server_extra: Vec::new(),
+            open_files: None,
         }
+    }
+
+    /// Starts the proxy with both its soft and hard open-file limits
+    /// (RLIMIT_NOFILE) set to `n`, so a test can exhaust them with a few
+    /// hundred connections.
+    pub fn open_files(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
+        self
     }
 
     pub fn token(mut self, token: TokenSource) -> Self {
@@ -1655,6 +1693,7 @@ impl ProxyBuilder {
             env_token,
             child: None,
             runs: 0,
+            open_files: self.open_files,
         };
         p.launch();
         p
@@ -1676,6 +1715,8 @@ pub struct Proxy {
     child: Option<Child>,
     /// Number of times the process was launched; names the log files.
     runs: usize,
+    /// RLIMIT_NOFILE (soft and hard) of the process, if set.
+    open_files: Option<u64>,
 }
 
 impl Proxy {
@@ -1695,6 +1736,22 @@ impl Proxy {
             .stderr(stderr);
         if let Some(t) = &self.env_token {
             cmd.env(TOKEN_ENV, t);
+        }
+        if let Some(n) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe and only reads `lim`.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         self.child = Some(cmd.spawn().expect("spawn switchyard run"));
     }
@@ -1770,6 +1827,26 @@ impl Proxy {
 
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("no process").id() as i32
+    }
+
+    /// CPU time (user + system) the process has used so far, from
+    /// `/proc/PID/stat`.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("read stat");
+        // The command name (field 2) may hold spaces; fields count from after it.
+        let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line.
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Open file descriptors of the process now, from `/proc/PID/fd`.
+    pub fn open_fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     fn stderr_path(&self) -> PathBuf {
