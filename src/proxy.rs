@@ -14,6 +14,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
+use pingora::ErrorSource;
 
 use crate::config::{self, RouteAction, RouteLimits};
 use crate::forwarded::{self, Client};
@@ -346,13 +347,23 @@ impl ProxyHttp for Proxy {
         e
     }
 
-    /// Expected outcomes are counted and logged at debug instead of
-    /// Pingora's ERROR line; real failures still log.
+    /// Expected outcomes are logged at debug instead of Pingora's ERROR
+    /// line; real failures (the backend's, ours) still log. Expected: a 503
+    /// for no healthy backend (counted), and every failure on the client's
+    /// side of the connection, which is a client mistake or a client gone
+    /// (a body over `max_body`, broken chunked framing, a body that stalls,
+    /// a client that hangs up mid-response): under a flood these would
+    /// bury the errors an operator must see.
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
-        let expected = matches!(e.etype(), HTTPStatus(503));
-        if expected {
+        let no_backend = matches!(e.etype(), HTTPStatus(503));
+        if no_backend {
             NO_HEALTHY_BACKEND.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(cause = %e, "answered 503: no healthy backend");
+        }
+        let client_side =
+            matches!(e.etype(), HTTPStatus(413)) || e.esource() == &ErrorSource::Downstream;
+        let expected = no_backend || client_side;
+        if expected {
+            tracing::debug!(cause = %e, "request ended early (expected outcome)");
         }
         expected
     }

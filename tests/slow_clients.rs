@@ -446,6 +446,8 @@ fn expected_outcomes_log_no_error_but_real_failures_do() {
             + &route(None, "/", "api"),
     )
     .server(r#"header_timeout = "500ms""#)
+    // Our own debug lines show that each expected outcome was handled.
+    .log_filter("info,switchyard=debug")
     .start();
     let addr = proxy.http_addr();
     assert_eq!(proxy.get("/up", None), (200, "blue".to_string()));
@@ -480,6 +482,45 @@ fn expected_outcomes_log_no_error_but_real_failures_do() {
     for _ in 0..5 {
         assert_eq!(proxy.get("/down", None).0, 503);
     }
+    assert_eq!(error_lines(&proxy), Vec::<String>::new());
+
+    // Client mistakes and clients gone: a chunked body over max_body (413),
+    // broken chunk framing (400), a client that hangs up mid-request.
+    blue.set_healthy(true);
+    proxy.wait_health("api", &[(&blue, "healthy")], Duration::from_secs(10));
+    let mut big = RawConn::connect(&addr);
+    big.send(b"POST /big HTTP/1.1\r\nHost: q.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..20 {
+        let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+        framed.extend_from_slice(&chunk);
+        framed.extend_from_slice(b"\r\n");
+        if big.send(&framed).is_err() {
+            break;
+        }
+    }
+    assert_eq!(big.read_head(Duration::from_secs(5)).unwrap().status, 413);
+    let mut broken = RawConn::connect(&addr);
+    broken
+        .send(b"POST /chunk HTTP/1.1\r\nHost: q.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n")
+        .unwrap();
+    assert_eq!(
+        broken.read_head(Duration::from_secs(5)).unwrap().status,
+        400
+    );
+    let mut gone = RawConn::connect(&addr);
+    gone.send(b"POST /gone HTTP/1.1\r\nHost: q.test\r\nContent-Length: 100\r\n\r\nabc")
+        .unwrap();
+    drop(gone);
+    // Each was handled (and would have logged by now) once its debug line is there.
+    let handled = || proxy.stderr_text().matches("expected outcome").count();
+    assert!(
+        poll_until(Duration::from_secs(5), || handled() >= 5 + 3),
+        "{} expected outcomes handled:\n{}",
+        handled(),
+        proxy.stderr_text()
+    );
     assert_eq!(error_lines(&proxy), Vec::<String>::new());
 
     // A real failure is still an ERROR.

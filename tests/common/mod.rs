@@ -1566,6 +1566,7 @@ pub struct ProxyBuilder {
     state_json: Option<String>,
     server_extra: Vec<String>,
     open_files: Option<u64>,
+    log_filter: Option<String>,
 }
 
 impl ProxyBuilder {
@@ -1582,7 +1583,14 @@ impl ProxyBuilder {
             state_json: None,
             server_extra: Vec::new(),
             open_files: None,
+            log_filter: None,
         }
+    }
+
+    /// Runs the proxy with `RUST_LOG` set to `filter` (default: unset, info).
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        self.log_filter = Some(filter.to_string());
+        self
     }
 
     /// Starts the proxy with both its soft and hard open-file limits
@@ -1694,6 +1702,7 @@ impl ProxyBuilder {
             child: None,
             runs: 0,
             open_files: self.open_files,
+            log_filter: self.log_filter,
         };
         p.launch();
         p
@@ -1717,6 +1726,8 @@ pub struct Proxy {
     runs: usize,
     /// RLIMIT_NOFILE (soft and hard) of the process, if set.
     open_files: Option<u64>,
+    /// `RUST_LOG` of the process, if set.
+    log_filter: Option<String>,
 }
 
 impl Proxy {
@@ -1736,6 +1747,9 @@ impl Proxy {
             .stderr(stderr);
         if let Some(t) = &self.env_token {
             cmd.env(TOKEN_ENV, t);
+        }
+        if let Some(filter) = &self.log_filter {
+            cmd.env("RUST_LOG", filter);
         }
         if let Some(n) = self.open_files {
             use std::os::unix::process::CommandExt;
