@@ -58,6 +58,10 @@ const MAX_TRIES: usize = 3;
 /// the buffer anyway.
 const CLIENT_READ_BUFFER: usize = 4 * 1024;
 
+/// Client connections the admin API holds at once (64): deploy tooling
+/// makes a few; more is a misbehaving script or a flood.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// Process-level switches from the command line.
 #[derive(Debug, Default, Clone)]
 pub struct RunOptions {
@@ -152,7 +156,15 @@ impl Switchyard {
                     tracing::warn!(listen = %config.listen.admin, "admin API listens beyond loopback; keep the allowlist tight");
                 }
                 let api = AdminApi::new(board.clone(), token, config.admin.allow.clone());
-                let mut admin = Service::new("admin".into(), HttpServer::new_app(api));
+                // The same wrapper as the proxy's: a header deadline against
+                // slow clients, a small connection cap, and `Server:
+                // switchyard` on the answers Pingora's parser writes itself.
+                let app = HeaderTimeout::new(
+                    HttpServer::new_app(api),
+                    config.server.header_timeout,
+                    Arc::new(Connections::new(ADMIN_MAX_CONNECTIONS, None)),
+                );
+                let mut admin = Service::new("admin".into(), app);
                 admin.threads = Some(1);
                 admin.add_tcp(&config.listen.admin.to_string());
                 server.add_service(admin);

@@ -416,6 +416,24 @@ fn answers_pingora_writes_itself_say_server_switchyard() {
     );
     assert_eq!(blue.received("/huge"), 0);
     assert_eq!(blue.received("/ok"), 1);
+
+    // The admin listener's answers too (Pingora's HTTP app answers nothing
+    // itself there: a request it cannot parse is closed unanswered).
+    let admin = proxy.admin_addr();
+    let authorized =
+        format!("GET /status HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
+    for (what, req, want) in [
+        (
+            "admin without a token",
+            "GET /status HTTP/1.1\r\nHost: a\r\n\r\n",
+            401,
+        ),
+        ("admin status", authorized.as_str(), 200),
+    ] {
+        let r = raw_head(&admin, req.as_bytes());
+        assert_eq!(r.status, want, "{what}: {r:?}");
+        assert_eq!(r.header_all("server"), vec!["switchyard"], "{what}: {r:?}");
+    }
 }
 
 fn error_lines(proxy: &Proxy) -> Vec<String> {

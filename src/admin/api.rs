@@ -350,6 +350,7 @@ impl ServeHttp for AdminApi {
             .status(status)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::CONTENT_LENGTH, body.len())
+            .header(http::header::SERVER, crate::respond::SERVER)
             // On every answer, errors too: how `ctl` knows it reached the admin API.
             .header(
                 super::client::ADMIN_HEADER,
