@@ -52,15 +52,6 @@ fn cpu_share(proxy: &Proxy) -> f64 {
     (proxy.cpu_time() - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64()
 }
 
-fn error_lines(proxy: &Proxy) -> Vec<String> {
-    proxy
-        .stderr_text()
-        .lines()
-        .filter(|l| l.contains("ERROR"))
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn idle_keep_alive_flood_gives_way_to_new_clients_and_in_flight_requests_finish() {
     let blue = Upstream::start("blue");
@@ -122,7 +113,7 @@ fn idle_keep_alive_flood_gives_way_to_new_clients_and_in_flight_requests_finish(
     stream
         .read_body_until(&mut events, "data: blue-2\n\n", Duration::from_secs(10))
         .expect("the stream survives the flood");
-    assert_eq!(error_lines(&proxy), Vec::<String>::new());
+    assert_eq!(proxy.error_lines(), Vec::<String>::new());
     // Operators hear of it once, not per connection.
     let warnings = proxy
         .stderr_text()
@@ -177,7 +168,7 @@ fn per_client_cap_closes_extra_connections_at_once_while_others_are_served() {
     served(&mut other, "/other-client");
     let share = cpu_share(&proxy);
     assert!(share < MAX_CPU_SHARE, "proxy used {share:.2} of a core");
-    assert_eq!(error_lines(&proxy), Vec::<String>::new());
+    assert_eq!(proxy.error_lines(), Vec::<String>::new());
 
     // Closing the flood gives the places back.
     drop(flood);
@@ -212,7 +203,7 @@ fn at_the_cap_with_nothing_idle_new_connections_are_refused_then_it_recovers() {
     // Holding the cap costs no busy loop.
     let share = cpu_share(&proxy);
     assert!(share < MAX_CPU_SHARE, "proxy used {share:.2} of a core");
-    assert_eq!(error_lines(&proxy), Vec::<String>::new());
+    assert_eq!(proxy.error_lines(), Vec::<String>::new());
 
     // One of them finishes its request and goes idle: now a new client is
     // admitted by closing it.

@@ -436,15 +436,6 @@ fn answers_pingora_writes_itself_say_server_switchyard() {
     }
 }
 
-fn error_lines(proxy: &Proxy) -> Vec<String> {
-    proxy
-        .stderr_text()
-        .lines()
-        .filter(|l| l.contains("ERROR"))
-        .map(str::to_string)
-        .collect()
-}
-
 /// Connections cut by the header deadline and 503s for want of a healthy
 /// backend are expected outcomes: no ERROR line each. A real failure (a
 /// backend that resets) still logs one.
@@ -500,7 +491,7 @@ fn expected_outcomes_log_no_error_but_real_failures_do() {
     for _ in 0..5 {
         assert_eq!(proxy.get("/down", None).0, 503);
     }
-    assert_eq!(error_lines(&proxy), Vec::<String>::new());
+    assert_eq!(proxy.error_lines(), Vec::<String>::new());
 
     // Client mistakes and clients gone: a chunked body over max_body (413),
     // broken chunk framing (400), a client that hangs up mid-request.
@@ -539,12 +530,12 @@ fn expected_outcomes_log_no_error_but_real_failures_do() {
         handled(),
         proxy.stderr_text()
     );
-    assert_eq!(error_lines(&proxy), Vec::<String>::new());
+    assert_eq!(proxy.error_lines(), Vec::<String>::new());
 
     // A real failure is still an ERROR.
     assert_eq!(proxy.get("/dead", None).0, 502);
     assert!(
-        poll_until(Duration::from_secs(5), || !error_lines(&proxy).is_empty()),
+        poll_until(Duration::from_secs(5), || !proxy.error_lines().is_empty()),
         "a backend reset logged no ERROR"
     );
 }

@@ -492,6 +492,10 @@ impl RawConn {
     /// Connects to `addr`; panics if that fails.
     pub fn connect(addr: &str) -> RawConn {
         let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        RawConn::over(stream)
+    }
+
+    fn over(stream: TcpStream) -> RawConn {
         stream
             .set_write_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -520,15 +524,7 @@ impl RawConn {
             .and_then(|s| s.into_std())
             .unwrap_or_else(|e| panic!("connect {addr} from {local}: {e}"));
         stream.set_nonblocking(false).unwrap();
-        stream
-            .set_write_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let _ = stream.set_nodelay(true);
-        RawConn {
-            stream,
-            buf: Vec::new(),
-            framing: Framing::Done,
-        }
+        RawConn::over(stream)
     }
 
     /// Writes all of `bytes`. Fails once the server has closed or reset the
@@ -1868,6 +1864,15 @@ impl Proxy {
     }
 
     /// Stderr of the current (latest) process so far.
+    /// The proxy's log lines at ERROR level.
+    pub fn error_lines(&self) -> Vec<String> {
+        self.stderr_text()
+            .lines()
+            .filter(|l| l.contains("ERROR"))
+            .map(str::to_string)
+            .collect()
+    }
+
     pub fn stderr_text(&self) -> String {
         fs::read_to_string(self.stderr_path()).unwrap_or_default()
     }
