@@ -123,6 +123,10 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Named per-client rate limits; a route's index into this list is in its limits.
     pub rate_limits: Vec<RateLimit>,
+    /// Where the keys that name files (`server.state_dir`,
+    /// `server.maintenance_page`, `admin.token_file`) are written, as (line,
+    /// column), so a problem with the file itself can point at its key.
+    pub positions: BTreeMap<&'static str, (usize, usize)>,
 }
 
 #[derive(Debug, Clone)]
@@ -272,6 +276,10 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            // About the file as a whole, or a key left at its default.
+            return write!(f, "{}: {}", self.path.display(), self.message);
+        }
         write!(
             f,
             "{}:{}:{}: {}",
@@ -306,6 +314,31 @@ impl Config {
         Config::parse(path, &text)
     }
 
+    /// Like [`Config::load`], but a file with mistakes still gives the
+    /// config read from it, with defaults standing in for the bad values,
+    /// so `check` can go on to look at the files it names and list every
+    /// problem at once. The config is `None` only when the TOML itself is
+    /// malformed.
+    pub fn load_all(path: &Path) -> Result<(Option<Config>, Vec<ConfigError>), ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigErrors::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Config::parse_all(path, &text))
+    }
+
+    /// A problem with what `key` (e.g. `"admin.token_file"`) names, located
+    /// at the key when the file sets it.
+    pub fn error_at(&self, key: &str, message: String) -> ConfigError {
+        let (line, col) = self.positions.get(key).copied().unwrap_or((0, 0));
+        ConfigError {
+            path: self.path.clone(),
+            line,
+            col,
+            message,
+        }
+    }
+
     /// Validates configuration text; `path` is only used in messages.
     ///
     /// Every mistake is reported, sorted by line: unknown keys, wrong types
@@ -313,19 +346,25 @@ impl Config {
     /// [`Validator::file`]) and the semantic checks after them. Only a TOML
     /// syntax error stops at once, since nothing after it can be read.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        match Config::parse_all(path, text) {
+            (Some(config), list) if list.is_empty() => Ok(config),
+            (_, list) => Err(ConfigErrors::Invalid { list }),
+        }
+    }
+
+    /// Validates configuration text; see [`Config::load_all`].
+    pub fn parse_all(path: &Path, text: &str) -> (Option<Config>, Vec<ConfigError>) {
         let mut v = Validator {
             path,
             text,
             errors: Vec::new(),
             dropped: HashSet::new(),
+            positions: BTreeMap::new(),
         };
         let config = v.file().map(|file| v.validate(file));
         // Stable: two mistakes at one place keep the order they were found in.
         v.errors.sort_by_key(|e| (e.line, e.col));
-        match config {
-            Some(config) if v.errors.is_empty() => Ok(config),
-            _ => Err(ConfigErrors::Invalid { list: v.errors }),
-        }
+        (config, v.errors)
     }
 
     pub fn service_index(&self, name: &str) -> Option<usize> {
@@ -341,6 +380,8 @@ struct Validator<'a> {
     /// dropped for a mistake already reported, so routes naming them do not
     /// add a second, misleading "unknown service".
     dropped: HashSet<(String, String)>,
+    /// See [`Config::positions`].
+    positions: BTreeMap<&'static str, (usize, usize)>,
 }
 
 /// What error recovery took out of the parsed tree.
@@ -598,6 +639,7 @@ impl Validator<'_> {
             services,
             routes,
             rate_limits,
+            positions: std::mem::take(&mut self.positions),
         }
     }
 
@@ -615,8 +657,8 @@ impl Validator<'_> {
                 DEFAULT_GRACE_PERIOD,
                 GRACE_PERIOD_RANGE,
             ),
-            state_dir: s
-                .state_dir
+            state_dir: self
+                .path_key("server.state_dir", s.state_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             upstream_keepalive_pool: self.count(
                 s.upstream_keepalive_pool.as_ref(),
@@ -650,7 +692,7 @@ impl Validator<'_> {
                 DEFAULT_MAX_HEADER_SIZE,
                 MAX_HEADER_SIZE_RANGE,
             ),
-            maintenance_page: s.maintenance_page,
+            maintenance_page: self.path_key("server.maintenance_page", s.maintenance_page),
             retry_after: self.retry_after(s.retry_after.as_ref()),
             max_connections: self.connection_cap(s.max_connections, "max_connections"),
             max_connections_per_client: self
@@ -712,9 +754,18 @@ impl Validator<'_> {
             Some(list) => self.networks(&list),
         };
         Admin {
-            token_file: a.token_file,
+            token_file: self.path_key("admin.token_file", a.token_file),
             allow,
         }
+    }
+
+    /// A key that names a file: its position is kept for later problems
+    /// with the file itself ([`Config::error_at`]).
+    fn path_key(&mut self, key: &'static str, value: Option<Spanned<PathBuf>>) -> Option<PathBuf> {
+        let value = value?;
+        let at = line_col(self.text, value.span().start);
+        self.positions.insert(key, at);
+        Some(value.into_inner())
     }
 
     fn service(&mut self, name: Spanned<String>, s: file::Service) -> Option<Service> {
@@ -1235,17 +1286,23 @@ pub fn show_size(n: usize) -> String {
 /// (the directory switchyard was started in, absolute), since that is where
 /// a reader would not look.
 pub fn show_path(path: &Path) -> String {
+    match relative_to(path) {
+        Some(base) => format!("{} ({base})", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
+/// For a relative path, `relative to DIR, the directory switchyard was
+/// started in`; `None` for an absolute one (or when the directory is gone).
+pub fn relative_to(path: &Path) -> Option<String> {
     if path.is_absolute() {
-        return path.display().to_string();
+        return None;
     }
-    match std::env::current_dir() {
-        Ok(dir) => format!(
-            "{} (relative to {}, the directory switchyard was started in)",
-            path.display(),
-            dir.display()
-        ),
-        Err(_) => path.display().to_string(),
-    }
+    let dir = std::env::current_dir().ok()?;
+    Some(format!(
+        "relative to {}, the directory switchyard was started in",
+        dir.display()
+    ))
 }
 
 /// A list of defined names for messages, or "(none)".
@@ -1313,7 +1370,7 @@ mod file {
     pub struct Server {
         pub threads: Option<Spanned<u32>>,
         pub grace_period: Option<Spanned<String>>,
-        pub state_dir: Option<PathBuf>,
+        pub state_dir: Option<Spanned<PathBuf>>,
         pub upstream_keepalive_pool: Option<Spanned<usize>>,
         pub header_timeout: Option<Spanned<String>>,
         pub body_timeout: Option<Spanned<String>>,
@@ -1321,7 +1378,7 @@ mod file {
         pub send_timeout: Option<Spanned<String>>,
         pub trusted_proxies: Option<Vec<Spanned<String>>>,
         pub max_header_size: Option<Spanned<String>>,
-        pub maintenance_page: Option<PathBuf>,
+        pub maintenance_page: Option<Spanned<PathBuf>>,
         pub retry_after: Option<Spanned<String>>,
         pub max_connections: Option<Spanned<u64>>,
         pub max_connections_per_client: Option<Spanned<u64>>,
@@ -1337,7 +1394,7 @@ mod file {
     #[derive(Deserialize, Default)]
     #[serde(deny_unknown_fields)]
     pub struct Admin {
-        pub token_file: Option<PathBuf>,
+        pub token_file: Option<Spanned<PathBuf>>,
         pub allow: Option<Vec<Spanned<String>>>,
     }
 

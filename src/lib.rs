@@ -13,6 +13,7 @@ pub mod forwarded;
 pub mod health;
 pub mod host;
 pub mod limits;
+pub mod logging;
 pub mod pools;
 pub mod proxy;
 pub mod respond;

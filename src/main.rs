@@ -161,23 +161,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn")
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
 fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
-    init_logging();
+    switchyard::logging::init();
     let config = Config::load(path)?;
     let problems = check_files(&config);
     if !problems.is_empty() {
-        bail!("{}", problems.join("\n"));
+        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        bail!("{}", lines.join("\n"));
     }
     if let Some(missing) = missing_token_file(&config) {
         tracing::warn!("{missing}");
@@ -190,22 +180,27 @@ fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
 }
 
 fn check(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(c) => c,
+    let (config, mut problems) = match Config::load_all(path) {
+        Ok(read) => read,
         Err(e) => {
             eprintln!("{e}");
             eprintln!("{}: check failed", path.display());
             return ExitCode::FAILURE;
         }
     };
-    let problems = check_files(&config);
-    if !problems.is_empty() {
-        for p in problems {
-            eprintln!("{}: {p}", path.display());
-        }
+    // The files a config names are checked even when the config text has
+    // mistakes (with defaults standing in), so one run lists everything.
+    if let Some(config) = &config {
+        problems.extend(check_files(config));
+    }
+    problems.sort_by_key(|e| (e.line, e.col));
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    let Some(config) = config.filter(|_| problems.is_empty()) else {
         eprintln!("{}: check failed", path.display());
         return ExitCode::FAILURE;
-    }
+    };
     if let Some(missing) = missing_token_file(&config) {
         println!("warning: {missing}");
     } else if config.admin.token_file.is_none() && std::env::var_os(auth::TOKEN_ENV).is_none() {
@@ -221,16 +216,17 @@ fn check(path: &Path) -> ExitCode {
 }
 
 /// What `check` and `run` verify beyond the config text: the token file,
-/// the saved state and the maintenance page. Relative paths in a message
-/// say what they are relative to.
-fn check_files(config: &Config) -> Vec<String> {
+/// the saved state and the maintenance page, each located at the key that
+/// names it. Relative paths in a message say what they are relative to.
+fn check_files(config: &Config) -> Vec<config::ConfigError> {
     let mut problems = Vec::new();
     if let Err(e) = auth::load_token(&config.admin, std::env::var(auth::TOKEN_ENV).ok()) {
-        problems.push(e.to_string());
+        problems.push(config.error_at("admin.token_file", e.to_string()));
     }
     let state_dir = &config.server.state_dir;
     if let Err(e) = FileStore::existing(state_dir).load() {
-        problems.push(format!("{e}{}", relative_note("state_dir", state_dir)));
+        let message = format!("{e}{}", relative_note("state_dir", state_dir));
+        problems.push(config.error_at("server.state_dir", message));
     }
     if let Err(e) = switchyard::load_pages(&config.server) {
         let page = config
@@ -238,17 +234,17 @@ fn check_files(config: &Config) -> Vec<String> {
             .maintenance_page
             .as_deref()
             .unwrap_or(Path::new(""));
-        problems.push(format!("{e}{}", relative_note("maintenance_page", page)));
+        let message = format!("{e}{}", relative_note("maintenance_page", page));
+        problems.push(config.error_at("server.maintenance_page", message));
     }
     problems
 }
 
 /// For a relative path: what it is relative to, for an error message.
 fn relative_note(key: &str, path: &Path) -> String {
-    if path.is_absolute() || path.as_os_str().is_empty() {
-        String::new()
-    } else {
-        format!("\n  ({key} = {})", config::show_path(path))
+    match config::relative_to(path).filter(|_| !path.as_os_str().is_empty()) {
+        Some(base) => format!("\n  ({key} = {}, {base})", path.display()),
+        None => String::new(),
     }
 }
 
@@ -286,7 +282,7 @@ fn run_demo(http: std::net::SocketAddr, admin: std::net::SocketAddr) -> anyhow::
     std::fs::write(&config_path, &text)?;
     let config = Config::parse(&config_path, &text)?;
 
-    init_logging();
+    switchyard::logging::init();
     std::env::remove_var(auth::TOKEN_ENV);
     let mut yard = Switchyard::build(&config, &RunOptions::default())?;
     yard.server

@@ -121,6 +121,24 @@ fn bad_requests_are_rejected_and_change_nothing() {
             404,
         ),
         Case::new("unknown path (GET)", "GET", "/nope", None, Some(TOKEN), 404),
+        Case::new(
+            "reason with a newline (forged log line)",
+            "POST",
+            sw,
+            Some(
+                r#"{"to": "green", "reason": "ok\n2026-11-29T20:47:25Z ERROR switchyard: forged"}"#,
+            ),
+            Some(TOKEN),
+            400,
+        ),
+        Case::new(
+            "reason with a terminal escape",
+            "POST",
+            "/services/api/rollback",
+            Some(r#"{"reason": "\u001b[31mred"}"#),
+            Some(TOKEN),
+            400,
+        ),
     ];
 
     let mut failures = Vec::new();
@@ -912,4 +930,35 @@ fn ctl_help_409_and_wait_healthy_wording() {
         describe(&out)
     );
     assert!(!err.contains("waiting"), "{}", describe(&out));
+}
+
+/// A request the admin listener cannot parse is closed without a trace of
+/// its bytes in the log: they carry the bearer token and cookies.
+#[test]
+fn unparsable_admin_requests_never_log_the_token_or_cookies() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        // Even at the most verbose level.
+        .log_filter("trace")
+        .start();
+    let cookie = "session=SECRETCOOKIE0123";
+    for (admin, request) in [
+        (true, format!("GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nCookie: {cookie}\r\nX: a\0b\r\n\r\n")),
+        (true, format!("GET /a b c HTTP/1.1 x\r\nAuthorization: Bearer {TOKEN}\r\nCookie: {cookie}\r\n\r\n")),
+        (false, format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nCookie: {cookie}\r\nX: a\0b\r\n\r\n")),
+    ] {
+        let addr = if admin { proxy.admin_addr() } else { proxy.http_addr() };
+        let mut c = RawConn::connect(&addr);
+        c.send(request.as_bytes()).unwrap();
+        // Pingora logs about a request before it closes the connection, so
+        // once closed, whatever it would log is in the log.
+        assert!(
+            c.wait_closed(Duration::from_secs(5)).is_some(),
+            "not closed: {request:?}"
+        );
+    }
+    let log = proxy.stderr_text();
+    assert!(!log.contains(TOKEN), "token in the log:\n{log}");
+    assert!(!log.contains("SECRETCOOKIE"), "cookie in the log:\n{log}");
 }

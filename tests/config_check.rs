@@ -589,3 +589,40 @@ fn missing_token_file_is_named_with_the_command_that_creates_it() {
         describe(&out)
     );
 }
+
+/// Problems with the files a config names are listed in the same run as the
+/// mistakes in the config text, in line order, each at the key naming the
+/// file; a token path that is a directory gets no `chmod` advice.
+#[test]
+fn file_problems_and_config_mistakes_are_listed_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_dir = dir.path().join("open");
+    fs::create_dir(&open_dir).unwrap();
+    fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let token = dir.path().join("admin.token");
+    let text = replace_line(
+        &good_config(dir.path()),
+        "threads = 1",
+        "threads = 0\nmaintenance_page = \"nope/maint.html\"",
+    )
+    .replace(
+        &toml_str(token.to_str().unwrap()),
+        &toml_str(open_dir.to_str().unwrap()),
+    );
+    let path = dir.path().join("switchyard.toml");
+    fs::write(&path, &text).unwrap();
+    let out = run_check(&path, Some(dir.path()));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let found = diagnostics(&stderr, path.to_str().unwrap());
+    let lines: Vec<(usize, usize)> = found.iter().map(|(l, c, _)| (*l, *c)).collect();
+    // threads (2:11), maintenance_page (3:20), token_file (12:14).
+    assert_eq!(lines, vec![(2, 11), (3, 20), (12, 14)], "{stderr}");
+    assert!(!stderr.contains("))"), "nested parentheses: {stderr}");
+    assert!(found[0].2.contains("threads"), "{stderr}");
+    assert!(found[1].2.contains("nope/maint.html"), "{stderr}");
+    assert!(
+        found[2].2.contains("not a regular file") && !stderr.contains("chmod"),
+        "{stderr}"
+    );
+}

@@ -99,7 +99,7 @@ impl Command {
                 Ok(Command::Switch {
                     service: service.to_string(),
                     to,
-                    reason: b.reason,
+                    reason: checked_reason(b.reason)?,
                     force: b.force,
                 })
             }
@@ -118,7 +118,7 @@ impl Command {
                 };
                 Ok(Command::Rollback {
                     service: service.to_string(),
-                    reason: b.reason,
+                    reason: checked_reason(b.reason)?,
                     force: b.force,
                 })
             }
@@ -140,6 +140,24 @@ impl Command {
             ) => Err(ApiError::MethodNotAllowed),
             _ => Err(ApiError::NotFound(format!("no admin endpoint {path}"))),
         }
+    }
+}
+
+/// Longest switch or rollback reason kept in the history (500 characters).
+pub const MAX_REASON_CHARS: usize = 500;
+
+/// A reason goes into the log, the history and `ctl history` output: a
+/// control character (a newline forging a log line, a terminal escape) or an
+/// essay is refused rather than stored.
+fn checked_reason(reason: Option<String>) -> Result<Option<String>, ApiError> {
+    match reason {
+        Some(r) if r.chars().any(char::is_control) => Err(ApiError::BadRequest(
+            "reason must be one line of text without control characters".into(),
+        )),
+        Some(r) if r.chars().count() > MAX_REASON_CHARS => Err(ApiError::BadRequest(format!(
+            "reason is longer than {MAX_REASON_CHARS} characters"
+        ))),
+        r => Ok(r),
     }
 }
 
@@ -418,5 +436,32 @@ mod tests {
             Err(ApiError::MethodNotAllowed)
         ));
         assert!(post("/services/api/rollback", "").is_ok());
+        for reason in [
+            "ok\\n2026-11-29 ERROR forged",
+            "\\u001b[31mred",
+            "tab\\there",
+        ] {
+            let switch = format!("{{\"to\":\"blue\",\"reason\":\"{reason}\"}}");
+            let rollback = format!("{{\"reason\":\"{reason}\"}}");
+            for (path, body) in [
+                ("/services/api/switch", switch),
+                ("/services/api/rollback", rollback),
+            ] {
+                assert!(
+                    matches!(post(path, &body), Err(ApiError::BadRequest(_))),
+                    "{path} {body}"
+                );
+            }
+        }
+        let long = format!(
+            "{{\"to\":\"blue\",\"reason\":\"{}\"}}",
+            "x".repeat(MAX_REASON_CHARS + 1)
+        );
+        assert!(matches!(
+            post("/services/api/switch", &long),
+            Err(ApiError::BadRequest(_))
+        ));
+        let fine = "{\"to\":\"blue\",\"reason\":\"deploy 1.4 — ok\"}";
+        assert!(post("/services/api/switch", fine).is_ok());
     }
 }

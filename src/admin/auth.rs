@@ -54,7 +54,12 @@ pub enum TokenError {
         shell_quote(path)
     )]
     Permissions { path: PathBuf, mode: u32 },
-    #[error("admin token from {0} is {1} bytes; use at least {MIN_TOKEN_LEN}, e.g. `openssl rand -hex 32`")]
+    #[error(
+        "admin token file {} is not a regular file; give the path of a file (mode 0600) that holds the token",
+        config::show_path(path)
+    )]
+    NotAFile { path: PathBuf },
+    #[error("admin token from {0} is {1} byte(s); use at least {MIN_TOKEN_LEN}. Make one with: {cmd}", cmd = create_token_command(Path::new("FILE")))]
     TooShort(String, usize),
 }
 
@@ -87,6 +92,12 @@ fn read_token_file(path: &Path) -> Result<Option<String>, TokenError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(read_err(e)),
     };
+    // Before the mode: `chmod 600` on a directory or a device would be bad advice.
+    if !meta.is_file() {
+        return Err(TokenError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(TokenError::Permissions {
@@ -167,6 +178,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("chmod 600"), "{err}");
+        // A directory open to all: named as not a file, no chmod advice.
+        let open_dir = dir.path().join("open");
+        std::fs::create_dir(&open_dir).unwrap();
+        std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = load_token(&admin(Some(open_dir)), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a regular file") && !err.contains("chmod"),
+            "{err}"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let t = load_token(&admin(Some(path.clone())), None)
             .unwrap()
