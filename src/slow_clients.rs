@@ -274,6 +274,22 @@ impl Guarded {
         true
     }
 
+    /// Takes `head` (a rewritten form of the caller's `len` bytes) as
+    /// written: it goes out now or on the next write, flush or shutdown.
+    fn write_rewritten(
+        &mut self,
+        cx: &mut Context<'_>,
+        head: Vec<u8>,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.wbuf = head;
+        self.wpos = 0;
+        if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(len))
+    }
+
     /// Writes out a rewritten response head; Ready once nothing is left.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wpos < self.wbuf.len() {
@@ -301,6 +317,17 @@ fn status_code(bytes: &[u8]) -> Option<u16> {
 /// The `Server` value Pingora puts on the answers it builds itself
 /// (pingora-core `protocols/http/error_resp.rs`).
 const PINGORA_SERVER: &[u8] = b"\r\nserver: pingora\r\n";
+
+/// Whether `data` is, whole, a 4xx/5xx response head with no body
+/// (`Content-Length: 0`): the shape of the answers Pingora builds itself.
+fn is_bodiless_error_head(data: &[u8]) -> bool {
+    const NO_BODY: &[u8] = b"\r\ncontent-length: 0\r\n";
+    status_code(data).is_some_and(|c| c >= 400)
+        && data.ends_with(b"\r\n\r\n")
+        && data
+            .windows(NO_BODY.len())
+            .any(|w| w.eq_ignore_ascii_case(NO_BODY))
+}
 
 /// `data` with `Server: Pingora` in its response head replaced by switchyard's
 /// own; None when the head (which Pingora writes in one piece) has no such
@@ -436,16 +463,17 @@ impl AsyncWrite for Guarded {
                         .filter(|c| *c >= 400)
                         .and_then(|_| rewrite_server(data))
                     {
-                        this.wbuf = head;
-                        this.wpos = 0;
-                        // The bytes are ours now; what is left goes out on
-                        // the next write, flush or shutdown.
-                        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
-                            return Poll::Ready(Err(e));
-                        }
-                        return Poll::Ready(Ok(data.len()));
+                        return this.write_rewritten(cx, head, data.len());
                     }
                 }
+            }
+        } else if this.phase == Phase::Responded && is_bodiless_error_head(data) {
+            // A pipelined request (RFC 9112 §9.3.2) is parsed by Pingora from
+            // bytes it already holds, so no read marks its start; its error
+            // answer is recognised by shape: one write holding a whole 4xx/5xx
+            // head with `Content-Length: 0`, which is how Pingora writes them.
+            if let Some(head) = rewrite_server(data) {
+                return this.write_rewritten(cx, head, data.len());
             }
         }
         Pin::new(&mut this.inner).poll_write(cx, data)
@@ -704,6 +732,21 @@ mod tests {
         assert!(admitted.is_ok(), "the idle connection gave way");
         assert_eq!(read.unwrap(), 0, "evicted: a clean EOF");
         assert_eq!(table.stats.evicted_idle.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn bodiless_error_heads_are_recognised_by_shape() {
+        let pingora = b"HTTP/1.1 400 Bad Request\r\nServer: Pingora\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        assert!(is_bodiless_error_head(pingora));
+        // A body, a success, or a head with more after it: left alone.
+        assert!(!is_bodiless_error_head(&pingora[..pingora.len() - 2]));
+        assert!(!is_bodiless_error_head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!is_bodiless_error_head(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n"
+        ));
+        assert!(!is_bodiless_error_head(b"some body bytes\r\n\r\n"));
     }
 
     #[test]

@@ -539,3 +539,82 @@ fn expected_outcomes_log_no_error_but_real_failures_do() {
         "a backend reset logged no ERROR"
     );
 }
+
+/// Pipelined requests (RFC 9112 §9.3.2) are each answered, in order, on the
+/// same connection: after a proxied answer, after a request body, after the
+/// proxy's own 404, and for HTTP/1.0 keep-alive. The wrapper holds back
+/// nothing that belongs to the next request.
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green) + &deny_route(None, "/denied")).start();
+    let addr = proxy.http_addr();
+    let get = |path: &str, id: &str, version: &str, extra: &str| {
+        format!("GET {path} HTTP/{version}\r\nHost: p.test\r\nX-Request-Id: {id}\r\n{extra}\r\n")
+    };
+    // (what, the bytes sent, the (request id, status) of each answer)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, u16)>);
+    let cases: Vec<Case> = vec![
+        (
+            "three GETs in one write",
+            get("/p1", "a1", "1.1", "")
+                + &get("/p2", "a2", "1.1", "")
+                + &get("/p3", "a3", "1.1", "Connection: close\r\n"),
+            vec![("a1", 200), ("a2", 200), ("a3", 200)],
+        ),
+        (
+            "a POST with a body, then a GET",
+            "POST /p4 HTTP/1.1\r\nHost: p.test\r\nX-Request-Id: b1\r\nContent-Length: 5\r\n\r\nhello"
+                .to_string()
+                + &get("/p5", "b2", "1.1", "Connection: close\r\n"),
+            vec![("b1", 200), ("b2", 200)],
+        ),
+        (
+            "after the proxy's own 404",
+            get("/denied", "c1", "1.1", "") + &get("/p6", "c2", "1.1", "Connection: close\r\n"),
+            vec![("c1", 404), ("c2", 200)],
+        ),
+        (
+            "HTTP/1.0 keep-alive",
+            get("/p7", "d1", "1.0", "Connection: keep-alive\r\n") + &get("/p8", "d2", "1.0", ""),
+            vec![("d1", 200), ("d2", 200)],
+        ),
+    ];
+    for (what, bytes, expected) in &cases {
+        let mut c = RawConn::connect(&addr);
+        c.send(bytes.as_bytes()).unwrap();
+        for (id, status) in expected {
+            let r = c
+                .read_response(Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("{what}: no answer for {id}: {e}"));
+            assert_eq!(
+                (r.status, r.header("x-request-id")),
+                (*status, Some(*id)),
+                "{what}: {r:?}"
+            );
+        }
+    }
+    let paths: Vec<String> = blue.seen().into_iter().map(|r| r.path).collect();
+    assert_eq!(
+        paths,
+        ["/p1", "/p2", "/p3", "/p4", "/p5", "/p6", "/p7", "/p8"],
+        "the backend's order"
+    );
+
+    // A malformed request pipelined behind a good one: Pingora's own 400,
+    // still with switchyard's identity.
+    let mut c = RawConn::connect(&addr);
+    c.send(
+        (get("/p9", "e1", "1.1", "") + "GET /a b c HTTP/1.1 x\r\nHost: p.test\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let first = c.read_response(Duration::from_secs(5)).unwrap();
+    let second = c.read_head(Duration::from_secs(5)).unwrap();
+    assert_eq!((first.status, second.status), (200, 400), "{second:?}");
+    assert_eq!(
+        second.header_all("server"),
+        vec!["switchyard"],
+        "{second:?}"
+    );
+}
