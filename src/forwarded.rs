@@ -145,13 +145,15 @@ pub fn is_proxy_set(name: &str) -> bool {
 }
 
 /// Whether header `name` (lower case) is removed whoever the peer is:
-/// [`ALWAYS_STRIPPED`], and a proxy-set family member spelled with `_`
-/// (a proxy writes `-`, so that one came from a client).
+/// [`ALWAYS_STRIPPED`], and a proxy-set family member or `X-Request-Id`
+/// spelled with `_` (a proxy writes `-`, so that one came from a client,
+/// and a CGI-style backend could read it in place of switchyard's own).
 pub fn is_always_stripped(name: &str) -> bool {
+    let bytes = name.as_bytes();
     ALWAYS_STRIPPED
         .iter()
-        .any(|n| same_name(name.as_bytes(), n.as_bytes()))
-        || (name.contains('_') && is_proxy_set(name))
+        .any(|n| same_name(bytes, n.as_bytes()))
+        || (name.contains('_') && (is_proxy_set(name) || same_name(bytes, X_REQUEST_ID.as_bytes())))
 }
 
 /// The client as far as the proxy can tell.
@@ -647,9 +649,11 @@ mod tests {
             assert!(is_proxy_set(name), "{name}");
             assert_eq!(is_always_stripped(name), name.contains('_'), "{name}");
         }
+        assert!(is_always_stripped("x_request_id"));
+        assert!(is_always_stripped("x-request_id"));
+        assert!(!is_always_stripped("x-request-id"));
         for name in [
             "x-request-id",
-            "x_request_id",
             "x-client-version",
             "x-hostname",
             "ssl",
@@ -665,6 +669,7 @@ mod tests {
             assert!(!is_proxy_set(name), "{name}");
             assert!(!is_always_stripped(name), "{name}");
         }
+        assert!(!is_proxy_set("x_request_id"));
         assert!(is_always_stripped("proxy"));
         assert!(!is_proxy_set("proxy"));
     }
