@@ -1701,6 +1701,8 @@ action = "deny"
             ("API.Example.com.", "api.example.com"),
             ("127.0.0.1", "127.0.0.1"),
             ("[::1]", "[::1]"),
+            ("[0:0::1]", "[::1]"),
+            ("[2001:DB8:0:0::1]", "[2001:db8::1]"),
             ("under_score.example", "under_score.example"),
         ] {
             let c = Config::parse(Path::new("t.toml"), &with_host(written)).unwrap();
@@ -1723,6 +1725,7 @@ action = "deny"
             "",
             "::1",
             "1.2.3",
+            "[::ffff:127.0.0.1]",
         ] {
             let e = errors(&with_host(bad));
             assert!(e[0].message.contains("bad host"), "{bad}: {}", e[0]);

@@ -16,8 +16,17 @@
 //! host      = name [ "." ] / IPv4 / "[" IPv6 "]"
 //! name      = label *( "." label )        ; at most 253 bytes
 //! label     = 1*63( ALPHA / DIGIT / "-" / "_" )
-//! port      = 1*5DIGIT                    ; at most 65535
+//! port      = 1*5DIGIT                    ; 1 to 65535
 //! ```
+//!
+//! One host, one spelling: a name is lower-cased and loses its trailing dot;
+//! an IPv6 literal is rewritten in its RFC 5952 text form (`[0:0::1]`,
+//! `[0000::1]` and `[::0:1]` are all `[::1]`), so a route on a host holds for
+//! every way of writing that host. An IPv4-mapped IPv6 literal
+//! (`[::ffff:127.0.0.1]`, `[::ffff:7f00:1]`) is refused: it names an IPv4
+//! host in IPv6 clothes, and sending it to the host-less routes would let a
+//! client walk around the routes of the IPv4 host. Port 0 is refused too: no
+//! client can have connected to it.
 //!
 //! A name whose last label is numeric (`1.2.3`, `0x7f.1`, `example.123`) is
 //! refused unless the whole host is a plain dotted-quad IPv4 address: URL
@@ -55,7 +64,9 @@ pub enum HostError {
     Numeric,
     #[error("bad IPv6 literal (give it in brackets: [2001:db8::1])")]
     BadIpv6,
-    #[error("bad port: give 1 to 5 digits, at most 65535")]
+    #[error("IPv4-mapped IPv6 literal: name the IPv4 address itself (127.0.0.1, not [::ffff:127.0.0.1])")]
+    Ipv4Mapped,
+    #[error("bad port: give a number from 1 to 65535")]
     BadPort,
     #[error("user information (user@) in the authority")]
     Userinfo,
@@ -66,8 +77,8 @@ pub enum HostError {
 }
 
 /// A validated authority in canonical form: lower-case host without a
-/// trailing dot (an IPv6 literal keeps its brackets), and the port in
-/// decimal when one was given.
+/// trailing dot, an IPv6 literal in brackets and in RFC 5952 form, and the
+/// port in decimal when one was given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authority {
     /// `host[:port]`, as sent upstream in `Host` and `X-Forwarded-Host`.
@@ -97,14 +108,14 @@ impl Authority {
             None | Some(b"") => None,
             Some(digits) => Some(parse_port(digits)?),
         };
-        let canonical_host = host_is_canonical(host)?;
-        // The common case: already lower-case, no trailing dot, no empty or
+        let rewritten_host = canonical_host(host)?;
+        // The common case: the host already canonical, no empty or
         // zero-padded port. Then the header value is shared, not copied.
         let port_canonical = match port_part {
             None => true,
-            Some(digits) => !digits.is_empty() && (digits[0] != b'0' || digits == b"0"),
+            Some(digits) => !digits.is_empty() && digits[0] != b'0',
         };
-        if canonical_host && port_canonical {
+        if rewritten_host.is_none() && port_canonical {
             if let Some(value) = original {
                 return Ok(Authority {
                     value: value.clone(),
@@ -113,10 +124,11 @@ impl Authority {
                 });
             }
         }
-        let mut text = String::from_utf8_lossy(host).to_ascii_lowercase();
-        if text.ends_with('.') {
-            text.pop();
-        }
+        let mut text = match rewritten_host {
+            Some(text) => text,
+            // Canonical already, so only ASCII: no replacement characters.
+            None => String::from_utf8_lossy(host).into_owned(),
+        };
         let host_end = text.len();
         if let Some(port) = port {
             text.push(':');
@@ -254,24 +266,20 @@ fn parse_port(digits: &[u8]) -> Result<u16, HostError> {
     let n = digits
         .iter()
         .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
-    u16::try_from(n).map_err(|_| HostError::BadPort)
+    match u16::try_from(n) {
+        // Port 0 means "any port" to the socket API; no client reached us on it.
+        Ok(0) | Err(_) => Err(HostError::BadPort),
+        Ok(port) => Ok(port),
+    }
 }
 
-/// Validates the host part; returns whether it is already canonical
-/// (no upper case, no trailing dot).
-fn host_is_canonical(host: &[u8]) -> Result<bool, HostError> {
+/// Validates the host part and returns its canonical form, or `None` when
+/// it is canonical already (the common case, which allocates nothing): a
+/// name lower-case and without a trailing dot, an IPv6 literal in RFC 5952
+/// form (Rust's `Ipv6Addr` display) inside brackets.
+fn canonical_host(host: &[u8]) -> Result<Option<String>, HostError> {
     if let Some(inner) = host.strip_prefix(b"[") {
-        let inner = inner.strip_suffix(b"]").ok_or(HostError::BadIpv6)?;
-        // Only hex digits, `:` and `.` (an embedded IPv4): no zone ids (`%`).
-        if !inner
-            .iter()
-            .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
-        {
-            return Err(HostError::BadIpv6);
-        }
-        let text = std::str::from_utf8(inner).map_err(|_| HostError::BadIpv6)?;
-        text.parse::<Ipv6Addr>().map_err(|_| HostError::BadIpv6)?;
-        return Ok(!inner.iter().any(u8::is_ascii_uppercase));
+        return canonical_ipv6(inner.strip_suffix(b"]").ok_or(HostError::BadIpv6)?);
     }
     if host.is_empty() {
         return Err(HostError::Empty);
@@ -304,10 +312,48 @@ fn host_is_canonical(host: &[u8]) -> Result<bool, HostError> {
     }
     if is_numeric_label(last) {
         let text = std::str::from_utf8(name).map_err(|_| HostError::BadChar)?;
-        // Rust's parser takes exactly four decimal octets, no leading zeros.
+        // Rust's parser takes exactly four decimal octets, no leading zeros,
+        // so an accepted IPv4 address has one spelling only.
         text.parse::<Ipv4Addr>().map_err(|_| HostError::Numeric)?;
     }
-    Ok(!trailing_dot && !host.iter().any(u8::is_ascii_uppercase))
+    if !trailing_dot && !name.iter().any(u8::is_ascii_uppercase) {
+        return Ok(None);
+    }
+    // Only ASCII is left after the checks above.
+    Ok(Some(String::from_utf8_lossy(name).to_ascii_lowercase()))
+}
+
+/// Longest RFC 5952 text of an IPv6 address: 8 groups of 4 hex digits and
+/// 7 colons (39 bytes); the IPv4-mapped form is shorter.
+const MAX_IPV6_TEXT: usize = 39;
+
+/// Validates the inside of `[...]`; returns `[addr]` in RFC 5952 form, or
+/// `None` when `inner` is written that way already.
+fn canonical_ipv6(inner: &[u8]) -> Result<Option<String>, HostError> {
+    use std::io::Write;
+    // Only hex digits, `:` and `.` (an embedded IPv4): no zone ids (`%`).
+    if !inner
+        .iter()
+        .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+    {
+        return Err(HostError::BadIpv6);
+    }
+    let text = std::str::from_utf8(inner).map_err(|_| HostError::BadIpv6)?;
+    let addr = text.parse::<Ipv6Addr>().map_err(|_| HostError::BadIpv6)?;
+    if addr.to_ipv4_mapped().is_some() {
+        return Err(HostError::Ipv4Mapped);
+    }
+    // Rust displays an `Ipv6Addr` in RFC 5952 §4 form (lower case, leading
+    // zeros dropped, the longest run of zero groups as `::`). Written into
+    // a stack buffer, so the canonical case allocates nothing.
+    let mut buf = [0u8; MAX_IPV6_TEXT];
+    let mut w = &mut buf[..];
+    write!(w, "{addr}").map_err(|_| HostError::BadIpv6)?;
+    let len = MAX_IPV6_TEXT - w.len();
+    if inner == &buf[..len] {
+        return Ok(None);
+    }
+    Ok(Some(format!("[{addr}]")))
 }
 
 /// Whether URL parsers (WHATWG "ends in a number") would read this last
@@ -389,12 +435,46 @@ mod tests {
                 Some(443),
                 "[2001:db8::1]:443",
             ),
+            ("[0:0::1]", "[::1]", None, "[::1]"),
+            ("[0:0:0:0:0:0:0:1]:80", "[::1]", Some(80), "[::1]:80"),
+            ("[::0:1]", "[::1]", None, "[::1]"),
+            ("[0000::1]:", "[::1]", None, "[::1]"),
             (
-                "[::ffff:10.0.0.1]:",
-                "[::ffff:10.0.0.1]",
+                "[0000:0000:0000:0000:0000:0000:0000:0001]",
+                "[::1]",
                 None,
-                "[::ffff:10.0.0.1]",
+                "[::1]",
             ),
+            ("[::]", "[::]", None, "[::]"),
+            ("[0::0]", "[::]", None, "[::]"),
+            (
+                "[2001:0DB8:0:0:1:0:0:1]",
+                "[2001:db8::1:0:0:1]",
+                None,
+                "[2001:db8::1:0:0:1]",
+            ),
+            (
+                "[2001:db8:0:0:0:1:0:0]",
+                "[2001:db8::1:0:0]",
+                None,
+                "[2001:db8::1:0:0]",
+            ),
+            ("[1:0:0:0:0:0:0:0]", "[1::]", None, "[1::]"),
+            (
+                "[1::2:3:4:5:6:7]",
+                "[1:0:2:3:4:5:6:7]",
+                None,
+                "[1:0:2:3:4:5:6:7]",
+            ),
+            // An embedded IPv4 that is not IPv4-mapped is just 32 bits.
+            ("[::127.0.0.1]", "[::7f00:1]", None, "[::7f00:1]"),
+            (
+                "[64:ff9b::1.2.3.4]",
+                "[64:ff9b::102:304]",
+                None,
+                "[64:ff9b::102:304]",
+            ),
+            ("127.0.0.1.", "127.0.0.1", None, "127.0.0.1"),
             (
                 "1.2.3.4.example",
                 "1.2.3.4.example",
@@ -402,7 +482,7 @@ mod tests {
                 "1.2.3.4.example",
             ),
             ("a:65535", "a", Some(65535), "a:65535"),
-            ("a:0", "a", Some(0), "a:0"),
+            ("a:00001", "a", Some(1), "a:1"),
         ];
         for (raw, host, port, value) in cases {
             assert_eq!(
@@ -417,10 +497,61 @@ mod tests {
 
     #[test]
     fn canonical_values_are_shared_not_copied() {
-        let v = HeaderValue::from_static("api.example.com:8443");
+        for (raw, host) in [
+            ("api.example.com:8443", "api.example.com"),
+            ("10.0.0.1", "10.0.0.1"),
+            ("[2001:db8::1]:443", "[2001:db8::1]"),
+            ("[fe80::ab:1]", "[fe80::ab:1]"),
+        ] {
+            let v = HeaderValue::from_static(raw);
+            let a = Authority::parse_shared(v.as_bytes(), Some(&v)).unwrap();
+            assert_eq!(
+                a.header_value().as_bytes().as_ptr(),
+                v.as_bytes().as_ptr(),
+                "{raw}"
+            );
+            assert_eq!(a.host(), host);
+        }
+        // Another spelling is copied, into the one canonical form.
+        let v = HeaderValue::from_static("[0::1]");
         let a = Authority::parse_shared(v.as_bytes(), Some(&v)).unwrap();
-        assert_eq!(a.header_value().as_bytes().as_ptr(), v.as_bytes().as_ptr());
-        assert_eq!(a.host(), "api.example.com");
+        assert_eq!(a.header_value(), "[::1]");
+    }
+
+    #[test]
+    fn every_spelling_of_an_ipv6_address_is_one_host() {
+        // Every way of writing ::1 with full or shortened groups and the
+        // `::` run anywhere it can go: all route as `[::1]`.
+        let groups = ["0", "00", "0000"];
+        let mut spellings = vec!["[::1]".to_string(), "[::0001]".to_string()];
+        for run_end in 0..7 {
+            for g in groups {
+                // `run_end` explicit zero groups after a `::`, then the 1.
+                let explicit = vec![g; run_end];
+                let mut text = String::from("[::");
+                for z in &explicit {
+                    text.push_str(z);
+                    text.push(':');
+                }
+                text.push_str("1]");
+                spellings.push(text);
+                // The same zero groups before the `::`.
+                let mut text = String::from("[");
+                for z in &explicit {
+                    text.push_str(z);
+                    text.push(':');
+                }
+                text.push_str(":1]");
+                if run_end > 0 {
+                    spellings.push(text);
+                }
+            }
+        }
+        spellings.push(format!("[{}1]", "0:".repeat(7)));
+        spellings.push(format!("[{}0001]", "0000:".repeat(7)));
+        for s in &spellings {
+            assert_eq!(ok(s).0, "[::1]", "{s}");
+        }
     }
 
     #[test]
@@ -463,6 +594,12 @@ mod tests {
             (b"[fe80::1%25eth0]", BadIpv6),
             (b"[v1.abc]", BadIpv6),
             (b"[1.2.3.4]", BadIpv6),
+            (b"[::ffff:127.0.0.1]", Ipv4Mapped),
+            (b"[::FFFF:127.0.0.1]:80", Ipv4Mapped),
+            (b"[::ffff:7f00:1]", Ipv4Mapped),
+            (b"[0:0:0:0:0:ffff:7f00:0001]", Ipv4Mapped),
+            (b"[::ffff:10.0.0.1]:", Ipv4Mapped),
+            (b"[::1]:0", BadPort),
             (b"[]", BadIpv6),
             (b"a:b:c", BadIpv6),
             (b"a:80:80", BadIpv6),
@@ -473,6 +610,10 @@ mod tests {
             (b"a:65536", BadPort),
             (b"a:999999", BadPort),
             (b"a:000080", BadPort),
+            (b"a:0", BadPort),
+            (b"a:00", BadPort),
+            (b"a:00000", BadPort),
+            (b"api.example.com:0", BadPort),
             (b"1.2.3", Numeric),
             (b"256.1.1.1", Numeric),
             (b"01.2.3.4", Numeric),

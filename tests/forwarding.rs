@@ -331,7 +331,39 @@ const PROXY_SET_FAMILY: &[&str] = &[
     "X-Invoke-Path",
     "X-Matched-Path",
     "X-Now-Route-Matches",
+    // The URL or host before a rewrite.
+    "X-Original-URI",
+    "X-Original-Method",
+    "X-Original-Host",
+    "X-Host",
+    // The client certificate and TLS session, as a TLS-terminating proxy
+    // passes them on (RFC 9440, nginx/HAProxy style, Tomcat SSLValve).
+    "Client-Cert",
+    "Client-Cert-Chain",
+    "X-Client-Cert",
+    "X-SSL-Cert",
+    "X-SSL-Client-Cert",
+    "X-SSL-Client-Verify",
+    "SSL-Client-Cert",
+    "X-Forwarded-Client-Cert",
+    "ssl_client_cert",
+    "ssl_cipher",
+    "ssl_session_id",
+    "ssl_cipher_usekeysize",
+    // Underscore spellings, which CGI/WSGI stacks read as the dash ones.
+    "X_Forwarded_For",
+    "X_Forwarded_Proto",
+    "X-Forwarded_Host",
+    "X_Forwarded_Prefix",
+    "X_Real_IP",
+    "True_Client_IP",
+    "X_Middleware_Subrequest",
 ];
+
+/// A header name as CGI/WSGI-style stacks read it: lower case, `_` as `-`.
+fn cgi_name(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
+}
 
 /// A raw request carrying each family header twice, once in the case given
 /// and once upper-cased, plus headers that must pass.
@@ -396,8 +428,149 @@ fn untrusted_peer_cannot_send_any_proxy_set_header() {
             ),
         }
     }
+    // Read the way a CGI/WSGI backend reads names, only switchyard's own
+    // members of the family are left, once each.
+    let family: Vec<String> = PROXY_SET_FAMILY.iter().map(|n| cgi_name(n)).collect();
+    for (name, value) in &seen.headers {
+        if family.contains(&cgi_name(name)) {
+            assert!(
+                ours.contains(&(name.as_str(), value.as_str())),
+                "{name}: {value} reached the backend: {seen:?}"
+            );
+        }
+    }
     assert_eq!(seen.header("x-kept"), Some("yes"), "{seen:?}");
     assert_eq!(seen.header("rsc"), Some("1"), "{seen:?}");
+}
+
+/// `Proxy` (httpoxy) and the underscore spelling of a family member are
+/// never set by a proxy, so they are removed even when a trusted load
+/// balancer passes them on; the rest of its family still passes.
+#[test]
+fn proxy_and_underscore_spellings_never_reach_the_backend_from_any_peer() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let untrusted = ProxyBuilder::new(config(&blue, &green)).start();
+    let trusted = ProxyBuilder::new(config(&blue, &green))
+        .server(r#"trusted_proxies = ["127.0.0.0/8"]"#)
+        .start();
+    let stripped = [
+        "Proxy",
+        "PROXY",
+        "X_Forwarded_For",
+        "X_Forwarded_Proto",
+        "X-Forwarded_Host",
+        "x_forwarded_port",
+        "X_Real_IP",
+        "True_Client_IP",
+        "ssl_client_cert",
+        "ssl_cipher",
+        "X_SSL_Client_Cert",
+        "X_Request_Id",
+    ];
+    for (proxy, path) in [
+        (&untrusted, "/httpoxy-untrusted"),
+        (&trusted, "/httpoxy-trusted"),
+    ] {
+        let mut req = format!(
+            "GET {path} HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\
+             X-Forwarded-For: 198.51.100.7\r\nX-SSL-Client-Cert: from-the-lb\r\n\
+             Client-Cert: :bGI=:\r\n"
+        );
+        for name in stripped {
+            req += &format!("{name}: http://203.0.113.50:3128\r\n");
+        }
+        req += "\r\n";
+        let mut c = RawConn::connect(&proxy.http_addr());
+        c.send(req.as_bytes()).unwrap();
+        let r = c.read_response(Duration::from_secs(5)).unwrap();
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        let seen = only_request(&blue, path);
+        for name in stripped {
+            assert!(
+                seen.header(name).is_none(),
+                "{name} reached the backend on {path}: {seen:?}"
+            );
+        }
+        assert_ne!(
+            seen.header("x-request-id"),
+            Some("http://203.0.113.50:3128"),
+            "{seen:?}"
+        );
+        if path.ends_with("-trusted") {
+            assert_eq!(single(&seen, "x-forwarded-for"), "198.51.100.7, 127.0.0.1");
+            assert_eq!(single(&seen, "x-real-ip"), "198.51.100.7");
+            assert_eq!(single(&seen, "x-ssl-client-cert"), "from-the-lb");
+            assert_eq!(single(&seen, "client-cert"), ":bGI=:");
+        } else {
+            assert_eq!(single(&seen, "x-forwarded-for"), "127.0.0.1");
+            assert!(seen.header("x-ssl-client-cert").is_none(), "{seen:?}");
+            assert!(seen.header("client-cert").is_none(), "{seen:?}");
+        }
+    }
+}
+
+/// The issue's input: an empty `X-Forwarded-For:` from a trusted peer
+/// reached the backend as `, 127.0.0.1`. Empty and blank elements are no
+/// elements (RFC 9110 §5.6.1), in either list.
+#[test]
+fn empty_forwarding_lists_from_a_trusted_peer_make_no_empty_elements() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(config(&blue, &green))
+        .server(r#"trusted_proxies = ["127.0.0.0/8"]"#)
+        .start();
+    // (the request's header lines, X-Forwarded-For and Forwarded the
+    // backend must see; None: absent)
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        ("X-Forwarded-For:\r\n", "127.0.0.1", None),
+        ("X-Forwarded-For: \t \r\n", "127.0.0.1", None),
+        ("X-Forwarded-For: ,\r\n", "127.0.0.1", None),
+        ("X-Forwarded-For: , ,,\r\n", "127.0.0.1", None),
+        (
+            "X-Forwarded-For:\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-For: \r\n",
+            "203.0.113.7, 127.0.0.1",
+            None,
+        ),
+        (
+            "X-Forwarded-For: ,203.0.113.7,, 10.1.2.3 ,\r\n",
+            "203.0.113.7, 10.1.2.3, 127.0.0.1",
+            None,
+        ),
+        ("Forwarded:\r\n", "127.0.0.1", None),
+        ("Forwarded: , \r\nForwarded: \r\n", "127.0.0.1", None),
+        (
+            "Forwarded: for=203.0.113.7,\r\n",
+            "127.0.0.1",
+            Some("for=203.0.113.7, for=127.0.0.1"),
+        ),
+        (
+            "Forwarded:\r\nForwarded: ,for=203.0.113.7;proto=https, ,\r\n",
+            "127.0.0.1",
+            Some("for=203.0.113.7;proto=https, for=127.0.0.1"),
+        ),
+    ];
+    for (i, (lines, xff, forwarded)) in cases.iter().enumerate() {
+        let path = format!("/empty-{i}");
+        let mut c = RawConn::connect(&proxy.http_addr());
+        c.send(
+            format!("GET {path} HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n{lines}\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let r = c.read_response(Duration::from_secs(5)).unwrap();
+        assert_eq!(r.status, 200, "{lines:?}: {r:?}");
+        let seen = only_request(&blue, &path);
+        assert_eq!(single(&seen, "x-forwarded-for"), *xff, "{lines:?}");
+        match forwarded {
+            Some(f) => assert_eq!(single(&seen, "forwarded"), *f, "{lines:?}"),
+            None => assert!(seen.header("forwarded").is_none(), "{lines:?}: {seen:?}"),
+        }
+        // The client is the entry left of the peer (none of them is trusted
+        // here), or the peer when the list had none.
+        let client = xff.rsplit(", ").nth(1).unwrap_or("127.0.0.1");
+        assert_eq!(single(&seen, "x-real-ip"), client, "{lines:?}");
+    }
 }
 
 #[test]

@@ -13,7 +13,8 @@ use common::*;
 /// very request got through.
 static TAG: AtomicUsize = AtomicUsize::new(0);
 
-/// `api` serves the routes of `api.example.com`; `web` the host-less ones.
+/// `api` serves the routes of one host (`api.example.com` unless told),
+/// whose `/secret` is denied; `web` serves the host-less ones.
 struct Fixture {
     proxy: Proxy,
     api: Upstream,
@@ -23,12 +24,18 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        Fixture::for_host("api.example.com")
+    }
+
+    /// `host` as written in the config's routes.
+    fn for_host(host: &str) -> Fixture {
         let api = Upstream::start("api");
         let web = Upstream::start("web");
         let green = Upstream::start("green");
         let mut cfg = service("api", &[&api], &[&green], "blue");
         cfg += &service("web", &[&web], &[&green], "blue");
-        cfg += &route(Some("api.example.com"), "/", "api");
+        cfg += &route(Some(host), "/", "api");
+        cfg += &deny_route(Some(host), "/secret");
         cfg += &route(None, "/", "web");
         let proxy = ProxyBuilder::new(cfg).start();
         Fixture {
@@ -145,6 +152,16 @@ fn every_invalid_host_class_is_400_never_the_hostless_routes() {
         ("numeric last label", b"api.example.123"),
         ("port only", b":80"),
         ("star", b"*"),
+        ("port 0", b"api.example.com:0"),
+        ("port 0, zero-padded", b"api.example.com:00000"),
+        ("IPv6 with port 0", b"[::1]:0"),
+        ("IPv4 with port 0", b"127.0.0.1:0"),
+        ("IPv4-mapped IPv6", b"[::ffff:127.0.0.1]"),
+        ("IPv4-mapped IPv6 in hex", b"[::ffff:7f00:1]"),
+        (
+            "IPv4-mapped IPv6, long form",
+            b"[0:0:0:0:0:FFFF:127.0.0.1]:80",
+        ),
     ];
     for (what, host) in classes {
         let p = f.path("bad");
@@ -175,6 +192,10 @@ fn valid_hosts_are_routed_by_the_host_alone_and_sent_upstream_canonical() {
         ("[::1]", "web", "[::1]"),
         ("[2001:DB8::1]:80", "web", "[2001:db8::1]:80"),
         ("[::1]:", "web", "[::1]"),
+        ("[0:0::1]:8080", "web", "[::1]:8080"),
+        ("[2001:0DB8:0:0:0:0:0:1]", "web", "[2001:db8::1]"),
+        ("127.0.0.1.", "web", "127.0.0.1"),
+        ("api.example.com:00001", "api", "api.example.com:1"),
     ];
     for (host, backend, canonical) in cases {
         let p = f.path("ok");
@@ -188,6 +209,49 @@ fn valid_hosts_are_routed_by_the_host_alone_and_sent_upstream_canonical() {
             [*canonical],
             "Host {host}"
         );
+    }
+}
+
+/// The input: a deny route on `[::1]` held only for that one
+/// spelling; `[0:0::1]` and the like went to the host-less routes.
+#[test]
+fn every_spelling_of_an_ipv6_host_gets_that_hosts_routes_and_denies() {
+    let spellings: &[(&str, &str)] = &[
+        ("[::1]", "[::1]"),
+        ("[0:0::1]", "[::1]"),
+        ("[0:0:0:0:0:0:0:1]", "[::1]"),
+        ("[::0:1]", "[::1]"),
+        ("[0000::1]", "[::1]"),
+        ("[::0001]", "[::1]"),
+        ("[0::0:0:1]:8080", "[::1]:8080"),
+        ("[0000:0000:0000:0000:0000:0000:0000:0001]:", "[::1]"),
+    ];
+    // The route host written canonically, and written another way (the
+    // config canonicalises it the same way).
+    for configured in ["[::1]", "[0:0:0:0:0:0:0:1]"] {
+        let f = Fixture::for_host(configured);
+        for (host, canonical) in spellings {
+            let what = format!("route host {configured}, Host {host}");
+            let p = format!("/secret{}", f.path("x"));
+            let r = f.get_with_hosts(&p, &[host.as_bytes()]);
+            assert_eq!(r.status, 404, "{what}: {r:?}");
+            assert_eq!(
+                f.api.received(&p) + f.web.received(&p),
+                0,
+                "{what}: the denied path reached a backend"
+            );
+
+            let p = f.path("open");
+            let r = f.get_with_hosts(&p, &[host.as_bytes()]);
+            assert_eq!((r.status, r.body.as_str()), (200, "api"), "{what}: {r:?}");
+            let seen = f.seen(&f.api, &p);
+            assert_eq!(seen.header_all("host"), [*canonical], "{what}");
+            assert_eq!(seen.header_all("x-forwarded-host"), [*canonical], "{what}");
+        }
+        // Another IPv6 host is another host: the host-less routes.
+        let p = f.path("other");
+        let r = f.get_with_hosts(&p, &[b"[::2]"]);
+        assert_eq!((r.status, r.body.as_str()), (200, "web"), "{r:?}");
     }
 }
 
@@ -261,6 +325,14 @@ fn absolute_form_target_names_the_authority_and_goes_upstream_in_origin_form() {
         (
             "no Host",
             "GET http://api.example.com{p} HTTP/1.1\r\n".into(),
+        ),
+        (
+            "port 0",
+            "GET http://api.example.com:0{p} HTTP/1.1\r\nHost: api.example.com:0\r\n".into(),
+        ),
+        (
+            "IPv4-mapped IPv6",
+            "GET http://[::ffff:127.0.0.1]{p} HTTP/1.1\r\nHost: [::ffff:127.0.0.1]\r\n".into(),
         ),
     ];
     for (what, template) in refused {
