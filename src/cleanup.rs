@@ -33,6 +33,25 @@ pub fn remove_pid_file_on_exit(path: PathBuf) {
     add(Leftover::PidFile(path));
 }
 
+/// Makes SIGHUP (the terminal closing under `switchyard demo`) stop the
+/// process the way SIGTERM does, so the exit handler runs; by default SIGHUP
+/// kills the process on the spot and leaves the files behind. Only for the
+/// demo: a server's SIGHUP is left to its default, as nobody sends one to a
+/// daemon by accident.
+pub fn stop_on_hangup() {
+    extern "C" fn on_hangup(_: libc::c_int) {
+        // SAFETY: `kill` and `getpid` are async-signal-safe.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGTERM);
+        }
+    }
+    let handler: extern "C" fn(libc::c_int) = on_hangup;
+    // SAFETY: installs a handler that only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGHUP, handler as libc::sighandler_t);
+    }
+}
+
 fn add(leftover: Leftover) {
     if let Ok(mut list) = LEFTOVERS.lock() {
         list.push(leftover);

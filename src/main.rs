@@ -273,6 +273,7 @@ fn run_demo(http: std::net::SocketAddr, admin: std::net::SocketAddr) -> anyhow::
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // It holds the admin token: gone on Ctrl-C, SIGTERM or any other exit.
     cleanup::remove_dir_on_exit(dir.clone());
+    cleanup::stop_on_hangup();
     let token = demo::random_token().context("cannot read /dev/urandom")?;
     write_private(&dir.join("admin.token"), &token)?;
     let blue = demo::free_loopback_addr()?;

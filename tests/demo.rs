@@ -99,3 +99,9 @@ fn demo_removes_its_directory_on_sigint() {
 fn demo_removes_its_directory_on_sigterm() {
     assert_cleaned_up_after(libc::SIGTERM, "SIGTERM");
 }
+
+/// Closing the terminal the demo runs in.
+#[test]
+fn demo_removes_its_directory_on_sighup() {
+    assert_cleaned_up_after(libc::SIGHUP, "SIGHUP");
+}
