@@ -962,3 +962,14 @@ fn unparsable_admin_requests_never_log_the_token_or_cookies() {
     assert!(!log.contains(TOKEN), "token in the log:\n{log}");
     assert!(!log.contains("SECRETCOOKIE"), "cookie in the log:\n{log}");
 }
+
+/// An error names its cause once, not once per layer.
+#[test]
+fn ctl_errors_name_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ctl_in(dir.path(), None, &["-c", "missing.toml", "status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.toml"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
