@@ -6,9 +6,14 @@
 //! Every accepted client connection takes a place before Pingora sees it and
 //! gives it back when it closes. Past `max_connections_per_client` the new
 //! connection is closed at once. At `max_connections` the oldest idle
-//! kept-alive HTTP/1 connection (a response finished, no byte of a next
-//! request read) is told to close instead, so clients with requests in flight
-//! keep being served; only when nothing is idle is the new connection closed.
+//! HTTP/1 connection is told to close instead, so clients with requests in
+//! flight keep being served; only when nothing is idle is the new connection
+//! closed. Idle means that not a single byte of a request has arrived since
+//! the connection was accepted (fresh) or since its last response (kept
+//! alive): nginx treats both alike as "reusable" and closes them first when
+//! `worker_connections` run out. So a flood of connections that never send
+//! anything cannot lock other clients out; a connection midway through a
+//! header is not idle, and the header deadline ends it.
 //! Each refusal and eviction is counted (for the metrics listener) and logged
 //! at debug; a warning with the counts so far is logged at most once per
 //! [`CAP_WARN_INTERVAL`]: under a flood, one line per connection would bury
@@ -16,10 +21,11 @@
 //!
 //! Costs: the accept path takes an atomic for the total, a lock on the
 //! per-client table (only when a per-client cap is set) and a lock on the
-//! table of evictable connections. A request pays two atomics on its
-//! connection's [`Slot`] (idle after the response, busy at its first byte)
-//! plus one shared counter that orders idle connections, and registers its
-//! waker while it waits idle (one atomic swap); no lock. Finding the
+//! table of evictable connections. A request (and a fresh connection) pays
+//! two compare-and-swaps on its connection's [`Slot`] (idle while waiting,
+//! busy at its first byte) plus one shared counter that orders idle
+//! connections, and registers its waker while it waits idle (one atomic
+//! swap); no lock. Finding the
 //! oldest idle connection scans the table under its lock, which only happens
 //! at the cap.
 
@@ -98,7 +104,8 @@ pub struct ConnStats {
     pub refused_total: AtomicU64,
     /// New connections closed at once: `max_connections_per_client` reached.
     pub refused_per_client: AtomicU64,
-    /// Idle kept-alive connections closed to admit a new one.
+    /// Idle connections closed to admit a new one: kept-alive ones waiting
+    /// for a next request and fresh ones that never sent a byte alike.
     pub evicted_idle: AtomicU64,
     /// Connections closed because a request header missed `header_timeout`.
     pub header_timeouts: AtomicU64,
@@ -138,8 +145,8 @@ const BUSY: u64 = 0;
 const EVICTED: u64 = u64::MAX;
 
 /// The idle state of one HTTP/1 connection, shared between the connection
-/// (which moves it between busy and idle) and [`Connections`] (which may
-/// evict it while idle).
+/// (which moves it between busy and idle: idle while no byte of a request
+/// has arrived) and [`Connections`] (which may evict it while idle).
 #[derive(Debug, Default)]
 pub struct Slot {
     /// [`BUSY`], [`EVICTED`], or the ticket of the idle period.
@@ -310,7 +317,7 @@ impl Connections {
                 .is_ok()
             {
                 slot.waker.wake();
-                tracing::debug!("idle kept-alive connection closed to admit a new one");
+                tracing::debug!("idle connection closed to admit a new one");
                 return true;
             }
         }
