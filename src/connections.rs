@@ -14,6 +14,9 @@
 //! `worker_connections` run out. So a flood of connections that never send
 //! anything cannot lock other clients out; a connection midway through a
 //! header is not idle, and the header deadline ends it.
+//! While [`MAX_PENDING_EVICTIONS`] evicted connections are still closing,
+//! only a newcomer with request bytes already waiting evicts; a silent one
+//! is refused, which keeps a flood within the open-file limit.
 //! Each refusal and eviction is counted (for the metrics listener) and logged
 //! at debug; a warning with the counts so far is logged at most once per
 //! [`CAP_WARN_INTERVAL`]: under a flood, one line per connection would bury
@@ -49,6 +52,16 @@ pub const MIN_DEFAULT_MAX_CONNECTIONS: usize = 16;
 
 /// Shortest time between two warnings that a cap was hit (60 s).
 pub const CAP_WARN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Evicted connections that may still be closing at once (16). An evicted
+/// connection closes only when its task next runs, and Pingora accepts up to
+/// 128 connections in one go before any of their tasks runs: without this
+/// bound a flood of silent connections holds the cap, a batch of new ones
+/// and a batch of evicted ones still closing, and runs out of open files
+/// (EMFILE; Pingora then stops accepting for a second). Past the bound only
+/// a new connection whose request bytes are already waiting evicts; one
+/// that has sent nothing yet is refused, which closes it at once.
+pub const MAX_PENDING_EVICTIONS: usize = 16;
 
 /// Candidates tried when an eviction loses a race with its connection
 /// turning busy (8); each try picks the next oldest.
@@ -100,7 +113,8 @@ pub fn default_max_connections(open_files: u64, upstream_keepalive_pool: usize) 
 /// metrics listener to expose. All are totals since start.
 #[derive(Debug, Default)]
 pub struct ConnStats {
-    /// New connections closed at once: `max_connections` reached, nothing idle.
+    /// New connections closed at once: `max_connections` reached, nothing
+    /// idle (or [`MAX_PENDING_EVICTIONS`] still closing and nothing sent).
     pub refused_total: AtomicU64,
     /// New connections closed at once: `max_connections_per_client` reached.
     pub refused_per_client: AtomicU64,
@@ -118,6 +132,9 @@ pub enum Refused {
     Total,
     /// This client address holds `max_connections_per_client` already.
     PerClient,
+    /// `max_connections` reached, [`MAX_PENDING_EVICTIONS`] evicted
+    /// connections still closing, and the new one has sent nothing yet.
+    Evicting,
 }
 
 /// The connection table shared by all accept loops and connections.
@@ -132,6 +149,8 @@ pub struct Connections {
     next_id: AtomicU64,
     /// Orders idle periods: a smaller ticket went idle earlier.
     next_ticket: AtomicU64,
+    /// Evicted connections not yet closed.
+    evicting: AtomicUsize,
     /// When the table was made, and the time after it (in seconds) before
     /// which no further cap warning is logged.
     born: Instant,
@@ -195,6 +214,7 @@ impl Connections {
             evictable: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             next_ticket: AtomicU64::new(1),
+            evicting: AtomicUsize::new(0),
             born: Instant::now(),
             next_warn_secs: AtomicU64::new(0),
             stats: ConnStats::default(),
@@ -216,14 +236,26 @@ impl Connections {
         self.next_ticket.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Takes a place for a new connection from `peer`; `evictable` gives it
-    /// a [`Slot`] (HTTP/1). At the total cap, the oldest idle connection is
-    /// evicted to make room. The place is given back when the returned
-    /// [`Admission`] is dropped.
+    /// [`Connections::admit_with`] for a connection that has sent nothing.
     pub fn admit(
         self: &Arc<Self>,
         peer: Option<IpAddr>,
         evictable: bool,
+    ) -> Result<Admission, Refused> {
+        self.admit_with(peer, evictable, || false)
+    }
+
+    /// Takes a place for a new connection from `peer`; `evictable` gives it
+    /// a [`Slot`] (HTTP/1). At the total cap, the oldest idle connection is
+    /// evicted to make room, unless [`MAX_PENDING_EVICTIONS`] are still
+    /// closing and `sent` (asked only then) says the new connection has no
+    /// request bytes waiting. The place is given back when the returned
+    /// [`Admission`] is dropped.
+    pub fn admit_with(
+        self: &Arc<Self>,
+        peer: Option<IpAddr>,
+        evictable: bool,
+        sent: impl FnOnce() -> bool,
     ) -> Result<Admission, Refused> {
         let counted_peer = match (self.max_per_client, peer) {
             (Some(cap), Some(ip)) => {
@@ -249,6 +281,16 @@ impl Connections {
             slot: None,
         };
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            if self.evicting.load(Ordering::Acquire) >= MAX_PENDING_EVICTIONS && !sent() {
+                drop(admission);
+                self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    cap = self.max_total,
+                    "connection refused: max_connections, evictions still closing"
+                );
+                self.warn_cap_hit();
+                return Err(Refused::Evicting);
+            }
             if !self.evict_oldest_idle() {
                 // Dropping the admission gives back both places.
                 drop(admission);
@@ -316,6 +358,7 @@ impl Connections {
                 .compare_exchange(ticket, EVICTED, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
+                self.evicting.fetch_add(1, Ordering::AcqRel);
                 slot.waker.wake();
                 tracing::debug!("idle connection closed to admit a new one");
                 return true;
@@ -342,8 +385,11 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        if let Some((id, _)) = self.slot.take() {
+        if let Some((id, slot)) = self.slot.take() {
             lock(&self.table.evictable).remove(&id);
+            if slot.evicted() {
+                self.table.evicting.fetch_sub(1, Ordering::AcqRel);
+            }
         }
         if let Some(ip) = self.peer {
             let mut table = lock(&self.table.per_client);
@@ -423,5 +469,27 @@ mod tests {
         assert_eq!(c.open(), 3);
         assert_eq!(c.stats.evicted_idle.load(Ordering::Relaxed), 1);
         assert_eq!(c.stats.refused_total.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn evictions_still_closing_are_bounded_unless_the_newcomer_sent_bytes() {
+        let c = Arc::new(Connections::new(1, None));
+        // Each newcomer goes idle and is evicted by the next; none closes.
+        let mut evicted = Vec::new();
+        let mut last = c.admit(None, true).unwrap();
+        for _ in 0..MAX_PENDING_EVICTIONS {
+            assert!(last.slot().unwrap().set_idle(c.ticket()));
+            evicted.push(std::mem::replace(&mut last, c.admit(None, true).unwrap()));
+        }
+        assert!(last.slot().unwrap().set_idle(c.ticket()));
+        assert_eq!(c.admit(None, true).unwrap_err(), Refused::Evicting);
+        assert_eq!(c.stats.refused_total.load(Ordering::Relaxed), 1);
+        // A newcomer whose request is already waiting still gets in.
+        let sent = c.admit_with(None, true, || true).unwrap();
+        assert!(sent.slot().unwrap().set_idle(c.ticket()));
+        // Evicted connections closing make room for silent ones again.
+        evicted.clear();
+        assert!(c.admit(None, true).is_ok());
+        assert_eq!(c.stats.evicted_idle.load(Ordering::Relaxed), 18);
     }
 }

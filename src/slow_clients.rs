@@ -92,6 +92,27 @@ impl<A> HeaderTimeout<A> {
     }
 }
 
+/// Whether request bytes are already waiting on an accepted connection:
+/// one `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte, which takes nothing
+/// from the socket. Asked only at the connection cap (see
+/// [`crate::connections::MAX_PENDING_EVICTIONS`]). Pingora's unique id of a
+/// connection is its socket's file descriptor.
+fn bytes_waiting(stream: &Stream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv writes at most one byte into `byte`, which we own; the
+    // descriptor stays open while `stream` is borrowed, and MSG_PEEK leaves
+    // the data in place. On anything but a socket it fails (false).
+    let n = unsafe {
+        libc::recv(
+            stream.id(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
 /// The client's address of an accepted connection.
 fn peer_ip(stream: &Stream) -> Option<IpAddr> {
     let digest = stream.get_socket_digest()?;
@@ -107,7 +128,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
     ) -> Option<Stream> {
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         // Refused: the stream is dropped here, which closes it at once.
-        let admission = self.connections.admit(peer_ip(&stream), !h2).ok()?;
+        let admission = self
+            .connections
+            .admit_with(peer_ip(&stream), !h2, || bytes_waiting(&stream))
+            .ok()?;
         let stream: Stream = match admission.slot() {
             Some(slot) if !h2 => Box::new(Guarded::new(
                 stream,
