@@ -301,6 +301,7 @@ fn flood_of_silent_connections_does_not_starve_a_second_client_and_it_recovers()
     );
 
     // Meanwhile a second client is served.
+    let churn_before = flood.closed();
     let mut answered = 0;
     let mut failures = Vec::new();
     for i in 0..SECOND_CLIENT_REQUESTS {
@@ -313,13 +314,16 @@ fn flood_of_silent_connections_does_not_starve_a_second_client_and_it_recovers()
             Err(e) => failures.push(format!("{i}: {e}")),
         }
     }
-    let churn = flood.closed();
+    let churn = flood.closed() - churn_before;
     assert!(
         answered * 100 >= SECOND_CLIENT_REQUESTS * 95,
         "{answered} of {SECOND_CLIENT_REQUESTS} answered during the flood: {failures:?}"
     );
-    // The flood was still going while the second client was served.
-    assert!(churn >= 600, "only {churn} silent connections closed");
+    // The flood kept reopening while the second client was served.
+    assert!(
+        churn >= 400,
+        "only {churn} silent connections closed meanwhile"
+    );
 
     // Held at the cap without reopening: no busy loop, still served.
     flood.hold();
@@ -370,8 +374,8 @@ fn silent_connections_give_way_but_in_flight_and_mid_header_ones_do_not() {
     served(&mut probe, "/probe");
     drop(probe);
 
-    // 40 silent connections on the 8 places left: the oldest silent ones
-    // give way to the newer, none of the two busy ones does.
+    // 40 silent connections on the 8 places left: silent ones give way (or
+    // are refused), none of the two busy ones does.
     let mut silent: Vec<RawConn> = (0..40).map(|_| RawConn::connect(&addr)).collect();
     let mut closed = 0;
     assert!(
@@ -383,11 +387,16 @@ fn silent_connections_give_way_but_in_flight_and_mid_header_ones_do_not() {
     );
     assert!(!is_closed(&mut partial), "the partial header was evicted");
     assert!(!is_closed(&mut busy), "the request in flight was evicted");
-    // The newest silent connection is still open, and none got an answer.
-    assert!(!is_closed(silent.last_mut().unwrap()));
+    // The oldest silent ones went first (newer ones arriving in a burst may
+    // be refused instead: see MAX_PENDING_EVICTIONS); none got an answer.
     for c in silent.iter_mut().take(8) {
         let data = c.wait_closed(Duration::from_secs(5)).expect("evicted");
         assert!(data.is_empty(), "{:?}", String::from_utf8_lossy(&data));
+    }
+    for c in silent.iter_mut() {
+        if let Some(data) = c.wait_closed(Duration::from_millis(1)) {
+            assert!(data.is_empty(), "{:?}", String::from_utf8_lossy(&data));
+        }
     }
 
     // Both finish.
