@@ -6,9 +6,17 @@
 //! Every accepted client connection takes a place before Pingora sees it and
 //! gives it back when it closes. Past `max_connections_per_client` the new
 //! connection is closed at once. At `max_connections` the oldest idle
-//! kept-alive HTTP/1 connection (a response finished, no byte of a next
-//! request read) is told to close instead, so clients with requests in flight
-//! keep being served; only when nothing is idle is the new connection closed.
+//! HTTP/1 connection is told to close instead, so clients with requests in
+//! flight keep being served; only when nothing is idle is the new connection
+//! closed. Idle means that not a single byte of a request has arrived since
+//! the connection was accepted (fresh) or since its last response (kept
+//! alive): nginx treats both alike as "reusable" and closes them first when
+//! `worker_connections` run out. So a flood of connections that never send
+//! anything cannot lock other clients out; a connection midway through a
+//! header is not idle, and the header deadline ends it.
+//! While [`MAX_PENDING_EVICTIONS`] evicted connections are still closing,
+//! only a newcomer with request bytes already waiting evicts; a silent one
+//! is refused, which keeps a flood within the open-file limit.
 //! Each refusal and eviction is counted (for the metrics listener) and logged
 //! at debug; a warning with the counts so far is logged at most once per
 //! [`CAP_WARN_INTERVAL`]: under a flood, one line per connection would bury
@@ -16,10 +24,11 @@
 //!
 //! Costs: the accept path takes an atomic for the total, a lock on the
 //! per-client table (only when a per-client cap is set) and a lock on the
-//! table of evictable connections. A request pays two atomics on its
-//! connection's [`Slot`] (idle after the response, busy at its first byte)
-//! plus one shared counter that orders idle connections, and registers its
-//! waker while it waits idle (one atomic swap); no lock. Finding the
+//! table of evictable connections. A request (and a fresh connection) pays
+//! two compare-and-swaps on its connection's [`Slot`] (idle while waiting,
+//! busy at its first byte) plus one shared counter that orders idle
+//! connections, and registers its waker while it waits idle (one atomic
+//! swap); no lock. Finding the
 //! oldest idle connection scans the table under its lock, which only happens
 //! at the cap.
 
@@ -43,6 +52,16 @@ pub const MIN_DEFAULT_MAX_CONNECTIONS: usize = 16;
 
 /// Shortest time between two warnings that a cap was hit (60 s).
 pub const CAP_WARN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Evicted connections that may still be closing at once (16). An evicted
+/// connection closes only when its task next runs, and Pingora accepts up to
+/// 128 connections in one go before any of their tasks runs: without this
+/// bound a flood of silent connections holds the cap, a batch of new ones
+/// and a batch of evicted ones still closing, and runs out of open files
+/// (EMFILE; Pingora then stops accepting for a second). Past the bound only
+/// a new connection whose request bytes are already waiting evicts; one
+/// that has sent nothing yet is refused, which closes it at once.
+pub const MAX_PENDING_EVICTIONS: usize = 16;
 
 /// Candidates tried when an eviction loses a race with its connection
 /// turning busy (8); each try picks the next oldest.
@@ -94,11 +113,13 @@ pub fn default_max_connections(open_files: u64, upstream_keepalive_pool: usize) 
 /// metrics listener to expose. All are totals since start.
 #[derive(Debug, Default)]
 pub struct ConnStats {
-    /// New connections closed at once: `max_connections` reached, nothing idle.
+    /// New connections closed at once: `max_connections` reached, nothing
+    /// idle (or [`MAX_PENDING_EVICTIONS`] still closing and nothing sent).
     pub refused_total: AtomicU64,
     /// New connections closed at once: `max_connections_per_client` reached.
     pub refused_per_client: AtomicU64,
-    /// Idle kept-alive connections closed to admit a new one.
+    /// Idle connections closed to admit a new one: kept-alive ones waiting
+    /// for a next request and fresh ones that never sent a byte alike.
     pub evicted_idle: AtomicU64,
     /// Connections closed because a request header missed `header_timeout`.
     pub header_timeouts: AtomicU64,
@@ -111,6 +132,9 @@ pub enum Refused {
     Total,
     /// This client address holds `max_connections_per_client` already.
     PerClient,
+    /// `max_connections` reached, [`MAX_PENDING_EVICTIONS`] evicted
+    /// connections still closing, and the new one has sent nothing yet.
+    Evicting,
 }
 
 /// The connection table shared by all accept loops and connections.
@@ -125,6 +149,8 @@ pub struct Connections {
     next_id: AtomicU64,
     /// Orders idle periods: a smaller ticket went idle earlier.
     next_ticket: AtomicU64,
+    /// Evicted connections not yet closed.
+    evicting: AtomicUsize,
     /// When the table was made, and the time after it (in seconds) before
     /// which no further cap warning is logged.
     born: Instant,
@@ -138,8 +164,8 @@ const BUSY: u64 = 0;
 const EVICTED: u64 = u64::MAX;
 
 /// The idle state of one HTTP/1 connection, shared between the connection
-/// (which moves it between busy and idle) and [`Connections`] (which may
-/// evict it while idle).
+/// (which moves it between busy and idle: idle while no byte of a request
+/// has arrived) and [`Connections`] (which may evict it while idle).
 #[derive(Debug, Default)]
 pub struct Slot {
     /// [`BUSY`], [`EVICTED`], or the ticket of the idle period.
@@ -188,6 +214,7 @@ impl Connections {
             evictable: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             next_ticket: AtomicU64::new(1),
+            evicting: AtomicUsize::new(0),
             born: Instant::now(),
             next_warn_secs: AtomicU64::new(0),
             stats: ConnStats::default(),
@@ -209,14 +236,26 @@ impl Connections {
         self.next_ticket.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Takes a place for a new connection from `peer`; `evictable` gives it
-    /// a [`Slot`] (HTTP/1). At the total cap, the oldest idle connection is
-    /// evicted to make room. The place is given back when the returned
-    /// [`Admission`] is dropped.
+    /// [`Connections::admit_with`] for a connection that has sent nothing.
     pub fn admit(
         self: &Arc<Self>,
         peer: Option<IpAddr>,
         evictable: bool,
+    ) -> Result<Admission, Refused> {
+        self.admit_with(peer, evictable, || false)
+    }
+
+    /// Takes a place for a new connection from `peer`; `evictable` gives it
+    /// a [`Slot`] (HTTP/1). At the total cap, the oldest idle connection is
+    /// evicted to make room, unless [`MAX_PENDING_EVICTIONS`] are still
+    /// closing and `sent` (asked only then) says the new connection has no
+    /// request bytes waiting. The place is given back when the returned
+    /// [`Admission`] is dropped.
+    pub fn admit_with(
+        self: &Arc<Self>,
+        peer: Option<IpAddr>,
+        evictable: bool,
+        sent: impl FnOnce() -> bool,
     ) -> Result<Admission, Refused> {
         let counted_peer = match (self.max_per_client, peer) {
             (Some(cap), Some(ip)) => {
@@ -242,6 +281,16 @@ impl Connections {
             slot: None,
         };
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            if self.evicting.load(Ordering::Acquire) >= MAX_PENDING_EVICTIONS && !sent() {
+                drop(admission);
+                self.stats.refused_total.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    cap = self.max_total,
+                    "connection refused: max_connections, evictions still closing"
+                );
+                self.warn_cap_hit();
+                return Err(Refused::Evicting);
+            }
             if !self.evict_oldest_idle() {
                 // Dropping the admission gives back both places.
                 drop(admission);
@@ -309,8 +358,9 @@ impl Connections {
                 .compare_exchange(ticket, EVICTED, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
+                self.evicting.fetch_add(1, Ordering::AcqRel);
                 slot.waker.wake();
-                tracing::debug!("idle kept-alive connection closed to admit a new one");
+                tracing::debug!("idle connection closed to admit a new one");
                 return true;
             }
         }
@@ -335,8 +385,11 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        if let Some((id, _)) = self.slot.take() {
+        if let Some((id, slot)) = self.slot.take() {
             lock(&self.table.evictable).remove(&id);
+            if slot.evicted() {
+                self.table.evicting.fetch_sub(1, Ordering::AcqRel);
+            }
         }
         if let Some(ip) = self.peer {
             let mut table = lock(&self.table.per_client);
@@ -416,5 +469,27 @@ mod tests {
         assert_eq!(c.open(), 3);
         assert_eq!(c.stats.evicted_idle.load(Ordering::Relaxed), 1);
         assert_eq!(c.stats.refused_total.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn evictions_still_closing_are_bounded_unless_the_newcomer_sent_bytes() {
+        let c = Arc::new(Connections::new(1, None));
+        // Each newcomer goes idle and is evicted by the next; none closes.
+        let mut evicted = Vec::new();
+        let mut last = c.admit(None, true).unwrap();
+        for _ in 0..MAX_PENDING_EVICTIONS {
+            assert!(last.slot().unwrap().set_idle(c.ticket()));
+            evicted.push(std::mem::replace(&mut last, c.admit(None, true).unwrap()));
+        }
+        assert!(last.slot().unwrap().set_idle(c.ticket()));
+        assert_eq!(c.admit(None, true).unwrap_err(), Refused::Evicting);
+        assert_eq!(c.stats.refused_total.load(Ordering::Relaxed), 1);
+        // A newcomer whose request is already waiting still gets in.
+        let sent = c.admit_with(None, true, || true).unwrap();
+        assert!(sent.slot().unwrap().set_idle(c.ticket()));
+        // Evicted connections closing make room for silent ones again.
+        evicted.clear();
+        assert!(c.admit(None, true).is_ok());
+        assert_eq!(c.stats.evicted_idle.load(Ordering::Relaxed), 18);
     }
 }

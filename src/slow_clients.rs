@@ -27,10 +27,20 @@
 //! begun is timed like a header (and is not held back: requests that carry a
 //! body framing header turn holding off for the next header).
 //!
-//! Idle tracking: once a response has started and Pingora reads with a full
-//! buffer (its 1-byte reads during a response only watch for a client
-//! close), the connection is idle and may be evicted at the connection cap
-//! ([`crate::connections`]); an evicted connection reads as a clean EOF.
+//! Idle tracking: a connection that has not sent a single byte of its next
+//! request is idle and may be evicted at the connection cap
+//! ([`crate::connections`]), like nginx's "reusable" connections. That is a
+//! fresh connection from the moment it is wrapped until its first byte, and
+//! a kept-alive one from the moment Pingora waits for its next request
+//! (after a response has started, a read with a full buffer: Pingora's
+//! 1-byte reads during a response only watch for a client close) until its
+//! first byte. A connection with part of a header sent is not idle (the
+//! header deadline ends it), nor is one with a request in flight. An evicted
+//! connection reads as a clean EOF before any byte of a request, so Pingora
+//! closes it quietly, without an answer. Cost: a connection takes one ticket
+//! (a shared atomic counter) and one compare-and-swap when it goes idle, one
+//! compare-and-swap at its first byte, and registers its waker while idle
+//! (one atomic swap per read); no lock.
 //!
 //! Pingora writes some answers itself (400 for a request it cannot parse,
 //! 405 for CONNECT) with `Server: Pingora`; the wrapper rewrites that header
@@ -82,6 +92,27 @@ impl<A> HeaderTimeout<A> {
     }
 }
 
+/// Whether request bytes are already waiting on an accepted connection:
+/// one `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte, which takes nothing
+/// from the socket. Asked only at the connection cap (see
+/// [`crate::connections::MAX_PENDING_EVICTIONS`]). Pingora's unique id of a
+/// connection is its socket's file descriptor.
+fn bytes_waiting(stream: &Stream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv writes at most one byte into `byte`, which we own; the
+    // descriptor stays open while `stream` is borrowed, and MSG_PEEK leaves
+    // the data in place. On anything but a socket it fails (false).
+    let n = unsafe {
+        libc::recv(
+            stream.id(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
 /// The client's address of an accepted connection.
 fn peer_ip(stream: &Stream) -> Option<IpAddr> {
     let digest = stream.get_socket_digest()?;
@@ -97,7 +128,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
     ) -> Option<Stream> {
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         // Refused: the stream is dropped here, which closes it at once.
-        let admission = self.connections.admit(peer_ip(&stream), !h2).ok()?;
+        let admission = self
+            .connections
+            .admit_with(peer_ip(&stream), !h2, || bytes_waiting(&stream))
+            .ok()?;
         let stream: Stream = match admission.slot() {
             Some(slot) if !h2 => Box::new(Guarded::new(
                 stream,
@@ -204,12 +238,17 @@ impl HeaderScan {
 }
 
 impl Guarded {
+    /// Wraps a fresh connection, idle (evictable) until its first byte.
     fn new(
         inner: Stream,
         timeout: Duration,
         slot: Arc<Slot>,
         connections: Arc<Connections>,
     ) -> Guarded {
+        let ticket = connections.ticket();
+        // False only if the slot was already taken out of the idle set
+        // (evicted), and then the first read ends the connection anyway.
+        let idle = if slot.set_idle(ticket) { ticket } else { 0 };
         Guarded {
             inner,
             timeout,
@@ -224,7 +263,7 @@ impl Guarded {
             wbuf: Vec::new(),
             wpos: 0,
             slot,
-            idle: 0,
+            idle,
             connections,
         }
     }
@@ -242,6 +281,12 @@ impl Guarded {
     /// (an expected outcome under a slowloris flood).
     fn timed_out(&mut self) -> Poll<io::Result<()>> {
         self.deadline = None;
+        // Closing anyway: no longer a candidate for eviction, which would
+        // count an eviction that frees nothing.
+        if self.idle != 0 {
+            self.slot.set_busy(self.idle);
+            self.idle = 0;
+        }
         self.connections
             .stats
             .header_timeouts
@@ -359,20 +404,19 @@ impl AsyncRead for Guarded {
         if this.deadline.is_some_and(|d| Instant::now() >= d) {
             return this.timed_out();
         }
-        if this.phase == Phase::Responded {
-            // A full-size read after a response: Pingora waits for the next
-            // request, so the connection is idle (evictable).
-            if this.idle == 0 && buf.remaining() > 1 {
-                let ticket = this.connections.ticket();
-                if this.slot.set_idle(ticket) {
-                    this.idle = ticket;
-                }
+        // A full-size read after a response: Pingora waits for the next
+        // request, so the connection is idle (evictable). A fresh connection
+        // is idle from the start (see `new`).
+        if this.phase == Phase::Responded && this.idle == 0 && buf.remaining() > 1 {
+            let ticket = this.connections.ticket();
+            if this.slot.set_idle(ticket) {
+                this.idle = ticket;
             }
-            if this.idle != 0 {
-                this.slot.register(cx.waker());
-            }
+        }
+        if this.idle != 0 {
+            this.slot.register(cx.waker());
             if this.slot.evicted() {
-                // Nothing of a next request was handed on: Pingora closes quietly.
+                // Nothing of a request was handed on: Pingora closes quietly.
                 return Poll::Ready(Ok(()));
             }
         }
@@ -397,13 +441,15 @@ impl AsyncRead for Guarded {
                 this.held = Vec::new();
                 return Poll::Ready(Ok(()));
             }
-            if this.phase == Phase::Responded {
-                if this.idle != 0 && !this.slot.set_busy(this.idle) {
+            if this.idle != 0 {
+                if !this.slot.set_busy(this.idle) {
                     // Evicted while these bytes arrived: drop them, end here.
                     buf.set_filled(before);
                     return Poll::Ready(Ok(()));
                 }
                 this.idle = 0;
+            }
+            if this.phase == Phase::Responded {
                 this.start_header();
             }
             if this.phase != Phase::Header {
@@ -732,6 +778,30 @@ mod tests {
         assert!(admitted.is_ok(), "the idle connection gave way");
         assert_eq!(read.unwrap(), 0, "evicted: a clean EOF");
         assert_eq!(table.stats.evicted_idle.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_connection_is_idle_until_its_first_byte() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Nothing sent: evicted at the cap, and it reads as a clean EOF.
+        let (mut conn, _client, table) = wrapped(1024, Duration::from_secs(5));
+        let admitted = table.admit(None, false);
+        assert!(admitted.is_ok(), "the fresh connection gave way");
+        let n = conn.read(&mut [0u8; 4096]).await.unwrap();
+        assert_eq!(n, 0, "evicted before any byte: a clean EOF");
+        assert_eq!(table.stats.evicted_idle.load(Ordering::Relaxed), 1);
+
+        // Part of a header sent: busy, so the newcomer is refused instead.
+        let (mut conn, mut client, table) = wrapped(1024, Duration::from_secs(5));
+        client.write_all(b"GET / HT").await.unwrap();
+        let mut buf = [0u8; 4096];
+        let held = tokio::time::timeout(Duration::from_millis(50), conn.read(&mut buf)).await;
+        assert!(held.is_err(), "{held:?}");
+        assert!(table.admit(None, false).is_err(), "midway through a header");
+        client.write_all(b"TP/1.1\r\n\r\n").await.unwrap();
+        let n = conn.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(table.stats.evicted_idle.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -137,6 +139,280 @@ fn idle_keep_alive_flood_gives_way_to_new_clients_and_in_flight_requests_finish(
     assert_eq!(proxy.get("/after", None), (200, "blue".to_string()));
 }
 
+/// Connections a [`SilentFlood`] opens at most per place (each reopen counts),
+/// so a flood is bounded in count even if it is never stopped.
+const FLOOD_OPENS_PER_PLACE: usize = 200;
+
+/// Longest a [`SilentFlood`] keeps reopening connections (20 s), so it is
+/// bounded in time even if the test fails before stopping it.
+const FLOOD_MAX_TIME: Duration = Duration::from_secs(20);
+
+/// [`SilentFlood`] phases: reopen closed connections, hold the open ones
+/// without reopening, close them all.
+const FLOOD_RUN: u8 = 0;
+const FLOOD_HOLD: u8 = 1;
+const FLOOD_RELEASE: u8 = 2;
+
+/// One client (127.0.0.1) that keeps `places` connections open without ever
+/// sending a byte, and opens a new one whenever the proxy closes one: the
+/// tester's flood of issue 8. Runs on its own thread and runtime.
+struct SilentFlood {
+    control: tokio::sync::watch::Sender<u8>,
+    /// Connections opened so far.
+    opened: Arc<AtomicUsize>,
+    /// Connections the proxy closed (EOF or reset).
+    closed: Arc<AtomicUsize>,
+    /// Bytes the proxy sent on flood connections (it must answer nothing).
+    answered: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentFlood {
+    fn start(addr: &str, places: usize) -> SilentFlood {
+        let (control, rx) = tokio::sync::watch::channel(FLOOD_RUN);
+        let opened = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let addr: std::net::SocketAddr = addr.parse().expect("address");
+        let counts = (opened.clone(), closed.clone(), answered.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let until = tokio::time::Instant::now() + FLOOD_MAX_TIME;
+                let tasks: Vec<_> = (0..places)
+                    .map(|_| {
+                        let (rx, counts) = (rx.clone(), counts.clone());
+                        tokio::spawn(silent_place(addr, rx, counts, until))
+                    })
+                    .collect();
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        });
+        SilentFlood {
+            control,
+            opened,
+            closed,
+            answered,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops reopening; the connections still open stay open.
+    fn hold(&self) {
+        let _ = self.control.send(FLOOD_HOLD);
+    }
+
+    fn opened(&self) -> usize {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for SilentFlood {
+    /// Closes every flood connection and waits for the flood's thread.
+    fn drop(&mut self) {
+        let _ = self.control.send(FLOOD_RELEASE);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One place of a [`SilentFlood`]: a connection that sends nothing, reopened
+/// when closed while the flood runs (at most [`FLOOD_OPENS_PER_PLACE`] times,
+/// until `until`), held once it stops, dropped at release.
+async fn silent_place(
+    addr: std::net::SocketAddr,
+    mut control: tokio::sync::watch::Receiver<u8>,
+    (opened, closed, answered): (Arc<AtomicUsize>, Arc<AtomicUsize>, Arc<AtomicUsize>),
+    until: tokio::time::Instant,
+) {
+    use tokio::io::AsyncReadExt;
+    for _ in 0..FLOOD_OPENS_PER_PLACE {
+        if *control.borrow() != FLOOD_RUN || tokio::time::Instant::now() >= until {
+            break;
+        }
+        let connect = tokio::net::TcpStream::connect(addr);
+        let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
+            continue;
+        };
+        opened.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 256];
+        loop {
+            tokio::select! {
+                read = conn.read(&mut buf) => match read {
+                    Ok(n) if n > 0 => {
+                        answered.fetch_add(n, Ordering::Relaxed);
+                    }
+                    _ => {
+                        closed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                },
+                _ = control.wait_for(|c| *c == FLOOD_RELEASE) => return,
+                _ = tokio::time::sleep_until(until) => return,
+            }
+        }
+    }
+    let _ = control.wait_for(|c| *c == FLOOD_RELEASE).await;
+}
+
+/// Open-file limit for the silent flood, the tester's: with the default
+/// upstream pool (128) the default cap is `(256 - 64 - 128) / 2 = 32`.
+const SILENT_FLOOD_OPEN_FILES: u64 = 256;
+
+/// Requests a second client (127.0.0.2) sends during a flood, each on a new
+/// connection, one after the other.
+const SECOND_CLIENT_REQUESTS: usize = 40;
+
+#[test]
+fn flood_of_silent_connections_does_not_starve_a_second_client_and_it_recovers() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    // The default upstream pool and a header deadline far beyond the test:
+    // silent connections end only by eviction here.
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .open_files(SILENT_FLOOD_OPEN_FILES)
+        .server("header_timeout = \"60s\"")
+        .start();
+    let addr = proxy.http_addr();
+    assert_eq!(proxy.get("/warm-up", None), (200, "blue".to_string()));
+    let baseline = proxy.open_fds();
+
+    // 400 silent places, as the tester's flood, reopened as they are closed.
+    let flood = SilentFlood::start(&addr, 400);
+    assert!(
+        poll_until(Duration::from_secs(10), || flood.closed() >= 400),
+        "the proxy closed {} of {} silent connections",
+        flood.closed(),
+        flood.opened()
+    );
+
+    // Meanwhile a second client is served.
+    let churn_before = flood.closed();
+    let mut answered = 0;
+    let mut failures = Vec::new();
+    for i in 0..SECOND_CLIENT_REQUESTS {
+        let mut c = RawConn::connect_from("127.0.0.2", &addr);
+        let sent =
+            c.send(format!("GET /second/{i} HTTP/1.1\r\nHost: flood.test\r\n\r\n").as_bytes());
+        match sent.and_then(|_| c.read_response(Duration::from_secs(10))) {
+            Ok(r) if (r.status, r.body.as_str()) == (200, "blue") => answered += 1,
+            Ok(r) => failures.push(format!("{i}: {} {:?}", r.status, r.body)),
+            Err(e) => failures.push(format!("{i}: {e}")),
+        }
+    }
+    let churn = flood.closed() - churn_before;
+    assert!(
+        answered * 100 >= SECOND_CLIENT_REQUESTS * 95,
+        "{answered} of {SECOND_CLIENT_REQUESTS} answered during the flood: {failures:?}"
+    );
+    // The flood kept reopening while the second client was served.
+    assert!(
+        churn >= 400,
+        "only {churn} silent connections closed meanwhile"
+    );
+
+    // Held at the cap without reopening: no busy loop, still served.
+    flood.hold();
+    let share = cpu_share(&proxy);
+    assert!(share < MAX_CPU_SHARE, "proxy used {share:.2} of a core");
+    let mut late = RawConn::connect_from("127.0.0.2", &addr);
+    served(&mut late, "/second/held");
+    assert_eq!(flood.answered(), 0, "silent connections closed unanswered");
+    assert_eq!(proxy.error_lines(), Vec::<String>::new());
+
+    // Recovery: with the flood gone every place is given back.
+    drop(flood);
+    drop(late);
+    let mut fds = 0;
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            fds = proxy.open_fds();
+            fds <= baseline + 2
+        }),
+        "{fds} files open after the flood, {baseline} before"
+    );
+    assert_eq!(proxy.get("/after", None), (200, "blue".to_string()));
+}
+
+#[test]
+fn silent_connections_give_way_but_in_flight_and_mid_header_ones_do_not() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = flood_proxy(
+        &blue,
+        &green,
+        "max_connections = 10\nheader_timeout = \"60s\"",
+    );
+    let addr = proxy.http_addr();
+
+    // Midway through a header, and then a request in flight.
+    let mut partial = RawConn::connect(&addr);
+    partial.send(b"GET /partial HTTP/1.1\r\nHost: flo").unwrap();
+    let mut busy = RawConn::connect(&addr);
+    busy.send(b"GET /inflight?hold=1 HTTP/1.1\r\nHost: flood.test\r\n\r\n")
+        .unwrap();
+    assert!(poll_until(Duration::from_secs(5), || blue
+        .in_flight_for("/inflight")
+        == 1));
+    // A full exchange on a third connection: by its answer the proxy has long
+    // read the partial header that was sent before.
+    let mut probe = RawConn::connect(&addr);
+    served(&mut probe, "/probe");
+    drop(probe);
+
+    // 40 silent connections on the 8 places left: silent ones give way (or
+    // are refused), none of the two busy ones does.
+    let mut silent: Vec<RawConn> = (0..40).map(|_| RawConn::connect(&addr)).collect();
+    let mut closed = 0;
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            closed = silent.iter_mut().map(is_closed).filter(|&c| c).count();
+            closed >= 32
+        }),
+        "{closed} of 40 silent connections closed at a cap of 10 with 2 busy"
+    );
+    assert!(!is_closed(&mut partial), "the partial header was evicted");
+    assert!(!is_closed(&mut busy), "the request in flight was evicted");
+    // The oldest silent ones went first (newer ones arriving in a burst may
+    // be refused instead: see MAX_PENDING_EVICTIONS); none got an answer.
+    for c in silent.iter_mut().take(8) {
+        let data = c.wait_closed(Duration::from_secs(5)).expect("evicted");
+        assert!(data.is_empty(), "{:?}", String::from_utf8_lossy(&data));
+    }
+    for c in silent.iter_mut() {
+        if let Some(data) = c.wait_closed(Duration::from_millis(1)) {
+            assert!(data.is_empty(), "{:?}", String::from_utf8_lossy(&data));
+        }
+    }
+
+    // Both finish.
+    partial.send(b"od.test\r\n\r\n").unwrap();
+    let r = partial
+        .read_response(Duration::from_secs(10))
+        .expect("the partial header survives the flood");
+    assert_eq!((r.status, r.body.as_str()), (200, "blue"), "{r:?}");
+    blue.release(1);
+    let r = busy
+        .read_response(Duration::from_secs(10))
+        .expect("the in-flight request survives the flood");
+    assert_eq!((r.status, r.body.as_str()), (200, "blue"), "{r:?}");
+    assert_eq!(proxy.error_lines(), Vec::<String>::new());
+}
+
 #[test]
 fn per_client_cap_closes_extra_connections_at_once_while_others_are_served() {
     let blue = Upstream::start("blue");
@@ -185,12 +461,32 @@ fn per_client_cap_closes_extra_connections_at_once_while_others_are_served() {
 fn at_the_cap_with_nothing_idle_new_connections_are_refused_then_it_recovers() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
-    let proxy = flood_proxy(&blue, &green, "max_connections = 10");
+    let proxy = flood_proxy(
+        &blue,
+        &green,
+        "max_connections = 10\nheader_timeout = \"60s\"",
+    );
     let addr = proxy.http_addr();
 
-    // Ten connections that have not sent a request are not idle keep-alive
-    // connections: nothing may be evicted.
-    let mut held: Vec<RawConn> = (0..10).map(|_| RawConn::connect(&addr)).collect();
+    // Nine connections midway through a header and one with a request in
+    // flight are not idle: nothing may be evicted. The request reaching the
+    // backend also shows that the proxy has read the partial headers, which
+    // were sent before it.
+    let mut held: Vec<RawConn> = (0..9)
+        .map(|i| {
+            let mut c = RawConn::connect(&addr);
+            c.send(format!("GET /held/{i} HTTP/1.1\r\n").as_bytes())
+                .unwrap();
+            c
+        })
+        .collect();
+    let mut inflight = RawConn::connect(&addr);
+    inflight
+        .send(b"GET /inflight?hold=1 HTTP/1.1\r\nHost: flood.test\r\n\r\n")
+        .unwrap();
+    assert!(poll_until(Duration::from_secs(5), || blue
+        .in_flight_for("/inflight")
+        == 1));
     let mut refused = RawConn::connect(&addr);
     let _ = refused.send(b"GET /refused HTTP/1.1\r\nHost: flood.test\r\n\r\n");
     let data = refused
@@ -199,6 +495,7 @@ fn at_the_cap_with_nothing_idle_new_connections_are_refused_then_it_recovers() {
     assert!(data.is_empty(), "{:?}", String::from_utf8_lossy(&data));
     assert_eq!(blue.received("/refused"), 0);
     assert!(held.iter_mut().all(|c| !is_closed(c)));
+    assert!(!is_closed(&mut inflight));
 
     // Holding the cap costs no busy loop.
     let share = cpu_share(&proxy);
@@ -207,10 +504,19 @@ fn at_the_cap_with_nothing_idle_new_connections_are_refused_then_it_recovers() {
 
     // One of them finishes its request and goes idle: now a new client is
     // admitted by closing it.
-    served(&mut held[0], "/first");
+    held[0].send(b"Host: flood.test\r\n\r\n").unwrap();
+    let r = held[0]
+        .read_response(Duration::from_secs(10))
+        .expect("held[0] answered");
+    assert_eq!((r.status, r.body.as_str()), (200, "blue"), "{r:?}");
     let mut newcomer = RawConn::connect(&addr);
     served(&mut newcomer, "/newcomer");
     assert!(held[0].wait_closed(Duration::from_secs(5)).is_some());
+    blue.release(1);
+    let r = inflight
+        .read_response(Duration::from_secs(10))
+        .expect("the request in flight is answered");
+    assert_eq!((r.status, r.body.as_str()), (200, "blue"), "{r:?}");
 
     drop(held);
     assert!(poll_until(Duration::from_secs(5), || {
