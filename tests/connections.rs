@@ -128,15 +128,7 @@ fn idle_keep_alive_flood_gives_way_to_new_clients_and_in_flight_requests_finish(
     drop(second);
     drop(busy);
     drop(stream);
-    let mut fds = 0;
-    assert!(
-        poll_until(Duration::from_secs(10), || {
-            fds = proxy.open_fds();
-            fds <= baseline + 2
-        }),
-        "{fds} files open after the flood, {baseline} before"
-    );
-    assert_eq!(proxy.get("/after", None), (200, "blue".to_string()));
+    assert_recovered(&proxy, baseline);
 }
 
 /// Connections a [`SilentFlood`] opens at most per place (each reopen counts),
@@ -337,15 +329,7 @@ fn flood_of_silent_connections_does_not_starve_a_second_client_and_it_recovers()
     // Recovery: with the flood gone every place is given back.
     drop(flood);
     drop(late);
-    let mut fds = 0;
-    assert!(
-        poll_until(Duration::from_secs(10), || {
-            fds = proxy.open_fds();
-            fds <= baseline + 2
-        }),
-        "{fds} files open after the flood, {baseline} before"
-    );
-    assert_eq!(proxy.get("/after", None), (200, "blue".to_string()));
+    assert_recovered(&proxy, baseline);
 }
 
 #[test]
@@ -567,4 +551,18 @@ fn exhausted_open_file_limit_does_not_spin_and_recovers() {
         try_get(&agent(), &format!("{}/after", proxy.http_url()), None)
             .is_ok_and(|(code, _)| code == 200)
     }));
+}
+
+/// Once a flood is gone, the proxy is back to `baseline` open files (give
+/// or take two) and serves.
+fn assert_recovered(proxy: &Proxy, baseline: usize) {
+    let mut fds = 0;
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            fds = proxy.open_fds();
+            fds <= baseline + 2
+        }),
+        "{fds} files open after the flood, {baseline} before"
+    );
+    assert_eq!(proxy.get("/after", None), (200, "blue".to_string()));
 }
