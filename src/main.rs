@@ -560,10 +560,12 @@ fn print_service(name: &str, svc: &Value) {
             svc["upgraded"][color].as_u64().unwrap_or(0),
         );
         for b in svc["pools"][color].as_array().into_iter().flatten() {
-            let error = b["last_error"]
-                .as_str()
-                .map(|e| format!("  ({e})"))
-                .unwrap_or_default();
+            // A healthy backend's last error is history: say so.
+            let error = match (b["health"].as_str(), b["last_error"].as_str()) {
+                (Some("healthy"), Some(e)) => format!("  (last error: {e})"),
+                (_, Some(e)) => format!("  ({e})"),
+                _ => String::new(),
+            };
             println!(
                 "      {:<22} {}{error}",
                 b["addr"].as_str().unwrap_or("?"),
