@@ -65,7 +65,7 @@ enum Cmd {
         /// Read the admin address and token file from this config file.
         #[arg(short, long, value_name = "CONFIG")]
         config: Option<PathBuf>,
-        /// The admin API: HOST:PORT, [IPV6]:PORT or http://HOST:PORT [default: 127.0.0.1:9900].
+        /// The admin API: HOST:PORT, [IPV6]:PORT or http://HOST:PORT (else -c CONFIG's [listen] admin, else 127.0.0.1:9900).
         #[arg(long, value_name = "ADDRESS")]
         admin: Option<String>,
         /// Read the token from this file (mode 0600); wins over $SWITCHYARD_ADMIN_TOKEN.
