@@ -1,0 +1,100 @@
+//! The file as written. Each struct mirrors a TOML table and refuses keys it
+//! does not know, so a typo is an error rather than a silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Root {
+    pub server: Option<Server>,
+    pub listen: Option<Listen>,
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub services: BTreeMap<Spanned<String>, Service>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<Route>>,
+    #[serde(default)]
+    pub rate_limits: BTreeMap<Spanned<String>, RateLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub rate: Spanned<String>,
+    pub burst: Option<Spanned<u32>>,
+    pub methods: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub threads: Option<Spanned<u32>>,
+    pub grace_period: Option<Spanned<String>>,
+    pub state_dir: Option<Spanned<PathBuf>>,
+    pub upstream_keepalive_pool: Option<Spanned<usize>>,
+    pub header_timeout: Option<Spanned<String>>,
+    pub body_timeout: Option<Spanned<String>>,
+    pub keepalive_timeout: Option<Spanned<String>>,
+    pub send_timeout: Option<Spanned<String>>,
+    pub trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub max_header_size: Option<Spanned<String>>,
+    pub maintenance_page: Option<Spanned<PathBuf>>,
+    pub retry_after: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<u64>>,
+    pub max_connections_per_client: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub http: Option<Spanned<String>>,
+    pub admin: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub token_file: Option<Spanned<PathBuf>>,
+    pub allow: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub blue: Spanned<Vec<Spanned<String>>>,
+    pub green: Spanned<Vec<Spanned<String>>>,
+    pub active: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub health: Option<Health>,
+    pub min_healthy: Option<Spanned<usize>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub path: Spanned<String>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub expect: Option<Spanned<u16>>,
+    pub body: Option<String>,
+    pub rise: Option<Spanned<u32>>,
+    pub fall: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub host: Option<Spanned<String>>,
+    pub path: Spanned<String>,
+    pub service: Option<Spanned<String>>,
+    pub action: Option<Spanned<String>>,
+    pub websocket: Option<bool>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub read_timeout: Option<Spanned<String>>,
+    pub max_body: Option<Spanned<String>>,
+    pub rate_limit: Option<Spanned<String>>,
+}

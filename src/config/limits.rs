@@ -1,0 +1,167 @@
+//! `[rate_limits.NAME]`: named per-client request rates that routes count
+//! against, with their defaults and bounds.
+
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::{file, Validator};
+
+/// Requests a client may send beyond its rate in a rush (0), as nginx's `burst`.
+pub const DEFAULT_RATE_BURST: u32 = 0;
+/// Largest request count in a rate (1 000 000): at most one request per
+/// microsecond per client, far beyond anything a limit is for.
+pub const MAX_RATE: u32 = 1_000_000;
+
+/// A per-client request rate (`[rate_limits.NAME]`), nginx's `limit_req`
+/// with `nodelay`: requests over the rate are refused with 429, not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub name: String,
+    /// `requests` per `per`, e.g. 2 per second.
+    pub requests: u32,
+    pub per: Duration,
+    /// Requests beyond the rate a client may send at once: a fresh client
+    /// gets `burst + 1` before the rate applies.
+    pub burst: u32,
+    /// Methods the limit counts; `None` means every method.
+    pub methods: Option<Vec<http::Method>>,
+}
+
+impl Validator<'_> {
+    pub(super) fn rate_limit(
+        &mut self,
+        name: Spanned<String>,
+        r: file::RateLimit,
+    ) -> Option<RateLimit> {
+        let valid_name = self.name(&name, "rate limit");
+        if !valid_name {
+            self.dropped
+                .insert(("rate_limits".into(), name.get_ref().clone()));
+        }
+        let (requests, per) = match parse_rate(r.rate.get_ref()) {
+            Some(rate) => rate,
+            None => {
+                self.at(
+                    &r.rate,
+                    format!(
+                        "bad rate {:?}: write it like \"2/s\", \"30/m\" or \"500/h\" (1 to {MAX_RATE} requests)",
+                        r.rate.get_ref()
+                    ),
+                );
+                (1, Duration::from_secs(1))
+            }
+        };
+        let burst = match r.burst {
+            Some(b) if *b.get_ref() >= MAX_RATE => {
+                self.at(&b, format!("burst must be below {MAX_RATE}"));
+                DEFAULT_RATE_BURST
+            }
+            Some(b) => *b.get_ref(),
+            None => DEFAULT_RATE_BURST,
+        };
+        let methods = r.methods.map(|list| {
+            let mut out: Vec<http::Method> = Vec::new();
+            for m in &list {
+                let upper = m.get_ref().to_ascii_uppercase();
+                match http::Method::from_bytes(upper.as_bytes()) {
+                    Ok(method) if !upper.is_empty() && !out.contains(&method) => out.push(method),
+                    Ok(_) if !upper.is_empty() => {
+                        self.at(m, format!("method {upper} is listed twice"))
+                    }
+                    _ => self.at(
+                        m,
+                        format!("bad method {:?}: give names like \"POST\"", m.get_ref()),
+                    ),
+                }
+            }
+            out
+        });
+        valid_name.then(|| RateLimit {
+            name: name.into_inner(),
+            requests,
+            per,
+            burst,
+            methods,
+        })
+    }
+}
+
+/// `"N/s"`, `"N/m"` or `"N/h"` as (N, the unit), N from 1 to [`MAX_RATE`].
+fn parse_rate(text: &str) -> Option<(u32, Duration)> {
+    let (count, unit) = text.split_once('/')?;
+    let count: u32 = count.trim().parse().ok()?;
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return None,
+    };
+    (1..=MAX_RATE).contains(&count).then_some((count, per))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::tests::{errors, GOOD};
+    use crate::config::Config;
+
+    #[test]
+    fn rate_limits_parse_and_routes_name_them() {
+        let text = format!(
+            "{GOOD}\n[rate_limits.writes]\nrate = \"2/s\"\nburst = 10\nmethods = [\"post\", \"PUT\"]\n"
+        )
+        .replace("service = \"api\"", "service = \"api\"\nrate_limit = \"writes\"");
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let limit = &c.rate_limits[0];
+        assert_eq!(
+            (limit.requests, limit.per, limit.burst),
+            (2, Duration::from_secs(1), 10)
+        );
+        assert_eq!(
+            limit.methods,
+            Some(vec![http::Method::POST, http::Method::PUT])
+        );
+        assert_eq!(c.routes[0].limits.rate_limit, Some(0));
+        assert_eq!(c.routes[1].limits.rate_limit, None);
+    }
+
+    #[test]
+    fn bad_rate_limits_are_located() {
+        let text = format!(
+            "{GOOD}\n[rate_limits.writes]\nrate = \"2/d\"\nburst = 1000000\nmethods = [\"PO ST\"]\n"
+        )
+        .replace(
+            "service = \"api\"",
+            "service = \"api\"\nrate_limit = \"write\"",
+        );
+        let e = errors(&text);
+        let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
+        // In line order, whatever order they were found in.
+        assert_eq!(lines, vec![18, 25, 26, 27], "{e:?}");
+        assert!(
+            e[0].message
+                .contains("unknown rate limit \"write\"; defined [rate_limits]: writes"),
+            "{}",
+            e[0]
+        );
+        assert!(e[1].message.contains("bad rate \"2/d\""), "{}", e[1]);
+        assert!(e[2].message.contains("burst"), "{}", e[2]);
+        assert!(e[3].message.contains("bad method"), "{}", e[3]);
+    }
+
+    #[test]
+    fn rates_read_like_nginx() {
+        assert_eq!(parse_rate("2/s"), Some((2, Duration::from_secs(1))));
+        assert_eq!(parse_rate("30/m"), Some((30, Duration::from_secs(60))));
+        assert_eq!(
+            parse_rate("500 / h"),
+            Some((500, Duration::from_secs(3600)))
+        );
+        for bad in ["0/s", "2", "2/d", "-1/s", "1000001/s", "x/s", ""] {
+            assert_eq!(parse_rate(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! `[server]`, `[listen]` and `[admin]`: process-wide settings, the
+//! listening addresses and who may call the admin API, with their defaults
+//! and ranges.
+
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::{file, Validator, MIN_DURATION};
+
+/// Worker threads of the proxy service (2).
+pub const DEFAULT_THREADS: usize = 2;
+/// How long in-flight requests may run on after SIGTERM before the process exits (30 s).
+/// Pingora's own default (300 s) is too long for a deploy.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// Where active colors and the switch history are kept (relative to the working directory).
+pub const DEFAULT_STATE_DIR: &str = "state";
+/// Client-facing plain HTTP listener.
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:80";
+/// Admin API listener: loopback only unless the operator says otherwise.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9900";
+/// Client networks allowed to call the admin API: loopback only.
+pub const DEFAULT_ADMIN_ALLOW: [&str; 2] = ["127.0.0.1/32", "::1/128"];
+/// Idle upstream connections kept for reuse, across all backends (128 connections).
+pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: usize = 128;
+/// How long a client may take to send a whole request header (10 s), as nginx's
+/// `client_header_timeout` in the deployment being replaced.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause between two reads of a request body (10 s).
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle kept-alive client connection stays open (15 s).
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a write to a client may block (10 s).
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request header accepted (32 KiB); larger ones get 431.
+pub const DEFAULT_MAX_HEADER_SIZE: usize = 32 * 1024;
+/// `Retry-After` sent with 503 answers (30 s).
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// Largest `max_connections` / `max_connections_per_client` (16 777 216
+/// connections): far beyond any open-file limit.
+pub const MAX_CONNECTION_CAP: u64 = 1 << 24;
+
+/// `server.grace_period`: 100 ms to 1 h (a deploy should not wait longer).
+pub const GRACE_PERIOD_RANGE: RangeInclusive<Duration> = MIN_DURATION..=Duration::from_secs(3600);
+/// `server.header_timeout`: 100 ms to 10 min (nginx's default is 60 s).
+pub const HEADER_TIMEOUT_RANGE: RangeInclusive<Duration> = MIN_DURATION..=Duration::from_secs(600);
+/// `server.body_timeout`, `keepalive_timeout`, `send_timeout`: 100 ms to 1 h.
+pub const CLIENT_TIMEOUT_RANGE: RangeInclusive<Duration> = MIN_DURATION..=Duration::from_secs(3600);
+/// `server.retry_after`: 1 s to 24 h. `Retry-After` counts whole seconds
+/// (RFC 9110 §10.2.3), hence the higher minimum.
+pub const RETRY_AFTER_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+/// `server.max_header_size`: 1 KiB to 1 MiB; over 1 MiB Pingora itself answers 400.
+pub const MAX_HEADER_SIZE_RANGE: RangeInclusive<usize> = 1024..=1024 * 1024;
+/// `server.threads`: 1 to 1024 worker threads.
+pub const THREADS_RANGE: RangeInclusive<u32> = 1..=1024;
+/// `server.upstream_keepalive_pool`: 0 (no reuse) to 65 536 idle connections.
+pub const KEEPALIVE_POOL_RANGE: RangeInclusive<usize> = 0..=65_536;
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub state_dir: PathBuf,
+    pub upstream_keepalive_pool: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub send_timeout: Duration,
+    /// Peers whose `X-Forwarded-*` headers are believed (a load balancer in front).
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_header_size: usize,
+    /// The page served with 503 in maintenance or when no backend is healthy;
+    /// `None` means the built-in page.
+    pub maintenance_page: Option<PathBuf>,
+    pub retry_after: Duration,
+    /// Client connections held at once (nginx's `worker_connections`,
+    /// HAProxy's `maxconn`); `None`: sized from the open-file limit at start
+    /// ([`crate::connections::default_max_connections`]).
+    pub max_connections: Option<usize>,
+    /// Client connections per peer address (nginx's `limit_conn`); `None`:
+    /// no per-client cap, since behind a load balancer every client shares
+    /// its address.
+    pub max_connections_per_client: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Where the bearer token is read from; the env variable
+    /// `SWITCHYARD_ADMIN_TOKEN` takes precedence. No token, no admin API.
+    pub token_file: Option<PathBuf>,
+    pub allow: Vec<IpNet>,
+}
+
+impl Validator<'_> {
+    pub(super) fn server(&mut self, s: file::Server) -> Server {
+        let threads = self.count(
+            s.threads.as_ref(),
+            DEFAULT_THREADS as u32,
+            THREADS_RANGE,
+            "threads",
+        ) as usize;
+        Server {
+            threads,
+            grace_period: self.duration_in(
+                s.grace_period.as_ref(),
+                DEFAULT_GRACE_PERIOD,
+                GRACE_PERIOD_RANGE,
+            ),
+            state_dir: self
+                .path_key("server.state_dir", s.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            upstream_keepalive_pool: self.count(
+                s.upstream_keepalive_pool.as_ref(),
+                DEFAULT_UPSTREAM_KEEPALIVE_POOL,
+                KEEPALIVE_POOL_RANGE,
+                "upstream_keepalive_pool",
+            ),
+            header_timeout: self.duration_in(
+                s.header_timeout.as_ref(),
+                DEFAULT_HEADER_TIMEOUT,
+                HEADER_TIMEOUT_RANGE,
+            ),
+            body_timeout: self.duration_in(
+                s.body_timeout.as_ref(),
+                DEFAULT_BODY_TIMEOUT,
+                CLIENT_TIMEOUT_RANGE,
+            ),
+            keepalive_timeout: self.duration_in(
+                s.keepalive_timeout.as_ref(),
+                DEFAULT_KEEPALIVE_TIMEOUT,
+                CLIENT_TIMEOUT_RANGE,
+            ),
+            send_timeout: self.duration_in(
+                s.send_timeout.as_ref(),
+                DEFAULT_SEND_TIMEOUT,
+                CLIENT_TIMEOUT_RANGE,
+            ),
+            trusted_proxies: self.networks(s.trusted_proxies.as_deref().unwrap_or_default()),
+            max_header_size: self.size_in(
+                s.max_header_size.as_ref(),
+                DEFAULT_MAX_HEADER_SIZE,
+                MAX_HEADER_SIZE_RANGE,
+            ),
+            maintenance_page: self.path_key("server.maintenance_page", s.maintenance_page),
+            retry_after: self.retry_after(s.retry_after.as_ref()),
+            max_connections: self.connection_cap(s.max_connections, "max_connections"),
+            max_connections_per_client: self
+                .connection_cap(s.max_connections_per_client, "max_connections_per_client"),
+        }
+    }
+
+    /// `Retry-After` is sent in whole seconds (RFC 9110 §10.2.3): a fraction
+    /// would be cut off silently, so it is refused.
+    fn retry_after(&mut self, value: Option<&Spanned<String>>) -> Duration {
+        let d = self.duration_in(value, DEFAULT_RETRY_AFTER, RETRY_AFTER_RANGE);
+        match value {
+            Some(v) if d.subsec_nanos() != 0 => {
+                self.at(
+                    v,
+                    format!(
+                        "retry_after {:?} must be whole seconds: Retry-After counts seconds",
+                        v.get_ref()
+                    ),
+                );
+                DEFAULT_RETRY_AFTER
+            }
+            _ => d,
+        }
+    }
+
+    /// A connection count from 1 to [`MAX_CONNECTION_CAP`].
+    fn connection_cap(&mut self, value: Option<Spanned<u64>>, what: &str) -> Option<usize> {
+        let value = value?;
+        let n = *value.get_ref();
+        if n == 0 || n > MAX_CONNECTION_CAP {
+            self.at(
+                &value,
+                format!("{what} = {n} is out of range: allowed from 1 to {MAX_CONNECTION_CAP}"),
+            );
+            return None;
+        }
+        usize::try_from(n).ok()
+    }
+
+    pub(super) fn listen(&mut self, l: file::Listen) -> Listen {
+        let mut addr = |value: Option<Spanned<String>>, default: &str, what: &str| {
+            value
+                .and_then(|v| self.addr(&v, what))
+                .unwrap_or_else(|| default.parse().expect("default addresses are valid"))
+        };
+        Listen {
+            http: addr(l.http, DEFAULT_HTTP_LISTEN, "listen.http"),
+            admin: addr(l.admin, DEFAULT_ADMIN_LISTEN, "listen.admin"),
+        }
+    }
+
+    pub(super) fn admin(&mut self, a: file::Admin) -> Admin {
+        let allow = match a.allow {
+            None => DEFAULT_ADMIN_ALLOW
+                .iter()
+                .map(|n| n.parse().expect("default networks are valid"))
+                .collect(),
+            Some(list) => self.networks(&list),
+        };
+        Admin {
+            token_file: self.path_key("admin.token_file", a.token_file),
+            allow,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    const SERVICE: &str =
+        "[services.api]\nblue = [\"127.0.0.1:8080\"]\ngreen = [\"127.0.0.1:8081\"]\n";
+
+    #[test]
+    fn connection_caps_are_optional_and_range_checked() {
+        let path = Path::new("t.toml");
+        let c = Config::parse(path, SERVICE).unwrap();
+        assert_eq!(c.server.max_connections, None);
+        assert_eq!(c.server.max_connections_per_client, None);
+        let text =
+            format!("[server]\nmax_connections = 500\nmax_connections_per_client = 20\n{SERVICE}");
+        let c = Config::parse(path, &text).unwrap();
+        assert_eq!(c.server.max_connections, Some(500));
+        assert_eq!(c.server.max_connections_per_client, Some(20));
+        let text = format!(
+            "[server]\nmax_connections = 0\nmax_connections_per_client = 99999999\n{SERVICE}"
+        );
+        let err = Config::parse(path, &text).unwrap_err().to_string();
+        assert!(
+            err.contains("t.toml:2:19: max_connections = 0 is out of range: allowed from 1 to"),
+            "{err}"
+        );
+        assert!(
+            err.contains("t.toml:3:30: max_connections_per_client = 99999999 is out of range"),
+            "{err}"
+        );
+    }
+}
