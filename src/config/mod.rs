@@ -431,10 +431,16 @@ fn missing_field(message: &str) -> Option<&str> {
 /// serde's message in the config's words, with the fix where one is known:
 /// a bare number where a duration or size string belongs.
 fn explain_serde_error(message: &str, key: &str, removed: &Removed) -> String {
-    let message = message
+    let mut message = message
         .replace("unknown field", "unknown key")
         .replace("missing field", "missing required key")
         .replace("expected one of", "expected one of these keys:");
+    // serde names Rust's integer types; a reader wants the rule.
+    for int in ["u8", "u16", "u32", "u64", "usize"] {
+        if let Some(head) = message.strip_suffix(&format!("expected {int}")) {
+            message = format!("{head}expected a whole number, 0 or more, without quotes");
+        }
+    }
     let number = message
         .strip_prefix("invalid type: integer `")
         .and_then(|rest| rest.split('`').next());
@@ -548,6 +554,19 @@ action = "deny"
         assert_eq!(c.services[0].active, Color::Green);
         assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
         assert_eq!(c.routes[1].action, RouteAction::Deny);
+    }
+
+    #[test]
+    fn wrong_number_types_say_what_to_write() {
+        let e = errors(&GOOD.replace("threads = 1", "threads = \"two\"\nmax_connections = -1"));
+        assert_eq!(e.len(), 2, "{e:?}");
+        for err in &e {
+            assert!(
+                err.message
+                    .contains("expected a whole number, 0 or more, without quotes"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
