@@ -10,8 +10,8 @@
 //! percent-escapes are decoded once, `;parameters` are dropped from every
 //! segment (Tomcat does so before resolving dot segments), `//` is merged and
 //! `.`/`..` are resolved (RFC 3986 §5.2.4). A path whose meaning differs
-//! between backends is refused ([`BadPath`], answered 400). The request is
-//! forwarded unchanged.
+//! between backends is refused ([`BadPath`], answered 400). Normalizing is
+//! for matching only: the path goes upstream as the client sent it.
 //!
 //! A route path is a prefix of the normalized path, in which a `*` segment
 //! stands for exactly one whole, non-empty segment. Among the routes that
