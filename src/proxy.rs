@@ -25,8 +25,8 @@ use crate::respond::{self, Refusal};
 use crate::route::RouteTable;
 
 /// Requests answered 503 because no backend of the active pool was healthy,
-/// since start (for the metrics listener to come, issue 11). Logged at debug only: under an
-/// outage every request would otherwise add an ERROR line.
+/// since start (for the metrics listener to come, issue 11). Logged at debug
+/// only: under an outage every request would otherwise add an ERROR line.
 pub static NO_HEALTHY_BACKEND: AtomicU64 = AtomicU64::new(0);
 
 /// Settings every request reads, taken from `[server]` once at start-up.
