@@ -17,10 +17,10 @@
 //! While [`MAX_PENDING_EVICTIONS`] evicted connections are still closing,
 //! only a newcomer with request bytes already waiting evicts; a silent one
 //! is refused, which keeps a flood within the open-file limit.
-//! Each refusal and eviction is counted (for the metrics listener to come, issue 11) and logged
-//! at debug; a warning with the counts so far is logged at most once per
-//! [`CAP_WARN_INTERVAL`]: under a flood, one line per connection would bury
-//! the real errors.
+//! Each refusal and eviction is counted (for the metrics listener to come,
+//! issue 11) and logged at debug; a warning with the counts so far is logged
+//! at most once per [`CAP_WARN_INTERVAL`]: under a flood, one line per
+//! connection would bury the real errors.
 //!
 //! Costs: the accept path takes an atomic for the total, a lock on the
 //! per-client table (only when a per-client cap is set) and a lock on the
