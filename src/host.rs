@@ -22,8 +22,9 @@
 //! One host, one spelling: a name is lower-cased and loses its trailing dot;
 //! an IPv6 literal is rewritten in its RFC 5952 text form (`[0:0::1]`,
 //! `[0000::1]` and `[::0:1]` are all `[::1]`), so a route on a host holds for
-//! every way of writing that host. An IPv4-mapped IPv6 literal
-//! (`[::ffff:127.0.0.1]`, `[::ffff:7f00:1]`) is refused: it names an IPv4
+//! every way of writing that host. An IPv4-mapped or IPv4-compatible IPv6
+//! literal (`[::ffff:127.0.0.1]`, `[::ffff:7f00:1]`, `[::127.0.0.1]`) is
+//! refused: it names an IPv4
 //! host in IPv6 clothes, and sending it to the host-less routes would let a
 //! client walk around the routes of the IPv4 host. Port 0 is refused too: no
 //! client can have connected to it.
@@ -64,7 +65,7 @@ pub enum HostError {
     Numeric,
     #[error("bad IPv6 literal (give it in brackets: [2001:db8::1])")]
     BadIpv6,
-    #[error("IPv4-mapped IPv6 literal: name the IPv4 address itself (127.0.0.1, not [::ffff:127.0.0.1])")]
+    #[error("IPv4-mapped or IPv4-compatible IPv6 literal: name the IPv4 address itself (127.0.0.1, not [::ffff:127.0.0.1])")]
     Ipv4Mapped,
     #[error("bad port: give a number from 1 to 65535")]
     BadPort,
@@ -340,7 +341,12 @@ fn canonical_ipv6(inner: &[u8]) -> Result<Option<String>, HostError> {
     }
     let text = std::str::from_utf8(inner).map_err(|_| HostError::BadIpv6)?;
     let addr = text.parse::<Ipv6Addr>().map_err(|_| HostError::BadIpv6)?;
-    if addr.to_ipv4_mapped().is_some() {
+    // IPv4-compatible (`::a.b.c.d`, deprecated by RFC 4291 §2.5.5.1) names an
+    // IPv4 host just as a mapped one does. Only where the IPv4 address would
+    // be a real one (not in 0.0.0.0/16), so `::`, `::1` and `::2` stay IPv6.
+    let g = addr.segments();
+    let compatible = g[..6].iter().all(|&x| x == 0) && g[6] != 0;
+    if addr.to_ipv4_mapped().is_some() || compatible {
         return Err(HostError::Ipv4Mapped);
     }
     // Rust displays an `Ipv6Addr` in RFC 5952 §4 form (lower case, leading
@@ -466,8 +472,8 @@ mod tests {
                 None,
                 "[1:0:2:3:4:5:6:7]",
             ),
-            // An embedded IPv4 that is not IPv4-mapped is just 32 bits.
-            ("[::127.0.0.1]", "[::7f00:1]", None, "[::7f00:1]"),
+            // An embedded IPv4 outside the mapped and compatible ranges is
+            // just 32 bits (here NAT64's well-known prefix).
             (
                 "[64:ff9b::1.2.3.4]",
                 "[64:ff9b::102:304]",
@@ -599,6 +605,9 @@ mod tests {
             (b"[::ffff:7f00:1]", Ipv4Mapped),
             (b"[0:0:0:0:0:ffff:7f00:0001]", Ipv4Mapped),
             (b"[::ffff:10.0.0.1]:", Ipv4Mapped),
+            (b"[::127.0.0.1]", Ipv4Mapped),
+            (b"[0:0:0:0:0:0:127.0.0.1]", Ipv4Mapped),
+            (b"[::7f00:1]", Ipv4Mapped),
             (b"[::1]:0", BadPort),
             (b"[]", BadIpv6),
             (b"a:b:c", BadIpv6),

@@ -98,6 +98,11 @@ fn is_dropped(message: &str) -> bool {
     message.contains("buf: ")
         || message.starts_with("failed to acquire reusable stream")
         || message.starts_with("HTTP server fails to read from downstream")
+        // A request header that broke off on the client's side (it hung up
+        // or the header deadline cut it) after bytes Pingora already held,
+        // such as a pipelined follower: a client's doing, like the cuts the
+        // connection guard keeps silent itself.
+        || message.starts_with("Fail to proxy: Downstream")
 }
 
 #[cfg(test)]
@@ -113,6 +118,9 @@ mod tests {
             "Fail to proxy: Downstream InvalidHTTPHeader context: buf: GET /x"
         ));
         assert!(is_dropped("failed to acquire reusable stream"));
+        assert!(is_dropped(
+            "Fail to proxy: Downstream ConnectionClosed context: while reading request headers, bytes already read: 22"
+        ));
         assert!(!is_dropped(
             "Fail to proxy: Upstream ConnectRefused context: peer: addr: 127.0.0.1:1"
         ));

@@ -350,6 +350,15 @@ impl ProxyHttp for Proxy {
         e
     }
 
+    /// The request as Pingora's log lines describe it: method, path and
+    /// host, without the query string, which may carry tokens
+    /// (`?access_token=...`) that must not reach the log.
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        let host = ctx.authority.as_ref().map_or("-", Authority::host);
+        format!("{} {}, Host: {host}", req.method, req.uri.path())
+    }
+
     /// Expected outcomes are logged at debug instead of Pingora's ERROR
     /// line; real failures (the backend's, ours) still log. Expected: a 503
     /// for no healthy backend (counted), and every failure on the client's
@@ -377,8 +386,11 @@ impl ProxyHttp for Proxy {
             let refusal = match code {
                 503 => Refusal::NoHealthyBackend,
                 413 => Refusal::BodyTooLarge(ctx.limits.max_body),
+                code if e.esource() == &ErrorSource::Downstream => Refusal::Client(code),
                 code => Refusal::Upstream(code),
             };
+            // The connection is not reused (below): the answer says so.
+            session.set_keepalive(None);
             let pages = &self.settings.pages;
             if let Err(err) = pages.send(session, &ctx.request_id, refusal).await {
                 tracing::debug!(cause = %err, "could not send error response");

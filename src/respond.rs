@@ -40,6 +40,9 @@ pub enum Refusal {
     NoHealthyBackend,
     /// The backend failed: 502, or 504 on a timeout.
     Upstream(u16),
+    /// The client's request broke while it was being proxied (framing such
+    /// as a bad chunk: 400; a body that stalled: 408).
+    Client(u16),
 }
 
 impl Refusal {
@@ -51,7 +54,7 @@ impl Refusal {
             Refusal::BodyTooLarge(_) => 413,
             Refusal::RateLimited(_) => 429,
             Refusal::Maintenance | Refusal::NoHealthyBackend => 503,
-            Refusal::Upstream(code) => code,
+            Refusal::Upstream(code) | Refusal::Client(code) => code,
         }
     }
 
@@ -69,6 +72,8 @@ impl Refusal {
             Refusal::NoHealthyBackend => "no healthy backend, try again later".into(),
             Refusal::Upstream(504) => "upstream timed out".into(),
             Refusal::Upstream(_) => "upstream failed".into(),
+            Refusal::Client(408) => "request body not received in time".into(),
+            Refusal::Client(_) => "bad request".into(),
         }
     }
 

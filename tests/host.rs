@@ -158,6 +158,11 @@ fn every_invalid_host_class_is_400_never_the_hostless_routes() {
         ("IPv4 with port 0", b"127.0.0.1:0"),
         ("IPv4-mapped IPv6", b"[::ffff:127.0.0.1]"),
         ("IPv4-mapped IPv6 in hex", b"[::ffff:7f00:1]"),
+        ("IPv4-compatible IPv6", b"[::127.0.0.1]"),
+        (
+            "IPv4-compatible IPv6, long form",
+            b"[0:0:0:0:0:0:127.0.0.1]",
+        ),
         (
             "IPv4-mapped IPv6, long form",
             b"[0:0:0:0:0:FFFF:127.0.0.1]:80",
