@@ -236,22 +236,13 @@ impl Connections {
         self.next_ticket.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// [`Connections::admit_with`] for a connection that has sent nothing.
-    pub fn admit(
-        self: &Arc<Self>,
-        peer: Option<IpAddr>,
-        evictable: bool,
-    ) -> Result<Admission, Refused> {
-        self.admit_with(peer, evictable, || false)
-    }
-
     /// Takes a place for a new connection from `peer`; `evictable` gives it
     /// a [`Slot`] (HTTP/1). At the total cap, the oldest idle connection is
     /// evicted to make room, unless [`MAX_PENDING_EVICTIONS`] are still
     /// closing and `sent` (asked only then) says the new connection has no
     /// request bytes waiting. The place is given back when the returned
     /// [`Admission`] is dropped.
-    pub fn admit_with(
+    pub fn admit(
         self: &Arc<Self>,
         peer: Option<IpAddr>,
         evictable: bool,
@@ -431,15 +422,15 @@ mod tests {
     #[test]
     fn per_client_cap_counts_each_address_and_gives_back_on_close() {
         let c = Arc::new(Connections::new(100, Some(2)));
-        let a1 = c.admit(ip("127.0.0.1"), true).unwrap();
-        let _a2 = c.admit(ip("127.0.0.1"), true).unwrap();
+        let a1 = c.admit(ip("127.0.0.1"), true, || false).unwrap();
+        let _a2 = c.admit(ip("127.0.0.1"), true, || false).unwrap();
         assert_eq!(
-            c.admit(ip("127.0.0.1"), true).unwrap_err(),
+            c.admit(ip("127.0.0.1"), true, || false).unwrap_err(),
             Refused::PerClient
         );
-        let _b = c.admit(ip("127.0.0.2"), true).unwrap();
+        let _b = c.admit(ip("127.0.0.2"), true, || false).unwrap();
         drop(a1);
-        let _a3 = c.admit(ip("127.0.0.1"), true).unwrap();
+        let _a3 = c.admit(ip("127.0.0.1"), true, || false).unwrap();
         assert_eq!(c.stats.refused_per_client.load(Ordering::Relaxed), 1);
         assert_eq!(c.open(), 3);
     }
@@ -447,11 +438,11 @@ mod tests {
     #[test]
     fn at_the_cap_the_oldest_idle_connection_is_evicted_else_refused() {
         let c = Arc::new(Connections::new(3, None));
-        let a = c.admit(None, true).unwrap();
-        let b = c.admit(None, true).unwrap();
-        let _h2 = c.admit(None, false).unwrap();
+        let a = c.admit(None, true, || false).unwrap();
+        let b = c.admit(None, true, || false).unwrap();
+        let _h2 = c.admit(None, false, || false).unwrap();
         // Nothing idle: refused, and the count is unchanged.
-        assert_eq!(c.admit(None, true).unwrap_err(), Refused::Total);
+        assert_eq!(c.admit(None, true, || false).unwrap_err(), Refused::Total);
         assert_eq!(c.open(), 3);
         let (sa, sb) = (a.slot().unwrap(), b.slot().unwrap());
         let tb = c.ticket();
@@ -459,12 +450,12 @@ mod tests {
         let ta = c.ticket();
         assert!(sa.set_idle(ta));
         // b went idle first, so b goes.
-        let _d = c.admit(None, true).unwrap();
+        let _d = c.admit(None, true, || false).unwrap();
         assert!(sb.evicted() && !sa.evicted());
         // An evicted connection cannot turn busy, a racing one can.
         assert!(!sb.set_busy(tb));
         assert!(sa.set_busy(ta));
-        assert_eq!(c.admit(None, true).unwrap_err(), Refused::Total);
+        assert_eq!(c.admit(None, true, || false).unwrap_err(), Refused::Total);
         drop(b);
         assert_eq!(c.open(), 3);
         assert_eq!(c.stats.evicted_idle.load(Ordering::Relaxed), 1);
@@ -476,20 +467,26 @@ mod tests {
         let c = Arc::new(Connections::new(1, None));
         // Each newcomer goes idle and is evicted by the next; none closes.
         let mut evicted = Vec::new();
-        let mut last = c.admit(None, true).unwrap();
+        let mut last = c.admit(None, true, || false).unwrap();
         for _ in 0..MAX_PENDING_EVICTIONS {
             assert!(last.slot().unwrap().set_idle(c.ticket()));
-            evicted.push(std::mem::replace(&mut last, c.admit(None, true).unwrap()));
+            evicted.push(std::mem::replace(
+                &mut last,
+                c.admit(None, true, || false).unwrap(),
+            ));
         }
         assert!(last.slot().unwrap().set_idle(c.ticket()));
-        assert_eq!(c.admit(None, true).unwrap_err(), Refused::Evicting);
+        assert_eq!(
+            c.admit(None, true, || false).unwrap_err(),
+            Refused::Evicting
+        );
         assert_eq!(c.stats.refused_total.load(Ordering::Relaxed), 1);
         // A newcomer whose request is already waiting still gets in.
-        let sent = c.admit_with(None, true, || true).unwrap();
+        let sent = c.admit(None, true, || true).unwrap();
         assert!(sent.slot().unwrap().set_idle(c.ticket()));
         // Evicted connections closing make room for silent ones again.
         evicted.clear();
-        assert!(c.admit(None, true).is_ok());
+        assert!(c.admit(None, true, || false).is_ok());
         assert_eq!(c.stats.evicted_idle.load(Ordering::Relaxed), 18);
     }
 }

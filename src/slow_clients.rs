@@ -130,7 +130,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
         // Refused: the stream is dropped here, which closes it at once.
         let admission = self
             .connections
-            .admit_with(peer_ip(&stream), !h2, || bytes_waiting(&stream))
+            .admit(peer_ip(&stream), !h2, || bytes_waiting(&stream))
             .ok()?;
         let stream: Stream = match admission.slot() {
             Some(slot) if !h2 => Box::new(Guarded::new(
@@ -685,7 +685,7 @@ mod tests {
     ) -> (Guarded, tokio::io::DuplexStream, Arc<Connections>) {
         let (server, client) = tokio::io::duplex(pipe);
         let table = Arc::new(Connections::new(1, None));
-        let admission = table.admit(None, true).expect("admitted");
+        let admission = table.admit(None, true, || false).expect("admitted");
         let slot = admission.slot().expect("slot");
         // The place stays taken for the whole test.
         std::mem::forget(admission);
@@ -769,11 +769,14 @@ mod tests {
         // Pingora's 1-byte reads during a response do not make it idle.
         let probe = tokio::time::timeout(Duration::from_millis(20), conn.read(&mut buf[..1])).await;
         assert!(probe.is_err());
-        assert!(table.admit(None, false).is_err(), "nothing idle yet");
+        assert!(
+            table.admit(None, false, || false).is_err(),
+            "nothing idle yet"
+        );
         // Waiting for a next request with a full buffer does.
         let (read, admitted) = tokio::join!(conn.read(&mut buf), async {
             tokio::task::yield_now().await;
-            table.admit(None, false)
+            table.admit(None, false, || false)
         });
         assert!(admitted.is_ok(), "the idle connection gave way");
         assert_eq!(read.unwrap(), 0, "evicted: a clean EOF");
@@ -785,7 +788,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // Nothing sent: evicted at the cap, and it reads as a clean EOF.
         let (mut conn, _client, table) = wrapped(1024, Duration::from_secs(5));
-        let admitted = table.admit(None, false);
+        let admitted = table.admit(None, false, || false);
         assert!(admitted.is_ok(), "the fresh connection gave way");
         let n = conn.read(&mut [0u8; 4096]).await.unwrap();
         assert_eq!(n, 0, "evicted before any byte: a clean EOF");
@@ -797,7 +800,10 @@ mod tests {
         let mut buf = [0u8; 4096];
         let held = tokio::time::timeout(Duration::from_millis(50), conn.read(&mut buf)).await;
         assert!(held.is_err(), "{held:?}");
-        assert!(table.admit(None, false).is_err(), "midway through a header");
+        assert!(
+            table.admit(None, false, || false).is_err(),
+            "midway through a header"
+        );
         client.write_all(b"TP/1.1\r\n\r\n").await.unwrap();
         let n = conn.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");

@@ -41,26 +41,14 @@ impl Validator<'_> {
         default: Duration,
         range: RangeInclusive<Duration>,
     ) -> Duration {
-        let Some(value) = value else { return default };
-        let text = value.get_ref();
-        match parse_duration(text) {
-            Ok(d) if range.contains(&d) => d,
-            Ok(_) => {
-                self.at(
-                    value,
-                    format!(
-                        "duration {text:?} is out of range: allowed from {} to {}",
-                        show_duration(*range.start()),
-                        show_duration(*range.end())
-                    ),
-                );
-                default
-            }
-            Err(e) => {
-                self.at(value, format!("bad duration {text:?}: {e}"));
-                default
-            }
-        }
+        self.ranged(
+            value,
+            default,
+            range,
+            "duration",
+            parse_duration,
+            show_duration,
+        )
     }
 
     /// A size without a range of its own ([`SIZE_RANGE`]).
@@ -76,23 +64,38 @@ impl Validator<'_> {
         default: usize,
         range: RangeInclusive<usize>,
     ) -> usize {
+        self.ranged(value, default, range, "size", parse_size, show_size)
+    }
+
+    /// A string setting read by `parse`, in `range` (shown with `show`); a
+    /// mistake is reported as a bad `what` or one out of range, and
+    /// `default` stands in for it.
+    fn ranged<T: Copy + PartialOrd>(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        default: T,
+        range: RangeInclusive<T>,
+        what: &str,
+        parse: fn(&str) -> Result<T, String>,
+        show: fn(T) -> String,
+    ) -> T {
         let Some(value) = value else { return default };
         let text = value.get_ref();
-        match parse_size(text) {
-            Ok(n) if range.contains(&n) => n,
+        match parse(text) {
+            Ok(v) if range.contains(&v) => v,
             Ok(_) => {
                 self.at(
                     value,
                     format!(
-                        "size {text:?} is out of range: allowed from {} to {}",
-                        show_size(*range.start()),
-                        show_size(*range.end())
+                        "{what} {text:?} is out of range: allowed from {} to {}",
+                        show(*range.start()),
+                        show(*range.end())
                     ),
                 );
                 default
             }
             Err(e) => {
-                self.at(value, format!("bad size {text:?}: {e}"));
+                self.at(value, format!("bad {what} {text:?}: {e}"));
                 default
             }
         }
