@@ -196,7 +196,10 @@ impl Client {
         let mut ip = peer;
         'walk: for line in lines.iter().rev() {
             // Empty list elements are not entries (RFC 9110 §5.6.1).
-            for entry in line.rsplit(|&b| b == b',').filter(|e| !is_blank(e)) {
+            for entry in line
+                .rsplit(|&b| b == b',')
+                .filter(|e| !trim_ows(e).is_empty())
+            {
                 match parse_chain_entry(entry) {
                     Some(hop) if is_trusted(&hop) => ip = hop,
                     Some(hop) => {
@@ -354,12 +357,6 @@ fn strip(req: &mut RequestHeader, trusted: bool) {
     for name in doomed {
         req.remove_header(&name);
     }
-}
-
-/// Whether a list element is empty: nothing but optional whitespace (OWS,
-/// RFC 9110 §5.6.3).
-fn is_blank(element: &[u8]) -> bool {
-    element.iter().all(|b| matches!(b, b' ' | b'\t'))
 }
 
 /// The elements of list header `name` over all its lines, trimmed of OWS,

@@ -23,6 +23,10 @@ const MAX_CPU_SHARE: f64 = 0.30;
 /// How long the proxy's CPU time is watched while a limit is hit.
 const CPU_WINDOW: Duration = Duration::from_secs(2);
 
+/// Ten places, and a header deadline long enough that a connection midway
+/// through its header stays for the whole test.
+const TEN_PLACES: &str = "max_connections = 10\nheader_timeout = \"60s\"";
+
 fn flood_proxy(blue: &Upstream, green: &Upstream, extra: &str) -> Proxy {
     ProxyBuilder::new(simple_api(blue, green))
         .open_files(OPEN_FILES)
@@ -336,11 +340,7 @@ fn flood_of_silent_connections_does_not_starve_a_second_client_and_it_recovers()
 fn silent_connections_give_way_but_in_flight_and_mid_header_ones_do_not() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
-    let proxy = flood_proxy(
-        &blue,
-        &green,
-        "max_connections = 10\nheader_timeout = \"60s\"",
-    );
+    let proxy = flood_proxy(&blue, &green, TEN_PLACES);
     let addr = proxy.http_addr();
 
     // Midway through a header, and then a request in flight.
@@ -445,11 +445,7 @@ fn per_client_cap_closes_extra_connections_at_once_while_others_are_served() {
 fn at_the_cap_with_nothing_idle_new_connections_are_refused_then_it_recovers() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
-    let proxy = flood_proxy(
-        &blue,
-        &green,
-        "max_connections = 10\nheader_timeout = \"60s\"",
-    );
+    let proxy = flood_proxy(&blue, &green, TEN_PLACES);
     let addr = proxy.http_addr();
 
     // Nine connections midway through a header and one with a request in
