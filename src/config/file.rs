@@ -13,6 +13,8 @@ pub struct Root {
     pub server: Option<Server>,
     pub listen: Option<Listen>,
     pub admin: Option<Admin>,
+    pub tls: Option<Tls>,
+    pub acme: Option<Acme>,
     #[serde(default)]
     pub services: BTreeMap<Spanned<String>, Service>,
     #[serde(default)]
@@ -52,6 +54,7 @@ pub struct Server {
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     pub http: Option<Spanned<String>>,
+    pub https: Option<Spanned<String>>,
     pub admin: Option<Spanned<String>>,
 }
 
@@ -97,4 +100,39 @@ pub struct Route {
     pub read_timeout: Option<Spanned<String>>,
     pub max_body: Option<Spanned<String>>,
     pub rate_limit: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub certs_dir: Option<Spanned<PathBuf>>,
+    pub redirect_http: Option<bool>,
+    pub hsts: Option<Spanned<String>>,
+    pub handshake_timeout: Option<Spanned<String>>,
+    pub default_certificate: Option<Spanned<String>>,
+    pub certificates: Option<Vec<TlsCertificate>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCertificate {
+    pub name: Spanned<String>,
+    pub cert: Spanned<PathBuf>,
+    pub key: Spanned<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acme {
+    pub directory: Option<Spanned<String>>,
+    pub email: Option<Spanned<String>>,
+    pub ca_root: Option<Spanned<PathBuf>>,
+    pub certificates: Option<Vec<AcmeCertificate>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeCertificate {
+    pub name: Spanned<String>,
+    pub domains: Spanned<Vec<Spanned<String>>>,
 }

@@ -28,6 +28,7 @@ mod limits;
 mod routes;
 mod server;
 mod services;
+mod tls;
 mod values;
 
 pub use limits::{RateLimit, DEFAULT_RATE_BURST, MAX_RATE};
@@ -47,6 +48,10 @@ pub use services::{
     DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_RISE, DEFAULT_HEALTH_TIMEOUT, HEALTH_INTERVAL_RANGE,
     HEALTH_TIMEOUT_RANGE, RISE_FALL_RANGE,
 };
+pub use tls::{
+    Acme, AcmeCertificate, StaticCertificate, Tls, DEFAULT_ACME_DIRECTORY, DEFAULT_CERTS_DIR,
+    DEFAULT_HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT_RANGE, MAX_DOMAINS,
+};
 pub use values::{
     parse_duration, parse_size, show_duration, show_size, DURATION_RANGE, MIN_DURATION, SIZE_RANGE,
 };
@@ -63,6 +68,9 @@ pub struct Config {
     pub server: Server,
     pub listen: Listen,
     pub admin: Admin,
+    pub tls: Tls,
+    /// `None`: no `[acme]` section, no certificates obtained.
+    pub acme: Option<Acme>,
     /// Services in a stable order; a service's index here is its id everywhere else.
     pub services: Vec<Service>,
     pub routes: Vec<Route>,
@@ -72,6 +80,9 @@ pub struct Config {
     /// `server.maintenance_page`, `admin.token_file`) are written, as (line,
     /// column), so a problem with the file itself can point at its key.
     pub positions: BTreeMap<&'static str, (usize, usize)>,
+    /// The same for file keys inside arrays of tables, keyed `KEY#INDEX`
+    /// (e.g. `tls.certificates.cert#0`).
+    pub indexed_positions: BTreeMap<String, (usize, usize)>,
 }
 
 /// One mistake in a configuration file, located by line and column (1-based).
@@ -139,7 +150,12 @@ impl Config {
     /// A problem with what `key` (e.g. `"admin.token_file"`) names, located
     /// at the key when the file sets it.
     pub fn error_at(&self, key: &str, message: String) -> ConfigError {
-        let (line, col) = self.positions.get(key).copied().unwrap_or((0, 0));
+        let (line, col) = self
+            .positions
+            .get(key)
+            .or_else(|| self.indexed_positions.get(key))
+            .copied()
+            .unwrap_or((0, 0));
         ConfigError {
             path: self.path.clone(),
             line,
@@ -169,6 +185,7 @@ impl Config {
             errors: Vec::new(),
             dropped: HashSet::new(),
             positions: BTreeMap::new(),
+            indexed_positions: BTreeMap::new(),
         };
         let config = v.file().map(|file| v.validate(file));
         // Stable: two mistakes at one place keep the order they were found in.
@@ -191,6 +208,8 @@ struct Validator<'a> {
     dropped: HashSet<(String, String)>,
     /// See [`Config::positions`].
     positions: BTreeMap<&'static str, (usize, usize)>,
+    /// See [`Config::indexed_positions`].
+    indexed_positions: BTreeMap<String, (usize, usize)>,
 }
 
 /// What error recovery took out of the parsed tree.
@@ -288,8 +307,11 @@ impl Validator<'_> {
 impl Validator<'_> {
     fn validate(&mut self, file: file::Root) -> Config {
         let server = self.server(file.server.unwrap_or_default());
+        // Written, even if its address is bad (reported on its own).
+        let https = file.listen.as_ref().is_some_and(|l| l.https.is_some());
         let listen = self.listen(file.listen.unwrap_or_default());
         let admin = self.admin(file.admin.unwrap_or_default());
+        let (tls, acme) = self.tls(file.tls.unwrap_or_default(), file.acme, https);
         let services: Vec<Service> = file
             .services
             .into_iter()
@@ -316,10 +338,13 @@ impl Validator<'_> {
             server,
             listen,
             admin,
+            tls,
+            acme,
             services,
             routes,
             rate_limits,
             positions: std::mem::take(&mut self.positions),
+            indexed_positions: std::mem::take(&mut self.indexed_positions),
         }
     }
 

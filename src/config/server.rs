@@ -92,6 +92,8 @@ pub struct Server {
 #[derive(Debug, Clone)]
 pub struct Listen {
     pub http: SocketAddr,
+    /// The HTTPS listener (TLS 1.2/1.3, HTTP/2 by ALPN); `None`: plain HTTP only.
+    pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
 }
 
@@ -195,6 +197,7 @@ impl Validator<'_> {
     }
 
     pub(super) fn listen(&mut self, l: file::Listen) -> Listen {
+        let https = l.https.and_then(|v| self.addr(&v, "listen.https"));
         let mut addr = |value: Option<Spanned<String>>, default: &str, what: &str| {
             value
                 .and_then(|v| self.addr(&v, what))
@@ -202,6 +205,7 @@ impl Validator<'_> {
         };
         Listen {
             http: addr(l.http, DEFAULT_HTTP_LISTEN, "listen.http"),
+            https,
             admin: addr(l.admin, DEFAULT_ADMIN_LISTEN, "listen.admin"),
         }
     }
