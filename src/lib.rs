@@ -21,6 +21,7 @@ pub mod route;
 pub mod shutdown;
 pub mod slow_clients;
 pub mod store;
+pub mod tls;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
