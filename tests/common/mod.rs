@@ -1563,6 +1563,8 @@ pub struct ProxyBuilder {
     server_extra: Vec<String>,
     open_files: Option<u64>,
     log_filter: Option<String>,
+    http_port: Option<u16>,
+    tls: Option<String>,
 }
 
 impl ProxyBuilder {
@@ -1580,7 +1582,23 @@ impl ProxyBuilder {
             server_extra: Vec::new(),
             open_files: None,
             log_filter: None,
+            http_port: None,
+            tls: None,
         }
+    }
+
+    /// Listens for plain HTTP on this port instead of a free one (an ACME
+    /// test points its CA's HTTP-01 validation at it before starting us).
+    pub fn http_port(mut self, port: u16) -> Self {
+        self.http_port = Some(port);
+        self
+    }
+
+    /// Adds an HTTPS listener on a free port and `tables` to the config:
+    /// the `[tls]`, `[[tls.certificates]]`, `[acme]`... tables it needs.
+    pub fn https(mut self, tables: &str) -> Self {
+        self.tls = Some(tables.to_string());
+        self
     }
 
     /// Runs the proxy with `RUST_LOG` set to `filter` (default: unset, info).
@@ -1645,7 +1663,16 @@ impl ProxyBuilder {
         if let Some(s) = &self.state_json {
             fs::write(state_dir.join("state.json"), s).unwrap();
         }
-        let [http_port, admin_port] = free_ports::<2>();
+        let [free_http, admin_port, https_port] = free_ports::<3>();
+        let http_port = self.http_port.unwrap_or(free_http);
+        let (https_listen, tls) = match &self.tls {
+            Some(tables) => (
+                format!("https = \"127.0.0.1:{https_port}\"\n"),
+                tables.clone(),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let https_port = self.tls.is_some().then_some(https_port);
         let token_path = dir.path().join("admin.token");
 
         let mut admin = String::from("[admin]\n");
@@ -1673,8 +1700,8 @@ impl ProxyBuilder {
         }
         let config = format!(
             "[server]\nthreads = 1\ngrace_period = {}\nstate_dir = {}\n{server_extra}\n\
-             [listen]\nhttp = \"127.0.0.1:{http_port}\"\nadmin = \"127.0.0.1:{admin_port}\"\n\n\
-             {admin}\n{}",
+             [listen]\nhttp = \"127.0.0.1:{http_port}\"\nadmin = \"127.0.0.1:{admin_port}\"\n{https_listen}\n\
+             {admin}\n{tls}\n{}",
             toml_str(&self.grace_period),
             toml_str(state_dir.to_str().unwrap()),
             self.body
@@ -1693,6 +1720,7 @@ impl ProxyBuilder {
             token_path,
             http_port,
             admin_port,
+            https_port,
             token,
             env_token,
             child: None,
@@ -1714,6 +1742,8 @@ pub struct Proxy {
     token_path: PathBuf,
     http_port: u16,
     admin_port: u16,
+    /// The HTTPS listener's port, when the builder asked for one.
+    https_port: Option<u16>,
     /// The token that the admin API accepts, if any.
     token: Option<String>,
     env_token: Option<String>,
@@ -1778,7 +1808,11 @@ impl Proxy {
                 exited = Some(st);
                 return true;
             }
-            accepts(&http) && (!need_admin || accepts(&admin))
+            accepts(&http)
+                && (!need_admin || accepts(&admin))
+                && self
+                    .https_port
+                    .is_none_or(|p| accepts(&format!("127.0.0.1:{p}")))
         });
         if let Some(st) = exited {
             panic!(
@@ -1800,6 +1834,14 @@ impl Proxy {
 
     pub fn http_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// `127.0.0.1:PORT` of the HTTPS listener; panics if it has none.
+    pub fn https_addr(&self) -> String {
+        format!(
+            "127.0.0.1:{}",
+            self.https_port.expect("proxy has no https listener")
+        )
     }
 
     pub fn admin_addr(&self) -> String {
