@@ -157,7 +157,7 @@ impl Switchyard {
                 if !config.listen.admin.ip().is_loopback() {
                     tracing::warn!(listen = %config.listen.admin, "admin API listens beyond loopback; keep the allowlist tight");
                 }
-                let api = AdminApi::new(board.clone(), token, config.admin.allow.clone());
+                let api = AdminApi::new(board.clone(), None, token, config.admin.allow.clone());
                 // The same wrapper as the proxy's: a header deadline against
                 // slow clients, a small connection cap, and `Server:
                 // switchyard` on the answers Pingora's parser writes itself.

@@ -124,6 +124,20 @@ enum CtlAction {
     },
     /// List past switches, oldest first.
     History,
+    /// List the HTTPS certificates: names, issuer, serial, expiry, renewal state.
+    Certs {
+        #[command(subcommand)]
+        action: Option<CertsAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Renew ACME certificate NAME now (the current one keeps serving until the new one is issued).
+    Renew {
+        /// A certificate name from [[acme.certificates]], e.g. `site`.
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -483,6 +497,10 @@ fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
             service,
             on: state == "on",
         },
+        CtlAction::Certs { action: None } => Command::Certs,
+        CtlAction::Certs {
+            action: Some(CertsAction::Renew { name }),
+        } => Command::Renew { name },
     };
     let reply = client.send(&cmd)?;
     if json {
@@ -525,6 +543,24 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
                 if on { "on" } else { "off" }
             );
         }
+        Command::Certs => {
+            let certs = reply["certificates"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if certs.is_empty() {
+                println!("no certificates ([listen] https is not configured)");
+            }
+            for c in &certs {
+                print_cert(c);
+            }
+        }
+        Command::Renew { name } => {
+            println!(
+                "{name}: renewal requested; the current certificate serves until the new one is \
+                 issued (watch: switchyard ctl certs)"
+            );
+        }
         Command::History => {
             let events = reply["events"].as_array().cloned().unwrap_or_default();
             if events.is_empty() {
@@ -541,6 +577,39 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
                 );
             }
         }
+    }
+}
+
+fn print_cert(c: &Value) {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let domains: Vec<String> = c["domains"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    let bootstrap = if c["bootstrap"] == true {
+        "  [temporary self-signed: not issued yet]"
+    } else {
+        ""
+    };
+    println!(
+        "{} ({}): {}{bootstrap}",
+        s(&c["name"]),
+        s(&c["source"]),
+        domains.join(", ")
+    );
+    println!("  issuer       {}", s(&c["issuer"]));
+    println!("  serial       {}", s(&c["serial"]));
+    println!("  not after    {}", s(&c["not_after"]));
+    if c["source"] == "acme" {
+        println!("  next renewal {}", s(&c["next_renewal"]));
+    }
+    if let Some(e) = c["last_error"].as_str() {
+        println!(
+            "  last error   {e} ({} failed attempts in a row)",
+            c["failures"].as_u64().unwrap_or(0)
+        );
     }
 }
 

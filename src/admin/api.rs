@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use super::auth::{self, Token};
 use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard};
+use crate::tls::store::{CertStatus, CertStore, RenewError};
 
 /// Largest request body the admin API reads (64 KiB).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -41,6 +42,12 @@ pub enum Command {
     Maintenance {
         service: String,
         on: bool,
+    },
+    /// Every certificate: names, issuer, serial, validity, renewal state.
+    Certs,
+    /// Renew ACME certificate `name` now, whatever its schedule says.
+    Renew {
+        name: String,
     },
 }
 
@@ -74,6 +81,8 @@ impl Command {
                 format!("/services/{service}/maintenance"),
                 Some(json!({ "on": on })),
             ),
+            Command::Certs => (Method::GET, "/certs".into(), None),
+            Command::Renew { name } => (Method::POST, format!("/certs/{name}/renew"), None),
         }
     }
 
@@ -134,9 +143,24 @@ impl Command {
                     on: b.on,
                 })
             }
+            (&Method::GET, ["certs"]) => Ok(Command::Certs),
+            (&Method::POST, ["certs", name, "renew"]) => {
+                if !body.iter().all(u8::is_ascii_whitespace) {
+                    return Err(ApiError::BadRequest(
+                        "POST /certs/{name}/renew takes no body".into(),
+                    ));
+                }
+                Ok(Command::Renew {
+                    name: name.to_string(),
+                })
+            }
             (
                 _,
-                ["status"] | ["history"] | ["services", _, "switch" | "rollback" | "maintenance"],
+                ["status"]
+                | ["history"]
+                | ["certs"]
+                | ["certs", _, "renew"]
+                | ["services", _, "switch" | "rollback" | "maintenance"],
             ) => Err(ApiError::MethodNotAllowed),
             _ => Err(ApiError::NotFound(format!("no admin endpoint {path}"))),
         }
@@ -212,8 +236,22 @@ impl From<SwitchError> for ApiError {
     }
 }
 
+impl From<RenewError> for ApiError {
+    fn from(e: RenewError) -> Self {
+        match e {
+            RenewError::Unknown(_) => ApiError::NotFound(e.to_string()),
+            RenewError::Static(_) => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
 /// Carries out a command. The only place admin actions change anything.
-pub fn dispatch(board: &Switchboard, cmd: Command) -> Result<Value, ApiError> {
+/// `certs` is `None` when no HTTPS listener is configured.
+pub fn dispatch(
+    board: &Switchboard,
+    certs: Option<&CertStore>,
+    cmd: Command,
+) -> Result<Value, ApiError> {
     match cmd {
         Command::Status => {
             let snap = board.load();
@@ -250,7 +288,48 @@ pub fn dispatch(board: &Switchboard, cmd: Command) -> Result<Value, ApiError> {
         Command::Maintenance { service, on } => {
             Ok(service_json(&board.set_maintenance(&service, on)?))
         }
+        Command::Certs => {
+            let list: Vec<Value> = certs
+                .map(CertStore::status)
+                .unwrap_or_default()
+                .iter()
+                .map(cert_json)
+                .collect();
+            Ok(json!({ "certificates": list }))
+        }
+        Command::Renew { name } => {
+            let store = certs.ok_or_else(|| RenewError::Unknown(name.clone()))?;
+            store.request_renewal(&name)?;
+            tracing::info!(certificate = %name, "renewal requested through the admin API");
+            let status = store.get(&name).ok_or(RenewError::Unknown(name))?;
+            Ok(json!({ "renewal": "requested", "certificate": cert_json(&status) }))
+        }
     }
+}
+
+/// RFC 3339 in UTC, whole seconds: what `GET /certs` shows for times.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// One certificate as the API shows it. Times are RFC 3339 UTC; `serial`
+/// is lower-case hex; `next_renewal` is `null` for static certificates.
+pub fn cert_json(c: &CertStatus) -> Value {
+    let info = c.info.as_ref();
+    json!({
+        "name": c.name,
+        "source": c.source.as_str(),
+        "domains": c.domains,
+        "bootstrap": c.bootstrap,
+        "issuer": info.map(|i| i.issuer.clone()),
+        "serial": info.map(|i| i.serial.clone()),
+        "not_before": info.map(|i| rfc3339(i.not_before)),
+        "not_after": info.map(|i| rfc3339(i.not_after)),
+        "next_renewal": c.next_renewal.map(rfc3339),
+        "last_error": c.last_error,
+        "failures": c.failures,
+        "failures_total": c.failures_total,
+    })
 }
 
 /// One service as the API shows it.
@@ -287,14 +366,22 @@ pub fn service_json(s: &ServiceState) -> Value {
 /// The admin listener's application.
 pub struct AdminApi {
     board: Arc<Switchboard>,
+    certs: Option<Arc<CertStore>>,
     token: Token,
     allow: Vec<IpNet>,
 }
 
 impl AdminApi {
-    pub fn new(board: Arc<Switchboard>, token: Token, allow: Vec<IpNet>) -> AdminApi {
+    /// `certs`: the served certificates, `None` without an HTTPS listener.
+    pub fn new(
+        board: Arc<Switchboard>,
+        certs: Option<Arc<CertStore>>,
+        token: Token,
+        allow: Vec<IpNet>,
+    ) -> AdminApi {
         AdminApi {
             board,
+            certs,
             token,
             allow,
         }
@@ -316,8 +403,9 @@ impl AdminApi {
         let req = session.req_header();
         let cmd = Command::from_request(&req.method, req.uri.path(), &body)?;
         let board = self.board.clone();
+        let certs = self.certs.clone();
         // Switches fsync; keep that off the listener's async threads.
-        tokio::task::spawn_blocking(move || dispatch(&board, cmd))
+        tokio::task::spawn_blocking(move || dispatch(&board, certs.as_deref(), cmd))
             .await
             .map_err(|e| ApiError::Internal(format!("admin task failed: {e}")))?
     }
@@ -405,6 +493,10 @@ mod tests {
                 service: "api".into(),
                 on: true,
             },
+            Command::Certs,
+            Command::Renew {
+                name: "site".into(),
+            },
         ];
         for cmd in cmds {
             let (method, path, body) = cmd.to_request();
@@ -436,6 +528,14 @@ mod tests {
             Err(ApiError::MethodNotAllowed)
         ));
         assert!(post("/services/api/rollback", "").is_ok());
+        assert!(matches!(
+            post("/certs/site/renew", "{\"now\":true}"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            post("/certs", ""),
+            Err(ApiError::MethodNotAllowed)
+        ));
         for reason in [
             "ok\\n2026-11-29 ERROR forged",
             "\\u001b[31mred",
