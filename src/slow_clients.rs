@@ -67,6 +67,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::connections::{Connections, Slot};
+use crate::tls::handshake::TlsAcceptor;
 
 /// Most bytes of one request header held back (1 MiB, just over Pingora's
 /// own header limit): beyond it the bytes go to Pingora, which answers 400.
@@ -78,6 +79,9 @@ pub struct HeaderTimeout<A> {
     app: Arc<A>,
     timeout: Duration,
     connections: Arc<Connections>,
+    /// Set on the HTTPS listener: the TLS handshake, done here inside the
+    /// header deadline ([`crate::tls::handshake`]).
+    tls: Option<Arc<TlsAcceptor>>,
 }
 
 impl<A> HeaderTimeout<A> {
@@ -88,7 +92,16 @@ impl<A> HeaderTimeout<A> {
             app: Arc::new(app),
             timeout,
             connections,
+            tls: None,
         }
+    }
+
+    /// Makes this the HTTPS listener's wrapper: each admitted connection
+    /// shakes hands with `tls` before its first request, and the handshake
+    /// shares the request header's deadline.
+    pub fn with_tls(mut self, tls: Arc<TlsAcceptor>) -> Self {
+        self.tls = Some(tls);
+        self
     }
 }
 
@@ -126,16 +139,27 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let accepted = Instant::now();
+        let deadline = accepted + self.timeout;
+        // Not known before a TLS handshake: such a connection takes a slot,
+        // unused if it turns out to speak HTTP/2.
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         // Refused: the stream is dropped here, which closes it at once.
         let admission = self
             .connections
             .admit(peer_ip(&stream), !h2, || bytes_waiting(&stream))
             .ok()?;
+        // A failed or late handshake drops the stream: closed, not logged.
+        let stream = match &self.tls {
+            Some(tls) => tls.accept(stream, accepted, deadline).await?,
+            None => stream,
+        };
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         let stream: Stream = match admission.slot() {
             Some(slot) if !h2 => Box::new(Guarded::new(
                 stream,
                 self.timeout,
+                deadline,
                 slot,
                 self.connections.clone(),
             )),
@@ -242,6 +266,7 @@ impl Guarded {
     fn new(
         inner: Stream,
         timeout: Duration,
+        deadline: Instant,
         slot: Arc<Slot>,
         connections: Arc<Connections>,
     ) -> Guarded {
@@ -253,7 +278,7 @@ impl Guarded {
             inner,
             timeout,
             phase: Phase::Header,
-            deadline: Some(Instant::now() + timeout),
+            deadline: Some(deadline),
             timer: None,
             scan: HeaderScan::default(),
             hold: true,
@@ -690,7 +715,13 @@ mod tests {
         // The place stays taken for the whole test.
         std::mem::forget(admission);
         (
-            Guarded::new(Box::new(server), timeout, slot, table.clone()),
+            Guarded::new(
+                Box::new(server),
+                timeout,
+                Instant::now() + timeout,
+                slot,
+                table.clone(),
+            ),
             client,
             table,
         )

@@ -4,4 +4,6 @@
 
 pub mod certs;
 pub mod challenge;
+pub mod handshake;
+pub mod http;
 pub mod store;
