@@ -155,6 +155,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
             None => stream,
         };
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        // HTTP/2 is not wrapped below; its preface still comes by the deadline.
+        let stream = match h2 && self.tls.is_some() {
+            true => crate::tls::preface::read(stream, deadline).await?,
+            false => stream,
+        };
         let stream: Stream = match admission.slot() {
             Some(slot) if !h2 => Box::new(Guarded::new(
                 stream,

@@ -761,6 +761,48 @@ fn a_dribbled_client_hello_is_cut_at_the_header_deadline() {
 }
 
 #[test]
+fn an_http2_client_without_preface_is_cut_at_the_header_deadline() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("site", &[ALPHA]);
+    let up = Upstream::start("blue");
+    let proxy = ProxyBuilder::new(format!(
+        "{}{}",
+        service("app", &[&up], &[&up], "blue"),
+        route(None, "/", "app")
+    ))
+    .server("header_timeout = \"1s\"")
+    .https(&format!("[tls]\n{}", static_cert("site", &leaf)))
+    .start();
+    // Handshake done, h2 chosen, then nothing: no preface ever comes.
+    let config = client_config(pki.roots(), &[b"h2"], rustls::DEFAULT_VERSIONS);
+    let mut conn = tls_connect(&proxy.https_addr(), ALPHA, config);
+    assert_eq!(conn.conn.alpn_protocol(), Some(&b"h2"[..]));
+    conn.sock
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    // Whatever the server sends, the connection must end (bounded: each
+    // read waits at most 8 s, and the server sends little).
+    let mut buf = [0u8; 1024];
+    for _ in 0..16 {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) => {
+                assert!(
+                    !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "still open: {e}"
+                );
+                break;
+            }
+        }
+    }
+    assert!(proxy.error_lines().is_empty(), "{}", proxy.stderr_text());
+}
+
+#[test]
 fn a_bad_certificate_file_stops_the_start_naming_it() {
     let pki = Pki::new();
     let leaf = pki.leaf("site", &[ALPHA]);

@@ -6,4 +6,5 @@ pub mod certs;
 pub mod challenge;
 pub mod handshake;
 pub mod http;
+pub mod preface;
 pub mod store;
