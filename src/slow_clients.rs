@@ -42,6 +42,11 @@
 //! compare-and-swap at its first byte, and registers its waker while idle
 //! (one atomic swap per read); no lock.
 //!
+//! On the HTTPS listener (a plain TCP listener, see [`crate::tls::handshake`])
+//! the wrapper admits the connection first, then does the TLS handshake
+//! within the same deadline, counted from the accept; HTTP/2 connections
+//! must then deliver their preface by it too ([`crate::tls::preface`]).
+//!
 //! Pingora writes some answers itself (400 for a request it cannot parse,
 //! 405 for CONNECT) with `Server: Pingora`; the wrapper rewrites that header
 //! in the response head to `Server: switchyard` on the way out.
