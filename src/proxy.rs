@@ -337,9 +337,6 @@ impl ProxyHttp for Proxy {
         if ctx.http10 {
             http10_framing(session, resp)?;
         }
-        if !matches!(self.side, Side::Https(_)) {
-            tls_http::strip_hsts(resp);
-        }
         if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
             if let Some(target) = ctx.target.as_mut() {
                 target.mark_upgraded();

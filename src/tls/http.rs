@@ -207,12 +207,6 @@ impl HttpModule for Hsts {
     }
 }
 
-/// RFC 6797 §7.2: no `Strict-Transport-Security` over plain HTTP, not even
-/// a backend's.
-pub fn strip_hsts(resp: &mut ResponseHeader) {
-    resp.remove_header(&STRICT_TRANSPORT_SECURITY);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
