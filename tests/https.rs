@@ -726,17 +726,8 @@ fn a_silent_client_is_cut_at_the_handshake_timeout() {
 #[test]
 fn a_dribbled_client_hello_is_cut_at_the_header_deadline() {
     let pki = Pki::new();
-    let leaf = pki.leaf("site", &[ALPHA]);
-    let up = Upstream::start("blue");
-    let proxy = ProxyBuilder::new(format!(
-        "{}{}",
-        service("app", &[&up], &[&up], "blue"),
-        route(None, "/", "app")
-    ))
     // The handshake timeout (default 10 s) is not what cuts here.
-    .server("header_timeout = \"1s\"")
-    .https(&format!("[tls]\n{}", static_cert("site", &leaf)))
-    .start();
+    let (_up, proxy) = short_deadline_proxy(&pki);
     let hello = client_hello(&pki);
     let mut conn = RawConn::connect(&proxy.https_addr());
     let started = Instant::now();
@@ -760,9 +751,8 @@ fn a_dribbled_client_hello_is_cut_at_the_header_deadline() {
     assert!(proxy.error_lines().is_empty(), "{}", proxy.stderr_text());
 }
 
-#[test]
-fn an_http2_client_without_preface_is_cut_at_the_header_deadline() {
-    let pki = Pki::new();
+/// One static certificate for alpha.test, `header_timeout` 1 s.
+fn short_deadline_proxy(pki: &Pki) -> (Upstream, Proxy) {
     let leaf = pki.leaf("site", &[ALPHA]);
     let up = Upstream::start("blue");
     let proxy = ProxyBuilder::new(format!(
@@ -773,19 +763,19 @@ fn an_http2_client_without_preface_is_cut_at_the_header_deadline() {
     .server("header_timeout = \"1s\"")
     .https(&format!("[tls]\n{}", static_cert("site", &leaf)))
     .start();
-    // Handshake done, h2 chosen, then nothing: no preface ever comes.
-    let config = client_config(pki.roots(), &[b"h2"], rustls::DEFAULT_VERSIONS);
-    let mut conn = tls_connect(&proxy.https_addr(), ALPHA, config);
-    assert_eq!(conn.conn.alpn_protocol(), Some(&b"h2"[..]));
+    (up, proxy)
+}
+
+/// Reads until the server closes; panics if it is still open after 8 s.
+fn assert_closed(conn: &mut TlsConn) {
     conn.sock
         .set_read_timeout(Some(Duration::from_secs(8)))
         .unwrap();
-    // Whatever the server sends, the connection must end (bounded: each
-    // read waits at most 8 s, and the server sends little).
+    // Bounded: each read waits at most 8 s, and the server sends little.
     let mut buf = [0u8; 1024];
     for _ in 0..16 {
         match conn.read(&mut buf) {
-            Ok(0) => break,
+            Ok(0) => return,
             Ok(_) => continue,
             Err(e) => {
                 assert!(
@@ -795,10 +785,34 @@ fn an_http2_client_without_preface_is_cut_at_the_header_deadline() {
                     ),
                     "still open: {e}"
                 );
-                break;
+                return;
             }
         }
     }
+    panic!("the server kept sending");
+}
+
+#[test]
+fn a_slow_header_over_tls_is_cut_at_the_header_deadline() {
+    let pki = Pki::new();
+    let (up, proxy) = short_deadline_proxy(&pki);
+    let mut conn = tls_connect(&proxy.https_addr(), ALPHA, h1_config(&pki));
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: alp").unwrap();
+    conn.flush().unwrap();
+    assert_closed(&mut conn);
+    assert_eq!(up.hits(), 0);
+    assert!(proxy.error_lines().is_empty(), "{}", proxy.stderr_text());
+}
+
+#[test]
+fn an_http2_client_without_preface_is_cut_at_the_header_deadline() {
+    let pki = Pki::new();
+    let (_up, proxy) = short_deadline_proxy(&pki);
+    // Handshake done, h2 chosen, then nothing: no preface ever comes.
+    let config = client_config(pki.roots(), &[b"h2"], rustls::DEFAULT_VERSIONS);
+    let mut conn = tls_connect(&proxy.https_addr(), ALPHA, config);
+    assert_eq!(conn.conn.alpn_protocol(), Some(&b"h2"[..]));
+    assert_closed(&mut conn);
     assert!(proxy.error_lines().is_empty(), "{}", proxy.stderr_text());
 }
 
