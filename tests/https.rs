@@ -817,6 +817,33 @@ fn an_http2_client_without_preface_is_cut_at_the_header_deadline() {
 }
 
 #[test]
+fn an_idle_http2_connection_closes_after_the_keepalive_timeout() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("site", &[ALPHA]);
+    let up = Upstream::start("blue");
+    let proxy = ProxyBuilder::new(format!(
+        "{}{}",
+        service("app", &[&up], &[&up], "blue"),
+        route(None, "/", "app")
+    ))
+    .server("keepalive_timeout = \"1s\"")
+    .https(&format!("[tls]\n{}", static_cert("site", &leaf)))
+    .start();
+    let rt = runtime();
+    rt.block_on(async {
+        let config = client_config(pki.roots(), &[b"h2"], rustls::DEFAULT_VERSIONS);
+        let tls = tls_async(&proxy.https_addr(), ALPHA, config).await;
+        let (mut send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+        let conn = tokio::spawn(conn);
+        let resp = h2_send(&mut send, "https://alpha.test/one").await;
+        assert_eq!(h2_body(resp.into_body()).await, "blue");
+        // Then nothing: the server ends the connection.
+        let ended = tokio::time::timeout(Duration::from_secs(8), conn).await;
+        assert!(ended.is_ok(), "HTTP/2 connection still open");
+    });
+}
+
+#[test]
 fn a_bad_certificate_file_stops_the_start_naming_it() {
     let pki = Pki::new();
     let leaf = pki.leaf("site", &[ALPHA]);
