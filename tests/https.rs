@@ -844,6 +844,44 @@ fn an_idle_http2_connection_closes_after_the_keepalive_timeout() {
 }
 
 #[test]
+fn connection_caps_apply_before_the_handshake() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("site", &[ALPHA]);
+    let up = Upstream::start("blue");
+    let proxy = ProxyBuilder::new(format!(
+        "{}{}",
+        service("app", &[&up], &[&up], "blue"),
+        route(None, "/", "app")
+    ))
+    .server("max_connections_per_client = 1")
+    .https(&format!("[tls]\n{}", static_cert("site", &leaf)))
+    .start();
+    let mut first = tls_connect(&proxy.https_addr(), ALPHA, h1_config(&pki));
+    // Over the cap: closed without a handshake (no ServerHello comes).
+    let mut second = RawConn::connect(&proxy.https_addr());
+    let _ = second.send(&client_hello(&pki));
+    assert_eq!(second.wait_closed(IO_TIMEOUT), Some(Vec::new()));
+    // The first is served; once it is gone there is room again.
+    assert_eq!(exchange(&mut first, &get_request(ALPHA, "/")).status, 200);
+    drop(first);
+    let served = poll_until(FAIL_DEADLINE, || {
+        let tcp = TcpStream::connect(proxy.https_addr()).unwrap();
+        tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let server = ServerName::try_from(ALPHA.to_string()).unwrap();
+        let conn = ClientConnection::new(h1_config(&pki), server).unwrap();
+        let mut tls = StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            if tls.conn.complete_io(&mut tls.sock).is_err() {
+                return false;
+            }
+        }
+        true
+    });
+    assert!(served, "a new TLS connection after the first closed");
+    assert!(proxy.error_lines().is_empty(), "{}", proxy.stderr_text());
+}
+
+#[test]
 fn a_bad_certificate_file_stops_the_start_naming_it() {
     let pki = Pki::new();
     let leaf = pki.leaf("site", &[ALPHA]);
