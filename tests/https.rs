@@ -684,6 +684,25 @@ fn plain_http_is_redirected_for_covered_hosts_only() {
 }
 
 #[test]
+fn challenge_path_comes_before_maintenance_and_host_rules() {
+    let s = site("");
+    let (code, _) = s
+        .proxy
+        .admin("POST", "/services/app/maintenance", Some(r#"{"on": true}"#));
+    assert_eq!(code, 200);
+    let http = s.proxy.http_addr();
+    // Maintenance answers everything else with 503...
+    assert_eq!(plain_get(&http, "other.test", "/x").status, 503);
+    // ...but challenge requests are switchyard's own, whatever the host:
+    // even one no route or host rule would accept.
+    for host in [ALPHA, "other.test", "bad host"] {
+        let a = plain_get(&http, host, "/.well-known/acme-challenge/tok");
+        assert_eq!(a.status, 404, "{host}");
+        assert_eq!(a.header("content-type"), Some("text/plain"), "{host}");
+    }
+}
+
+#[test]
 fn redirect_can_be_turned_off() {
     let s = site("redirect_http = false");
     let a = plain_get(&s.proxy.http_addr(), ALPHA, "/x");

@@ -63,6 +63,7 @@ pub fn server_config(store: &Arc<CertStore>) -> Result<ServerConfig, ConfigError
 pub struct TlsAcceptor {
     acceptor: Acceptor,
     timeout: Duration,
+    /// Handshakes that did not complete (for the metrics issue).
     pub stats: HandshakeStats,
 }
 
