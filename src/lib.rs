@@ -214,7 +214,8 @@ impl Switchyard {
                 if !config.listen.admin.ip().is_loopback() {
                     tracing::warn!(listen = %config.listen.admin, "admin API listens beyond loopback; keep the allowlist tight");
                 }
-                let api = AdminApi::new(board.clone(), None, token, config.admin.allow.clone());
+                let served = config.listen.https.is_some().then(|| certs.clone());
+                let api = AdminApi::new(board.clone(), served, token, config.admin.allow.clone());
                 // The same wrapper as the proxy's: a header deadline against
                 // slow clients, a small connection cap, and `Server:
                 // switchyard` on the answers Pingora's parser writes itself.
