@@ -66,6 +66,13 @@ pub enum AcmeError {
     Timeout(Duration),
 }
 
+/// Whether `e` is the CA's problem document of type
+/// `urn:ietf:params:acme:error:{kind}` (RFC 8555 §6.7).
+fn problem_is(e: &instant_acme::Error, kind: &str) -> bool {
+    matches!(e, instant_acme::Error::Api(p)
+        if p.r#type.as_deref().and_then(|t| t.strip_prefix("urn:ietf:params:acme:error:")) == Some(kind))
+}
+
 fn ca(step: &'static str) -> impl FnOnce(instant_acme::Error) -> AcmeError {
     move |e| AcmeError::Ca {
         step,
@@ -151,43 +158,44 @@ impl AcmeClient {
                 .from_credentials(credentials)
                 .await
                 .map_err(ca("ACME directory"))?,
-            None => {
-                let contact = self.email.as_ref().map(|e| format!("mailto:{e}"));
-                let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-                let (account, credentials) = self
-                    .builder()?
-                    .create(
-                        &NewAccount {
-                            contact: &contacts,
-                            terms_of_service_agreed: true,
-                            only_return_existing: false,
-                        },
-                        self.directory.clone(),
-                        None,
-                    )
-                    .await
-                    .map_err(ca("new account"))?;
-                let json = serde_json::to_vec_pretty(&credentials).map_err(|e| {
-                    AcmeError::AccountFile {
-                        path: path.clone(),
-                        detail: e.to_string(),
-                    }
-                })?;
-                std::fs::create_dir_all(&self.certs_dir).map_err(|source| AcmeError::Write {
-                    path: self.certs_dir.clone(),
-                    source,
-                })?;
-                certs::write_atomic(&path, &json, PRIVATE_MODE).map_err(|source| {
-                    AcmeError::Write {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-                tracing::info!(directory = %self.directory, account = account.id(), file = %path.display(), "ACME account created");
-                account
-            }
+            None => self.create_account().await?,
         };
         *slot = Some(account.clone());
+        Ok(account)
+    }
+
+    /// Creates an account (terms of service agreed, contact `mailto:EMAIL`)
+    /// and stores its credentials, replacing any stored ones.
+    async fn create_account(&self) -> Result<Account, AcmeError> {
+        let path = self.certs_dir.join(ACCOUNT_FILE);
+        let contact = self.email.as_ref().map(|e| format!("mailto:{e}"));
+        let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+        let (account, credentials) = self
+            .builder()?
+            .create(
+                &NewAccount {
+                    contact: &contacts,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                self.directory.clone(),
+                None,
+            )
+            .await
+            .map_err(ca("new account"))?;
+        let json = serde_json::to_vec_pretty(&credentials).map_err(|e| AcmeError::AccountFile {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        std::fs::create_dir_all(&self.certs_dir).map_err(|source| AcmeError::Write {
+            path: self.certs_dir.clone(),
+            source,
+        })?;
+        certs::write_atomic(&path, &json, PRIVATE_MODE).map_err(|source| AcmeError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        tracing::info!(directory = %self.directory, account = account.id(), file = %path.display(), "ACME account created");
         Ok(account)
     }
 
@@ -197,31 +205,22 @@ impl AcmeClient {
         domains: &[String],
         replaces: Option<&CertificateDer<'static>>,
     ) -> Result<Certificate, AcmeError> {
-        let account = self.account().await?;
         let identifiers: Vec<Identifier> =
             domains.iter().map(|d| Identifier::Dns(d.clone())).collect();
         let replaces = replaces.and_then(|leaf| CertificateIdentifier::try_from(leaf).ok());
-        let mut order = match replaces {
-            Some(id) => match account
-                .new_order(&NewOrder::new(&identifiers).replaces(id))
-                .await
-            {
-                Ok(order) => order,
-                // The CA may refuse to link the orders (the old one already
-                // replaced, or no ARI); a plain order still renews.
-                Err(e) => {
-                    tracing::info!(certificate = name, cause = %e, "order with `replaces` refused; ordering without it");
-                    account
-                        .new_order(&NewOrder::new(&identifiers))
-                        .await
-                        .map_err(ca("new order"))?
-                }
-            },
-            None => account
-                .new_order(&NewOrder::new(&identifiers))
-                .await
-                .map_err(ca("new order"))?,
-        };
+        let account = self.account().await?;
+        let mut order = match self.new_order(&account, name, &identifiers, replaces.clone()).await {
+            // A CA restarted or reset (or an account deactivated elsewhere)
+            // no longer knows the stored account: make a new one, once.
+            Err(e) if problem_is(&e, "accountDoesNotExist") => {
+                tracing::warn!(certificate = name, directory = %self.directory, "the CA no longer knows the stored ACME account; creating a new one");
+                let account = self.create_account().await?;
+                *self.account.lock().await = Some(account.clone());
+                self.new_order(&account, name, &identifiers, replaces).await
+            }
+            other => other,
+        }
+        .map_err(ca("new order"))?;
 
         // Answered from the moment a token is added until this is dropped,
         // whatever happens in between (errors, timeouts, cancellation).
@@ -288,6 +287,30 @@ impl AcmeClient {
             })?;
         }
         Ok(cert)
+    }
+
+    /// A new order, naming the certificate it replaces where possible.
+    async fn new_order(
+        &self,
+        account: &Account,
+        name: &str,
+        identifiers: &[Identifier],
+        replaces: Option<CertificateIdentifier<'static>>,
+    ) -> Result<instant_acme::Order, instant_acme::Error> {
+        if let Some(id) = replaces {
+            match account
+                .new_order(&NewOrder::new(identifiers).replaces(id))
+                .await
+            {
+                // The old certificate was replaced already (RFC 9773 §7.4):
+                // a plain order still renews.
+                Err(e) if problem_is(&e, "alreadyReplaced") => {
+                    tracing::info!(certificate = name, "the CA says the certificate was already replaced; ordering without `replaces`");
+                }
+                other => return other,
+            }
+        }
+        account.new_order(&NewOrder::new(identifiers)).await
     }
 
     /// The first failed challenge's problem, for the log line.
