@@ -76,8 +76,24 @@ fn problem_is(e: &instant_acme::Error, kind: &str) -> bool {
 fn ca(step: &'static str) -> impl FnOnce(instant_acme::Error) -> AcmeError {
     move |e| AcmeError::Ca {
         step,
-        detail: e.to_string(),
+        detail: with_causes(&e),
     }
+}
+
+/// `e` and its causes, `: `-separated: hyper's "client error (Connect)"
+/// alone does not say that the connection was refused.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// When the CA suggests renewing one certificate (RFC 9773 §4.2).
@@ -302,10 +318,14 @@ impl AcmeClient {
                 .new_order(&NewOrder::new(identifiers).replaces(id))
                 .await
             {
-                // The old certificate was replaced already (RFC 9773 §7.4):
-                // a plain order still renews.
-                Err(e) if problem_is(&e, "alreadyReplaced") => {
-                    tracing::info!(certificate = name, "the CA says the certificate was already replaced; ordering without `replaces`");
+                // No renewal information at this CA, or the old certificate
+                // was replaced already (RFC 9773 §7.4): a plain order still
+                // renews.
+                Err(e)
+                    if problem_is(&e, "alreadyReplaced")
+                        || matches!(e, instant_acme::Error::Unsupported(_)) =>
+                {
+                    tracing::info!(certificate = name, cause = %e, "ordering without `replaces`");
                 }
                 other => return other,
             }

@@ -362,7 +362,8 @@ impl<C: Ca, K: Clock> Inner<C, K> {
                         || m.current
                             .as_ref()
                             .is_none_or(|c| c.info.not_after < now + URGENT_BEFORE_EXPIRY);
-                    let retry_in = humantime::format_duration(Duration::from_secs(delay.as_secs()));
+                    let retry_in =
+                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
                     if urgent {
                         tracing::error!(certificate = m.name, failures, retry_in = %retry_in, cause = %e, "certificate issuance failed; the current certificate keeps serving");
                     } else {
