@@ -30,8 +30,19 @@ fn tls_table(dir: &Path) -> String {
     format!("[tls]\ncerts_dir = {}\n", toml_str(dir.to_str().unwrap()))
 }
 
-/// A proxy in front of one upstream, with ACME certificates from `pebble`.
+/// A proxy in front of one upstream, with ACME certificate `site` for
+/// [`DOMAIN`] from `pebble`.
 fn proxy(pebble: &Pebble, http_port: u16, certs: &Path, up: &Upstream) -> Proxy {
+    proxy_with(pebble, http_port, certs, up, &[("site", &[DOMAIN])])
+}
+
+fn proxy_with(
+    pebble: &Pebble,
+    http_port: u16,
+    certs: &Path,
+    up: &Upstream,
+    acme: &[(&str, &[&str])],
+) -> Proxy {
     ProxyBuilder::new(format!(
         "{}{}",
         service("app", &[up], &[up], "blue"),
@@ -41,7 +52,7 @@ fn proxy(pebble: &Pebble, http_port: u16, certs: &Path, up: &Upstream) -> Proxy 
     .https(&format!(
         "{}\n{}",
         tls_table(certs),
-        pebble.acme_tables(&[("site", &[DOMAIN])])
+        pebble.acme_tables(acme)
     ))
     .start()
 }
@@ -415,6 +426,40 @@ fn ca_down_keeps_serving_and_retries_until_it_is_back() {
         verified_serial(&p, &root).unwrap(),
         st["serial"].as_str().unwrap()
     );
+}
+
+/// A domain the CA cannot validate (its name points at an address where
+/// switchyard does not listen): the CA's problem is reported in one line
+/// and in `GET /certs`, the stand-in keeps serving, and the attempt is
+/// retried later; the certificate beside it is issued regardless.
+#[test]
+fn a_failed_validation_is_reported_and_retried() {
+    const BAD: &str = "bad.switchyard.test";
+    let up = Upstream::start("app");
+    let http_port = free_port();
+    let pebble = Pebble::start(http_port);
+    pebble.set_address(BAD, "127.0.0.2");
+    let certs = tempfile::tempdir().unwrap();
+    let p = proxy_with(
+        &pebble,
+        http_port,
+        certs.path(),
+        &up,
+        &[("site", &[DOMAIN]), ("bad", &[BAD])],
+    );
+    let st = wait_cert(&p, "bad", ISSUE_DEADLINE, |c| {
+        c["failures"].as_u64() >= Some(2)
+    });
+    assert_eq!(st["bootstrap"], true, "{st}");
+    let err = st["last_error"].as_str().unwrap();
+    assert!(err.contains(BAD) && err.contains("127.0.0.2"), "{st}");
+    let log = p.stderr_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("certificate issuance failed") && l.contains("\"bad\""))
+        .unwrap_or_else(|| panic!("no failure line:\n{log}"));
+    assert!(line.contains("ERROR") && line.contains(BAD), "{line}");
+    wait_cert(&p, "site", ISSUE_DEADLINE, |c| c["bootstrap"] == false);
 }
 
 // ---------------------------------------------------------------------------

@@ -51,6 +51,10 @@ pub const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// certificate served expires within this long (7 days).
 pub const URGENT_BEFORE_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// A self-signed stand-in is replaced by a new one when it expires within
+/// this long (1 day) and issuance still fails.
+pub const BOOTSTRAP_REFRESH_BEFORE: Duration = Duration::from_secs(24 * 3600);
+
 /// The wall clock the schedule reads.
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> SystemTime;
@@ -297,6 +301,28 @@ impl<C: Ca, K: Clock> Inner<C, K> {
         )
     }
 
+    /// Replaces a self-signed stand-in about to expire, so an outage of the
+    /// CA longer than its lifetime still leaves something to handshake with.
+    fn refresh_stand_in(&self, m: &mut Managed, now: SystemTime) {
+        let expiring = m
+            .current
+            .as_ref()
+            .is_none_or(|c| c.info.not_after < now + BOOTSTRAP_REFRESH_BEFORE);
+        if !m.bootstrap || !expiring {
+            return;
+        }
+        match certs::self_signed(&m.domains) {
+            Ok(cert) => {
+                tracing::warn!(certificate = m.name, "the self-signed stand-in was about to expire; serving a new one until issuance succeeds");
+                self.store.install(&m.name, cert.clone(), true);
+                m.current = Some(cert);
+            }
+            Err(e) => {
+                tracing::error!(certificate = m.name, cause = %e, "cannot make a bootstrap certificate")
+            }
+        }
+    }
+
     /// One certificate's life: renew when due, retry on failure, until
     /// shutdown.
     async fn keep_current(&self, mut m: Managed, mut shutdown: ShutdownWatch) {
@@ -358,6 +384,7 @@ impl<C: Ca, K: Clock> Inner<C, K> {
                     let now = self.clock.now();
                     retry_at = Some(now + delay);
                     self.store.record_failure(&m.name, e.to_string());
+                    self.refresh_stand_in(&mut m, now);
                     let urgent = m.bootstrap
                         || m.current
                             .as_ref()
@@ -733,6 +760,25 @@ mod tests {
             .await
             .expect("stops promptly")
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stand_in_near_expiry_is_replaced_while_issuance_fails() {
+        let ca = FakeCa::default();
+        ca.issue
+            .lock()
+            .unwrap()
+            .extend((0..100).map(|_| Err("down".to_string())));
+        let h = start(ca, None);
+        let first = h.store.get("site").unwrap().info.unwrap().serial;
+        run_for(5 * DAY).await;
+        let st = h.store.get("site").unwrap();
+        assert_eq!(st.info.unwrap().serial, first, "still valid: kept");
+        run_for(2 * DAY).await;
+        let st = h.store.get("site").unwrap();
+        assert!(st.bootstrap);
+        assert_ne!(st.info.unwrap().serial, first, "renewed stand-in");
+        h.stop.send(true).unwrap();
     }
 
     #[test]

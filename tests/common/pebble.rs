@@ -116,6 +116,8 @@ pub struct Pebble {
     dir: tempfile::TempDir,
     config: PathBuf,
     dns_port: u16,
+    /// pebble-challtestsrv's management API (DNS records).
+    dns_management: u16,
     acme_port: u16,
     management_port: u16,
     /// Trust anchor for Pebble's own HTTPS (what `acme.ca_root` names).
@@ -185,6 +187,7 @@ impl Pebble {
             dir,
             config,
             dns_port,
+            dns_management,
             acme_port,
             management_port,
             ca_root,
@@ -220,6 +223,18 @@ impl Pebble {
             "pebble did not start:\n{}",
             self.log()
         );
+    }
+
+    /// Makes `host` resolve to `ip` (IPv4) for Pebble's validation.
+    pub fn set_address(&self, host: &str, ip: &str) {
+        let body = serde_json::json!({ "host": format!("{host}."), "addresses": [ip] });
+        let r = super::request(
+            "POST",
+            &format!("http://127.0.0.1:{}/add-a", self.dns_management),
+            &[],
+            Some(body.to_string().as_bytes()),
+        );
+        assert_eq!(r.status, 200, "add-a {host}: {}", r.body);
     }
 
     /// Kills Pebble (the CA becomes unreachable).
