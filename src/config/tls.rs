@@ -446,6 +446,22 @@ domains = ["moyeobab.com", "API.moyeobab.com."]
     }
 
     #[test]
+    fn acme_retry_backoff_defaults_and_is_ranged() {
+        let ok = |extra: &str| {
+            format!("[listen]\nhttps = \"127.0.0.1:8443\"\n[acme]\n{extra}\n[[acme.certificates]]\nname = \"s\"\ndomains = [\"a.example.com\"]\n")
+        };
+        let c = parse(&ok("")).unwrap();
+        assert_eq!(
+            c.acme.unwrap().retry_backoff,
+            super::DEFAULT_ACME_RETRY_BACKOFF
+        );
+        let c = parse(&ok("retry_backoff = \"5s\"")).unwrap();
+        assert_eq!(c.acme.unwrap().retry_backoff, super::Duration::from_secs(5));
+        let err = parse(&ok("retry_backoff = \"2h\"")).unwrap_err();
+        assert!(err.contains("t.toml:4:17:"), "{err}");
+    }
+
+    #[test]
     fn mistakes_are_located() {
         let err = parse(
             r#"[listen]
