@@ -256,6 +256,14 @@ fn issuance_replaces_the_bootstrap_and_a_restart_issues_nothing() {
     assert_eq!(orders, 1, "one order:\n{}", pebble.log());
 
     // Restart: the files on disk serve at once; no order, no account.
+    // SIGTERM: the renewal service stops with the rest (its task sleeps
+    // for years otherwise).
+    p.sigterm();
+    assert!(
+        p.wait_exit(FAIL_DEADLINE).is_some(),
+        "switchyard did not stop on SIGTERM:\n{}",
+        p.stderr_text()
+    );
     p.restart();
     let st = cert(&p, "site");
     assert_eq!(
