@@ -25,6 +25,7 @@ pub mod tls;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
@@ -46,9 +47,11 @@ use crate::respond::Pages;
 use crate::route::RouteTable;
 use crate::slow_clients::HeaderTimeout;
 use crate::store::{FileStore, StoreError};
+use crate::tls::acme::AcmeClient;
 use crate::tls::challenge::Challenges;
 use crate::tls::handshake::{self, TlsAcceptor};
 use crate::tls::http::{Https, Plain, Side};
+use crate::tls::renewal::{self, Renewer, SystemClock};
 use crate::tls::store::CertStore;
 
 /// Runtime shutdown allowance after the grace period, for Pingora's own
@@ -207,6 +210,25 @@ impl Switchyard {
 
         if !rate_limits.is_empty() {
             server.add_service(background_service("rate-limit sweep", Sweeper(rate_limits)));
+        }
+
+        if let Some(acme) = &config.acme {
+            // Certificates on disk (or self-signed stand-ins) are served
+            // before any listener starts; the CA is only asked from the
+            // background service, so start-up never waits for it.
+            let certs_dir = &config.tls.certs_dir;
+            let managed = renewal::load_at_start(acme, certs_dir, &certs, SystemTime::now());
+            let client = AcmeClient::new(acme, certs_dir, challenges.clone());
+            server.add_service(background_service(
+                "acme",
+                Renewer::new(
+                    client,
+                    certs.clone(),
+                    SystemClock,
+                    acme.retry_backoff,
+                    managed,
+                ),
+            ));
         }
 
         match token {

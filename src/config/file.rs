@@ -127,6 +127,7 @@ pub struct Acme {
     pub directory: Option<Spanned<String>>,
     pub email: Option<Spanned<String>>,
     pub ca_root: Option<Spanned<PathBuf>>,
+    pub retry_backoff: Option<Spanned<String>>,
     pub certificates: Option<Vec<AcmeCertificate>>,
 }
 

@@ -49,7 +49,8 @@ pub use services::{
     HEALTH_TIMEOUT_RANGE, RISE_FALL_RANGE,
 };
 pub use tls::{
-    Acme, AcmeCertificate, StaticCertificate, Tls, DEFAULT_ACME_DIRECTORY, DEFAULT_CERTS_DIR,
+    Acme, AcmeCertificate, StaticCertificate, Tls, ACME_RETRY_BACKOFF_RANGE,
+    DEFAULT_ACME_DIRECTORY, DEFAULT_ACME_RETRY_BACKOFF, DEFAULT_CERTS_DIR,
     DEFAULT_HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT_RANGE, MAX_DOMAINS,
 };
 pub use values::{

@@ -26,6 +26,12 @@ pub const HANDSHAKE_TIMEOUT_RANGE: RangeInclusive<Duration> =
     MIN_DURATION..=Duration::from_secs(600);
 /// Let's Encrypt's production directory: the CA the deployment uses today.
 pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// First wait after a failed issuance or renewal (1 min); each further
+/// failure doubles it up to `tls::renewal::MAX_RETRY_BACKOFF`.
+pub const DEFAULT_ACME_RETRY_BACKOFF: Duration = Duration::from_secs(60);
+/// `acme.retry_backoff`: 1 s to 1 h.
+pub const ACME_RETRY_BACKOFF_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
 /// Most names on one certificate (100): Let's Encrypt's limit per order.
 pub const MAX_DOMAINS: usize = 100;
 
@@ -66,6 +72,8 @@ pub struct Acme {
     /// A PEM CA certificate to trust for the directory's HTTPS instead of the
     /// system roots (a test or private CA).
     pub ca_root: Option<PathBuf>,
+    /// First wait after a failed attempt; doubles per failure (capped).
+    pub retry_backoff: Duration,
     pub certificates: Vec<AcmeCertificate>,
 }
 
@@ -211,6 +219,11 @@ impl Validator<'_> {
             }
         });
         let ca_root = self.path_key("acme.ca_root", a.ca_root);
+        let retry_backoff = self.duration_in(
+            a.retry_backoff.as_ref(),
+            DEFAULT_ACME_RETRY_BACKOFF,
+            ACME_RETRY_BACKOFF_RANGE,
+        );
         let mut certificates = Vec::new();
         for c in a.certificates.unwrap_or_default() {
             let name_ok = self.certificate_name(&c.name, seen);
@@ -226,6 +239,7 @@ impl Validator<'_> {
             directory,
             email,
             ca_root,
+            retry_backoff,
             certificates,
         }
     }
@@ -429,6 +443,22 @@ domains = ["moyeobab.com", "API.moyeobab.com."]
         assert!(c.tls.redirect_http);
         assert_eq!(c.tls.handshake_timeout, super::DEFAULT_HANDSHAKE_TIMEOUT);
         assert!(c.acme.is_none());
+    }
+
+    #[test]
+    fn acme_retry_backoff_defaults_and_is_ranged() {
+        let ok = |extra: &str| {
+            format!("[listen]\nhttps = \"127.0.0.1:8443\"\n[acme]\n{extra}\n[[acme.certificates]]\nname = \"s\"\ndomains = [\"a.example.com\"]\n")
+        };
+        let c = parse(&ok("")).unwrap();
+        assert_eq!(
+            c.acme.unwrap().retry_backoff,
+            super::DEFAULT_ACME_RETRY_BACKOFF
+        );
+        let c = parse(&ok("retry_backoff = \"5s\"")).unwrap();
+        assert_eq!(c.acme.unwrap().retry_backoff, super::Duration::from_secs(5));
+        let err = parse(&ok("retry_backoff = \"2h\"")).unwrap_err();
+        assert!(err.contains("t.toml:4:17:"), "{err}");
     }
 
     #[test]

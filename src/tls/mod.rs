@@ -4,9 +4,11 @@
 //! listener gives ([`challenge`]), and what requests see of TLS: redirect,
 //! challenge answers and HSTS ([`http`]).
 
+pub mod acme;
 pub mod certs;
 pub mod challenge;
 pub mod handshake;
 pub mod http;
 pub mod preface;
+pub mod renewal;
 pub mod store;

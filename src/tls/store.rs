@@ -311,6 +311,7 @@ mod tests {
             directory: config::DEFAULT_ACME_DIRECTORY.into(),
             email: None,
             ca_root: None,
+            retry_backoff: config::DEFAULT_ACME_RETRY_BACKOFF,
             certificates: vec![config::AcmeCertificate {
                 name: "site".into(),
                 domains: vec!["example.com".into(), "api.example.com".into()],

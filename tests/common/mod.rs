@@ -11,6 +11,8 @@
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod pebble;
+
 use std::convert::Infallible;
 use std::fs;
 use std::io::{Read, Write};
