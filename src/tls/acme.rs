@@ -99,7 +99,9 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 /// When the CA suggests renewing one certificate (RFC 9773 §4.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
+    /// The CA's `suggestedWindow.start`.
     pub start: SystemTime,
+    /// The CA's `suggestedWindow.end`; past it, renew at once.
     pub end: SystemTime,
     /// When to ask again (the answer's `Retry-After`, RFC 9773 §4.3).
     pub retry_after: Duration,
@@ -138,6 +140,9 @@ pub struct AcmeClient {
 }
 
 impl AcmeClient {
+    /// A client for `acme.directory` keeping its files in `certs_dir` and
+    /// publishing HTTP-01 answers in `challenges` (the plain listener's).
+    /// Contacts nothing yet.
     pub fn new(acme: &config::Acme, certs_dir: &Path, challenges: Arc<Challenges>) -> AcmeClient {
         AcmeClient {
             directory: acme.directory.clone(),
