@@ -315,8 +315,14 @@ fn forced_renewal_swaps_new_handshakes_and_keeps_open_connections() {
     let mut h2 = rt.block_on(H2::connect(&p.https_addr(), &root));
     assert_eq!(rt.block_on(h2.get("/h2-one")), (200, "app".to_string()));
 
-    let (code, v) = p.admin("POST", "/certs/site/renew", None);
-    assert_eq!(code, 200, "{v}");
+    // Through `ctl certs renew`, as an operator would.
+    let out = run_ctl(&p.admin_url(), Some(p.token()), &["certs", "renew", "site"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("site: renewal requested"),
+        "{}",
+        describe(&out)
+    );
     let mut now = String::new();
     assert!(
         poll_until(ISSUE_DEADLINE, || {

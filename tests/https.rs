@@ -1003,4 +1003,63 @@ fn check_lists_missing_mismatched_and_expired_certificates_at_their_keys() {
     let expired_line = line_with(&text, "cert", &expired.cert);
     assert!(err.contains(&at(expired_line)), "{err}");
     assert!(err.contains("expired"), "{err}");
+
+    // An ACME CA root that is not a certificate, beside the others.
+    let bad_root = pki.dir.path().join("not-a-ca.pem");
+    fs::write(&bad_root, "hello").unwrap();
+    let with_acme = format!(
+        "{text}[acme]\nca_root = {}\n",
+        toml_str(bad_root.to_str().unwrap())
+    );
+    fs::write(&path, &with_acme).unwrap();
+    let out = run_check(&path, None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let root_line = with_acme.lines().count();
+    assert!(err.contains(&format!("{}:{root_line}:11: ", path.display())), "{err}");
+    assert!(err.contains("no CERTIFICATE block"), "{err}");
+    assert!(err.contains(&at(expired_line)), "{err}");
+}
+
+#[test]
+fn admin_lists_static_certificates_and_refuses_to_renew_them() {
+    let s = site("");
+    let p = &s.proxy;
+    let (code, v) = p.admin("GET", "/certs", None);
+    assert_eq!(code, 200, "{v}");
+    let list = v["certificates"].as_array().unwrap();
+    let names: Vec<&str> = list.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alpha", "beta"], "config order");
+    let alpha = &list[0];
+    assert_eq!(alpha["source"], "static");
+    assert_eq!(alpha["domains"], serde_json::json!([ALPHA, "*.wild.test"]));
+    assert_eq!(alpha["issuer"], "CN=switchyard test CA");
+    assert!(alpha["serial"].as_str().unwrap().len() >= 2);
+    assert!(alpha["not_after"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(alpha["next_renewal"], serde_json::Value::Null);
+    assert_eq!(alpha["bootstrap"], false);
+
+    // A static certificate is replaced by its files, not renewed: 409;
+    // an unknown name: 404. Nothing changes.
+    let (code, v) = p.admin("POST", "/certs/alpha/renew", None);
+    assert_eq!(code, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("static"), "{v}");
+    let (code, _) = p.admin("POST", "/certs/nope/renew", None);
+    assert_eq!(code, 404);
+
+    let out = run_ctl(&p.admin_url(), Some(p.token()), &["certs"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text.contains("alpha (static): alpha.test, *.wild.test"),
+        "{text}"
+    );
+    assert!(text.contains("issuer       CN=switchyard test CA"), "{text}");
+    assert!(text.contains(&format!("serial       {}", alpha["serial"].as_str().unwrap())), "{text}");
+    let out = run_ctl(&p.admin_url(), Some(p.token()), &["certs", "renew", "alpha"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate \"alpha\" is static"), "{err}");
+    let out = run_ctl(&p.admin_url(), Some(p.token()), &["--json", "certs"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["certificates"][1]["name"], "beta");
 }

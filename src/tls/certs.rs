@@ -175,6 +175,26 @@ pub fn load_static(cert: &Path, key: &Path, now: SystemTime) -> Result<Certifica
     Ok(c)
 }
 
+/// Checks that `path` (`acme.ca_root`) holds at least one PEM certificate,
+/// as the ACME client will need when it first talks to the CA.
+pub fn check_ca_root(path: &Path) -> Result<(), CertError> {
+    let pem = std::fs::read(path).map_err(|source| CertError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let chain = |reason: String| CertError::Chain {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| chain(format!("not a PEM certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(chain("no CERTIFICATE block: give the CA's PEM certificate".into()));
+    }
+    Ok(())
+}
+
 /// The facts of a DER certificate.
 pub fn describe(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
     let (_, x509) = X509Certificate::from_der(der.as_ref())
@@ -351,6 +371,18 @@ mod tests {
         let later = cert.info.not_after + Duration::from_secs(1);
         let err = load_static(&c, &k, later).unwrap_err().to_string();
         assert!(err.contains("a.pem expired on"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_root_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        assert!(matches!(check_ca_root(&path), Err(CertError::Read { .. })));
+        std::fs::write(&path, "not pem").unwrap();
+        let err = check_ca_root(&path).unwrap_err().to_string();
+        assert!(err.contains("ca.pem: no CERTIFICATE block"), "{err}");
+        std::fs::write(&path, pair(&["ca.test"]).0).unwrap();
+        check_ca_root(&path).unwrap();
     }
 
     #[test]
