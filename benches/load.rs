@@ -1,8 +1,8 @@
 //! Load-test harness: switchyard against nginx (the proxy it replaces) and,
 //! when installed, HAProxy, all on loopback in front of one shared upstream.
 //! A bare Pingora proxy (`examples/bare_pingora.rs`: Pingora's defaults, one
-//! thread) joins the simple scenarios (a)-(e) as a baseline: what Pingora
-//! itself costs, and so what switchyard adds on top.
+//! thread) joins the simple scenarios (a)-(e) and the HTTPS ones (g)-(j) as
+//! a baseline: what Pingora itself costs, and so what switchyard adds on top.
 //!
 //! Run it with `.ci/bench [--quick]` (or `cargo bench --bench load -- [--quick]`).
 //! Without cargo's `--bench` argument (e.g. under `cargo test --all-targets`)
@@ -16,6 +16,17 @@
 //!   sse        server-sent events relay: time to first byte, added delay
 //!   realistic  route table like conf/switchyard.toml, health checks, forwarded headers
 //!   switch     blue/green switches every 100 ms under constant load
+//!   tls-h1        HTTPS keep-alive, TLS 1.3, HTTP/1.1        (wrk -t1 -c50)
+//!   tls-h1-close  HTTPS, new connection per request, HTTP/1.1 (wrk, `Connection: close`)
+//!   tls-h2        HTTPS keep-alive, TLS 1.3, HTTP/2          (h2load -t1 -c50 -m1)
+//!   tls-h2-close  HTTPS, new connection per request, HTTP/2   (h2load at a fixed rate)
+//!
+//! The HTTPS scenarios give every proxy the same certificate (ECDSA P-256,
+//! self-signed, made once per run: `load/tls.rs`) and the same offer (TLS
+//! 1.2 + 1.3, ALPN h2 + http/1.1); TLS 1.3 is the client's doing: wrk is
+//! pinned by an `OPENSSL_CONF` (shown to hold against a TLS 1.2-only
+//! server), and h2load's report of the negotiated protocol is checked on
+//! every run.
 //!
 //! The bare Pingora proxy cannot route or switch, so it sits out `realistic`
 //! and `switch`. `.ci/bench` builds it (`target/release/examples/bare_pingora`);
@@ -559,7 +570,7 @@ fn run(opts: &Opts) -> i32 {
 }
 
 // ---------------------------------------------------------------------------
-// wrk scenarios: (a) (b) (c) (f); the bare Pingora proxy is in (a) (b) (c)
+// wrk and h2load scenarios: (a) (b) (c) (f) (g)-(j); the bare Pingora proxy is in all but (f)
 // ---------------------------------------------------------------------------
 
 struct WrkSpec {
@@ -1706,11 +1717,22 @@ fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
         "haproxy": env.tools.haproxy.as_ref().map(|h| command_line(h, &["-v"])),
         "pingora": env.tools.pingora,
         "wrk_version": command_line(&env.wrk, &["-v"]),
+        "h2load_version": env.h2load.as_ref().map(|h| command_line(h, &["--version"])),
+        "tls": {
+            "certificate": "ECDSA P-256, self-signed for bench.local and 127.0.0.1, one per run, served by every proxy",
+            "server_offer": "TLS 1.2 + 1.3, ALPN h2 + http/1.1",
+            "client": format!("TLS 1.3 only with {} (wrk: OPENSSL_CONF; h2load: --tls13-ciphers, protocol checked per run)", tls::CIPHER),
+            "h2_keepalive": format!("h2load -t1 -c{CONNECTIONS} -m1 -D<secs>"),
+            "h2_new_connections_per_sec": opts.tls_rate,
+        },
         "proxy_settings": {
             "switchyard": "threads = 1; health checks only in `realistic`",
             "nginx": "worker_processes 1; proxy_http_version 1.1; upstream keepalive 128; access_log off",
             "haproxy": "nbthread 1; http-reuse always",
-            "pingora": "examples/bare_pingora.rs: Pingora 0.9 defaults (work stealing, upstream keep-alive pool 128, system allocator), threads = 1; scenarios (a)-(e) only",
+            "pingora": "examples/bare_pingora.rs: Pingora 0.9 defaults (work stealing, upstream keep-alive pool 128, system allocator, rustls TlsSettings::intermediate + enable_h2), threads = 1; simple and HTTPS scenarios only",
+            "nginx_tls": "listen ssl http2; ssl_protocols TLSv1.2 TLSv1.3; session tickets on (default); keepalive_requests 1000000 (also bounds HTTP/2 requests per connection)",
+            "haproxy_tls": "bind ssl crt alpn h2,http/1.1 ssl-min-ver TLSv1.2",
+            "switchyard_tls": "[listen] https + one [[tls.certificates]] (static), redirect_http = false",
         },
     })
 }
