@@ -157,7 +157,8 @@ impl Opts {
                 "--secs" => o.secs = value(a)?.max(1) as u32,
                 "--switch-secs" => o.switch_secs = value(a)?.max(1) as u32,
                 "--idle-conns" => o.idle_conns = value(a)?.max(1) as usize,
-                "--tls-rate" => o.tls_rate = value(a)?.clamp(100, 100_000) as u32,
+                // h2load starts connections in 10 ms batches: whole hundreds.
+                "--tls-rate" => o.tls_rate = (value(a)?.clamp(100, 100_000) / 100 * 100) as u32,
                 "--no-haproxy" => o.haproxy = false,
                 "--no-pingora" => o.pingora = false,
                 "--perf" => o.perf = true,
@@ -188,7 +189,7 @@ scenarios (default: all):
   tls-h1-close  HTTPS, a new connection per request, TLS 1.3, HTTP/1.1 (wrk, Connection: close)
   tls-h2        HTTPS keep-alive, TLS 1.3, HTTP/2 (h2load -c50 -m1)
   tls-h2-close  HTTPS, a new connection (full handshake) per request, TLS 1.3, HTTP/2,
-                at a fixed --tls-rate per second (default 1000; h2load -r)";
+                at a fixed --tls-rate per second (default 1000, whole hundreds; h2load -r)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -946,6 +947,25 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
     }
     for (r, t) in runs.iter_mut().zip(&targets) {
         r.peak_rss_kib = t.proc.hwm_kib();
+    }
+    if spec.client == Client::H2NewConnections {
+        // The table's latency starts when the request is sent; a new
+        // client's wait also holds connect and the handshake.
+        let ttfb: Vec<String> = runs
+            .iter()
+            .map(|r| {
+                let means = r
+                    .rounds
+                    .iter()
+                    .filter_map(|round| tls::mean_ms(&round.wrk.raw["time_to_1st_byte"]))
+                    .collect();
+                format!("{} {:.2}", r.kind.name(), median(means))
+            })
+            .collect();
+        notes.push(format!(
+            "mean time from connect to first response byte (TCP + TLS handshake + request), ms: {}",
+            ttfb.join(", ")
+        ));
     }
     Ok(WrkScenario {
         key: spec.key,

@@ -258,6 +258,14 @@ pub fn h2load(run: &H2Load) -> Result<WrkOut, String> {
     })
 }
 
+/// The mean (third column) of the figures h2load prints after a statistics
+/// label such as `time to 1st byte:` (`2.78ms 121.42ms 44.64ms 27.86ms
+/// 58.35%`: min, max, mean, sd, +/- sd), in ms.
+pub fn mean_ms(line: &serde_json::Value) -> Option<f64> {
+    let mean = line.as_str()?.split_whitespace().nth(2)?;
+    Some(parse_duration(mean)?.as_secs_f64() * 1e3)
+}
+
 /// `998.64ms`, `2.00s`, `750us` as h2load prints them.
 fn parse_duration(s: &str) -> Option<Duration> {
     let (num, scale) = if let Some(v) = s.strip_suffix("ms") {
