@@ -844,10 +844,11 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
         Client::Wrk | Client::WrkTls => {
             let u = match spec.client {
                 Client::Wrk => format!("http://127.0.0.1:{}{}", t.port, spec.path),
-                _ => format!("https://127.0.0.1:{}{}", t.tls_port, spec.path),
+                _ => format!("https://{}:{}{}", tls::TLS_HOST, t.tls_port, spec.path),
             };
-            // wrk sends `Host: 127.0.0.1:PORT` unless told otherwise; the
-            // plain scenarios never did, so only HTTPS names the host.
+            // wrk sends `Host: HOST:PORT` unless told otherwise; the plain
+            // scenarios never did, so only HTTPS names the host (as h2load's
+            // `:authority`).
             let mut headers = spec.headers.clone();
             if spec.client == Client::WrkTls {
                 headers.push(format!("Host: {}", tls::TLS_HOST));
@@ -1739,7 +1740,7 @@ fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
         "wrk_version": command_line(&env.wrk, &["-v"]),
         "h2load_version": env.h2load.as_ref().map(|h| command_line(h, &["--version"])),
         "tls": {
-            "certificate": "ECDSA P-256, self-signed for bench.local and 127.0.0.1, one per run, served by every proxy",
+            "certificate": format!("ECDSA P-256, self-signed for {} and 127.0.0.1, one per run, served by every proxy; clients send SNI {}", tls::TLS_HOST, tls::TLS_HOST),
             "server_offer": "TLS 1.2 + 1.3, ALPN h2 + http/1.1",
             "client": format!("TLS 1.3 only with {} (wrk: OPENSSL_CONF; h2load: --tls13-ciphers, protocol checked per run)", tls::CIPHER),
             "h2_keepalive": format!("h2load -t1 -c{CONNECTIONS} -m1 -D<secs>"),

@@ -17,8 +17,13 @@ use serde_json::json;
 use crate::procs;
 use crate::wrk::WrkOut;
 
-/// The name the certificate is for; clients send it as SNI where they can.
-pub const TLS_HOST: &str = "bench.local";
+/// The name the certificate is for, sent by every client as SNI and as the
+/// host. A name, not 127.0.0.1: wrk takes its SNI from the URL, and an IP
+/// address as SNI is not allowed (RFC 6066 §3), so servers would ignore it
+/// (rustls logs a warning per handshake) and take their no-SNI path.
+/// `localhost` resolves to loopback without any setup (wrk tries every
+/// address it resolves to, so `::1` first is harmless).
+pub const TLS_HOST: &str = "localhost";
 /// The one TLS 1.3 cipher suite every client offers, so every server uses
 /// the same one (browsers list it first too).
 pub const CIPHER: &str = "TLS_AES_128_GCM_SHA256";
