@@ -992,7 +992,7 @@ fn tls_precheck(
 ) -> (Vec<Target>, Vec<String>, Vec<String>) {
     let (mut kept, mut notes, mut failed) = (Vec::new(), Vec::new(), Vec::new());
     let mut resumption = Vec::new();
-    let mut negotiated = None;
+    let mut negotiated: Vec<(&str, String)> = Vec::new();
     for t in targets {
         let name = t.kind.name();
         let probe = match &env.h2load {
@@ -1026,14 +1026,15 @@ fn tls_precheck(
                 continue;
             }
         };
-        negotiated.get_or_insert_with(|| {
+        negotiated.push((
+            name,
             format!(
                 "{} {} {}",
                 out.raw["tls_protocol"].as_str().unwrap_or("?"),
                 out.raw["cipher"].as_str().unwrap_or("?"),
                 out.raw["server_temp_key"].as_str().unwrap_or("?")
-            )
-        });
+            ),
+        ));
         if spec.client == Client::WrkTls && spec.headers.iter().any(|h| h.contains("close")) {
             match tls::resumes(&env.tools.tls, procs::local(t.tls_port)) {
                 Ok(r) => resumption.push(format!("{name} {}", if r { "yes" } else { "no" })),
@@ -1042,7 +1043,17 @@ fn tls_precheck(
         }
         kept.push(t);
     }
-    if let Some(n) = negotiated {
+    // Once when every proxy agreed (protocol and cipher always must; the
+    // key exchange group may differ), else per proxy.
+    let n = match negotiated.first() {
+        Some((_, first)) if negotiated.iter().all(|(_, n)| n == first) => first.clone(),
+        _ => negotiated
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    if !n.is_empty() {
         notes.push(format!(
             "negotiated (h2load probe of each proxy): {n}; same certificate (ECDSA P-256) everywhere"
         ));
