@@ -165,6 +165,9 @@ pub struct Client {
     pub ip: IpAddr,
     /// Whether the peer is a trusted proxy, so its forwarding headers stand.
     pub trusted: bool,
+    /// Whether the client's connection is TLS (`X-Forwarded-Proto: https`);
+    /// false from [`Client::identify`], set by the caller.
+    pub tls: bool,
 }
 
 impl Client {
@@ -190,6 +193,7 @@ impl Client {
                 peer,
                 ip: peer,
                 trusted: false,
+                tls: false,
             };
         }
         let lines: Vec<&[u8]> = forwarded_for.into_iter().collect();
@@ -214,6 +218,7 @@ impl Client {
             peer,
             ip,
             trusted: true,
+            tls: false,
         }
     }
 }
@@ -327,7 +332,7 @@ pub fn apply(
         }
     }
     if !(client.trusted && req.headers.contains_key(X_FORWARDED_PROTO)) {
-        req.insert_header(X_FORWARDED_PROTO, "http")?;
+        req.insert_header(X_FORWARDED_PROTO, if client.tls { "https" } else { "http" })?;
     }
     if !(client.trusted && req.headers.contains_key(X_FORWARDED_HOST)) {
         match authority {

@@ -27,6 +27,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -45,6 +46,10 @@ use crate::respond::Pages;
 use crate::route::RouteTable;
 use crate::slow_clients::HeaderTimeout;
 use crate::store::{FileStore, StoreError};
+use crate::tls::challenge::Challenges;
+use crate::tls::handshake::{self, TlsAcceptor};
+use crate::tls::http::{Https, Plain, Side};
+use crate::tls::store::CertStore;
 
 /// Runtime shutdown allowance after the grace period, for Pingora's own
 /// teardown (1 s). Our drain watcher normally exits long before.
@@ -82,6 +87,13 @@ pub enum StartError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("static certificate {name}: {source}")]
+    Certificate {
+        name: String,
+        source: tls::certs::CertError,
+    },
+    #[error(transparent)]
+    TlsConfig(#[from] tls::handshake::ConfigError),
     #[error("cannot read maintenance page {}: {source}", path.display())]
     Page {
         path: std::path::PathBuf,
@@ -103,6 +115,9 @@ impl Switchyard {
         let board = Arc::new(Switchboard::new(config, Box::new(store))?);
         // Everything that can fail is read before Pingora touches any socket.
         let pages = load_pages(&config.server)?;
+        let certs = Arc::new(CertStore::new(&config.tls, config.acme.as_ref()));
+        let challenges = Arc::new(Challenges::new());
+        load_static_certificates(&config.tls, &certs)?;
 
         let mut server = Server::new_with_opt_and_conf(
             Opt {
@@ -116,18 +131,35 @@ impl Switchyard {
 
         let requests = Arc::new(AtomicUsize::new(0));
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limits));
-        let proxy = proxy::Proxy::new(
-            RouteTable::new(&config.routes),
-            board.clone(),
-            rate_limits.clone(),
-            proxy::Settings::new(&config.server, pages),
-            requests.clone(),
-        );
+        let new_proxy = |side| {
+            proxy::Proxy::new(
+                RouteTable::new(&config.routes),
+                board.clone(),
+                rate_limits.clone(),
+                proxy::Settings::new(&config.server, pages.clone()),
+                requests.clone(),
+            )
+            .with_side(side)
+        };
+        let tls_configured = config.listen.https.is_some() || config.acme.is_some();
+        let plain_side = match tls_configured {
+            true => Side::Plain(Plain::new(
+                challenges.clone(),
+                certs.clone(),
+                config
+                    .listen
+                    .https
+                    .filter(|_| config.tls.redirect_http)
+                    .map(|a| a.port()),
+            )),
+            false => Side::PlainOnly,
+        };
+        let proxy = new_proxy(plain_side);
         let connections = Arc::new(connection_table(&config.server));
         let app = HeaderTimeout::new(
             http_proxy(&server.configuration, proxy),
             config.server.header_timeout,
-            connections,
+            connections.clone(),
         );
         let mut proxy = Service::new("proxy".into(), app);
         proxy.add_listener(
@@ -135,6 +167,31 @@ impl Switchyard {
                 .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
         );
         server.add_service(proxy);
+        if let Some(https) = config.listen.https {
+            // A plain TCP listener: the handshake is ours, inside the
+            // header deadline (`tls/handshake.rs`).
+            let handshakes = Arc::new(TlsAcceptor::new(
+                handshake::server_config(&certs)?,
+                config.tls.handshake_timeout,
+            ));
+            let mut app = http_proxy(
+                &server.configuration,
+                new_proxy(Side::Https(Https::new(config.tls.hsts.as_deref()))),
+            );
+            // An HTTP/2 connection with no stream open closes after the
+            // keep-alive timeout, as an idle HTTP/1.1 one does.
+            let mut options = HttpServerOptions::default();
+            options.h2_idle_timeout = Some(config.server.keepalive_timeout);
+            app.server_options = Some(options);
+            let app = HeaderTimeout::new(app, config.server.header_timeout, connections)
+                .with_tls(handshakes);
+            let mut service = Service::new("proxy-https".into(), app);
+            service.add_listener(
+                ListenerConfig::tcp(https.to_string())
+                    .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
+            );
+            server.add_service(service);
+        }
 
         let checks: Vec<_> = config
             .services
@@ -157,7 +214,8 @@ impl Switchyard {
                 if !config.listen.admin.ip().is_loopback() {
                     tracing::warn!(listen = %config.listen.admin, "admin API listens beyond loopback; keep the allowlist tight");
                 }
-                let api = AdminApi::new(board.clone(), None, token, config.admin.allow.clone());
+                let served = config.listen.https.is_some().then(|| certs.clone());
+                let api = AdminApi::new(board.clone(), served, token, config.admin.allow.clone());
                 // The same wrapper as the proxy's: a header deadline against
                 // slow clients, a small connection cap, and `Server:
                 // switchyard` on the answers Pingora's parser writes itself.
@@ -185,6 +243,7 @@ impl Switchyard {
         tracing::info!(
             config = %config.path.display(),
             http = %config.listen.http,
+            https = ?config.listen.https,
             services = config.services.len(),
             routes = config.routes.len(),
             "switchyard starting"
@@ -238,6 +297,28 @@ fn connection_table(server: &config::Server) -> Connections {
         "client connection caps"
     );
     Connections::new(max, server.max_connections_per_client)
+}
+
+/// Reads every `[[tls.certificates]]` and serves it. A missing, broken,
+/// mismatched or expired one stops the start (nothing is bound yet).
+fn load_static_certificates(tls: &config::Tls, certs: &CertStore) -> Result<(), StartError> {
+    let now = std::time::SystemTime::now();
+    for c in &tls.certificates {
+        let cert = tls::certs::load_static(&c.cert, &c.key, now).map_err(|source| {
+            StartError::Certificate {
+                name: c.name.clone(),
+                source,
+            }
+        })?;
+        tracing::info!(
+            name = %c.name,
+            names = ?cert.info.names,
+            not_after = %humantime::format_rfc3339_seconds(cert.info.not_after),
+            "static certificate loaded"
+        );
+        certs.install(&c.name, cert, false);
+    }
+    Ok(())
 }
 
 /// The 503 page and `Retry-After` from `[server]`.

@@ -16,6 +16,7 @@ use switchyard::config::{self, Config};
 use switchyard::demo::{self, SampleUpstream};
 use switchyard::pools::Color;
 use switchyard::store::{FileStore, StateStore};
+use switchyard::tls::certs::{self, CertError};
 use switchyard::{cleanup, RunOptions, Switchyard};
 
 /// glibc malloc showed up as ~12 % of proxy CPU under load (Pingora allocates
@@ -264,6 +265,28 @@ fn check_files(config: &Config) -> Vec<config::ConfigError> {
             .unwrap_or(Path::new(""));
         let message = format!("{e}{}", relative_note("maintenance_page", page));
         problems.push(config.error_at("server.maintenance_page", message));
+    }
+    problems.extend(check_static_certificates(config));
+    problems
+}
+
+/// Each `[[tls.certificates]]` as start-up will load it: readable, key
+/// matching the certificate, not expired. A problem is located at the key
+/// naming the file at fault (`key` for a key that does not match).
+fn check_static_certificates(config: &Config) -> Vec<config::ConfigError> {
+    let now = std::time::SystemTime::now();
+    let mut problems = Vec::new();
+    for (i, c) in config.tls.certificates.iter().enumerate() {
+        let Err(e) = certs::load_static(&c.cert, &c.key, now) else {
+            continue;
+        };
+        let (key, path) = match &e {
+            CertError::Read { path, .. } if *path == c.key => ("key", &c.key),
+            CertError::Key { .. } | CertError::Mismatch { .. } => ("key", &c.key),
+            _ => ("cert", &c.cert),
+        };
+        let message = format!("{e}{}", relative_note(key, path));
+        problems.push(config.error_at(&format!("tls.certificates.{key}#{i}"), message));
     }
     problems
 }

@@ -23,6 +23,7 @@ use crate::limits::rate::RateLimits;
 use crate::pools::{InFlight, Switchboard};
 use crate::respond::{self, Refusal};
 use crate::route::RouteTable;
+use crate::tls::http::{self as tls_http, Side};
 
 /// Requests answered 503 because no backend of the active pool was healthy,
 /// since start (for the metrics listener to come, issue 11). Logged at debug
@@ -59,6 +60,8 @@ pub struct Proxy {
     settings: Settings,
     /// Every request between its headers and its log line; shutdown waits for 0.
     requests: Arc<AtomicUsize>,
+    /// The listener this instance serves: plain HTTP or HTTPS.
+    side: Side,
 }
 
 impl Proxy {
@@ -75,7 +78,14 @@ impl Proxy {
             rate_limits,
             settings,
             requests,
+            side: Side::PlainOnly,
         }
+    }
+
+    /// Serves the plain or HTTPS listener's TLS duties (`tls/http.rs`).
+    pub fn with_side(mut self, side: Side) -> Proxy {
+        self.side = side;
+        self
     }
 }
 
@@ -116,7 +126,12 @@ impl ProxyHttp for Proxy {
     /// No modules: Pingora's default adds a (disabled) compression module to
     /// every request. switchyard never compresses, so streams are never held
     /// back for it, and the module's per-request work is saved.
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+    /// HTTPS only: the HSTS header, on every answer.
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        if let Side::Https(https) = &self.side {
+            https.modules(modules);
+        }
+    }
 
     fn new_ctx(&self) -> Ctx {
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -145,6 +160,14 @@ impl ProxyHttp for Proxy {
             Some(id) if forwarded::sane_request_id(id.as_bytes()) => id.clone(),
             _ => forwarded::new_request_id(),
         };
+        // ACME challenges come first: nothing may stand in their way.
+        if let Side::Plain(plain) = &self.side {
+            if let Some(answer) = plain.challenge(req) {
+                tls_http::send(session, &ctx.request_id, answer).await?;
+                return Ok(true);
+            }
+        }
+        let req = session.req_header();
         if header_size(req) > self.settings.max_header_size {
             return self.refuse(session, ctx, Refusal::HeaderTooLarge).await;
         }
@@ -154,11 +177,12 @@ impl ProxyHttp for Proxy {
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
         let req = session.req_header();
         let forwarded_for = req.headers.get_all(forwarded::X_FORWARDED_FOR);
-        let client = Client::identify(
+        let mut client = Client::identify(
             peer,
             forwarded_for.iter().map(|v| v.as_bytes()),
             &self.settings.trusted_proxies,
         );
+        client.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let client_ip = client.ip;
         ctx.client = Some(client);
         ctx.http10 = req.version < http::Version::HTTP_11;
@@ -171,6 +195,13 @@ impl ProxyHttp for Proxy {
             Ok(authority) => authority,
             Err(e) => return self.refuse(session, ctx, Refusal::BadHost(e)).await,
         };
+        if let Side::Plain(plain) = &self.side {
+            if let Some(answer) = plain.redirect(session.req_header(), ctx.authority.as_ref()) {
+                tls_http::send(session, &ctx.request_id, answer).await?;
+                return Ok(true);
+            }
+        }
+        let req = session.req_header();
 
         let host = ctx.authority.as_ref().map(Authority::host);
         let target = match self.routes.resolve(host, req.uri.path()) {

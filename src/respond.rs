@@ -91,6 +91,7 @@ impl Refusal {
 }
 
 /// The 503 page and `Retry-After`, loaded once at start-up.
+#[derive(Clone)]
 pub struct Pages {
     page: Bytes,
     retry_after: String,

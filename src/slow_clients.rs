@@ -42,6 +42,11 @@
 //! compare-and-swap at its first byte, and registers its waker while idle
 //! (one atomic swap per read); no lock.
 //!
+//! On the HTTPS listener (a plain TCP listener, see [`crate::tls::handshake`])
+//! the wrapper admits the connection first, then does the TLS handshake
+//! within the same deadline, counted from the accept; HTTP/2 connections
+//! must then deliver their preface by it too ([`crate::tls::preface`]).
+//!
 //! Pingora writes some answers itself (400 for a request it cannot parse,
 //! 405 for CONNECT) with `Server: Pingora`; the wrapper rewrites that header
 //! in the response head to `Server: switchyard` on the way out.
@@ -67,6 +72,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::connections::{Connections, Slot};
+use crate::tls::handshake::TlsAcceptor;
 
 /// Most bytes of one request header held back (1 MiB, just over Pingora's
 /// own header limit): beyond it the bytes go to Pingora, which answers 400.
@@ -78,6 +84,9 @@ pub struct HeaderTimeout<A> {
     app: Arc<A>,
     timeout: Duration,
     connections: Arc<Connections>,
+    /// Set on the HTTPS listener: the TLS handshake, done here inside the
+    /// header deadline ([`crate::tls::handshake`]).
+    tls: Option<Arc<TlsAcceptor>>,
 }
 
 impl<A> HeaderTimeout<A> {
@@ -88,7 +97,16 @@ impl<A> HeaderTimeout<A> {
             app: Arc::new(app),
             timeout,
             connections,
+            tls: None,
         }
+    }
+
+    /// Makes this the HTTPS listener's wrapper: each admitted connection
+    /// shakes hands with `tls` before its first request, and the handshake
+    /// shares the request header's deadline.
+    pub fn with_tls(mut self, tls: Arc<TlsAcceptor>) -> Self {
+        self.tls = Some(tls);
+        self
     }
 }
 
@@ -126,16 +144,32 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let accepted = Instant::now();
+        let deadline = accepted + self.timeout;
+        // Not known before a TLS handshake: such a connection takes a slot,
+        // unused if it turns out to speak HTTP/2.
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         // Refused: the stream is dropped here, which closes it at once.
         let admission = self
             .connections
             .admit(peer_ip(&stream), !h2, || bytes_waiting(&stream))
             .ok()?;
+        // A failed or late handshake drops the stream: closed, not logged.
+        let stream = match &self.tls {
+            Some(tls) => tls.accept(stream, accepted, deadline).await?,
+            None => stream,
+        };
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        // HTTP/2 is not wrapped below; its preface still comes by the deadline.
+        let stream = match h2 && self.tls.is_some() {
+            true => crate::tls::preface::read(stream, deadline).await?,
+            false => stream,
+        };
         let stream: Stream = match admission.slot() {
             Some(slot) if !h2 => Box::new(Guarded::new(
                 stream,
                 self.timeout,
+                deadline,
                 slot,
                 self.connections.clone(),
             )),
@@ -242,6 +276,7 @@ impl Guarded {
     fn new(
         inner: Stream,
         timeout: Duration,
+        deadline: Instant,
         slot: Arc<Slot>,
         connections: Arc<Connections>,
     ) -> Guarded {
@@ -253,7 +288,7 @@ impl Guarded {
             inner,
             timeout,
             phase: Phase::Header,
-            deadline: Some(Instant::now() + timeout),
+            deadline: Some(deadline),
             timer: None,
             scan: HeaderScan::default(),
             hold: true,
@@ -690,7 +725,13 @@ mod tests {
         // The place stays taken for the whole test.
         std::mem::forget(admission);
         (
-            Guarded::new(Box::new(server), timeout, slot, table.clone()),
+            Guarded::new(
+                Box::new(server),
+                timeout,
+                Instant::now() + timeout,
+                slot,
+                table.clone(),
+            ),
             client,
             table,
         )
