@@ -1,8 +1,8 @@
 //! Load-test harness: switchyard against nginx (the proxy it replaces) and,
 //! when installed, HAProxy, all on loopback in front of one shared upstream.
 //! A bare Pingora proxy (`examples/bare_pingora.rs`: Pingora's defaults, one
-//! thread) joins the simple scenarios (a)-(e) as a baseline: what Pingora
-//! itself costs, and so what switchyard adds on top.
+//! thread) joins the simple scenarios (a)-(e) and the HTTPS ones (g)-(j) as
+//! a baseline: what Pingora itself costs, and so what switchyard adds on top.
 //!
 //! Run it with `.ci/bench [--quick]` (or `cargo bench --bench load -- [--quick]`).
 //! Without cargo's `--bench` argument (e.g. under `cargo test --all-targets`)
@@ -16,6 +16,17 @@
 //!   sse        server-sent events relay: time to first byte, added delay
 //!   realistic  route table like conf/switchyard.toml, health checks, forwarded headers
 //!   switch     blue/green switches every 100 ms under constant load
+//!   tls-h1        HTTPS keep-alive, TLS 1.3, HTTP/1.1        (wrk -t1 -c50)
+//!   tls-h1-close  HTTPS, new connection per request, HTTP/1.1 (wrk, `Connection: close`)
+//!   tls-h2        HTTPS keep-alive, TLS 1.3, HTTP/2          (h2load -t1 -c50 -m1)
+//!   tls-h2-close  HTTPS, new connection per request, HTTP/2   (h2load at a fixed rate)
+//!
+//! The HTTPS scenarios give every proxy the same certificate (ECDSA P-256,
+//! self-signed, made once per run: `load/tls.rs`) and the same offer (TLS
+//! 1.2 + 1.3, ALPN h2 + http/1.1); TLS 1.3 is the client's doing: wrk is
+//! pinned by an `OPENSSL_CONF` (shown to hold against a TLS 1.2-only
+//! server), and h2load's report of the negotiated protocol is checked on
+//! every run.
 //!
 //! The bare Pingora proxy cannot route or switch, so it sits out `realistic`
 //! and `switch`. `.ci/bench` builds it (`target/release/examples/bare_pingora`);
@@ -42,6 +53,8 @@ mod procs;
 mod sse;
 #[path = "load/switch.rs"]
 mod switch;
+#[path = "load/tls.rs"]
+mod tls;
 #[path = "load/wrk.rs"]
 mod wrk;
 
@@ -63,8 +76,17 @@ const ALL: &[&str] = &[
     "sse",
     "realistic",
     "switch",
+    "tls-h1",
+    "tls-h1-close",
+    "tls-h2",
+    "tls-h2-close",
 ];
 const CONNECTIONS: u32 = 50;
+/// `tls-h2-close`: new HTTPS connections per second (h2load `-r`), each
+/// with one request. A fixed arrival rate rather than as fast as possible:
+/// h2load then measures latency and CPU at a load every proxy can carry,
+/// not how many handshakes the client itself manages on the shared cores.
+const TLS_NEW_CONNS_PER_SEC: u32 = 1000;
 const SWITCH_CLIENTS: usize = 8;
 const SWITCH_EVERY: Duration = Duration::from_millis(100);
 const SSE_EVERY: Duration = Duration::from_millis(10);
@@ -79,6 +101,8 @@ struct Opts {
     switch_secs: u32,
     sse_events: usize,
     idle_conns: usize,
+    /// New connections per second in `tls-h2-close`.
+    tls_rate: u32,
     haproxy: bool,
     pingora: bool,
     /// Profile each proxy of the wrk scenarios (`perf record`).
@@ -98,6 +122,7 @@ impl Opts {
                 switch_secs: 10,
                 sse_events: 100,
                 idle_conns: 10_000,
+                tls_rate: TLS_NEW_CONNS_PER_SEC,
                 haproxy: true,
                 pingora: true,
                 perf: false,
@@ -112,6 +137,7 @@ impl Opts {
                 switch_secs: 30,
                 sse_events: 300,
                 idle_conns: 10_000,
+                tls_rate: TLS_NEW_CONNS_PER_SEC,
                 haproxy: true,
                 pingora: true,
                 perf: false,
@@ -131,6 +157,8 @@ impl Opts {
                 "--secs" => o.secs = value(a)?.max(1) as u32,
                 "--switch-secs" => o.switch_secs = value(a)?.max(1) as u32,
                 "--idle-conns" => o.idle_conns = value(a)?.max(1) as usize,
+                // h2load starts connections in 10 ms batches: whole hundreds.
+                "--tls-rate" => o.tls_rate = (value(a)?.clamp(100, 100_000) / 100 * 100) as u32,
                 "--no-haproxy" => o.haproxy = false,
                 "--no-pingora" => o.pingora = false,
                 "--perf" => o.perf = true,
@@ -148,8 +176,20 @@ impl Opts {
 }
 
 const USAGE: &str = "usage: .ci/bench [--quick] [--rounds N] [--secs N] [--switch-secs N] \
-[--idle-conns N] [--no-haproxy] [--no-pingora] [--perf] [SCENARIO...]
-scenarios: small 16k close idle sse realistic switch (default: all)";
+[--idle-conns N] [--tls-rate N] [--no-haproxy] [--no-pingora] [--perf] [SCENARIO...]
+scenarios (default: all):
+  small         small responses, keep-alive (wrk -t1 -c50)
+  16k           16 KiB responses, keep-alive
+  close         a new connection per request (Connection: close)
+  idle          10 000 idle keep-alive client connections: memory
+  sse           server-sent events relay: time to first byte, added delay
+  realistic     route table like conf/switchyard.toml, health checks, forwarded headers
+  switch        blue/green switches every 100 ms under constant load
+  tls-h1        HTTPS keep-alive, TLS 1.3, HTTP/1.1 (wrk -t1 -c50)
+  tls-h1-close  HTTPS, a new connection per request, TLS 1.3, HTTP/1.1 (wrk, Connection: close)
+  tls-h2        HTTPS keep-alive, TLS 1.3, HTTP/2 (h2load -c50 -m1)
+  tls-h2-close  HTTPS, a new connection (full handshake) per request, TLS 1.3, HTTP/2,
+                at a fixed --tls-rate per second (default 1000, whole hundreds; h2load -r)";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -183,6 +223,10 @@ struct Env {
     clk_tck: f64,
     /// `perf`, when `--perf` asked for profiles.
     perf: Option<PathBuf>,
+    /// h2load (nghttp2-client), for the HTTP/2 scenarios.
+    h2load: Option<PathBuf>,
+    /// Whether wrk's TLS 1.3 pin was shown to hold (once per run).
+    wrk_pin_checked: std::cell::Cell<bool>,
 }
 
 fn find_tool(name: &str) -> Option<PathBuf> {
@@ -223,12 +267,12 @@ fn find_bare_pingora() -> Option<PathBuf> {
 fn run(opts: &Opts) -> i32 {
     let started = Instant::now();
     // A hard bound on the whole run (half as long again as planned, plus
-    // slack): 4 wrk scenarios of at most 4 proxies, and the switch scenario.
-    // Children die with us (PR_SET_PDEATHSIG).
-    let mut planned = 4 * 4 * (opts.warmup + opts.rounds as u32 * opts.secs) + 2 * opts.switch_secs;
+    // slack): 8 wrk/h2load scenarios of at most 4 proxies, and the switch
+    // scenario. Children die with us (PR_SET_PDEATHSIG).
+    let mut planned = 8 * 4 * (opts.warmup + opts.rounds as u32 * opts.secs) + 2 * opts.switch_secs;
     if opts.perf {
         // A profiling round per proxy, then perf report and a flame graph.
-        planned += 4 * 4 * 60;
+        planned += 8 * 4 * 60;
     }
     let limit = Duration::from_secs(u64::from(planned) * 3 / 2 + 180);
     std::thread::spawn(move || {
@@ -253,6 +297,7 @@ fn run(opts: &Opts) -> i32 {
             return 1;
         }
     };
+    let h2load = find_tool("h2load");
     let haproxy = if opts.haproxy {
         find_tool("haproxy")
     } else {
@@ -278,7 +323,8 @@ fn run(opts: &Opts) -> i32 {
         let (token, token_file) = confs::write_token(&dir)?;
         let lua = dir.join("report.lua");
         fs::write(&lua, wrk::LUA).map_err(|e| e.to_string())?;
-        let upstream = confs::start_upstream(&nginx, &dir.join("upstream"), nofile)?;
+        let tls = tls::write_files(&dir)?;
+        let upstream = confs::start_upstream(&nginx, &dir.join("upstream"), nofile, &tls)?;
         Ok(Env {
             dir: dir.clone(),
             tools: Tools {
@@ -289,12 +335,15 @@ fn run(opts: &Opts) -> i32 {
                 token,
                 token_file,
                 nofile,
+                tls,
             },
             wrk: wrk.clone(),
             lua,
             upstream,
             clk_tck: procs::clock_ticks_per_sec(),
             perf: perf.clone(),
+            h2load: h2load.clone(),
+            wrk_pin_checked: std::cell::Cell::new(false),
         })
     };
     let mut env = match setup() {
@@ -338,6 +387,14 @@ fn run(opts: &Opts) -> i32 {
         alt: g[1],
         many_conns: false,
         stream: false,
+        tls: false,
+    };
+    let tls_setup = Setup::Simple {
+        backend: g[0],
+        alt: g[1],
+        many_conns: false,
+        stream: false,
+        tls: true,
     };
     for &name in ALL {
         if !opts.wants(name) {
@@ -380,6 +437,67 @@ fn run(opts: &Opts) -> i32 {
                     host: confs::API_HOST,
                     path: confs::REALISTIC_PATH,
                     headers: vec![format!("Host: {}", confs::API_HOST)],
+                    client: Client::Wrk,
+                },
+            )
+            .map(|r| wrk_results.push(r)),
+            "tls-h1" => wrk_scenario(
+                &env,
+                opts,
+                WrkSpec {
+                    client: Client::WrkTls,
+                    ..WrkSpec::simple(
+                        name,
+                        "(g) HTTPS keep-alive, TLS 1.3, HTTP/1.1",
+                        "/",
+                        &[],
+                        tls_setup,
+                    )
+                },
+            )
+            .map(|r| wrk_results.push(r)),
+            "tls-h1-close" => wrk_scenario(
+                &env,
+                opts,
+                WrkSpec {
+                    client: Client::WrkTls,
+                    ..WrkSpec::simple(
+                        name,
+                        "(h) HTTPS new conn per request, TLS 1.3, HTTP/1.1",
+                        "/",
+                        &["Connection: close"],
+                        tls_setup,
+                    )
+                },
+            )
+            .map(|r| wrk_results.push(r)),
+            "tls-h2" => wrk_scenario(
+                &env,
+                opts,
+                WrkSpec {
+                    client: Client::H2KeepAlive,
+                    ..WrkSpec::simple(
+                        name,
+                        "(i) HTTPS keep-alive, TLS 1.3, HTTP/2",
+                        "/",
+                        &[],
+                        tls_setup,
+                    )
+                },
+            )
+            .map(|r| wrk_results.push(r)),
+            "tls-h2-close" => wrk_scenario(
+                &env,
+                opts,
+                WrkSpec {
+                    client: Client::H2NewConnections,
+                    ..WrkSpec::simple(
+                        name,
+                        "(j) HTTPS new conn per request, TLS 1.3, HTTP/2",
+                        "/",
+                        &[],
+                        tls_setup,
+                    )
                 },
             )
             .map(|r| wrk_results.push(r)),
@@ -398,6 +516,9 @@ fn run(opts: &Opts) -> i32 {
                 errors.push(format!("{name}: {e}"));
             }
         }
+    }
+    for s in &wrk_results {
+        errors.extend(s.failed.iter().map(|e| format!("{}: {e}", s.key)));
     }
     if let Some(how) = env.upstream.proc.exited() {
         errors.push(format!("the upstream nginx exited during the run ({how})"));
@@ -450,7 +571,7 @@ fn run(opts: &Opts) -> i32 {
 }
 
 // ---------------------------------------------------------------------------
-// wrk scenarios: (a) (b) (c) (f); the bare Pingora proxy is in (a) (b) (c)
+// wrk and h2load scenarios: (a) (b) (c) (f) (g)-(j); the bare Pingora proxy is in all but (f)
 // ---------------------------------------------------------------------------
 
 struct WrkSpec {
@@ -460,6 +581,33 @@ struct WrkSpec {
     host: &'static str,
     path: &'static str,
     headers: Vec<String>,
+    client: Client,
+}
+
+/// What loads the proxies of a wrk scenario.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Client {
+    /// wrk over plain HTTP/1.1.
+    Wrk,
+    /// wrk over HTTPS, pinned to TLS 1.3 (`tls::Files::openssl_conf`);
+    /// wrk sends no ALPN, so HTTP/1.1.
+    WrkTls,
+    /// h2load over HTTPS: [`CONNECTIONS`] kept-alive HTTP/2 connections,
+    /// one stream in flight on each (the concurrency of the wrk scenarios).
+    H2KeepAlive,
+    /// h2load over HTTPS: `--tls-rate` new connections per second, each a
+    /// full TLS 1.3 handshake, one HTTP/2 request, and a close.
+    H2NewConnections,
+}
+
+impl Client {
+    fn tls(self) -> bool {
+        self != Client::Wrk
+    }
+
+    fn h2(self) -> bool {
+        matches!(self, Client::H2KeepAlive | Client::H2NewConnections)
+    }
 }
 
 impl WrkSpec {
@@ -477,6 +625,7 @@ impl WrkSpec {
             host: BENCH_HOST,
             path,
             headers: headers.iter().map(|h| h.to_string()).collect(),
+            client: Client::Wrk,
         }
     }
 }
@@ -536,6 +685,10 @@ struct WrkScenario {
     key: &'static str,
     title: &'static str,
     proxies: Vec<ProxyRuns>,
+    /// How the scenario was run, printed under the table.
+    notes: Vec<String>,
+    /// Proxies left out because they failed the scenario's pre-check.
+    failed: Vec<String>,
 }
 
 impl WrkScenario {
@@ -591,7 +744,13 @@ impl WrkScenario {
                 )
             })
             .collect();
-        json!({"scenario": self.key, "title": self.title, "proxies": proxies})
+        json!({
+            "scenario": self.key,
+            "title": self.title,
+            "proxies": proxies,
+            "notes": self.notes,
+            "failed": self.failed,
+        })
     }
 }
 
@@ -638,8 +797,21 @@ fn check_write_limit(targets: &[Target]) -> Result<(), String> {
 }
 
 fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, String> {
+    let h2load = match (spec.client.h2(), &env.h2load) {
+        (false, _) => None,
+        (true, Some(h)) => Some(h.as_path()),
+        (true, None) => {
+            return Err(
+                "needs h2load (apt-get install nghttp2-client; .ci/bench does it)".to_string(),
+            )
+        }
+    };
+    if spec.client == Client::WrkTls && !env.wrk_pin_checked.get() {
+        tls::check_wrk_pin(&env.wrk, &env.lua, &env.tools.tls, env.upstream.tls12_only)?;
+        env.wrk_pin_checked.set(true);
+    }
     let ready = (spec.host, spec.path, 200);
-    let targets = confs::start_proxies(
+    let mut targets = confs::start_proxies(
         &env.tools,
         &env.upstream,
         &scenario_dir(env, spec.key),
@@ -650,19 +822,71 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
         check_answers(&targets, confs::REALISTIC_CHECKS)?;
         check_write_limit(&targets)?;
     }
-    let url = |t: &Target| format!("http://127.0.0.1:{}{}", t.port, spec.path);
-    let run_wrk = |t: &Target, secs: u32| {
-        let u = url(t);
-        wrk::run(
-            &env.wrk,
-            &env.lua,
-            &wrk::Load {
-                url: &u,
-                secs,
-                connections: CONNECTIONS,
-                headers: &spec.headers,
-            },
-        )
+    let mut notes = Vec::new();
+    let mut failed = Vec::new();
+    if spec.client.tls() {
+        let (kept, n, f) = tls_precheck(env, opts, &spec, targets);
+        targets = kept;
+        notes = n;
+        failed = f;
+        if targets.is_empty() {
+            return Err(format!(
+                "no proxy passed the HTTPS check: {}",
+                failed.join("; ")
+            ));
+        }
+    }
+    let log = |t: &Target| {
+        env.dir
+            .join(format!("h2load-{}-{}.log", spec.key, t.kind.name()))
+    };
+    let run_wrk = |t: &Target, secs: u32| match spec.client {
+        Client::Wrk | Client::WrkTls => {
+            let u = match spec.client {
+                Client::Wrk => format!("http://127.0.0.1:{}{}", t.port, spec.path),
+                _ => format!("https://{}:{}{}", tls::TLS_HOST, t.tls_port, spec.path),
+            };
+            // wrk sends `Host: HOST:PORT` unless told otherwise; the plain
+            // scenarios never did, so only HTTPS names the host (as h2load's
+            // `:authority`).
+            let mut headers = spec.headers.clone();
+            if spec.client == Client::WrkTls {
+                headers.push(format!("Host: {}", tls::TLS_HOST));
+            }
+            wrk::run(
+                &env.wrk,
+                &env.lua,
+                &wrk::Load {
+                    url: &u,
+                    secs,
+                    connections: CONNECTIONS,
+                    headers: &headers,
+                    openssl_conf: (spec.client == Client::WrkTls)
+                        .then_some(env.tools.tls.openssl_conf.as_path()),
+                },
+            )
+        }
+        Client::H2KeepAlive | Client::H2NewConnections => {
+            let mode = match spec.client {
+                Client::H2KeepAlive => tls::H2Mode::KeepAlive {
+                    clients: CONNECTIONS,
+                    streams: 1,
+                    secs,
+                },
+                _ => tls::H2Mode::NewConnections {
+                    per_sec: opts.tls_rate,
+                    secs,
+                },
+            };
+            tls::h2load(&tls::H2Load {
+                h2load: h2load.expect("checked above"),
+                port: t.tls_port,
+                path: spec.path,
+                mode,
+                h1: false,
+                log: &log(t),
+            })
+        }
     };
     for t in &targets {
         run_wrk(t, opts.warmup)?;
@@ -725,11 +949,134 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
     for (r, t) in runs.iter_mut().zip(&targets) {
         r.peak_rss_kib = t.proc.hwm_kib();
     }
+    if spec.client == Client::H2NewConnections {
+        // The table's latency starts when the request is sent; a new
+        // client's wait also holds connect and the handshake.
+        let ttfb: Vec<String> = runs
+            .iter()
+            .map(|r| {
+                let means = r
+                    .rounds
+                    .iter()
+                    .filter_map(|round| tls::mean_ms(&round.wrk.raw["time_to_1st_byte"]))
+                    .collect();
+                format!("{} {:.2}", r.kind.name(), median(means))
+            })
+            .collect();
+        notes.push(format!(
+            "mean time from connect to first response byte (TCP + TLS handshake + request), ms: {}",
+            ttfb.join(", ")
+        ));
+    }
     Ok(WrkScenario {
         key: spec.key,
         title: spec.title,
         proxies: runs,
+        notes,
+        failed,
     })
+}
+
+/// Before an HTTPS scenario: every proxy must answer over TLS 1.3 with the
+/// scenario's application protocol (an h2load probe, which fails on
+/// anything else); a proxy that does not is left out of the scenario with
+/// the reason, so the others are still measured. Returns the proxies kept,
+/// notes for the table (what was negotiated; for `Connection: close` over
+/// HTTP/1.1, whether each server resumes TLS 1.3 sessions, which wrk tries
+/// on every reconnect) and the failures.
+fn tls_precheck(
+    env: &Env,
+    opts: &Opts,
+    spec: &WrkSpec,
+    targets: Vec<Target>,
+) -> (Vec<Target>, Vec<String>, Vec<String>) {
+    let (mut kept, mut notes, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut resumption = Vec::new();
+    let mut negotiated: Vec<(&str, String)> = Vec::new();
+    for t in targets {
+        let name = t.kind.name();
+        let probe = match &env.h2load {
+            Some(h2load) => tls::h2load(&tls::H2Load {
+                h2load,
+                port: t.tls_port,
+                path: spec.path,
+                mode: tls::H2Mode::Probe,
+                h1: !spec.client.h2(),
+                log: &env
+                    .dir
+                    .join(format!("h2load-probe-{}-{name}.log", spec.key)),
+            })
+            .and_then(|out| match out.requests {
+                0 => Err(format!("no answer over HTTPS: {}", out.raw)),
+                _ => Ok(out),
+            }),
+            None => Err("needs h2load (apt-get install nghttp2-client; .ci/bench does it)".into()),
+        };
+        let out = match probe {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("load:   {name}: left out of {}: {e}", spec.key);
+                let log = t.proc.log_tail(10);
+                let log = if log.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!("; its log:\n{log}")
+                };
+                failed.push(format!("{name} left out: {e}{log}"));
+                continue;
+            }
+        };
+        negotiated.push((
+            name,
+            format!(
+                "{} {} {}",
+                out.raw["tls_protocol"].as_str().unwrap_or("?"),
+                out.raw["cipher"].as_str().unwrap_or("?"),
+                out.raw["server_temp_key"].as_str().unwrap_or("?")
+            ),
+        ));
+        if spec.client == Client::WrkTls && spec.headers.iter().any(|h| h.contains("close")) {
+            match tls::resumes(&env.tools.tls, procs::local(t.tls_port)) {
+                Ok(r) => resumption.push(format!("{name} {}", if r { "yes" } else { "no" })),
+                Err(e) => resumption.push(format!("{name} unknown ({e})")),
+            }
+        }
+        kept.push(t);
+    }
+    // Once when every proxy agreed (protocol and cipher always must; the
+    // key exchange group may differ), else per proxy.
+    let n = match negotiated.first() {
+        Some((_, first)) if negotiated.iter().all(|(_, n)| n == first) => first.clone(),
+        _ => negotiated
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    if !n.is_empty() {
+        notes.push(format!(
+            "negotiated (h2load probe of each proxy): {n}; same certificate (ECDSA P-256) everywhere"
+        ));
+    }
+    notes.push(match spec.client {
+        Client::WrkTls => "wrk pinned to TLS 1.3 by OPENSSL_CONF (checked against a TLS 1.2-only server: no request completes)".to_string(),
+        _ => "h2load reports TLS 1.3 and h2 on every run (checked)".to_string(),
+    });
+    if !resumption.is_empty() {
+        notes.push(format!(
+            "wrk offers the previous TLS session on each reconnect; server resumes TLS 1.3 sessions: {}",
+            resumption.join(", ")
+        ));
+    }
+    if spec.client == Client::H2NewConnections {
+        notes.push(format!(
+            "fixed arrival rate: {} new connections/s (h2load -r over 10 ms periods), \
+             each a full handshake (h2load does not resume) and one request; \
+             req/s below the rate means the proxy fell behind",
+            opts.tls_rate
+        ));
+    }
+    (kept, notes, failed)
 }
 
 /// One unmeasured round of `load` (`secs` long) under `perf record`;
@@ -797,6 +1144,7 @@ fn idle_scenario(env: &Env, opts: &Opts) -> Result<Vec<(Kind, idle::IdleResult)>
         alt: g[1],
         many_conns: true,
         stream: false,
+        tls: false,
     };
     let targets = confs::start_proxies(
         &env.tools,
@@ -817,6 +1165,7 @@ fn idle_scenario(env: &Env, opts: &Opts) -> Result<Vec<(Kind, idle::IdleResult)>
                 secs: 1,
                 connections: CONNECTIONS,
                 headers: &[],
+                openssl_conf: None,
             },
         )?;
         std::thread::sleep(Duration::from_millis(300));
@@ -981,6 +1330,7 @@ fn sse_scenario(env: &Env, opts: &Opts) -> Result<SseResult, String> {
         alt: env.upstream.general[1],
         many_conns: false,
         stream: true,
+        tls: false,
     };
     let targets = confs::start_proxies(
         &env.tools,
@@ -1303,8 +1653,9 @@ fn print_wrk_table(scenarios: &[WrkScenario]) {
         return;
     }
     println!(
-        "wrk -t1 -c{CONNECTIONS}: medians over rounds; (ratio to nginx): req/s higher is better, \
-         everything else lower is better"
+        "wrk -t1 -c{CONNECTIONS} (HTTP/2: h2load -t1): medians over rounds; (ratio to nginx): \
+         req/s higher is better, everything else lower is better; latency from request sent to \
+         response complete (connect and TLS handshake not included)"
     );
     let mut rows = Vec::new();
     for s in scenarios {
@@ -1341,6 +1692,11 @@ fn print_wrk_table(scenarios: &[WrkScenario]) {
         ],
         &rows,
     );
+    for s in scenarios {
+        for n in &s.notes {
+            println!("  {}: {n}", s.key);
+        }
+    }
     println!();
 }
 
@@ -1393,11 +1749,22 @@ fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
         "haproxy": env.tools.haproxy.as_ref().map(|h| command_line(h, &["-v"])),
         "pingora": env.tools.pingora,
         "wrk_version": command_line(&env.wrk, &["-v"]),
+        "h2load_version": env.h2load.as_ref().map(|h| command_line(h, &["--version"])),
+        "tls": {
+            "certificate": format!("ECDSA P-256, self-signed for {} and 127.0.0.1, one per run, served by every proxy; clients send SNI {}", tls::TLS_HOST, tls::TLS_HOST),
+            "server_offer": "TLS 1.2 + 1.3, ALPN h2 + http/1.1",
+            "client": format!("TLS 1.3 only with {} (wrk: OPENSSL_CONF; h2load: --tls13-ciphers, protocol checked per run)", tls::CIPHER),
+            "h2_keepalive": format!("h2load -t1 -c{CONNECTIONS} -m1 -D<secs>"),
+            "h2_new_connections_per_sec": opts.tls_rate,
+        },
         "proxy_settings": {
             "switchyard": "threads = 1; health checks only in `realistic`",
             "nginx": "worker_processes 1; proxy_http_version 1.1; upstream keepalive 128; access_log off",
             "haproxy": "nbthread 1; http-reuse always",
-            "pingora": "examples/bare_pingora.rs: Pingora 0.9 defaults (work stealing, upstream keep-alive pool 128, system allocator), threads = 1; scenarios (a)-(e) only",
+            "pingora": "examples/bare_pingora.rs: Pingora 0.9 defaults (work stealing, upstream keep-alive pool 128, system allocator, rustls TlsSettings::intermediate + enable_h2), threads = 1; simple and HTTPS scenarios only",
+            "nginx_tls": "listen ssl http2; ssl_protocols TLSv1.2 TLSv1.3; session tickets on (default); keepalive_requests 1000000 (also bounds HTTP/2 requests per connection)",
+            "haproxy_tls": "bind ssl crt alpn h2,http/1.1 ssl-min-ver TLSv1.2",
+            "switchyard_tls": "[listen] https + one [[tls.certificates]] (static), redirect_http = false",
         },
     })
 }

@@ -3,7 +3,10 @@
 //! keep-alive pool) and one worker thread, sending every request to one
 //! upstream. Whatever switchyard costs beyond this is switchyard's own.
 //!
-//!     bare_pingora LISTEN_ADDR UPSTREAM_ADDR
+//!     bare_pingora LISTEN_ADDR UPSTREAM_ADDR [TLS_LISTEN_ADDR CERT_PEM KEY_PEM]
+//!
+//! With the TLS arguments it also serves HTTPS the way Pingora's rustls
+//! build does by default (TLS 1.2 and 1.3), with ALPN h2 and http/1.1.
 
 use std::net::SocketAddr;
 
@@ -28,16 +31,21 @@ impl ProxyHttp for Bare {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (listen, upstream) = match args.as_slice() {
-        [listen, upstream] => match upstream.parse::<SocketAddr>() {
-            Ok(upstream) => (listen.clone(), upstream),
-            Err(e) => {
-                eprintln!("bare_pingora: UPSTREAM_ADDR {upstream:?}: {e}");
-                std::process::exit(2);
-            }
-        },
+    let usage = "usage: bare_pingora LISTEN_ADDR UPSTREAM_ADDR [TLS_LISTEN_ADDR CERT_PEM KEY_PEM]";
+    let (listen, upstream, tls) = match args.as_slice() {
+        [listen, upstream] => (listen, upstream, None),
+        [listen, upstream, tls_listen, cert, key] => {
+            (listen, upstream, Some((tls_listen, cert, key)))
+        }
         _ => {
-            eprintln!("usage: bare_pingora LISTEN_ADDR UPSTREAM_ADDR");
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    };
+    let upstream = match upstream.parse::<SocketAddr>() {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            eprintln!("bare_pingora: UPSTREAM_ADDR {upstream:?}: {e}");
             std::process::exit(2);
         }
     };
@@ -48,7 +56,18 @@ fn main() {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut proxy = http_proxy_service(&server.configuration, Bare { upstream });
-    proxy.add_tcp(&listen);
+    proxy.add_tcp(listen);
+    if let Some((tls_listen, cert, key)) = tls {
+        let mut settings = match pingora::listeners::tls::TlsSettings::intermediate(cert, key) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("bare_pingora: TLS settings: {e}");
+                std::process::exit(2);
+            }
+        };
+        settings.enable_h2();
+        proxy.add_tls_with_settings(tls_listen, None, settings);
+    }
     server.add_service(proxy);
     server.run_forever();
 }

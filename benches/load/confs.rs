@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::procs::{self, Proc};
+use crate::tls;
 
 /// Body of `GET /` on the upstream.
 pub const SMALL_BODY: &str = "hello from upstream\n";
@@ -51,6 +52,8 @@ pub struct Tools {
     pub token_file: PathBuf,
     /// The open-file limit every child inherits.
     pub nofile: u64,
+    /// The certificate every proxy serves in the HTTPS scenarios.
+    pub tls: tls::Files,
 }
 
 /// The shared upstream: one nginx worker. `general` ports all serve the same
@@ -60,6 +63,8 @@ pub struct Upstream {
     pub general: Vec<u16>,
     pub blue: u16,
     pub green: u16,
+    /// HTTPS with TLS 1.2 only: shows that wrk's TLS 1.3 pin holds.
+    pub tls12_only: u16,
 }
 
 /// Which proxy: also the table order.
@@ -94,6 +99,9 @@ pub enum Setup {
         many_conns: bool,
         /// The backend streams (SSE): nginx must not buffer.
         stream: bool,
+        /// Also serve HTTPS (TLS 1.2 + 1.3, ALPN h2 and http/1.1) with the
+        /// run's certificate on `Target::tls_port`.
+        tls: bool,
     },
     /// A route table like conf/switchyard.toml; health checks on.
     Realistic,
@@ -107,6 +115,8 @@ pub struct Target {
     pub kind: Kind,
     pub proc: Proc,
     pub port: u16,
+    /// The HTTPS port of a TLS setup (0 otherwise).
+    pub tls_port: u16,
     /// switchyard only.
     pub admin_port: u16,
     /// nginx only: its directory and config, for `nginx -s reload`.
@@ -224,10 +234,15 @@ pub fn nginx_reload(nginx: &Path, dir: &Path, conf: &Path) -> Result<(), String>
     }
 }
 
-pub fn start_upstream(nginx: &Path, dir: &Path, nofile: u64) -> Result<Upstream, String> {
-    let ports = procs::free_ports(10);
+pub fn start_upstream(
+    nginx: &Path,
+    dir: &Path,
+    nofile: u64,
+    tls: &tls::Files,
+) -> Result<Upstream, String> {
+    let ports = procs::free_ports(11);
     let (general, rest) = ports.split_at(8);
-    let (blue, green) = (rest[0], rest[1]);
+    let (blue, green, tls12_only) = (rest[0], rest[1], rest[2]);
     let data = dir.join("data");
     fs::create_dir_all(&data).map_err(|e| e.to_string())?;
     fs::write(data.join("16k"), vec![b'x'; BIG_BODY]).map_err(|e| e.to_string())?;
@@ -249,9 +264,18 @@ pub fn start_upstream(nginx: &Path, dir: &Path, nofile: u64) -> Result<Upstream,
         listen 127.0.0.1:{green} backlog=4096;
         location / {{ return 200 \"green\"; }}
     }}
+    server {{
+        listen 127.0.0.1:{tls12_only} ssl;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.2;
+        location / {{ return 200 \"tls 1.2\"; }}
+    }}
 ",
         SMALL_BODY.replace('\n', "\\n"),
-        data.display()
+        data.display(),
+        tls.cert.display(),
+        tls.key.display()
     )
     .unwrap();
     let (mut proc, _) = start_nginx(
@@ -270,6 +294,7 @@ pub fn start_upstream(nginx: &Path, dir: &Path, nofile: u64) -> Result<Upstream,
         general: general.to_vec(),
         blue,
         green,
+        tls12_only,
     })
 }
 
@@ -284,6 +309,7 @@ pub fn start_proxies(
     ready: (&str, &str, u16),
 ) -> Result<Vec<Target>, String> {
     let mut kinds = vec![Kind::Switchyard];
+    let tls = matches!(setup, Setup::Simple { tls: true, .. });
     if tools.pingora.is_some() && matches!(setup, Setup::Simple { .. }) {
         kinds.push(Kind::Pingora);
     }
@@ -295,12 +321,13 @@ pub fn start_proxies(
     for kind in kinds {
         let d = dir.join(kind.name());
         fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-        let ports = procs::free_ports(2);
+        let ports = procs::free_ports(3);
         let (port, admin_port) = (ports[0], ports[1]);
+        let tls_port = if tls { ports[2] } else { 0 };
         let (mut proc, conf) = match kind {
             Kind::Switchyard => {
                 let conf = d.join("switchyard.toml");
-                let text = switchyard_conf(tools, up, &d, port, admin_port, setup);
+                let text = switchyard_conf(tools, up, &d, (port, tls_port), admin_port, setup);
                 fs::write(&conf, text).map_err(|e| e.to_string())?;
                 let mut cmd = Command::new(&tools.switchyard);
                 cmd.arg("run").arg("-c").arg(&conf).current_dir(&d);
@@ -317,19 +344,27 @@ pub fn start_proxies(
                 cmd.arg(format!("127.0.0.1:{port}"))
                     .arg(format!("127.0.0.1:{backend}"))
                     .current_dir(&d);
+                if tls {
+                    cmd.arg(format!("127.0.0.1:{tls_port}"))
+                        .arg(&tools.tls.cert)
+                        .arg(&tools.tls.key);
+                }
                 let p = Proc::spawn("pingora", cmd, &d.join("pingora.log"), false)?;
                 // No config file: the command line is all of it.
                 (p, PathBuf::new())
             }
             Kind::Nginx => {
-                let (many, http) = nginx_proxy_http(up, &d, port, setup)?;
+                let (many, http) = nginx_proxy_http(up, &d, (port, tls_port), &tools.tls, setup)?;
                 let text = nginx_conf(&d, if many { 12288 } else { 1024 }, tools.nofile, &http);
                 start_nginx("nginx", &tools.nginx, &d, &text)?
             }
             Kind::Haproxy => {
                 let conf = d.join("haproxy.cfg");
-                fs::write(&conf, haproxy_conf(up, port, setup, tools.nofile))
-                    .map_err(|e| e.to_string())?;
+                fs::write(
+                    &conf,
+                    haproxy_conf(up, (port, tls_port), &tools.tls, setup, tools.nofile),
+                )
+                .map_err(|e| e.to_string())?;
                 let mut cmd = Command::new(tools.haproxy.as_ref().expect("haproxy"));
                 cmd.arg("-db").arg("-f").arg(&conf);
                 let p = Proc::spawn("haproxy", cmd, &d.join("haproxy.log"), false)?;
@@ -342,6 +377,7 @@ pub fn start_proxies(
             kind,
             proc,
             port,
+            tls_port,
             admin_port,
             dir: d,
             conf,
@@ -354,11 +390,34 @@ fn switchyard_conf(
     tools: &Tools,
     up: &Upstream,
     dir: &Path,
-    port: u16,
+    (port, tls_port): (u16, u16),
     admin: u16,
     setup: Setup,
 ) -> String {
     let d = dir.display();
+    // The certificate as a static one; no redirect, so the plain port
+    // answers the readiness check like the other proxies' plain ports.
+    let (https, tls) = if tls_port != 0 {
+        (
+            format!("https = \"127.0.0.1:{tls_port}\"\n"),
+            format!(
+                "[tls]
+certs_dir = \"{d}/certs\"
+redirect_http = false
+
+[[tls.certificates]]
+name = \"bench\"
+cert = \"{}\"
+key = \"{}\"
+
+",
+                tools.tls.cert.display(),
+                tools.tls.key.display()
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let mut s = String::new();
     let server_extra = match setup {
         // As conf/switchyard.toml.
@@ -387,13 +446,13 @@ state_dir = \"{d}/state\"
 {server_extra}
 [listen]
 http = \"127.0.0.1:{port}\"
-admin = \"127.0.0.1:{admin}\"
+{https}admin = \"127.0.0.1:{admin}\"
 
 [admin]
 token_file = \"{}\"
 allow = [\"127.0.0.1/32\", \"::1/128\"]
 
-",
+{tls}",
         tools.token_file.display()
     )
     .unwrap();
@@ -541,7 +600,8 @@ fn realistic_routes() -> Vec<RRoute> {
 fn nginx_proxy_http(
     up: &Upstream,
     dir: &Path,
-    port: u16,
+    (port, tls_port): (u16, u16),
+    tls: &tls::Files,
     setup: Setup,
 ) -> Result<(bool, String), String> {
     let base = "        proxy_http_version 1.1;
@@ -571,12 +631,29 @@ fn nginx_proxy_http(
             } else {
                 ""
             };
+            // The same offer as switchyard's listener: TLS 1.2 and 1.3,
+            // ALPN h2 and http/1.1; nginx's defaults otherwise (session
+            // tickets on). HTTP/2 requests per connection are bounded by
+            // `keepalive_requests`, set high in the shared http block.
+            let https = if tls_port != 0 {
+                format!(
+                    "        listen 127.0.0.1:{tls_port} ssl http2 backlog=4096;
+        ssl_certificate {};
+        ssl_certificate_key {};
+        ssl_protocols TLSv1.2 TLSv1.3;
+",
+                    tls.cert.display(),
+                    tls.key.display()
+                )
+            } else {
+                String::new()
+            };
             (
                 many_conns,
                 format!(
                     "{}    server {{
         listen 127.0.0.1:{port} backlog=4096;
-        location / {{
+{https}        location / {{
             proxy_pass http://backend;
 {base}{extra}        }}
     }}
@@ -761,7 +838,13 @@ pub fn haproxy_maxconn(setup: Setup, nofile: u64) -> u64 {
     want.min(nofile.saturating_sub(200) / 2)
 }
 
-fn haproxy_conf(up: &Upstream, port: u16, setup: Setup, nofile: u64) -> String {
+fn haproxy_conf(
+    up: &Upstream,
+    (port, tls_port): (u16, u16),
+    tls: &tls::Files,
+    setup: Setup,
+    nofile: u64,
+) -> String {
     let maxconn = haproxy_maxconn(setup, nofile);
     let mut s = format!(
         "global
@@ -790,6 +873,7 @@ defaults
             "frontend fe
     bind 127.0.0.1:{port}
     {}
+    {}
     default_backend be
 
 backend be
@@ -802,6 +886,15 @@ backend be
                 "option http-no-delay"
             } else {
                 "# (no streaming options)"
+            },
+            // The same offer as the others: TLS 1.2 + 1.3, h2 and http/1.1.
+            if tls_port != 0 {
+                format!(
+                    "bind 127.0.0.1:{tls_port} ssl crt {} alpn h2,http/1.1 ssl-min-ver TLSv1.2",
+                    tls.bundle.display()
+                )
+            } else {
+                "# (no HTTPS)".to_string()
             }
         )
         .unwrap(),

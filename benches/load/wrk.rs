@@ -44,6 +44,8 @@ pub struct Load<'a> {
     pub secs: u32,
     pub connections: u32,
     pub headers: &'a [String],
+    /// `OPENSSL_CONF` for wrk's TLS (see `tls::Files::openssl_conf`).
+    pub openssl_conf: Option<&'a Path>,
 }
 
 pub fn run(wrk: &Path, script: &Path, load: &Load) -> Result<WrkOut, String> {
@@ -57,6 +59,9 @@ pub fn run(wrk: &Path, script: &Path, load: &Load) -> Result<WrkOut, String> {
         .arg(script);
     for h in load.headers {
         cmd.arg("-H").arg(h);
+    }
+    if let Some(conf) = load.openssl_conf {
+        cmd.env("OPENSSL_CONF", conf);
     }
     cmd.arg(load.url)
         .stdin(Stdio::null())
