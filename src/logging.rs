@@ -14,6 +14,14 @@
 //!   traffic that is about one line per hundred requests, and it is nothing an
 //!   operator can act on. A client that sends the admin API something it
 //!   cannot parse is the client's mistake, not an ERROR of ours.
+//! - **rustls warnings about peers.** rustls logs at WARN (or INFO) what a
+//!   TLS client did wrong: an IP address as SNI (`Illegal SNI extension`,
+//!   sent by every OpenSSL client given `https://127.0.0.1/`), an alert it
+//!   sent, a broken ClientHello. One line per handshake, chosen by the
+//!   client, is a flood anyone can start and nothing an operator can act
+//!   on; those lines are dropped (failed handshakes are counted and logged
+//!   at debug by `tls/handshake.rs`). rustls's ERROR, DEBUG and TRACE lines
+//!   pass as `RUST_LOG` says: none carries key material.
 //!
 //! switchyard's own expected outcomes are logged at debug at their source
 //! (`proxy.rs`, `slow_clients.rs`, `connections.rs`); this guard is only for
@@ -57,6 +65,9 @@ impl<S: Subscriber> Layer<S> for PingoraGuard {
         // and level are in the normalized metadata.
         let normalized = event.normalized_metadata();
         let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        if meta.target().starts_with("rustls") {
+            return !is_peer_noise(*meta.level());
+        }
         if !meta.target().starts_with("pingora") {
             return true;
         }
@@ -105,9 +116,20 @@ fn is_dropped(message: &str) -> bool {
         || message.starts_with("Fail to proxy: Downstream")
 }
 
+/// rustls's WARN and INFO lines: about what a peer did (see the module docs).
+fn is_peer_noise(level: Level) -> bool {
+    level == Level::WARN || level == Level::INFO
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rustls_peer_warnings_are_dropped() {
+        assert!(is_peer_noise(Level::WARN) && is_peer_noise(Level::INFO));
+        assert!(!is_peer_noise(Level::ERROR) && !is_peer_noise(Level::DEBUG));
+    }
 
     #[test]
     fn raw_request_bytes_and_pingora_noise_are_dropped() {

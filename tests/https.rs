@@ -1015,7 +1015,10 @@ fn check_lists_missing_mismatched_and_expired_certificates_at_their_keys() {
     let out = run_check(&path, None);
     let err = String::from_utf8_lossy(&out.stderr);
     let root_line = with_acme.lines().count();
-    assert!(err.contains(&format!("{}:{root_line}:11: ", path.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}:{root_line}:11: ", path.display())),
+        "{err}"
+    );
     assert!(err.contains("no CERTIFICATE block"), "{err}");
     assert!(err.contains(&at(expired_line)), "{err}");
 }
@@ -1053,13 +1056,59 @@ fn admin_lists_static_certificates_and_refuses_to_renew_them() {
         text.contains("alpha (static): alpha.test, *.wild.test"),
         "{text}"
     );
-    assert!(text.contains("issuer       CN=switchyard test CA"), "{text}");
-    assert!(text.contains(&format!("serial       {}", alpha["serial"].as_str().unwrap())), "{text}");
-    let out = run_ctl(&p.admin_url(), Some(p.token()), &["certs", "renew", "alpha"]);
+    assert!(
+        text.contains("issuer       CN=switchyard test CA"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "serial       {}",
+            alpha["serial"].as_str().unwrap()
+        )),
+        "{text}"
+    );
+    let out = run_ctl(
+        &p.admin_url(),
+        Some(p.token()),
+        &["certs", "renew", "alpha"],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("certificate \"alpha\" is static"), "{err}");
     let out = run_ctl(&p.admin_url(), Some(p.token()), &["--json", "certs"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["certificates"][1]["name"], "beta");
+}
+
+#[test]
+fn clients_naming_an_ip_address_as_sni_do_not_fill_the_log() {
+    let s = site("");
+    // OpenSSL clients given https://10.0.0.255/ send the IP address as SNI,
+    // which RFC 6066 §3 forbids and rustls warns about per handshake. Make
+    // such a ClientHello by writing an IP of the same length over the name.
+    assert_eq!(ALPHA.len(), "10.0.0.255".len());
+    let mut hello = client_hello(&s.pki);
+    let at = hello
+        .windows(ALPHA.len())
+        .position(|w| w == ALPHA.as_bytes())
+        .expect("SNI in the ClientHello");
+    hello[at..at + ALPHA.len()].copy_from_slice(b"10.0.0.255");
+    for _ in 0..20 {
+        let mut conn = RawConn::connect(&s.proxy.https_addr());
+        conn.send(&hello).unwrap();
+        // The server answers (ServerHello...) before the client gives up.
+        let mut first = [0u8; 1];
+        conn.stream().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        assert_eq!((&*conn.stream()).read(&mut first).unwrap(), 1);
+        assert_eq!(first[0], 0x16, "a TLS handshake record");
+    }
+    // The default certificate still serves a client without usable SNI,
+    // and none of the 20 handshakes left a line at WARN or above.
+    assert_eq!(served_cert(&s.proxy.https_addr(), None), s.beta.der);
+    let text = s.proxy.stderr_text();
+    let loud: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(loud.is_empty(), "{text}");
 }

@@ -190,7 +190,9 @@ pub fn check_ca_root(path: &Path) -> Result<(), CertError> {
         .collect::<Result<_, _>>()
         .map_err(|e| chain(format!("not a PEM certificate: {e}")))?;
     if certs.is_empty() {
-        return Err(chain("no CERTIFICATE block: give the CA's PEM certificate".into()));
+        return Err(chain(
+            "no CERTIFICATE block: give the CA's PEM certificate".into(),
+        ));
     }
     Ok(())
 }
