@@ -1099,7 +1099,7 @@ fn clients_naming_an_ip_address_as_sni_do_not_fill_the_log() {
         // The server answers (ServerHello...) before the client gives up.
         let mut first = [0u8; 1];
         conn.stream().set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        assert_eq!((&*conn.stream()).read(&mut first).unwrap(), 1);
+        assert_eq!(conn.stream().read(&mut first).unwrap(), 1);
         assert_eq!(first[0], 0x16, "a TLS handshake record");
     }
     // The default certificate still serves a client without usable SNI,
