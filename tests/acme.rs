@@ -44,8 +44,9 @@ fn proxy_with(
     acme: &[(&str, &[&str])],
 ) -> Proxy {
     ProxyBuilder::new(format!(
-        "{}{}",
+        "{}{}{}",
         service("app", &[up], &[up], "blue"),
+        route_with("/ws", "app", "websocket = true"),
         route(None, "/", "app")
     ))
     .http_port(http_port)
@@ -314,6 +315,13 @@ fn forced_renewal_swaps_new_handshakes_and_keeps_open_connections() {
         .unwrap();
     let mut h2 = rt.block_on(H2::connect(&p.https_addr(), &root));
     assert_eq!(rt.block_on(h2.get("/h2-one")), (200, "app".to_string()));
+    // An SSE stream over HTTP/2, its first event in, the second held back
+    // by the upstream until after the swap; and a WebSocket over TLS.
+    let mut events = rt.block_on(h2.stream("/events?sse=2&gated=1"));
+    let first_event = rt.block_on(read_until(&mut events, "data: app-1\n\n"));
+    assert!(first_event, "first SSE event before the swap");
+    let mut ws = rt.block_on(ws_connect_tls(&p.https_addr(), &root));
+    assert_eq!(rt.block_on(ws_echo_tls(&mut ws, "before")), "app:before");
 
     // Through `ctl certs renew`, as an operator would.
     let out = run_ctl(&p.admin_url(), Some(p.token()), &["certs", "renew", "site"]);
@@ -339,7 +347,64 @@ fn forced_renewal_swaps_new_handshakes_and_keeps_open_connections() {
     );
     assert_eq!(request_over(&mut h1, "/two"), (200, "app".to_string()));
     assert_eq!(rt.block_on(h2.get("/h2-two")), (200, "app".to_string()));
+    // The stream and the socket opened before the swap go on.
+    up.release(1);
+    let second_event = rt.block_on(read_until(&mut events, "data: app-2\n\n"));
+    assert!(second_event, "the SSE stream survives the swap");
+    assert_eq!(rt.block_on(ws_echo_tls(&mut ws, "after")), "app:after");
     assert_eq!(pebble.orders(), 2);
+}
+
+type WsTls =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket over TLS (HTTP/1.1: no WebSocket over h2), trusting `root`.
+async fn ws_connect_tls(addr: &str, root: &str) -> WsTls {
+    let config = pebble::client_config(root, &[b"http/1.1"]);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from(DOMAIN).unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    let (ws, resp) = tokio_tungstenite::client_async(format!("wss://{DOMAIN}/ws"), tls)
+        .await
+        .expect("WebSocket handshake");
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Sends `text` and returns the upstream's echo.
+async fn ws_echo_tls(ws: &mut WsTls, text: &str) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time")
+        .expect("socket open")
+        .unwrap();
+    reply.into_text().unwrap().to_string()
+}
+
+/// Reads `body` until it has delivered `want` (true), or 5 s pass (false).
+async fn read_until(body: &mut h2::RecvStream, want: &str) -> bool {
+    let mut got = String::new();
+    let read = async {
+        while !got.contains(want) {
+            match body.data().await {
+                Some(Ok(chunk)) => {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    got.push_str(&String::from_utf8_lossy(&chunk));
+                }
+                _ => return false,
+            }
+        }
+        true
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .unwrap_or(false)
 }
 
 /// An HTTP/2 client connection over TLS (ALPN h2) with Pebble's root.
@@ -365,6 +430,22 @@ impl H2 {
             let _ = conn.await;
         });
         H2 { send }
+    }
+
+    /// Starts a GET and returns its answer's body as it streams.
+    async fn stream(&mut self, path: &str) -> h2::RecvStream {
+        let req = http::Request::get(format!("https://{DOMAIN}{path}"))
+            .body(())
+            .unwrap();
+        let send = self.send.clone().ready().await.expect("h2 ready");
+        self.send = send;
+        let (rsp, _) = self.send.send_request(req, true).unwrap();
+        let rsp = tokio::time::timeout(Duration::from_secs(5), rsp)
+            .await
+            .expect("h2 answer in time")
+            .unwrap();
+        assert_eq!(rsp.status(), 200);
+        rsp.into_body()
     }
 
     async fn get(&mut self, path: &str) -> (u16, String) {
