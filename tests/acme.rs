@@ -284,6 +284,48 @@ fn issuance_replaces_the_bootstrap_and_a_restart_issues_nothing() {
     assert_eq!(std::fs::read_to_string(&account).unwrap(), account_json);
 }
 
+/// A domain added to a certificate whose valid files are on disk: the files
+/// keep serving the names they have (never the self-signed stand-in), and a
+/// certificate for all the domains is ordered at once, retried while the CA
+/// is down.
+#[test]
+fn an_added_domain_keeps_the_files_serving_and_orders_at_once() {
+    let up = Upstream::start("app");
+    let http_port = free_port();
+    let mut pebble = Pebble::prepare(http_port);
+    let certs = tempfile::tempdir().unwrap();
+    let old = pebble::pki(&[DOMAIN], 89);
+    let old_serial = switchyard::tls::certs::describe(&CertificateDer::from(old.leaf_der.clone()))
+        .unwrap()
+        .serial;
+    let (pem, key) = switchyard::tls::certs::acme_paths(certs.path(), "site");
+    std::fs::write(pem, &old.chain_pem).unwrap();
+    std::fs::write(key, &old.key_pem).unwrap();
+    const ADDED: &str = "b.switchyard.test";
+    let p = proxy_with(&pebble, http_port, certs.path(), &up, &[("site", &[DOMAIN, ADDED])]);
+
+    let st = cert(&p, "site");
+    assert_eq!(st["bootstrap"], false, "{st}");
+    assert_eq!(st["serial"], old_serial.as_str(), "{st}");
+    let t = connect(&p.https_addr(), DOMAIN, pebble::client_config(&old.ca_pem, &[]));
+    assert_eq!(t.map(|t| peer(&t).serial), Ok(old_serial.clone()));
+    // Ordered at once; the CA is down, so it fails and is retried.
+    let st = wait_cert(&p, "site", ISSUE_DEADLINE, |c| {
+        c["failures"].as_u64() >= Some(1)
+    });
+    assert_eq!(st["serial"], old_serial.as_str(), "still served: {st}");
+    assert!(!p.stderr_text().contains("SELF-SIGNED"), "{}", p.stderr_text());
+
+    pebble.launch();
+    let root = pebble.issuing_root();
+    let st = wait_cert(&p, "site", ISSUE_DEADLINE, |c| c["failures"] == 0);
+    assert_ne!(st["serial"], old_serial.as_str(), "{st}");
+    for name in [DOMAIN, ADDED] {
+        let t = connect(&p.https_addr(), name, pebble::client_config(&root, &[]));
+        assert!(t.is_ok(), "{name}: {:?}", t.err());
+    }
+}
+
 /// A forced renewal: new handshakes get the new serial at once, while an
 /// HTTP/1.1 keep-alive connection and an HTTP/2 one (ALPN h2) opened
 /// before keep answering.
