@@ -55,6 +55,13 @@ pub enum AcmeError {
     NoHttp01(String),
     #[error("cannot read {}: {detail} (delete it to create a new account)", path.display())]
     AccountFile { path: PathBuf, detail: String },
+    /// The account file exists but cannot be read (permissions, or
+    /// `certs_dir` is not a directory): deleting it is not the remedy.
+    #[error("cannot read {}: {source}", path.display())]
+    ReadAccount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {}: {source}", path.display())]
     Write {
         path: PathBuf,
@@ -408,10 +415,10 @@ fn read_credentials(path: &Path, directory: &str) -> Result<Option<AccountCreden
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(AcmeError::AccountFile {
+        Err(source) => {
+            return Err(AcmeError::ReadAccount {
                 path: path.to_path_buf(),
-                detail: e.to_string(),
+                source,
             })
         }
     };
