@@ -532,6 +532,9 @@ struct StubState {
     /// Payloads of new-order requests (decoded JSON).
     orders: Vec<Value>,
     accounts: usize,
+    /// Refuse orders naming the certificate they replace as Let's Encrypt
+    /// does for one another account ordered (certbot's, after a migration).
+    refuse_replaces: bool,
 }
 
 /// A tiny HTTPS ACME directory with ARI: accounts are accepted, renewal
@@ -687,7 +690,18 @@ async fn stub_answer(
             )
         }
         "/order" => {
-            state.lock().unwrap().orders.push(payload());
+            let order = payload();
+            let mut st = state.lock().unwrap();
+            st.orders.push(order.clone());
+            if st.refuse_replaces && order.get("replaces").is_some() {
+                return rsp
+                    .status(403)
+                    .header("Content-Type", "application/problem+json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        r#"{"type":"urn:ietf:params:acme:error:unauthorized","detail":"requester account did not request the certificate being replaced by this order","status":403}"#,
+                    )))
+                    .unwrap();
+            }
             (
                 rsp.status(429).header("Content-Type", "application/problem+json"),
                 r#"{"type":"urn:ietf:params:acme:error:rateLimited","detail":"stub: too many certificates","status":429}"#.to_string(),
@@ -810,4 +824,30 @@ fn an_open_window_renews_now_and_a_refusal_is_retried() {
         "ari.switchyard.test"
     );
     assert_eq!(s.accounts, 1, "one account for all attempts");
+}
+
+/// The certificate on disk was ordered by another account (certbot's, as
+/// in the README's migration): the CA refuses an order that names it in
+/// `replaces`, and the renewal goes on with a plain order at once instead
+/// of repeating the refused one until the certificate expires.
+#[test]
+fn a_refused_replaces_falls_back_to_a_plain_order() {
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let stub = Stub::start((now - 2 * hour, now - hour));
+    stub.state().refuse_replaces = true;
+    let certs = tempfile::tempdir().unwrap();
+    let id = certificate_on_disk(certs.path());
+    let up = Upstream::start("app");
+    let p = stub_proxy(&stub, certs.path(), &up);
+    let st = wait_cert(&p, "site", ISSUE_DEADLINE, |c| {
+        c["failures"].as_u64() >= Some(1)
+    });
+    // The attempt got as far as the plain order (the stub rate-limits it).
+    let err = st["last_error"].as_str().unwrap();
+    assert!(err.contains("rateLimited"), "{st}");
+    let s = stub.state();
+    assert!(s.orders.len() >= 2, "{:?}", s.orders);
+    assert_eq!(s.orders[0]["replaces"], id.as_str(), "{:?}", s.orders[0]);
+    assert!(s.orders[1].get("replaces").is_none(), "{:?}", s.orders[1]);
 }

@@ -330,12 +330,19 @@ impl AcmeClient {
                 .new_order(&NewOrder::new(identifiers).replaces(id))
                 .await
             {
-                // No renewal information at this CA, or the old certificate
-                // was replaced already (RFC 9773 §7.4): a plain order still
-                // renews.
+                // No renewal information at this CA, or the CA refused the
+                // `replaces` field, however it words it (RFC 9773 §5 lets it:
+                // already replaced, a certificate another account ordered,
+                // such as certbot's after a migration, one it never issued,
+                // no identifier in common): a plain order still renews, and
+                // retrying the same field would fail until expiry. An
+                // unknown account is the caller's to handle; a rate limit
+                // would refuse the plain order too.
                 Err(e)
-                    if problem_is(&e, "alreadyReplaced")
-                        || matches!(e, instant_acme::Error::Unsupported(_)) =>
+                    if matches!(e, instant_acme::Error::Unsupported(_))
+                        || (matches!(e, instant_acme::Error::Api(_))
+                            && !problem_is(&e, "accountDoesNotExist")
+                            && !problem_is(&e, "rateLimited")) =>
                 {
                     tracing::info!(certificate = name, cause = %e, "ordering without `replaces`");
                 }
