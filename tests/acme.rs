@@ -302,19 +302,33 @@ fn an_added_domain_keeps_the_files_serving_and_orders_at_once() {
     std::fs::write(pem, &old.chain_pem).unwrap();
     std::fs::write(key, &old.key_pem).unwrap();
     const ADDED: &str = "b.switchyard.test";
-    let p = proxy_with(&pebble, http_port, certs.path(), &up, &[("site", &[DOMAIN, ADDED])]);
+    let p = proxy_with(
+        &pebble,
+        http_port,
+        certs.path(),
+        &up,
+        &[("site", &[DOMAIN, ADDED])],
+    );
 
     let st = cert(&p, "site");
     assert_eq!(st["bootstrap"], false, "{st}");
     assert_eq!(st["serial"], old_serial.as_str(), "{st}");
-    let t = connect(&p.https_addr(), DOMAIN, pebble::client_config(&old.ca_pem, &[]));
+    let t = connect(
+        &p.https_addr(),
+        DOMAIN,
+        pebble::client_config(&old.ca_pem, &[]),
+    );
     assert_eq!(t.map(|t| peer(&t).serial), Ok(old_serial.clone()));
     // Ordered at once; the CA is down, so it fails and is retried.
     let st = wait_cert(&p, "site", ISSUE_DEADLINE, |c| {
         c["failures"].as_u64() >= Some(1)
     });
     assert_eq!(st["serial"], old_serial.as_str(), "still served: {st}");
-    assert!(!p.stderr_text().contains("SELF-SIGNED"), "{}", p.stderr_text());
+    assert!(
+        !p.stderr_text().contains("SELF-SIGNED"),
+        "{}",
+        p.stderr_text()
+    );
 
     pebble.launch();
     let root = pebble.issuing_root();

@@ -1173,7 +1173,11 @@ fn check_names_a_reversed_chain_an_encrypted_key_and_a_certs_dir_that_is_a_file(
     let out = run_check(&path, None);
     assert!(!out.status.success(), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    let line = with_acme.lines().position(|l| l.starts_with("certs_dir")).unwrap() + 1;
+    let line = with_acme
+        .lines()
+        .position(|l| l.starts_with("certs_dir"))
+        .unwrap()
+        + 1;
     assert!(err.contains(&at(line)), "{err}");
     assert!(err.contains("not a directory"), "{err}");
     // A certs_dir that does not exist yet is fine: it is created on need.

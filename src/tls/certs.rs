@@ -120,7 +120,8 @@ pub fn from_pem(chain: &[u8], key: &[u8]) -> Result<Certificate, PemError> {
     };
     let info = describe(leaf).map_err(PemError::Chain)?;
     let key_pem = key;
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| PemError::Key(no_key(key_pem, e)))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| PemError::Key(no_key(key_pem, e)))?;
     let signer = any_supported_type(&key)
         .map_err(|e| PemError::Key(format!("unsupported private key: {e}")))?;
     let certified = CertifiedKey::new(certs.clone(), signer.clone());
