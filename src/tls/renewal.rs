@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use rand::Rng;
@@ -394,6 +395,10 @@ impl<C: Ca, K: Clock> Inner<C, K> {
                     m.bootstrap = false;
                     m.incomplete = false;
                     failures = 0;
+                    // A renewal requested while this one was under way is
+                    // served by it: drop the stored wake-up rather than
+                    // issue a second certificate (CAs limit duplicates).
+                    let _ = forced.notified().now_or_never();
                     retry_at = None;
                 }
                 Err(e) => {
@@ -529,6 +534,8 @@ mod tests {
         windows: Mutex<VecDeque<Option<(Duration, Duration, Duration)>>>,
         issued: Mutex<Vec<SystemTime>>,
         asked: Mutex<Vec<SystemTime>>,
+        /// How long an issuance takes.
+        delay: Mutex<Duration>,
         clock: Mutex<Option<TokioClock>>,
     }
 
@@ -547,6 +554,8 @@ mod tests {
         ) -> Result<Certificate, AcmeError> {
             let now = self.now();
             self.issued.lock().unwrap().push(now);
+            let delay = *self.delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
             match self.issue.lock().unwrap().pop_front() {
                 Some(Err(detail)) => Err(AcmeError::Ca {
                     step: "new order",
@@ -780,6 +789,29 @@ mod tests {
             .await
             .expect("stops promptly")
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_requested_during_one_under_way_is_served_by_it() {
+        let mut current = certs::self_signed(&["a.test".into()]).unwrap();
+        let now = SystemTime::now();
+        current.info.not_before = now;
+        current.info.not_after = now + 90 * DAY;
+        let ca = FakeCa::default();
+        *ca.delay.lock().unwrap() = Duration::from_secs(10);
+        let h = start(ca, Some(current));
+        run_for(Duration::from_secs(1)).await;
+        h.store.request_renewal("site").unwrap();
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(h.ca.issued.lock().unwrap().len(), 1, "under way");
+        h.store.request_renewal("site").unwrap();
+        run_for(Duration::from_secs(60)).await;
+        assert_eq!(h.ca.issued.lock().unwrap().len(), 1, "no second one");
+        // A request after it is done renews again.
+        h.store.request_renewal("site").unwrap();
+        run_for(Duration::from_secs(60)).await;
+        assert_eq!(h.ca.issued.lock().unwrap().len(), 2);
+        h.stop.send(true).unwrap();
     }
 
     #[tokio::test(start_paused = true)]
