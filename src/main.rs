@@ -267,6 +267,13 @@ fn check_files(config: &Config) -> Vec<config::ConfigError> {
         problems.push(config.error_at("server.maintenance_page", message));
     }
     problems.extend(check_static_certificates(config));
+    if config.acme.is_some() {
+        let dir = &config.tls.certs_dir;
+        if let Err(e) = certs::check_certs_dir(dir) {
+            let message = format!("{e}{}", relative_note("certs_dir", dir));
+            problems.push(config.error_at("tls.certs_dir", message));
+        }
+    }
     if let Some(root) = config.acme.as_ref().and_then(|a| a.ca_root.as_deref()) {
         if let Err(e) = certs::check_ca_root(root) {
             let message = format!("{e}{}", relative_note("ca_root", root));

@@ -285,6 +285,62 @@ fn issuance_replaces_the_bootstrap_and_a_restart_issues_nothing() {
     assert_eq!(std::fs::read_to_string(&account).unwrap(), account_json);
 }
 
+/// A domain added to a certificate whose valid files are on disk: the files
+/// keep serving the names they have (never the self-signed stand-in), and a
+/// certificate for all the domains is ordered at once, retried while the CA
+/// is down.
+#[test]
+fn an_added_domain_keeps_the_files_serving_and_orders_at_once() {
+    let up = Upstream::start("app");
+    let http_port = free_port();
+    let mut pebble = Pebble::prepare(http_port);
+    let certs = tempfile::tempdir().unwrap();
+    let old = pebble::pki(&[DOMAIN], 89);
+    let old_serial = switchyard::tls::certs::describe(&CertificateDer::from(old.leaf_der.clone()))
+        .unwrap()
+        .serial;
+    let (pem, key) = switchyard::tls::certs::acme_paths(certs.path(), "site");
+    std::fs::write(pem, &old.chain_pem).unwrap();
+    std::fs::write(key, &old.key_pem).unwrap();
+    const ADDED: &str = "b.switchyard.test";
+    let p = proxy_with(
+        &pebble,
+        http_port,
+        certs.path(),
+        &up,
+        &[("site", &[DOMAIN, ADDED])],
+    );
+
+    let st = cert(&p, "site");
+    assert_eq!(st["bootstrap"], false, "{st}");
+    assert_eq!(st["serial"], old_serial.as_str(), "{st}");
+    let t = connect(
+        &p.https_addr(),
+        DOMAIN,
+        pebble::client_config(&old.ca_pem, &[]),
+    );
+    assert_eq!(t.map(|t| peer(&t).serial), Ok(old_serial.clone()));
+    // Ordered at once; the CA is down, so it fails and is retried.
+    let st = wait_cert(&p, "site", ISSUE_DEADLINE, |c| {
+        c["failures"].as_u64() >= Some(1)
+    });
+    assert_eq!(st["serial"], old_serial.as_str(), "still served: {st}");
+    assert!(
+        !p.stderr_text().contains("SELF-SIGNED"),
+        "{}",
+        p.stderr_text()
+    );
+
+    pebble.launch();
+    let root = pebble.issuing_root();
+    let st = wait_cert(&p, "site", ISSUE_DEADLINE, |c| c["failures"] == 0);
+    assert_ne!(st["serial"], old_serial.as_str(), "{st}");
+    for name in [DOMAIN, ADDED] {
+        let t = connect(&p.https_addr(), name, pebble::client_config(&root, &[]));
+        assert!(t.is_ok(), "{name}: {:?}", t.err());
+    }
+}
+
 /// A forced renewal: new handshakes get the new serial at once, while an
 /// HTTP/1.1 keep-alive connection and an HTTP/2 one (ALPN h2) opened
 /// before keep answering.
@@ -571,6 +627,9 @@ struct StubState {
     /// Payloads of new-order requests (decoded JSON).
     orders: Vec<Value>,
     accounts: usize,
+    /// Refuse orders naming the certificate they replace as Let's Encrypt
+    /// does for one another account ordered (certbot's, after a migration).
+    refuse_replaces: bool,
 }
 
 /// A tiny HTTPS ACME directory with ARI: accounts are accepted, renewal
@@ -726,7 +785,18 @@ async fn stub_answer(
             )
         }
         "/order" => {
-            state.lock().unwrap().orders.push(payload());
+            let order = payload();
+            let mut st = state.lock().unwrap();
+            st.orders.push(order.clone());
+            if st.refuse_replaces && order.get("replaces").is_some() {
+                return rsp
+                    .status(403)
+                    .header("Content-Type", "application/problem+json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        r#"{"type":"urn:ietf:params:acme:error:unauthorized","detail":"requester account did not request the certificate being replaced by this order","status":403}"#,
+                    )))
+                    .unwrap();
+            }
             (
                 rsp.status(429).header("Content-Type", "application/problem+json"),
                 r#"{"type":"urn:ietf:params:acme:error:rateLimited","detail":"stub: too many certificates","status":429}"#.to_string(),
@@ -849,4 +919,30 @@ fn an_open_window_renews_now_and_a_refusal_is_retried() {
         "ari.switchyard.test"
     );
     assert_eq!(s.accounts, 1, "one account for all attempts");
+}
+
+/// The certificate on disk was ordered by another account (certbot's, as
+/// in the README's migration): the CA refuses an order that names it in
+/// `replaces`, and the renewal goes on with a plain order at once instead
+/// of repeating the refused one until the certificate expires.
+#[test]
+fn a_refused_replaces_falls_back_to_a_plain_order() {
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let stub = Stub::start((now - 2 * hour, now - hour));
+    stub.state().refuse_replaces = true;
+    let certs = tempfile::tempdir().unwrap();
+    let id = certificate_on_disk(certs.path());
+    let up = Upstream::start("app");
+    let p = stub_proxy(&stub, certs.path(), &up);
+    let st = wait_cert(&p, "site", ISSUE_DEADLINE, |c| {
+        c["failures"].as_u64() >= Some(1)
+    });
+    // The attempt got as far as the plain order (the stub rate-limits it).
+    let err = st["last_error"].as_str().unwrap();
+    assert!(err.contains("rateLimited"), "{st}");
+    let s = stub.state();
+    assert!(s.orders.len() >= 2, "{:?}", s.orders);
+    assert_eq!(s.orders[0]["replaces"], id.as_str(), "{:?}", s.orders[0]);
+    assert!(s.orders[1].get("replaces").is_none(), "{:?}", s.orders[1]);
 }

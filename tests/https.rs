@@ -1112,3 +1112,80 @@ fn clients_naming_an_ip_address_as_sni_do_not_fill_the_log() {
         .collect();
     assert!(loud.is_empty(), "{text}");
 }
+
+/// A throwaway EC key encrypted with the passphrase `x` (`openssl genpkey
+/// -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -aes-128-cbc`).
+const ENCRYPTED_KEY: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----
+MIHsMFcGCSqGSIb3DQEFDTBKMCkGCSqGSIb3DQEFDDAcBAhUITgpFN2k0AICCAAw
+DAYIKoZIhvcNAgkFADAdBglghkgBZQMEAQIEEAMkoLiiAZaNLa0waSpFytcEgZBY
+Ij6Z6MFN/9IPRl7qR4sPaXY5rgE5bOH6NMJ/FeJPG4iAlg915mTeIOWYsNhIEx8A
+2ady3MLz5LEIoLVzU1HYEw/8R1dfZIjN9ue3Z4yXAgGqePmsFm3eH2z7ihkKItw6
+fqzaSJAhu4uX6jGb9/YhtOkXHoQwchZebcUnva5CUfIw/AGwgBBh05+oFy2eruc=
+-----END ENCRYPTED PRIVATE KEY-----
+";
+
+/// Mistakes made when importing files by hand, each named for what it is
+/// (not "does not match", "no items found"), at the key of the file; and an
+/// ACME `certs_dir` that is a file, caught by `check` rather than at the
+/// first issuance in the background.
+#[test]
+fn check_names_a_reversed_chain_an_encrypted_key_and_a_certs_dir_that_is_a_file() {
+    let pki = Pki::new();
+    let good = pki.leaf("good", &[ALPHA]);
+    // The CA first, then the leaf: the reverse of fullchain.pem.
+    let reversed = pki.dir.path().join("reversed.pem");
+    let leaf_pem = fs::read_to_string(&good.cert).unwrap();
+    fs::write(&reversed, format!("{}{leaf_pem}", pki.ca.pem())).unwrap();
+    let encrypted = pki.dir.path().join("encrypted.key");
+    fs::write(&encrypted, ENCRYPTED_KEY).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, text) = check_config(
+        dir.path(),
+        &[
+            ("reversed", &reversed, &good.key),
+            ("encrypted", &good.cert, &encrypted),
+            ("swapped", &good.key, &good.cert),
+        ],
+    );
+    let out = run_check(&path, None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let at = |line: usize| format!("{}:{line}:", path.display());
+    let reversed_line = line_with(&text, "cert", &reversed);
+    assert!(err.contains(&at(reversed_line)), "{err}");
+    assert!(err.contains("wrong order"), "{err}");
+    let encrypted_line = line_with(&text, "key", &encrypted);
+    assert!(err.contains(&at(encrypted_line)), "{err}");
+    assert!(err.contains("encrypted"), "{err}");
+    assert!(!err.contains("no items found"), "{err}");
+    assert!(!err.contains("does not match"), "{err}");
+
+    // certs_dir is a file: ACME could never write there.
+    let file = dir.path().join("not-a-dir");
+    fs::write(&file, "").unwrap();
+    let (path, text) = check_config(dir.path(), &[]);
+    let with_acme = format!(
+        "{text}[tls]\ncerts_dir = {}\n\n[acme]\ndirectory = \"https://127.0.0.1:1/dir\"\n\n\
+         [[acme.certificates]]\nname = \"site\"\ndomains = [\"a.test\"]\n",
+        toml_str(file.to_str().unwrap())
+    );
+    fs::write(&path, &with_acme).unwrap();
+    let out = run_check(&path, None);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = with_acme
+        .lines()
+        .position(|l| l.starts_with("certs_dir"))
+        .unwrap()
+        + 1;
+    assert!(err.contains(&at(line)), "{err}");
+    assert!(err.contains("not a directory"), "{err}");
+    // A certs_dir that does not exist yet is fine: it is created on need.
+    let later = with_acme.replace(
+        &toml_str(file.to_str().unwrap()),
+        &toml_str(dir.path().join("new/certs").to_str().unwrap()),
+    );
+    fs::write(&path, &later).unwrap();
+    let out = run_check(&path, None);
+    assert!(out.status.success(), "{}", describe(&out));
+}

@@ -55,6 +55,13 @@ pub enum AcmeError {
     NoHttp01(String),
     #[error("cannot read {}: {detail} (delete it to create a new account)", path.display())]
     AccountFile { path: PathBuf, detail: String },
+    /// The account file exists but cannot be read (permissions, or
+    /// `certs_dir` is not a directory): deleting it is not the remedy.
+    #[error("cannot read {}: {source}", path.display())]
+    ReadAccount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {}: {source}", path.display())]
     Write {
         path: PathBuf,
@@ -323,12 +330,19 @@ impl AcmeClient {
                 .new_order(&NewOrder::new(identifiers).replaces(id))
                 .await
             {
-                // No renewal information at this CA, or the old certificate
-                // was replaced already (RFC 9773 §7.4): a plain order still
-                // renews.
+                // No renewal information at this CA, or the CA refused the
+                // `replaces` field, however it words it (RFC 9773 §5 lets it:
+                // already replaced, a certificate another account ordered,
+                // such as certbot's after a migration, one it never issued,
+                // no identifier in common): a plain order still renews, and
+                // retrying the same field would fail until expiry. An
+                // unknown account is the caller's to handle; a rate limit
+                // would refuse the plain order too.
                 Err(e)
-                    if problem_is(&e, "alreadyReplaced")
-                        || matches!(e, instant_acme::Error::Unsupported(_)) =>
+                    if matches!(e, instant_acme::Error::Unsupported(_))
+                        || (matches!(e, instant_acme::Error::Api(_))
+                            && !problem_is(&e, "accountDoesNotExist")
+                            && !problem_is(&e, "rateLimited")) =>
                 {
                     tracing::info!(certificate = name, cause = %e, "ordering without `replaces`");
                 }
@@ -408,10 +422,10 @@ fn read_credentials(path: &Path, directory: &str) -> Result<Option<AccountCreden
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(AcmeError::AccountFile {
+        Err(source) => {
+            return Err(AcmeError::ReadAccount {
                 path: path.to_path_buf(),
-                detail: e.to_string(),
+                source,
             })
         }
     };

@@ -119,20 +119,54 @@ pub fn from_pem(chain: &[u8], key: &[u8]) -> Result<Certificate, PemError> {
         return Err(PemError::Chain("no CERTIFICATE block".into()));
     };
     let info = describe(leaf).map_err(PemError::Chain)?;
-    let key = PrivateKeyDer::from_pem_slice(key)
-        .map_err(|e| PemError::Key(format!("no usable PEM private key: {e}")))?;
+    let key_pem = key;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| PemError::Key(no_key(key_pem, e)))?;
     let signer = any_supported_type(&key)
         .map_err(|e| PemError::Key(format!("unsupported private key: {e}")))?;
-    let certified = CertifiedKey::new(certs, signer);
+    let certified = CertifiedKey::new(certs.clone(), signer.clone());
     match certified.keys_match() {
         Ok(()) => {}
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
-        Err(e) => return Err(PemError::Mismatch(e.to_string())),
+        Err(e) => {
+            // The key belongs to a later certificate: the chain is in the
+            // wrong order (RFC 8446 §4.4.2: the sender's certificate first).
+            let belongs = |c: &CertificateDer<'static>| {
+                CertifiedKey::new(vec![c.clone()], signer.clone())
+                    .keys_match()
+                    .is_ok()
+            };
+            if let Some(i) = certs.iter().skip(1).position(belongs) {
+                return Err(PemError::Chain(format!(
+                    "the chain is in the wrong order: certificate {} of {} belongs to the key; \
+                     put it first, then its issuers (leaf first, as certbot's fullchain.pem is)",
+                    i + 2,
+                    certs.len()
+                )));
+            }
+            return Err(PemError::Mismatch(e.to_string()));
+        }
     }
     Ok(Certificate {
         key: Arc::new(certified),
         info,
     })
+}
+
+/// Why a key file gave no private key, saying what it holds instead where
+/// that is the likely mistake: an encrypted key (no passphrase can be asked
+/// for at start-up) or a certificate.
+fn no_key(pem: &[u8], e: rustls_pki_types::pem::Error) -> String {
+    let holds = |label: &str| pem.windows(label.len()).any(|w| w == label.as_bytes());
+    if holds("ENCRYPTED PRIVATE KEY") || holds("Proc-Type: 4,ENCRYPTED") {
+        "the private key is encrypted, and switchyard cannot ask for its passphrase: \
+         decrypt it once (openssl pkey -in KEY -out KEY.plain) and keep the result mode 0600"
+            .into()
+    } else if holds("-----BEGIN CERTIFICATE-----") {
+        "holds a CERTIFICATE, not a private key: is it the cert file?".into()
+    } else {
+        format!("no usable PEM private key: {e}")
+    }
 }
 
 /// Reads a certificate from `cert` and `key` files; see [`from_pem`].
@@ -192,6 +226,40 @@ pub fn check_ca_root(path: &Path) -> Result<(), CertError> {
     if certs.is_empty() {
         return Err(chain(
             "no CERTIFICATE block: give the CA's PEM certificate".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that ACME can keep its files in `dir` (`tls.certs_dir`): an
+/// existing directory this process may write, or a path whose nearest
+/// existing ancestor is one (it is created on first need). A file in the
+/// way or a read-only directory would otherwise surface only at the first
+/// issuance, in the background, after start-up said everything was fine.
+pub fn check_certs_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(format!("{} is not a directory", at.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                at = match at.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+            }
+            Err(e) => return Err(format!("cannot use {}: {e}", at.display())),
+        }
+    }
+    let c = std::ffi::CString::new(at.as_os_str().as_bytes())
+        .map_err(|_| format!("{} has a NUL byte", at.display()))?;
+    // SAFETY: `c` is a valid NUL-terminated path; access(2) only reads it.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!(
+            "{} is not writable ({e}): ACME keeps its certificates, keys and account there",
+            at.display()
         ));
     }
     Ok(())

@@ -94,6 +94,11 @@ impl Plain {
             return None;
         }
         let target = req.raw_path();
+        // `OPTIONS *` asks about the server, not a resource (RFC 9112
+        // §3.2.4): there is no URL to send it to.
+        if target == b"*" {
+            return None;
+        }
         // An absolute-form target names its own authority: keep only its
         // path and query (the host is the authority's).
         let origin = host::origin_form(target);
@@ -291,6 +296,11 @@ mod tests {
         }
         let (r, _) = req(b"/", "site.example");
         assert_eq!(p.redirect(&r, None), None);
+        // Asterisk form names no resource: answered as on plain HTTP.
+        let mut r = RequestHeader::build("OPTIONS", b"*", None).unwrap();
+        r.insert_header("host", "site.example").unwrap();
+        let a = host::request_authority(&r).unwrap();
+        assert_eq!(p.redirect(&r, a.as_ref()), None);
         // The default port is left out.
         let (p, _) = plain(Some(443));
         let (r, a) = req(b"/x", "site.example");

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use rand::Rng;
@@ -138,10 +139,15 @@ pub struct Managed {
     pub current: Option<Certificate>,
     /// Whether `current` is the self-signed stand-in (issue at once).
     pub bootstrap: bool,
+    /// Whether `current` is a valid certificate from disk that lacks some
+    /// configured domain (a domain was added): it keeps serving the names
+    /// it has while a certificate for all of them is ordered at once.
+    pub incomplete: bool,
 }
 
 /// Serves each ACME certificate before the listener starts: the files under
-/// `certs_dir` if they are valid at `now` and name every configured domain,
+/// `certs_dir` if they are valid at `now` (ordered again at once if they
+/// lack a configured domain: the names they have stay trusted meanwhile),
 /// otherwise a self-signed stand-in, to be replaced by the first issuance.
 /// Never waits for the CA.
 pub fn load_at_start(
@@ -159,14 +165,26 @@ pub fn load_at_start(
                 if cert.info.expired_at(now) {
                     return Err(format!("{} expired", pem.display()));
                 }
-                match c.domains.iter().find(|d| !cert.info.names.contains(d)) {
-                    Some(d) => Err(format!("{} does not name {d}", pem.display())),
-                    None => Ok(cert),
+                if !c.domains.iter().any(|d| cert.info.names.contains(d)) {
+                    return Err(format!("{} names none of the domains", pem.display()));
                 }
+                Ok(cert)
             });
+        let mut incomplete = false;
         let (current, bootstrap) = match on_disk {
             Ok(cert) => {
-                tracing::info!(certificate = c.name, serial = cert.info.serial, not_after = %humantime::format_rfc3339_seconds(cert.info.not_after), "ACME certificate loaded from disk");
+                let missing: Vec<&String> = c
+                    .domains
+                    .iter()
+                    .filter(|d| !cert.info.names.contains(d))
+                    .collect();
+                if missing.is_empty() {
+                    tracing::info!(certificate = c.name, serial = cert.info.serial, not_after = %humantime::format_rfc3339_seconds(cert.info.not_after), "ACME certificate loaded from disk");
+                } else {
+                    incomplete = true;
+                    tracing::warn!(certificate = c.name, serial = cert.info.serial, missing = ?missing,
+                        "ACME certificate on disk lacks configured domains: it keeps serving the names it has; ordering one for all of them now");
+                }
                 (Some(cert), false)
             }
             Err(why) => match certs::self_signed(&c.domains) {
@@ -190,6 +208,7 @@ pub fn load_at_start(
             domains: c.domains.clone(),
             current,
             bootstrap,
+            incomplete,
         });
     }
     out
@@ -337,7 +356,7 @@ impl<C: Ca, K: Clock> Inner<C, K> {
             let (at, renew) = match (&m.current, retry_at) {
                 (_, Some(at)) => (at, true),
                 (None, None) => (self.clock.now(), true),
-                (Some(_), None) if m.bootstrap => (self.clock.now(), true),
+                (Some(_), None) if m.bootstrap || m.incomplete => (self.clock.now(), true),
                 (Some(cert), None) => {
                     let p = self.plan_for(&m.name, cert).await;
                     tracing::info!(certificate = m.name, at = %humantime::format_rfc3339_seconds(p.renew_at), reason = p.reason, "renewal scheduled");
@@ -348,7 +367,7 @@ impl<C: Ca, K: Clock> Inner<C, K> {
                     }
                 }
             };
-            if retry_at.is_some() || m.bootstrap || m.current.is_none() {
+            if retry_at.is_some() || m.bootstrap || m.incomplete || m.current.is_none() {
                 self.store.set_next_renewal(&m.name, Some(at));
             }
             match self.wait_until(at, &forced, &mut shutdown).await {
@@ -374,7 +393,12 @@ impl<C: Ca, K: Clock> Inner<C, K> {
                     self.store.record_success(&m.name);
                     m.current = Some(cert);
                     m.bootstrap = false;
+                    m.incomplete = false;
                     failures = 0;
+                    // A renewal requested while this one was under way is
+                    // served by it: drop the stored wake-up rather than
+                    // issue a second certificate (CAs limit duplicates).
+                    let _ = forced.notified().now_or_never();
                     retry_at = None;
                 }
                 Err(e) => {
@@ -510,6 +534,8 @@ mod tests {
         windows: Mutex<VecDeque<Option<(Duration, Duration, Duration)>>>,
         issued: Mutex<Vec<SystemTime>>,
         asked: Mutex<Vec<SystemTime>>,
+        /// How long an issuance takes.
+        delay: Mutex<Duration>,
         clock: Mutex<Option<TokioClock>>,
     }
 
@@ -528,6 +554,8 @@ mod tests {
         ) -> Result<Certificate, AcmeError> {
             let now = self.now();
             self.issued.lock().unwrap().push(now);
+            let delay = *self.delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
             match self.issue.lock().unwrap().pop_front() {
                 Some(Err(detail)) => Err(AcmeError::Ca {
                     step: "new order",
@@ -616,6 +644,7 @@ mod tests {
             domains: vec!["a.test".into()],
             current,
             bootstrap,
+            incomplete: false,
         }];
         let renewer = Renewer::new(
             ca.clone(),
@@ -763,6 +792,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_renewal_requested_during_one_under_way_is_served_by_it() {
+        let mut current = certs::self_signed(&["a.test".into()]).unwrap();
+        let now = SystemTime::now();
+        current.info.not_before = now;
+        current.info.not_after = now + 90 * DAY;
+        let ca = FakeCa::default();
+        *ca.delay.lock().unwrap() = Duration::from_secs(10);
+        let h = start(ca, Some(current));
+        run_for(Duration::from_secs(1)).await;
+        h.store.request_renewal("site").unwrap();
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(h.ca.issued.lock().unwrap().len(), 1, "under way");
+        h.store.request_renewal("site").unwrap();
+        run_for(Duration::from_secs(60)).await;
+        assert_eq!(h.ca.issued.lock().unwrap().len(), 1, "no second one");
+        // A request after it is done renews again.
+        h.store.request_renewal("site").unwrap();
+        run_for(Duration::from_secs(60)).await;
+        assert_eq!(h.ca.issued.lock().unwrap().len(), 2);
+        h.stop.send(true).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_stand_in_near_expiry_is_replaced_while_issuance_fails() {
         let ca = FakeCa::default();
         ca.issue
@@ -815,8 +867,14 @@ mod tests {
         let later = now + 31 * DAY;
         assert!(load_at_start(&acme, dir.path(), &store, later)[0].bootstrap);
         let mut other = acme.clone();
-        other.certificates[0].domains.push("b.test".into());
+        other.certificates[0].domains = vec!["b.test".into()];
         let store = CertStore::new(&tls, Some(&other));
         assert!(load_at_start(&other, dir.path(), &store, now)[0].bootstrap);
+        // A domain added: the files keep serving, ordered again at once.
+        let mut added = acme.clone();
+        added.certificates[0].domains.push("b.test".into());
+        let store = CertStore::new(&tls, Some(&added));
+        let m = load_at_start(&added, dir.path(), &store, now);
+        assert!(!m[0].bootstrap && m[0].incomplete && !store.get("site").unwrap().bootstrap);
     }
 }
