@@ -334,6 +334,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.response_started = true;
+        respond::strip_hop_by_hop(resp);
         if ctx.http10 {
             http10_framing(session, resp)?;
         }

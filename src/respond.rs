@@ -1,5 +1,6 @@
 //! The answers switchyard gives itself: refusals, the maintenance page, and
-//! the headers stamped on every response (`Server`, `X-Request-Id`).
+//! the headers stamped on every response (`Server`, `X-Request-Id`), with
+//! a backend answer's hop-by-hop headers taken off.
 //!
 //! Every refusal is short: JSON `{"error": "..."}`, except 503s, which browsers
 //! get as the HTML maintenance page (JSON when they ask for it with `Accept`).
@@ -153,6 +154,39 @@ pub fn stamp(resp: &mut ResponseHeader, request_id: &http::HeaderValue) -> Resul
     resp.insert_header(X_REQUEST_ID, request_id.clone())
 }
 
+/// Removes a backend answer's hop-by-hop headers, which describe the
+/// backend's connection to switchyard, not switchyard's to the client (RFC
+/// 9110 §7.6.1): the fields `Connection` names, `Connection` itself
+/// (Pingora writes its own for the client's connection), `Keep-Alive`,
+/// `Proxy-Connection`, `TE` and, outside a `101 Switching Protocols`,
+/// `Upgrade`. Framing fields (`Content-Length`, `Transfer-Encoding`) are
+/// Pingora's to handle and are never removed by name.
+pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
+    for name in ["keep-alive", "proxy-connection", "te"] {
+        resp.remove_header(name);
+    }
+    // A 101's `Connection: Upgrade` and `Upgrade` are the handshake itself,
+    // which Pingora passes on to the client.
+    if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    let named: Vec<http::HeaderName> = resp
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|token| http::HeaderName::from_bytes(token.trim_ascii()).ok())
+        .filter(|name| {
+            *name != http::header::CONTENT_LENGTH && *name != http::header::TRANSFER_ENCODING
+        })
+        .collect();
+    for name in named {
+        resp.remove_header(&name);
+    }
+    resp.remove_header(&http::header::CONNECTION);
+    resp.remove_header(&http::header::UPGRADE);
+}
+
 /// The status to answer for a failed proxy attempt; 0 when the client is gone.
 pub fn status_for(e: &Error) -> u16 {
     match e.etype() {
@@ -169,5 +203,39 @@ pub fn status_for(e: &Error) -> u16 {
             },
             ErrorSource::Internal | ErrorSource::Unset => 500,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_of_backend_answers_are_removed() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        for (name, value) in [
+            ("connection", "keep-alive, X-Backend-Conn"),
+            ("connection", "content-length"),
+            ("x-backend-conn", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("content-length", "3"),
+            ("x-kept", "yes"),
+        ] {
+            resp.append_header(name, value).unwrap();
+        }
+        strip_hop_by_hop(&mut resp);
+        let mut left: Vec<&str> = resp.headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "x-kept"]);
+
+        let mut switching = ResponseHeader::build(101, None).unwrap();
+        switching.append_header("connection", "Upgrade").unwrap();
+        switching.append_header("upgrade", "websocket").unwrap();
+        strip_hop_by_hop(&mut switching);
+        assert!(switching.headers.contains_key("upgrade"));
+        assert!(switching.headers.contains_key("connection"));
     }
 }

@@ -1,7 +1,9 @@
 //! HTTP/1.0 clients: plain bodies (never chunked framing), keep-alive only
 //! when asked and the length is known, no 1xx interim responses, `Upgrade`
 //! ignored, and well-formed answers from the proxy itself
-//! (RFC 9112 §6.1, §6.3, §9.3; RFC 9110 §7.8, §15.2).
+//! (RFC 9112 §6.1, §6.3, §9.3; RFC 9110 §7.8, §15.2). Also, for every
+//! client, a backend answer's hop-by-hop headers stay behind (RFC 9110
+//! §7.6.1), with a scripted backend that sends them.
 
 mod common;
 
@@ -34,6 +36,8 @@ fn script(path: &str) -> &'static [u8] {
         "/early-hints" => b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhints",
         "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\ncontinue",
         "/gzip-te" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        // Hop-by-hop headers about the backend's own connection.
+        "/hop" => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close, X-Backend-Conn\r\nX-Backend-Conn: secret-ish\r\nKeep-Alive: timeout=5\r\nProxy-Connection: close\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\nhop",
         _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     }
 }
@@ -420,5 +424,39 @@ fn proxy_answers_to_http10_clients_are_well_formed() {
             "{request:?}: {}",
             r.head
         );
+    }
+}
+
+#[test]
+fn hop_by_hop_headers_of_a_backend_answer_stay_behind() {
+    let backend = Scripted::start();
+    let green = Upstream::start("green");
+    let proxy = scripted_proxy(&backend, &green);
+    for request in [
+        &b"GET /hop HTTP/1.1\r\nHost: a.example\r\n\r\n"[..],
+        &b"GET /hop HTTP/1.0\r\n\r\n"[..],
+    ] {
+        let mut c = RawConn::connect(&proxy.http_addr());
+        c.send(request).unwrap();
+        let r = c.read_response(Duration::from_secs(5)).unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        for name in [
+            "x-backend-conn",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "upgrade",
+        ] {
+            assert_eq!(r.header(name), None, "{name} in {r:?}");
+        }
+        assert_eq!(r.header("x-kept"), Some("yes"), "{r:?}");
+        // The client's connection is described by switchyard alone: the
+        // backend closing its own is no reason to close the client's.
+        let want = if request.ends_with(b"HTTP/1.1\r\nHost: a.example\r\n\r\n") {
+            "keep-alive"
+        } else {
+            "close"
+        };
+        assert_eq!(r.header("connection"), Some(want), "{r:?}");
     }
 }
