@@ -155,14 +155,16 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
             .admit(peer_ip(&stream), !h2, || bytes_waiting(&stream))
             .ok()?;
         // A failed or late handshake drops the stream: closed, not logged.
+        // Boxed: the handshake's state would otherwise sit inline in this
+        // future, which every connection allocates, plain HTTP ones too.
         let stream = match &self.tls {
-            Some(tls) => tls.accept(stream, accepted, deadline).await?,
+            Some(tls) => Box::pin(tls.accept(stream, accepted, deadline)).await?,
             None => stream,
         };
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         // HTTP/2 is not wrapped below; its preface still comes by the deadline.
         let stream = match h2 && self.tls.is_some() {
-            true => crate::tls::preface::read(stream, deadline).await?,
+            true => Box::pin(crate::tls::preface::read(stream, deadline)).await?,
             false => stream,
         };
         let stream: Stream = match admission.slot() {
