@@ -1189,3 +1189,53 @@ fn check_names_a_reversed_chain_an_encrypted_key_and_a_certs_dir_that_is_a_file(
     let out = run_check(&path, None);
     assert!(out.status.success(), "{}", describe(&out));
 }
+
+/// Sends a POST with `body` over HTTP/2 and returns the answer's status.
+async fn h2_post(send: &mut h2::client::SendRequest<Bytes>, url: &str, body: &'static [u8]) -> u16 {
+    futures_util::future::poll_fn(|cx| send.poll_ready(cx))
+        .await
+        .expect("h2 ready");
+    let req = http::Request::post(url).body(()).unwrap();
+    let (resp, mut stream) = send.send_request(req, false).expect("send h2 request");
+    stream.send_data(Bytes::from_static(body), true).unwrap();
+    let resp = tokio::time::timeout(IO_TIMEOUT, resp)
+        .await
+        .expect("h2 response in time")
+        .expect("h2 response");
+    resp.status().as_u16()
+}
+
+#[test]
+fn rate_limits_and_body_limits_hold_over_http2() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("alpha", &[ALPHA]);
+    let blue = Upstream::start("blue");
+    let body = format!(
+        "[rate_limits.writes]\nrate = \"1/m\"\nmethods = [\"POST\"]\n\n{}{}{}",
+        service("app", &[&blue], &[&blue], "blue"),
+        route_with("/w", "app", "rate_limit = \"writes\""),
+        route_with("/small", "app", "max_body = \"10\""),
+    );
+    let proxy = ProxyBuilder::new(body)
+        .https(&static_cert("alpha", &leaf))
+        .start();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut send = h2_connect(&pki, &proxy.https_addr(), ALPHA).await;
+        // One POST a minute per client: the second on the same HTTP/2
+        // connection (or any other) is refused.
+        assert_eq!(h2_post(&mut send, "https://alpha.test/w", b"a").await, 200);
+        assert_eq!(h2_post(&mut send, "https://alpha.test/w", b"b").await, 429);
+        // A body over the route's max_body is refused with 413.
+        let big = b"twenty bytes of body";
+        assert_eq!(
+            h2_post(&mut send, "https://alpha.test/small", big).await,
+            413
+        );
+        assert_eq!(
+            h2_post(&mut send, "https://alpha.test/small", b"ok").await,
+            200
+        );
+    });
+    assert_eq!(blue.requests_for("/w").len(), 1);
+}
