@@ -19,6 +19,10 @@ use tokio::sync::Notify;
 use crate::config;
 use crate::tls::certs::{CertInfo, Certificate};
 
+/// Longest `last_error` kept (1000 characters): a CA's problem detail is
+/// a sentence or two.
+pub const MAX_ERROR_CHARS: usize = 1000;
+
 /// Where a certificate comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -236,7 +240,15 @@ impl CertStore {
     }
 
     /// Records a failed issuance or renewal of `name`.
+    /// The error text comes partly from the CA (its problem document): control
+    /// characters become spaces and it is cut at [`MAX_ERROR_CHARS`], so
+    /// `ctl certs` prints one line an untrusted CA cannot dress up.
     pub fn record_failure(&self, name: &str, error: String) {
+        let error: String = error
+            .chars()
+            .take(MAX_ERROR_CHARS)
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         if let Some(e) = self.entries().iter_mut().find(|e| e.status.name == name) {
             e.status.last_error = Some(error);
             e.status.failures += 1;
@@ -370,7 +382,11 @@ mod tests {
             Err(RenewError::Unknown(_))
         ));
         s.record_failure("site", "CA down".into());
-        s.record_failure("site", "CA down".into());
+        s.record_failure("site", "CA said:\n\u{1b}[31mforged line".into());
+        assert_eq!(
+            s.get("site").unwrap().last_error.as_deref(),
+            Some("CA said:  [31mforged line")
+        );
         let st = s.get("site").unwrap();
         assert_eq!((st.failures, st.failures_total), (2, 2));
         s.record_success("site");
