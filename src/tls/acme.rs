@@ -344,7 +344,7 @@ impl AcmeClient {
                             && !problem_is(&e, "accountDoesNotExist")
                             && !problem_is(&e, "rateLimited")) =>
                 {
-                    tracing::info!(certificate = name, cause = %e, "ordering without `replaces`");
+                    tracing::info!(certificate = name, cause = %crate::tls::store::one_line(&e.to_string()), "ordering without `replaces`");
                 }
                 other => return other,
             }

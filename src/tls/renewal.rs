@@ -25,7 +25,7 @@ use rand::Rng;
 use crate::config;
 use crate::tls::acme::{Ca, Window};
 use crate::tls::certs::{self, CertInfo, Certificate};
-use crate::tls::store::CertStore;
+use crate::tls::store::{one_line, CertStore};
 
 /// Renew once less than this fraction of the lifetime remains (one third:
 /// 30 days of a 90-day certificate), when the CA gives no window.
@@ -306,7 +306,7 @@ impl<C: Ca, K: Clock> Inner<C, K> {
         let window = match self.ca.renewal_window(&leaf).await {
             Ok(w) => w,
             Err(e) => {
-                tracing::warn!(certificate = name, cause = %e, "cannot fetch renewal information; following the one-third rule meanwhile");
+                tracing::warn!(certificate = name, cause = %one_line(&e.to_string()), "cannot fetch renewal information; following the one-third rule meanwhile");
                 let mut p = plan(&cert.info, None, self.clock.now(), 0.0);
                 p.recheck_at = Some(self.clock.now() + RENEWAL_INFO_FAILURE_RECHECK);
                 return p;
@@ -416,9 +416,9 @@ impl<C: Ca, K: Clock> Inner<C, K> {
                     let retry_in =
                         humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
                     if urgent {
-                        tracing::error!(certificate = m.name, failures, retry_in = %retry_in, cause = %e, "certificate issuance failed; the current certificate keeps serving");
+                        tracing::error!(certificate = m.name, failures, retry_in = %retry_in, cause = %one_line(&e.to_string()), "certificate issuance failed; the current certificate keeps serving");
                     } else {
-                        tracing::warn!(certificate = m.name, failures, retry_in = %retry_in, cause = %e, "certificate renewal failed; the current certificate keeps serving");
+                        tracing::warn!(certificate = m.name, failures, retry_in = %retry_in, cause = %one_line(&e.to_string()), "certificate renewal failed; the current certificate keeps serving");
                     }
                 }
             }

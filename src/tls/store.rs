@@ -23,6 +23,17 @@ use crate::tls::certs::{CertInfo, Certificate};
 /// a sentence or two.
 pub const MAX_ERROR_CHARS: usize = 1000;
 
+/// `text` as one line of at most [`MAX_ERROR_CHARS`] characters, control
+/// characters turned into spaces: for errors that carry a CA's words into
+/// the log and `GET /certs`, where a newline could forge a log line and a
+/// terminal escape could dress up `ctl certs`.
+pub fn one_line(text: &str) -> String {
+    text.chars()
+        .take(MAX_ERROR_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// Where a certificate comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -244,11 +255,7 @@ impl CertStore {
     /// characters become spaces and it is cut at [`MAX_ERROR_CHARS`], so
     /// `ctl certs` prints one line an untrusted CA cannot dress up.
     pub fn record_failure(&self, name: &str, error: String) {
-        let error: String = error
-            .chars()
-            .take(MAX_ERROR_CHARS)
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
+        let error = one_line(&error);
         if let Some(e) = self.entries().iter_mut().find(|e| e.status.name == name) {
             e.status.last_error = Some(error);
             e.status.failures += 1;
