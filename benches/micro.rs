@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use pingora::http::RequestHeader;
 use switchyard::config::Config;
 use switchyard::limits::rate::RateLimit;
 use switchyard::pools::Switchboard;
@@ -76,15 +77,17 @@ fn rate_limit(c: &mut Criterion) {
         .find(|l| l.name == "writes")
         .expect("shipped config has the writes limit");
     let client: IpAddr = "203.0.113.7".parse().unwrap();
+    let get = RequestHeader::build("GET", b"/api/v1/meetings", None).unwrap();
+    let post = RequestHeader::build("POST", b"/api/v1/meetings", None).unwrap();
 
     // A GET on a limited route: the method is not counted (the common case).
     let limit = RateLimit::new(writes);
     c.bench_function("rate limit/uncounted method", |b| {
-        b.iter(|| limit.check(black_box(&http::Method::GET), black_box(client)))
+        b.iter(|| limit.check(black_box(&get), black_box(client)))
     });
     // One client hammering: after its burst every check is a refusal.
     c.bench_function("rate limit/one client over its rate", |b| {
-        b.iter(|| limit.check(black_box(&http::Method::POST), black_box(client)))
+        b.iter(|| limit.check(black_box(&post), black_box(client)))
     });
     // 65 536 distinct clients in turn: the table lookup with a big table.
     let limit = RateLimit::new(writes);
@@ -93,13 +96,26 @@ fn rate_limit(c: &mut Criterion) {
         b.iter(|| {
             n = n.wrapping_add(1);
             let ip = IpAddr::from((0x0a00_0000 | (n & 0xffff)).to_be_bytes());
-            limit.check(black_box(&http::Method::POST), ip)
+            limit.check(black_box(&post), ip)
         })
     });
     // IPv6 clients are keyed by their /64.
     let v6: IpAddr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
     c.bench_function("rate limit/IPv6 client", |b| {
-        b.iter(|| limit.check(black_box(&http::Method::POST), black_box(v6)))
+        b.iter(|| limit.check(black_box(&post), black_box(v6)))
+    });
+
+    // Keyed by an API key header: one keyed hash (SipHash-1-3) per check.
+    let by_key = RateLimit::new(&switchyard::config::RateLimit {
+        key: switchyard::config::KeySource::parse("header:x-api-key").unwrap(),
+        ..writes.clone()
+    });
+    let mut keyed = post.clone();
+    keyed
+        .insert_header("x-api-key", "sk-0123456789abcdef0123456789abcdef")
+        .unwrap();
+    c.bench_function("rate limit/API key header", |b| {
+        b.iter(|| by_key.check(black_box(&keyed), black_box(client)))
     });
 }
 

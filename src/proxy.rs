@@ -230,7 +230,7 @@ impl ProxyHttp for Proxy {
             .limits
             .rate_limit
             .and_then(|i| self.rate_limits.get(i));
-        if let Some(Err(wait)) = rate_limit.map(|l| l.check(&req.method, client_ip)) {
+        if let Some(Err(wait)) = rate_limit.map(|l| l.check(req, client_ip)) {
             // Round up: a client that waits `Retry-After` seconds is let through.
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             return self.refuse(session, ctx, Refusal::RateLimited(secs)).await;

@@ -143,3 +143,57 @@ fn the_budget_refills_at_the_rate() {
         "the budget never refilled"
     );
 }
+
+/// A limit keyed by `key` (`header:X-Api-Key` or `global`), 1 POST a
+/// minute, on `/keyed`.
+fn start_keyed(blue: &Upstream, green: &Upstream, key: &str) -> Proxy {
+    let mut s = service("api", &[blue], &[green], "blue");
+    s.push_str(&format!(
+        "[rate_limits.ai]\nrate = \"1/m\"\nkey = {}\n\n",
+        toml_str(key)
+    ));
+    s.push_str(&route_with("/keyed", "api", "rate_limit = \"ai\""));
+    ProxyBuilder::new(s)
+        .server(r#"trusted_proxies = ["127.0.0.0/8"]"#)
+        .start()
+}
+
+fn post_as(url: &str, client: &str, api_key: Option<&str>) -> u16 {
+    let mut headers = vec![("X-Forwarded-For", client)];
+    if let Some(k) = api_key {
+        headers.push(("X-Api-Key", k));
+    }
+    request("POST", &format!("{url}/keyed"), &headers, Some(b"{}")).status
+}
+
+#[test]
+fn a_header_key_counts_per_key_and_falls_back_to_the_client_without_it() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = start_keyed(&blue, &green, "header:X-Api-Key");
+    let url = proxy.http_url();
+    // One key from two clients shares one budget...
+    assert_eq!(post_as(&url, A, Some("sk-one")), 200);
+    assert_eq!(post_as(&url, B, Some("sk-one")), 429);
+    // ...and two keys from one client have one each.
+    assert_eq!(post_as(&url, A, Some("sk-two")), 200);
+    assert_eq!(post_as(&url, A, Some("sk-two")), 429);
+    // Without the header a request counts under its client's address.
+    assert_eq!(post_as(&url, A, None), 200);
+    assert_eq!(post_as(&url, A, None), 429);
+    assert_eq!(post_as(&url, B, None), 200);
+    // The key is never logged.
+    assert!(!proxy.stderr_text().contains("sk-one"));
+}
+
+#[test]
+fn a_global_key_is_one_budget_for_everyone() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = start_keyed(&blue, &green, "global");
+    let url = proxy.http_url();
+    assert_eq!(post_as(&url, A, Some("sk-one")), 200);
+    assert_eq!(post_as(&url, B, Some("sk-two")), 429);
+    assert_eq!(post_as(&url, "2001:db8::1", None), 429);
+    assert_eq!(blue.requests_for("/keyed").len(), 1);
+}

@@ -29,6 +29,7 @@ pub struct RateLimit {
     pub rate: Spanned<String>,
     pub burst: Option<Spanned<u32>>,
     pub methods: Option<Vec<Spanned<String>>>,
+    pub key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use http::HeaderName;
 use toml::Spanned;
 
 use super::{file, Validator};
@@ -26,6 +27,48 @@ pub struct RateLimit {
     pub burst: u32,
     /// Methods the limit counts; `None` means every method.
     pub methods: Option<Vec<http::Method>>,
+    /// What requests are counted under (`key`; default the client address).
+    pub key: KeySource,
+}
+
+/// Where a limit takes its key from (`key = ...` in a limit's table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `"client_ip"` (the default): the client's address after
+    /// `trusted_proxies`; IPv6 by its /64.
+    ClientIp,
+    /// `"header:NAME"`: the value of that request header, hashed.
+    Header(HeaderName),
+    /// `"global"`: every request shares one key.
+    Global,
+}
+
+impl KeySource {
+    /// Reads `client_ip`, `global` or `header:NAME` (NAME a header field
+    /// name, RFC 9110 §5.1; case does not matter). The error says what to
+    /// write instead.
+    pub fn parse(text: &str) -> Result<KeySource, String> {
+        match text {
+            "client_ip" => Ok(KeySource::ClientIp),
+            "global" => Ok(KeySource::Global),
+            _ => {
+                let Some(name) = text.strip_prefix("header:") else {
+                    return Err(
+                        "expected \"client_ip\", \"global\" or \"header:NAME\" (e.g. \"header:X-Api-Key\")"
+                            .into(),
+                    );
+                };
+                let name = HeaderName::from_bytes(name.trim().as_bytes())
+                    .map_err(|_| format!("{name:?} is not a header name"))?;
+                if name == http::header::HOST || name.as_str().starts_with("x-forwarded-") {
+                    return Err(format!(
+                        "{name} says where a request goes or came from, not who sent it: use \"client_ip\""
+                    ));
+                }
+                Ok(KeySource::Header(name))
+            }
+        }
+    }
 }
 
 impl Validator<'_> {
@@ -77,13 +120,30 @@ impl Validator<'_> {
             }
             out
         });
+        let key = self.limit_key(r.key.as_ref());
         valid_name.then(|| RateLimit {
             name: name.into_inner(),
             requests,
             per,
             burst,
             methods,
+            key,
         })
+    }
+
+    /// A limit's `key`; a mistake is reported and the client address
+    /// stands in.
+    pub(super) fn limit_key(&mut self, value: Option<&Spanned<String>>) -> KeySource {
+        let Some(value) = value else {
+            return KeySource::ClientIp;
+        };
+        match KeySource::parse(value.get_ref()) {
+            Ok(k) => k,
+            Err(e) => {
+                self.at(value, format!("bad key {:?}: {e}", value.get_ref()));
+                KeySource::ClientIp
+            }
+        }
     }
 }
 
@@ -105,6 +165,49 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn a_bad_key_is_located() {
+        let text = format!("{GOOD}\n[rate_limits.ai]\nrate = \"30/m\"\nkey = \"ip\"\n");
+        let err = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad key \"ip\": expected \"client_ip\""),
+            "{err}"
+        );
+        let text =
+            format!("{GOOD}\n[rate_limits.ai]\nrate = \"30/m\"\nkey = \"header:X-Api-Key\"\n");
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(
+            c.rate_limits[0].key,
+            KeySource::Header(HeaderName::from_static("x-api-key"))
+        );
+    }
+
+    #[test]
+    fn sources_parse_with_clear_errors() {
+        assert_eq!(KeySource::parse("client_ip"), Ok(KeySource::ClientIp));
+        assert_eq!(KeySource::parse("global"), Ok(KeySource::Global));
+        assert_eq!(
+            KeySource::parse("header:X-Api-Key"),
+            Ok(KeySource::Header(HeaderName::from_static("x-api-key")))
+        );
+        for bad in [
+            "",
+            "ip",
+            "Client_IP",
+            "header:",
+            "header:bad name",
+            "header:a:b",
+        ] {
+            assert!(KeySource::parse(bad).is_err(), "{bad}");
+        }
+        let err = KeySource::parse("header:X-Forwarded-For").unwrap_err();
+        assert!(err.contains("use \"client_ip\""), "{err}");
+        assert!(KeySource::parse("header:host").is_err());
+    }
+
     use crate::config::tests::{errors, GOOD};
     use crate::config::Config;
 

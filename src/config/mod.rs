@@ -31,7 +31,7 @@ mod services;
 mod tls;
 mod values;
 
-pub use limits::{RateLimit, DEFAULT_RATE_BURST, MAX_RATE};
+pub use limits::{KeySource, RateLimit, DEFAULT_RATE_BURST, MAX_RATE};
 pub use routes::{
     Route, RouteAction, RouteLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_READ_TIMEOUT,
 };

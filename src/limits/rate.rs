@@ -5,9 +5,9 @@
 //! those routes it calls. A request over the rate is refused with 429 and a
 //! `Retry-After`; it is never queued, and it does not use up budget.
 //!
-//! A client is its IP address (after `trusted_proxies`), except that IPv6
-//! clients are keyed by their /64: one host usually holds a whole /64, and
-//! keying single addresses would let it rotate through them.
+//! A limit counts requests under its `key` ([`crate::limits::key`]): the
+//! client's address by default (after `trusted_proxies`, IPv6 by its /64),
+//! a request header such as an API key (hashed), or one global key.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -21,6 +21,8 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use crate::config;
+use crate::limits::key::{Key, Keyer};
+use pingora::http::RequestHeader;
 
 /// How often client entries that have fully refilled are dropped (60 s), so
 /// the table stays the size of the clients seen within one refill period.
@@ -30,7 +32,8 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 pub struct RateLimit {
     /// Methods counted; `None` counts every method.
     methods: Option<Vec<http::Method>>,
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    keyer: Keyer,
+    limiter: DefaultKeyedRateLimiter<Key>,
 }
 
 impl RateLimit {
@@ -44,22 +47,28 @@ impl RateLimit {
             .allow_burst(bucket);
         RateLimit {
             methods: limit.methods.clone(),
+            keyer: Keyer::new(limit.key.clone()),
             limiter: DefaultKeyedRateLimiter::keyed(quota),
         }
     }
 
-    /// `Err(wait)` when `client` is over the rate: how long until it may
-    /// send again. Methods the limit does not count always pass, untouched.
-    pub fn check(&self, method: &http::Method, client: IpAddr) -> Result<(), Duration> {
-        if self.methods.as_ref().is_some_and(|m| !m.contains(method)) {
+    /// `Err(wait)` when the key of `req` from `client` (its address after
+    /// `trusted_proxies`) is over the rate: how long until it may send
+    /// again. Methods the limit does not count always pass, untouched.
+    pub fn check(&self, req: &RequestHeader, client: IpAddr) -> Result<(), Duration> {
+        if self
+            .methods
+            .as_ref()
+            .is_some_and(|m| !m.contains(&req.method))
+        {
             return Ok(());
         }
         self.limiter
-            .check_key(&client_key(client))
+            .check_key(&self.keyer.key(req, client))
             .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
     }
 
-    /// Clients currently tracked.
+    /// Keys currently tracked.
     pub fn clients(&self) -> usize {
         self.limiter.len()
     }
@@ -93,18 +102,6 @@ impl RateLimits {
     }
 }
 
-/// The key a client is counted under: its IPv4 address, or the /64 of its
-/// IPv6 address (IPv4-mapped IPv6 counts as the IPv4 address).
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        },
-    }
-}
-
 /// Background housekeeping: sweeps every limit each [`SWEEP_INTERVAL`].
 pub struct Sweeper(pub Arc<RateLimits>);
 
@@ -133,7 +130,12 @@ mod tests {
             per: Duration::from_secs(1),
             burst,
             methods,
+            key: config::KeySource::ClientIp,
         })
+    }
+
+    fn req(method: http::Method) -> RequestHeader {
+        RequestHeader::build(method, b"/", None).unwrap()
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -145,38 +147,47 @@ mod tests {
         let l = limit(2, 10, None);
         let a = ip("192.0.2.1");
         for i in 0..11 {
-            assert_eq!(l.check(&http::Method::POST, a), Ok(()), "request {i}");
+            assert_eq!(l.check(&req(http::Method::POST), a), Ok(()), "request {i}");
         }
-        let wait = l.check(&http::Method::POST, a).unwrap_err();
+        let wait = l.check(&req(http::Method::POST), a).unwrap_err();
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_millis(500),
             "{wait:?}"
         );
         // Another client has its own budget.
-        assert_eq!(l.check(&http::Method::POST, ip("192.0.2.2")), Ok(()));
+        assert_eq!(l.check(&req(http::Method::POST), ip("192.0.2.2")), Ok(()));
     }
 
     #[test]
     fn methods_outside_the_list_are_not_counted() {
         let l = limit(1, 0, Some(vec![http::Method::POST]));
         let a = ip("192.0.2.1");
-        assert_eq!(l.check(&http::Method::POST, a), Ok(()));
-        assert!(l.check(&http::Method::POST, a).is_err());
+        assert_eq!(l.check(&req(http::Method::POST), a), Ok(()));
+        assert!(l.check(&req(http::Method::POST), a).is_err());
         for _ in 0..100 {
-            assert_eq!(l.check(&http::Method::GET, a), Ok(()));
+            assert_eq!(l.check(&req(http::Method::GET), a), Ok(()));
         }
         assert_eq!(l.clients(), 1);
     }
 
     #[test]
     fn ipv6_clients_share_their_64() {
+        use crate::limits::key::client_key;
         assert_eq!(client_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
         assert_eq!(client_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
         assert_eq!(client_key(ip("192.0.2.7")), ip("192.0.2.7"));
         let l = limit(1, 0, None);
-        assert_eq!(l.check(&http::Method::GET, ip("2001:db8:1:2::1")), Ok(()));
-        assert!(l.check(&http::Method::GET, ip("2001:db8:1:2::2")).is_err());
-        assert_eq!(l.check(&http::Method::GET, ip("2001:db8:1:3::1")), Ok(()));
+        assert_eq!(
+            l.check(&req(http::Method::GET), ip("2001:db8:1:2::1")),
+            Ok(())
+        );
+        assert!(l
+            .check(&req(http::Method::GET), ip("2001:db8:1:2::2"))
+            .is_err());
+        assert_eq!(
+            l.check(&req(http::Method::GET), ip("2001:db8:1:3::1")),
+            Ok(())
+        );
     }
 
     #[test]
@@ -184,7 +195,7 @@ mod tests {
         // 1 000 000/s refills within a microsecond: every client is stale at once.
         let fast = limit(1_000_000, 0, None);
         for i in 0..100u8 {
-            let _ = fast.check(&http::Method::GET, IpAddr::from([10, 0, 0, i]));
+            let _ = fast.check(&req(http::Method::GET), IpAddr::from([10, 0, 0, i]));
         }
         assert_eq!(fast.clients(), 100);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -194,7 +205,7 @@ mod tests {
         assert_eq!(fast.clients(), 0);
         // 1/s with a spent budget: still remembered after a sweep.
         let slow = limit(1, 0, None);
-        let _ = slow.check(&http::Method::GET, ip("192.0.2.1"));
+        let _ = slow.check(&req(http::Method::GET), ip("192.0.2.1"));
         slow.sweep();
         assert_eq!(slow.clients(), 1);
     }
