@@ -153,7 +153,10 @@ impl Concurrency {
         tokio::select! {
             biased;
             granted = self.acquire_key(key) => granted,
-            () = client_gone(downstream) => Err(Refused::ClientGone),
+            () = client_gone(downstream) => {
+                tracing::debug!("client went away while its request waited for a concurrency slot");
+                Err(Refused::ClientGone)
+            }
         }
     }
 
