@@ -186,6 +186,48 @@ fn one_api_key_cannot_hold_every_slot_nor_block_other_keys() {
 }
 
 #[test]
+fn a_waiter_whose_key_is_full_does_not_hold_up_the_waiters_behind_it() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    // A second backend under the same cap, so one request can be ended alone.
+    let other = Upstream::start("other");
+    let extra = format!(
+        "{}{}",
+        service("other", &[&other], &[&other], "blue"),
+        route_with("/other/", "other", "concurrency = \"gpu\"")
+    );
+    let proxy = start(
+        &blue,
+        &green,
+        "max_in_flight = 2\nper_key = 1\nkey = \"header:X-Api-Key\"\nqueue = 10\nqueue_timeout = \"20s\"",
+        &extra,
+    );
+    let url = proxy.http_url();
+    let a1 = spawn_get(&url, "/gpu/a1?hold=1", &[("X-Api-Key", "a")]);
+    assert!(poll_until(WAIT, || blue.in_flight() == 1));
+    let b1 = spawn_get(&url, "/other/b1?hold=1", &[("X-Api-Key", "b")]);
+    assert!(poll_until(WAIT, || other.in_flight() == 1));
+    // Every slot taken; queue: a2 (key a, at its share), then c1.
+    let a2 = spawn_queued(&proxy, "/gpu/a2?hold=1", &[("X-Api-Key", "a")], 1);
+    let c1 = spawn_queued(&proxy, "/gpu/c1?hold=1", &[("X-Api-Key", "c")], 2);
+    // b1 ends: a2 cannot take the slot (a holds one), so c1 gets it.
+    other.release(1);
+    assert_eq!(b1.join().unwrap().status, 200);
+    assert!(
+        poll_until(WAIT, || blue.received("/gpu/c1") == 1),
+        "c1 waits behind a2"
+    );
+    assert_eq!(blue.received("/gpu/a2"), 0);
+    // a1 ends: a2 runs.
+    blue.release(1);
+    assert_eq!(a1.join().unwrap().status, 200);
+    assert!(poll_until(WAIT, || blue.received("/gpu/a2") == 1));
+    blue.release(2);
+    assert_eq!(c1.join().unwrap().status, 200);
+    assert_eq!(a2.join().unwrap().status, 200);
+}
+
+#[test]
 fn one_client_address_cannot_hold_every_slot() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
