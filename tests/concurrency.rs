@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -405,4 +406,96 @@ fn a_queued_request_whose_client_leaves_gives_its_place_up() {
     assert_eq!(holder.join().unwrap().status, 200);
     assert_eq!(next.join().unwrap().status, 200);
     assert_eq!(blue.received("/gpu/gone"), 0, "the gone request never ran");
+}
+
+/// HTTP/2 streams are watched whatever they carry: a queued POST whose
+/// body is still coming leaves the queue when the client resets its stream.
+#[test]
+fn a_queued_http2_stream_reset_by_its_client_gives_its_place_up() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls::pki_types::ServerName;
+
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    // A test CA and a leaf for h2.test, written as PEM files.
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["h2.test".to_string()])
+        .unwrap()
+        .signed_by(&key, &*ca)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("h2.pem"), dir.path().join("h2.key"));
+    std::fs::write(&cert_path, leaf.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let tls = format!(
+        "[tls]\n[[tls.certificates]]\nname = \"h2\"\ncert = {}\nkey = {}\n",
+        toml_str(cert_path.to_str().unwrap()),
+        toml_str(key_path.to_str().unwrap())
+    );
+    let mut s = service("api", &[&blue], &[&green], "blue");
+    s.push_str("[concurrency.gpu]\nmax_in_flight = 1\nqueue = 1\nqueue_timeout = \"30s\"\n\n");
+    s.push_str(&route_with("/gpu/", "api", "concurrency = \"gpu\""));
+    let proxy = ProxyBuilder::new(s)
+        .https(&tls)
+        .log_filter("info,switchyard::limits::concurrency=debug")
+        .start();
+
+    let holder = spawn_get(&proxy.http_url(), "/gpu/hold?hold=1", &[]);
+    assert!(poll_until(WAIT, || blue.in_flight() == 1));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let addr = proxy.https_addr();
+    let (mut body, _response) = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("h2.test").unwrap(), tcp)
+            .await
+            .expect("TLS handshake");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut send = send.ready().await.expect("h2 ready");
+        let req = http::Request::post("https://h2.test/gpu/h2")
+            .header("content-length", "10")
+            .body(())
+            .unwrap();
+        let (response, mut body) = send.send_request(req, false).expect("h2 request");
+        body.send_data(bytes::Bytes::from_static(b"part"), false)
+            .unwrap();
+        (body, response)
+    });
+    assert!(
+        poll_until(WAIT, || queued(&proxy) == 1),
+        "the h2 request was not queued"
+    );
+    body.send_reset(h2::Reason::CANCEL);
+    assert!(
+        poll_until(WAIT, || proxy.stderr_text().contains(CLIENT_GONE)),
+        "the proxy did not see the stream reset"
+    );
+    let next = spawn_queued(&proxy, "/gpu/next", &[], 2);
+    blue.release(1);
+    assert_eq!(holder.join().unwrap().status, 200);
+    assert_eq!(next.join().unwrap().status, 200);
+    assert_eq!(blue.received("/gpu/h2"), 0);
+    drop(rt);
 }
