@@ -59,6 +59,7 @@ pub enum Refused {
 
 /// One named cap, shared by every route that names it.
 pub struct Concurrency {
+    name: String,
     inner: Arc<Inner>,
     keyer: Keyer,
 }
@@ -119,8 +120,10 @@ impl Drop for Permit {
 }
 
 impl Concurrency {
+    /// An empty cap: nothing in flight, nobody waiting.
     pub fn new(cap: &config::Concurrency) -> Concurrency {
         Concurrency {
+            name: cap.name.clone(),
             inner: Arc::new(Inner {
                 max_in_flight: cap.max_in_flight as usize,
                 per_key: cap.per_key as usize,
@@ -207,6 +210,11 @@ impl Concurrency {
         }
     }
 
+    /// The cap's name (`[concurrency.NAME]`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Requests holding a slot now.
     pub fn in_flight(&self) -> usize {
         self.inner.lock().in_flight
@@ -222,6 +230,7 @@ impl Concurrency {
         self.inner.lock().keys.len()
     }
 
+    /// Counters since start.
     pub fn stats(&self) -> &ConcurrencyStats {
         &self.inner.stats
     }
@@ -350,8 +359,14 @@ impl ConcurrencyCaps {
         ConcurrencyCaps(caps.iter().map(Concurrency::new).collect())
     }
 
+    /// The cap a route names by its index (`RouteLimits::concurrency`).
     pub fn get(&self, index: usize) -> Option<&Concurrency> {
         self.0.get(index)
+    }
+
+    /// Every cap, in configuration order (for the metrics and admin views).
+    pub fn iter(&self) -> impl Iterator<Item = &Concurrency> {
+        self.0.iter()
     }
 }
 
@@ -443,6 +458,16 @@ mod tests {
         assert_eq!((c.in_flight(), c.keys()), (0, 0));
         assert_eq!(c.stats().admitted.load(Ordering::Relaxed), 5);
         assert_eq!(c.stats().queued.load(Ordering::Relaxed), 3);
+        let caps = ConcurrencyCaps::new(&[config::Concurrency {
+            name: "gpu".into(),
+            max_in_flight: 1,
+            per_key: 1,
+            key: config::KeySource::Global,
+            queue: 0,
+            queue_timeout: Duration::from_secs(1),
+        }]);
+        let names: Vec<&str> = caps.iter().map(Concurrency::name).collect();
+        assert_eq!(names, ["gpu"]);
     }
 
     #[tokio::test(start_paused = true)]
