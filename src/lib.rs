@@ -41,6 +41,7 @@ use crate::admin::auth::{self, TokenError};
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::health::HealthChecker;
+use crate::limits::concurrency::ConcurrencyCaps;
 use crate::limits::rate::{RateLimits, Sweeper};
 use crate::pools::Switchboard;
 use crate::respond::Pages;
@@ -139,6 +140,7 @@ impl Switchyard {
 
         let requests = Arc::new(AtomicUsize::new(0));
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limits));
+        let concurrency = Arc::new(ConcurrencyCaps::new(&config.concurrency));
         let new_proxy = |side| {
             proxy::Proxy::new(
                 RouteTable::new(&config.routes),
@@ -148,6 +150,7 @@ impl Switchyard {
                 requests.clone(),
             )
             .with_side(side)
+            .with_concurrency(concurrency.clone())
         };
         let tls_configured = config.listen.https.is_some() || config.acme.is_some();
         let plain_side = match tls_configured {

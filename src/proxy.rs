@@ -19,6 +19,7 @@ use pingora::ErrorSource;
 use crate::config::{self, RouteAction, RouteLimits};
 use crate::forwarded::{self, Client};
 use crate::host::{self, Authority};
+use crate::limits::concurrency::{self, ConcurrencyCaps, Permit};
 use crate::limits::rate::RateLimits;
 use crate::pools::{InFlight, Switchboard};
 use crate::respond::{self, Refusal};
@@ -57,6 +58,7 @@ pub struct Proxy {
     routes: RouteTable,
     board: Arc<Switchboard>,
     rate_limits: Arc<RateLimits>,
+    concurrency: Arc<ConcurrencyCaps>,
     settings: Settings,
     /// Every request between its headers and its log line; shutdown waits for 0.
     requests: Arc<AtomicUsize>,
@@ -76,10 +78,18 @@ impl Proxy {
             routes,
             board,
             rate_limits,
+            concurrency: Arc::new(ConcurrencyCaps::new(&[])),
             settings,
             requests,
             side: Side::PlainOnly,
         }
+    }
+
+    /// The in-flight caps routes name (`[concurrency.NAME]`), shared by
+    /// every listener.
+    pub fn with_concurrency(mut self, caps: Arc<ConcurrencyCaps>) -> Proxy {
+        self.concurrency = caps;
+        self
     }
 
     /// Serves the plain or HTTPS listener's TLS duties (`tls/http.rs`).
@@ -109,6 +119,10 @@ pub struct Ctx {
     retried: bool,
     response_started: bool,
     body_bytes: usize,
+    /// The slot of the route's concurrency cap, given back when the
+    /// request ends, however it ends (the context is dropped then; for an
+    /// upgraded connection, when the connection closes).
+    _slot: Option<Permit>,
 }
 
 struct RequestCount(Arc<AtomicUsize>);
@@ -148,6 +162,7 @@ impl ProxyHttp for Proxy {
             retried: false,
             response_started: false,
             body_bytes: 0,
+            _slot: None,
         }
     }
 
@@ -234,6 +249,23 @@ impl ProxyHttp for Proxy {
             // Round up: a client that waits `Retry-After` seconds is let through.
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             return self.refuse(session, ctx, Refusal::RateLimited(secs)).await;
+        }
+        if let Some(cap) = target
+            .limits
+            .concurrency
+            .and_then(|i| self.concurrency.get(i))
+        {
+            ctx._slot = match cap.admit(session, client_ip).await {
+                Ok(permit) => Some(permit),
+                // Nobody to answer: end quietly, as any client gone (logged at debug).
+                Err(concurrency::Refused::ClientGone) => {
+                    return Err(Error::new_down(ConnectionClosed))
+                }
+                Err(_) => {
+                    let retry = cap.retry_after();
+                    return self.refuse(session, ctx, Refusal::Busy(retry)).await;
+                }
+            };
         }
 
         let s = &self.settings;

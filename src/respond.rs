@@ -37,6 +37,9 @@ pub enum Refusal {
     WebSocketNotAllowed,
     /// The client is over its rate; it may send again in this many seconds.
     RateLimited(u64),
+    /// Every slot of the route's concurrency cap is taken and the queue is
+    /// full or the wait ran out; worth retrying in this many seconds.
+    Busy(u64),
     Maintenance,
     NoHealthyBackend,
     /// The backend failed: 502, or 504 on a timeout.
@@ -54,7 +57,7 @@ impl Refusal {
             Refusal::HeaderTooLarge => 431,
             Refusal::BodyTooLarge(_) => 413,
             Refusal::RateLimited(_) => 429,
-            Refusal::Maintenance | Refusal::NoHealthyBackend => 503,
+            Refusal::Busy(_) | Refusal::Maintenance | Refusal::NoHealthyBackend => 503,
             Refusal::Upstream(code) | Refusal::Client(code) => code,
         }
     }
@@ -69,6 +72,7 @@ impl Refusal {
             Refusal::BodyTooLarge(max) => format!("request body larger than {max} bytes"),
             Refusal::WebSocketNotAllowed => "WebSocket is not enabled on this route".into(),
             Refusal::RateLimited(_) => "too many requests, slow down".into(),
+            Refusal::Busy(_) => "too many requests in flight, try again later".into(),
             Refusal::Maintenance => "service under maintenance".into(),
             Refusal::NoHealthyBackend => "no healthy backend, try again later".into(),
             Refusal::Upstream(504) => "upstream timed out".into(),
@@ -134,7 +138,7 @@ impl Pages {
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
         match refusal {
-            Refusal::RateLimited(secs) => {
+            Refusal::RateLimited(secs) | Refusal::Busy(secs) => {
                 resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?
             }
             _ if status == 503 => {

@@ -21,6 +21,18 @@ pub struct Root {
     pub routes: Vec<Spanned<Route>>,
     #[serde(default)]
     pub rate_limits: BTreeMap<Spanned<String>, RateLimit>,
+    #[serde(default)]
+    pub concurrency: BTreeMap<Spanned<String>, Concurrency>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    pub max_in_flight: Spanned<u32>,
+    pub per_key: Option<Spanned<u32>>,
+    pub key: Option<Spanned<String>>,
+    pub queue: Option<Spanned<u32>>,
+    pub queue_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -101,6 +113,7 @@ pub struct Route {
     pub read_timeout: Option<Spanned<String>>,
     pub max_body: Option<Spanned<String>>,
     pub rate_limit: Option<Spanned<String>>,
+    pub concurrency: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -1,6 +1,8 @@
 //! `[rate_limits.NAME]`: named per-client request rates that routes count
-//! against, with their defaults and bounds.
+//! against, and `[concurrency.NAME]`: named in-flight caps that routes hold
+//! slots of, with their defaults and bounds.
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -13,6 +15,40 @@ pub const DEFAULT_RATE_BURST: u32 = 0;
 /// Largest request count in a rate (1 000 000): at most one request per
 /// microsecond per client, far beyond anything a limit is for.
 pub const MAX_RATE: u32 = 1_000_000;
+
+/// Largest `max_in_flight` of a concurrency cap (1 000 000 requests).
+pub const MAX_IN_FLIGHT: u32 = 1_000_000;
+/// Largest `queue` of a concurrency cap (100 000 waiting requests): each
+/// waiter holds a connection and a little memory.
+pub const MAX_QUEUE: u32 = 100_000;
+/// Requests a cap queues when `queue` is not set (0): over the cap is 503 at once.
+pub const DEFAULT_QUEUE: u32 = 0;
+/// Longest a queued request waits for a slot when `queue_timeout` is not set (5 s).
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Allowed `queue_timeout`: 100 ms to 10 min (a client waits that long
+/// without a byte back).
+pub const QUEUE_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    super::values::MIN_DURATION..=Duration::from_secs(600);
+
+/// An in-flight cap (`[concurrency.NAME]`) shared by every route naming it:
+/// at most `max_in_flight` requests at the backends at once, at most
+/// `per_key` of them under one key; the rest wait in a FIFO queue of
+/// `queue` places for up to `queue_timeout`, or get 503.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Concurrency {
+    pub name: String,
+    /// Requests in flight at once over every key, 1 to [`MAX_IN_FLIGHT`].
+    pub max_in_flight: u32,
+    /// Requests in flight at once under one key, 1 to `max_in_flight`
+    /// (default `max_in_flight`).
+    pub per_key: u32,
+    /// What requests are counted under (`key`; default the client address).
+    pub key: KeySource,
+    /// Requests waiting for a slot, 0 to [`MAX_QUEUE`] (default [`DEFAULT_QUEUE`]).
+    pub queue: u32,
+    /// Longest wait in the queue (default [`DEFAULT_QUEUE_TIMEOUT`]).
+    pub queue_timeout: Duration,
+}
 
 /// A per-client request rate (`[rate_limits.NAME]`), nginx's `limit_req`
 /// with `nodelay`: requests over the rate are refused with 429, not queued.
@@ -128,6 +164,45 @@ impl Validator<'_> {
             burst,
             methods,
             key,
+        })
+    }
+
+    pub(super) fn concurrency(
+        &mut self,
+        name: Spanned<String>,
+        c: file::Concurrency,
+    ) -> Option<Concurrency> {
+        let valid_name = self.name(&name, "concurrency cap");
+        if !valid_name {
+            self.dropped
+                .insert(("concurrency".into(), name.get_ref().clone()));
+        }
+        let max_in_flight = self.count(
+            Some(&c.max_in_flight),
+            1,
+            1..=MAX_IN_FLIGHT,
+            "max_in_flight",
+        );
+        let per_key = self.count(
+            c.per_key.as_ref(),
+            max_in_flight,
+            1..=max_in_flight,
+            "per_key",
+        );
+        let queue = self.count(c.queue.as_ref(), DEFAULT_QUEUE, 0..=MAX_QUEUE, "queue");
+        let queue_timeout = self.duration_in(
+            c.queue_timeout.as_ref(),
+            DEFAULT_QUEUE_TIMEOUT,
+            QUEUE_TIMEOUT_RANGE,
+        );
+        let key = self.limit_key(c.key.as_ref());
+        valid_name.then(|| Concurrency {
+            name: name.into_inner(),
+            max_in_flight,
+            per_key,
+            key,
+            queue,
+            queue_timeout,
         })
     }
 
@@ -253,6 +328,75 @@ mod tests {
         assert!(e[1].message.contains("bad rate \"2/d\""), "{}", e[1]);
         assert!(e[2].message.contains("burst"), "{}", e[2]);
         assert!(e[3].message.contains("bad method"), "{}", e[3]);
+    }
+
+    #[test]
+    fn concurrency_caps_parse_with_defaults_and_routes_name_them() {
+        let text = format!(
+            "{GOOD}\n[concurrency.gpu]\nmax_in_flight = 8\nper_key = 2\nkey = \"header:X-Api-Key\"\nqueue = 16\nqueue_timeout = \"2s\"\n\n[concurrency.small]\nmax_in_flight = 3\n"
+        )
+        .replace("service = \"api\"", "service = \"api\"\nconcurrency = \"small\"");
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let gpu = &c.concurrency[0];
+        assert_eq!(
+            (gpu.name.as_str(), gpu.max_in_flight, gpu.per_key, gpu.queue),
+            ("gpu", 8, 2, 16)
+        );
+        assert_eq!(gpu.queue_timeout, Duration::from_secs(2));
+        assert_eq!(
+            gpu.key,
+            KeySource::Header(HeaderName::from_static("x-api-key"))
+        );
+        let small = &c.concurrency[1];
+        assert_eq!((small.per_key, small.queue), (3, DEFAULT_QUEUE));
+        assert_eq!(small.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
+        assert_eq!(small.key, KeySource::ClientIp);
+        assert_eq!(c.routes[0].limits.concurrency, Some(1));
+        assert_eq!(c.routes[1].limits.concurrency, None);
+    }
+
+    #[test]
+    fn bad_concurrency_caps_are_located() {
+        let text = format!(
+            "{GOOD}\n[concurrency.gpu]\nmax_in_flight = 0\nper_key = 2\nqueue = 100001\nqueue_timeout = \"20m\"\nkey = \"ip\"\n\n[concurrency.b]\nmax_in_flight = 2\nper_key = 3\n\n[concurrency.c]\nper_key = 1\nqueues = 1\n"
+        )
+        .replace("service = \"api\"", "service = \"api\"\nconcurrency = \"gpus\"");
+        let e = errors(&text);
+        let lines: Vec<usize> = e.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![18, 25, 26, 27, 28, 29, 33, 35, 37], "{e:?}");
+        assert!(
+            e[0].message
+                .contains("unknown concurrency cap \"gpus\"; defined [concurrency]: b, gpu"),
+            "{}",
+            e[0]
+        );
+        assert!(
+            e[1].message.contains("max_in_flight = 0 is out of range"),
+            "{}",
+            e[1]
+        );
+        // per_key is checked against the default max_in_flight stood in.
+        assert!(
+            e[2].message
+                .contains("per_key = 2 is out of range: allowed from 1 to 1"),
+            "{}",
+            e[2]
+        );
+        assert!(
+            e[3].message.contains("queue = 100001 is out of range"),
+            "{}",
+            e[3]
+        );
+        assert!(e[4].message.contains("out of range"), "{}", e[4]);
+        assert!(e[5].message.contains("bad key \"ip\""), "{}", e[5]);
+        assert!(
+            e[6].message
+                .contains("per_key = 3 is out of range: allowed from 1 to 2"),
+            "{}",
+            e[6]
+        );
+        assert!(e[7].message.contains("max_in_flight"), "{}", e[7]);
+        assert!(e[8].message.contains("queues"), "{}", e[8]);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! file per section validates it and owns its `DEFAULT_*` constants and
 //! ranges: `server.rs` (`[server]`, `[listen]`, `[admin]`), `services.rs`
 //! (`[services.NAME]` and their health checks), `routes.rs` (`[[routes]]`)
-//! and `limits.rs` (`[rate_limits.NAME]`).
+//! and `limits.rs` (`[rate_limits.NAME]`, `[concurrency.NAME]`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -31,7 +31,10 @@ mod services;
 mod tls;
 mod values;
 
-pub use limits::{KeySource, RateLimit, DEFAULT_RATE_BURST, MAX_RATE};
+pub use limits::{
+    Concurrency, KeySource, RateLimit, DEFAULT_QUEUE_TIMEOUT, DEFAULT_RATE_BURST, MAX_IN_FLIGHT,
+    MAX_QUEUE, MAX_RATE, QUEUE_TIMEOUT_RANGE,
+};
 pub use routes::{
     Route, RouteAction, RouteLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_READ_TIMEOUT,
 };
@@ -77,6 +80,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Named per-client rate limits; a route's index into this list is in its limits.
     pub rate_limits: Vec<RateLimit>,
+    /// Named in-flight caps (`[concurrency.NAME]`); a route's index into
+    /// this list is in its limits.
+    pub concurrency: Vec<Concurrency>,
     /// Where the keys that name files (`server.state_dir`,
     /// `server.maintenance_page`, `admin.token_file`) are written, as (line,
     /// column), so a problem with the file itself can point at its key.
@@ -333,7 +339,12 @@ impl Validator<'_> {
             .into_iter()
             .filter_map(|(name, r)| self.rate_limit(name, r))
             .collect();
-        let routes = self.routes(file.routes, &services, &rate_limits);
+        let concurrency: Vec<Concurrency> = file
+            .concurrency
+            .into_iter()
+            .filter_map(|(name, c)| self.concurrency(name, c))
+            .collect();
+        let routes = self.routes(file.routes, &services, &rate_limits, &concurrency);
         Config {
             path: self.path.to_path_buf(),
             server,
@@ -344,6 +355,7 @@ impl Validator<'_> {
             services,
             routes,
             rate_limits,
+            concurrency,
             positions: std::mem::take(&mut self.positions),
             indexed_positions: std::mem::take(&mut self.indexed_positions),
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::{file, line_col, names, RateLimit, Service, Validator};
+use super::{file, line_col, names, Concurrency, RateLimit, Service, Validator};
 
 /// Longest wait for bytes from a backend on a route (60 s), like nginx's `proxy_read_timeout`.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,6 +39,9 @@ pub struct RouteLimits {
     /// Index into [`Config::rate_limits`](super::Config::rate_limits) of the
     /// limit this route counts against.
     pub rate_limit: Option<usize>,
+    /// Index into [`Config::concurrency`](super::Config::concurrency) of the
+    /// in-flight cap this route's requests hold a slot of.
+    pub concurrency: Option<usize>,
 }
 
 impl Default for RouteLimits {
@@ -49,6 +52,7 @@ impl Default for RouteLimits {
             read_timeout: DEFAULT_READ_TIMEOUT,
             max_body: DEFAULT_MAX_BODY,
             rate_limit: None,
+            concurrency: None,
         }
     }
 }
@@ -68,6 +72,7 @@ impl Validator<'_> {
         routes: Vec<Spanned<file::Route>>,
         services: &[Service],
         rate_limits: &[RateLimit],
+        concurrency: &[Concurrency],
     ) -> Vec<Route> {
         // (host, path) -> line of the route that claimed it first.
         let mut seen: HashMap<(Option<String>, String), usize> = HashMap::new();
@@ -174,6 +179,20 @@ impl Validator<'_> {
                 }
                 found
             });
+            let concurrency = r.concurrency.as_ref().and_then(|name| {
+                let found = concurrency.iter().position(|c| c.name == *name.get_ref());
+                if found.is_none() && !self.was_dropped("concurrency", name.get_ref()) {
+                    self.at(
+                        name,
+                        format!(
+                            "route uses unknown concurrency cap {:?}; defined [concurrency]: {}",
+                            name.get_ref(),
+                            names(concurrency.iter().map(|c| c.name.as_str()))
+                        ),
+                    );
+                }
+                found
+            });
             let defaults = RouteLimits::default();
             let limits = RouteLimits {
                 websocket: r.websocket.unwrap_or(false),
@@ -182,6 +201,7 @@ impl Validator<'_> {
                 read_timeout: self.duration(r.read_timeout.as_ref(), defaults.read_timeout),
                 max_body: self.size(r.max_body.as_ref(), defaults.max_body),
                 rate_limit,
+                concurrency,
             };
             if let (Some(action), None) = (action, duplicate) {
                 out.push(Route {

@@ -1,0 +1,525 @@
+//! In-flight caps (`[concurrency.NAME]`): at most `max_in_flight` requests
+//! of every route naming the cap at the backends at once, and at most
+//! `per_key` of them under one key, so one client cannot hold every GPU.
+//!
+//! A request over the cap waits in a FIFO queue of `queue` places for up to
+//! `queue_timeout`; a full queue or a wait past the timeout is refused (503
+//! with `Retry-After`). A freed slot goes to the oldest waiter that may take
+//! it: a waiter whose key already holds `per_key` slots is skipped, not
+//! waited for, so it never blocks the waiters of other keys behind it.
+//!
+//! A slot is a [`Permit`] kept in the request's context: it is given back
+//! when the context is dropped, which is when the request ends however it
+//! ends (answered, failed, client gone, upgraded connection closed).
+//!
+//! Per-key entries exist only while the key has a request in flight or
+//! queued, so the table is at most `max_in_flight + queue` entries.
+//! Handing out a slot scans the queue from its head past waiters whose key
+//! is full: O(queue) at worst, bounded by [`crate::config::MAX_QUEUE`].
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pingora::http::RequestHeader;
+use pingora::protocols::http::ServerSession;
+use pingora::proxy::Session;
+use tokio::sync::oneshot;
+
+use crate::config;
+use crate::limits::key::{Key, Keyer};
+
+/// Counters of one cap since start, for the metrics to come (issue 11).
+#[derive(Debug, Default)]
+pub struct ConcurrencyStats {
+    /// Requests given a slot, at once or after waiting.
+    pub admitted: AtomicU64,
+    /// Requests that had to wait in the queue (admitted or not in the end).
+    pub queued: AtomicU64,
+    /// Refused at once: the queue was full (or there is none).
+    pub refused_queue_full: AtomicU64,
+    /// Refused after waiting `queue_timeout` without a slot.
+    pub refused_timeout: AtomicU64,
+    /// Queued requests whose client went away before a slot was free.
+    pub abandoned: AtomicU64,
+}
+
+/// Why a request got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Every slot is taken and the queue is full (or `queue = 0`).
+    QueueFull,
+    /// Waited `queue_timeout` without a slot.
+    Timeout,
+    /// The client went away while its request waited.
+    ClientGone,
+}
+
+/// One named cap, shared by every route that names it.
+pub struct Concurrency {
+    name: String,
+    inner: Arc<Inner>,
+    keyer: Keyer,
+}
+
+struct Inner {
+    max_in_flight: usize,
+    per_key: usize,
+    queue_cap: usize,
+    queue_timeout: Duration,
+    state: Mutex<State>,
+    stats: ConcurrencyStats,
+}
+
+#[derive(Default)]
+struct State {
+    in_flight: usize,
+    /// Keys with a request in flight or queued; no other key is kept.
+    keys: HashMap<Key, KeyState>,
+    /// Waiters, oldest first.
+    queue: VecDeque<Waiter>,
+    next_id: u64,
+}
+
+#[derive(Default)]
+struct KeyState {
+    in_flight: usize,
+    queued: usize,
+}
+
+struct Waiter {
+    id: u64,
+    key: Key,
+    /// Where the slot is handed over; the waiting request holds the receiver.
+    grant: oneshot::Sender<Permit>,
+}
+
+/// A slot of a cap, given back when dropped.
+pub struct Permit {
+    inner: Arc<Inner>,
+    key: Key,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let grants = {
+            let mut state = self.inner.lock();
+            state.in_flight -= 1;
+            if let Some(k) = state.keys.get_mut(&self.key) {
+                k.in_flight -= 1;
+            }
+            forget_if_idle(&mut state, self.key);
+            self.inner.dispatch(&mut state)
+        };
+        // Outside the lock: a grant that finds its waiter gone comes back
+        // as a Permit, whose drop takes the lock again.
+        hand_over(grants);
+    }
+}
+
+impl Concurrency {
+    /// An empty cap: nothing in flight, nobody waiting.
+    pub fn new(cap: &config::Concurrency) -> Concurrency {
+        Concurrency {
+            name: cap.name.clone(),
+            inner: Arc::new(Inner {
+                max_in_flight: cap.max_in_flight as usize,
+                per_key: cap.per_key as usize,
+                queue_cap: cap.queue as usize,
+                queue_timeout: cap.queue_timeout,
+                state: Mutex::new(State::default()),
+                stats: ConcurrencyStats::default(),
+            }),
+            keyer: Keyer::new(cap.key.clone()),
+        }
+    }
+
+    /// A slot for `req` from `client` (its address after `trusted_proxies`):
+    /// at once if one is free for its key, else after waiting in the queue.
+    /// Dropping the returned future (the client went away) leaves the queue.
+    pub async fn acquire(&self, req: &RequestHeader, client: IpAddr) -> Result<Permit, Refused> {
+        self.acquire_key(self.keyer.key(req, client)).await
+    }
+
+    /// [`Concurrency::acquire`] for a proxied request, which leaves the
+    /// queue as soon as its client is seen to go away: an HTTP/2 stream
+    /// reset, or an HTTP/1 connection closed while a request without a body
+    /// waits. An HTTP/1 request with a body (or a WebSocket upgrade) is not
+    /// watched: the only way to see the close is to read the connection,
+    /// which would consume body (or upgraded) bytes the backend must get;
+    /// such a waiter leaves at its `queue_timeout` instead.
+    pub async fn admit(&self, session: &mut Session, client: IpAddr) -> Result<Permit, Refused> {
+        let key = self.keyer.key(session.req_header(), client);
+        let downstream = session.as_downstream_mut();
+        tokio::select! {
+            biased;
+            granted = self.acquire_key(key) => granted,
+            () = client_gone(downstream) => {
+                tracing::debug!("client went away while its request waited for a concurrency slot");
+                Err(Refused::ClientGone)
+            }
+        }
+    }
+
+    async fn acquire_key(&self, key: Key) -> Result<Permit, Refused> {
+        let inner = &self.inner;
+        let (id, mut grant) = {
+            let mut state = inner.lock();
+            let held = state.keys.get(&key).map_or(0, |k| k.in_flight);
+            if state.in_flight < inner.max_in_flight && held < inner.per_key {
+                return Ok(inner.admit(&mut state, key));
+            }
+            if state.queue.len() >= inner.queue_cap {
+                inner
+                    .stats
+                    .refused_queue_full
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Refused::QueueFull);
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = state.next_id;
+            state.next_id += 1;
+            state.queue.push_back(Waiter { id, key, grant: tx });
+            state.keys.entry(key).or_default().queued += 1;
+            inner.stats.queued.fetch_add(1, Ordering::Relaxed);
+            (id, rx)
+        };
+        tracing::debug!("request queued for a concurrency slot");
+        // Leaves the queue however the wait ends, the future dropped included.
+        let mut leave = Leave {
+            inner: inner.clone(),
+            id,
+            key,
+            timed_out: false,
+        };
+        match tokio::time::timeout(inner.queue_timeout, &mut grant).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The sender is only dropped with its waiter, which `Leave` removes.
+            Ok(Err(_)) => Err(Refused::Timeout),
+            Err(_) => match grant.try_recv() {
+                // Granted just as the wait ran out: take it.
+                Ok(permit) => Ok(permit),
+                Err(_) => {
+                    leave.timed_out = true;
+                    inner.stats.refused_timeout.fetch_add(1, Ordering::Relaxed);
+                    Err(Refused::Timeout)
+                }
+            },
+        }
+    }
+
+    /// The cap's name (`[concurrency.NAME]`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Requests holding a slot now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.lock().in_flight
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.lock().queue.len()
+    }
+
+    /// Keys with a request in flight or queued now.
+    pub fn keys(&self) -> usize {
+        self.inner.lock().keys.len()
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> &ConcurrencyStats {
+        &self.inner.stats
+    }
+
+    /// The `Retry-After` of a refusal, in seconds: the queue timeout, the
+    /// longest a slot could take to come round to a client that waits.
+    pub fn retry_after(&self) -> u64 {
+        self.inner.queue_timeout.as_secs().max(1)
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves counts that are still
+        // consistent (each update is one step), so a poisoned lock is used.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn admit(self: &Arc<Self>, state: &mut State, key: Key) -> Permit {
+        state.in_flight += 1;
+        state.keys.entry(key).or_default().in_flight += 1;
+        self.stats.admitted.fetch_add(1, Ordering::Relaxed);
+        Permit {
+            inner: self.clone(),
+            key,
+        }
+    }
+
+    /// Takes the free slots' waiters out of the queue, oldest first,
+    /// skipping those whose key is at `per_key`.
+    fn dispatch(self: &Arc<Self>, state: &mut State) -> Vec<(oneshot::Sender<Permit>, Permit)> {
+        let mut grants = Vec::new();
+        let mut i = 0;
+        while state.in_flight < self.max_in_flight && i < state.queue.len() {
+            let key = state.queue[i].key;
+            let held = state.keys.get(&key).map_or(0, |k| k.in_flight);
+            if held >= self.per_key {
+                i += 1;
+                continue;
+            }
+            let Some(waiter) = state.queue.remove(i) else {
+                break;
+            };
+            if let Some(k) = state.keys.get_mut(&key) {
+                k.queued -= 1;
+            }
+            let permit = self.admit(state, key);
+            grants.push((waiter.grant, permit));
+        }
+        grants
+    }
+}
+
+/// Resolves when the client of `downstream` is seen gone; pending for
+/// ever where that cannot be seen without reading the body (see
+/// [`Concurrency::admit`]).
+async fn client_gone(downstream: &mut ServerSession) {
+    if let Some(reset) = downstream.watch_h2_stream_close() {
+        // Any outcome (reset, close, error) ends the stream.
+        let _ = reset.await;
+        return;
+    }
+    let upgrade = downstream
+        .req_header()
+        .headers
+        .contains_key(http::header::UPGRADE);
+    if matches!(downstream, ServerSession::H1(_)) && !upgrade && downstream.is_body_empty() {
+        // No body expected: a read sees the close (an error), and bytes of
+        // a pipelined next request are kept for it (pending).
+        if downstream.read_body_or_idle(true).await.is_err() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+fn hand_over(grants: Vec<(oneshot::Sender<Permit>, Permit)>) {
+    for (tx, permit) in grants {
+        // A waiter gone meanwhile: the permit comes back and is dropped,
+        // which passes the slot on.
+        drop(tx.send(permit));
+    }
+}
+
+fn forget_if_idle(state: &mut State, key: Key) {
+    if state
+        .keys
+        .get(&key)
+        .is_some_and(|k| k.in_flight == 0 && k.queued == 0)
+    {
+        state.keys.remove(&key);
+    }
+}
+
+/// Removes a waiter from the queue when its wait ends without a slot.
+struct Leave {
+    inner: Arc<Inner>,
+    id: u64,
+    key: Key,
+    /// The wait ran out (counted as such), rather than being dropped.
+    timed_out: bool,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        let mut state = self.inner.lock();
+        let Some(i) = state.queue.iter().position(|w| w.id == self.id) else {
+            return; // Granted: it left the queue then.
+        };
+        state.queue.remove(i);
+        if let Some(k) = state.keys.get_mut(&self.key) {
+            k.queued -= 1;
+        }
+        forget_if_idle(&mut state, self.key);
+        if !self.timed_out {
+            self.inner.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Every configured cap, indexed like `Config::concurrency`.
+pub struct ConcurrencyCaps(Vec<Concurrency>);
+
+impl ConcurrencyCaps {
+    pub fn new(caps: &[config::Concurrency]) -> ConcurrencyCaps {
+        ConcurrencyCaps(caps.iter().map(Concurrency::new).collect())
+    }
+
+    /// The cap a route names by its index (`RouteLimits::concurrency`).
+    pub fn get(&self, index: usize) -> Option<&Concurrency> {
+        self.0.get(index)
+    }
+
+    /// Every cap, in configuration order (for the metrics and admin views).
+    pub fn iter(&self) -> impl Iterator<Item = &Concurrency> {
+        self.0.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    fn cap(max: u32, per_key: u32, queue: u32) -> Concurrency {
+        Concurrency::new(&config::Concurrency {
+            name: "t".into(),
+            max_in_flight: max,
+            per_key,
+            key: config::KeySource::ClientIp,
+            queue,
+            queue_timeout: Duration::from_secs(5),
+        })
+    }
+
+    fn key(n: u8) -> Key {
+        Key::Ip(IpAddr::from([10, 0, 0, n]))
+    }
+
+    /// Polls `f` once: `Some` when it is done.
+    fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match f.poll(&mut cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_at_once_and_a_wait_times_out() {
+        let c = cap(1, 1, 1);
+        let held = c.acquire_key(key(1)).await.unwrap();
+        let mut waiting = pin!(c.acquire_key(key(2)));
+        assert!(poll_once(waiting.as_mut()).is_none());
+        assert_eq!(c.queue_depth(), 1);
+        assert_eq!(c.acquire_key(key(3)).await.err(), Some(Refused::QueueFull));
+        // Paused time: the timeout fires as soon as nothing else can run.
+        assert_eq!(waiting.await.err(), Some(Refused::Timeout));
+        assert_eq!((c.queue_depth(), c.in_flight(), c.keys()), (0, 1, 1));
+        let s = c.stats();
+        assert_eq!(s.refused_queue_full.load(Ordering::Relaxed), 1);
+        assert_eq!(s.refused_timeout.load(Ordering::Relaxed), 1);
+        assert_eq!(s.abandoned.load(Ordering::Relaxed), 0);
+        drop(held);
+        assert_eq!((c.in_flight(), c.keys()), (0, 0), "nothing kept");
+        // No queue at all: over the cap is refused at once.
+        let none = cap(1, 1, 0);
+        let _p = none.acquire_key(key(1)).await.unwrap();
+        assert_eq!(
+            none.acquire_key(key(2)).await.err(),
+            Some(Refused::QueueFull)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_go_to_waiters_in_order_skipping_full_keys() {
+        let c = cap(2, 1, 10);
+        let a1 = c.acquire_key(key(1)).await.unwrap();
+        let b1 = c.acquire_key(key(2)).await.unwrap();
+        // Queue: A, A, C (A at its per_key of 1 while a1 runs).
+        let mut a2 = pin!(c.acquire_key(key(1)));
+        let mut a3 = pin!(c.acquire_key(key(1)));
+        let mut c1 = pin!(c.acquire_key(key(3)));
+        for f in [a2.as_mut(), a3.as_mut()] {
+            assert!(poll_once(f).is_none());
+        }
+        assert!(poll_once(c1.as_mut()).is_none());
+        assert_eq!(c.queue_depth(), 3);
+        // B's slot frees: A is still full, so C (behind two A) takes it.
+        drop(b1);
+        let c1 = poll_once(c1.as_mut()).unwrap().unwrap();
+        assert!(poll_once(a2.as_mut()).is_none());
+        assert_eq!(c.queue_depth(), 2);
+        // A's slot frees: the older A waiter gets it, then the next.
+        drop(a1);
+        assert!(poll_once(a3.as_mut()).is_none(), "FIFO within a key");
+        let a2 = poll_once(a2.as_mut()).unwrap().unwrap();
+        drop(a2);
+        let a3 = poll_once(a3.as_mut()).unwrap().unwrap();
+        assert_eq!((c.in_flight(), c.queue_depth(), c.keys()), (2, 0, 2));
+        drop((a3, c1));
+        assert_eq!((c.in_flight(), c.keys()), (0, 0));
+        assert_eq!(c.stats().admitted.load(Ordering::Relaxed), 5);
+        assert_eq!(c.stats().queued.load(Ordering::Relaxed), 3);
+        let caps = ConcurrencyCaps::new(&[config::Concurrency {
+            name: "gpu".into(),
+            max_in_flight: 1,
+            per_key: 1,
+            key: config::KeySource::Global,
+            queue: 0,
+            queue_timeout: Duration::from_secs(1),
+        }]);
+        let names: Vec<&str> = caps.iter().map(Concurrency::name).collect();
+        assert_eq!(names, ["gpu"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_dropped_leaves_the_queue_and_passes_no_slot_away() {
+        let c = cap(1, 1, 2);
+        let held = c.acquire_key(key(1)).await.unwrap();
+        {
+            let mut gone = pin!(c.acquire_key(key(2)));
+            assert!(poll_once(gone.as_mut()).is_none());
+            assert_eq!((c.queue_depth(), c.keys()), (1, 2));
+        }
+        assert_eq!((c.queue_depth(), c.keys()), (0, 1), "left at once");
+        assert_eq!(c.stats().abandoned.load(Ordering::Relaxed), 1);
+        let mut next = pin!(c.acquire_key(key(3)));
+        assert!(poll_once(next.as_mut()).is_none());
+        drop(held);
+        let p = poll_once(next.as_mut()).unwrap().unwrap();
+        assert_eq!(c.in_flight(), 1);
+        drop(p);
+        assert_eq!((c.in_flight(), c.keys()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_granted_to_a_waiter_that_is_gone_is_passed_on() {
+        let c = cap(1, 1, 2);
+        let held = c.acquire_key(key(1)).await.unwrap();
+        // Granted, then dropped before it looked: the slot goes on to C.
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = c.inner.lock();
+            state.queue.push_back(Waiter {
+                id: u64::MAX,
+                key: key(2),
+                grant: tx,
+            });
+            state.keys.entry(key(2)).or_default().queued += 1;
+        }
+        drop(rx);
+        let mut next = pin!(c.acquire_key(key(3)));
+        assert!(poll_once(next.as_mut()).is_none());
+        drop(held);
+        let _p = poll_once(next.as_mut()).unwrap().unwrap();
+        assert_eq!((c.in_flight(), c.queue_depth(), c.keys()), (1, 0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_key_state_stays_bounded() {
+        let c = cap(4, 1, 0);
+        for round in 0..1000u32 {
+            let p = c.acquire_key(Key::Hashed(u64::from(round))).await.unwrap();
+            drop(p);
+        }
+        assert_eq!(c.keys(), 0);
+    }
+}
