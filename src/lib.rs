@@ -36,7 +36,7 @@ use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
-use crate::admin::api::AdminApi;
+use crate::admin::api::{AdminApi, Limits};
 use crate::admin::auth::{self, TokenError};
 use crate::config::Config;
 use crate::connections::Connections;
@@ -217,7 +217,10 @@ impl Switchyard {
         }
 
         if !rate_limits.is_empty() {
-            server.add_service(background_service("rate-limit sweep", Sweeper(rate_limits)));
+            server.add_service(background_service(
+                "rate-limit sweep",
+                Sweeper(rate_limits.clone()),
+            ));
         }
 
         if let Some(acme) = &config.acme {
@@ -245,7 +248,11 @@ impl Switchyard {
                     tracing::warn!(listen = %config.listen.admin, "admin API listens beyond loopback; keep the allowlist tight");
                 }
                 let served = config.listen.https.is_some().then(|| certs.clone());
-                let api = AdminApi::new(board.clone(), served, token, config.admin.allow.clone());
+                let api = AdminApi::new(board.clone(), served, token, config.admin.allow.clone())
+                    .with_limits(Limits {
+                        caps: concurrency.clone(),
+                        rates: rate_limits.clone(),
+                    });
                 // The same wrapper as the proxy's: a header deadline against
                 // slow clients, a small connection cap, and `Server:
                 // switchyard` on the answers Pingora's parser writes itself.

@@ -125,6 +125,8 @@ enum CtlAction {
     },
     /// List past switches, oldest first.
     History,
+    /// Show the concurrency caps (in flight, queued, top keys) and rate limits.
+    Limits,
     /// List the HTTPS certificates: names, issuer, serial, expiry, renewal state.
     Certs {
         #[command(subcommand)]
@@ -533,6 +535,7 @@ fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
             service,
             on: state == "on",
         },
+        CtlAction::Limits => Command::Limits,
         CtlAction::Certs { action: None } => Command::Certs,
         CtlAction::Certs {
             action: Some(CertsAction::Renew { name }),
@@ -579,6 +582,7 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
                 if on { "on" } else { "off" }
             );
         }
+        Command::Limits => print_limits(reply),
         Command::Certs => {
             let certs = reply["certificates"]
                 .as_array()
@@ -613,6 +617,46 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
                 );
             }
         }
+    }
+}
+
+fn print_limits(reply: &Value) {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let empty = serde_json::Map::new();
+    let caps = reply["concurrency"].as_object().unwrap_or(&empty);
+    let rates = reply["rate_limits"].as_object().unwrap_or(&empty);
+    if caps.is_empty() && rates.is_empty() {
+        println!("no limits configured");
+    }
+    for (name, c) in caps {
+        println!(
+            "concurrency {name}: {}/{} in flight, {}/{} queued, {} keys (per key {})",
+            n(&c["in_flight"]),
+            n(&c["max_in_flight"]),
+            n(&c["queue_depth"]),
+            n(&c["queue"]),
+            n(&c["keys"]),
+            n(&c["per_key"]),
+        );
+        println!(
+            "  since start: {} admitted, {} queued, refused {} queue full + {} timed out, {} gave up waiting",
+            n(&c["admitted"]),
+            n(&c["queued"]),
+            n(&c["refused"]["queue_full"]),
+            n(&c["refused"]["timeout"]),
+            n(&c["abandoned"]),
+        );
+        for k in c["top_keys"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<40} {} in flight, {} queued",
+                k["key"].as_str().unwrap_or("?"),
+                n(&k["in_flight"]),
+                n(&k["queued"]),
+            );
+        }
+    }
+    for (name, r) in rates {
+        println!("rate limit {name}: {} keys tracked", n(&r["keys"]));
     }
 }
 

@@ -499,3 +499,72 @@ fn a_queued_http2_stream_reset_by_its_client_gives_its_place_up() {
     assert_eq!(blue.received("/gpu/h2"), 0);
     drop(rt);
 }
+
+#[test]
+fn the_admin_api_shows_slots_queue_and_top_keys_hashed() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = start(
+        &blue,
+        &green,
+        "max_in_flight = 2\nper_key = 1\nkey = \"header:X-Api-Key\"\nqueue = 4\nqueue_timeout = \"20s\"",
+        "[rate_limits.ai]\nrate = \"100/s\"\n\n",
+    );
+    let url = proxy.http_url();
+    let k1 = [("X-Api-Key", "sk-very-secret-1")];
+    let a1 = spawn_get(&url, "/gpu/a1?hold=1", &k1);
+    assert!(poll_until(WAIT, || blue.in_flight() == 1));
+    let a2 = spawn_queued(&proxy, "/gpu/a2?hold=1", &k1, 1);
+
+    let (code, v) = proxy.admin("GET", "/limits", None);
+    assert_eq!(code, 200, "{v}");
+    let gpu = &v["concurrency"]["gpu"];
+    assert_eq!(
+        (
+            gpu["max_in_flight"].as_u64(),
+            gpu["per_key"].as_u64(),
+            gpu["queue"].as_u64()
+        ),
+        (Some(2), Some(1), Some(4)),
+        "{v}"
+    );
+    assert_eq!(
+        (gpu["in_flight"].as_u64(), gpu["queue_depth"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+    let top = &gpu["top_keys"][0];
+    assert!(top["key"].as_str().unwrap().starts_with("hash:"), "{v}");
+    assert_eq!(
+        (top["in_flight"].as_u64(), top["queued"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+    assert!(
+        !v.to_string().contains("very-secret"),
+        "the key itself never shows: {v}"
+    );
+    assert_eq!(v["rate_limits"]["ai"]["keys"], 0, "{v}");
+
+    let out = run_ctl(&proxy.admin_url(), Some(proxy.token()), &["limits"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text.contains("concurrency gpu: 1/2 in flight, 1/4 queued, 1 keys"),
+        "{text}"
+    );
+    assert!(!text.contains("very-secret"), "{text}");
+
+    blue.release(2);
+    assert_eq!(a1.join().unwrap().status, 200);
+    assert_eq!(a2.join().unwrap().status, 200);
+    assert_slot_free(&proxy, "the listed requests");
+    // A slot is given back just after its answer is sent: poll.
+    let mut v = serde_json::Value::Null;
+    let forgotten = poll_until(WAIT, || {
+        v = proxy.admin("GET", "/limits", None).1;
+        v["concurrency"]["gpu"]["keys"] == 0
+    });
+    assert!(forgotten, "keys are forgotten when idle: {v}");
+    assert_eq!(v["concurrency"]["gpu"]["admitted"].as_u64(), Some(3), "{v}");
+}

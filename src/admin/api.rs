@@ -16,8 +16,19 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::{self, Token};
+use crate::limits::concurrency::{Concurrency, ConcurrencyCaps};
+use crate::limits::rate::RateLimits;
 use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard};
 use crate::tls::store::{CertStatus, CertStore, RenewError};
+
+/// Keys listed per concurrency cap by `GET /limits` (10): the heaviest.
+pub const TOP_KEYS: usize = 10;
+
+/// The limits `GET /limits` reports on.
+pub struct Limits {
+    pub caps: Arc<ConcurrencyCaps>,
+    pub rates: Arc<RateLimits>,
+}
 
 /// Largest request body the admin API reads (64 KiB).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -49,6 +60,8 @@ pub enum Command {
     Renew {
         name: String,
     },
+    /// Every concurrency cap and rate limit now: in flight, queued, top keys.
+    Limits,
 }
 
 impl Command {
@@ -83,6 +96,7 @@ impl Command {
             ),
             Command::Certs => (Method::GET, "/certs".into(), None),
             Command::Renew { name } => (Method::POST, format!("/certs/{name}/renew"), None),
+            Command::Limits => (Method::GET, "/limits".into(), None),
         }
     }
 
@@ -144,6 +158,7 @@ impl Command {
                 })
             }
             (&Method::GET, ["certs"]) => Ok(Command::Certs),
+            (&Method::GET, ["limits"]) => Ok(Command::Limits),
             (&Method::POST, ["certs", name, "renew"]) => {
                 if !body.iter().all(u8::is_ascii_whitespace) {
                     return Err(ApiError::BadRequest(
@@ -159,6 +174,7 @@ impl Command {
                 ["status"]
                 | ["history"]
                 | ["certs"]
+                | ["limits"]
                 | ["certs", _, "renew"]
                 | ["services", _, "switch" | "rollback" | "maintenance"],
             ) => Err(ApiError::MethodNotAllowed),
@@ -247,9 +263,11 @@ impl From<RenewError> for ApiError {
 
 /// Carries out a command. The only place admin actions change anything.
 /// `certs` is `None` when no HTTPS listener is configured.
+/// `limits` is `None` where no limits are wired in (empty lists then).
 pub fn dispatch(
     board: &Switchboard,
     certs: Option<&CertStore>,
+    limits: Option<&Limits>,
     cmd: Command,
 ) -> Result<Value, ApiError> {
     match cmd {
@@ -297,6 +315,19 @@ pub fn dispatch(
                 .collect();
             Ok(json!({ "certificates": list }))
         }
+        Command::Limits => {
+            let caps: serde_json::Map<String, Value> = limits
+                .into_iter()
+                .flat_map(|l| l.caps.iter())
+                .map(|c| (c.name().to_string(), cap_json(c)))
+                .collect();
+            let rates: serde_json::Map<String, Value> = limits
+                .into_iter()
+                .flat_map(|l| l.rates.iter())
+                .map(|r| (r.name().to_string(), json!({ "keys": r.clients() })))
+                .collect();
+            Ok(json!({ "concurrency": caps, "rate_limits": rates }))
+        }
         Command::Renew { name } => {
             let store = certs.ok_or_else(|| RenewError::Unknown(name.clone()))?;
             store.request_renewal(&name)?;
@@ -305,6 +336,37 @@ pub fn dispatch(
             Ok(json!({ "renewal": "requested", "certificate": cert_json(&status) }))
         }
     }
+}
+
+/// One concurrency cap as `GET /limits` shows it. Header keys appear only
+/// as their keyed hash (`hash:...`), never as the value.
+pub fn cap_json(cap: &Concurrency) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = cap.snapshot(TOP_KEYS);
+    let stats = cap.stats();
+    let top: Vec<Value> = now
+        .top_keys
+        .iter()
+        .map(|(key, in_flight, queued)| {
+            json!({ "key": key.to_string(), "in_flight": in_flight, "queued": queued })
+        })
+        .collect();
+    json!({
+        "max_in_flight": now.max_in_flight,
+        "per_key": now.per_key,
+        "queue": now.queue,
+        "in_flight": now.in_flight,
+        "queue_depth": now.queue_depth,
+        "keys": now.keys,
+        "top_keys": top,
+        "admitted": stats.admitted.load(Relaxed),
+        "queued": stats.queued.load(Relaxed),
+        "refused": {
+            "queue_full": stats.refused_queue_full.load(Relaxed),
+            "timeout": stats.refused_timeout.load(Relaxed),
+        },
+        "abandoned": stats.abandoned.load(Relaxed),
+    })
 }
 
 /// RFC 3339 in UTC, whole seconds: what `GET /certs` shows for times.
@@ -367,6 +429,7 @@ pub fn service_json(s: &ServiceState) -> Value {
 pub struct AdminApi {
     board: Arc<Switchboard>,
     certs: Option<Arc<CertStore>>,
+    limits: Option<Arc<Limits>>,
     token: Token,
     allow: Vec<IpNet>,
 }
@@ -382,9 +445,16 @@ impl AdminApi {
         AdminApi {
             board,
             certs,
+            limits: None,
             token,
             allow,
         }
+    }
+
+    /// Reports on these limits in `GET /limits`.
+    pub fn with_limits(mut self, limits: Limits) -> AdminApi {
+        self.limits = Some(Arc::new(limits));
+        self
     }
 
     async fn handle(&self, session: &mut ServerSession) -> Result<Value, ApiError> {
@@ -404,10 +474,13 @@ impl AdminApi {
         let cmd = Command::from_request(&req.method, req.uri.path(), &body)?;
         let board = self.board.clone();
         let certs = self.certs.clone();
+        let limits = self.limits.clone();
         // Switches fsync; keep that off the listener's async threads.
-        tokio::task::spawn_blocking(move || dispatch(&board, certs.as_deref(), cmd))
-            .await
-            .map_err(|e| ApiError::Internal(format!("admin task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            dispatch(&board, certs.as_deref(), limits.as_deref(), cmd)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("admin task failed: {e}")))?
     }
 }
 
@@ -497,6 +570,7 @@ mod tests {
             Command::Renew {
                 name: "site".into(),
             },
+            Command::Limits,
         ];
         for cmd in cmds {
             let (method, path, body) = cmd.to_request();

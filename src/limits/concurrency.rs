@@ -235,6 +235,29 @@ impl Concurrency {
         &self.inner.stats
     }
 
+    /// What the cap holds now, taken under one lock: the settings, in-flight
+    /// and queued requests, and the `top` keys by slots held then queued
+    /// (heaviest first; header keys appear only as their hash).
+    pub fn snapshot(&self, top: usize) -> CapSnapshot {
+        let state = self.inner.lock();
+        let mut keys: Vec<(Key, usize, usize)> = state
+            .keys
+            .iter()
+            .map(|(k, s)| (*k, s.in_flight, s.queued))
+            .collect();
+        keys.sort_unstable_by_key(|&(_, in_flight, queued)| std::cmp::Reverse((in_flight, queued)));
+        keys.truncate(top);
+        CapSnapshot {
+            max_in_flight: self.inner.max_in_flight,
+            per_key: self.inner.per_key,
+            queue: self.inner.queue_cap,
+            in_flight: state.in_flight,
+            queue_depth: state.queue.len(),
+            keys: state.keys.len(),
+            top_keys: keys,
+        }
+    }
+
     /// The `Retry-After` of a refusal, in seconds: the queue timeout, the
     /// longest a slot could take to come round to a client that waits.
     pub fn retry_after(&self) -> u64 {
@@ -349,6 +372,21 @@ impl Drop for Leave {
             self.inner.stats.abandoned.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// One cap at one moment ([`Concurrency::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapSnapshot {
+    pub max_in_flight: usize,
+    pub per_key: usize,
+    /// Places in the queue.
+    pub queue: usize,
+    pub in_flight: usize,
+    pub queue_depth: usize,
+    /// Keys with a request in flight or queued.
+    pub keys: usize,
+    /// (key, slots held, requests queued), heaviest first.
+    pub top_keys: Vec<(Key, usize, usize)>,
 }
 
 /// Every configured cap, indexed like `Config::concurrency`.

@@ -30,6 +30,20 @@ pub enum Key {
     Global,
 }
 
+impl std::fmt::Display for Key {
+    /// An address as itself (an IPv6 /64 as `PREFIX/64`), a header key as
+    /// `hash:` and 16 hex digits (its keyed hash: the value cannot be
+    /// recovered from it), the global key as `global`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Key::Ip(ip @ IpAddr::V4(_)) => write!(f, "{ip}"),
+            Key::Ip(ip) => write!(f, "{ip}/64"),
+            Key::Hashed(h) => write!(f, "hash:{h:016x}"),
+            Key::Global => f.write_str("global"),
+        }
+    }
+}
+
 /// Turns requests into keys for one limit.
 #[derive(Debug, Clone)]
 pub struct Keyer {
@@ -131,6 +145,22 @@ mod tests {
             other.key(&req(&[("Authorization", "Bearer sk-1")]), ip("192.0.2.1")),
             a
         );
+    }
+
+    #[test]
+    fn keys_display_without_their_secret() {
+        let k = Keyer::new(KeySource::parse("header:x-api-key").unwrap());
+        let shown = k
+            .key(&req(&[("X-Api-Key", "sk-secret")]), ip("192.0.2.1"))
+            .to_string();
+        assert!(shown.starts_with("hash:") && shown.len() == 21, "{shown}");
+        assert!(!shown.contains("secret"));
+        assert_eq!(Key::Ip(ip("192.0.2.1")).to_string(), "192.0.2.1");
+        assert_eq!(
+            Key::Ip(ip("2001:db8:1:2::")).to_string(),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(Key::Global.to_string(), "global");
     }
 
     #[test]

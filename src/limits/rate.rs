@@ -30,6 +30,7 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One named limit, checked by every route that uses it.
 pub struct RateLimit {
+    name: String,
     /// Methods counted; `None` counts every method.
     methods: Option<Vec<http::Method>>,
     keyer: Keyer,
@@ -46,6 +47,7 @@ impl RateLimit {
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(bucket);
         RateLimit {
+            name: limit.name.clone(),
             methods: limit.methods.clone(),
             keyer: Keyer::new(limit.key.clone()),
             limiter: DefaultKeyedRateLimiter::keyed(quota),
@@ -66,6 +68,11 @@ impl RateLimit {
         self.limiter
             .check_key(&self.keyer.key(req, client))
             .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
+    }
+
+    /// The limit's name (`[rate_limits.NAME]`).
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Keys currently tracked.
@@ -95,6 +102,11 @@ impl RateLimits {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Every limit, in configuration order.
+    pub fn iter(&self) -> impl Iterator<Item = &RateLimit> {
+        self.0.iter()
     }
 
     pub fn sweep(&self) {
