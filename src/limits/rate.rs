@@ -11,9 +11,11 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
@@ -28,17 +30,46 @@ use pingora::http::RequestHeader;
 /// the table stays the size of the clients seen within one refill period.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Most keys one limit tracks (1 048 576: a key and its state take about
+/// 40 bytes in governor's table, up to twice that while it grows, so tens
+/// of MiB per limit at most): beyond it
+/// refilled keys are dropped at once and, if that is not enough, the table
+/// is emptied. A key is then counted from a full budget again, so a flood
+/// of more distinct keys than this within one refill period loosens the
+/// limit (each key may get up to one more burst) rather than growing
+/// memory without end. Header keys make this reachable: a client can
+/// invent values.
+pub const MAX_KEYS: usize = 1 << 20;
+
+/// The table size is looked at once per this many checks (1024), so the
+/// check itself stays one atomic add; a limit may run over [`MAX_KEYS`] by
+/// at most this many keys.
+pub const KEY_CHECK_EVERY: u64 = 1024;
+
 /// One named limit, checked by every route that uses it.
 pub struct RateLimit {
     name: String,
     /// Methods counted; `None` counts every method.
     methods: Option<Vec<http::Method>>,
     keyer: Keyer,
-    limiter: DefaultKeyedRateLimiter<Key>,
+    /// Swapped whole for an empty one when over `max_keys` (governor has no
+    /// way to clear a table in place).
+    limiter: ArcSwap<DefaultKeyedRateLimiter<Key>>,
+    quota: Quota,
+    max_keys: usize,
+    /// Checks so far, to look at the table size every [`KEY_CHECK_EVERY`].
+    checks: AtomicU64,
+    /// Times the table was emptied for going over `max_keys`.
+    resets: AtomicU64,
 }
 
 impl RateLimit {
     pub fn new(limit: &config::RateLimit) -> RateLimit {
+        RateLimit::with_max_keys(limit, MAX_KEYS)
+    }
+
+    /// [`RateLimit::new`] with another key bound than [`MAX_KEYS`] (tests).
+    pub fn with_max_keys(limit: &config::RateLimit, max_keys: usize) -> RateLimit {
         // Validation keeps requests in 1..=MAX_RATE and burst below it, so
         // neither the period nor the bucket can be zero.
         let period = limit.per / limit.requests.max(1);
@@ -50,7 +81,11 @@ impl RateLimit {
             name: limit.name.clone(),
             methods: limit.methods.clone(),
             keyer: Keyer::new(limit.key.clone()),
-            limiter: DefaultKeyedRateLimiter::keyed(quota),
+            limiter: ArcSwap::from_pointee(DefaultKeyedRateLimiter::keyed(quota)),
+            quota,
+            max_keys,
+            checks: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
         }
     }
 
@@ -65,9 +100,17 @@ impl RateLimit {
         {
             return Ok(());
         }
-        self.limiter
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(KEY_CHECK_EVERY)
+        {
+            self.bound_keys();
+        }
+        let limiter = self.limiter.load();
+        limiter
             .check_key(&self.keyer.key(req, client))
-            .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
+            .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
     }
 
     /// The limit's name (`[rate_limits.NAME]`).
@@ -77,14 +120,38 @@ impl RateLimit {
 
     /// Keys currently tracked.
     pub fn clients(&self) -> usize {
-        self.limiter.len()
+        self.limiter.load().len()
+    }
+
+    /// Keeps the table within `max_keys` (see [`MAX_KEYS`]).
+    fn bound_keys(&self) {
+        let limiter = self.limiter.load();
+        if limiter.len() < self.max_keys {
+            return;
+        }
+        limiter.retain_recent();
+        if limiter.len() >= self.max_keys {
+            self.limiter
+                .store(Arc::new(DefaultKeyedRateLimiter::keyed(self.quota)));
+            self.resets.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                max_keys = self.max_keys,
+                "rate limit tracks too many keys; every key starts from a full budget again"
+            );
+        }
+    }
+
+    /// Times the key table was emptied for going over its bound.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
     }
 
     /// Drops clients whose budget has refilled: they are indistinguishable
     /// from clients never seen.
     pub fn sweep(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
+        let limiter = self.limiter.load();
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
     }
 }
 
@@ -200,6 +267,42 @@ mod tests {
             l.check(&req(http::Method::GET), ip("2001:db8:1:3::1")),
             Ok(())
         );
+    }
+
+    #[test]
+    fn a_flood_of_distinct_keys_stays_within_the_bound() {
+        // One per minute, keyed by an API key a client can make up: every
+        // value is a new entry that will not refill during the test.
+        let max = 10_000;
+        let l = RateLimit::with_max_keys(
+            &config::RateLimit {
+                name: "t".into(),
+                requests: 1,
+                per: Duration::from_secs(60),
+                burst: 0,
+                methods: None,
+                key: config::KeySource::parse("header:x-api-key").unwrap(),
+            },
+            max,
+        );
+        let client = ip("192.0.2.1");
+        let mut req = req(http::Method::POST);
+        let mut most = 0;
+        for i in 0..100_000u32 {
+            req.insert_header("x-api-key", format!("sk-{i}")).unwrap();
+            let _ = l.check(&req, client);
+            most = most.max(l.clients());
+        }
+        assert!(most <= max + KEY_CHECK_EVERY as usize, "{most}");
+        assert!(l.resets() >= 9, "{}", l.resets());
+        assert!(
+            std::mem::size_of::<Key>() <= 24,
+            "the per-key estimate of MAX_KEYS"
+        );
+        // A key still counts within its period between resets.
+        req.insert_header("x-api-key", "steady").unwrap();
+        assert_eq!(l.check(&req, client), Ok(()));
+        assert!(l.check(&req, client).is_err());
     }
 
     #[test]
