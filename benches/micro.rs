@@ -119,5 +119,45 @@ fn rate_limit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing, snapshot, rate_limit);
+fn concurrency(c: &mut Criterion) {
+    use futures_util::FutureExt;
+    use switchyard::config::{Concurrency as CapConfig, KeySource};
+    use switchyard::limits::concurrency::Concurrency;
+
+    let cap = |queue: u32| {
+        Concurrency::new(&CapConfig {
+            name: "gpu".into(),
+            max_in_flight: 8,
+            per_key: 2,
+            key: KeySource::ClientIp,
+            queue,
+            queue_timeout: std::time::Duration::from_secs(5),
+        })
+    };
+    let req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+    let client: IpAddr = "203.0.113.7".parse().unwrap();
+    // A free slot: taken and given back (the whole cost a request pays).
+    let free = cap(16);
+    c.bench_function("concurrency/take and give back a free slot", |b| {
+        b.iter(|| {
+            let permit = free
+                .acquire(black_box(&req), black_box(client))
+                .now_or_never();
+            drop(black_box(permit));
+        })
+    });
+    // The key at its share and no queue: refused at once.
+    let full = cap(0);
+    let _held: Vec<_> = (0..2)
+        .map(|_| full.acquire(&req, client).now_or_never())
+        .collect();
+    c.bench_function("concurrency/refused, no queue", |b| {
+        b.iter(|| {
+            full.acquire(black_box(&req), black_box(client))
+                .now_or_never()
+        })
+    });
+}
+
+criterion_group!(benches, routing, snapshot, rate_limit, concurrency);
 criterion_main!(benches);
