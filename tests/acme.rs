@@ -5,18 +5,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use common::pebble::{self, Pebble};
+use common::tls::*;
 use common::*;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::{ClientConnection, StreamOwned};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 
 /// How long an issuance may take on a busy machine (30 s); Pebble without
@@ -82,71 +79,13 @@ fn wait_cert(p: &Proxy, name: &str, deadline: Duration, ok: impl Fn(&Value) -> b
     last
 }
 
-/// Accepts any server certificate: to look at the bootstrap one.
-#[derive(Debug)]
-struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
+/// A client that accepts any certificate: to look at the bootstrap one.
 fn any_cert_config() -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        rustls::ClientConfig::builder()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
-            .with_no_client_auth(),
-    )
-}
-
-type Tls = StreamOwned<ClientConnection, TcpStream>;
-
-/// A completed TLS handshake with `addr` naming `sni`.
-fn connect(addr: &str, sni: &str, config: Arc<rustls::ClientConfig>) -> Result<Tls, String> {
-    let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
-    let conn = ClientConnection::new(config, name).map_err(|e| e.to_string())?;
-    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut tls = StreamOwned::new(conn, tcp);
-    while tls.conn.is_handshaking() {
-        tls.conn
-            .complete_io(&mut tls.sock)
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(tls)
+    Arc::new(Recorder::config(Arc::default()))
 }
 
 /// The leaf's facts as the client saw them.
-fn peer(tls: &Tls) -> switchyard::tls::certs::CertInfo {
+fn peer(tls: &TlsConn) -> switchyard::tls::certs::CertInfo {
     let chain = tls
         .conn
         .peer_certificates()
@@ -156,7 +95,7 @@ fn peer(tls: &Tls) -> switchyard::tls::certs::CertInfo {
 
 /// A verified handshake's serial, or why it failed.
 fn verified_serial(p: &Proxy, root: &str) -> Result<String, String> {
-    connect(
+    try_tls_connect(
         &p.https_addr(),
         DOMAIN,
         pebble::client_config(root, &[b"http/1.1"]),
@@ -165,31 +104,9 @@ fn verified_serial(p: &Proxy, root: &str) -> Result<String, String> {
 }
 
 /// One HTTP/1.1 keep-alive request on `tls`: status and body.
-fn request_over(tls: &mut Tls, path: &str) -> (u16, String) {
-    write!(tls, "GET {path} HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n").unwrap();
-    tls.flush().unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = tls.read(&mut buf).expect("read response");
-        assert!(n > 0, "connection closed mid-response");
-        raw.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .expect("content-length");
-            if body.len() >= len {
-                let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-                return (status, body[..len].to_string());
-            }
-        }
-    }
+fn request_over(tls: &mut TlsConn, path: &str) -> (u16, String) {
+    let a = exchange(tls, &get_request(DOMAIN, path));
+    (a.status, a.body)
 }
 
 fn mode(path: &Path) -> u32 {
@@ -219,7 +136,7 @@ fn issuance_replaces_the_bootstrap_and_a_restart_issues_nothing() {
         err.contains("new account") && err.contains("Connection refused"),
         "{st}"
     );
-    let boot = connect(&p.https_addr(), DOMAIN, any_cert_config()).unwrap();
+    let boot = try_tls_connect(&p.https_addr(), DOMAIN, any_cert_config()).unwrap();
     assert_eq!(peer(&boot).issuer, switchyard::tls::certs::BOOTSTRAP_ISSUER);
     let log = p.stderr_text();
     assert!(
@@ -237,7 +154,7 @@ fn issuance_replaces_the_bootstrap_and_a_restart_issues_nothing() {
     assert!(st["next_renewal"].is_string(), "{st}");
     let serial = verified_serial(&p, &root).expect("chain verifies against Pebble's root");
     assert_eq!(st["serial"], serial.as_str());
-    let t = connect(&p.https_addr(), DOMAIN, pebble::client_config(&root, &[])).unwrap();
+    let t = try_tls_connect(&p.https_addr(), DOMAIN, pebble::client_config(&root, &[])).unwrap();
     assert!(peer(&t).names.contains(&DOMAIN.to_string()));
     // The stand-in was only ever self-signed: it does not verify.
     assert!(boot.conn.peer_certificates().is_some());
@@ -314,7 +231,7 @@ fn an_added_domain_keeps_the_files_serving_and_orders_at_once() {
     let st = cert(&p, "site");
     assert_eq!(st["bootstrap"], false, "{st}");
     assert_eq!(st["serial"], old_serial.as_str(), "{st}");
-    let t = connect(
+    let t = try_tls_connect(
         &p.https_addr(),
         DOMAIN,
         pebble::client_config(&old.ca_pem, &[]),
@@ -336,7 +253,7 @@ fn an_added_domain_keeps_the_files_serving_and_orders_at_once() {
     let st = wait_cert(&p, "site", ISSUE_DEADLINE, |c| c["failures"] == 0);
     assert_ne!(st["serial"], old_serial.as_str(), "{st}");
     for name in [DOMAIN, ADDED] {
-        let t = connect(&p.https_addr(), name, pebble::client_config(&root, &[]));
+        let t = try_tls_connect(&p.https_addr(), name, pebble::client_config(&root, &[]));
         assert!(t.is_ok(), "{name}: {:?}", t.err());
     }
 }
@@ -357,7 +274,7 @@ fn forced_renewal_swaps_new_handshakes_and_keeps_open_connections() {
         .unwrap()
         .to_string();
 
-    let mut h1 = connect(
+    let mut h1 = try_tls_connect(
         &p.https_addr(),
         DOMAIN,
         pebble::client_config(&root, &[b"http/1.1"]),
@@ -417,11 +334,7 @@ type WsTls =
 /// A WebSocket over TLS (HTTP/1.1: no WebSocket over h2), trusting `root`.
 async fn ws_connect_tls(addr: &str, root: &str) -> WsTls {
     let config = pebble::client_config(root, &[b"http/1.1"]);
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(ServerName::try_from(DOMAIN).unwrap(), tcp)
-        .await
-        .expect("TLS handshake");
+    let tls = tls_async(addr, DOMAIN, config).await;
     let (ws, resp) = tokio_tungstenite::client_async(format!("wss://{DOMAIN}/ws"), tls)
         .await
         .expect("WebSocket handshake");
@@ -471,21 +384,9 @@ struct H2 {
 impl H2 {
     async fn connect(addr: &str, root: &str) -> H2 {
         let config = pebble::client_config(root, &[b"h2"]);
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(ServerName::try_from(DOMAIN).unwrap(), tcp)
-            .await
-            .expect("TLS handshake");
-        assert_eq!(
-            tls.get_ref().1.alpn_protocol(),
-            Some(&b"h2"[..]),
-            "ALPN chose h2"
-        );
-        let (send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        H2 { send }
+        H2 {
+            send: h2_handshake(addr, DOMAIN, config).await,
+        }
     }
 
     /// Starts a GET and returns its answer's body as it streams.

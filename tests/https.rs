@@ -11,25 +11,18 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, ProtocolVersion, RootCertStore, StreamOwned};
 use tokio_tungstenite::tungstenite::Message;
 
+use common::tls::*;
 use common::*;
-
-/// I/O timeout of the test clients: a dead proxy fails the test, never hangs it.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 // ---------------------------------------------------------------------------
 // Test PKI
@@ -140,90 +133,6 @@ fn h1_config(pki: &Pki) -> Arc<ClientConfig> {
     client_config(pki.roots(), &[b"http/1.1"], rustls::DEFAULT_VERSIONS)
 }
 
-type TlsConn = StreamOwned<ClientConnection, TcpStream>;
-
-/// Connects and completes the handshake (verifying the chain for `name`).
-fn tls_connect(addr: &str, name: &str, config: Arc<ClientConfig>) -> TlsConn {
-    let tcp = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    tcp.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-    let server = ServerName::try_from(name.to_string()).unwrap();
-    let conn = ClientConnection::new(config, server).unwrap();
-    let mut tls = StreamOwned::new(conn, tcp);
-    while tls.conn.is_handshaking() {
-        tls.conn
-            .complete_io(&mut tls.sock)
-            .unwrap_or_else(|e| panic!("TLS handshake with {addr} as {name}: {e}"));
-    }
-    tls
-}
-
-/// An HTTP/1.1 response with a `Content-Length` body.
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Writes `request` and reads one response (Content-Length framed).
-fn exchange(conn: &mut impl ReadWrite, request: &str) -> Answer {
-    conn.write_all(request.as_bytes()).unwrap();
-    conn.flush().unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = conn.read(&mut chunk).expect("read response head");
-        assert!(
-            n > 0,
-            "closed before a response head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap()[9..12].parse().unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| v.parse().unwrap())
-        .unwrap_or(0);
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < len {
-        let n = conn.read(&mut chunk).expect("read body");
-        assert!(n > 0, "closed mid-body");
-        body.extend_from_slice(&chunk[..n]);
-    }
-    Answer {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
-}
-
-trait ReadWrite: Read + Write {}
-impl<T: Read + Write> ReadWrite for T {}
-
-fn get_request(host: &str, path: &str) -> String {
-    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")
-}
-
 /// A plain-HTTP GET over a fresh connection.
 fn plain_get(addr: &str, host: &str, path: &str) -> Answer {
     let mut tcp = TcpStream::connect(addr).unwrap();
@@ -231,63 +140,14 @@ fn plain_get(addr: &str, host: &str, path: &str) -> Answer {
     exchange(&mut tcp, &get_request(host, path))
 }
 
-/// Records the certificate the server presented and accepts it (the SNI
-/// tests look at which certificate, not at whether it verifies).
-#[derive(Debug, Default)]
-struct Recorder(Mutex<Option<Vec<u8>>>);
-
-impl ServerCertVerifier for Recorder {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.0.lock().unwrap() = Some(end_entity.to_vec());
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// The leaf certificate served to a client sending `sni` (None: no SNI).
 fn served_cert(addr: &str, sni: Option<&str>) -> Vec<u8> {
     let recorder = Arc::new(Recorder::default());
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(recorder.clone())
-        .with_no_client_auth();
+    let mut config = Recorder::config(recorder.clone());
     config.enable_sni = sni.is_some();
     // Without SNI rustls still needs a name to verify against.
     let _conn = tls_connect(addr, sni.unwrap_or("no-sni.invalid"), Arc::new(config));
-    let der = recorder.0.lock().unwrap().take();
-    der.expect("a certificate was presented")
+    recorder.take().expect("a certificate was presented")
 }
 
 // ---------------------------------------------------------------------------
@@ -304,36 +164,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn tls_async(
-    addr: &str,
-    name: &str,
-    config: Arc<ClientConfig>,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let server = ServerName::try_from(name.to_string()).unwrap();
-    tokio::time::timeout(
-        IO_TIMEOUT,
-        tokio_rustls::TlsConnector::from(config).connect(server, tcp),
-    )
-    .await
-    .expect("handshake in time")
-    .expect("handshake")
-}
-
-/// An HTTP/2 connection, checked to have negotiated `h2` by ALPN.
+/// An HTTP/2 connection trusting the test CA, checked to have negotiated
+/// `h2` by ALPN.
 async fn h2_connect(pki: &Pki, addr: &str, name: &str) -> h2::client::SendRequest<Bytes> {
     let config = client_config(pki.roots(), &[b"h2", b"http/1.1"], rustls::DEFAULT_VERSIONS);
-    let tls = tls_async(addr, name, config).await;
-    assert_eq!(
-        tls.get_ref().1.alpn_protocol(),
-        Some(&b"h2"[..]),
-        "ALPN chose h2"
-    );
-    let (send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    send.ready().await.expect("h2 ready")
+    h2_handshake(addr, name, config).await
 }
 
 /// Sends a GET for `url` (its authority is `:authority`) and returns the

@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod pebble;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::fs;
