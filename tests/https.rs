@@ -605,8 +605,9 @@ fn a_dribbled_client_hello_is_cut_at_the_header_deadline() {
     assert!(proxy.error_lines().is_empty(), "{}", proxy.stderr_text());
 }
 
-/// One static certificate for alpha.test, `header_timeout` 1 s.
-fn short_deadline_proxy(pki: &Pki) -> (Upstream, Proxy) {
+/// Everything to one upstream, one static certificate for alpha.test, and
+/// `server` (one `[server]` line).
+fn one_site_proxy(pki: &Pki, server: &str) -> (Upstream, Proxy) {
     let leaf = pki.leaf("site", &[ALPHA]);
     let up = Upstream::start("blue");
     let proxy = ProxyBuilder::new(format!(
@@ -614,10 +615,15 @@ fn short_deadline_proxy(pki: &Pki) -> (Upstream, Proxy) {
         service("app", &[&up], &[&up], "blue"),
         route(None, "/", "app")
     ))
-    .server("header_timeout = \"1s\"")
+    .server(server)
     .https(&format!("[tls]\n{}", static_cert("site", &leaf)))
     .start();
     (up, proxy)
+}
+
+/// [`one_site_proxy`] with `header_timeout` 1 s.
+fn short_deadline_proxy(pki: &Pki) -> (Upstream, Proxy) {
+    one_site_proxy(pki, "header_timeout = \"1s\"")
 }
 
 /// Reads until the server closes; panics if it is still open after 8 s.
@@ -673,16 +679,7 @@ fn an_http2_client_without_preface_is_cut_at_the_header_deadline() {
 #[test]
 fn an_idle_http2_connection_closes_after_the_keepalive_timeout() {
     let pki = Pki::new();
-    let leaf = pki.leaf("site", &[ALPHA]);
-    let up = Upstream::start("blue");
-    let proxy = ProxyBuilder::new(format!(
-        "{}{}",
-        service("app", &[&up], &[&up], "blue"),
-        route(None, "/", "app")
-    ))
-    .server("keepalive_timeout = \"1s\"")
-    .https(&format!("[tls]\n{}", static_cert("site", &leaf)))
-    .start();
+    let (_up, proxy) = one_site_proxy(&pki, "keepalive_timeout = \"1s\"");
     let rt = runtime();
     rt.block_on(async {
         let config = client_config(pki.roots(), &[b"h2"], rustls::DEFAULT_VERSIONS);
@@ -700,16 +697,7 @@ fn an_idle_http2_connection_closes_after_the_keepalive_timeout() {
 #[test]
 fn connection_caps_apply_before_the_handshake() {
     let pki = Pki::new();
-    let leaf = pki.leaf("site", &[ALPHA]);
-    let up = Upstream::start("blue");
-    let proxy = ProxyBuilder::new(format!(
-        "{}{}",
-        service("app", &[&up], &[&up], "blue"),
-        route(None, "/", "app")
-    ))
-    .server("max_connections_per_client = 1")
-    .https(&format!("[tls]\n{}", static_cert("site", &leaf)))
-    .start();
+    let (_up, proxy) = one_site_proxy(&pki, "max_connections_per_client = 1");
     let mut first = tls_connect(&proxy.https_addr(), ALPHA, h1_config(&pki));
     // Over the cap: closed without a handshake (no ServerHello comes).
     let mut second = RawConn::connect(&proxy.https_addr());
