@@ -84,12 +84,11 @@ pub struct Config {
     /// this list is in its limits.
     pub concurrency: Vec<Concurrency>,
     /// Where the keys that name files (`server.state_dir`,
-    /// `server.maintenance_page`, `admin.token_file`) are written, as (line,
-    /// column), so a problem with the file itself can point at its key.
-    pub positions: BTreeMap<&'static str, (usize, usize)>,
-    /// The same for file keys inside arrays of tables, keyed `KEY#INDEX`
-    /// (e.g. `tls.certificates.cert#0`).
-    pub indexed_positions: BTreeMap<String, (usize, usize)>,
+    /// `server.maintenance_page`, `admin.token_file`...) are written, as
+    /// (line, column), so a problem with the file itself can point at its
+    /// key; a key inside an array of tables is `KEY#INDEX` (e.g.
+    /// `tls.certificates.cert#0`).
+    pub positions: BTreeMap<String, (usize, usize)>,
 }
 
 /// One mistake in a configuration file, located by line and column (1-based).
@@ -157,12 +156,7 @@ impl Config {
     /// A problem with what `key` (e.g. `"admin.token_file"`) names, located
     /// at the key when the file sets it.
     pub fn error_at(&self, key: &str, message: String) -> ConfigError {
-        let (line, col) = self
-            .positions
-            .get(key)
-            .or_else(|| self.indexed_positions.get(key))
-            .copied()
-            .unwrap_or((0, 0));
+        let (line, col) = self.positions.get(key).copied().unwrap_or((0, 0));
         ConfigError {
             path: self.path.clone(),
             line,
@@ -192,7 +186,6 @@ impl Config {
             errors: Vec::new(),
             dropped: HashSet::new(),
             positions: BTreeMap::new(),
-            indexed_positions: BTreeMap::new(),
         };
         let config = v.file().map(|file| v.validate(file));
         // Stable: two mistakes at one place keep the order they were found in.
@@ -214,9 +207,7 @@ struct Validator<'a> {
     /// add a second, misleading "unknown service".
     dropped: HashSet<(String, String)>,
     /// See [`Config::positions`].
-    positions: BTreeMap<&'static str, (usize, usize)>,
-    /// See [`Config::indexed_positions`].
-    indexed_positions: BTreeMap<String, (usize, usize)>,
+    positions: BTreeMap<String, (usize, usize)>,
 }
 
 /// What error recovery took out of the parsed tree.
@@ -357,17 +348,20 @@ impl Validator<'_> {
             rate_limits,
             concurrency,
             positions: std::mem::take(&mut self.positions),
-            indexed_positions: std::mem::take(&mut self.indexed_positions),
         }
     }
 
     /// A key that names a file: its position is kept for later problems
     /// with the file itself ([`Config::error_at`]).
-    fn path_key(&mut self, key: &'static str, value: Option<Spanned<PathBuf>>) -> Option<PathBuf> {
-        let value = value?;
+    fn path_key(&mut self, key: &str, value: Option<Spanned<PathBuf>>) -> Option<PathBuf> {
+        value.map(|v| self.file_key(key, v))
+    }
+
+    /// [`Validator::path_key`] for a key the file must set.
+    fn file_key(&mut self, key: &str, value: Spanned<PathBuf>) -> PathBuf {
         let at = line_col(self.text, value.span().start);
-        self.positions.insert(key, at);
-        Some(value.into_inner())
+        self.positions.insert(key.to_string(), at);
+        value.into_inner()
     }
 
     /// Checks a service or rate-limit name: they appear in URLs, metrics and logs.

@@ -110,8 +110,8 @@ impl Validator<'_> {
         let mut static_certs = Vec::new();
         for (i, c) in t.certificates.unwrap_or_default().into_iter().enumerate() {
             let name_ok = self.certificate_name(&c.name, &mut seen);
-            let cert = self.path_key_indexed("tls.certificates.cert", i, c.cert);
-            let key = self.path_key_indexed("tls.certificates.key", i, c.key);
+            let cert = self.file_key(&format!("tls.certificates.cert#{i}"), c.cert);
+            let key = self.file_key(&format!("tls.certificates.key#{i}"), c.key);
             if name_ok {
                 static_certs.push(StaticCertificate {
                     name: c.name.into_inner(),
@@ -363,19 +363,6 @@ impl Validator<'_> {
             None
         }
     }
-
-    /// A file key inside an array of tables: its position is kept under
-    /// `key` with the index, e.g. `tls.certificates.cert#0`.
-    fn path_key_indexed(
-        &mut self,
-        key: &'static str,
-        index: usize,
-        value: Spanned<PathBuf>,
-    ) -> PathBuf {
-        let at = super::line_col(self.text, value.span().start);
-        self.indexed_positions.insert(format!("{key}#{index}"), at);
-        value.into_inner()
-    }
 }
 
 #[cfg(test)]
@@ -433,7 +420,7 @@ domains = ["moyeobab.com", "API.moyeobab.com."]
         );
         assert_eq!(acme.email.as_deref(), Some("ops@example.com"));
         assert!(c.positions.contains_key("acme.ca_root"));
-        assert!(c.indexed_positions.contains_key("tls.certificates.key#0"));
+        assert!(c.positions.contains_key("tls.certificates.key#0"));
     }
 
     #[test]
