@@ -91,8 +91,6 @@ pub enum StartError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("acme.ca_root: {0}")]
-    CaRoot(tls::certs::CertError),
     #[error("static certificate {name}: {source}")]
     Certificate {
         name: String,
@@ -124,9 +122,6 @@ impl Switchyard {
         let certs = Arc::new(CertStore::new(&config.tls, config.acme.as_ref()));
         let challenges = Arc::new(Challenges::new());
         load_static_certificates(&config.tls, &certs)?;
-        if let Some(root) = config.acme.as_ref().and_then(|a| a.ca_root.as_deref()) {
-            tls::certs::check_ca_root(root).map_err(StartError::CaRoot)?;
-        }
 
         let mut server = Server::new_with_opt_and_conf(
             Opt {
