@@ -239,11 +239,7 @@ pub fn h2load(run: &H2Load) -> Result<WrkOut, String> {
     Ok(WrkOut {
         requests,
         secs,
-        rps: if secs > 0.0 {
-            requests as f64 / secs
-        } else {
-            0.0
-        },
+        rps: crate::wrk::rate(requests, secs),
         p50_ms: pct(50.0),
         p99_ms: pct(99.0),
         p999_ms: pct(99.9),

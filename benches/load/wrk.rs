@@ -22,6 +22,15 @@ done = function(summary, latency, requests)
 end
 "#;
 
+/// Requests per second over `secs` (0 for an empty run).
+pub fn rate(requests: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        requests as f64 / secs
+    } else {
+        0.0
+    }
+}
+
 /// One wrk run as reported by the hook.
 #[derive(Debug, Clone)]
 pub struct WrkOut {
@@ -106,11 +115,7 @@ pub fn run(wrk: &Path, script: &Path, load: &Load) -> Result<WrkOut, String> {
     Ok(WrkOut {
         requests,
         secs,
-        rps: if secs > 0.0 {
-            requests as f64 / secs
-        } else {
-            0.0
-        },
+        rps: rate(requests, secs),
         p50_ms: num("p50_us") / 1e3,
         p99_ms: num("p99_us") / 1e3,
         p999_ms: num("p999_us") / 1e3,
