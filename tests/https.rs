@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, ProtocolVersion, RootCertStore, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, ProtocolVersion, RootCertStore};
 use tokio_tungstenite::tungstenite::Message;
 
 use common::tls::*;
@@ -698,7 +698,15 @@ fn an_idle_http2_connection_closes_after_the_keepalive_timeout() {
 fn connection_caps_apply_before_the_handshake() {
     let pki = Pki::new();
     let (_up, proxy) = one_site_proxy(&pki, "max_connections_per_client = 1");
-    let mut first = tls_connect(&proxy.https_addr(), ALPHA, h1_config(&pki));
+    // The harness's readiness probe was a connection too, released once
+    // the proxy sees it closed: poll for the first connection.
+    let mut first = None;
+    let opened = poll_until(FAIL_DEADLINE, || {
+        first = try_tls_connect(&proxy.https_addr(), ALPHA, h1_config(&pki)).ok();
+        first.is_some()
+    });
+    assert!(opened, "{}", proxy.stderr_text());
+    let mut first = first.unwrap();
     // Over the cap: closed without a handshake (no ServerHello comes).
     let mut second = RawConn::connect(&proxy.https_addr());
     let _ = second.send(&client_hello(&pki));
@@ -707,17 +715,7 @@ fn connection_caps_apply_before_the_handshake() {
     assert_eq!(exchange(&mut first, &get_request(ALPHA, "/")).status, 200);
     drop(first);
     let served = poll_until(FAIL_DEADLINE, || {
-        let tcp = TcpStream::connect(proxy.https_addr()).unwrap();
-        tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let server = ServerName::try_from(ALPHA.to_string()).unwrap();
-        let conn = ClientConnection::new(h1_config(&pki), server).unwrap();
-        let mut tls = StreamOwned::new(conn, tcp);
-        while tls.conn.is_handshaking() {
-            if tls.conn.complete_io(&mut tls.sock).is_err() {
-                return false;
-            }
-        }
-        true
+        try_tls_connect(&proxy.https_addr(), ALPHA, h1_config(&pki)).is_ok()
     });
     assert!(served, "a new TLS connection after the first closed");
     assert!(proxy.error_lines().is_empty(), "{}", proxy.stderr_text());
