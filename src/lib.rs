@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod cleanup;
+pub mod completion;
 pub mod config;
 pub mod connections;
 pub mod demo;
@@ -42,7 +43,9 @@ use crate::config::Config;
 use crate::connections::Connections;
 use crate::health::HealthChecker;
 use crate::limits::concurrency::ConcurrencyCaps;
-use crate::limits::rate::{RateLimits, Sweeper};
+use crate::limits::rate::RateLimits;
+use crate::limits::tokens::TokenBudgets;
+use crate::limits::Sweeper;
 use crate::pools::Switchboard;
 use crate::respond::Pages;
 use crate::route::RouteTable;
@@ -136,6 +139,7 @@ impl Switchyard {
         let requests = Arc::new(AtomicUsize::new(0));
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limits));
         let concurrency = Arc::new(ConcurrencyCaps::new(&config.concurrency));
+        let budgets = Arc::new(TokenBudgets::new(&config.token_budgets));
         let new_proxy = |side| {
             proxy::Proxy::new(
                 RouteTable::new(&config.routes),
@@ -146,6 +150,7 @@ impl Switchyard {
             )
             .with_side(side)
             .with_concurrency(concurrency.clone())
+            .with_budgets(budgets.clone())
         };
         let tls_configured = config.listen.https.is_some() || config.acme.is_some();
         let plain_side = match tls_configured {
@@ -211,10 +216,10 @@ impl Switchyard {
             ));
         }
 
-        if !rate_limits.is_empty() {
+        if !rate_limits.is_empty() || !budgets.is_empty() {
             server.add_service(background_service(
-                "rate-limit sweep",
-                Sweeper(rate_limits.clone()),
+                "limit sweep",
+                Sweeper(rate_limits.clone(), budgets.clone()),
             ));
         }
 
@@ -247,6 +252,7 @@ impl Switchyard {
                     .with_limits(Limits {
                         caps: concurrency.clone(),
                         rates: rate_limits.clone(),
+                        budgets: budgets.clone(),
                     });
                 // The same wrapper as the proxy's: a header deadline against
                 // slow clients, a small connection cap, and `Server:

@@ -625,7 +625,8 @@ fn print_limits(reply: &Value) {
     let empty = serde_json::Map::new();
     let caps = reply["concurrency"].as_object().unwrap_or(&empty);
     let rates = reply["rate_limits"].as_object().unwrap_or(&empty);
-    if caps.is_empty() && rates.is_empty() {
+    let budgets = reply["token_budgets"].as_object().unwrap_or(&empty);
+    if caps.is_empty() && rates.is_empty() && budgets.is_empty() {
         println!("no limits configured");
     }
     for (name, c) in caps {
@@ -657,6 +658,33 @@ fn print_limits(reply: &Value) {
     }
     for (name, r) in rates {
         println!("rate limit {name}: {} keys tracked", n(&r["keys"]));
+    }
+    for (name, b) in budgets {
+        let t = &b["tokens"];
+        println!(
+            "token budget {name}: {} tokens/min per key, {} keys; max_tokens {} (default {})",
+            n(&b["tokens_per_minute"]),
+            n(&b["keys"]),
+            n(&b["max_tokens"]),
+            n(&b["default_max_tokens"]),
+        );
+        println!(
+            "  since start: {} admitted, refused {} over budget + {} invalid; tokens {} reserved, {} settled, {} refunded, {} kept",
+            n(&b["admitted"]),
+            n(&b["refused"]["exhausted"]),
+            n(&b["refused"]["invalid"]),
+            n(&t["reserved"]),
+            n(&t["settled"]),
+            n(&t["refunded"]),
+            n(&t["kept"]),
+        );
+        for k in b["top_keys"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<40} {} tokens used",
+                k["key"].as_str().unwrap_or("?"),
+                n(&k["used"]),
+            );
+        }
     }
 }
 

@@ -16,11 +16,13 @@ use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorSource;
 
+use crate::completion::{self, Completion};
 use crate::config::{self, RouteAction, RouteLimits};
 use crate::forwarded::{self, Client};
 use crate::host::{self, Authority};
 use crate::limits::concurrency::{self, ConcurrencyCaps, Permit};
 use crate::limits::rate::RateLimits;
+use crate::limits::tokens::TokenBudgets;
 use crate::pools::{InFlight, Switchboard};
 use crate::respond::{self, Refusal};
 use crate::route::RouteTable;
@@ -59,6 +61,7 @@ pub struct Proxy {
     board: Arc<Switchboard>,
     rate_limits: Arc<RateLimits>,
     concurrency: Arc<ConcurrencyCaps>,
+    budgets: Arc<TokenBudgets>,
     settings: Settings,
     /// Every request between its headers and its log line; shutdown waits for 0.
     requests: Arc<AtomicUsize>,
@@ -79,6 +82,7 @@ impl Proxy {
             board,
             rate_limits,
             concurrency: Arc::new(ConcurrencyCaps::new(&[])),
+            budgets: Arc::new(TokenBudgets::new(&[])),
             settings,
             requests,
             side: Side::PlainOnly,
@@ -89,6 +93,13 @@ impl Proxy {
     /// every listener.
     pub fn with_concurrency(mut self, caps: Arc<ConcurrencyCaps>) -> Proxy {
         self.concurrency = caps;
+        self
+    }
+
+    /// The token budgets routes name (`[token_budgets.NAME]`), shared by
+    /// every listener.
+    pub fn with_budgets(mut self, budgets: Arc<TokenBudgets>) -> Proxy {
+        self.budgets = budgets;
         self
     }
 
@@ -123,6 +134,8 @@ pub struct Ctx {
     /// request ends, however it ends (the context is dropped then; for an
     /// upgraded connection, when the connection closes).
     _slot: Option<Permit>,
+    /// An OpenAI-compatible completion on a route with a token budget.
+    completion: Option<Completion>,
 }
 
 struct RequestCount(Arc<AtomicUsize>);
@@ -163,6 +176,7 @@ impl ProxyHttp for Proxy {
             response_started: false,
             body_bytes: 0,
             _slot: None,
+            completion: None,
         }
     }
 
@@ -245,10 +259,44 @@ impl ProxyHttp for Proxy {
             .limits
             .rate_limit
             .and_then(|i| self.rate_limits.get(i));
-        if let Some(Err(wait)) = rate_limit.map(|l| l.check(req, client_ip)) {
-            // Round up: a client that waits `Retry-After` seconds is let through.
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return self.refuse(session, ctx, Refusal::RateLimited(secs)).await;
+        if let Some(limit) = rate_limit {
+            if let Err(wait) = limit.check(req, client_ip) {
+                let retry = completion::whole_seconds(wait);
+                let refusal = Refusal::RateLimited {
+                    retry,
+                    limit: limit.requests(),
+                };
+                return self.refuse(session, ctx, refusal).await;
+            }
+        }
+
+        let s = &self.settings;
+        // Only where the client allows it: HTTP/1.1 unless `Connection:
+        // close`, HTTP/1.0 only with `Connection: keep-alive` (RFC 9112 §9.3).
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(s.keepalive_timeout.as_secs().max(1)));
+        }
+        let (read, write) = match ctx.websocket {
+            true => (target.limits.idle_timeout, target.limits.idle_timeout),
+            false => (s.body_timeout, s.send_timeout),
+        };
+        session.set_read_timeout(Some(read));
+        session.set_write_timeout(Some(write));
+
+        let budget = target.limits.token_budget.and_then(|i| self.budgets.get(i));
+        let req = session.req_header();
+        if let Some(mut completion) = budget.and_then(|b| Completion::of(b, req, client_ip)) {
+            ctx.limits.max_body = completion.max_body(target.limits.max_body);
+            let length = content_length(req);
+            if length.is_some_and(|n| n > ctx.limits.max_body) {
+                completion.count_too_large();
+                let refusal = Refusal::BodyTooLarge(ctx.limits.max_body);
+                return self.refuse(session, ctx, refusal).await;
+            }
+            if let Err(refusal) = completion.read_early(session, length).await? {
+                return self.refuse(session, ctx, refusal).await;
+            }
+            ctx.completion = Some(completion);
         }
         if let Some(cap) = target
             .limits
@@ -268,19 +316,6 @@ impl ProxyHttp for Proxy {
             };
         }
 
-        let s = &self.settings;
-        // Only where the client allows it: HTTP/1.1 unless `Connection:
-        // close`, HTTP/1.0 only with `Connection: keep-alive` (RFC 9112 §9.3).
-        if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(s.keepalive_timeout.as_secs().max(1)));
-        }
-        let (read, write) = match ctx.websocket {
-            true => (target.limits.idle_timeout, target.limits.idle_timeout),
-            false => (s.body_timeout, s.send_timeout),
-        };
-        session.set_read_timeout(Some(read));
-        session.set_write_timeout(Some(write));
-
         let snapshot = self.board.load();
         let state = &snapshot.services[service];
         if state.maintenance {
@@ -294,15 +329,21 @@ impl ProxyHttp for Proxy {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
         // Chunked bodies carry no length up front: count as they stream.
         ctx.body_bytes += body.as_ref().map_or(0, Bytes::len);
         if !ctx.websocket && ctx.body_bytes > ctx.limits.max_body {
+            if let Some(c) = &ctx.completion {
+                c.count_too_large();
+            }
             return Error::e_explain(HTTPStatus(413), "request body over the route's max_body");
         }
-        Ok(())
+        match ctx.completion.as_mut() {
+            Some(completion) => completion.body_filter(body, end_of_stream),
+            None => Ok(()),
+        }
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -356,6 +397,9 @@ impl ProxyHttp for Proxy {
             upstream.remove_header(&http::header::EXPECT);
             upstream.remove_header(&http::header::UPGRADE);
         }
+        if let Some(completion) = ctx.completion.as_mut() {
+            completion.upstream_request(upstream)?;
+        }
         forwarded::apply(upstream, client, &ctx.request_id, ctx.authority.as_ref())
     }
 
@@ -375,7 +419,30 @@ impl ProxyHttp for Proxy {
                 target.mark_upgraded();
             }
         }
+        if let Some(completion) = ctx.completion.as_mut() {
+            completion.response(resp);
+        }
         respond::stamp(resp, &ctx.request_id)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let Some(completion) = ctx.completion.as_mut() {
+            completion.response_body(body, end_of_stream);
+        }
+        Ok(None)
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(completion) = ctx.completion.as_mut() {
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            completion.finish(&ctx.request_id, status);
+        }
     }
 
     fn fail_to_connect(
@@ -430,13 +497,15 @@ impl ProxyHttp for Proxy {
     /// (a body over `max_body`, broken chunked framing, a body that stalls,
     /// a client that hangs up mid-response): under a flood these would
     /// bury the errors an operator must see.
-    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, e: &Error) -> bool {
         let no_backend = matches!(e.etype(), HTTPStatus(503));
         if no_backend {
             NO_HEALTHY_BACKEND.fetch_add(1, Ordering::Relaxed);
         }
-        let client_side =
-            matches!(e.etype(), HTTPStatus(413)) || e.esource() == &ErrorSource::Downstream;
+        let refused = ctx.completion.as_ref().is_some_and(|c| c.refusal.is_some());
+        let client_side = refused
+            || matches!(e.etype(), HTTPStatus(413))
+            || e.esource() == &ErrorSource::Downstream;
         let expected = no_backend || client_side;
         if expected {
             tracing::debug!(cause = %e, "request ended early (expected outcome)");
@@ -447,7 +516,9 @@ impl ProxyHttp for Proxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let code = respond::status_for(e);
         if code > 0 && session.response_written().is_none() {
+            let late = ctx.completion.as_ref().and_then(|c| c.refusal);
             let refusal = match code {
+                _ if late.is_some() => late.unwrap_or(Refusal::Client(code)),
                 503 => Refusal::NoHealthyBackend,
                 413 => Refusal::BodyTooLarge(ctx.limits.max_body),
                 code if e.esource() == &ErrorSource::Downstream => Refusal::Client(code),
@@ -456,7 +527,8 @@ impl ProxyHttp for Proxy {
             // The connection is not reused (below): the answer says so.
             session.set_keepalive(None);
             let pages = &self.settings.pages;
-            if let Err(err) = pages.send(session, &ctx.request_id, refusal).await {
+            let openai = ctx.limits.token_budget.is_some();
+            if let Err(err) = pages.send(session, &ctx.request_id, refusal, openai).await {
                 tracing::debug!(cause = %err, "could not send error response");
             }
         }
@@ -486,7 +558,12 @@ impl Proxy {
         }
         self.settings
             .pages
-            .send(session, &ctx.request_id, refusal)
+            .send(
+                session,
+                &ctx.request_id,
+                refusal,
+                ctx.limits.token_budget.is_some(),
+            )
             .await?;
         Ok(true)
     }

@@ -4,6 +4,10 @@
 //!
 //! Every refusal is short: JSON `{"error": "..."}`, except 503s, which browsers
 //! get as the HTML maintenance page (JSON when they ask for it with `Accept`).
+//! On AI routes (those with a token budget) every refusal is JSON in
+//! OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`,
+//! which OpenAI's SDKs turn into their typed errors (429 `RateLimitError`,
+//! 400 `BadRequestError`...).
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,6 +19,7 @@ use pingora::ErrorSource;
 
 use crate::forwarded::X_REQUEST_ID;
 use crate::host::HostError;
+use crate::limits::openai::Invalid;
 use crate::route::BadPath;
 
 /// The `Server` header on every response: no version, nothing to fingerprint.
@@ -35,8 +40,23 @@ pub enum Refusal {
     HeaderTooLarge,
     BodyTooLarge(usize),
     WebSocketNotAllowed,
-    /// The client is over its rate; it may send again in this many seconds.
-    RateLimited(u64),
+    /// The client is over its rate (`limit` requests per window); it may
+    /// send again in `retry` seconds.
+    RateLimited {
+        retry: u64,
+        limit: u32,
+    },
+    /// A completion request the token budget refuses before reserving (400).
+    Invalid(Invalid),
+    /// The key's token bucket cannot cover the request now (429): it holds
+    /// `remaining` of `limit` tokens, enough in `retry` seconds, full in
+    /// `reset` seconds.
+    TokensExhausted {
+        retry: u64,
+        limit: u64,
+        remaining: u64,
+        reset: u64,
+    },
     /// Every slot of the route's concurrency cap is taken and the queue is
     /// full or the wait ran out; worth retrying in this many seconds.
     Busy(u64),
@@ -53,10 +73,13 @@ impl Refusal {
     pub fn status(self) -> u16 {
         match self {
             Refusal::NoRoute | Refusal::Denied => 404,
-            Refusal::BadPath(_) | Refusal::BadHost(_) | Refusal::WebSocketNotAllowed => 400,
+            Refusal::BadPath(_)
+            | Refusal::BadHost(_)
+            | Refusal::WebSocketNotAllowed
+            | Refusal::Invalid(_) => 400,
             Refusal::HeaderTooLarge => 431,
             Refusal::BodyTooLarge(_) => 413,
-            Refusal::RateLimited(_) => 429,
+            Refusal::RateLimited { .. } | Refusal::TokensExhausted { .. } => 429,
             Refusal::Busy(_) | Refusal::Maintenance | Refusal::NoHealthyBackend => 503,
             Refusal::Upstream(code) | Refusal::Client(code) => code,
         }
@@ -71,7 +94,11 @@ impl Refusal {
             Refusal::HeaderTooLarge => "request header too large".into(),
             Refusal::BodyTooLarge(max) => format!("request body larger than {max} bytes"),
             Refusal::WebSocketNotAllowed => "WebSocket is not enabled on this route".into(),
-            Refusal::RateLimited(_) => "too many requests, slow down".into(),
+            Refusal::RateLimited { .. } => "too many requests, slow down".into(),
+            Refusal::Invalid(e) => e.to_string(),
+            Refusal::TokensExhausted { retry, .. } => {
+                format!("token budget used up, try again in {retry} s")
+            }
             Refusal::Busy(_) => "too many requests in flight, try again later".into(),
             Refusal::Maintenance => "service under maintenance".into(),
             Refusal::NoHealthyBackend => "no healthy backend, try again later".into(),
@@ -79,6 +106,27 @@ impl Refusal {
             Refusal::Upstream(_) => "upstream failed".into(),
             Refusal::Client(408) => "request body not received in time".into(),
             Refusal::Client(_) => "bad request".into(),
+        }
+    }
+
+    /// OpenAI's `type`, `code` and `param` for the refusal.
+    fn openai_kind(self) -> (&'static str, &'static str, Option<&'static str>) {
+        match self {
+            Refusal::Invalid(e) => ("invalid_request_error", e.code(), e.param()),
+            Refusal::RateLimited { .. } => ("requests", "rate_limit_exceeded", None),
+            Refusal::TokensExhausted { .. } => ("tokens", "rate_limit_exceeded", None),
+            Refusal::BodyTooLarge(_) => ("invalid_request_error", "request_too_large", None),
+            Refusal::HeaderTooLarge => ("invalid_request_error", "headers_too_large", None),
+            Refusal::NoRoute | Refusal::Denied => ("invalid_request_error", "not_found", None),
+            Refusal::BadPath(_)
+            | Refusal::BadHost(_)
+            | Refusal::WebSocketNotAllowed
+            | Refusal::Client(_) => ("invalid_request_error", "bad_request", None),
+            Refusal::Busy(_) => ("server_error", "overloaded", None),
+            Refusal::Maintenance => ("server_error", "maintenance", None),
+            Refusal::NoHealthyBackend => ("server_error", "no_healthy_backend", None),
+            Refusal::Upstream(504) => ("server_error", "upstream_timeout", None),
+            Refusal::Upstream(_) => ("server_error", "upstream_error", None),
         }
     }
 
@@ -114,12 +162,14 @@ impl Pages {
         })
     }
 
-    /// Writes the whole answer for `refusal`.
+    /// Writes the whole answer for `refusal`; `openai`: in OpenAI's error
+    /// shape (an AI route).
     pub async fn send(
         &self,
         session: &mut Session,
         request_id: &http::HeaderValue,
         refusal: Refusal,
+        openai: bool,
     ) -> Result<()> {
         let status = refusal.status();
         let wants_json = session
@@ -127,18 +177,39 @@ impl Pages {
             .headers
             .get(http::header::ACCEPT)
             .is_some_and(|a| a.to_str().is_ok_and(|a| a.contains("application/json")));
-        let (content_type, body) = if status == 503 && !wants_json {
+        let (content_type, body) = if status == 503 && !wants_json && !openai {
             ("text/html; charset=utf-8", self.page.clone())
         } else {
-            let json = serde_json::json!({ "error": refusal.message() });
+            let json = match openai {
+                true => {
+                    let (kind, code, param) = refusal.openai_kind();
+                    serde_json::json!({ "error": {
+                        "message": refusal.message(), "type": kind, "param": param, "code": code,
+                    }})
+                }
+                false => serde_json::json!({ "error": refusal.message() }),
+            };
             ("application/json", Bytes::from(format!("{json}\n")))
         };
-        let mut resp = ResponseHeader::build(status, Some(6))?;
+        let mut resp = ResponseHeader::build(status, Some(8))?;
         resp.insert_header(http::header::CONTENT_TYPE, content_type)?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
         resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
         match refusal {
-            Refusal::RateLimited(secs) | Refusal::Busy(secs) => {
+            Refusal::RateLimited { retry, limit } => {
+                resp.insert_header(http::header::RETRY_AFTER, retry.to_string())?;
+                rate_limit_fields(&mut resp, u64::from(limit), 0, retry)?;
+            }
+            Refusal::TokensExhausted {
+                retry,
+                limit,
+                remaining,
+                reset,
+            } => {
+                resp.insert_header(http::header::RETRY_AFTER, retry.to_string())?;
+                rate_limit_fields(&mut resp, limit, remaining, reset)?;
+            }
+            Refusal::Busy(secs) => {
                 resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?
             }
             _ if status == 503 => {
@@ -150,6 +221,20 @@ impl Pages {
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await
     }
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds),
+/// the fields of the IETF httpapi draft "RateLimit header fields for HTTP"
+/// in the form most clients read (one field each).
+pub fn rate_limit_fields(
+    resp: &mut ResponseHeader,
+    limit: u64,
+    remaining: u64,
+    reset: u64,
+) -> Result<()> {
+    resp.insert_header("ratelimit-limit", limit.to_string())?;
+    resp.insert_header("ratelimit-remaining", remaining.to_string())?;
+    resp.insert_header("ratelimit-reset", reset.to_string())
 }
 
 /// Headers every response carries.

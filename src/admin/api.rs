@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use super::auth::{self, Token};
 use crate::limits::concurrency::{Concurrency, ConcurrencyCaps};
 use crate::limits::rate::RateLimits;
+use crate::limits::tokens::{TokenBudget, TokenBudgets};
 use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard};
 use crate::tls::store::{CertStatus, CertStore, RenewError};
 
@@ -28,6 +29,7 @@ pub const TOP_KEYS: usize = 10;
 pub struct Limits {
     pub caps: Arc<ConcurrencyCaps>,
     pub rates: Arc<RateLimits>,
+    pub budgets: Arc<TokenBudgets>,
 }
 
 /// Largest request body the admin API reads (64 KiB).
@@ -326,7 +328,12 @@ pub fn dispatch(
                 .flat_map(|l| l.rates.iter())
                 .map(|r| (r.name().to_string(), json!({ "keys": r.clients() })))
                 .collect();
-            Ok(json!({ "concurrency": caps, "rate_limits": rates }))
+            let budgets: serde_json::Map<String, Value> = limits
+                .into_iter()
+                .flat_map(|l| l.budgets.iter())
+                .map(|b| (b.name().to_string(), budget_json(b)))
+                .collect();
+            Ok(json!({ "concurrency": caps, "rate_limits": rates, "token_budgets": budgets }))
         }
         Command::Renew { name } => {
             let store = certs.ok_or_else(|| RenewError::Unknown(name.clone()))?;
@@ -366,6 +373,39 @@ pub fn cap_json(cap: &Concurrency) -> Value {
             "timeout": stats.refused_timeout.load(Relaxed),
         },
         "abandoned": stats.abandoned.load(Relaxed),
+    })
+}
+
+/// One token budget as `GET /limits` shows it: its settings, the keys
+/// furthest below a full bucket (`used`: tokens short of full, about what
+/// they spent in the last minute) and token counts since start. Header
+/// keys appear only as their keyed hash.
+pub fn budget_json(b: &TokenBudget) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let settings = b.settings();
+    let stats = b.stats();
+    let top: Vec<Value> = b
+        .top(TOP_KEYS)
+        .iter()
+        .map(|(key, used)| json!({ "key": key.to_string(), "used": used }))
+        .collect();
+    json!({
+        "tokens_per_minute": settings.tokens_per_minute,
+        "max_tokens": settings.max_tokens,
+        "default_max_tokens": settings.default_max_tokens,
+        "keys": b.keys(),
+        "top_keys": top,
+        "admitted": stats.admitted.load(Relaxed),
+        "refused": {
+            "exhausted": stats.refused_exhausted.load(Relaxed),
+            "invalid": stats.refused_invalid.load(Relaxed),
+        },
+        "tokens": {
+            "reserved": stats.reserved.load(Relaxed),
+            "settled": stats.settled.load(Relaxed),
+            "refunded": stats.refunded.load(Relaxed),
+            "kept": stats.kept.load(Relaxed),
+        },
     })
 }
 

@@ -23,6 +23,19 @@ pub struct Root {
     pub rate_limits: BTreeMap<Spanned<String>, RateLimit>,
     #[serde(default)]
     pub concurrency: BTreeMap<Spanned<String>, Concurrency>,
+    #[serde(default)]
+    pub token_budgets: BTreeMap<Spanned<String>, TokenBudget>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBudget {
+    pub tokens_per_minute: Spanned<u64>,
+    pub key: Option<Spanned<String>>,
+    pub max_tokens: Option<Spanned<u64>>,
+    pub default_max_tokens: Option<Spanned<u64>>,
+    pub max_body: Option<Spanned<String>>,
+    pub prompt_bytes_per_token: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +127,7 @@ pub struct Route {
     pub max_body: Option<Spanned<String>>,
     pub rate_limit: Option<Spanned<String>>,
     pub concurrency: Option<Spanned<String>>,
+    pub token_budget: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

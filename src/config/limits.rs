@@ -1,6 +1,8 @@
 //! `[rate_limits.NAME]`: named per-client request rates that routes count
-//! against, and `[concurrency.NAME]`: named in-flight caps that routes hold
-//! slots of, with their defaults and bounds.
+//! against, `[concurrency.NAME]`: named in-flight caps that routes hold
+//! slots of, and `[token_budgets.NAME]`: named per-key token budgets that
+//! routes' OpenAI-compatible completions are charged to, with their
+//! defaults and bounds.
 
 use std::ops::RangeInclusive;
 use std::time::Duration;
@@ -29,6 +31,56 @@ pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// without a byte back).
 pub const QUEUE_TIMEOUT_RANGE: RangeInclusive<Duration> =
     super::values::MIN_DURATION..=Duration::from_secs(600);
+
+/// Largest `tokens_per_minute` of a token budget (1 000 000 000 tokens).
+pub const MAX_TOKENS_PER_MINUTE: u64 = 1_000_000_000;
+/// The cap on `max_tokens` / `max_completion_tokens` when a budget sets no
+/// `max_tokens` (4096 tokens), lowered to `tokens_per_minute` if that is less.
+pub const DEFAULT_BUDGET_MAX_TOKENS: u64 = 4096;
+/// `max_tokens` injected into a request that names none, when a budget sets
+/// no `default_max_tokens` (512 tokens), lowered to the cap if that is
+/// less. Without it vLLM generates until the context is full.
+pub const DEFAULT_INJECTED_MAX_TOKENS: u64 = 512;
+/// Largest completion request body read and parsed when a budget sets no
+/// `max_body` (256 KiB).
+pub const DEFAULT_BUDGET_MAX_BODY: usize = 256 * 1024;
+/// Allowed `max_body` of a token budget: 1 KiB to 16 MiB (the body is held
+/// in memory while it is parsed).
+pub const BUDGET_MAX_BODY_RANGE: RangeInclusive<usize> = 1024..=16 * 1024 * 1024;
+/// Request body bytes counted as one prompt token in the reservation when
+/// a budget sets no `prompt_bytes_per_token` (1): no token of a byte-level
+/// BPE tokenizer is shorter than one byte, so the estimate never falls
+/// short and concurrent requests can never overrun the budget.
+pub const DEFAULT_PROMPT_BYTES_PER_TOKEN: u32 = 1;
+/// Allowed `prompt_bytes_per_token`: 1 to 8. Above 1 the reservation may
+/// fall short of a prompt's real size; the difference is charged at
+/// settlement, so a key pays in full, but concurrent requests may then
+/// overrun the budget by what was underestimated.
+pub const PROMPT_BYTES_PER_TOKEN_RANGE: RangeInclusive<u32> = 1..=8;
+
+/// A per-key token budget (`[token_budgets.NAME]`) shared by every route
+/// naming it: a bucket of `tokens_per_minute` tokens per key, refilled
+/// continuously, that each completion reserves from at admission and
+/// settles with its real `usage` when it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenBudget {
+    pub name: String,
+    /// Bucket size and refill per minute, 1 to [`MAX_TOKENS_PER_MINUTE`].
+    pub tokens_per_minute: u64,
+    /// What requests are charged under (`key`; default the client address).
+    pub key: KeySource,
+    /// Largest `max_tokens` / `max_completion_tokens` a request may ask
+    /// for, 1 to `tokens_per_minute` (default [`DEFAULT_BUDGET_MAX_TOKENS`]).
+    pub max_tokens: u64,
+    /// `max_tokens` injected when a request names none, 1 to `max_tokens`
+    /// (default [`DEFAULT_INJECTED_MAX_TOKENS`]).
+    pub default_max_tokens: u64,
+    /// Largest completion body, bytes (default [`DEFAULT_BUDGET_MAX_BODY`]).
+    pub max_body: usize,
+    /// Body bytes per prompt token in the reservation estimate (default
+    /// [`DEFAULT_PROMPT_BYTES_PER_TOKEN`]).
+    pub prompt_bytes_per_token: u32,
+}
 
 /// An in-flight cap (`[concurrency.NAME]`) shared by every route naming it:
 /// at most `max_in_flight` requests at the backends at once, at most
@@ -203,6 +255,58 @@ impl Validator<'_> {
             key,
             queue,
             queue_timeout,
+        })
+    }
+
+    pub(super) fn token_budget(
+        &mut self,
+        name: Spanned<String>,
+        b: file::TokenBudget,
+    ) -> Option<TokenBudget> {
+        let valid_name = self.name(&name, "token budget");
+        if !valid_name {
+            self.dropped
+                .insert(("token_budgets".into(), name.get_ref().clone()));
+        }
+        let tokens_per_minute = self.count(
+            Some(&b.tokens_per_minute),
+            DEFAULT_BUDGET_MAX_TOKENS,
+            1..=MAX_TOKENS_PER_MINUTE,
+            "tokens_per_minute",
+        );
+        // A cap above the bucket would let no request at the cap through.
+        let max_tokens = self.count(
+            b.max_tokens.as_ref(),
+            DEFAULT_BUDGET_MAX_TOKENS.min(tokens_per_minute),
+            1..=tokens_per_minute,
+            "max_tokens",
+        );
+        let default_max_tokens = self.count(
+            b.default_max_tokens.as_ref(),
+            DEFAULT_INJECTED_MAX_TOKENS.min(max_tokens),
+            1..=max_tokens,
+            "default_max_tokens",
+        );
+        let max_body = self.size_in(
+            b.max_body.as_ref(),
+            DEFAULT_BUDGET_MAX_BODY,
+            BUDGET_MAX_BODY_RANGE,
+        );
+        let prompt_bytes_per_token = self.count(
+            b.prompt_bytes_per_token.as_ref(),
+            DEFAULT_PROMPT_BYTES_PER_TOKEN,
+            PROMPT_BYTES_PER_TOKEN_RANGE,
+            "prompt_bytes_per_token",
+        );
+        let key = self.limit_key(b.key.as_ref());
+        valid_name.then(|| TokenBudget {
+            name: name.into_inner(),
+            tokens_per_minute,
+            key,
+            max_tokens,
+            default_max_tokens,
+            max_body,
+            prompt_bytes_per_token,
         })
     }
 

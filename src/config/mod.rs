@@ -12,7 +12,8 @@
 //! file per section validates it and owns its `DEFAULT_*` constants and
 //! ranges: `server.rs` (`[server]`, `[listen]`, `[admin]`), `services.rs`
 //! (`[services.NAME]` and their health checks), `routes.rs` (`[[routes]]`)
-//! and `limits.rs` (`[rate_limits.NAME]`, `[concurrency.NAME]`).
+//! and `limits.rs` (`[rate_limits.NAME]`, `[concurrency.NAME]`,
+//! `[token_budgets.NAME]`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -32,8 +33,10 @@ mod tls;
 mod values;
 
 pub use limits::{
-    Concurrency, KeySource, RateLimit, DEFAULT_QUEUE_TIMEOUT, DEFAULT_RATE_BURST, MAX_IN_FLIGHT,
-    MAX_QUEUE, MAX_RATE, QUEUE_TIMEOUT_RANGE,
+    Concurrency, KeySource, RateLimit, TokenBudget, BUDGET_MAX_BODY_RANGE, DEFAULT_BUDGET_MAX_BODY,
+    DEFAULT_BUDGET_MAX_TOKENS, DEFAULT_INJECTED_MAX_TOKENS, DEFAULT_PROMPT_BYTES_PER_TOKEN,
+    DEFAULT_QUEUE_TIMEOUT, DEFAULT_RATE_BURST, MAX_IN_FLIGHT, MAX_QUEUE, MAX_RATE,
+    MAX_TOKENS_PER_MINUTE, PROMPT_BYTES_PER_TOKEN_RANGE, QUEUE_TIMEOUT_RANGE,
 };
 pub use routes::{
     Route, RouteAction, RouteLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_READ_TIMEOUT,
@@ -83,6 +86,9 @@ pub struct Config {
     /// Named in-flight caps (`[concurrency.NAME]`); a route's index into
     /// this list is in its limits.
     pub concurrency: Vec<Concurrency>,
+    /// Named token budgets (`[token_budgets.NAME]`); a route's index into
+    /// this list is in its limits.
+    pub token_budgets: Vec<TokenBudget>,
     /// Where the keys that name files (`server.state_dir`,
     /// `server.maintenance_page`, `admin.token_file`...) are written, as
     /// (line, column), so a problem with the file itself can point at its
@@ -335,7 +341,18 @@ impl Validator<'_> {
             .into_iter()
             .filter_map(|(name, c)| self.concurrency(name, c))
             .collect();
-        let routes = self.routes(file.routes, &services, &rate_limits, &concurrency);
+        let token_budgets: Vec<TokenBudget> = file
+            .token_budgets
+            .into_iter()
+            .filter_map(|(name, b)| self.token_budget(name, b))
+            .collect();
+        let routes = self.routes(
+            file.routes,
+            &services,
+            &rate_limits,
+            &concurrency,
+            &token_budgets,
+        );
         Config {
             path: self.path.to_path_buf(),
             server,
@@ -347,6 +364,7 @@ impl Validator<'_> {
             routes,
             rate_limits,
             concurrency,
+            token_budgets,
             positions: std::mem::take(&mut self.positions),
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::{file, line_col, names, Concurrency, RateLimit, Service, Validator};
+use super::{file, line_col, names, Concurrency, RateLimit, Service, TokenBudget, Validator};
 
 /// Longest wait for bytes from a backend on a route (60 s), like nginx's `proxy_read_timeout`.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -42,6 +42,11 @@ pub struct RouteLimits {
     /// Index into [`Config::concurrency`](super::Config::concurrency) of the
     /// in-flight cap this route's requests hold a slot of.
     pub concurrency: Option<usize>,
+    /// Index into [`Config::token_budgets`](super::Config::token_budgets)
+    /// of the token budget this route's OpenAI-compatible completions are
+    /// charged to. A route with one is an AI route: its refusals take
+    /// OpenAI's error shape.
+    pub token_budget: Option<usize>,
 }
 
 impl Default for RouteLimits {
@@ -53,6 +58,7 @@ impl Default for RouteLimits {
             max_body: DEFAULT_MAX_BODY,
             rate_limit: None,
             concurrency: None,
+            token_budget: None,
         }
     }
 }
@@ -73,6 +79,7 @@ impl Validator<'_> {
         services: &[Service],
         rate_limits: &[RateLimit],
         concurrency: &[Concurrency],
+        token_budgets: &[TokenBudget],
     ) -> Vec<Route> {
         // (host, path) -> line of the route that claimed it first.
         let mut seen: HashMap<(Option<String>, String), usize> = HashMap::new();
@@ -193,6 +200,20 @@ impl Validator<'_> {
                 }
                 found
             });
+            let token_budget = r.token_budget.as_ref().and_then(|name| {
+                let found = token_budgets.iter().position(|b| b.name == *name.get_ref());
+                if found.is_none() && !self.was_dropped("token_budgets", name.get_ref()) {
+                    self.at(
+                        name,
+                        format!(
+                            "route uses unknown token budget {:?}; defined [token_budgets]: {}",
+                            name.get_ref(),
+                            names(token_budgets.iter().map(|b| b.name.as_str()))
+                        ),
+                    );
+                }
+                found
+            });
             let defaults = RouteLimits::default();
             let limits = RouteLimits {
                 websocket: r.websocket.unwrap_or(false),
@@ -202,6 +223,7 @@ impl Validator<'_> {
                 max_body: self.size(r.max_body.as_ref(), defaults.max_body),
                 rate_limit,
                 concurrency,
+                token_budget,
             };
             if let (Some(action), None) = (action, duplicate) {
                 out.push(Route {

@@ -3,4 +3,33 @@
 
 pub mod concurrency;
 pub mod key;
+pub mod openai;
 pub mod rate;
+pub mod tokens;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+/// Background housekeeping: every [`rate::SWEEP_INTERVAL`], forgets the
+/// rate-limit and token-budget keys whose buckets have refilled.
+pub struct Sweeper(pub Arc<rate::RateLimits>, pub Arc<tokens::TokenBudgets>);
+
+#[async_trait]
+impl BackgroundService for Sweeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(rate::SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    self.0.sweep();
+                    self.1.sweep();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -16,11 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
 
 use crate::config;
 use crate::limits::key::{Key, Keyer};
@@ -49,6 +46,8 @@ pub const KEY_CHECK_EVERY: u64 = 1024;
 /// One named limit, checked by every route that uses it.
 pub struct RateLimit {
     name: String,
+    /// Requests per window as configured (`rate = "30/m"`: 30).
+    requests: u32,
     /// Methods counted; `None` counts every method.
     methods: Option<Vec<http::Method>>,
     keyer: Keyer,
@@ -78,6 +77,7 @@ impl RateLimit {
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(bucket);
         RateLimit {
+            requests: limit.requests,
             name: limit.name.clone(),
             methods: limit.methods.clone(),
             keyer: Keyer::new(limit.key.clone()),
@@ -114,6 +114,11 @@ impl RateLimit {
     }
 
     /// The limit's name (`[rate_limits.NAME]`).
+    /// Requests per window as configured (for `RateLimit-Limit`).
+    pub fn requests(&self) -> u32 {
+        self.requests
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -178,23 +183,6 @@ impl RateLimits {
 
     pub fn sweep(&self) {
         self.0.iter().for_each(RateLimit::sweep);
-    }
-}
-
-/// Background housekeeping: sweeps every limit each [`SWEEP_INTERVAL`].
-pub struct Sweeper(pub Arc<RateLimits>);
-
-#[async_trait]
-impl BackgroundService for Sweeper {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.0.sweep(),
-                _ = shutdown.changed() => return,
-            }
-        }
     }
 }
 
