@@ -11,6 +11,7 @@
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod openai;
 pub mod pebble;
 pub mod tls;
 
