@@ -181,10 +181,13 @@ impl Completion {
             *body = self.body.take();
             return Ok(());
         }
-        if let Some(chunk) = body.take() {
-            self.read.extend_from_slice(&chunk);
+        if let Some(chunk) = body.as_ref() {
+            self.read.extend_from_slice(chunk);
         }
         if !end {
+            // Held back: empty is skipped, where `None` would end the
+            // backend's body.
+            *body = Some(Bytes::new());
             return Ok(());
         }
         let read = std::mem::take(&mut self.read);

@@ -170,7 +170,7 @@ fn openai_sdk_raises_rate_limit_error_when_the_budget_is_spent() {
             r#"
 tokens_per_minute = 2000
 key = "header:Authorization"
-max_tokens = 2048
+max_tokens = 1600
 default_max_tokens = 512
 max_body = "256KiB"
 "#,
@@ -200,6 +200,14 @@ max_body = "256KiB"
             for h in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
                 assert!(headers[h].is_string(), "{h} missing: {headers}");
             }
+            assert_eq!(headers["ratelimit-limit"], "2000", "{headers}");
+            // 490 left after the first call, plus a little refill.
+            let remaining: u64 = headers["ratelimit-remaining"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((490..600).contains(&remaining), "{headers}");
         }
         SdkOutcome::Ok(v) => panic!("the second call fit in the budget: {v}"),
     }
