@@ -60,7 +60,10 @@ impl Completion {
         req: &RequestHeader,
         client: IpAddr,
     ) -> Option<Completion> {
-        let endpoint = Endpoint::of(&req.method, req.uri.path())?;
+        // Matched as the backend reads the path, so no spelling of it
+        // (`/v1/chat/%63ompletions`) escapes the budget.
+        let path = crate::route::normalize_path(req.uri.path()).ok()?;
+        let endpoint = Endpoint::of(&req.method, &path)?;
         Some(Completion {
             budget: budget.clone(),
             key: budget.key(req, client),

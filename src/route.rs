@@ -265,7 +265,7 @@ pub fn route_path_error(path: &str) -> Option<String> {
 /// byte, a double-encoded special byte, a malformed escape or non-UTF-8
 /// bytes, and `..` above the root. A path that does not start with `/` (such
 /// as `*`) is returned unchanged and matches no route.
-fn normalize_path(path: &str) -> Result<Cow<'_, [u8]>, BadPath> {
+pub fn normalize_path(path: &str) -> Result<Cow<'_, [u8]>, BadPath> {
     let bytes = path.as_bytes();
     let Some(rest) = bytes.strip_prefix(b"/") else {
         return Ok(Cow::Borrowed(bytes));

@@ -241,9 +241,19 @@ fn bad_completion_bodies_get_openai_errors_and_never_reach_the_backend() {
             .contains("2048"),
         "{over:?}"
     );
+    // Every spelling of the path the backend reads as a completion is charged.
+    for path in [
+        "/v1/chat/%63ompletions",
+        "/v1//chat/completions",
+        "/v1/x/../chat/completions",
+        "/v1/completions;v=1",
+    ] {
+        let reply = post(&proxy, path, &chat(json!({"max_tokens": 4096})));
+        assert_eq!(reply.status, 400, "{path}: {reply:?}");
+    }
     assert!(fake.requests().is_empty(), "{:?}", fake.requests());
     let stats = budget_stats(&proxy);
-    assert_eq!(stats["refused"]["invalid"], 8, "{stats}");
+    assert_eq!(stats["refused"]["invalid"], 12, "{stats}");
     assert_eq!(stats["tokens"]["reserved"], 0, "{stats}");
 }
 

@@ -37,14 +37,16 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    /// The endpoint of a request, if its method and path are one that is charged.
-    pub fn of(method: &http::Method, path: &str) -> Option<Endpoint> {
+    /// The endpoint of a request, if its method and path are one that is
+    /// charged. `path` is the request path as the backend reads it (after
+    /// `route::normalize_path`: `%63ompletions` is `completions` to vLLM).
+    pub fn of(method: &http::Method, path: &[u8]) -> Option<Endpoint> {
         if method != http::Method::POST {
             return None;
         }
         match path {
-            CHAT_COMPLETIONS => Some(Endpoint::Chat),
-            COMPLETIONS => Some(Endpoint::Completions),
+            p if p == CHAT_COMPLETIONS.as_bytes() => Some(Endpoint::Chat),
+            p if p == COMPLETIONS.as_bytes() => Some(Endpoint::Completions),
             _ => None,
         }
     }
