@@ -657,7 +657,13 @@ fn print_limits(reply: &Value) {
         }
     }
     for (name, r) in rates {
-        println!("rate limit {name}: {} keys tracked", n(&r["keys"]));
+        println!(
+            "rate limit {name}: {} keys tracked; since start {} counted, {} refused, {} key-table resets",
+            n(&r["keys"]),
+            n(&r["checked"]),
+            n(&r["refused"]),
+            n(&r["resets"]),
+        );
     }
     for (name, b) in budgets {
         let t = &b["tokens"];

@@ -186,6 +186,17 @@ fn streams_settle_with_the_usage_chunk_and_the_client_never_sees_it() {
     assert!(reply.body.contains("total_tokens"), "{}", reply.body);
     assert_eq!(budget_stats(&proxy)["tokens"]["kept"], 0);
     assert!(!proxy.stderr_text().contains("sk-secret"));
+
+    let out = run_ctl(&proxy.admin_url(), Some(proxy.token()), &["limits"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        text.contains("token budget ai: 100000 tokens/min per key, 1 keys"),
+        "{text}"
+    );
+    assert!(text.contains("2 admitted"), "{text}");
+    assert!(text.contains("hash:"), "{text}");
+    assert!(!text.contains("sk-secret"), "{text}");
 }
 
 #[test]
@@ -430,6 +441,13 @@ fn other_paths_and_limits_of_an_ai_route() {
     assert_eq!(models.header("ratelimit-remaining"), Some("0"));
     assert!(models.header("retry-after").is_some());
     assert_eq!(budget_stats(&proxy)["admitted"], 0);
+    let (_, limits) = proxy.admin("GET", "/limits", None);
+    let calls = &limits["rate_limits"]["calls"];
+    assert_eq!(
+        (calls["checked"].as_u64(), calls["refused"].as_u64()),
+        (Some(2), Some(1)),
+        "{limits}"
+    );
 }
 
 /// One HTTP/2 POST: `length` sends `Content-Length` (else the body's end

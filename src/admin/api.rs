@@ -326,7 +326,15 @@ pub fn dispatch(
             let rates: serde_json::Map<String, Value> = limits
                 .into_iter()
                 .flat_map(|l| l.rates.iter())
-                .map(|r| (r.name().to_string(), json!({ "keys": r.clients() })))
+                .map(|r| {
+                    let counts = json!({
+                        "keys": r.clients(),
+                        "checked": r.checked(),
+                        "refused": r.refused(),
+                        "resets": r.resets(),
+                    });
+                    (r.name().to_string(), counts)
+                })
                 .collect();
             let budgets: serde_json::Map<String, Value> = limits
                 .into_iter()

@@ -60,6 +60,8 @@ pub struct RateLimit {
     checks: AtomicU64,
     /// Times the table was emptied for going over `max_keys`.
     resets: AtomicU64,
+    /// Requests refused since start.
+    refused: AtomicU64,
 }
 
 impl RateLimit {
@@ -86,6 +88,7 @@ impl RateLimit {
             max_keys,
             checks: AtomicU64::new(0),
             resets: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -110,15 +113,28 @@ impl RateLimit {
         let limiter = self.limiter.load();
         limiter
             .check_key(&self.keyer.key(req, client))
-            .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
+            .map_err(|not_until| {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                not_until.wait_time_from(limiter.clock().now())
+            })
     }
 
-    /// The limit's name (`[rate_limits.NAME]`).
+    /// Requests counted against the limit since start (admitted and refused).
+    pub fn checked(&self) -> u64 {
+        self.checks.load(Ordering::Relaxed)
+    }
+
+    /// Requests refused with 429 since start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
     /// Requests per window as configured (for `RateLimit-Limit`).
     pub fn requests(&self) -> u32 {
         self.requests
     }
 
+    /// The limit's name (`[rate_limits.NAME]`).
     pub fn name(&self) -> &str {
         &self.name
     }
