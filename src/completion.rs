@@ -24,7 +24,7 @@ use pingora::prelude::*;
 
 use crate::limits::key::Key;
 use crate::limits::openai::{self, Endpoint, UsageScan};
-use crate::limits::tokens::{Reservation, TokenBudget};
+use crate::limits::tokens::{Reservation, TokenBudget, TokenCounts};
 use crate::respond::Refusal;
 
 /// Largest body checked before the backend is contacted (64 KiB: the size
@@ -34,6 +34,7 @@ pub const EARLY_BODY_LIMIT: usize = 64 * 1024;
 /// A completion request on its way through the proxy.
 pub struct Completion {
     budget: Arc<TokenBudget>,
+    service: Option<Arc<TokenCounts>>,
     key: Key,
     endpoint: Endpoint,
     /// Read in `request_filter` (known length up to [`EARLY_BODY_LIMIT`]).
@@ -55,8 +56,10 @@ pub struct Completion {
 impl Completion {
     /// The completion `req` is, if it is a charged endpoint of a route with
     /// `budget`; `client` is its address after `trusted_proxies`.
+    /// `service` counts the tokens of the route's service.
     pub fn of(
         budget: &Arc<TokenBudget>,
+        service: Option<&Arc<TokenCounts>>,
         req: &RequestHeader,
         client: IpAddr,
     ) -> Option<Completion> {
@@ -66,6 +69,7 @@ impl Completion {
         let endpoint = Endpoint::of(&req.method, &path)?;
         Some(Completion {
             budget: budget.clone(),
+            service: service.cloned(),
             key: budget.key(req, client),
             endpoint,
             early: false,
@@ -142,6 +146,10 @@ impl Completion {
                 remaining: e.remaining,
                 reset: whole_seconds(e.reset),
             })?;
+        let mut reservation = reservation;
+        if let Some(service) = &self.service {
+            reservation.count_for(service.clone());
+        }
         self.reservation = Some(reservation);
         self.strip_usage = checked.strip_usage;
         self.body_len = Some(checked.body.len());

@@ -139,7 +139,8 @@ impl Switchyard {
         let requests = Arc::new(AtomicUsize::new(0));
         let rate_limits = Arc::new(RateLimits::new(&config.rate_limits));
         let concurrency = Arc::new(ConcurrencyCaps::new(&config.concurrency));
-        let budgets = Arc::new(TokenBudgets::new(&config.token_budgets));
+        let service_names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let budgets = Arc::new(TokenBudgets::new(&config.token_budgets, &service_names));
         let new_proxy = |side| {
             proxy::Proxy::new(
                 RouteTable::new(&config.routes),

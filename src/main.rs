@@ -692,6 +692,16 @@ fn print_limits(reply: &Value) {
             );
         }
     }
+    let services = reply["tokens_by_service"].as_object().unwrap_or(&empty);
+    for (name, t) in services.iter().filter(|(_, t)| n(&t["reserved"]) > 0) {
+        println!(
+            "tokens of service {name}: {} reserved, {} settled, {} refunded, {} kept",
+            n(&t["reserved"]),
+            n(&t["settled"]),
+            n(&t["refunded"]),
+            n(&t["kept"]),
+        );
+    }
 }
 
 fn print_cert(c: &Value) {

@@ -82,7 +82,7 @@ impl Proxy {
             board,
             rate_limits,
             concurrency: Arc::new(ConcurrencyCaps::new(&[])),
-            budgets: Arc::new(TokenBudgets::new(&[])),
+            budgets: Arc::new(TokenBudgets::new(&[], &[])),
             settings,
             requests,
             side: Side::PlainOnly,
@@ -285,7 +285,9 @@ impl ProxyHttp for Proxy {
 
         let budget = target.limits.token_budget.and_then(|i| self.budgets.get(i));
         let req = session.req_header();
-        if let Some(mut completion) = budget.and_then(|b| Completion::of(b, req, client_ip)) {
+        let counts = self.budgets.service(service);
+        if let Some(mut completion) = budget.and_then(|b| Completion::of(b, counts, req, client_ip))
+        {
             ctx.limits.max_body = completion.max_body(target.limits.max_body);
             let length = content_length(req);
             if length.is_some_and(|n| n > ctx.limits.max_body) {

@@ -174,6 +174,11 @@ fn streams_settle_with_the_usage_chunk_and_the_client_never_sees_it() {
     assert_eq!(stats["tokens"]["reserved"], reserve, "{stats}");
     assert_eq!(stats["tokens"]["settled"], used, "{stats}");
     assert_eq!(stats["tokens"]["refunded"], reserve - used, "{stats}");
+    let (_, limits) = proxy.admin("GET", "/limits", None);
+    assert_eq!(
+        limits["tokens_by_service"]["ai"], stats["tokens"],
+        "{limits}"
+    );
     // The key is the API key, shown only as its keyed hash.
     let top = stats["top_keys"][0]["key"].as_str().unwrap().to_string();
     assert!(top.starts_with("hash:"), "{stats}");

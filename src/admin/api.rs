@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::auth::{self, Token};
 use crate::limits::concurrency::{Concurrency, ConcurrencyCaps};
 use crate::limits::rate::RateLimits;
-use crate::limits::tokens::{TokenBudget, TokenBudgets};
+use crate::limits::tokens::{TokenBudget, TokenBudgets, TokenCounts};
 use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard};
 use crate::tls::store::{CertStatus, CertStore, RenewError};
 
@@ -341,7 +341,17 @@ pub fn dispatch(
                 .flat_map(|l| l.budgets.iter())
                 .map(|b| (b.name().to_string(), budget_json(b)))
                 .collect();
-            Ok(json!({ "concurrency": caps, "rate_limits": rates, "token_budgets": budgets }))
+            let services: serde_json::Map<String, Value> = limits
+                .into_iter()
+                .flat_map(|l| l.budgets.services())
+                .map(|(name, c)| (name.to_string(), token_counts_json(c)))
+                .collect();
+            Ok(json!({
+                "concurrency": caps,
+                "rate_limits": rates,
+                "token_budgets": budgets,
+                "tokens_by_service": services,
+            }))
         }
         Command::Renew { name } => {
             let store = certs.ok_or_else(|| RenewError::Unknown(name.clone()))?;
@@ -414,6 +424,17 @@ pub fn budget_json(b: &TokenBudget) -> Value {
             "refunded": stats.refunded.load(Relaxed),
             "kept": stats.kept.load(Relaxed),
         },
+    })
+}
+
+/// One service's tokens since start, over every budget its routes name.
+pub fn token_counts_json(c: &TokenCounts) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    json!({
+        "reserved": c.reserved.load(Relaxed),
+        "settled": c.settled.load(Relaxed),
+        "refunded": c.refunded.load(Relaxed),
+        "kept": c.kept.load(Relaxed),
     })
 }
 

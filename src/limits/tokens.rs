@@ -57,6 +57,17 @@ pub struct BudgetStats {
     pub kept: AtomicU64,
 }
 
+/// Tokens through one service's completions since start, over every
+/// budget its routes name (the settle/refund/keep split of
+/// [`BudgetStats`], per service).
+#[derive(Debug, Default)]
+pub struct TokenCounts {
+    pub reserved: AtomicU64,
+    pub settled: AtomicU64,
+    pub refunded: AtomicU64,
+    pub kept: AtomicU64,
+}
+
 /// A bucket: `level` tokens at `at` (time since the budget's start).
 /// `level` may be below zero when a response used more than it reserved.
 #[derive(Debug, Clone, Copy)]
@@ -171,6 +182,7 @@ impl TokenBudget {
             key,
             tokens,
             state: State::Held,
+            service: None,
         })
     }
 
@@ -298,9 +310,17 @@ pub struct Reservation {
     key: Key,
     tokens: u64,
     state: State,
+    /// The service's counts, when the reservation is counted for one.
+    service: Option<Arc<TokenCounts>>,
 }
 
 impl Reservation {
+    /// Counts the reservation, and its outcome, for a service too.
+    pub fn count_for(&mut self, service: Arc<TokenCounts>) {
+        service.reserved.fetch_add(self.tokens, Ordering::Relaxed);
+        self.service = Some(service);
+    }
+
     /// Tokens reserved.
     pub fn tokens(&self) -> u64 {
         self.tokens
@@ -331,11 +351,14 @@ impl Reservation {
             return;
         }
         self.state = State::Done;
+        let refund = self.tokens.saturating_sub(used);
         let stats = &self.budget.stats;
         stats.settled.fetch_add(used, Ordering::Relaxed);
-        stats
-            .refunded
-            .fetch_add(self.tokens.saturating_sub(used), Ordering::Relaxed);
+        stats.refunded.fetch_add(refund, Ordering::Relaxed);
+        if let Some(service) = &self.service {
+            service.settled.fetch_add(used, Ordering::Relaxed);
+            service.refunded.fetch_add(refund, Ordering::Relaxed);
+        }
         self.budget
             .settle(self.key, self.tokens as f64 - used as f64, now);
     }
@@ -358,45 +381,70 @@ impl Drop for Reservation {
         match self.state {
             State::Held => {
                 stats.refunded.fetch_add(self.tokens, Ordering::Relaxed);
+                if let Some(service) = &self.service {
+                    service.refunded.fetch_add(self.tokens, Ordering::Relaxed);
+                }
                 self.budget
                     .settle(self.key, self.tokens as f64, self.budget.start.elapsed());
             }
             State::Sent => {
                 stats.kept.fetch_add(self.tokens, Ordering::Relaxed);
+                if let Some(service) = &self.service {
+                    service.kept.fetch_add(self.tokens, Ordering::Relaxed);
+                }
             }
             State::Done => {}
         }
     }
 }
 
-/// Every `[token_budgets.NAME]`, in config order (routes hold indexes).
-pub struct TokenBudgets(Vec<Arc<TokenBudget>>);
+/// Every `[token_budgets.NAME]`, in config order (routes hold indexes),
+/// and the token counts of every service, in config order.
+pub struct TokenBudgets {
+    budgets: Vec<Arc<TokenBudget>>,
+    services: Vec<(String, Arc<TokenCounts>)>,
+}
 
 impl TokenBudgets {
-    pub fn new(budgets: &[config::TokenBudget]) -> TokenBudgets {
-        TokenBudgets(
-            budgets
+    /// `services`: the names of every service, in config order.
+    pub fn new(budgets: &[config::TokenBudget], services: &[&str]) -> TokenBudgets {
+        TokenBudgets {
+            budgets: budgets
                 .iter()
                 .map(|b| Arc::new(TokenBudget::new(b)))
                 .collect(),
-        )
+            services: services
+                .iter()
+                .map(|s| (s.to_string(), Arc::default()))
+                .collect(),
+        }
     }
 
     pub fn get(&self, index: usize) -> Option<&Arc<TokenBudget>> {
-        self.0.get(index)
+        self.budgets.get(index)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<TokenBudget>> {
-        self.0.iter()
+        self.budgets.iter()
+    }
+
+    /// The token counts of the service with this index.
+    pub fn service(&self, index: usize) -> Option<&Arc<TokenCounts>> {
+        self.services.get(index).map(|(_, counts)| counts)
+    }
+
+    /// Every service's name and token counts.
+    pub fn services(&self) -> impl Iterator<Item = (&str, &TokenCounts)> {
+        self.services.iter().map(|(name, c)| (name.as_str(), &**c))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.budgets.is_empty()
     }
 
     /// [`TokenBudget::sweep`] on every budget.
     pub fn sweep(&self) {
-        for budget in &self.0 {
+        for budget in &self.budgets {
             budget.sweep();
         }
     }
@@ -498,6 +546,33 @@ mod tests {
         assert!(b.remaining(key(1)) < 5100);
         assert_eq!(b.stats().kept.load(Ordering::Relaxed), 1000);
         assert_eq!(b.stats().refunded.load(Ordering::Relaxed), 1000);
+    }
+
+    #[test]
+    fn services_count_their_reservations_outcomes() {
+        let b = budget(6000, 16);
+        let counts = Arc::new(TokenCounts::default());
+        let mut r = b.reserve_at(key(1), 1000, SEC).unwrap();
+        r.count_for(counts.clone());
+        r.mark_sent();
+        r.settle_at(400, SEC);
+        let mut r = b.reserve_at(key(1), 500, SEC).unwrap();
+        r.count_for(counts.clone());
+        drop(r);
+        let mut r = b.reserve_at(key(1), 200, SEC).unwrap();
+        r.count_for(counts.clone());
+        r.mark_sent();
+        drop(r);
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(
+            (
+                n(&counts.reserved),
+                n(&counts.settled),
+                n(&counts.refunded),
+                n(&counts.kept)
+            ),
+            (1700, 400, 1100, 200)
+        );
     }
 
     #[test]
