@@ -529,3 +529,51 @@ fn completions_over_http2_are_checked_with_or_without_a_length() {
     });
     assert_eq!(fake.count(), 2);
 }
+
+#[test]
+fn a_queued_completion_whose_client_leaves_frees_its_place_and_tokens() {
+    let fake = FakeOpenAi::start();
+    let proxy = start(
+        &fake,
+        "tokens_per_minute = 100000\nmax_tokens = 2048",
+        "concurrency = \"gpu\"",
+        "[concurrency.gpu]\nmax_in_flight = 1\nqueue = 4\nqueue_timeout = \"60s\"\n",
+    );
+    let body = chat(json!({"max_tokens": 100}));
+    fake.hold();
+    let first = {
+        let (url, body) = (
+            format!("{}/v1/chat/completions", proxy.http_url()),
+            body.clone(),
+        );
+        thread::spawn(move || request("POST", &url, &[], Some(&body)))
+    };
+    assert!(fake.wait_for_waiting(1, DEADLINE));
+    // HTTP/1 with a body: read whole for the budget, so the queue can
+    // watch the connection and sees the client leave.
+    let mut conn = RawConn::connect(&proxy.http_addr());
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.send(head.as_bytes()).unwrap();
+    conn.send(&body).unwrap();
+    let gpu = |proxy: &Proxy| proxy.admin("GET", "/limits", None).1["concurrency"]["gpu"].clone();
+    assert!(poll_until(DEADLINE, || gpu(&proxy)["queue_depth"] == 1));
+    drop(conn);
+    assert!(
+        poll_until(DEADLINE, || gpu(&proxy)["queue_depth"] == 0),
+        "{}",
+        gpu(&proxy)
+    );
+    assert_eq!(gpu(&proxy)["abandoned"], 1);
+    // Its reservation never reached a backend: given back whole.
+    let stats = budget_stats(&proxy);
+    assert_eq!(
+        stats["tokens"]["refunded"],
+        body.len() as u64 + 100,
+        "{stats}"
+    );
+    fake.release_all();
+    assert_eq!(first.join().unwrap().status, 200);
+}

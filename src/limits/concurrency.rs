@@ -320,9 +320,10 @@ async fn client_gone(downstream: &mut ServerSession) {
         .req_header()
         .headers
         .contains_key(http::header::UPGRADE);
-    if matches!(downstream, ServerSession::H1(_)) && !upgrade && downstream.is_body_empty() {
-        // No body expected: a read sees the close (an error), and bytes of
-        // a pipelined next request are kept for it (pending).
+    if matches!(downstream, ServerSession::H1(_)) && !upgrade && downstream.is_body_done() {
+        // No body left to read (none expected, or a completion's already
+        // read for its token budget): a read sees the close (an error),
+        // and bytes of a pipelined next request are kept for it (pending).
         if downstream.read_body_or_idle(true).await.is_err() {
             return;
         }
