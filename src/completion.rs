@@ -25,7 +25,7 @@ use pingora::prelude::*;
 use crate::limits::key::Key;
 use crate::limits::openai::{self, Endpoint, UsageScan};
 use crate::limits::tokens::{Reservation, TokenBudget, TokenCounts};
-use crate::respond::Refusal;
+use crate::respond::{self, Refusal};
 
 /// Largest body checked before the backend is contacted (64 KiB: the size
 /// of Pingora's retry buffer, through which the checked body is sent).
@@ -218,8 +218,19 @@ impl Completion {
     }
 
     /// Starts reading the backend's answer; takes `Content-Length` off
-    /// when the usage chunk is to be taken out of the stream.
-    pub fn response(&mut self, resp: &mut ResponseHeader) {
+    /// when the usage chunk is to be taken out of the stream, and tells
+    /// the client where its budget stands (`RateLimit-*`, tokens, with
+    /// this request's reservation still held).
+    pub fn response(&mut self, resp: &mut ResponseHeader) -> Result<()> {
+        if self.reservation.is_some() {
+            let (remaining, reset) = self.budget.standing(self.key);
+            respond::rate_limit_fields(
+                resp,
+                self.budget.settings().tokens_per_minute,
+                remaining,
+                whole_seconds(reset),
+            )?;
+        }
         let events = resp
             .headers
             .get(http::header::CONTENT_TYPE)
@@ -229,6 +240,7 @@ impl Completion {
             resp.remove_header(&http::header::CONTENT_LENGTH);
         }
         self.scan = Some(scan);
+        Ok(())
     }
 
     /// Reads a piece of the answer; at its end, settles the reservation

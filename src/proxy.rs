@@ -422,7 +422,7 @@ impl ProxyHttp for Proxy {
             }
         }
         if let Some(completion) = ctx.completion.as_mut() {
-            completion.response(resp);
+            completion.response(resp)?;
         }
         respond::stamp(resp, &ctx.request_id)
     }

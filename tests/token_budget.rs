@@ -159,6 +159,21 @@ fn streams_settle_with_the_usage_chunk_and_the_client_never_sees_it() {
     let reply = post(&proxy, "/v1/chat/completions", &body);
     assert_eq!(reply.status, 200, "{reply:?}");
     assert!(reply.body.ends_with("data: [DONE]\n\n"), "{}", reply.body);
+    // Where the budget stands, this request's reservation still held.
+    let reserve = body.len() as u64 + 300;
+    assert_eq!(reply.header("ratelimit-limit"), Some("100000"));
+    // 1 667 tokens a second refill meanwhile.
+    let remaining: u64 = reply
+        .header("ratelimit-remaining")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (100_000 - reserve..100_000 - reserve + 500).contains(&remaining),
+        "{reply:?}"
+    );
+    let reset: u64 = reply.header("ratelimit-reset").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&reset), "{reply:?}");
     assert_eq!(reply.body.matches("data: {").count(), 8, "{}", reply.body);
     assert!(!reply.body.contains("\"choices\":[]"), "{}", reply.body);
     assert!(!reply.body.contains("total_tokens"), "{}", reply.body);
@@ -169,7 +184,6 @@ fn streams_settle_with_the_usage_chunk_and_the_client_never_sees_it() {
     assert_eq!(sent["messages"][0]["content"], "Say something.");
 
     let stats = budget_stats(&proxy);
-    let reserve = body.len() as u64 + 300;
     let used = fake_usage(fake.last_request().unwrap().raw_body.len(), 8);
     assert_eq!(stats["tokens"]["reserved"], reserve, "{stats}");
     assert_eq!(stats["tokens"]["settled"], used, "{stats}");

@@ -191,6 +191,21 @@ impl TokenBudget {
         self.remaining_at(key, self.start.elapsed())
     }
 
+    /// Tokens in `key`'s bucket now (0 when in debt) and the time until it
+    /// is full again: `RateLimit-Remaining` and `RateLimit-Reset`.
+    pub fn standing(&self, key: Key) -> (u64, Duration) {
+        let now = self.start.elapsed();
+        let level = self
+            .lock()
+            .get(&key)
+            .copied()
+            .map_or(self.capacity, |mut b| {
+                self.refill(&mut b, now);
+                b.level
+            });
+        (level.max(0.0) as u64, self.time_to(self.capacity - level))
+    }
+
     fn remaining_at(&self, key: Key, now: Duration) -> u64 {
         let table = self.lock();
         let Some(mut bucket) = table.get(&key).copied() else {
