@@ -153,6 +153,9 @@ pub fn check(
     })?;
     let request = value.as_object_mut().ok_or(Invalid::NotObject)?;
 
+    // vLLM reads `max_completion_tokens or max_tokens` (Python's `or`), so
+    // a 0 there names no cap, as null does, and vLLM then generates until
+    // the context is full: only a positive value caps the generation.
     let mut max_tokens = None;
     for param in ["max_tokens", "max_completion_tokens"] {
         if let Some(asked) = count(request, param, 0)? {
@@ -163,13 +166,19 @@ pub fn check(
                     cap: budget.max_tokens,
                 });
             }
-            max_tokens = Some(max_tokens.map_or(asked, |m: u64| m.max(asked)));
+            if asked > 0 {
+                max_tokens = Some(max_tokens.map_or(asked, |m: u64| m.max(asked)));
+            }
         }
     }
     let max_tokens = match max_tokens {
         Some(m) => m,
+        // `max_tokens: 0` read as such: vLLM's echo of the prompt without
+        // generating (or its refusal), no completion tokens.
+        None if request.get("max_tokens").and_then(Value::as_u64) == Some(0) => 0,
         None => {
-            // `max_tokens` is the name both endpoints of vLLM read.
+            // `max_tokens` is the name both endpoints of vLLM read, and
+            // what a `max_completion_tokens` of 0 falls back to.
             request.insert("max_tokens".into(), budget.default_max_tokens.into());
             budget.default_max_tokens
         }
@@ -177,15 +186,10 @@ pub fn check(
     let choices = count(request, "n", 1)?
         .unwrap_or(1)
         .max(count(request, "best_of", 1)?.unwrap_or(1));
-    let prompts = match (endpoint, request.get("prompt")) {
-        // A list of strings or of token lists is a batch; a list of
-        // numbers is one prompt in tokens.
-        (Endpoint::Completions, Some(Value::Array(items)))
-            if items.first().is_some_and(|i| !i.is_number()) =>
-        {
-            items.len() as u64
-        }
-        _ => 1,
+    let prompts = match endpoint {
+        Endpoint::Completions => batch(request.get("prompt"), true)
+            .saturating_add(batch(request.get("prompt_embeds"), false)),
+        Endpoint::Chat => 1,
     };
 
     let strip_usage = match request.get("stream") {
@@ -218,6 +222,21 @@ pub fn check(
         reserve,
         strip_usage,
     })
+}
+
+/// How many prompts a completion's `prompt` or `prompt_embeds` holds: a
+/// list is a batch, one prompt each (vLLM runs text prompts and prompt
+/// embeddings of one request side by side), except that a list of numbers
+/// (`tokens`) is a single prompt in token ids; anything else is one
+/// prompt, absent or null none.
+fn batch(value: Option<&Value>, tokens: bool) -> u64 {
+    match value {
+        None | Some(Value::Null) => 0,
+        Some(Value::Array(items)) if !(tokens && items.first().is_some_and(Value::is_number)) => {
+            items.len() as u64
+        }
+        Some(_) => 1,
+    }
 }
 
 /// A whole-number field of at least `min`; `None` when absent or null.
@@ -474,6 +493,39 @@ mod tests {
         let body = r#"{"prompt":"x","max_tokens":2000,"n":20}"#;
         let err = check(body.as_bytes(), Endpoint::Completions, &budget()).unwrap_err();
         assert!(matches!(err, Invalid::OverBudget { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_zero_cap_is_read_as_vllm_reads_it() {
+        // `max_completion_tokens or max_tokens`: a 0 there is no cap at all.
+        let (sent, checked) = check_json(r#"{"max_completion_tokens":0}"#, Endpoint::Chat).unwrap();
+        assert_eq!(sent["max_tokens"], 512, "{sent}");
+        assert!(checked.reserve >= 512);
+        let body = r#"{"max_completion_tokens":0,"max_tokens":null}"#;
+        let (sent, _) = check_json(body, Endpoint::Chat).unwrap();
+        assert_eq!(sent["max_tokens"], 512, "{sent}");
+        let body = r#"{"max_completion_tokens":0,"max_tokens":40}"#;
+        let (sent, checked) = check_json(body, Endpoint::Chat).unwrap();
+        assert_eq!(sent["max_tokens"], 40, "{sent}");
+        assert_eq!(checked.reserve, 40 + body.len() as u64);
+        // `max_tokens: 0` alone is read as 0 (echo without generation).
+        let body = r#"{"prompt":"x","echo":true,"max_tokens":0}"#;
+        let (sent, checked) = check_json(body, Endpoint::Completions).unwrap();
+        assert_eq!(sent["max_tokens"], 0, "{sent}");
+        assert_eq!(checked.reserve, body.len() as u64);
+    }
+
+    #[test]
+    fn prompt_embeddings_are_a_batch_too() {
+        let body = r#"{"prompt_embeds":["AA","BB","CC"],"max_tokens":10}"#;
+        let (_, checked) = check_json(body, Endpoint::Completions).unwrap();
+        assert_eq!(checked.reserve, 30 + body.len() as u64);
+        let body = r#"{"prompt":["a","b"],"prompt_embeds":"AA","max_tokens":10}"#;
+        let (_, checked) = check_json(body, Endpoint::Completions).unwrap();
+        assert_eq!(checked.reserve, 30 + body.len() as u64);
+        let body = r#"{"prompt":[],"prompt_embeds":null,"max_tokens":10}"#;
+        let (_, checked) = check_json(body, Endpoint::Completions).unwrap();
+        assert_eq!(checked.reserve, 10 + body.len() as u64);
     }
 
     #[test]
