@@ -778,3 +778,21 @@ fn a_compressed_answer_passes_intact_and_keeps_its_reservation() {
         ) == body.len() as u64 + 10));
     }
 }
+
+/// FAILS until `proxy.rs` resolves the route before it checks the header
+/// size: the 431 is sent before the route is known, so an AI route's client
+/// gets `{"error": "..."}` instead of OpenAI's shape.
+#[test]
+fn a_header_too_large_on_an_ai_route_is_an_openai_error() {
+    let fake = FakeOpenAi::start();
+    let proxy = start(&fake, "tokens_per_minute = 100000");
+    let big = "x".repeat(40 * 1024);
+    let reply = request(
+        "POST",
+        &format!("{}/v1/chat/completions", proxy.http_url()),
+        &[("x-big", &big)],
+        Some(&chat(json!({}))),
+    );
+    assert_eq!(reply.status, 431, "{reply:?}");
+    openai_error(reply.status, reply.header("content-type"), &reply.body);
+}
