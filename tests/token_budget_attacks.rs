@@ -796,3 +796,269 @@ fn a_header_too_large_on_an_ai_route_is_an_openai_error() {
     assert_eq!(reply.status, 431, "{reply:?}");
     openai_error(reply.status, reply.header("content-type"), &reply.body);
 }
+
+/// A chunked request body in one write, `body` in chunks of 100 bytes.
+fn chunked(body: &[u8]) -> Vec<u8> {
+    let mut req = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\
+        Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        .to_vec();
+    for piece in body.chunks(100) {
+        req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        req.extend_from_slice(piece);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    req
+}
+
+/// Concurrent completions whose bodies are checked as they stream (chunked,
+/// or larger than Pingora replays): their heads reach the backend before
+/// their bodies are checked, yet none beyond the budget gets a whole
+/// request to the backend.
+#[test]
+fn concurrent_streamed_bodies_are_admitted_only_up_to_the_budget() {
+    let fake = FakeOpenAi::start();
+    let proxy = start_with(
+        fake.service("ai"),
+        "tokens_per_minute = 10000\nkey = \"global\"\nmax_tokens = 2048",
+        "",
+        "",
+    )
+    .start();
+    let body = chat(json!({"max_tokens": 1000}));
+    let fits = (10_000 / (body.len() as u64 + 1000)) as usize;
+    fake.hold();
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (addr, req) = (proxy.http_addr(), chunked(&body));
+            thread::spawn(move || raw_http(&addr, &req))
+        })
+        .collect();
+    assert!(poll_until(DEADLINE, || {
+        budget_stats(&proxy)["refused"]["exhausted"] == 16 - fits as u64
+    }));
+    assert!(fake.wait_for_waiting(fits, DEADLINE));
+    assert_eq!(fake.count(), fits);
+    fake.release_all();
+    let statuses: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap().0).collect();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        fits,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        16 - fits,
+        "{statuses:?}"
+    );
+    assert_eq!(fake.count(), fits);
+    assert!(poll_until(DEADLINE, || balanced(&proxy)));
+}
+
+fn h2_proxy(fake: &FakeOpenAi, budget: &str) -> (Proxy, Arc<rustls::ClientConfig>) {
+    let pki = common::pebble::pki(&["localhost"], 30);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+    std::fs::write(&cert, &pki.chain_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    let tables = format!(
+        "[tls]\ndefault_certificate = \"site\"\n\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n",
+        toml_str(cert.to_str().unwrap()),
+        toml_str(key.to_str().unwrap())
+    );
+    let proxy = start_with(fake.service("ai"), budget, "", "")
+        .https(&tables)
+        .start();
+    // The proxy has read its certificate: the directory may go.
+    drop(dir);
+    let config = common::pebble::client_config(&pki.ca_pem, &[b"h2"]);
+    (proxy, config)
+}
+
+/// Sends a POST on `send`; `length`: with `Content-Length`. Returns the
+/// response future and the request stream.
+fn h2_start(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    body: &[u8],
+    length: bool,
+) -> h2::client::ResponseFuture {
+    // Each kind of request its own budget key (a new bucket).
+    let mut req = http::Request::post("https://localhost/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("x-round", length.to_string());
+    if length {
+        req = req.header("content-length", body.len());
+    }
+    let (resp, mut stream) = send.send_request(req.body(()).unwrap(), false).unwrap();
+    stream
+        .send_data(bytes::Bytes::copy_from_slice(body), true)
+        .unwrap();
+    resp
+}
+
+/// Many streams of one HTTP/2 connection at once, with and without a
+/// length: none is admitted beyond the budget.
+#[test]
+fn concurrent_http2_streams_are_admitted_only_up_to_the_budget() {
+    let fake = FakeOpenAi::start();
+    let (proxy, config) = h2_proxy(
+        &fake,
+        "tokens_per_minute = 10000\nkey = \"header:x-round\"\nmax_tokens = 2048",
+    );
+    let body = chat(json!({"max_tokens": 1000}));
+    let fits = (10_000 / (body.len() as u64 + 1000)) as usize;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for length in [true, false] {
+        fake.hold();
+        let before = fake.count();
+        let exhausted = budget_stats(&proxy)["refused"]["exhausted"]
+            .as_u64()
+            .unwrap();
+        let statuses = rt.block_on(async {
+            let mut send =
+                common::tls::h2_handshake(&proxy.https_addr(), "localhost", config.clone()).await;
+            let mut pending = Vec::new();
+            for _ in 0..16 {
+                futures_util::future::poll_fn(|cx| send.poll_ready(cx))
+                    .await
+                    .unwrap();
+                pending.push(h2_start(&mut send, &body, length));
+            }
+            let waited = tokio::task::spawn_blocking({
+                let fake_waiting = fits;
+                let proxy_admin = proxy.admin_url();
+                move || {
+                    poll_until(DEADLINE, || {
+                        let (_, l) =
+                            admin_request(&proxy_admin, "GET", "/limits", None, Some(TOKEN));
+                        l["token_budgets"]["ai"]["refused"]["exhausted"]
+                            .as_u64()
+                            .unwrap()
+                            >= exhausted + (16 - fake_waiting) as u64
+                    })
+                }
+            });
+            assert!(waited.await.unwrap());
+            assert!(
+                fake.wait_for_waiting(fits, DEADLINE),
+                "length {length}: {} waiting, {} received, {}",
+                fake.waiting(),
+                fake.count() - before,
+                budget_stats(&proxy)
+            );
+            fake.release_all();
+            let mut statuses = Vec::new();
+            for resp in pending {
+                let resp = tokio::time::timeout(DEADLINE, resp).await.unwrap().unwrap();
+                statuses.push(resp.status().as_u16());
+            }
+            statuses
+        });
+        assert_eq!(fake.count() - before, fits, "length {length}: {statuses:?}");
+        assert_eq!(
+            statuses.iter().filter(|&&s| s == 200).count(),
+            fits,
+            "{statuses:?}"
+        );
+        assert!(
+            statuses.iter().all(|&s| s == 200 || s == 429),
+            "{statuses:?}"
+        );
+        assert!(
+            poll_until(DEADLINE, || balanced(&proxy)),
+            "{}",
+            budget_stats(&proxy)
+        );
+    }
+}
+
+/// A client that resets its HTTP/2 stream mid-response: the reservation is
+/// kept (the backend may have spent it), never left reserved, and the
+/// connection goes on serving.
+#[test]
+fn an_http2_stream_reset_mid_response_keeps_its_reservation() {
+    let fake = FakeOpenAi::start();
+    let (proxy, config) = h2_proxy(&fake, "tokens_per_minute = 100000\nmax_tokens = 2048");
+    let body = chat(json!({"max_tokens": 100, "stream": true}));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut send = common::tls::h2_handshake(&proxy.https_addr(), "localhost", config).await;
+        fake.set_write_gap(Duration::from_millis(50));
+        fake.set_reply_tokens(50);
+        let resp = h2_start(&mut send, &body, true);
+        let resp = tokio::time::timeout(DEADLINE, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut recv = resp.into_body();
+        let first = tokio::time::timeout(DEADLINE, recv.data()).await.unwrap();
+        assert!(first.is_some());
+        // Dropping the body and its stream resets the stream (RST_STREAM CANCEL).
+        drop(recv);
+        fake.set_write_gap(Duration::ZERO);
+        fake.set_reply_tokens(8);
+        let plain = chat(json!({"max_tokens": 10}));
+        futures_util::future::poll_fn(|cx| send.poll_ready(cx))
+            .await
+            .unwrap();
+        let resp = h2_start(&mut send, &plain, true);
+        let resp = tokio::time::timeout(DEADLINE, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+    });
+    assert!(
+        poll_until(DEADLINE, || balanced(&proxy)
+            && tokens(&budget_stats(&proxy), "kept") > 0),
+        "{}",
+        budget_stats(&proxy)
+    );
+    assert_eq!(
+        tokens(&budget_stats(&proxy), "kept"),
+        body.len() as u64 + 100
+    );
+}
+
+/// Bodies around the size Pingora replays (64 KiB): read early or late,
+/// each reaches the backend whole, checked and charged once.
+#[test]
+fn bodies_at_the_early_read_bound_reach_the_backend_checked() {
+    let fake = FakeOpenAi::start();
+    let proxy = start_with(
+        fake.service("ai"),
+        "tokens_per_minute = 1000000\nmax_tokens = 2048\ndefault_max_tokens = 20",
+        "",
+        "",
+    )
+    .start();
+    let empty = chat(json!({"messages": [{"role": "user", "content": ""}]}));
+    let mut reserved = 0;
+    for size in [65_535usize, 65_536, 65_537] {
+        let content = "a".repeat(size - empty.len());
+        let body = chat(json!({"messages": [{"role": "user", "content": content}]}));
+        assert_eq!(body.len(), size);
+        let reply = post(&proxy, "/v1/chat/completions", &body);
+        assert_eq!(reply.status, 200, "{size}: {reply:?}");
+        let seen = fake.last_request().unwrap();
+        assert_eq!(seen.body["max_tokens"], 20, "{size}");
+        assert_eq!(seen.body["messages"][0]["content"], content.as_str());
+        reserved += size as u64 + 20;
+    }
+    let stats = budget_stats(&proxy);
+    assert_eq!(tokens(&stats, "reserved"), reserved, "{stats}");
+    assert!(poll_until(DEADLINE, || balanced(&proxy)));
+}
+
+/// An answer larger than the proxy reads for its usage passes whole; its
+/// reservation is kept, not refunded.
+#[test]
+fn an_answer_beyond_the_scan_bound_passes_whole_and_keeps_its_reservation() {
+    let fake = FakeOpenAi::start();
+    let proxy = start(&fake, "tokens_per_minute = 10000000\nmax_tokens = 2000000");
+    // "tok " × 1.1 M is 4.4 MB, beyond the 4 MiB read for usage.
+    fake.set_reply_tokens(1_100_000);
+    let body = chat(json!({"max_tokens": 1_100_000}));
+    let reply = post(&proxy, "/v1/chat/completions", &body);
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.len() > 4 * 1024 * 1024);
+    assert!(reply.json()["usage"]["total_tokens"].is_u64());
+    assert!(poll_until(DEADLINE, || {
+        tokens(&budget_stats(&proxy), "kept") == body.len() as u64 + 1_100_000
+    }));
+}
