@@ -1062,3 +1062,34 @@ fn an_answer_beyond_the_scan_bound_passes_whole_and_keeps_its_reservation() {
         tokens(&budget_stats(&proxy), "kept") == body.len() as u64 + 1_100_000
     }));
 }
+
+/// An HTTP/1.0 client that keeps its connection alive, and a stream whose
+/// usage chunk is taken out of a backend answer framed by
+/// `Content-Length`: the answer loses its length, so it must end with the
+/// connection, or the client waits for ever.
+#[test]
+fn a_stripped_stream_to_a_kept_alive_http10_client_ends() {
+    let stream = format!("data: {CHUNK}\n\ndata: {USAGE}\n\ndata: [DONE]\n\n");
+    let backend = Scripted::start(sse_response("text/event-stream", stream.as_bytes(), 1000));
+    let proxy = start_with(
+        backend.service(),
+        "tokens_per_minute = 100000\nmax_tokens = 100",
+        "",
+        "",
+    )
+    .start();
+    let body = chat(json!({"stream": true, "max_tokens": 10}));
+    let mut conn = RawConn::connect(&proxy.http_addr());
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.send(head.as_bytes()).unwrap();
+    conn.send(&body).unwrap();
+    let reply = conn.read_response(DEADLINE).expect("the answer ends");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.body, format!("data: {CHUNK}\n\ndata: [DONE]\n\n"));
+    assert!(reply.header("transfer-encoding").is_none(), "{reply:?}");
+    assert_eq!(tokens(&budget_stats(&proxy), "settled"), 7);
+}
