@@ -1093,3 +1093,49 @@ fn a_stripped_stream_to_a_kept_alive_http10_client_ends() {
     assert!(reply.header("transfer-encoding").is_none(), "{reply:?}");
     assert_eq!(tokens(&budget_stats(&proxy), "settled"), 7);
 }
+
+/// FAILS: prompts whose size the body does not show. vLLM fetches an
+/// `image_url` that is not a `data:` URL and turns it into hundreds to
+/// thousands of prompt tokens (a request's own `chat_template` can likewise
+/// expand a few bytes into any number); the reservation counts only the
+/// body's bytes, so concurrent requests together spend far more than the
+/// bucket (charged only afterwards, as debt). The fake stands in for the
+/// model's image tokens with `set_prompt_tokens`; the URL is never fetched.
+#[test]
+fn remote_media_cannot_overrun_the_budget_under_concurrency() {
+    let fake = FakeOpenAi::start();
+    let proxy = start(
+        &fake,
+        "tokens_per_minute = 10000\nkey = \"global\"\nmax_tokens = 100",
+    );
+    // What vLLM reports for a prompt with one 1024×1024 image (Qwen2-VL: about 1 300).
+    fake.set_prompt_tokens(Some(3000));
+    let body = chat(
+        json!({"max_tokens": 100, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}},
+        ]}]}),
+    );
+    fake.hold();
+    let url = format!("{}/v1/chat/completions", proxy.http_url());
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            thread::spawn(move || request("POST", &url, &[], Some(&body)))
+        })
+        .collect();
+    assert!(poll_until(DEADLINE, || {
+        let s = budget_stats(&proxy);
+        s["admitted"].as_u64().unwrap() + s["refused"]["exhausted"].as_u64().unwrap() == 8
+    }));
+    fake.release_all();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let settled = tokens(&budget_stats(&proxy), "settled");
+    assert!(
+        settled <= 10_000,
+        "{settled} tokens spent at once from a budget of 10000 a minute: {}",
+        budget_stats(&proxy)
+    );
+}
