@@ -1139,3 +1139,47 @@ fn remote_media_cannot_overrun_the_budget_under_concurrency() {
         budget_stats(&proxy)
     );
 }
+
+/// A queued completion whose client goes away: its body was read already
+/// (to check it), so nothing stands between the queue and the close.
+/// FAILS: `concurrency::client_gone` watches only requests without a body
+/// (`is_body_empty`), not those whose body is done, so the dead waiter keeps
+/// its place and its reservation until `queue_timeout`.
+#[test]
+fn a_queued_completion_whose_client_left_gives_its_tokens_back_at_once() {
+    let fake = FakeOpenAi::start();
+    let proxy = start_with(
+        fake.service("ai"),
+        "tokens_per_minute = 100000\nmax_tokens = 100",
+        "concurrency = \"gpu\"",
+        "[concurrency.gpu]\nmax_in_flight = 1\nqueue = 4\nqueue_timeout = \"10m\"\n",
+    )
+    .start();
+    let body = chat(json!({"max_tokens": 100}));
+    fake.hold();
+    let holder = {
+        let (url, body) = (
+            format!("{}/v1/chat/completions", proxy.http_url()),
+            body.clone(),
+        );
+        thread::spawn(move || request("POST", &url, &[], Some(&body)))
+    };
+    assert!(fake.wait_for_waiting(1, DEADLINE));
+    let mut conn = RawConn::connect(&proxy.http_addr());
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.send(head.as_bytes()).unwrap();
+    conn.send(&body).unwrap();
+    let depth =
+        |p: &Proxy| p.admin("GET", "/limits", None).1["concurrency"]["gpu"]["queue_depth"].clone();
+    assert!(poll_until(DEADLINE, || depth(&proxy) == 1));
+    drop(conn);
+    let gone = poll_until(DEADLINE, || {
+        depth(&proxy) == 0 && tokens(&budget_stats(&proxy), "refunded") == body.len() as u64 + 100
+    });
+    fake.release_all();
+    assert_eq!(holder.join().unwrap().status, 200);
+    assert!(gone, "{}", proxy.admin("GET", "/limits", None).1);
+}
