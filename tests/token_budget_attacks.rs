@@ -1179,3 +1179,30 @@ fn a_queued_completion_whose_client_left_gives_its_tokens_back_at_once() {
     assert_eq!(holder.join().unwrap().status, 200);
     assert!(gone, "{}", proxy.admin("GET", "/limits", None).1);
 }
+
+/// A backend that refuses the connection never got the request: its
+/// reservation comes back whole, and the client gets OpenAI's shape.
+#[test]
+fn a_backend_that_refuses_connections_costs_no_tokens() {
+    let closed = free_port();
+    let a = toml_str(&format!("127.0.0.1:{closed}"));
+    let proxy = start_with(
+        format!("[services.ai]\nblue = [{a}]\ngreen = [{a}]\n\n"),
+        "tokens_per_minute = 100000\nmax_tokens = 100",
+        "",
+        "",
+    )
+    .start();
+    let body = chat(json!({"max_tokens": 100}));
+    let reply = post(&proxy, "/v1/chat/completions", &body);
+    assert_eq!(reply.status, 502, "{reply:?}");
+    let e = openai_error(reply.status, reply.header("content-type"), &reply.body);
+    assert_eq!(e["type"], "server_error", "{e}");
+    let stats = budget_stats(&proxy);
+    assert_eq!(
+        tokens(&stats, "refunded"),
+        body.len() as u64 + 100,
+        "{stats}"
+    );
+    assert_eq!(tokens(&stats, "kept"), 0, "{stats}");
+}
