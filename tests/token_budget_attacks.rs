@@ -722,6 +722,33 @@ fn event_streams_are_read_however_they_are_written() {
         let sent: Value = serde_json::from_slice(&backend.bodies.lock().unwrap()[0]).unwrap();
         assert_eq!(sent["stream_options"]["include_usage"], true);
     }
+    // Lines may end with a lone CR too (the SSE format's third line end):
+    // the events are still found, in pieces of any size, and the stream is
+    // not held back until its end.
+    let stream = format!("data: {CHUNK}\r\rdata: {USAGE}\r\rdata: [DONE]\r\r");
+    for cut in [1, 5, 1000] {
+        let backend = Scripted::start(sse_response("text/event-stream", stream.as_bytes(), cut));
+        let proxy = start_with(
+            backend.service(),
+            "tokens_per_minute = 100000\nmax_tokens = 100",
+            "",
+            "",
+        )
+        .start();
+        let body = chat(json!({"stream": true, "max_tokens": 10}));
+        let reply = post(&proxy, "/v1/chat/completions", &body);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(
+            reply.body,
+            format!("data: {CHUNK}\r\rdata: [DONE]\r\r"),
+            "pieces of {cut}"
+        );
+        assert_eq!(
+            tokens(&budget_stats(&proxy), "settled"),
+            7,
+            "pieces of {cut}"
+        );
+    }
 }
 
 /// A backend that compresses despite `Accept-Encoding: identity`: its bytes

@@ -382,8 +382,8 @@ impl UsageScan {
     /// completion chunk with no choices and a usage).
     fn read_event(&mut self, event: &[u8]) -> bool {
         let mut data = Vec::new();
-        for line in event.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
+        // CRLF splits into a line and an empty one, which holds no field.
+        for line in event.split(|&b| b == b'\n' || b == b'\r') {
             if let Some(value) = line.strip_prefix(b"data:") {
                 if !data.is_empty() {
                     data.push(b'\n');
@@ -414,17 +414,31 @@ fn total_tokens(value: &Value) -> Option<u64> {
         .or_else(|| field("prompt_tokens")?.checked_add(field("completion_tokens").unwrap_or(0)))
 }
 
-/// The length of the first whole event in `buf` (through the blank line
-/// that ends it, RFC-less but as the SSE spec: `\n\n` or `\r\n\r\n`).
+/// The length of the first whole event in `buf`: through the empty line
+/// that ends it (WHATWG HTML, "Server-sent events": a line ends with CRLF,
+/// LF or a lone CR). A CR last in `buf` waits for the next byte, which may
+/// make it a CRLF.
 fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut line_start = 0;
     let mut i = 0;
-    while let Some(at) = buf[i..].iter().position(|&b| b == b'\n') {
-        let next = i + at + 1;
-        match &buf[next..] {
-            [b'\n', ..] => return Some(next + 1),
-            [b'\r', b'\n', ..] => return Some(next + 2),
-            _ => i = next,
+    while i < buf.len() {
+        let end = match buf[i] {
+            b'\n' => i + 1,
+            b'\r' => match buf.get(i + 1) {
+                None => return None,
+                Some(b'\n') => i + 2,
+                Some(_) => i + 1,
+            },
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        if i == line_start {
+            return Some(end);
         }
+        line_start = end;
+        i = end;
     }
     None
 }
@@ -585,7 +599,7 @@ mod tests {
     const USAGE: &str = r#"data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#;
 
     fn stream() -> String {
-        format!("{CHUNK}\n\n{CHUNK}\r\n\r\n{USAGE}\n\ndata: [DONE]\n\n")
+        format!("{CHUNK}\n\n{CHUNK}\r\n\r\n{CHUNK}\r\r{USAGE}\n\ndata: [DONE]\n\n")
     }
 
     /// Feeds `body` in pieces of `size` bytes; returns what the client got.
@@ -603,7 +617,7 @@ mod tests {
     #[test]
     fn the_usage_chunk_is_read_and_taken_out_however_the_stream_is_cut() {
         let body = stream();
-        let expected = format!("{CHUNK}\n\n{CHUNK}\r\n\r\ndata: [DONE]\n\n");
+        let expected = format!("{CHUNK}\n\n{CHUNK}\r\n\r\n{CHUNK}\r\rdata: [DONE]\n\n");
         for size in [1, 2, 3, 7, 64, body.len()] {
             let mut scan = UsageScan::new(true, true);
             assert_eq!(feed(&mut scan, &body, size), expected, "size {size}");
