@@ -31,6 +31,9 @@ use crate::respond::{self, Refusal};
 /// of Pingora's retry buffer, through which the checked body is sent).
 pub const EARLY_BODY_LIMIT: usize = 64 * 1024;
 
+/// The media type of a stream of server-sent events.
+const EVENT_STREAM: &[u8] = b"text/event-stream";
+
 /// A completion request on its way through the proxy.
 pub struct Completion {
     budget: Arc<TokenBudget>,
@@ -109,14 +112,23 @@ impl Completion {
         // The body is sent on from the retry buffer, which only records
         // what is read after it is enabled.
         downstream.enable_retry_buffering();
+        // Failures here are the client's (gone, or stalled past the body
+        // timeout: 408), never the backend's, which is not contacted yet.
         if downstream
             .get_header(http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
         {
-            downstream.write_continue_response().await?;
+            downstream
+                .write_continue_response()
+                .await
+                .map_err(|e| e.into_down())?;
         }
         let mut body = BytesMut::new();
-        while let Some(chunk) = downstream.read_request_body().await? {
+        while let Some(chunk) = downstream
+            .read_request_body()
+            .await
+            .map_err(|e| e.into_down())?
+        {
             body.extend_from_slice(&chunk);
         }
         Ok(self.admit(&body))
@@ -231,10 +243,15 @@ impl Completion {
                 whole_seconds(reset),
             )?;
         }
+        // Media types are case-insensitive (RFC 9110 §8.3.1).
         let events = resp
             .headers
             .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            .is_some_and(|v| {
+                v.as_bytes()
+                    .get(..EVENT_STREAM.len())
+                    .is_some_and(|t| t.eq_ignore_ascii_case(EVENT_STREAM))
+            });
         let scan = UsageScan::new(events, self.strip_usage);
         if scan.rewrites() {
             resp.remove_header(&http::header::CONTENT_LENGTH);

@@ -196,10 +196,6 @@ impl ProxyHttp for Proxy {
                 return Ok(true);
             }
         }
-        let req = session.req_header();
-        if header_size(req) > self.settings.max_header_size {
-            return self.refuse(session, ctx, Refusal::HeaderTooLarge).await;
-        }
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -243,6 +239,10 @@ impl ProxyHttp for Proxy {
             RouteAction::Deny => return self.refuse(session, ctx, Refusal::Denied).await,
         };
         ctx.limits = target.limits;
+        // After routing, so an AI route answers in OpenAI's shape.
+        if header_size(req) > self.settings.max_header_size {
+            return self.refuse(session, ctx, Refusal::HeaderTooLarge).await;
+        }
         // RFC 9110 §7.8: an HTTP/1.0 client's Upgrade is ignored.
         ctx.websocket = !ctx.http10 && is_websocket_upgrade(req);
         if ctx.websocket && !target.limits.websocket {

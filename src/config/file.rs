@@ -36,6 +36,7 @@ pub struct TokenBudget {
     pub default_max_tokens: Option<Spanned<u64>>,
     pub max_body: Option<Spanned<String>>,
     pub prompt_bytes_per_token: Option<Spanned<u32>>,
+    pub media_tokens: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]

@@ -80,6 +80,10 @@ pub struct TokenBudget {
     /// Body bytes per prompt token in the reservation estimate (default
     /// [`DEFAULT_PROMPT_BYTES_PER_TOKEN`]).
     pub prompt_bytes_per_token: u32,
+    /// Tokens reserved per media part of a chat message (an image, audio,
+    /// video or file), 0 to `tokens_per_minute`; 0 (the default) refuses
+    /// such requests, since their cost cannot be bounded from the body.
+    pub media_tokens: u64,
 }
 
 /// An in-flight cap (`[concurrency.NAME]`) shared by every route naming it:
@@ -298,6 +302,12 @@ impl Validator<'_> {
             PROMPT_BYTES_PER_TOKEN_RANGE,
             "prompt_bytes_per_token",
         );
+        let media_tokens = self.count(
+            b.media_tokens.as_ref(),
+            0,
+            0..=tokens_per_minute,
+            "media_tokens",
+        );
         let key = self.limit_key(b.key.as_ref());
         valid_name.then(|| TokenBudget {
             name: name.into_inner(),
@@ -307,6 +317,7 @@ impl Validator<'_> {
             default_max_tokens,
             max_body,
             prompt_bytes_per_token,
+            media_tokens,
         })
     }
 

@@ -72,6 +72,9 @@ pub enum Invalid {
     },
     /// Even a full bucket could not cover the request's worst case.
     OverBudget { needed: u64, budget: u64 },
+    /// Media parts (images, audio, video, files) where the budget has no
+    /// `media_tokens` to reserve for them.
+    Media,
 }
 
 impl Invalid {
@@ -79,6 +82,7 @@ impl Invalid {
     pub fn param(self) -> Option<&'static str> {
         match self {
             Invalid::Param { param, .. } | Invalid::OverCap { param, .. } => Some(param),
+            Invalid::Media => Some("messages"),
             Invalid::Json { .. } | Invalid::NotObject | Invalid::OverBudget { .. } => None,
         }
     }
@@ -90,6 +94,7 @@ impl Invalid {
             Invalid::Param { .. } => "invalid_type",
             Invalid::OverCap { .. } => "max_tokens_too_large",
             Invalid::OverBudget { .. } => "tokens_exceed_budget",
+            Invalid::Media => "media_not_allowed",
         }
     }
 }
@@ -106,6 +111,10 @@ impl std::fmt::Display for Invalid {
             Invalid::OverCap { param, asked, cap } => write!(
                 f,
                 "{param} = {asked} is above this endpoint's limit of {cap} tokens"
+            ),
+            Invalid::Media => f.write_str(
+                "images, audio, video and files are not accepted here: their token cost cannot \
+                 be bounded from the request (the budget's media_tokens is not set)",
             ),
             Invalid::OverBudget { needed, budget } => write!(
                 f,
@@ -153,6 +162,9 @@ pub fn check(
     })?;
     let request = value.as_object_mut().ok_or(Invalid::NotObject)?;
 
+    // vLLM reads `max_completion_tokens or max_tokens` (Python's `or`), so
+    // a 0 there names no cap, as null does, and vLLM then generates until
+    // the context is full: only a positive value caps the generation.
     let mut max_tokens = None;
     for param in ["max_tokens", "max_completion_tokens"] {
         if let Some(asked) = count(request, param, 0)? {
@@ -163,13 +175,19 @@ pub fn check(
                     cap: budget.max_tokens,
                 });
             }
-            max_tokens = Some(max_tokens.map_or(asked, |m: u64| m.max(asked)));
+            if asked > 0 {
+                max_tokens = Some(max_tokens.map_or(asked, |m: u64| m.max(asked)));
+            }
         }
     }
     let max_tokens = match max_tokens {
         Some(m) => m,
+        // `max_tokens: 0` read as such: vLLM's echo of the prompt without
+        // generating (or its refusal), no completion tokens.
+        None if request.get("max_tokens").and_then(Value::as_u64) == Some(0) => 0,
         None => {
-            // `max_tokens` is the name both endpoints of vLLM read.
+            // `max_tokens` is the name both endpoints of vLLM read, and
+            // what a `max_completion_tokens` of 0 falls back to.
             request.insert("max_tokens".into(), budget.default_max_tokens.into());
             budget.default_max_tokens
         }
@@ -177,15 +195,24 @@ pub fn check(
     let choices = count(request, "n", 1)?
         .unwrap_or(1)
         .max(count(request, "best_of", 1)?.unwrap_or(1));
-    let prompts = match (endpoint, request.get("prompt")) {
-        // A list of strings or of token lists is a batch; a list of
-        // numbers is one prompt in tokens.
-        (Endpoint::Completions, Some(Value::Array(items)))
-            if items.first().is_some_and(|i| !i.is_number()) =>
-        {
-            items.len() as u64
-        }
-        _ => 1,
+    // A template sent with the request is code: a few bytes of it can
+    // expand into any number of prompt tokens.
+    if request.get("chat_template").is_some_and(|t| !t.is_null()) {
+        return Err(Invalid::Param {
+            param: "chat_template",
+            expected: "left out on a route with a token budget (its expansion cannot be bounded)",
+        });
+    }
+    // An image's tokens follow its pixels, not its bytes (a URL, or a small
+    // file of a large picture): each media part reserves `media_tokens`.
+    let media = media_parts(request.get("messages"));
+    if media > 0 && budget.media_tokens == 0 {
+        return Err(Invalid::Media);
+    }
+    let prompts = match endpoint {
+        Endpoint::Completions => batch(request.get("prompt"), true)
+            .saturating_add(batch(request.get("prompt_embeds"), false)),
+        Endpoint::Chat => 1,
     };
 
     let strip_usage = match request.get("stream") {
@@ -204,7 +231,8 @@ pub fn check(
     let reserve = max_tokens
         .saturating_mul(choices)
         .saturating_mul(prompts.max(1))
-        .saturating_add(prompt);
+        .saturating_add(prompt)
+        .saturating_add(media.saturating_mul(budget.media_tokens));
     if reserve > budget.tokens_per_minute {
         return Err(Invalid::OverBudget {
             needed: reserve,
@@ -218,6 +246,36 @@ pub fn check(
         reserve,
         strip_usage,
     })
+}
+
+/// How many prompts a completion's `prompt` or `prompt_embeds` holds: a
+/// list is a batch, one prompt each (vLLM runs text prompts and prompt
+/// embeddings of one request side by side), except that a list of numbers
+/// (`tokens`) is a single prompt in token ids; anything else is one
+/// prompt, absent or null none.
+fn batch(value: Option<&Value>, tokens: bool) -> u64 {
+    match value {
+        None | Some(Value::Null) => 0,
+        Some(Value::Array(items)) if !(tokens && items.first().is_some_and(Value::is_number)) => {
+            items.len() as u64
+        }
+        Some(_) => 1,
+    }
+}
+
+/// Content parts of chat messages that are not text (`image_url`,
+/// `input_audio`, `video_url`, `file`...): each costs the model's tokens for
+/// that medium, which the body's size does not tell.
+fn media_parts(messages: Option<&Value>) -> u64 {
+    let Some(Value::Array(messages)) = messages else {
+        return 0;
+    };
+    messages
+        .iter()
+        .filter_map(|m| m.get("content")?.as_array())
+        .flatten()
+        .filter(|part| part.get("type").and_then(Value::as_str) != Some("text"))
+        .count() as u64
 }
 
 /// A whole-number field of at least `min`; `None` when absent or null.
@@ -363,8 +421,8 @@ impl UsageScan {
     /// completion chunk with no choices and a usage).
     fn read_event(&mut self, event: &[u8]) -> bool {
         let mut data = Vec::new();
-        for line in event.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
+        // CRLF splits into a line and an empty one, which holds no field.
+        for line in event.split(|&b| b == b'\n' || b == b'\r') {
             if let Some(value) = line.strip_prefix(b"data:") {
                 if !data.is_empty() {
                     data.push(b'\n');
@@ -395,17 +453,31 @@ fn total_tokens(value: &Value) -> Option<u64> {
         .or_else(|| field("prompt_tokens")?.checked_add(field("completion_tokens").unwrap_or(0)))
 }
 
-/// The length of the first whole event in `buf` (through the blank line
-/// that ends it, RFC-less but as the SSE spec: `\n\n` or `\r\n\r\n`).
+/// The length of the first whole event in `buf`: through the empty line
+/// that ends it (WHATWG HTML, "Server-sent events": a line ends with CRLF,
+/// LF or a lone CR). A CR last in `buf` waits for the next byte, which may
+/// make it a CRLF.
 fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut line_start = 0;
     let mut i = 0;
-    while let Some(at) = buf[i..].iter().position(|&b| b == b'\n') {
-        let next = i + at + 1;
-        match &buf[next..] {
-            [b'\n', ..] => return Some(next + 1),
-            [b'\r', b'\n', ..] => return Some(next + 2),
-            _ => i = next,
+    while i < buf.len() {
+        let end = match buf[i] {
+            b'\n' => i + 1,
+            b'\r' => match buf.get(i + 1) {
+                None => return None,
+                Some(b'\n') => i + 2,
+                Some(_) => i + 1,
+            },
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        if i == line_start {
+            return Some(end);
         }
+        line_start = end;
+        i = end;
     }
     None
 }
@@ -424,6 +496,7 @@ mod tests {
             default_max_tokens: 512,
             max_body: 256 * 1024,
             prompt_bytes_per_token: 1,
+            media_tokens: 0,
         }
     }
 
@@ -477,6 +550,39 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_cap_is_read_as_vllm_reads_it() {
+        // `max_completion_tokens or max_tokens`: a 0 there is no cap at all.
+        let (sent, checked) = check_json(r#"{"max_completion_tokens":0}"#, Endpoint::Chat).unwrap();
+        assert_eq!(sent["max_tokens"], 512, "{sent}");
+        assert!(checked.reserve >= 512);
+        let body = r#"{"max_completion_tokens":0,"max_tokens":null}"#;
+        let (sent, _) = check_json(body, Endpoint::Chat).unwrap();
+        assert_eq!(sent["max_tokens"], 512, "{sent}");
+        let body = r#"{"max_completion_tokens":0,"max_tokens":40}"#;
+        let (sent, checked) = check_json(body, Endpoint::Chat).unwrap();
+        assert_eq!(sent["max_tokens"], 40, "{sent}");
+        assert_eq!(checked.reserve, 40 + body.len() as u64);
+        // `max_tokens: 0` alone is read as 0 (echo without generation).
+        let body = r#"{"prompt":"x","echo":true,"max_tokens":0}"#;
+        let (sent, checked) = check_json(body, Endpoint::Completions).unwrap();
+        assert_eq!(sent["max_tokens"], 0, "{sent}");
+        assert_eq!(checked.reserve, body.len() as u64);
+    }
+
+    #[test]
+    fn prompt_embeddings_are_a_batch_too() {
+        let body = r#"{"prompt_embeds":["AA","BB","CC"],"max_tokens":10}"#;
+        let (_, checked) = check_json(body, Endpoint::Completions).unwrap();
+        assert_eq!(checked.reserve, 30 + body.len() as u64);
+        let body = r#"{"prompt":["a","b"],"prompt_embeds":"AA","max_tokens":10}"#;
+        let (_, checked) = check_json(body, Endpoint::Completions).unwrap();
+        assert_eq!(checked.reserve, 30 + body.len() as u64);
+        let body = r#"{"prompt":[],"prompt_embeds":null,"max_tokens":10}"#;
+        let (_, checked) = check_json(body, Endpoint::Completions).unwrap();
+        assert_eq!(checked.reserve, 10 + body.len() as u64);
+    }
+
+    #[test]
     fn bad_bodies_are_refused_with_what_is_wrong() {
         let err = check(b"{\"a\":", Endpoint::Chat, &budget()).unwrap_err();
         assert!(matches!(err, Invalid::Json { line: 1, .. }), "{err:?}");
@@ -500,6 +606,30 @@ mod tests {
             check(deep.as_bytes(), Endpoint::Chat, &budget()),
             Err(Invalid::Json { .. })
         ));
+    }
+
+    #[test]
+    fn media_and_request_templates_cannot_hide_their_cost() {
+        let image = r#"{"messages":[{"role":"user","content":[
+            {"type":"text","text":"what is this?"},
+            {"type":"image_url","image_url":{"url":"http://127.0.0.1:9/a.png"}},
+            {"type":"input_audio","input_audio":{"data":"AAAA","format":"wav"}}]}],
+            "max_tokens":10}"#;
+        let err = check(image.as_bytes(), Endpoint::Chat, &budget()).unwrap_err();
+        assert_eq!((err, err.code()), (Invalid::Media, "media_not_allowed"));
+        let priced = config::TokenBudget {
+            media_tokens: 3000,
+            ..budget()
+        };
+        let checked = check(image.as_bytes(), Endpoint::Chat, &priced).unwrap();
+        assert_eq!(checked.reserve, 2 * 3000 + 10 + image.len() as u64);
+        // Text parts alone are the body's bytes.
+        let text = r#"{"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#;
+        assert!(check(text.as_bytes(), Endpoint::Chat, &budget()).is_ok());
+        let templated =
+            r#"{"messages":[],"chat_template":"{% for i in range(99999) %}x{% endfor %}"}"#;
+        let err = check(templated.as_bytes(), Endpoint::Chat, &priced).unwrap_err();
+        assert_eq!(err.param(), Some("chat_template"), "{err}");
     }
 
     #[test]
@@ -533,7 +663,7 @@ mod tests {
     const USAGE: &str = r#"data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}"#;
 
     fn stream() -> String {
-        format!("{CHUNK}\n\n{CHUNK}\r\n\r\n{USAGE}\n\ndata: [DONE]\n\n")
+        format!("{CHUNK}\n\n{CHUNK}\r\n\r\n{CHUNK}\r\r{USAGE}\n\ndata: [DONE]\n\n")
     }
 
     /// Feeds `body` in pieces of `size` bytes; returns what the client got.
@@ -551,7 +681,7 @@ mod tests {
     #[test]
     fn the_usage_chunk_is_read_and_taken_out_however_the_stream_is_cut() {
         let body = stream();
-        let expected = format!("{CHUNK}\n\n{CHUNK}\r\n\r\ndata: [DONE]\n\n");
+        let expected = format!("{CHUNK}\n\n{CHUNK}\r\n\r\n{CHUNK}\r\rdata: [DONE]\n\n");
         for size in [1, 2, 3, 7, 64, body.len()] {
             let mut scan = UsageScan::new(true, true);
             assert_eq!(feed(&mut scan, &body, size), expected, "size {size}");

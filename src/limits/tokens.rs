@@ -280,10 +280,23 @@ impl TokenBudget {
 
     fn settle(&self, key: Key, give_back: f64, now: Duration) {
         let mut table = self.lock();
-        // A key forgotten meanwhile (swept or evicted) was full: nothing to give back to.
-        if let Some(bucket) = table.get_mut(&key) {
-            self.refill(bucket, now);
-            bucket.level = (bucket.level + give_back).min(self.capacity);
+        match table.get_mut(&key) {
+            Some(bucket) => {
+                self.refill(bucket, now);
+                bucket.level = (bucket.level + give_back).min(self.capacity);
+            }
+            // A key forgotten meanwhile (swept or evicted) counts as full: a
+            // refund has nothing to fill, but a debt (a response that used
+            // more than it reserved, after a request that outlived its
+            // bucket's refill) is still owed.
+            None if give_back < 0.0 => {
+                if table.len() >= self.max_keys {
+                    self.evict(&mut table, now);
+                }
+                let level = self.capacity + give_back;
+                table.insert(key, Bucket { level, at: now });
+            }
+            None => {}
         }
     }
 
@@ -479,6 +492,7 @@ mod tests {
             default_max_tokens: 1,
             max_body: 1024,
             prompt_bytes_per_token: 1,
+            media_tokens: 0,
         };
         Arc::new(TokenBudget::with_max_keys(&settings, max_keys))
     }
@@ -522,6 +536,29 @@ mod tests {
         assert_eq!(stats.settled.load(Ordering::Relaxed), 5300);
         assert_eq!(stats.refunded.load(Ordering::Relaxed), 700);
         assert_eq!(stats.reserved.load(Ordering::Relaxed), 2000);
+    }
+
+    #[test]
+    fn a_debt_is_owed_even_when_the_key_was_forgotten_meanwhile() {
+        let b = budget(6000, 16);
+        let mut r = b.reserve_at(key(1), 1000, SEC).unwrap();
+        r.mark_sent();
+        // A long stream: the bucket refills and the sweep forgets the key.
+        b.sweep_at(SEC * 120);
+        assert_eq!(b.keys(), 0);
+        r.settle_at(5000, SEC * 120);
+        assert_eq!(b.remaining_at(key(1), SEC * 120), 2000);
+        // Within the bound too: the fullest half goes to make room.
+        let b = budget(6000, 2);
+        let mut r = b.reserve_at(key(1), 1000, SEC).unwrap();
+        r.mark_sent();
+        b.sweep_at(SEC * 120);
+        std::mem::forget(b.reserve_at(key(2), 10, SEC * 120).unwrap());
+        std::mem::forget(b.reserve_at(key(3), 20, SEC * 120).unwrap());
+        r.settle_at(7000, SEC * 120);
+        assert_eq!(b.remaining_at(key(1), SEC * 120), 0);
+        assert!(b.keys() <= 2, "{}", b.keys());
+        assert!(b.reserve_at(key(1), 1, SEC * 120).is_err());
     }
 
     #[test]
