@@ -626,3 +626,57 @@ fn file_problems_and_config_mistakes_are_listed_together() {
         "{stderr}"
     );
 }
+
+/// Issue 10: the GPU endpoint ships behind all three limits, and vLLM's
+/// other generating endpoints, which the token budget does not charge,
+/// are not exposed.
+#[test]
+fn the_shipped_config_protects_the_ai_endpoint() {
+    use switchyard::config::{Config, RouteAction};
+    use switchyard::route::RouteTable;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = Config::load(&root.join("conf/switchyard.toml")).unwrap();
+    let table = RouteTable::new(&config.routes);
+    let host = Some("api.moyeobab.com");
+    for path in ["/v1/chat/completions", "/v1/completions", "/v1/models"] {
+        let target = table.resolve(host, path).unwrap().unwrap();
+        let ai = config.services.iter().position(|s| s.name == "ai");
+        assert_eq!(Some(target.action), ai.map(RouteAction::Proxy), "{path}");
+        let l = target.limits;
+        let named = |i: Option<usize>, names: Vec<&str>| i.map(|i| names[i].to_string());
+        assert_eq!(
+            named(
+                l.rate_limit,
+                config.rate_limits.iter().map(|r| r.name.as_str()).collect()
+            ),
+            Some("ai_calls".into())
+        );
+        assert_eq!(
+            named(
+                l.concurrency,
+                config.concurrency.iter().map(|c| c.name.as_str()).collect()
+            ),
+            Some("gpu".into())
+        );
+        assert_eq!(
+            named(
+                l.token_budget,
+                config
+                    .token_budgets
+                    .iter()
+                    .map(|b| b.name.as_str())
+                    .collect()
+            ),
+            Some("ai".into())
+        );
+    }
+    for path in [
+        "/v1/responses",
+        "/v1/embeddings",
+        "/v1/audio/transcriptions",
+        "/v1/rerank",
+    ] {
+        let target = table.resolve(host, path).unwrap().unwrap();
+        assert_eq!(target.action, RouteAction::Deny, "{path}");
+    }
+}

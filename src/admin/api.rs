@@ -423,6 +423,8 @@ pub fn budget_json(b: &TokenBudget) -> Value {
             "settled": stats.settled.load(Relaxed),
             "refunded": stats.refunded.load(Relaxed),
             "kept": stats.kept.load(Relaxed),
+            "overrun": stats.overrun.load(Relaxed),
+            "held": stats.held(),
         },
     })
 }

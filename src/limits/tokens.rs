@@ -55,6 +55,19 @@ pub struct BudgetStats {
     /// Tokens of reservations kept whole because the response carried no
     /// usage (a backend error, a client gone mid-stream).
     pub kept: AtomicU64,
+    /// Tokens charged beyond their reservation (responses that used more
+    /// than reserved; part of `settled`). Tokens still held by requests in
+    /// flight are `reserved + overrun - settled - refunded - kept`.
+    pub overrun: AtomicU64,
+}
+
+impl BudgetStats {
+    /// Tokens reserved by requests still in flight.
+    pub fn held(&self) -> u64 {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (load(&self.reserved) + load(&self.overrun))
+            .saturating_sub(load(&self.settled) + load(&self.refunded) + load(&self.kept))
+    }
 }
 
 /// Tokens through one service's completions since start, over every
@@ -383,6 +396,9 @@ impl Reservation {
         let stats = &self.budget.stats;
         stats.settled.fetch_add(used, Ordering::Relaxed);
         stats.refunded.fetch_add(refund, Ordering::Relaxed);
+        stats
+            .overrun
+            .fetch_add(used.saturating_sub(self.tokens), Ordering::Relaxed);
         if let Some(service) = &self.service {
             service.settled.fetch_add(used, Ordering::Relaxed);
             service.refunded.fetch_add(refund, Ordering::Relaxed);
@@ -536,6 +552,11 @@ mod tests {
         assert_eq!(stats.settled.load(Ordering::Relaxed), 5300);
         assert_eq!(stats.refunded.load(Ordering::Relaxed), 700);
         assert_eq!(stats.reserved.load(Ordering::Relaxed), 2000);
+        assert_eq!(stats.overrun.load(Ordering::Relaxed), 4000);
+        assert_eq!(stats.held(), 0);
+        let held = b.reserve_at(key(1), 500, SEC).unwrap();
+        assert_eq!(b.stats().held(), 500);
+        drop(held);
     }
 
     #[test]
