@@ -186,6 +186,9 @@ impl Completion {
             }
         }
         upstream.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
+        // The body sent on is the checked JSON itself, whatever the client
+        // declared (a body it had encoded would not have parsed).
+        upstream.remove_header(&http::header::CONTENT_ENCODING);
         if let Some(r) = self.reservation.as_mut() {
             r.mark_sent();
         }

@@ -72,11 +72,13 @@ fn tokens(stats: &Value, name: &str) -> u64 {
     stats["tokens"][name].as_u64().unwrap()
 }
 
-/// `reserved = settled + refunded + kept` once nothing is in flight and no
-/// response used more than it reserved: every reservation ended one way.
+/// `reserved + overrun = settled + refunded + kept` and nothing `held`:
+/// every reservation ended one way.
 fn balanced(proxy: &Proxy) -> bool {
     let s = budget_stats(proxy);
-    tokens(&s, "reserved") == tokens(&s, "settled") + tokens(&s, "refunded") + tokens(&s, "kept")
+    tokens(&s, "held") == 0
+        && tokens(&s, "reserved") + tokens(&s, "overrun")
+            == tokens(&s, "settled") + tokens(&s, "refunded") + tokens(&s, "kept")
 }
 
 /// An OpenAI-shaped error: `{"error": {"message", "type", "param", "code"}}`.
