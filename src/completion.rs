@@ -149,7 +149,7 @@ impl Completion {
                 return Err(Refusal::Invalid(invalid));
             }
         };
-        let reservation = self
+        let mut reservation = self
             .budget
             .reserve(self.key, checked.reserve)
             .map_err(|e| Refusal::TokensExhausted {
@@ -158,7 +158,6 @@ impl Completion {
                 remaining: e.remaining,
                 reset: whole_seconds(e.reset),
             })?;
-        let mut reservation = reservation;
         if let Some(service) = &self.service {
             reservation.count_for(service.clone());
         }
