@@ -20,6 +20,8 @@
 //!   tls-h1-close  HTTPS, new connection per request, HTTP/1.1 (wrk, `Connection: close`)
 //!   tls-h2        HTTPS keep-alive, TLS 1.3, HTTP/2          (h2load -t1 -c50 -m1)
 //!   tls-h2-close  HTTPS, new connection per request, HTTP/2   (h2load at a fixed rate)
+//!   limits        AI completions (POST) through switchyard with the shipped kinds of
+//!                 limit and without them; JSON and streamed answers (`load/limits.rs`)
 //!
 //! The HTTPS scenarios give every proxy the same certificate (ECDSA P-256,
 //! self-signed, made once per run: `load/tls.rs`) and the same offer (TLS
@@ -45,6 +47,8 @@
 mod confs;
 #[path = "load/idle.rs"]
 mod idle;
+#[path = "load/limits.rs"]
+mod limits;
 #[path = "load/perf.rs"]
 mod perf;
 #[path = "load/procs.rs"]
@@ -80,6 +84,7 @@ const ALL: &[&str] = &[
     "tls-h1-close",
     "tls-h2",
     "tls-h2-close",
+    "limits",
 ];
 const CONNECTIONS: u32 = 50;
 /// `tls-h2-close`: new HTTPS connections per second (h2load `-r`), each
@@ -189,7 +194,10 @@ scenarios (default: all):
   tls-h1-close  HTTPS, a new connection per request, TLS 1.3, HTTP/1.1 (wrk, Connection: close)
   tls-h2        HTTPS keep-alive, TLS 1.3, HTTP/2 (h2load -c50 -m1)
   tls-h2-close  HTTPS, a new connection (full handshake) per request, TLS 1.3, HTTP/2,
-                at a fixed --tls-rate per second (default 1000, whole hundreds; h2load -r)";
+                at a fixed --tls-rate per second (default 1000, whole hundreds; h2load -r)
+  limits        POST /v1/chat/completions through switchyard with a rate limit, a
+                concurrency cap and a token budget (none refusing) and without them;
+                JSON and streamed answers; nginx proxying plainly as a reference";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -267,9 +275,11 @@ fn find_bare_pingora() -> Option<PathBuf> {
 fn run(opts: &Opts) -> i32 {
     let started = Instant::now();
     // A hard bound on the whole run (half as long again as planned, plus
-    // slack): 8 wrk/h2load scenarios of at most 4 proxies, and the switch
-    // scenario. Children die with us (PR_SET_PDEATHSIG).
-    let mut planned = 8 * 4 * (opts.warmup + opts.rounds as u32 * opts.secs) + 2 * opts.switch_secs;
+    // slack): 8 wrk/h2load scenarios of at most 4 proxies, the two of
+    // `limits` of 3, and the switch scenario. Children die with us
+    // (PR_SET_PDEATHSIG).
+    let mut planned =
+        (8 * 4 + 2 * 3) * (opts.warmup + opts.rounds as u32 * opts.secs) + 2 * opts.switch_secs;
     if opts.perf {
         // A profiling round per proxy, then perf report and a flame graph.
         planned += 8 * 4 * 60;
@@ -438,6 +448,7 @@ fn run(opts: &Opts) -> i32 {
                     path: confs::REALISTIC_PATH,
                     headers: vec![format!("Host: {}", confs::API_HOST)],
                     client: Client::Wrk,
+                    post: None,
                 },
             )
             .map(|r| wrk_results.push(r)),
@@ -501,6 +512,29 @@ fn run(opts: &Opts) -> i32 {
                 },
             )
             .map(|r| wrk_results.push(r)),
+            "limits" => [
+                ("limits", "(k) AI completions, limits on vs off", false),
+                (
+                    "limits-stream",
+                    "(l) AI completions streamed (SSE), limits on vs off",
+                    true,
+                ),
+            ]
+            .into_iter()
+            .try_for_each(|(key, title, stream)| {
+                let spec = WrkSpec {
+                    key,
+                    title,
+                    setup: Setup::Limits { stream },
+                    host: confs::API_HOST,
+                    path: limits::PATH,
+                    headers: limits::headers(),
+                    client: Client::Wrk,
+                    post: Some(stream),
+                };
+                wrk_results.push(wrk_scenario(&env, opts, spec)?);
+                Ok(())
+            }),
             "idle" => idle_scenario(&env, opts).map(|r| idle_result = Some(r)),
             "sse" => sse_scenario(&env, opts).map(|r| sse_result = Some(r)),
             "switch" => switch_scenario(&env, opts).map(|r| switch_result = Some(r)),
@@ -582,6 +616,8 @@ struct WrkSpec {
     path: &'static str,
     headers: Vec<String>,
     client: Client,
+    /// `limits`: wrk POSTs the scenario's chat body (`Some(stream)`).
+    post: Option<bool>,
 }
 
 /// What loads the proxies of a wrk scenario.
@@ -626,6 +662,7 @@ impl WrkSpec {
             path,
             headers: headers.iter().map(|h| h.to_string()).collect(),
             client: Client::Wrk,
+            post: None,
         }
     }
 }
@@ -822,6 +859,17 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
         check_answers(&targets, confs::REALISTIC_CHECKS)?;
         check_write_limit(&targets)?;
     }
+    // The POST scenarios get their own wrk script: method and body, then
+    // the report hook.
+    let script = match spec.post {
+        None => env.lua.clone(),
+        Some(stream) => {
+            limits::precheck(&targets, stream)?;
+            let path = env.dir.join(format!("{}.lua", spec.key));
+            fs::write(&path, limits::wrk_script(stream, wrk::LUA)).map_err(|e| e.to_string())?;
+            path
+        }
+    };
     let mut notes = Vec::new();
     let mut failed = Vec::new();
     if spec.client.tls() {
@@ -855,7 +903,7 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
             }
             wrk::run(
                 &env.wrk,
-                &env.lua,
+                &script,
                 &wrk::Load {
                     url: &u,
                     secs,
@@ -949,6 +997,12 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
     for (r, t) in runs.iter_mut().zip(&targets) {
         r.peak_rss_kib = t.proc.hwm_kib();
     }
+    if matches!(spec.setup, Setup::Limits { .. }) {
+        match limits_notes(env, &targets, &runs) {
+            Ok(n) => notes.extend(n),
+            Err(e) => failed.push(e),
+        }
+    }
     if spec.client == Client::H2NewConnections {
         // The table's latency starts when the request is sent; a new
         // client's wait also holds connect and the handshake.
@@ -975,6 +1029,77 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
         notes,
         failed,
     })
+}
+
+/// After the rounds of a `limits` scenario: the limits must have refused
+/// nothing (no non-2xx answer, no refusal or queued request in `GET
+/// /limits`) and seen every request (the budget admitted at least as many
+/// as wrk completed); notes say so, with the token counts and the cost of
+/// the limits (switchyard on against off).
+fn limits_notes(env: &Env, targets: &[Target], runs: &[ProxyRuns]) -> Result<Vec<String>, String> {
+    let on = targets
+        .iter()
+        .find(|t| t.kind == Kind::Switchyard)
+        .ok_or("no switchyard in the limits scenario")?;
+    let c = limits::counts(on.admin_port, &env.tools.token)?;
+    let figures = |k: Kind| runs.iter().find(|r| r.kind == k).map(ProxyRuns::figures);
+    let requests: u64 = runs
+        .iter()
+        .filter(|r| r.kind == Kind::Switchyard)
+        .flat_map(|r| &r.rounds)
+        .map(|x| x.wrk.requests)
+        .sum();
+    let mut problems: Vec<String> = c
+        .refusals
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(what, n)| format!("{what}: {n}"))
+        .collect();
+    for r in runs {
+        let bad: u64 = r
+            .rounds
+            .iter()
+            .map(|x| x.wrk.non2xx + x.wrk.socket_errors)
+            .sum();
+        if bad > 0 {
+            problems.push(format!(
+                "{}: {bad} failed or non-2xx answers",
+                r.kind.name()
+            ));
+        }
+    }
+    if c.budget_admitted < requests {
+        problems.push(format!(
+            "the token budget admitted {} requests, fewer than the {requests} measured",
+            c.budget_admitted
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(format!(
+            "the limits were meant to refuse nothing: {}",
+            problems.join(", ")
+        ));
+    }
+    let mut notes = vec![format!(
+        "limits on: 0 refused, 0 queued (GET /limits and the answers' statuses); since start \
+         the token budget admitted {} requests and the concurrency cap {}, {} tokens settled from \
+         the answers' usage, {} kept (requests cut off by wrk's stop)",
+        c.budget_admitted, c.cap_admitted, c.tokens_settled, c.tokens_kept
+    )];
+    if let (Some(on), Some(off)) = (figures(Kind::Switchyard), figures(Kind::SwitchyardNoLimits)) {
+        notes.push(format!(
+            "limits on / off: req/s {:.2}, p99 {:.2}, CPU µs/req {:.2} ({:+.1} µs per request)",
+            on.rps / off.rps.max(1e-9),
+            on.p99 / off.p99.max(1e-9),
+            on.cpu / off.cpu.max(1e-9),
+            on.cpu - off.cpu
+        ));
+    }
+    notes.push(
+        "nginx: plain proxying of the same POST, a reference line (it has no token budget)"
+            .to_string(),
+    );
+    Ok(notes)
 }
 
 /// Before an HTTPS scenario: every proxy must answer over TLS 1.3 with the
@@ -1506,7 +1631,7 @@ fn switch_scenario(env: &Env, opts: &Opts) -> Result<Vec<switch::SwitchReport>, 
                 r
             }
             // Neither is started for the switch scenario.
-            Kind::Haproxy | Kind::Pingora => continue,
+            Kind::Haproxy | Kind::Pingora | Kind::SwitchyardNoLimits => continue,
         };
         eprintln!(
             "load:   {}: {} requests, {} failed, {} answered by the old color after the switch returned, {} switches",
@@ -1765,6 +1890,7 @@ fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
             "nginx_tls": "listen ssl http2; ssl_protocols TLSv1.2 TLSv1.3; session tickets on (default); keepalive_requests 1000000 (also bounds HTTP/2 requests per connection)",
             "haproxy_tls": "bind ssl crt alpn h2,http/1.1 ssl-min-ver TLSv1.2",
             "switchyard_tls": "[listen] https + one [[tls.certificates]] (static), redirect_http = false",
+            "limits": "POST /v1/chat/completions, Authorization: Bearer <one key>; switchyard: the /v1/ route with [rate_limits] 1000000/s burst 1000 (client_ip), [concurrency] max_in_flight 64, per_key 64, queue 16 (client_ip), [token_budgets] 10^9 tokens/min (header:Authorization, max_tokens 2048, default_max_tokens 512), sized to refuse nothing; `switchyard, no limits`: the same route without them; nginx: plain proxy_pass (no token budget); upstream: nginx `return` of a fixed completion with usage (stream: 16 content chunks + finish + usage chunk + [DONE], chunked)",
         },
     })
 }

@@ -1,11 +1,14 @@
 //! Micro-benchmarks of the per-request work switchyard adds: route matching
-//! over the shipped route table, the snapshot load + backend pick, and the
-//! shipped rate limit's check. `cargo bench --bench micro`.
+//! over the shipped route table, the snapshot load + backend pick, the
+//! shipped rate limit's check, the concurrency cap, and a token budget's
+//! work on a completion (reserve + settle, the body check, the usage scan
+//! of the answer). `cargo bench --bench micro`.
 
 use std::hint::black_box;
 use std::net::IpAddr;
 use std::path::Path;
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::RequestHeader;
 use switchyard::config::Config;
@@ -159,5 +162,215 @@ fn concurrency(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, routing, snapshot, rate_limit, concurrency);
+/// The shipped `[token_budgets.ai]`, with a bucket so large that no row is
+/// ever refused however many iterations criterion runs (a refusal is
+/// another, cheaper path).
+fn budget_settings() -> switchyard::config::TokenBudget {
+    let shipped = shipped();
+    let ai = shipped
+        .token_budgets
+        .iter()
+        .find(|b| b.name == "ai")
+        .expect("shipped config has the ai token budget");
+    switchyard::config::TokenBudget {
+        tokens_per_minute: switchyard::config::MAX_TOKENS_PER_MINUTE,
+        ..ai.clone()
+    }
+}
+
+fn token_budget(c: &mut Criterion) {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+    use switchyard::limits::key::Key;
+    use switchyard::limits::tokens::TokenBudget;
+
+    // What one completion does: reserve its worst case at admission, settle
+    // with the response's usage at its end. It settles 1 token, so the
+    // bucket (10^9 a minute, 16.7 per µs) refills faster than criterion
+    // can spend it and every reservation is admitted.
+    const RESERVE: u64 = 1_600;
+    const USED: u64 = 1;
+    let settings = budget_settings();
+    let budget = Arc::new(TokenBudget::new(&settings));
+    let client: IpAddr = "203.0.113.7".parse().unwrap();
+    let key = Key::Ip(client);
+    c.bench_function("token budget/reserve + settle, one key", |b| {
+        b.iter(|| {
+            let mut r = budget
+                .reserve(black_box(key), black_box(RESERVE))
+                .expect("the bench bucket never runs dry");
+            r.settle(black_box(USED));
+        })
+    });
+    // 65 536 distinct keys in turn: the table lookup with a big table.
+    let mut n: u32 = 0;
+    c.bench_function("token budget/reserve + settle, 65536 keys in turn", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(1);
+            let ip = IpAddr::from((0x0a00_0000 | (n & 0xffff)).to_be_bytes());
+            let mut r = budget
+                .reserve(Key::Ip(ip), black_box(RESERVE))
+                .expect("the bench bucket never runs dry");
+            r.settle(black_box(USED));
+        })
+    });
+    // The shipped key, `header:Authorization`: the keyed hash of the
+    // header is part of the cost.
+    let mut req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+    req.insert_header(
+        "authorization",
+        "Bearer sk-0123456789abcdef0123456789abcdef0123456789abcdef",
+    )
+    .unwrap();
+    c.bench_function(
+        "token budget/key from Authorization + reserve + settle",
+        |b| {
+            b.iter(|| {
+                let key = budget.key(black_box(&req), black_box(client));
+                let mut r = budget
+                    .reserve(key, black_box(RESERVE))
+                    .expect("the bench bucket never runs dry");
+                r.settle(black_box(USED));
+            })
+        },
+    );
+    assert_eq!(
+        budget.stats().refused_exhausted.load(Relaxed),
+        0,
+        "a token budget row was refused: it measured the wrong path"
+    );
+}
+
+/// A chat completion request of about 1 KiB: a system prompt, two turns of
+/// history and a question, as an SDK sends it (`max_tokens`, when given,
+/// comes first, so the body keeps its size either way).
+fn chat_body(max_tokens: Option<u64>, stream: bool) -> Vec<u8> {
+    let mut body = serde_json::json!({
+        "model": "Qwen/Qwen2.5-7B-Instruct",
+        "messages": [
+            {"role": "system", "content": "You are the assistant of a meeting scheduling app. \
+                Answer briefly, in the language of the question, and never invent dates, \
+                places or names that are not in the conversation."},
+            {"role": "user", "content": "We are six people and want to meet next week for \
+                dinner near Gangnam station. Three of us can only do Tuesday or Thursday \
+                evening, two prefer Thursday, one is free every day after 7 pm."},
+            {"role": "assistant", "content": "Thursday evening suits everyone: three can only \
+                do Tuesday or Thursday, two prefer Thursday and one is free after 7 pm. \
+                Shall I suggest 7:30 pm?"},
+            {"role": "user", "content": "Yes, 7:30 pm on Thursday. Please also suggest three \
+                Korean barbecue restaurants within ten minutes' walk of the station, with a \
+                private room for six, and write a short invitation message for the group chat."}
+        ],
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "user": "user-4242"
+    });
+    let request = body.as_object_mut().unwrap();
+    if let Some(m) = max_tokens {
+        request.insert("max_tokens".into(), m.into());
+    }
+    if stream {
+        request.insert("stream".into(), true.into());
+    }
+    serde_json::to_vec(&body).unwrap()
+}
+
+fn completion_check(c: &mut Criterion) {
+    use switchyard::limits::openai::{check, Endpoint};
+
+    let settings = budget_settings();
+    let with_cap = chat_body(Some(1024), false);
+    let without = chat_body(None, false);
+    let streamed = chat_body(None, true);
+    assert!(
+        (900..1300).contains(&without.len()),
+        "chat body is {} bytes; the rows say about 1 KiB",
+        without.len()
+    );
+    for (name, body) in [
+        ("openai check/1 KiB chat body, max_tokens given", &with_cap),
+        (
+            "openai check/1 KiB chat body, max_tokens injected",
+            &without,
+        ),
+        (
+            "openai check/1 KiB chat body, stream: usage asked for",
+            &streamed,
+        ),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                check(black_box(body), Endpoint::Chat, black_box(&settings)).expect("a valid body")
+            })
+        });
+    }
+}
+
+/// A streamed chat completion as vLLM sends it: 64 content chunks (one
+/// token each), the finish chunk, the usage chunk (no choices) and
+/// `[DONE]`, each its own body piece as the backend flushes them.
+fn sse_stream() -> Vec<Bytes> {
+    let head = r#""id":"chatcmpl-8f3a2c","object":"chat.completion.chunk","created":1764460800,"model":"Qwen/Qwen2.5-7B-Instruct""#;
+    let mut pieces = Vec::new();
+    for i in 0..64 {
+        pieces.push(format!(
+            "data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" word{i}\"}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
+        ));
+    }
+    pieces.push(format!(
+        "data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"stop\"}}]}}\n\n"
+    ));
+    pieces.push(format!(
+        "data: {{{head},\"choices\":[],\"usage\":{{\"prompt_tokens\":312,\"completion_tokens\":64,\"total_tokens\":376}}}}\n\n"
+    ));
+    pieces.push("data: [DONE]\n\n".to_string());
+    pieces.into_iter().map(Bytes::from).collect()
+}
+
+fn usage_scan(c: &mut Criterion) {
+    use switchyard::limits::openai::UsageScan;
+
+    let stream = sse_stream();
+    let feed_all = |strip: bool| {
+        let mut scan = UsageScan::new(true, strip);
+        let last = stream.len() - 1;
+        for (i, piece) in stream.iter().enumerate() {
+            let mut chunk = Some(piece.clone());
+            scan.feed(&mut chunk, i == last);
+            black_box(chunk);
+        }
+        scan.usage()
+    };
+    assert_eq!(feed_all(true), Some(376));
+    c.bench_function(
+        "usage scan/64-chunk SSE stream, usage chunk stripped",
+        |b| b.iter(|| feed_all(black_box(true))),
+    );
+    c.bench_function("usage scan/64-chunk SSE stream, read only", |b| {
+        b.iter(|| feed_all(black_box(false)))
+    });
+    // A non-streamed answer: one JSON body, parsed whole at its end.
+    let json = Bytes::from_static(
+        br#"{"id":"chatcmpl-8f3a2c","object":"chat.completion","created":1764460800,"model":"Qwen/Qwen2.5-7B-Instruct","choices":[{"index":0,"message":{"role":"assistant","content":"Thursday at 7:30 pm works for everyone. Here are three Korean barbecue places near Gangnam station with private rooms for six, and an invitation for the group chat."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":312,"completion_tokens":41,"total_tokens":353}}"#,
+    );
+    c.bench_function("usage scan/JSON answer", |b| {
+        b.iter(|| {
+            let mut scan = UsageScan::new(false, false);
+            let mut chunk = Some(json.clone());
+            scan.feed(&mut chunk, true);
+            scan.usage()
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    routing,
+    snapshot,
+    rate_limit,
+    concurrency,
+    token_budget,
+    completion_check,
+    usage_scan
+);
 criterion_main!(benches);

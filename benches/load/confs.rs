@@ -9,6 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::limits;
 use crate::procs::{self, Proc};
 use crate::tls;
 
@@ -65,12 +66,17 @@ pub struct Upstream {
     pub green: u16,
     /// HTTPS with TLS 1.2 only: shows that wrk's TLS 1.3 pin holds.
     pub tls12_only: u16,
+    /// Answers `POST /v1/chat/completions` with a fixed event stream (the
+    /// `general` ports answer it with a fixed JSON completion).
+    pub ai_stream: u16,
 }
 
 /// Which proxy: also the table order.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Kind {
     Switchyard,
+    /// switchyard on the same route without its limits (`limits` only).
+    SwitchyardNoLimits,
     /// A bare Pingora proxy with Pingora's defaults: what switchyard builds on.
     Pingora,
     Nginx,
@@ -81,6 +87,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Switchyard => "switchyard",
+            Kind::SwitchyardNoLimits => "switchyard, no limits",
             Kind::Pingora => "pingora",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
@@ -108,6 +115,10 @@ pub enum Setup {
     /// Blue/green service `app` whose active color changes under load. nginx
     /// reads its upstream from `app-color.conf` in its directory.
     Switch,
+    /// The AI route (`/v1/` on the api host), see `load/limits.rs`:
+    /// switchyard with the limits, switchyard without them, and nginx
+    /// proxying plainly. `stream`: the backend answers an event stream.
+    Limits { stream: bool },
 }
 
 /// One proxy under test.
@@ -240,9 +251,9 @@ pub fn start_upstream(
     nofile: u64,
     tls: &tls::Files,
 ) -> Result<Upstream, String> {
-    let ports = procs::free_ports(11);
+    let ports = procs::free_ports(12);
     let (general, rest) = ports.split_at(8);
-    let (blue, green, tls12_only) = (rest[0], rest[1], rest[2]);
+    let (blue, green, tls12_only, ai_stream) = (rest[0], rest[1], rest[2], rest[3]);
     let data = dir.join("data");
     fs::create_dir_all(&data).map_err(|e| e.to_string())?;
     fs::write(data.join("16k"), vec![b'x'; BIG_BODY]).map_err(|e| e.to_string())?;
@@ -255,7 +266,11 @@ pub fn start_upstream(
         "        location / {{ return 200 \"{}\"; }}
         location = /16k {{ root {}; }}
         location = /health {{ return 200 \"ok\\n\"; }}
-    }}
+{}    }}
+    server {{
+        listen 127.0.0.1:{ai_stream} backlog=4096;
+        location / {{ return 200 \"ok\\n\"; }}
+{}    }}
     server {{
         listen 127.0.0.1:{blue} backlog=4096;
         location / {{ return 200 \"blue\"; }}
@@ -274,6 +289,8 @@ pub fn start_upstream(
 ",
         SMALL_BODY.replace('\n', "\\n"),
         data.display(),
+        limits::upstream_location(false),
+        limits::upstream_location(true),
         tls.cert.display(),
         tls.key.display()
     )
@@ -286,7 +303,7 @@ pub fn start_upstream(
     )?;
     let addr = procs::local(general[0]);
     procs::wait_ready(&mut proc, addr, "upstream", "/", 200)?;
-    for &p in [blue, green].iter().chain(general) {
+    for &p in [blue, green, ai_stream].iter().chain(general) {
         procs::wait_ready(&mut proc, procs::local(p), "upstream", "/", 200)?;
     }
     Ok(Upstream {
@@ -295,6 +312,7 @@ pub fn start_upstream(
         blue,
         green,
         tls12_only,
+        ai_stream,
     })
 }
 
@@ -309,12 +327,15 @@ pub fn start_proxies(
     ready: (&str, &str, u16),
 ) -> Result<Vec<Target>, String> {
     let mut kinds = vec![Kind::Switchyard];
+    if matches!(setup, Setup::Limits { .. }) {
+        kinds.push(Kind::SwitchyardNoLimits);
+    }
     let tls = matches!(setup, Setup::Simple { tls: true, .. });
     if tools.pingora.is_some() && matches!(setup, Setup::Simple { .. }) {
         kinds.push(Kind::Pingora);
     }
     kinds.push(Kind::Nginx);
-    if tools.haproxy.is_some() && !matches!(setup, Setup::Switch) {
+    if tools.haproxy.is_some() && !matches!(setup, Setup::Switch | Setup::Limits { .. }) {
         kinds.push(Kind::Haproxy);
     }
     let mut out = Vec::new();
@@ -325,9 +346,11 @@ pub fn start_proxies(
         let (port, admin_port) = (ports[0], ports[1]);
         let tls_port = if tls { ports[2] } else { 0 };
         let (mut proc, conf) = match kind {
-            Kind::Switchyard => {
+            Kind::Switchyard | Kind::SwitchyardNoLimits => {
                 let conf = d.join("switchyard.toml");
-                let text = switchyard_conf(tools, up, &d, (port, tls_port), admin_port, setup);
+                let limits = kind == Kind::Switchyard;
+                let text =
+                    switchyard_conf(tools, up, &d, (port, tls_port), admin_port, setup, limits);
                 fs::write(&conf, text).map_err(|e| e.to_string())?;
                 let mut cmd = Command::new(&tools.switchyard);
                 cmd.arg("run").arg("-c").arg(&conf).current_dir(&d);
@@ -393,6 +416,7 @@ fn switchyard_conf(
     (port, tls_port): (u16, u16),
     admin: u16,
     setup: Setup,
+    limits: bool,
 ) -> String {
     let d = dir.display();
     // The certificate as a static one; no redirect, so the plain port
@@ -470,6 +494,22 @@ service = \"app\"
 "
         )
         .unwrap(),
+        Setup::Limits { stream } => {
+            let backend = if stream { up.ai_stream } else { up.general[0] };
+            write!(
+                s,
+                "[services.ai]
+blue = [\"127.0.0.1:{backend}\"]
+green = [\"127.0.0.1:{}\"]
+active = \"blue\"
+connect_timeout = \"3s\"
+
+{}",
+                up.general[1],
+                limits::switchyard_route(limits)
+            )
+            .unwrap()
+        }
         Setup::Switch => write!(
             s,
             "[services.app]
@@ -619,6 +659,18 @@ fn nginx_proxy_http(
 "
         )
     };
+    // nginx proxies the AI route plainly: the simple setup's proxy in front
+    // of the completion backend (it cannot count tokens).
+    let setup = match setup {
+        Setup::Limits { stream } => Setup::Simple {
+            backend: if stream { up.ai_stream } else { up.general[0] },
+            alt: up.general[1],
+            many_conns: false,
+            stream,
+            tls: false,
+        },
+        other => other,
+    };
     Ok(match setup {
         Setup::Simple {
             backend,
@@ -686,6 +738,7 @@ fn nginx_proxy_http(
             )
         }
         Setup::Realistic => (false, nginx_realistic(up, port)),
+        Setup::Limits { .. } => unreachable!("mapped to a simple setup above"),
     })
 }
 
@@ -910,6 +963,7 @@ backend be
             up.blue
         )
         .unwrap(),
+        Setup::Limits { .. } => unreachable!("HAProxy sits out the limits scenario"),
         Setup::Realistic => {
             let g = &up.general;
             write!(
