@@ -231,8 +231,8 @@ impl Completion {
         Ok(())
     }
 
-    /// Starts reading the backend's answer; takes `Content-Length` off
-    /// when the usage chunk is to be taken out of the stream, and tells
+    /// Starts reading the backend's answer; makes it chunked when the
+    /// usage chunk is to be taken out of the stream, and tells
     /// the client where its budget stands (`RateLimit-*`, tokens, with
     /// this request's reservation still held).
     pub fn response(&mut self, resp: &mut ResponseHeader) -> Result<()> {
@@ -256,7 +256,11 @@ impl Completion {
             });
         let scan = UsageScan::new(events, self.strip_usage);
         if scan.rewrites() {
+            // Shortened: chunked now (Pingora frames an answer before this
+            // filter runs, so without it the body would end by closing the
+            // connection; HTTP/2 and HTTP/1.0 drop the field again).
             resp.remove_header(&http::header::CONTENT_LENGTH);
+            resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
         }
         self.scan = Some(scan);
         Ok(())

@@ -413,6 +413,10 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         ctx.response_started = true;
         respond::strip_hop_by_hop(resp);
+        // Before the HTTP/1.0 framing: a stream it shortens is chunked.
+        if let Some(completion) = ctx.completion.as_mut() {
+            completion.response(resp)?;
+        }
         if ctx.http10 {
             http10_framing(session, resp)?;
         }
@@ -420,9 +424,6 @@ impl ProxyHttp for Proxy {
             if let Some(target) = ctx.target.as_mut() {
                 target.mark_upgraded();
             }
-        }
-        if let Some(completion) = ctx.completion.as_mut() {
-            completion.response(resp)?;
         }
         respond::stamp(resp, &ctx.request_id)
     }

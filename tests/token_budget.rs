@@ -609,3 +609,88 @@ fn a_queued_completion_whose_client_leaves_frees_its_place_and_tokens() {
     fake.release_all();
     assert_eq!(first.join().unwrap().status, 200);
 }
+
+/// A backend that answers every request on a connection with an event
+/// stream framed by `Content-Length` (vLLM sends chunked ones; others may
+/// not), the usage chunk included.
+fn length_framed_sse_backend() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming().take(8).flatten() {
+            thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut out = conn;
+                loop {
+                    let mut length = 0;
+                    let mut chunked = false;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        chunked |= lower.starts_with("transfer-encoding:");
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    assert!(!chunked, "the early-read body has a length");
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let usage = r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+                    let sse = format!(
+                        "data: {{\"choices\":[{{\"delta\":{{\"content\":\"a\"}}}}]}}\n\ndata: {usage}\n\ndata: [DONE]\n\n"
+                    );
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
+                        sse.len()
+                    );
+                    if out.write_all(head.as_bytes()).is_err()
+                        || out.write_all(sse.as_bytes()).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_shortened_stream_keeps_the_client_connection_alive() {
+    let backend = length_framed_sse_backend();
+    let mut s = format!(
+        "[services.ai]\nblue = [\"{backend}\"]\ngreen = [\"{backend}\"]\nactive = \"blue\"\n\n"
+    );
+    s.push_str("[token_budgets.ai]\ntokens_per_minute = 100000\n\n");
+    s.push_str(&route_with("/v1/", "ai", "token_budget = \"ai\""));
+    let proxy = ProxyBuilder::new(s).start();
+    let body = chat(json!({"stream": true, "max_tokens": 5}));
+    let mut conn = RawConn::connect(&proxy.http_addr());
+    for _ in 0..2 {
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.send(head.as_bytes()).unwrap();
+        conn.send(&body).unwrap();
+        let reply = conn
+            .read_response(DEADLINE)
+            .expect("an answer on the same connection");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(!reply.body.contains("total_tokens"), "{}", reply.body);
+        assert!(reply.body.ends_with("data: [DONE]\n\n"), "{}", reply.body);
+        assert_eq!(
+            reply.header("transfer-encoding"),
+            Some("chunked"),
+            "{reply:?}"
+        );
+    }
+    assert_eq!(budget_stats(&proxy)["tokens"]["settled"], 8);
+}

@@ -420,6 +420,12 @@ impl UsageScan {
     /// Notes an event's usage; true when it is the usage chunk (a
     /// completion chunk with no choices and a usage).
     fn read_event(&mut self, event: &[u8]) -> bool {
+        // Every usage object names its prompt tokens; other events (all
+        // but one of a stream) are not parsed at all. A usage missed here
+        // could only keep a reservation whole, never undercharge.
+        if memchr::memmem::find(event, b"\"prompt_tokens\"").is_none() {
+            return false;
+        }
         let mut data = Vec::new();
         // CRLF splits into a line and an empty one, which holds no field.
         for line in event.split(|&b| b == b'\n' || b == b'\r') {
