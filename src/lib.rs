@@ -17,6 +17,7 @@ pub mod limits;
 pub mod logging;
 pub mod pools;
 pub mod proxy;
+pub mod record;
 pub mod respond;
 pub mod route;
 pub mod shutdown;

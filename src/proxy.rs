@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,6 +24,7 @@ use crate::limits::concurrency::{self, ConcurrencyCaps, Permit};
 use crate::limits::rate::RateLimits;
 use crate::limits::tokens::TokenBudgets;
 use crate::pools::{InFlight, Switchboard};
+use crate::record::{Observer, RequestRecord};
 use crate::respond::{self, Refusal};
 use crate::route::RouteTable;
 use crate::tls::http::{self as tls_http, Side};
@@ -67,6 +68,8 @@ pub struct Proxy {
     requests: Arc<AtomicUsize>,
     /// The listener this instance serves: plain HTTP or HTTPS.
     side: Side,
+    /// Told about every finished request (metrics, access log).
+    observers: Vec<Arc<dyn Observer>>,
 }
 
 impl Proxy {
@@ -86,6 +89,7 @@ impl Proxy {
             settings,
             requests,
             side: Side::PlainOnly,
+            observers: Vec::new(),
         }
     }
 
@@ -103,6 +107,12 @@ impl Proxy {
         self
     }
 
+    /// Tells `observer` about every finished request.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Proxy {
+        self.observers.push(observer);
+        self
+    }
+
     /// Serves the plain or HTTPS listener's TLS duties (`tls/http.rs`).
     pub fn with_side(mut self, side: Side) -> Proxy {
         self.side = side;
@@ -114,6 +124,17 @@ impl Proxy {
 /// started with, so retries and accounting stay on that color.
 pub struct Ctx {
     _request: RequestCount,
+    /// When the request head was read.
+    started: Instant,
+    /// Indexes of the service and route the request was routed to.
+    service: Option<usize>,
+    route: Option<usize>,
+    /// Why the proxy answered by itself, when it did.
+    refusal: Option<Refusal>,
+    /// When the request head went to the backend, and when its response
+    /// head came back (the upstream time of the access log).
+    upstream_sent: Option<Instant>,
+    upstream_answered: Option<Instant>,
     request_id: http::HeaderValue,
     client: Option<Client>,
     /// The one authority the request is for (`host.rs`), set once in
@@ -164,6 +185,12 @@ impl ProxyHttp for Proxy {
         self.requests.fetch_add(1, Ordering::Relaxed);
         Ctx {
             _request: RequestCount(self.requests.clone()),
+            started: Instant::now(),
+            service: None,
+            route: None,
+            refusal: None,
+            upstream_sent: None,
+            upstream_answered: None,
             request_id: http::HeaderValue::from_static(""),
             client: None,
             authority: None,
@@ -234,11 +261,15 @@ impl ProxyHttp for Proxy {
             Ok(None) => return self.refuse(session, ctx, Refusal::NoRoute).await,
             Err(e) => return self.refuse(session, ctx, Refusal::BadPath(e)).await,
         };
+        ctx.route = Some(target.index);
         let service = match target.action {
             RouteAction::Proxy(service) => service,
             RouteAction::Deny => return self.refuse(session, ctx, Refusal::Denied).await,
         };
         ctx.limits = target.limits;
+        if let RouteAction::Proxy(service) = target.action {
+            ctx.service = Some(service);
+        }
         // After routing, so an AI route answers in OpenAI's shape.
         if header_size(req) > self.settings.max_header_size {
             return self.refuse(session, ctx, Refusal::HeaderTooLarge).await;
@@ -402,6 +433,7 @@ impl ProxyHttp for Proxy {
         if let Some(completion) = ctx.completion.as_mut() {
             completion.upstream_request(upstream)?;
         }
+        ctx.upstream_sent = Some(Instant::now());
         forwarded::apply(upstream, client, &ctx.request_id, ctx.authority.as_ref())
     }
 
@@ -412,6 +444,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.response_started = true;
+        ctx.upstream_answered = Some(Instant::now());
         respond::strip_hop_by_hop(resp);
         // Before the HTTP/1.0 framing: a stream it shortens is chunked.
         if let Some(completion) = ctx.completion.as_mut() {
@@ -442,9 +475,40 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         if let Some(completion) = ctx.completion.as_mut() {
-            let status = session.response_written().map_or(0, |r| r.status.as_u16());
             completion.finish(&ctx.request_id, status);
+        }
+        if self.observers.is_empty() {
+            return;
+        }
+        let req = session.req_header();
+        let record = RequestRecord {
+            request_id: ctx.request_id.to_str().unwrap_or("-"),
+            client: ctx.client.as_ref().map(|c| c.ip),
+            method: req.method.as_str(),
+            host: ctx.authority.as_ref().map(Authority::host),
+            path: req.uri.path(),
+            status,
+            service: ctx.service,
+            // Refused before a pool was picked: the service's active color.
+            color: ctx.target.as_ref().map(|t| t.pool().color).or_else(|| {
+                let s = ctx.service?;
+                Some(self.board.load().services.get(s)?.active)
+            }),
+            route: ctx.route,
+            backend: ctx.backend,
+            upstream_time: ctx
+                .upstream_sent
+                .zip(ctx.upstream_answered)
+                .map(|(sent, answered)| answered.saturating_duration_since(sent)),
+            total_time: ctx.started.elapsed(),
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            refusal: ctx.refusal,
+        };
+        for observer in &self.observers {
+            observer.observe(&record);
         }
     }
 
@@ -527,6 +591,7 @@ impl ProxyHttp for Proxy {
                 code if e.esource() == &ErrorSource::Downstream => Refusal::Client(code),
                 code => Refusal::Upstream(code),
             };
+            ctx.refusal = Some(refusal);
             // The connection is not reused (below): the answer says so.
             session.set_keepalive(None);
             let pages = &self.settings.pages;
@@ -555,7 +620,8 @@ impl Proxy {
                 .is_some_and(|(t, failed)| t.pool().select(Some(failed)).is_some())
     }
 
-    async fn refuse(&self, session: &mut Session, ctx: &Ctx, refusal: Refusal) -> Result<bool> {
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, refusal: Refusal) -> Result<bool> {
+        ctx.refusal = Some(refusal);
         if refusal.closes_connection() {
             session.set_keepalive(None);
         }

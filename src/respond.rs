@@ -109,6 +109,28 @@ impl Refusal {
         }
     }
 
+    /// The refusal's reason as metrics and the access log name it.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::NoRoute => "no_route",
+            Refusal::Denied => "deny",
+            Refusal::BadPath(_) | Refusal::BadHost(_) | Refusal::WebSocketNotAllowed => {
+                "bad_request"
+            }
+            Refusal::HeaderTooLarge => "header_too_large",
+            Refusal::BodyTooLarge(_) => "body_too_large",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::Invalid(_) => "invalid_completion",
+            Refusal::TokensExhausted { .. } => "tokens_exhausted",
+            Refusal::Busy(_) => "busy",
+            Refusal::Maintenance => "maintenance",
+            Refusal::NoHealthyBackend => "no_healthy_backend",
+            Refusal::Upstream(504) => "upstream_timeout",
+            Refusal::Upstream(_) => "upstream_error",
+            Refusal::Client(_) => "client_error",
+        }
+    }
+
     /// OpenAI's `type`, `code` and `param` for the refusal.
     fn openai_kind(self) -> (&'static str, &'static str, Option<&'static str>) {
         match self {

@@ -103,18 +103,22 @@ enum Fit {
 pub struct Target {
     pub action: RouteAction,
     pub limits: RouteLimits,
+    /// The route's index in the configuration (`Config::routes`), which
+    /// names it in metrics and logs.
+    pub index: usize,
 }
 
 impl RouteTable {
     /// Builds the table from validated routes (see [`route_path_error`]).
     pub fn new(routes: &[Route]) -> RouteTable {
         let mut table = RouteTable::default();
-        for r in routes {
+        for (index, r) in routes.iter().enumerate() {
             let entry = Entry::new(
                 &r.path,
                 Target {
                     action: r.action,
                     limits: r.limits,
+                    index,
                 },
             );
             match &r.host {

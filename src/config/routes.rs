@@ -26,6 +26,14 @@ pub struct Route {
     pub limits: RouteLimits,
 }
 
+impl Route {
+    /// The route as metrics and logs name it: host and path
+    /// (`api.example.com/v1/`), `*` for a route without a host (`*/`).
+    pub fn label(&self) -> String {
+        format!("{}{}", self.host.as_deref().unwrap_or("*"), self.path)
+    }
+}
+
 /// Per-route transport settings: what kind of traffic the route carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteLimits {
