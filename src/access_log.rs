@@ -48,7 +48,10 @@ pub const FILE_MODE: u32 = 0o640;
 pub enum AccessLogError {
     #[error("access log {}: directory {} does not exist; create it or change access_log.path", config::show_path(path), dir.display())]
     NoDirectory { path: PathBuf, dir: PathBuf },
-    #[error("access log {}: is a directory; access_log.path names a file", config::show_path(path))]
+    #[error(
+        "access log {}: is a directory; access_log.path names a file",
+        config::show_path(path)
+    )]
     IsDirectory { path: PathBuf },
     #[error("cannot open access log {}: {source}", config::show_path(path))]
     Open { path: PathBuf, source: io::Error },

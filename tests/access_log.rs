@@ -41,8 +41,9 @@ const FIELDS: [&str; 16] = [
 fn parse_lines(text: &str) -> Vec<Value> {
     text.lines()
         .map(|line| {
-            let v: Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line:?}\n--- log ---\n{text}"));
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!("not one JSON object ({e}): {line:?}\n--- log ---\n{text}")
+            });
             let keys: Vec<&str> = v
                 .as_object()
                 .unwrap_or_else(|| panic!("not an object: {line}"))
@@ -122,7 +123,10 @@ fn a_proxied_request_is_one_line_with_every_field() {
     let ts = line["timestamp"].as_str().unwrap();
     // RFC 3339, UTC, milliseconds: 2026-11-30T01:44:19.123Z
     assert!(
-        ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T' && ts.as_bytes()[19] == b'.',
+        ts.len() == 24
+            && ts.ends_with('Z')
+            && ts.as_bytes()[10] == b'T'
+            && ts.as_bytes()[19] == b'.',
         "{ts}"
     );
     assert_eq!(line["client"], "127.0.0.1");
@@ -143,7 +147,11 @@ fn a_proxied_request_is_one_line_with_every_field() {
 
     // Nothing but access lines on stdout, and no access line on stderr.
     parse_lines(&proxy.stdout_text());
-    assert!(!proxy.stderr_text().contains(&id), "{}", proxy.stderr_text());
+    assert!(
+        !proxy.stderr_text().contains(&id),
+        "{}",
+        proxy.stderr_text()
+    );
 }
 
 #[test]
@@ -153,7 +161,12 @@ fn refused_requests_are_logged_with_their_reason() {
     let proxy = ProxyBuilder::new(web(&blue, &green, "")).start();
 
     // No route: no service, color, route or backend.
-    let reply = request("GET", &format!("{}/nowhere?x=1", proxy.http_url()), &[], None);
+    let reply = request(
+        "GET",
+        &format!("{}/nowhere?x=1", proxy.http_url()),
+        &[],
+        None,
+    );
     assert_eq!(reply.status, 404, "{reply:?}");
     let line = line_for(|| proxy.stdout_text(), &request_id(&reply));
     assert_eq!(line["status"], 404);
@@ -177,7 +190,11 @@ fn refused_requests_are_logged_with_their_reason() {
     assert_eq!(line["route"], "*/limited/");
     assert_eq!(line["backend"], Value::Null);
     assert_eq!(line["upstream_time_ms"], Value::Null);
-    assert_eq!(blue.received("/limited/"), 1, "the refused one never reached blue");
+    assert_eq!(
+        blue.received("/limited/"),
+        1,
+        "the refused one never reached blue"
+    );
 }
 
 #[test]
@@ -198,7 +215,9 @@ fn sample_zero_logs_only_errors_and_refusals() {
     line_for(|| proxy.stdout_text(), &request_id(&reply));
     let lines = parse_lines(&proxy.stdout_text());
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(ok_ids.iter().all(|id| lines[0]["request_id"] != id.as_str()));
+    assert!(ok_ids
+        .iter()
+        .all(|id| lines[0]["request_id"] != id.as_str()));
 }
 
 #[test]
@@ -366,7 +385,10 @@ fn secrets_never_reach_the_access_log_or_stderr() {
     let stderr = proxy.stderr_text();
     assert!(!stderr.is_empty(), "trace logging wrote nothing to stderr");
     for secret in SECRETS {
-        assert!(!access.contains(secret), "{secret} in the access log:\n{access}");
+        assert!(
+            !access.contains(secret),
+            "{secret} in the access log:\n{access}"
+        );
         assert!(!stderr.contains(secret), "{secret} on stderr:\n{stderr}");
     }
     assert!(!access.contains("access_token"), "{access}");

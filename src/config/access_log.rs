@@ -108,13 +108,19 @@ mod tests {
         );
         let c = Config::parse(Path::new("t.toml"), &text).unwrap();
         assert!(!c.access_log.enabled);
-        assert_eq!(c.access_log.path.as_deref(), Some(Path::new("logs/access.log")));
+        assert_eq!(
+            c.access_log.path.as_deref(),
+            Some(Path::new("logs/access.log"))
+        );
         assert_eq!(c.access_log.sample, 0.25);
         assert_eq!(c.access_log.buffer_lines, 10);
         assert_eq!(c.positions.get("access_log.path"), Some(&(25, 8)));
         // A whole number is a fraction too.
-        let c = Config::parse(Path::new("t.toml"), &format!("{GOOD}\n[access_log]\nsample = 0\n"))
-            .unwrap();
+        let c = Config::parse(
+            Path::new("t.toml"),
+            &format!("{GOOD}\n[access_log]\nsample = 0\n"),
+        )
+        .unwrap();
         assert_eq!(c.access_log.sample, 0.0);
     }
 
@@ -126,8 +132,16 @@ mod tests {
         let e = errors(&text);
         let found: Vec<(usize, usize)> = e.iter().map(|e| (e.line, e.col)).collect();
         assert_eq!(found, vec![(24, 10), (25, 16), (26, 1)], "{e:?}");
-        assert!(e[0].message.contains("sample = 1.5 is out of range"), "{}", e[0]);
-        assert!(e[1].message.contains("buffer_lines = 0 is out of range"), "{}", e[1]);
+        assert!(
+            e[0].message.contains("sample = 1.5 is out of range"),
+            "{}",
+            e[0]
+        );
+        assert!(
+            e[1].message.contains("buffer_lines = 0 is out of range"),
+            "{}",
+            e[1]
+        );
         assert!(e[2].message.contains("unknown key `format`"), "{}", e[2]);
         let e = errors(&format!("{GOOD}\n[access_log]\nsample = nan\n"));
         assert!(e[0].message.contains("out of range"), "{}", e[0]);
