@@ -130,10 +130,7 @@ impl Switchyard {
         let certs = Arc::new(CertStore::new(&config.tls, config.acme.as_ref()));
         let challenges = Arc::new(Challenges::new());
         load_static_certificates(&config.tls, &certs)?;
-        let access_log: Option<Arc<dyn record::Observer>> = match AccessLog::new(config)? {
-            Some(log) => Some(Arc::new(log)),
-            None => None,
-        };
+        let access_log = AccessLog::new(config)?.map(Arc::new);
         if opts.daemon && access_log.is_some() && config.access_log.path.is_none() {
             tracing::warn!("--daemon sends standard output, and so the access log, to /dev/null; set access_log.path");
         }
