@@ -289,6 +289,59 @@ fn enabled_false_writes_nothing() {
 }
 
 #[test]
+fn a_stalled_writer_drops_lines_and_never_delays_a_response() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    // The access log is a FIFO that is opened for reading but never read:
+    // a disk that stopped. Its pipe buffer is cut to one page, so a few
+    // lines fill it and the writer thread blocks for good.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("access.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let reader = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    // SAFETY: fcntl on a descriptor we own.
+    let size = unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    assert!(size > 0, "F_SETPIPE_SZ failed");
+    let access = format!(
+        "path = {}
+buffer_lines = 8",
+        toml_str(fifo.to_str().unwrap())
+    );
+    let proxy = ProxyBuilder::new(web(&blue, &green, &access)).start();
+    // Far more lines than the pipe and the buffer hold; each answer comes
+    // within the client's timeout, or the request panics.
+    let requests = 20 + (size as usize) / 100;
+    for i in 0..requests {
+        assert_eq!(proxy.get(&format!("/api/{i}"), None).0, 200);
+    }
+    assert!(
+        poll_until(DEADLINE, || proxy
+            .stderr_text()
+            .contains("access log lines dropped")),
+        "no word of dropped lines on stderr:\n{}",
+        proxy.stderr_text()
+    );
+    assert_eq!(
+        proxy
+            .stderr_text()
+            .matches("access log lines dropped")
+            .count(),
+        1,
+        "said once"
+    );
+    drop(reader);
+}
+
+#[test]
 fn check_says_when_the_access_log_directory_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
