@@ -198,6 +198,39 @@ fn refused_requests_are_logged_with_their_reason() {
 }
 
 #[test]
+fn requests_over_https_are_logged_too() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let certs = tempfile::tempdir().unwrap();
+    let site = rcgen::generate_simple_self_signed(vec!["shop.test".to_string()]).unwrap();
+    let (cert, key) = (certs.path().join("site.pem"), certs.path().join("site.key"));
+    fs::write(&cert, site.cert.pem()).unwrap();
+    fs::write(&key, site.signing_key.serialize_pem()).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let tables = format!(
+        "[tls]\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n",
+        toml_str(cert.to_str().unwrap()),
+        toml_str(key.to_str().unwrap())
+    );
+    let proxy = ProxyBuilder::new(web(&blue, &green, ""))
+        .https(&tables)
+        .start();
+    let recorder = std::sync::Arc::new(common::tls::Recorder::default());
+    let config = std::sync::Arc::new(common::tls::Recorder::config(recorder));
+    let mut conn = common::tls::tls_connect(&proxy.https_addr(), "shop.test", config);
+    let answer = common::tls::exchange(
+        &mut conn,
+        &common::tls::get_request("shop.test", "/api/tls?token=x"),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let id = answer.header("x-request-id").expect("X-Request-Id");
+    let line = line_for(|| proxy.stdout_text(), id);
+    assert_eq!(line["path"], "/api/tls");
+    assert_eq!(line["host"], "shop.test");
+    assert_eq!(line["backend"], blue.addr());
+}
+
+#[test]
 fn sample_zero_logs_only_errors_and_refusals() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
