@@ -1,5 +1,6 @@
 //! The access log (`[access_log]`) end to end: the real binary, real
-//! upstreams, and the lines read back from its stdout or its file.
+//! upstreams, and the lines read back from its stdout or its file; and,
+//! in process, that a line sampled out costs no allocation.
 
 mod common;
 
@@ -14,6 +15,33 @@ use common::openai::{FakeOpenAi, MODEL};
 use common::*;
 
 const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Counts this test binary's allocations per thread, for
+/// [`a_line_sampled_out_costs_no_allocation`].
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn allocations() -> usize {
+    ALLOCATIONS.with(|n| n.get())
+}
 
 /// Every field of a line, in the order written.
 const FIELDS: [&str; 16] = [
@@ -479,4 +507,59 @@ fn secrets_never_reach_the_access_log_or_stderr() {
     }
     assert!(!access.contains("access_token"), "{access}");
     assert!(!stderr.contains("access_token"), "{stderr}");
+}
+
+#[test]
+fn a_line_sampled_out_costs_no_allocation() {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use switchyard::access_log::AccessLog;
+    use switchyard::config::Config;
+    use switchyard::record::{Observer, RequestRecord};
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("access.log");
+    let text = format!(
+        "[services.web]\nblue = [\"127.0.0.1:1\"]\ngreen = [\"127.0.0.1:2\"]\n\n\
+         [[routes]]\npath = \"/\"\nservice = \"web\"\n\n[access_log]\npath = {}\n",
+        toml_str(file.to_str().unwrap())
+    );
+    let mut config = Config::parse(Path::new("t.toml"), &text).unwrap();
+    // The smallest share above 0: the random draw is made (and must not
+    // allocate) but practically never keeps a line (2^-53 a request).
+    config.access_log.sample = f64::MIN_POSITIVE;
+    let log = AccessLog::new(&config).unwrap().expect("enabled");
+    let mut record = RequestRecord {
+        request_id: "r",
+        client: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        method: "GET",
+        host: Some("shop.test"),
+        path: "/",
+        status: 404,
+        service: Some(0),
+        color: None,
+        route: Some(0),
+        backend: Some(SocketAddr::from(([127, 0, 0, 1], 1))),
+        upstream_time: Some(Duration::from_millis(1)),
+        total_time: Duration::from_millis(2),
+        bytes_in: 0,
+        bytes_out: 10,
+        refusal: None,
+    };
+    // Warm up: the writer thread and this thread's random generator.
+    log.observe(&record);
+    record.status = 200;
+    log.observe(&record);
+    let before = allocations();
+    for _ in 0..1000 {
+        log.observe(&record);
+    }
+    assert_eq!(
+        allocations() - before,
+        0,
+        "allocations for 1000 sampled-out lines"
+    );
+    // Kept lines do allocate: the counter sees them.
+    record.status = 500;
+    log.observe(&record);
+    assert!(allocations() > before);
 }
