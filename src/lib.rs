@@ -4,6 +4,7 @@
 //! This file wires the pieces into one Pingora server; each concern lives in
 //! its own module.
 
+pub mod access_log;
 pub mod admin;
 pub mod cleanup;
 pub mod completion;
@@ -38,6 +39,7 @@ use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
+use crate::access_log::AccessLog;
 use crate::admin::api::{AdminApi, Limits};
 use crate::admin::auth::{self, TokenError};
 use crate::config::Config;
@@ -102,6 +104,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     TlsConfig(#[from] tls::handshake::ConfigError),
+    #[error(transparent)]
+    AccessLog(#[from] access_log::AccessLogError),
     #[error("cannot read maintenance page {}: {source}", path.display())]
     Page {
         path: std::path::PathBuf,
@@ -126,6 +130,10 @@ impl Switchyard {
         let certs = Arc::new(CertStore::new(&config.tls, config.acme.as_ref()));
         let challenges = Arc::new(Challenges::new());
         load_static_certificates(&config.tls, &certs)?;
+        let access_log = AccessLog::new(config)?.map(Arc::new);
+        if opts.daemon && access_log.is_some() && config.access_log.path.is_none() {
+            tracing::warn!("--daemon sends standard output, and so the access log, to /dev/null; set access_log.path");
+        }
 
         let mut server = Server::new_with_opt_and_conf(
             Opt {
@@ -143,7 +151,7 @@ impl Switchyard {
         let service_names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
         let budgets = Arc::new(TokenBudgets::new(&config.token_budgets, &service_names));
         let new_proxy = |side| {
-            proxy::Proxy::new(
+            let proxy = proxy::Proxy::new(
                 RouteTable::new(&config.routes),
                 board.clone(),
                 rate_limits.clone(),
@@ -152,7 +160,11 @@ impl Switchyard {
             )
             .with_side(side)
             .with_concurrency(concurrency.clone())
-            .with_budgets(budgets.clone())
+            .with_budgets(budgets.clone());
+            match &access_log {
+                Some(log) => proxy.with_observer(log.clone()),
+                None => proxy,
+            }
         };
         let tls_configured = config.listen.https.is_some() || config.acme.is_some();
         let plain_side = match tls_configured {

@@ -247,7 +247,7 @@ fn check(path: &Path) -> ExitCode {
 }
 
 /// What `check` and `run` verify beyond the config text: the token file,
-/// the saved state and the maintenance page, each located at the key that
+/// the saved state, the maintenance page and the access log's directory, each located at the key that
 /// names it. Relative paths in a message say what they are relative to.
 fn check_files(config: &Config) -> Vec<config::ConfigError> {
     let mut problems = Vec::new();
@@ -269,6 +269,13 @@ fn check_files(config: &Config) -> Vec<config::ConfigError> {
         problems.push(config.error_at("server.maintenance_page", message));
     }
     problems.extend(check_static_certificates(config));
+    let log = &config.access_log;
+    if let Some(path) = log.path.as_deref().filter(|_| log.enabled) {
+        if let Err(e) = switchyard::access_log::check_path(path) {
+            let message = format!("{e}{}", relative_note("path", path));
+            problems.push(config.error_at("access_log.path", message));
+        }
+    }
     if config.acme.is_some() {
         let dir = &config.tls.certs_dir;
         if let Err(e) = certs::check_certs_dir(dir) {

@@ -25,6 +25,16 @@ pub struct Root {
     pub concurrency: BTreeMap<Spanned<String>, Concurrency>,
     #[serde(default)]
     pub token_budgets: BTreeMap<Spanned<String>, TokenBudget>,
+    pub access_log: Option<AccessLog>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    pub enabled: Option<bool>,
+    pub path: Option<Spanned<PathBuf>>,
+    pub sample: Option<Spanned<f64>>,
+    pub buffer_lines: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]

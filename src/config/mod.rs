@@ -11,9 +11,9 @@
 //! section shares (durations, sizes, counts, networks, addresses); and one
 //! file per section validates it and owns its `DEFAULT_*` constants and
 //! ranges: `server.rs` (`[server]`, `[listen]`, `[admin]`), `services.rs`
-//! (`[services.NAME]` and their health checks), `routes.rs` (`[[routes]]`)
-//! and `limits.rs` (`[rate_limits.NAME]`, `[concurrency.NAME]`,
-//! `[token_budgets.NAME]`).
+//! (`[services.NAME]` and their health checks), `routes.rs` (`[[routes]]`),
+//! `limits.rs` (`[rate_limits.NAME]`, `[concurrency.NAME]`,
+//! `[token_budgets.NAME]`) and `access_log.rs` (`[access_log]`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -24,6 +24,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+mod access_log;
 mod file;
 mod limits;
 mod routes;
@@ -32,6 +33,10 @@ mod services;
 mod tls;
 mod values;
 
+pub use access_log::{
+    AccessLog, ACCESS_LOG_BUFFER_LINES_RANGE, ACCESS_LOG_SAMPLE_RANGE,
+    DEFAULT_ACCESS_LOG_BUFFER_LINES, DEFAULT_ACCESS_LOG_ENABLED, DEFAULT_ACCESS_LOG_SAMPLE,
+};
 pub use limits::{
     Concurrency, KeySource, RateLimit, TokenBudget, BUDGET_MAX_BODY_RANGE, DEFAULT_BUDGET_MAX_BODY,
     DEFAULT_BUDGET_MAX_TOKENS, DEFAULT_INJECTED_MAX_TOKENS, DEFAULT_PROMPT_BYTES_PER_TOKEN,
@@ -89,6 +94,8 @@ pub struct Config {
     /// Named token budgets (`[token_budgets.NAME]`); a route's index into
     /// this list is in its limits.
     pub token_budgets: Vec<TokenBudget>,
+    /// `[access_log]`: one JSON line per request.
+    pub access_log: AccessLog,
     /// Where the keys that name files (`server.state_dir`,
     /// `server.maintenance_page`, `admin.token_file`...) are written, as
     /// (line, column), so a problem with the file itself can point at its
@@ -346,6 +353,7 @@ impl Validator<'_> {
             .into_iter()
             .filter_map(|(name, b)| self.token_budget(name, b))
             .collect();
+        let access_log = self.access_log(file.access_log.unwrap_or_default());
         let routes = self.routes(
             file.routes,
             &services,
@@ -365,6 +373,7 @@ impl Validator<'_> {
             rate_limits,
             concurrency,
             token_budgets,
+            access_log,
             positions: std::mem::take(&mut self.positions),
         }
     }

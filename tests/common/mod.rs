@@ -1923,6 +1923,13 @@ impl Proxy {
         fs::read_to_string(self.stderr_path()).unwrap_or_default()
     }
 
+    /// Stdout of the current (latest) process so far: the access log,
+    /// unless `access_log.path` sends it to a file.
+    pub fn stdout_text(&self) -> String {
+        let path = self.dir.path().join(format!("stdout-{}.log", self.runs));
+        fs::read_to_string(path).unwrap_or_default()
+    }
+
     /// `GET {http_url}{path}` with an optional Host header.
     pub fn get(&self, path: &str, host: Option<&str>) -> (u16, String) {
         get(&format!("{}{}", self.http_url(), path), host)
