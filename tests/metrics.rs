@@ -10,9 +10,11 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use common::tls::{exchange, get_request, tls_connect};
 use common::*;
 
 /// How long a value may take to show (health probes every 200 ms, rise
@@ -152,19 +154,28 @@ fn promtool_check(text: &str) {
     );
 }
 
-/// A self-signed certificate for `metrics.test`, as `[tls]` tables.
-fn tls_tables(dir: &std::path::Path) -> String {
-    let cert = rcgen::generate_simple_self_signed(vec!["metrics.test".to_string()]).unwrap();
+/// A self-signed certificate for `api.test`, as `[tls]` tables, and a
+/// client that trusts it.
+fn tls_tables(dir: &std::path::Path) -> (String, Arc<rustls::ClientConfig>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["api.test".to_string()]).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(common::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let cert_path = dir.join("site.crt");
     let key_path = dir.join("site.key");
     fs::write(&cert_path, cert.cert.pem()).unwrap();
     fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
     fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
-    format!(
+    let tables = format!(
         "[tls]\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n\n",
         toml_str(cert_path.to_str().unwrap()),
         toml_str(key_path.to_str().unwrap())
-    )
+    );
+    (tables, Arc::new(client))
 }
 
 /// Service `api` (blue, green), `/` proxied, `/private/` denied, `/limited/`
@@ -174,7 +185,7 @@ fn full_config(blue: &Upstream, green: &Upstream, extra: &str) -> String {
     let mut s = service_with("api", &[blue], &[green], "blue", extra);
     s.push_str("[rate_limits.per_ip]\nrate = \"1/m\"\n\n");
     s.push_str("[concurrency.gpu]\nmax_in_flight = 1\nqueue = 0\n\n");
-    s.push_str("[token_budgets.ai]\ntokens_per_minute = 10000\n\n");
+    s.push_str("[token_budgets.ai]\ntokens_per_minute = 6000\n\n");
     s.push_str(&route(Some("api.test"), "/", "api"));
     s.push_str(&deny_route(Some("api.test"), "/private/"));
     s.push_str(&route_with(
@@ -184,6 +195,7 @@ fn full_config(blue: &Upstream, green: &Upstream, extra: &str) -> String {
     ));
     s.push_str(&route_with("/gpu/", "api", "concurrency = \"gpu\""));
     s.push_str(&route_with("/v1/", "api", "token_budget = \"ai\""));
+    s.push_str(&route_with("/ws/", "api", "websocket = true"));
     s
 }
 
@@ -192,8 +204,9 @@ fn every_family_is_exported_from_start_with_zero_series() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
     let dir = tempfile::tempdir().unwrap();
+    let (tls, client) = tls_tables(dir.path());
     let proxy = ProxyBuilder::new(full_config(&blue, &green, ""))
-        .https(&tls_tables(dir.path()))
+        .https(&tls)
         .metrics()
         .start();
     let m = scrape(&proxy);
@@ -308,6 +321,17 @@ fn every_family_is_exported_from_start_with_zero_series() {
     assert_eq!(labels["version"], env!("CARGO_PKG_VERSION"));
     assert!(!labels["commit"].is_empty(), "{labels:?}");
     promtool_check(&m.text);
+
+    // The HTTPS listener's requests are counted too.
+    let mut conn = tls_connect(&proxy.https_addr(), "api.test", client);
+    let answer = exchange(&mut conn, &get_request("api.test", "/a"));
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let ok = [
+        ("color", "blue"),
+        ("route", "api.test/"),
+        ("status_class", "2xx"),
+    ];
+    assert_eq!(scrape(&proxy).sum("switchyard_requests_total", &ok), 1.0);
 }
 
 #[test]
@@ -348,6 +372,20 @@ fn requests_switches_and_upstream_errors_move_their_series() {
     assert_eq!(
         m.sum("switchyard_sent_bytes_total", &[("service", "api")]),
         16.0
+    );
+
+    // An open WebSocket: in flight and upgraded on blue until it closes.
+    let ws = ws_connect(&proxy.http_addr(), "/ws/echo").expect("websocket");
+    let blue_pool = [("service", "api"), ("color", "blue")];
+    let m = scrape(&proxy);
+    assert_eq!(m.sum("switchyard_upgraded_connections", &blue_pool), 1.0);
+    assert_eq!(m.sum("switchyard_in_flight_requests", &blue_pool), 1.0);
+    ws_close(ws);
+    assert!(
+        poll_until(WAIT, || {
+            scrape(&proxy).sum("switchyard_upgraded_connections", &blue_pool) == 0.0
+        }),
+        "upgraded connection still counted after close"
     );
 
     // A switch shows as a step of active_color and one switches_total.
@@ -436,6 +474,29 @@ fn every_kind_of_refusal_is_counted_by_reason() {
     assert_eq!(get("/limited/x", "x.test", &[]), 200);
     assert_eq!(get("/limited/x", "x.test", &[]), 429);
 
+    // A completion the token budget cannot read: 400 before any reservation.
+    let r = request(
+        "POST",
+        &format!("{url}/v1/chat/completions"),
+        &[("Content-Type", "application/json")],
+        Some(b"not json"),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    // 4000 tokens reserved of a 6000-token bucket: the next one does not fit.
+    let chat = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":4000}"#;
+    let post_chat = || {
+        let json = [("Content-Type", "application/json")];
+        request(
+            "POST",
+            &format!("{url}/v1/chat/completions"),
+            &json,
+            Some(chat),
+        )
+    };
+    assert_eq!(post_chat().status, 200);
+    let r = post_chat();
+    assert_eq!(r.status, 429, "{}", r.body);
+
     // Busy: the cap's one slot held, no queue.
     let holder = {
         let url = url.clone();
@@ -474,6 +535,8 @@ fn every_kind_of_refusal_is_counted_by_reason() {
         ("busy", 1.0),
         ("maintenance", 1.0),
         ("slow_client", 1.0),
+        ("invalid_completion", 1.0),
+        ("tokens_exhausted", 1.0),
     ] {
         assert_eq!(
             m.sum("switchyard_refusals_total", &[("reason", reason)]),
@@ -492,6 +555,16 @@ fn every_kind_of_refusal_is_counted_by_reason() {
         m.sum("switchyard_concurrency_in_flight", &[("limit", "gpu")]),
         0.0
     );
+    let invalid = [("kind", "token_budget"), ("reason", "invalid")];
+    assert_eq!(m.sum("switchyard_limit_refusals_total", &invalid), 1.0);
+    let exhausted = [("kind", "token_budget"), ("reason", "exhausted")];
+    assert_eq!(m.sum("switchyard_limit_refusals_total", &exhausted), 1.0);
+    let budget = [("kind", "token_budget"), ("limit", "ai")];
+    assert_eq!(m.sum("switchyard_limit_admissions_total", &budget), 1.0);
+    let reserved = [("budget", "ai"), ("outcome", "reserved")];
+    assert!(m.sum("switchyard_tokens_total", &reserved) >= 4000.0);
+    let by_service = [("service", "api"), ("outcome", "reserved")];
+    assert!(m.sum("switchyard_service_tokens_total", &by_service) >= 4000.0);
     // Refusals are requests too: the deny route's 4xx and no route's 4xx.
     let denied = [("route", "api.test/private/"), ("status_class", "4xx")];
     assert_eq!(m.sum("switchyard_requests_total", &denied), 1.0);
