@@ -124,6 +124,24 @@ fn scrape(proxy: &Proxy) -> Scrape {
     Scrape::parse(r.body)
 }
 
+/// A scrape once `n` requests have been observed. A request is counted in
+/// the proxy's `logging` phase, after its answer went out, so a client can
+/// see the answer a moment before the count; the duration histogram is
+/// the last family the observer updates.
+fn observed(proxy: &Proxy, n: usize) -> Scrape {
+    let mut last = None;
+    let done = poll_until(WAIT, || {
+        let m = scrape(proxy);
+        let seen = m.sum("switchyard_request_duration_seconds_count", &[]);
+        let enough = seen >= n as f64;
+        last = Some(m);
+        enough
+    });
+    let m = last.expect("scraped at least once");
+    assert!(done, "fewer than {n} requests observed:\n{}", m.text);
+    m
+}
+
 /// `promtool check metrics` on `text`; a missing promtool fails the test.
 fn promtool_check(text: &str) {
     let child = Command::new("promtool")
@@ -196,6 +214,7 @@ fn full_config(blue: &Upstream, green: &Upstream, extra: &str) -> String {
     s.push_str(&route_with("/gpu/", "api", "concurrency = \"gpu\""));
     s.push_str(&route_with("/v1/", "api", "token_budget = \"ai\""));
     s.push_str(&route_with("/ws/", "api", "websocket = true"));
+    s.push_str(&route_with("/slow/", "api", "read_timeout = \"300ms\""));
     s
 }
 
@@ -322,6 +341,11 @@ fn every_family_is_exported_from_start_with_zero_series() {
     assert!(!labels["commit"].is_empty(), "{labels:?}");
     promtool_check(&m.text);
 
+    let out = run_check(proxy.config_path(), None);
+    let said = String::from_utf8_lossy(&out.stdout);
+    let expected = format!("metrics listener: {}/metrics", proxy.metrics_url());
+    assert!(said.contains(&expected), "{}", describe(&out));
+
     // The HTTPS listener's requests are counted too.
     let mut conn = tls_connect(&proxy.https_addr(), "api.test", client);
     let answer = exchange(&mut conn, &get_request("api.test", "/a"));
@@ -331,7 +355,10 @@ fn every_family_is_exported_from_start_with_zero_series() {
         ("route", "api.test/"),
         ("status_class", "2xx"),
     ];
-    assert_eq!(scrape(&proxy).sum("switchyard_requests_total", &ok), 1.0);
+    assert_eq!(
+        observed(&proxy, 1).sum("switchyard_requests_total", &ok),
+        1.0
+    );
 }
 
 #[test]
@@ -351,7 +378,7 @@ fn requests_switches_and_upstream_errors_move_their_series() {
         request("POST", &format!("{url}/a"), &host, Some(&body)).status,
         200
     );
-    let m = scrape(&proxy);
+    let m = observed(&proxy, 4);
     let blue_ok = [
         ("service", "api"),
         ("color", "blue"),
@@ -400,8 +427,9 @@ fn requests_switches_and_upstream_errors_move_their_series() {
     assert_eq!(request("GET", &format!("{url}/b"), &host, None).status, 200);
     let green_ok = [("color", "green"), ("status_class", "2xx")];
     assert_eq!(m.sum("switchyard_requests_total", &green_ok), 0.0);
+    // 4, the WebSocket's 101 (counted when it closed), this one.
     assert_eq!(
-        scrape(&proxy).sum("switchyard_requests_total", &green_ok),
+        observed(&proxy, 6).sum("switchyard_requests_total", &green_ok),
         1.0
     );
 
@@ -425,12 +453,26 @@ fn requests_switches_and_upstream_errors_move_their_series() {
         1.0
     );
 
+    // A backend slower than the route's read_timeout: a timeout and a 504.
+    let r = request("GET", &format!("{url}/slow/x?delay_ms=2000"), &[], None);
+    assert_eq!(r.status, 504, "{}", r.body);
+    let m = observed(&proxy, 7);
+    let timeout = [("color", "green"), ("kind", "timeout")];
+    assert_eq!(m.sum("switchyard_upstream_errors_total", &timeout), 1.0);
+    assert_eq!(
+        m.sum(
+            "switchyard_refusals_total",
+            &[("reason", "upstream_timeout")]
+        ),
+        1.0
+    );
+
     // Green's only backend gone: a connect error and a 502.
     let mut green = green;
     green.stop();
     let r = request("GET", &format!("{url}/c"), &host, None);
     assert_eq!(r.status, 502, "{}", r.body);
-    let m = scrape(&proxy);
+    let m = observed(&proxy, 8);
     let connect = [("color", "green"), ("kind", "connect")];
     assert_eq!(m.sum("switchyard_upstream_errors_total", &connect), 1.0);
     let green_5xx = [
@@ -462,6 +504,9 @@ fn every_kind_of_refusal_is_counted_by_reason() {
     };
     assert_eq!(get("/private/x", "api.test", &[]), 404); // deny
     assert_eq!(get("/nothing", "nowhere.test", &[]), 404); // no route
+                                                           // A WebSocket upgrade on a route without `websocket = true`.
+    let refused = ws_connect(&proxy.http_addr(), "/gpu/ws").map(|_| ());
+    assert_eq!(refused.map_err(|(status, _)| status), Err(400));
     let big = "x".repeat(3000);
     assert_eq!(get("/a", "api.test", &[("X-Big", &big)]), 431);
     let r = request(
@@ -525,7 +570,7 @@ fn every_kind_of_refusal_is_counted_by_reason() {
     conn.send(b"GET / HTTP/1.1\r\nHost: api.test\r\n").unwrap();
     assert!(conn.wait_closed(WAIT).is_some(), "slow client not cut");
 
-    let m = scrape(&proxy);
+    let m = observed(&proxy, 13);
     for (reason, n) in [
         ("deny", 1.0),
         ("no_route", 1.0),
@@ -537,6 +582,7 @@ fn every_kind_of_refusal_is_counted_by_reason() {
         ("slow_client", 1.0),
         ("invalid_completion", 1.0),
         ("tokens_exhausted", 1.0),
+        ("bad_request", 1.0),
     ] {
         assert_eq!(
             m.sum("switchyard_refusals_total", &[("reason", reason)]),
@@ -630,7 +676,7 @@ fn health_changes_move_backend_up_readyz_and_status() {
         None,
     );
     assert_eq!(r.status, 503, "{}", r.body);
-    let m = scrape(&proxy);
+    let m = observed(&proxy, 1);
     let refused = [("reason", "no_healthy_backend")];
     assert_eq!(m.sum("switchyard_refusals_total", &refused), 1.0);
 
