@@ -377,8 +377,9 @@ impl Switchboard {
                 (SwitchKind::Switch, true) => SwitchCause::Forced,
                 (SwitchKind::Switch, false) => SwitchCause::Switch,
             };
-            if let Some((index, _)) = self.load().service(service) {
-                self.switches[index][cause as usize].fetch_add(1, Ordering::Relaxed);
+            let index = self.load().service(service).map(|(i, _)| i);
+            if let Some(counts) = index.and_then(|i| self.switches.get(i)) {
+                counts[cause as usize].fetch_add(1, Ordering::Relaxed);
             }
             let reason = reason.unwrap_or_else(|| {
                 match kind {
