@@ -1143,7 +1143,10 @@ fn metrics_notes(targets: &[Target], runs: &[ProxyRuns]) -> Result<Vec<String>, 
     let mut notes = vec![format!(
         "metrics on: switchyard_requests_total {counted:.0} since start ({measured} measured, the rest warm-up and checks)"
     )];
-    if let (Some(on), Some(off)) = (figures(Kind::Switchyard), figures(Kind::SwitchyardNoMetrics)) {
+    if let (Some(on), Some(off)) = (
+        figures(Kind::Switchyard),
+        figures(Kind::SwitchyardNoMetrics),
+    ) {
         notes.push(format!(
             "metrics on / off: req/s {:.2}, p99 {:.2}, CPU µs/req {:.2} ({:+.2} µs per request)",
             on.rps / off.rps.max(1e-9),

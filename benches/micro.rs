@@ -408,7 +408,10 @@ fn metrics_observe(c: &mut Criterion) {
     });
     let refused = RequestRecord {
         status: 429,
-        refusal: Some(Refusal::RateLimited { retry: 1, limit: 10 }),
+        refusal: Some(Refusal::RateLimited {
+            retry: 1,
+            limit: 10,
+        }),
         ..proxied.clone()
     };
     c.bench_function("metrics/observe a refused request", |b| {
