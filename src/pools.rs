@@ -293,6 +293,7 @@ impl SwitchCause {
         SwitchCause::Rollback,
     ];
 
+    /// The `cause` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             SwitchCause::Switch => "switch",

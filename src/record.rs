@@ -64,6 +64,7 @@ impl UpstreamErrorKind {
         UpstreamErrorKind::Other,
     ];
 
+    /// The `kind` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             UpstreamErrorKind::Connect => "connect",

@@ -23,6 +23,7 @@ pub struct MetricsApi {
 }
 
 impl MetricsApi {
+    /// Serves `state`: the registry, its sources and the readiness checks.
     pub fn new(state: Arc<State>) -> MetricsApi {
         MetricsApi { state }
     }
