@@ -189,7 +189,7 @@ fn tls_tables(dir: &std::path::Path) -> (String, Arc<rustls::ClientConfig>) {
     fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
     fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
     let tables = format!(
-        "[tls]\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n\n",
+        "[tls]\nhandshake_timeout = \"300ms\"\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n\n",
         toml_str(cert_path.to_str().unwrap()),
         toml_str(key_path.to_str().unwrap())
     );
@@ -359,6 +359,12 @@ fn every_family_is_exported_from_start_with_zero_series() {
         observed(&proxy, 1).sum("switchyard_requests_total", &ok),
         1.0
     );
+
+    // A client that never finishes its TLS handshake: one slow_client.
+    let mut silent = RawConn::connect(&proxy.https_addr());
+    assert!(silent.wait_closed(WAIT).is_some(), "handshake not cut");
+    let slow = [("reason", "slow_client")];
+    assert_eq!(scrape(&proxy).sum("switchyard_refusals_total", &slow), 1.0);
 }
 
 #[test]
