@@ -997,6 +997,12 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
     for (r, t) in runs.iter_mut().zip(&targets) {
         r.peak_rss_kib = t.proc.hwm_kib();
     }
+    if matches!(spec.setup, Setup::Realistic) {
+        match metrics_notes(&targets, &runs) {
+            Ok(n) => notes.extend(n),
+            Err(e) => failed.push(e),
+        }
+    }
     if matches!(spec.setup, Setup::Limits { .. }) {
         match limits_notes(env, &targets, &runs) {
             Ok(n) => notes.extend(n),
@@ -1099,6 +1105,56 @@ fn limits_notes(env: &Env, targets: &[Target], runs: &[ProxyRuns]) -> Result<Vec
         "nginx: plain proxying of the same POST, a reference line (it has no token budget)"
             .to_string(),
     );
+    Ok(notes)
+}
+
+/// After the rounds of `realistic`: switchyard with its metrics listener
+/// must have counted every measured request (`switchyard_requests_total`
+/// from `GET /metrics`, which also holds warm-up and checks); notes give the
+/// cost of counting (switchyard against `switchyard, no metrics`).
+fn metrics_notes(targets: &[Target], runs: &[ProxyRuns]) -> Result<Vec<String>, String> {
+    let on = targets
+        .iter()
+        .find(|t| t.kind == Kind::Switchyard && t.metrics_port != 0)
+        .ok_or("no switchyard with metrics in the realistic scenario")?;
+    let (status, body) = procs::http_get(procs::local(on.metrics_port), "127.0.0.1", "/metrics")
+        .map_err(|e| format!("GET /metrics: {e}"))?;
+    if status != 200 {
+        return Err(format!("GET /metrics answered {status}"));
+    }
+    let text = String::from_utf8_lossy(&body);
+    let counted: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("switchyard_requests_total{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    let measured: u64 = runs
+        .iter()
+        .filter(|r| r.kind == Kind::Switchyard)
+        .flat_map(|r| &r.rounds)
+        .map(|x| x.wrk.requests)
+        .sum();
+    if counted < measured as f64 {
+        return Err(format!(
+            "switchyard_requests_total says {counted}, fewer than the {measured} requests measured"
+        ));
+    }
+    let figures = |k: Kind| runs.iter().find(|r| r.kind == k).map(ProxyRuns::figures);
+    let mut notes = vec![format!(
+        "metrics on: switchyard_requests_total {counted:.0} since start ({measured} measured, the rest warm-up and checks)"
+    )];
+    if let (Some(on), Some(off)) = (
+        figures(Kind::Switchyard),
+        figures(Kind::SwitchyardNoMetrics),
+    ) {
+        notes.push(format!(
+            "metrics on / off: req/s {:.2}, p99 {:.2}, CPU µs/req {:.2} ({:+.2} µs per request)",
+            on.rps / off.rps.max(1e-9),
+            on.p99 / off.p99.max(1e-9),
+            on.cpu / off.cpu.max(1e-9),
+            on.cpu - off.cpu
+        ));
+    }
     Ok(notes)
 }
 
@@ -1631,7 +1687,10 @@ fn switch_scenario(env: &Env, opts: &Opts) -> Result<Vec<switch::SwitchReport>, 
                 r
             }
             // Neither is started for the switch scenario.
-            Kind::Haproxy | Kind::Pingora | Kind::SwitchyardNoLimits => continue,
+            Kind::Haproxy
+            | Kind::Pingora
+            | Kind::SwitchyardNoLimits
+            | Kind::SwitchyardNoMetrics => continue,
         };
         eprintln!(
             "load:   {}: {} requests, {} failed, {} answered by the old color after the switch returned, {} switches",
@@ -1883,7 +1942,7 @@ fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
             "h2_new_connections_per_sec": opts.tls_rate,
         },
         "proxy_settings": {
-            "switchyard": "threads = 1; health checks only in `realistic`",
+            "switchyard": "threads = 1; health checks only in `realistic`; metrics listener only in `realistic` (as conf/switchyard.toml), where `switchyard, no metrics` is the same without it",
             "nginx": "worker_processes 1; proxy_http_version 1.1; upstream keepalive 128; access_log off",
             "haproxy": "nbthread 1; http-reuse always",
             "pingora": "examples/bare_pingora.rs: Pingora 0.9 defaults (work stealing, upstream keep-alive pool 128, system allocator, rustls TlsSettings::intermediate + enable_h2), threads = 1; simple and HTTPS scenarios only",

@@ -2,7 +2,8 @@
 //! over the shipped route table, the snapshot load + backend pick, the
 //! shipped rate limit's check, the concurrency cap, and a token budget's
 //! work on a completion (reserve + settle, the body check, the usage scan
-//! of the answer). `cargo bench --bench micro`.
+//! of the answer), and the metrics observer's count of one finished
+//! request. `cargo bench --bench micro`.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -363,8 +364,64 @@ fn usage_scan(c: &mut Criterion) {
     });
 }
 
+/// The metrics observer (`src/metrics`) on one finished request of the
+/// shipped config: a proxied 200 and a refused 429, each counted into
+/// `requests_total`, the duration histogram and the byte counters.
+fn metrics_observe(c: &mut Criterion) {
+    use std::time::Duration;
+    use switchyard::metrics::Metrics;
+    use switchyard::pools::Color;
+    use switchyard::record::{Observer, RequestRecord};
+    use switchyard::respond::Refusal;
+
+    let config = shipped();
+    let metrics = Metrics::new(&config);
+    let table = RouteTable::new(&config.routes);
+    let target = table
+        .resolve(Some("api.moyeobab.com"), "/api/v1/meetings")
+        .ok()
+        .flatten()
+        .expect("the shipped config routes /api/");
+    let service = match target.action {
+        switchyard::config::RouteAction::Proxy(s) => Some(s),
+        switchyard::config::RouteAction::Deny => None,
+    };
+    let proxied = RequestRecord {
+        request_id: "0123456789abcdef",
+        client: Some(IpAddr::from([203, 0, 113, 7])),
+        method: "GET",
+        host: Some("api.moyeobab.com"),
+        path: "/api/v1/meetings",
+        status: 200,
+        service,
+        color: Some(Color::Blue),
+        route: Some(target.index),
+        backend: None,
+        upstream_time: Some(Duration::from_micros(800)),
+        total_time: Duration::from_micros(950),
+        bytes_in: 0,
+        bytes_out: 1234,
+        refusal: None,
+    };
+    c.bench_function("metrics/observe a proxied request", |b| {
+        b.iter(|| metrics.observe(black_box(&proxied)))
+    });
+    let refused = RequestRecord {
+        status: 429,
+        refusal: Some(Refusal::RateLimited {
+            retry: 1,
+            limit: 10,
+        }),
+        ..proxied.clone()
+    };
+    c.bench_function("metrics/observe a refused request", |b| {
+        b.iter(|| metrics.observe(black_box(&refused)))
+    });
+}
+
 criterion_group!(
     benches,
+    metrics_observe,
     routing,
     snapshot,
     rate_limit,

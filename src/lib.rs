@@ -16,6 +16,7 @@ pub mod health;
 pub mod host;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod pools;
 pub mod proxy;
 pub mod record;
@@ -78,6 +79,10 @@ const CLIENT_READ_BUFFER: usize = 4 * 1024;
 /// Client connections the admin API holds at once (64): deploy tooling
 /// makes a few; more is a misbehaving script or a flood.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Client connections the metrics listener holds at once (64): a scraper
+/// or two and a health prober.
+const METRICS_MAX_CONNECTIONS: usize = 64;
 
 /// Process-level switches from the command line.
 #[derive(Debug, Default, Clone)]
@@ -150,6 +155,11 @@ impl Switchyard {
         let concurrency = Arc::new(ConcurrencyCaps::new(&config.concurrency));
         let service_names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
         let budgets = Arc::new(TokenBudgets::new(&config.token_budgets, &service_names));
+        // Off unless `[listen] metrics` is set: then every request is counted.
+        let metrics = config
+            .listen
+            .metrics
+            .map(|_| Arc::new(metrics::Metrics::new(config)));
         let new_proxy = |side| {
             let proxy = proxy::Proxy::new(
                 RouteTable::new(&config.routes),
@@ -161,8 +171,12 @@ impl Switchyard {
             .with_side(side)
             .with_concurrency(concurrency.clone())
             .with_budgets(budgets.clone());
-            match &access_log {
+            let proxy = match &access_log {
                 Some(log) => proxy.with_observer(log.clone()),
+                None => proxy,
+            };
+            match &metrics {
+                Some(m) => proxy.with_observer(m.clone()),
                 None => proxy,
             }
         };
@@ -192,6 +206,7 @@ impl Switchyard {
                 .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
         );
         server.add_service(proxy);
+        let mut tls_handshakes = None;
         if let Some(https) = config.listen.https {
             // A plain TCP listener: the handshake is ours, inside the
             // header deadline (`tls/handshake.rs`).
@@ -199,6 +214,7 @@ impl Switchyard {
                 handshake::server_config(&certs)?,
                 config.tls.handshake_timeout,
             ));
+            tls_handshakes = Some(handshakes.clone());
             let mut app = http_proxy(
                 &server.configuration,
                 new_proxy(Side::Https(Https::new(config.tls.hsts.as_deref()))),
@@ -208,7 +224,7 @@ impl Switchyard {
             let mut options = HttpServerOptions::default();
             options.h2_idle_timeout = Some(config.server.keepalive_timeout);
             app.server_options = Some(options);
-            let app = HeaderTimeout::new(app, config.server.header_timeout, connections)
+            let app = HeaderTimeout::new(app, config.server.header_timeout, connections.clone())
                 .with_tls(handshakes);
             let mut service = Service::new("proxy-https".into(), app);
             service.add_listener(
@@ -286,6 +302,35 @@ impl Switchyard {
                 "admin API disabled: no token configured (set {} or create admin.token_file, mode 0600)",
                 auth::TOKEN_ENV
             ),
+        }
+
+        if let (Some(listen), Some(metrics)) = (config.listen.metrics, metrics) {
+            let sources = metrics::state::Sources {
+                board: board.clone(),
+                rate_limits: rate_limits.clone(),
+                concurrency: concurrency.clone(),
+                budgets: budgets.clone(),
+                certs: tls_configured.then(|| certs.clone()),
+                connections: connections.clone(),
+                handshakes: tls_handshakes,
+                requests: requests.clone(),
+                listeners: [Some(config.listen.http), config.listen.https]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            };
+            let state = Arc::new(metrics::state::State::new(metrics, sources));
+            // The admin API's wrapper: header deadline and a small cap.
+            let app = HeaderTimeout::new(
+                HttpServer::new_app(metrics::listener::MetricsApi::new(state)),
+                config.server.header_timeout,
+                Arc::new(Connections::new(METRICS_MAX_CONNECTIONS, None)),
+            );
+            let mut service = Service::new("metrics".into(), app);
+            service.threads = Some(1);
+            service.add_tcp(&listen.to_string());
+            server.add_service(service);
+            tracing::info!(listen = %listen, "metrics listener enabled");
         }
 
         server.add_service(background_service(

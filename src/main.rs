@@ -237,6 +237,10 @@ fn check(path: &Path) -> ExitCode {
     } else if config.admin.token_file.is_none() && std::env::var_os(auth::TOKEN_ENV).is_none() {
         println!("note: no admin token configured; the admin API will stay off");
     }
+    match config.listen.metrics {
+        Some(addr) => println!("metrics listener: http://{addr}/metrics"),
+        None => println!("metrics listener: off ([listen] metrics is not set)"),
+    }
     println!(
         "{}: ok ({} services, {} routes)",
         path.display(),

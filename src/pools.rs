@@ -9,7 +9,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -272,6 +272,35 @@ pub struct Switchboard {
     store: Box<dyn StateStore>,
     /// Serializes writers: read-modify-persist-store must not interleave.
     write: Mutex<()>,
+    /// Color changes since start per service (indexed like
+    /// `Config::services`), by [`SwitchCause`]: for the metrics listener.
+    switches: Vec<[AtomicU64; SwitchCause::ALL.len()]>,
+}
+
+/// Why a color changed, as `switchyard_switches_total{cause}` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchCause {
+    Switch,
+    /// A switch with `force` set: the health gate was not asked.
+    Forced,
+    Rollback,
+}
+
+impl SwitchCause {
+    pub const ALL: [SwitchCause; 3] = [
+        SwitchCause::Switch,
+        SwitchCause::Forced,
+        SwitchCause::Rollback,
+    ];
+
+    /// The `cause` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwitchCause::Switch => "switch",
+            SwitchCause::Forced => "forced",
+            SwitchCause::Rollback => "rollback",
+        }
+    }
 }
 
 impl Switchboard {
@@ -303,10 +332,12 @@ impl Switchboard {
                 }
             })
             .collect();
+        let switches = config.services.iter().map(|_| Default::default()).collect();
         Ok(Switchboard {
             current: ArcSwap::from_pointee(Snapshot { services }),
             store,
             write: Mutex::new(()),
+            switches,
         })
     }
 
@@ -342,6 +373,15 @@ impl Switchboard {
             Ok(Some(from))
         })?;
         if let Some(from) = from {
+            let cause = match (kind, force) {
+                (SwitchKind::Rollback, _) => SwitchCause::Rollback,
+                (SwitchKind::Switch, true) => SwitchCause::Forced,
+                (SwitchKind::Switch, false) => SwitchCause::Switch,
+            };
+            let index = self.load().service(service).map(|(i, _)| i);
+            if let Some(counts) = index.and_then(|i| self.switches.get(i)) {
+                counts[cause as usize].fetch_add(1, Ordering::Relaxed);
+            }
             let reason = reason.unwrap_or_else(|| {
                 match kind {
                     SwitchKind::Switch => "switch",
@@ -428,6 +468,14 @@ impl Switchboard {
         self.store.save(&saved_state(&next))?;
         self.current.store(Arc::new(next));
         Ok(out)
+    }
+
+    /// Color changes of service `index` since start, by cause (in
+    /// [`SwitchCause::ALL`] order); zeros for an unknown index.
+    pub fn switches(&self, index: usize) -> [u64; SwitchCause::ALL.len()] {
+        self.switches
+            .get(index)
+            .map_or([0; 3], |c| c.each_ref().map(|n| n.load(Ordering::Relaxed)))
     }
 
     pub fn history(&self) -> Result<Vec<Event>, StoreError> {

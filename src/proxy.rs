@@ -519,6 +519,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        self.count_upstream_error(ctx, &e, true);
         if self.may_retry(session, ctx) {
             ctx.retried = true;
             e.set_retry(true);
@@ -534,6 +535,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
+        self.count_upstream_error(ctx, &e, false);
         let mut e = e.more_context(format!("peer: {peer}"));
         if !session.req_header().method.is_idempotent() || session.retry_buffer_truncated() {
             e.set_retry(false);
@@ -608,6 +610,21 @@ impl ProxyHttp for Proxy {
 }
 
 impl Proxy {
+    /// Tells the observers about a failed upstream attempt; failures on the
+    /// client's side of the connection are not the backend's.
+    fn count_upstream_error(&self, ctx: &Ctx, e: &Error, connecting: bool) {
+        if self.observers.is_empty() || e.esource() == &ErrorSource::Downstream {
+            return;
+        }
+        let (Some(service), Some(target)) = (ctx.service, ctx.target.as_ref()) else {
+            return;
+        };
+        let kind = crate::record::upstream_error_kind(e.etype(), connecting);
+        for observer in &self.observers {
+            observer.upstream_error(service, target.pool().color, kind);
+        }
+    }
+
     /// One retry per request, idempotent methods only, and only where the
     /// pool has another backend to try (never the other color).
     fn may_retry(&self, session: &Session, ctx: &Ctx) -> bool {

@@ -43,7 +43,61 @@ pub struct RequestRecord<'a> {
     pub refusal: Option<Refusal>,
 }
 
+/// What went wrong on one failed upstream attempt, as
+/// `switchyard_upstream_errors_total{kind}` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// The connection could not be made (refused, unreachable).
+    Connect,
+    /// Connecting, reading or writing took too long.
+    Timeout,
+    /// The backend closed or reset the connection mid-exchange.
+    Reset,
+    Other,
+}
+
+impl UpstreamErrorKind {
+    pub const ALL: [UpstreamErrorKind; 4] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::Other,
+    ];
+
+    /// The `kind` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::Other => "other",
+        }
+    }
+}
+
 /// Something told about every finished request.
 pub trait Observer: Send + Sync {
     fn observe(&self, record: &RequestRecord<'_>);
+
+    /// One failed upstream attempt of a request routed to service `service`
+    /// (index into `Config::services`) on pool `color`; a request may fail
+    /// more than once when it is retried. Ignored unless overridden.
+    fn upstream_error(&self, _service: usize, _color: Color, _kind: UpstreamErrorKind) {}
+}
+
+/// The kind of a Pingora upstream error; `connecting`: it happened while
+/// the connection was being made (`fail_to_connect`).
+pub fn upstream_error_kind(etype: &pingora::ErrorType, connecting: bool) -> UpstreamErrorKind {
+    use pingora::ErrorType as E;
+    match etype {
+        E::ConnectTimedout | E::ReadTimedout | E::WriteTimedout | E::TLSHandshakeTimedout => {
+            UpstreamErrorKind::Timeout
+        }
+        E::ConnectionClosed | E::ReadError | E::WriteError => UpstreamErrorKind::Reset,
+        _ if connecting => UpstreamErrorKind::Connect,
+        E::ConnectRefused | E::ConnectNoRoute | E::ConnectError | E::SocketError => {
+            UpstreamErrorKind::Connect
+        }
+        _ => UpstreamErrorKind::Other,
+    }
 }

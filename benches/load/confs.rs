@@ -77,6 +77,9 @@ pub enum Kind {
     Switchyard,
     /// switchyard on the same route without its limits (`limits` only).
     SwitchyardNoLimits,
+    /// switchyard without its metrics listener (`realistic` only; the
+    /// `switchyard` line counts every request, as the shipped config does).
+    SwitchyardNoMetrics,
     /// A bare Pingora proxy with Pingora's defaults: what switchyard builds on.
     Pingora,
     Nginx,
@@ -88,6 +91,7 @@ impl Kind {
         match self {
             Kind::Switchyard => "switchyard",
             Kind::SwitchyardNoLimits => "switchyard, no limits",
+            Kind::SwitchyardNoMetrics => "switchyard, no metrics",
             Kind::Pingora => "pingora",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
@@ -130,6 +134,8 @@ pub struct Target {
     pub tls_port: u16,
     /// switchyard only.
     pub admin_port: u16,
+    /// switchyard's metrics listener (`realistic` only; 0 otherwise).
+    pub metrics_port: u16,
     /// nginx only: its directory and config, for `nginx -s reload`.
     pub dir: PathBuf,
     pub conf: PathBuf,
@@ -330,6 +336,10 @@ pub fn start_proxies(
     if matches!(setup, Setup::Limits { .. }) {
         kinds.push(Kind::SwitchyardNoLimits);
     }
+    let realistic = matches!(setup, Setup::Realistic);
+    if realistic {
+        kinds.push(Kind::SwitchyardNoMetrics);
+    }
     let tls = matches!(setup, Setup::Simple { tls: true, .. });
     if tools.pingora.is_some() && matches!(setup, Setup::Simple { .. }) {
         kinds.push(Kind::Pingora);
@@ -342,15 +352,19 @@ pub fn start_proxies(
     for kind in kinds {
         let d = dir.join(kind.name());
         fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-        let ports = procs::free_ports(3);
+        let ports = procs::free_ports(4);
         let (port, admin_port) = (ports[0], ports[1]);
         let tls_port = if tls { ports[2] } else { 0 };
+        let metrics_port = match kind {
+            Kind::Switchyard if realistic => ports[3],
+            _ => 0,
+        };
         let (mut proc, conf) = match kind {
-            Kind::Switchyard | Kind::SwitchyardNoLimits => {
+            Kind::Switchyard | Kind::SwitchyardNoLimits | Kind::SwitchyardNoMetrics => {
                 let conf = d.join("switchyard.toml");
                 let limits = kind == Kind::Switchyard;
-                let text =
-                    switchyard_conf(tools, up, &d, (port, tls_port), admin_port, setup, limits);
+                let listen = (port, tls_port, metrics_port);
+                let text = switchyard_conf(tools, up, &d, listen, admin_port, setup, limits);
                 fs::write(&conf, text).map_err(|e| e.to_string())?;
                 let mut cmd = Command::new(&tools.switchyard);
                 cmd.arg("run").arg("-c").arg(&conf).current_dir(&d);
@@ -402,6 +416,7 @@ pub fn start_proxies(
             port,
             tls_port,
             admin_port,
+            metrics_port,
             dir: d,
             conf,
         });
@@ -413,12 +428,16 @@ fn switchyard_conf(
     tools: &Tools,
     up: &Upstream,
     dir: &Path,
-    (port, tls_port): (u16, u16),
+    (port, tls_port, metrics_port): (u16, u16, u16),
     admin: u16,
     setup: Setup,
     limits: bool,
 ) -> String {
     let d = dir.display();
+    let metrics = match metrics_port {
+        0 => String::new(),
+        m => format!("metrics = \"127.0.0.1:{m}\"\n"),
+    };
     // The certificate as a static one; no redirect, so the plain port
     // answers the readiness check like the other proxies' plain ports.
     let (https, tls) = if tls_port != 0 {
@@ -470,7 +489,7 @@ state_dir = \"{d}/state\"
 {server_extra}
 [listen]
 http = \"127.0.0.1:{port}\"
-{https}admin = \"127.0.0.1:{admin}\"
+{https}{metrics}admin = \"127.0.0.1:{admin}\"
 
 [admin]
 token_file = \"{}\"

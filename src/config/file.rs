@@ -93,6 +93,7 @@ pub struct Listen {
     pub http: Option<Spanned<String>>,
     pub https: Option<Spanned<String>>,
     pub admin: Option<Spanned<String>>,
+    pub metrics: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

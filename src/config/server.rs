@@ -95,6 +95,9 @@ pub struct Listen {
     /// The HTTPS listener (TLS 1.2/1.3, HTTP/2 by ALPN); `None`: plain HTTP only.
     pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// The metrics listener (`/metrics`, `/healthz`, `/readyz`, `/status`);
+    /// `None`: off.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -198,16 +201,37 @@ impl Validator<'_> {
 
     pub(super) fn listen(&mut self, l: file::Listen) -> Listen {
         let https = l.https.and_then(|v| self.addr(&v, "listen.https"));
+        let metrics_key = l.metrics;
+        let metrics = metrics_key
+            .as_ref()
+            .and_then(|v| self.addr(v, "listen.metrics"));
         let mut addr = |value: Option<Spanned<String>>, default: &str, what: &str| {
             value
                 .and_then(|v| self.addr(&v, what))
                 .unwrap_or_else(|| default.parse().expect("default addresses are valid"))
         };
-        Listen {
+        let listen = Listen {
             http: addr(l.http, DEFAULT_HTTP_LISTEN, "listen.http"),
             https,
             admin: addr(l.admin, DEFAULT_ADMIN_LISTEN, "listen.admin"),
+            metrics,
+        };
+        // The metrics listener is a listener of its own: sharing a port
+        // would fail at bind time, after the config was called good.
+        let taken = [
+            ("listen.http", Some(listen.http)),
+            ("listen.https", listen.https),
+            ("listen.admin", Some(listen.admin)),
+        ];
+        if let (Some(key), Some(m)) = (&metrics_key, metrics) {
+            if let Some((other, _)) = taken.iter().find(|(_, a)| *a == Some(m)) {
+                self.at(
+                    key,
+                    format!("listen.metrics {m} is already {other}'s address"),
+                );
+            }
         }
+        listen
     }
 
     pub(super) fn admin(&mut self, a: file::Admin) -> Admin {
@@ -233,6 +257,32 @@ mod tests {
 
     const SERVICE: &str =
         "[services.api]\nblue = [\"127.0.0.1:8080\"]\ngreen = [\"127.0.0.1:8081\"]\n";
+
+    #[test]
+    fn metrics_listener_is_off_unless_set_and_checked() {
+        let path = Path::new("t.toml");
+        let c = Config::parse(path, SERVICE).unwrap();
+        assert_eq!(c.listen.metrics, None);
+        let text = format!("[listen]\nmetrics = \"127.0.0.1:9901\"\n{SERVICE}");
+        let c = Config::parse(path, &text).unwrap();
+        assert_eq!(c.listen.metrics, Some("127.0.0.1:9901".parse().unwrap()));
+        let text = format!("[listen]\nmetrics = \"localhost\"\n{SERVICE}");
+        let err = Config::parse(path, &text).unwrap_err().to_string();
+        assert!(
+            err.contains("t.toml:2:11: bad listen.metrics address"),
+            "{err}"
+        );
+        let text = format!(
+            "[listen]\nadmin = \"127.0.0.1:9900\"\nmetrics = \"127.0.0.1:9900\"\n{SERVICE}"
+        );
+        let err = Config::parse(path, &text).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "t.toml:3:11: listen.metrics 127.0.0.1:9900 is already listen.admin's address"
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn connection_caps_are_optional_and_range_checked() {

@@ -1569,6 +1569,7 @@ pub struct ProxyBuilder {
     log_filter: Option<String>,
     http_port: Option<u16>,
     tls: Option<String>,
+    metrics: bool,
 }
 
 impl ProxyBuilder {
@@ -1588,7 +1589,14 @@ impl ProxyBuilder {
             log_filter: None,
             http_port: None,
             tls: None,
+            metrics: false,
         }
+    }
+
+    /// Turns the metrics listener on (`[listen] metrics`, a free port).
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
     }
 
     /// Listens for plain HTTP on this port instead of a free one (an ACME
@@ -1677,6 +1685,11 @@ impl ProxyBuilder {
             None => (String::new(), String::new()),
         };
         let https_port = self.tls.is_some().then_some(https_port);
+        let metrics_port = self.metrics.then(free_port);
+        let https_listen = match metrics_port {
+            Some(port) => format!("{https_listen}metrics = \"127.0.0.1:{port}\"\n"),
+            None => https_listen,
+        };
         let token_path = dir.path().join("admin.token");
 
         let mut admin = String::from("[admin]\n");
@@ -1725,6 +1738,7 @@ impl ProxyBuilder {
             http_port,
             admin_port,
             https_port,
+            metrics_port,
             token,
             env_token,
             child: None,
@@ -1748,6 +1762,8 @@ pub struct Proxy {
     admin_port: u16,
     /// The HTTPS listener's port, when the builder asked for one.
     https_port: Option<u16>,
+    /// The metrics listener's port, when the builder asked for one.
+    metrics_port: Option<u16>,
     /// The token that the admin API accepts, if any.
     token: Option<String>,
     env_token: Option<String>,
@@ -1817,6 +1833,9 @@ impl Proxy {
                 && self
                     .https_port
                     .is_none_or(|p| accepts(&format!("127.0.0.1:{p}")))
+                && self
+                    .metrics_port
+                    .is_none_or(|p| accepts(&format!("127.0.0.1:{p}")))
         });
         if let Some(st) = exited {
             panic!(
@@ -1845,6 +1864,14 @@ impl Proxy {
         format!(
             "127.0.0.1:{}",
             self.https_port.expect("proxy has no https listener")
+        )
+    }
+
+    /// `http://127.0.0.1:PORT` of the metrics listener; panics if it has none.
+    pub fn metrics_url(&self) -> String {
+        format!(
+            "http://127.0.0.1:{}",
+            self.metrics_port.expect("proxy has no metrics listener")
         )
     }
 
