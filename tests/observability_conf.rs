@@ -445,6 +445,54 @@ fn dashboard_is_importable_with_datasource_and_service_variables() {
     assert!(targets >= 10, "only {targets} queries");
 }
 
+/// Grafana's variables in the dashboard's queries, and what stands for each
+/// when promtool parses them.
+const GRAFANA_VARIABLES: &[(&str, &str)] = &[
+    ("$__rate_interval", "1m"),
+    ("$__range", "1h"),
+    ("$service", ".*"),
+];
+
+/// Every panel query parses as PromQL: promtool checks them as recording
+/// rules of a scratch rule file, with Grafana's variables filled in.
+#[test]
+fn every_dashboard_query_is_valid_promql() {
+    let d = dashboard();
+    let mut rules = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let mut expr = t["expr"].as_str().expect("expr").to_string();
+            for (var, value) in GRAFANA_VARIABLES {
+                expr = expr.replace(var, value);
+            }
+            assert!(
+                !expr.contains('$'),
+                "panel {:?}: a variable the dashboard does not define: {expr}",
+                p["title"]
+            );
+            let mut rule = serde_yaml::Mapping::new();
+            rule.insert(
+                "record".into(),
+                format!("dashboard:query_{}", rules.len()).into(),
+            );
+            rule.insert("expr".into(), expr.into());
+            rules.push(serde_yaml::Value::Mapping(rule));
+        }
+    }
+    let mut group = serde_yaml::Mapping::new();
+    group.insert("name".into(), "dashboard".into());
+    group.insert("rules".into(), serde_yaml::Value::Sequence(rules));
+    let mut doc = serde_yaml::Mapping::new();
+    doc.insert(
+        "groups".into(),
+        serde_yaml::Value::Sequence(vec![serde_yaml::Value::Mapping(group)]),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("dashboard_queries.yml");
+    fs::write(&file, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    run_promtool(&["check", "rules", file.to_str().unwrap()]);
+}
+
 // ---------------------------------------------------------------------------
 // A running switchyard exports every name used
 // ---------------------------------------------------------------------------
