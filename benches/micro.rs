@@ -402,6 +402,7 @@ fn metrics_observe(c: &mut Criterion) {
         bytes_in: 0,
         bytes_out: 1234,
         refusal: None,
+        stream: false,
     };
     c.bench_function("metrics/observe a proxied request", |b| {
         b.iter(|| metrics.observe(black_box(&proxied)))

@@ -422,6 +422,7 @@ mod tests {
             bytes_in: 3,
             bytes_out: 42,
             refusal: None,
+            stream: false,
         }
     }
 

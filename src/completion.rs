@@ -31,9 +31,6 @@ use crate::respond::{self, Refusal};
 /// of Pingora's retry buffer, through which the checked body is sent).
 pub const EARLY_BODY_LIMIT: usize = 64 * 1024;
 
-/// The media type of a stream of server-sent events.
-const EVENT_STREAM: &[u8] = b"text/event-stream";
-
 /// A completion request on its way through the proxy.
 pub struct Completion {
     budget: Arc<TokenBudget>,
@@ -245,15 +242,10 @@ impl Completion {
                 whole_seconds(reset),
             )?;
         }
-        // Media types are case-insensitive (RFC 9110 §8.3.1).
         let events = resp
             .headers
             .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| {
-                v.as_bytes()
-                    .get(..EVENT_STREAM.len())
-                    .is_some_and(|t| t.eq_ignore_ascii_case(EVENT_STREAM))
-            });
+            .is_some_and(|v| respond::is_event_stream(v.as_bytes()));
         let scan = UsageScan::new(events, self.strip_usage);
         if scan.rewrites() {
             // Shortened: chunked now (Pingora frames an answer before this

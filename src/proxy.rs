@@ -135,6 +135,8 @@ pub struct Ctx {
     /// head came back (the upstream time of the access log).
     upstream_sent: Option<Instant>,
     upstream_answered: Option<Instant>,
+    /// The answer is a stream (upgrade or server-sent events).
+    stream: bool,
     request_id: http::HeaderValue,
     client: Option<Client>,
     /// The one authority the request is for (`host.rs`), set once in
@@ -191,6 +193,7 @@ impl ProxyHttp for Proxy {
             refusal: None,
             upstream_sent: None,
             upstream_answered: None,
+            stream: false,
             request_id: http::HeaderValue::from_static(""),
             client: None,
             authority: None,
@@ -445,6 +448,11 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         ctx.response_started = true;
         ctx.upstream_answered = Some(Instant::now());
+        ctx.stream = resp.status == http::StatusCode::SWITCHING_PROTOCOLS
+            || resp
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| respond::is_event_stream(v.as_bytes()));
         respond::strip_hop_by_hop(resp);
         // Before the HTTP/1.0 framing: a stream it shortens is chunked.
         if let Some(completion) = ctx.completion.as_mut() {
@@ -506,6 +514,7 @@ impl ProxyHttp for Proxy {
             bytes_in: session.body_bytes_read(),
             bytes_out: session.body_bytes_sent(),
             refusal: ctx.refusal,
+            stream: ctx.stream,
         };
         for observer in &self.observers {
             observer.observe(&record);

@@ -41,6 +41,10 @@ pub struct RequestRecord<'a> {
     pub bytes_out: usize,
     /// Why the proxy answered by itself, when it did.
     pub refusal: Option<Refusal>,
+    /// The answer was a stream (a protocol upgrade such as WebSocket, or
+    /// server-sent events): its total time is how long the stream stayed
+    /// open, not how long the request took.
+    pub stream: bool,
 }
 
 /// What went wrong on one failed upstream attempt, as

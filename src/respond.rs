@@ -259,6 +259,15 @@ pub fn rate_limit_fields(
     resp.insert_header("ratelimit-reset", reset.to_string())
 }
 
+/// Whether a `Content-Type` value is `text/event-stream` (server-sent
+/// events); media types are case-insensitive (RFC 9110 §8.3.1).
+pub fn is_event_stream(content_type: &[u8]) -> bool {
+    const EVENT_STREAM: &[u8] = b"text/event-stream";
+    content_type
+        .get(..EVENT_STREAM.len())
+        .is_some_and(|t| t.eq_ignore_ascii_case(EVENT_STREAM))
+}
+
 /// Headers every response carries.
 pub fn stamp(resp: &mut ResponseHeader, request_id: &http::HeaderValue) -> Result<()> {
     resp.insert_header(http::header::SERVER, SERVER)?;

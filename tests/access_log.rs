@@ -544,6 +544,7 @@ fn a_line_sampled_out_costs_no_allocation() {
         bytes_in: 0,
         bytes_out: 10,
         refusal: None,
+        stream: false,
     };
     // Warm up: the writer thread and this thread's random generator.
     log.observe(&record);

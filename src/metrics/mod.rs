@@ -191,6 +191,15 @@ impl Observer for Metrics {
             100..=599 => usize::from(r.status / 100 - 1),
             _ => return,
         };
+        // A stream's time is how long it stayed open, not latency.
+        if !r.stream {
+            let seconds = r.total_time.as_secs_f64();
+            match (service.and_then(|s| self.durations.get(s)), r.color) {
+                (Some(colors), Some(color)) => colors[color_index(color)].observe(seconds),
+                _ => self.none_duration.observe(seconds),
+            }
+        }
+        // Last, so a request counted here has every other family updated.
         let routes = r
             .route
             .and_then(|i| self.requests.get(i))
@@ -198,11 +207,6 @@ impl Observer for Metrics {
         if let Some(colors) = routes {
             let c = r.color.map_or(0, color_index).min(colors.len() - 1);
             colors[c][class].inc();
-        }
-        let seconds = r.total_time.as_secs_f64();
-        match (service.and_then(|s| self.durations.get(s)), r.color) {
-            (Some(colors), Some(color)) => colors[color_index(color)].observe(seconds),
-            _ => self.none_duration.observe(seconds),
         }
     }
 
@@ -253,6 +257,7 @@ action = "deny"
             bytes_in: 3,
             bytes_out: 5,
             refusal: None,
+            stream: false,
         }
     }
 
