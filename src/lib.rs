@@ -305,6 +305,9 @@ impl Switchyard {
         }
 
         if let (Some(listen), Some(metrics)) = (config.listen.metrics, metrics) {
+            if !listen.ip().is_loopback() {
+                tracing::warn!(listen = %listen, "metrics listener (no authentication) listens beyond loopback; keep it reachable by the scraper only");
+            }
             let sources = metrics::state::Sources {
                 board: board.clone(),
                 rate_limits: rate_limits.clone(),

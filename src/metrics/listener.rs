@@ -1,8 +1,9 @@
 //! The metrics listener (`[listen] metrics`): `GET /metrics` (Prometheus
 //! text format), `/healthz` (the process runs), `/readyz` (ready for
 //! traffic, else 503 and why) and `/status` (a JSON summary standing in for
-//! nginx's `stub_status`). GET and HEAD only; no authentication: bind it to
-//! loopback or a network only the scraper reaches.
+//! nginx's `stub_status`, answered to loopback clients only, as nginx's
+//! usually is). GET and HEAD only; no authentication: bind it to loopback
+//! or a network only the scraper reaches.
 
 use std::sync::Arc;
 
@@ -28,15 +29,14 @@ impl MetricsApi {
         MetricsApi { state }
     }
 
-    async fn answer(&self, method: &Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
-        if method != Method::GET && method != Method::HEAD {
-            return json_answer(
-                StatusCode::METHOD_NOT_ALLOWED,
-                json!({ "error": "only GET and HEAD" }),
-            );
-        }
-        match path {
-            "/metrics" => match self.state.encode() {
+    async fn answer(
+        &self,
+        method: &Method,
+        path: &str,
+        loopback: bool,
+    ) -> (StatusCode, &'static str, Vec<u8>) {
+        match Endpoint::of(method, path, loopback) {
+            Endpoint::Metrics => match self.state.encode() {
                 Ok(body) => (StatusCode::OK, TEXT_FORMAT, body),
                 Err(e) => {
                     tracing::error!(cause = %e, "cannot encode metrics");
@@ -46,19 +46,57 @@ impl MetricsApi {
                     )
                 }
             },
-            "/healthz" => json_answer(StatusCode::OK, json!({ "status": "alive" })),
-            "/readyz" => match self.state.not_ready().await {
+            Endpoint::Healthz => json_answer(StatusCode::OK, json!({ "status": "alive" })),
+            Endpoint::Readyz => match self.state.not_ready().await {
                 None => json_answer(StatusCode::OK, json!({ "status": "ready" })),
                 Some(reason) => json_answer(
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({ "status": "not ready", "reason": reason }),
                 ),
             },
-            "/status" => json_answer(StatusCode::OK, self.state.status()),
-            _ => json_answer(
+            Endpoint::Status => json_answer(StatusCode::OK, self.state.status()),
+            Endpoint::StatusElsewhere => json_answer(
+                StatusCode::FORBIDDEN,
+                json!({ "error": "/status answers loopback clients only" }),
+            ),
+            Endpoint::BadMethod => json_answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({ "error": "only GET and HEAD" }),
+            ),
+            Endpoint::Unknown => json_answer(
                 StatusCode::NOT_FOUND,
                 json!({ "error": "not found: /metrics, /healthz, /readyz, /status" }),
             ),
+        }
+    }
+}
+
+/// What a request to the metrics listener asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Metrics,
+    Healthz,
+    Readyz,
+    Status,
+    /// `/status` from a client that is not on loopback (403).
+    StatusElsewhere,
+    /// Not GET or HEAD (405).
+    BadMethod,
+    Unknown,
+}
+
+impl Endpoint {
+    fn of(method: &Method, path: &str, loopback: bool) -> Endpoint {
+        if method != Method::GET && method != Method::HEAD {
+            return Endpoint::BadMethod;
+        }
+        match path {
+            "/metrics" => Endpoint::Metrics,
+            "/healthz" => Endpoint::Healthz,
+            "/readyz" => Endpoint::Readyz,
+            "/status" if loopback => Endpoint::Status,
+            "/status" => Endpoint::StatusElsewhere,
+            _ => Endpoint::Unknown,
         }
     }
 }
@@ -77,7 +115,11 @@ impl ServeHttp for MetricsApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let (method, path) = (req.method.clone(), req.uri.path().to_string());
-        let (status, content_type, body) = self.answer(&method, &path).await;
+        let loopback = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .is_some_and(|a| a.ip().is_loopback());
+        let (status, content_type, body) = self.answer(&method, &path, loopback).await;
         if status == StatusCode::METHOD_NOT_ALLOWED {
             // A body may follow that was not read: do not reuse the connection.
             session.set_keepalive(None);
@@ -92,5 +134,39 @@ impl ServeHttp for MetricsApi {
             resp = resp.header(http::header::ALLOW, "GET, HEAD");
         }
         resp.body(body).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_for_loopback_clients_and_only_get_and_head_are_served() {
+        assert_eq!(
+            Endpoint::of(&Method::GET, "/status", true),
+            Endpoint::Status
+        );
+        assert_eq!(
+            Endpoint::of(&Method::GET, "/status", false),
+            Endpoint::StatusElsewhere
+        );
+        // The scraper's endpoints answer wherever the listener is bound.
+        assert_eq!(
+            Endpoint::of(&Method::GET, "/metrics", false),
+            Endpoint::Metrics
+        );
+        assert_eq!(
+            Endpoint::of(&Method::HEAD, "/readyz", false),
+            Endpoint::Readyz
+        );
+        assert_eq!(
+            Endpoint::of(&Method::POST, "/metrics", true),
+            Endpoint::BadMethod
+        );
+        assert_eq!(
+            Endpoint::of(&Method::GET, "/metrics/", true),
+            Endpoint::Unknown
+        );
     }
 }
