@@ -495,6 +495,10 @@ http = \"127.0.0.1:{port}\"
 token_file = \"{}\"
 allow = [\"127.0.0.1/32\", \"::1/128\"]
 
+# Like every proxy here (nginx: access_log off): no access log.
+[access_log]
+enabled = false
+
 {tls}",
         tools.token_file.display()
     )
