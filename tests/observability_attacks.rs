@@ -1,0 +1,425 @@
+//! Attacks on the observability of issue 11, end to end against the real
+//! binary: label cardinality driven by client input, counters that go
+//! down, access log lines a client can blow up, secrets in the logs,
+//! `/readyz` probes that leave traces, and the metrics listener as an
+//! attack surface.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::*;
+
+/// How long a value may take to show.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The longest access log line a client may cause, in bytes: every field
+/// a client controls (method, path) is bounded well below it, so neither
+/// Loki (256 KB per line by default) nor the writer's line buffer
+/// (`buffer_lines` lines) can be made to hold megabytes per request.
+const MAX_LINE: usize = 8 * 1024;
+
+/// One scrape, as `(name, labels) -> value`.
+fn scrape(proxy: &Proxy) -> BTreeMap<(String, String), f64> {
+    let r = request(
+        "GET",
+        &format!("{}/metrics", proxy.metrics_url()),
+        &[],
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    parse(&r.body)
+}
+
+fn parse(text: &str) -> BTreeMap<(String, String), f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|line| {
+            let (head, value) = line.rsplit_once(' ').expect("series line has a value");
+            let (name, labels) = head.split_once('{').unwrap_or((head, ""));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+            ((name.to_string(), labels.to_string()), value)
+        })
+        .collect()
+}
+
+fn value(m: &BTreeMap<(String, String), f64>, name: &str, labels: &[&str]) -> f64 {
+    m.iter()
+        .filter(|((n, l), _)| n == name && labels.iter().all(|p| l.contains(p)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn requests_seen(proxy: &Proxy) -> f64 {
+    value(&scrape(proxy), "switchyard_requests_total", &[])
+}
+
+/// Waits until the metrics have counted at least `n` requests.
+fn wait_counted(proxy: &Proxy, n: usize) {
+    assert!(
+        poll_until(WAIT, || requests_seen(proxy) >= n as f64),
+        "fewer than {n} requests counted"
+    );
+}
+
+/// Service `api` (blue, green), `/` proxied on host `api.test`, `/x/*/y`
+/// proxied without host, `/limited/` under a one-a-minute rate limit.
+fn config(blue: &Upstream, green: &Upstream) -> String {
+    let mut s = service("api", &[blue], &[green], "blue");
+    s.push_str("[rate_limits.per_ip]\nrate = \"1/m\"\n\n");
+    s.push_str(&route(Some("api.test"), "/", "api"));
+    s.push_str(&route(None, "/x/*/y", "api"));
+    s.push_str(&route_with("/limited/", "api", "rate_limit = \"per_ip\""));
+    s
+}
+
+/// Raw request to `addr`; the answer's status, or 0 when none came.
+fn raw_status(addr: &str, req: &[u8]) -> u16 {
+    let mut c = RawConn::connect(addr);
+    if c.send(req).is_err() {
+        return 0;
+    }
+    c.read_head(Duration::from_secs(5)).map_or(0, |r| r.status)
+}
+
+#[test]
+fn client_input_never_adds_a_series() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(config(&blue, &green)).metrics().start();
+    let before = scrape(&proxy);
+    let addr = proxy.http_addr();
+    let mut sent = 0;
+    for i in 0..40 {
+        let reqs = [
+            // Distinct raw paths on every route, matched and not.
+            format!("GET /p{i}?q={i} HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+            format!("GET /x/{i}/y/z{i} HTTP/1.1\r\nHost: other.test\r\n\r\n"),
+            format!("GET /nowhere/{i} HTTP/1.1\r\nHost: h{i}.test\r\n\r\n"),
+            // Odd methods, hosts and header values.
+            format!("M{i}X /p HTTP/1.1\r\nHost: api.test\r\nX-Weird: v{i}\r\n\r\n"),
+            format!("GET /p HTTP/1.1\r\nHost: API.TEST.:{}\r\n\r\n", 1000 + i),
+            format!("GET /%zz{i} HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+            format!("GET /p HTTP/1.1\r\nHost: bad host {i}\r\n\r\n"),
+            format!("GET /limited/{i} HTTP/1.1\r\nHost: other.test\r\n\r\n"),
+        ];
+        for r in &reqs {
+            let status = raw_status(&addr, r.as_bytes());
+            assert_ne!(status, 0, "no answer to {r:?}");
+            sent += 1;
+        }
+    }
+    wait_counted(&proxy, sent);
+    let after = scrape(&proxy);
+    let new: Vec<_> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    assert!(new.is_empty(), "series created by client input: {new:#?}");
+}
+
+/// A scraped counter must never go down while the process runs: a reset
+/// reads to Prometheus as a restart, and `rate()` then counts the whole
+/// value again. The rate limit's admissions are derived (checked minus
+/// refused, two counters read one after the other), so a scrape that
+/// lands between a check and its refusal must not make them step back.
+#[test]
+fn limit_counters_never_go_down_under_load() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(config(&blue, &green)).metrics().start();
+    let addr = proxy.http_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut loaders = Vec::new();
+    for t in 0..3 {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        loaders.push(thread::spawn(move || {
+            let mut c = RawConn::connect(&addr);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 200_000 {
+                n += 1;
+                let req = format!("GET /limited/{t}/{n} HTTP/1.1\r\nHost: other.test\r\n\r\n");
+                let ok = c.send(req.as_bytes()).is_ok()
+                    && c.read_response(Duration::from_secs(5)).is_ok();
+                if !ok {
+                    c = RawConn::connect(&addr);
+                }
+            }
+        }));
+    }
+    let mut last: BTreeMap<(String, String), f64> = BTreeMap::new();
+    let mut went_down = Vec::new();
+    let mut scrapes = 0;
+    while Instant::now() < deadline && scrapes < 5_000 {
+        scrapes += 1;
+        let now = scrape(&proxy);
+        for ((name, labels), v) in &now {
+            let counter = name.ends_with("_total")
+                || name.ends_with("_count")
+                || name.ends_with("_bucket")
+                || name.ends_with("_sum");
+            if let Some(prev) = last.get(&(name.clone(), labels.clone())) {
+                if counter && v < prev {
+                    went_down.push(format!("{name}{{{labels}}}: {prev} -> {v}"));
+                }
+            }
+        }
+        last = now;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        l.join().unwrap();
+    }
+    assert!(
+        value(&last, "switchyard_limit_refusals_total", &["per_ip"]) > 100.0,
+        "the load did not reach the rate limit: {:?} refusals, {} requests",
+        value(&last, "switchyard_limit_refusals_total", &["per_ip"]),
+        value(&last, "switchyard_requests_total", &[])
+    );
+    assert!(
+        went_down.is_empty(),
+        "counters went down over {scrapes} scrapes:\n{}",
+        went_down.join("\n")
+    );
+}
+
+/// Every access log line a client can cause stays one JSON object of at
+/// most [`MAX_LINE`] bytes, however long its method or path.
+#[test]
+fn access_log_lines_stay_bounded_whatever_the_client_sends() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(config(&blue, &green))
+        .log_filter("error")
+        .start();
+    let addr = proxy.http_addr();
+    let long = "a".repeat(20_000);
+    let huge = "b".repeat(60_000);
+    let method = "X".repeat(20_000);
+    let reqs = [
+        // Under max_header_size: proxied.
+        format!("GET /{long} HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+        // Over it: 431, but the path is still logged.
+        format!("GET /{huge} HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+        // No route: 404.
+        format!("GET /{long} HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n"),
+        // An extension method of 20 KB, and one of 600 KB (431).
+        format!("{method} /p HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+        format!(
+            "{} /p HTTP/1.1\r\nHost: api.test\r\n\r\n",
+            "Y".repeat(600_000)
+        ),
+        // Odd bytes in path and method: escapes, UTF-8, quotes.
+        "GET /%22%5c%00/\u{e9}\"\\ HTTP/1.1\r\nHost: api.test\r\n\r\n".to_string(),
+    ];
+    for r in &reqs {
+        raw_status(&addr, r.as_bytes());
+    }
+    let mut text = String::new();
+    let enough = poll_until(WAIT, || {
+        text = proxy.stdout_text();
+        text.lines().count() >= 6
+    });
+    assert!(enough, "fewer than 6 lines:\n{text:.2000}");
+    let mut long_lines = Vec::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line:.300}"));
+        assert!(v.is_object(), "{line:.300}");
+        if line.len() > MAX_LINE {
+            let cut = |f: &str| {
+                v[f].as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(12)
+                    .collect::<String>()
+            };
+            long_lines.push(format!(
+                "{} bytes: status {}, method {}..., path {}...",
+                line.len(),
+                v["status"],
+                cut("method"),
+                cut("path")
+            ));
+        }
+    }
+    assert!(
+        long_lines.is_empty(),
+        "access log lines over {MAX_LINE} bytes:\n{}",
+        long_lines.join("\n")
+    );
+}
+
+/// User info of an absolute-form target (refused), query strings on a
+/// refused request and cookies never reach the logs, at the most verbose
+/// ordinary log level.
+#[test]
+fn userinfo_and_queries_of_refused_requests_stay_out_of_the_logs() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(config(&blue, &green))
+        .log_filter("trace")
+        .metrics()
+        .start();
+    let addr = proxy.http_addr();
+    let reqs = [
+        "GET http://user:s3cret-userinfo@api.test/p?t=s3cret-q1 HTTP/1.1\r\nHost: api.test\r\n\r\n",
+        "GET http://s3cret-userinfo@api.test/p HTTP/1.1\r\nHost: api.test\r\n\r\n",
+        "GET /%zz?t=s3cret-q2 HTTP/1.1\r\nHost: api.test\r\nCookie: a=s3cret-cookie\r\n\r\n",
+        "GET /p?t=s3cret-q3 HTTP/1.1\r\nHost: bad host\r\nAuthorization: Basic s3cret-basic\r\n\r\n",
+        "GET /p?t=s3cret-q4 HTTP/1.1\r\nHost: api.test\r\nHost: api.test\r\n\r\n",
+        "GET /p?t=s3cret-q5 HTTP/1.1\r\nHost: api.test\r\nContent-Length: x\r\n\r\n",
+        "GET /p?t=s3cret-q6 HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ];
+    for r in reqs {
+        raw_status(&addr, r.as_bytes());
+    }
+    // The metrics listener too: its query strings and tokens.
+    let m = proxy.metrics_url();
+    request(
+        "GET",
+        &format!("{m}/metrics?t=s3cret-q7"),
+        &[("authorization", "Bearer s3cret-metrics")],
+        None,
+    );
+    request(
+        "POST",
+        &format!("{m}/x?t=s3cret-q8"),
+        &[],
+        Some(b"s3cret-body"),
+    );
+    // A last request whose line says the writer caught up with the others.
+    let last = b"GET /p HTTP/1.1\r\nHost: api.test\r\nX-Request-Id: sentinel-1\r\n\r\n";
+    assert_eq!(raw_status(&addr, last), 200);
+    assert!(
+        poll_until(WAIT, || proxy.stdout_text().contains("sentinel-1")),
+        "no access log line for the last request:\n{}",
+        proxy.stdout_text()
+    );
+    let access = proxy.stdout_text();
+    let stderr = proxy.stderr_text();
+    assert!(!stderr.is_empty(), "trace logging wrote nothing");
+    for needle in ["s3cret", "user:"] {
+        assert!(
+            !access.contains(needle),
+            "{needle} in the access log:\n{access}"
+        );
+        assert!(!stderr.contains(needle), "{needle} on stderr:\n{stderr}");
+    }
+}
+
+/// `/readyz` probes the proxy listeners by connecting to them: on the
+/// HTTPS listener that is a TLS handshake that never starts. A prober
+/// every few seconds must leave no warning or error in the log, and
+/// count no slow client or refusal.
+#[test]
+fn readyz_probes_leave_no_trace() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["api.test".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    fs::write(&cert_path, cert.cert.pem()).unwrap();
+    fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
+    let tables = format!(
+        "[tls]\nhandshake_timeout = \"300ms\"\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n\n",
+        toml_str(cert_path.to_str().unwrap()),
+        toml_str(key_path.to_str().unwrap())
+    );
+    let proxy = ProxyBuilder::new(config(&blue, &green))
+        .https(&tables)
+        .metrics()
+        .start();
+    let before = scrape(&proxy);
+    let url = format!("{}/readyz", proxy.metrics_url());
+    for _ in 0..5 {
+        let r = request("GET", &url, &[], None);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // Longer than the handshake timeout: a probe cut at it would count now.
+    let later = Instant::now() + Duration::from_millis(800);
+    poll_until(Duration::from_secs(2), || Instant::now() >= later);
+    let after = scrape(&proxy);
+    for name in ["switchyard_refusals_total", "switchyard_requests_total"] {
+        assert_eq!(
+            value(&before, name, &[]),
+            value(&after, name, &[]),
+            "{name} moved on readiness probes"
+        );
+    }
+    let noisy: Vec<String> = proxy
+        .stderr_text()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .map(str::to_string)
+        .collect();
+    assert!(noisy.is_empty(), "readiness probes logged:\n{noisy:#?}");
+}
+
+/// The metrics listener survives what a hostile local client sends it
+/// (other methods with bodies, huge headers, odd paths, HTTP/1.0,
+/// more connections than its cap) and still answers a scrape; the proxy
+/// port never serves it.
+#[test]
+fn metrics_listener_shrugs_off_abuse() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(config(&blue, &green)).metrics().start();
+    let m = proxy.metrics_url();
+    let maddr = m.trim_start_matches("http://").to_string();
+    let big = "h".repeat(2 * 1024 * 1024);
+    let cases: [(Vec<u8>, &[u16]); 7] = [
+        (
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+            &[405],
+        ),
+        (
+            b"DELETE /readyz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            &[405],
+        ),
+        (
+            format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").into_bytes(),
+            &[0, 400, 431],
+        ),
+        (
+            b"GET /metrics/../status HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            &[404],
+        ),
+        (b"GET /metrics?x=1 HTTP/1.0\r\n\r\n".to_vec(), &[200]),
+        (
+            b"GET * HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            &[0, 400, 404],
+        ),
+        (b"GARBAGE\r\n\r\n".to_vec(), &[0, 400]),
+    ];
+    for (req, expect) in &cases {
+        let status = raw_status(&maddr, req);
+        assert!(
+            expect.contains(&status),
+            "{status} for {:.60}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    // More idle connections than the cap (64): a scrape still gets in.
+    let idle: Vec<RawConn> = (0..80).map(|_| RawConn::connect(&maddr)).collect();
+    let mut ok = false;
+    poll_until(WAIT, || {
+        ok = try_request("GET", &format!("{m}/metrics"), &[], None).is_ok_and(|r| r.status == 200);
+        ok
+    });
+    assert!(ok, "no scrape with 80 idle connections open");
+    drop(idle);
+    // The proxy port forwards /metrics like any path: the backend answers.
+    let before = blue.hits();
+    let (status, body) = proxy.get("/metrics", Some("api.test"));
+    assert_eq!(status, 200);
+    assert!(!body.contains("switchyard_"), "{body}");
+    assert_eq!(blue.hits(), before + 1);
+}
