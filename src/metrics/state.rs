@@ -46,18 +46,23 @@ pub struct Sources {
 pub struct State {
     pub metrics: Arc<Metrics>,
     pub sources: Sources,
-    /// Scrapes refresh one at a time: a counter is set by reset and add.
+    /// Scrapes refresh one at a time: a counter is raised by reading it and
+    /// adding the difference.
     refresh: Mutex<()>,
 }
 
-/// Sets a counter to a value read elsewhere (monotonic at the source).
+/// Raises a counter to a value read elsewhere; never lowers it. Every
+/// source counts up from start-up, but some values are derived from two
+/// counters read one after the other (a rate limit's admissions are its
+/// checks minus its refusals, and a check is counted a moment before its
+/// refusal), so a scrape can read one a little high and the next one
+/// lower. A counter that went down would read to Prometheus as a restart,
+/// and `rate()` would count its whole value again; holding it until the
+/// source catches up keeps it monotonic.
 fn set_counter(counter: &IntCounter, value: u64) {
     let now = counter.get();
-    if value >= now {
+    if value > now {
         counter.inc_by(value - now);
-    } else {
-        counter.reset();
-        counter.inc_by(value);
     }
 }
 
@@ -335,4 +340,21 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
         ip => ip,
     };
     SocketAddr::new(ip, addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_counter_never_goes_down() {
+        let c = IntCounter::new("c", "c").unwrap();
+        set_counter(&c, 2);
+        assert_eq!(c.get(), 2);
+        // A derived value read a little high, then exact: no step back.
+        set_counter(&c, 1);
+        assert_eq!(c.get(), 2);
+        set_counter(&c, 5);
+        assert_eq!(c.get(), 5);
+    }
 }
