@@ -45,6 +45,7 @@ fn parse(text: &str) -> BTreeMap<(String, String), f64> {
         .map(|line| {
             let (head, value) = line.rsplit_once(' ').expect("series line has a value");
             let (name, labels) = head.split_once('{').unwrap_or((head, ""));
+            let labels = labels.strip_suffix('}').unwrap_or(labels);
             let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
             ((name.to_string(), labels.to_string()), value)
         })
@@ -422,4 +423,39 @@ fn metrics_listener_shrugs_off_abuse() {
     assert_eq!(status, 200);
     assert!(!body.contains("switchyard_"), "{body}");
     assert_eq!(blue.hits(), before + 1);
+}
+
+/// Before its first issuance an ACME certificate is a self-signed stand-in
+/// valid for 7 days. Its not-after is not the certificate's: exporting it
+/// made `SwitchyardCertificateExpiring` (critical under 7 days) fire 15
+/// minutes after a first start whose CA is slow or unreachable. The
+/// README promises 0 ("not obtained yet, not an expiry").
+#[test]
+fn a_bootstrap_certificate_exports_no_expiry() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    fs::create_dir(&certs).unwrap();
+    // Nothing listens there: issuance fails, loopback only.
+    let dead_ca = free_port();
+    let tables = format!(
+        "[tls]\ncerts_dir = {}\n\n[acme]\ndirectory = \"https://127.0.0.1:{dead_ca}/dir\"\nretry_backoff = \"1h\"\n\n\
+         [[acme.certificates]]\nname = \"site\"\ndomains = [\"site.switchyard.test\"]\n\n",
+        toml_str(certs.to_str().unwrap())
+    );
+    let proxy = ProxyBuilder::new(config(&blue, &green))
+        .https(&tables)
+        .metrics()
+        .start();
+    let m = scrape(&proxy);
+    let key = (
+        "switchyard_certificate_not_after_seconds".to_string(),
+        "certificate=\"site\"".to_string(),
+    );
+    let cert: Vec<_> = m
+        .iter()
+        .filter(|((n, _), _)| n.contains("certificate"))
+        .collect();
+    assert_eq!(m.get(&key), Some(&0.0), "{cert:?}");
 }

@@ -113,9 +113,13 @@ impl State {
         self.limits(f);
         if let Some(certs) = &s.certs {
             for c in certs.status() {
+                // 0 until a real certificate is served: the self-signed
+                // stand-in's 7 days are not an expiry to alert on (the
+                // renewal failure alert covers an issuance that fails).
                 let not_after = c
                     .info
                     .as_ref()
+                    .filter(|_| !c.bootstrap)
                     .and_then(|i| i.not_after.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
                 f.certificate_not_after
