@@ -91,6 +91,22 @@ fn raw_status(addr: &str, req: &[u8]) -> u16 {
     c.read_head(Duration::from_secs(5)).map_or(0, |r| r.status)
 }
 
+/// A self-signed certificate for `api.test` as `[tls]` tables (handshake
+/// timeout 300 ms), and a client config trusting it that offers `alpn`.
+fn tls_tables(dir: &std::path::Path) -> (String, rustls::pki_types::CertificateDer<'static>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["api.test".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.join("c.pem"), dir.join("k.pem"));
+    fs::write(&cert_path, cert.cert.pem()).unwrap();
+    fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
+    let tables = format!(
+        "[tls]\nhandshake_timeout = \"300ms\"\nredirect_http = false\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n\n",
+        toml_str(cert_path.to_str().unwrap()),
+        toml_str(key_path.to_str().unwrap())
+    );
+    (tables, cert.cert.der().clone())
+}
+
 #[test]
 fn client_input_never_adds_a_series() {
     let blue = Upstream::start("blue");
@@ -324,16 +340,7 @@ fn readyz_probes_leave_no_trace() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
     let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["api.test".to_string()]).unwrap();
-    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-    fs::write(&cert_path, cert.cert.pem()).unwrap();
-    fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
-    let tables = format!(
-        "[tls]\nhandshake_timeout = \"300ms\"\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n\n",
-        toml_str(cert_path.to_str().unwrap()),
-        toml_str(key_path.to_str().unwrap())
-    );
+    let (tables, _) = tls_tables(dir.path());
     let proxy = ProxyBuilder::new(config(&blue, &green))
         .https(&tables)
         .metrics()
@@ -458,4 +465,144 @@ fn a_bootstrap_certificate_exports_no_expiry() {
         .filter(|((n, _), _)| n.contains("certificate"))
         .collect();
     assert_eq!(m.get(&key), Some(&0.0), "{cert:?}");
+}
+
+/// Every way a request arrives counts it exactly once, in
+/// `requests_total` and in the access log: pipelined, HTTP/1.0, retried
+/// on a dead backend, HTTP/2 streams, a client gone before its answer (a
+/// line with status 0, no count); the in-flight gauges come back to 0.
+#[test]
+fn every_request_counts_once_however_it_arrives() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    // A dead backend first in blue: round robin sends some attempts there.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut body = format!(
+        "[services.api]\nblue = [\"{dead}\", \"{}\"]\ngreen = [\"{}\"]\nactive = \"blue\"\n\n",
+        blue.addr(),
+        green.addr()
+    );
+    body.push_str(&route(Some("api.test"), "/", "api"));
+    let dir = tempfile::tempdir().unwrap();
+    let (tables, der) = tls_tables(dir.path());
+    let proxy = ProxyBuilder::new(body)
+        .https(&tables)
+        .metrics()
+        .log_filter("error")
+        .start();
+    let addr = proxy.http_addr();
+    let mut answered = 0;
+
+    // Three pipelined requests in one write.
+    let mut c = RawConn::connect(&addr);
+    let one = "GET /pipe HTTP/1.1\r\nHost: api.test\r\n\r\n";
+    c.send(one.repeat(3).as_bytes()).unwrap();
+    for _ in 0..3 {
+        assert_eq!(c.read_response(WAIT).unwrap().status, 200);
+        answered += 1;
+    }
+    // HTTP/1.0, with and without Host.
+    assert_eq!(
+        raw_status(&addr, b"GET /ten HTTP/1.0\r\nHost: api.test\r\n\r\n"),
+        200
+    );
+    assert_eq!(raw_status(&addr, b"GET /ten HTTP/1.0\r\n\r\n"), 404);
+    answered += 2;
+    // Retried GETs: every one answered 200 once.
+    for _ in 0..4 {
+        assert_eq!(
+            raw_status(&addr, b"GET /retry HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+            200
+        );
+        answered += 1;
+    }
+    // A client gone before its (delayed) answer.
+    let mut gone = RawConn::connect(&addr);
+    gone.send(b"GET /gone?delay_ms=400 HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        .unwrap();
+    assert!(poll_until(WAIT, || blue.in_flight() == 1 || green.in_flight() == 1));
+    drop(gone);
+
+    // HTTP/2: four streams on one connection.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(common::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let https = proxy.https_addr();
+    let statuses = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&https).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::try_from("api.test").unwrap(),
+                tcp,
+            )
+            .await
+            .expect("TLS handshake");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (send, conn) = h2::client::handshake(tls).await.expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut send = send.ready().await.expect("h2 ready");
+        let mut pending = Vec::new();
+        for i in 0..4 {
+            let req = http::Request::get(format!("https://api.test/h2/{i}"))
+                .body(())
+                .unwrap();
+            let (resp, _) = send.send_request(req, true).expect("h2 request");
+            pending.push(resp);
+            send = send.ready().await.expect("h2 ready");
+        }
+        let mut statuses = Vec::new();
+        for r in pending {
+            statuses.push(r.await.expect("h2 answer").status().as_u16());
+        }
+        statuses
+    });
+    assert_eq!(statuses, [200; 4]);
+    answered += 4;
+
+    // The unanswered request ends; nothing stays in flight.
+    assert!(poll_until(WAIT, || {
+        let m = scrape(&proxy);
+        value(&m, "switchyard_in_flight_requests", &[]) == 0.0
+            && value(&m, "switchyard_requests_total", &[]) >= answered as f64
+    }));
+    let lines_ok = poll_until(WAIT, || proxy.stdout_text().lines().count() >= answered + 1);
+    let m = scrape(&proxy);
+    let text = proxy.stdout_text();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        value(&m, "switchyard_requests_total", &[]),
+        answered as f64,
+        "requests_total; access log:\n{text}"
+    );
+    assert_eq!(
+        value(&m, "switchyard_requests_total", &["status_class=\"2xx\""]),
+        (answered - 1) as f64
+    );
+    let errors = value(&m, "switchyard_upstream_errors_total", &[]);
+    assert!(
+        (1.0..=answered as f64).contains(&errors),
+        "{errors} upstream errors (one per attempt on the dead backend)"
+    );
+    let unanswered = lines.iter().filter(|l| l["status"] == 0).count();
+    assert!(lines_ok, "{} lines:\n{text}", lines.len());
+    assert_eq!(
+        (lines.len() - unanswered, unanswered),
+        (answered, 1),
+        "(answered, status 0) lines:\n{text}"
+    );
+    drop(rt);
 }
