@@ -606,3 +606,43 @@ fn every_request_counts_once_however_it_arrives() {
     );
     drop(rt);
 }
+
+/// `/readyz` is about this switchyard taking traffic. A service without
+/// a health check counts as healthy even with every backend dead; an
+/// active pool that goes down makes it 503; but a service put in
+/// maintenance mode answers its maintenance page on purpose, usually
+/// while its backends are down for the work: a 503 from `/readyz` then
+/// would make the load balancer pull switchyard out, so nobody sees the
+/// page (and every other service goes down with it). The alert rules
+/// already exempt a service in maintenance (`SwitchyardActivePoolDown`).
+#[test]
+fn readyz_follows_the_active_pools_but_not_a_service_in_maintenance() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut body = service_with("api", &[&blue], &[&green], "blue", &fast_health());
+    body.push_str(&format!(
+        "[services.bare]\nblue = [\"{dead}\"]\ngreen = [\"{dead}\"]\n\n"
+    ));
+    body.push_str(&route(Some("api.test"), "/", "api"));
+    body.push_str(&route(Some("bare.test"), "/", "bare"));
+    let proxy = ProxyBuilder::new(body).metrics().start();
+    let url = format!("{}/readyz", proxy.metrics_url());
+    let readyz = || {
+        let r = try_request("GET", &url, &[], None).expect("readyz answers");
+        (r.status, r.body)
+    };
+    assert!(
+        poll_until(WAIT, || readyz().0 == 200),
+        "never ready: {:?}",
+        readyz()
+    );
+    blue.set_healthy(false);
+    assert!(poll_until(WAIT, || readyz().0 == 503), "{:?}", readyz());
+    assert!(readyz().1.contains("api (blue)"), "{:?}", readyz());
+    let (code, _) = proxy.admin("POST", "/services/api/maintenance", Some(r#"{"on": true}"#));
+    assert_eq!(code, 200);
+    assert_eq!(proxy.get("/", Some("api.test")).0, 503);
+    let (status, text) = readyz();
+    assert_eq!(status, 200, "in maintenance: {text}");
+}

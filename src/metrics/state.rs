@@ -249,7 +249,8 @@ impl State {
 
     /// Why the process is not ready, if it is not: a proxy listener that
     /// does not accept, or an active pool with health checks and no
-    /// healthy backend. The config is loaded: the listener runs.
+    /// healthy backend (of a service not in maintenance mode). The config
+    /// is loaded: the listener runs.
     pub async fn not_ready(&self) -> Option<String> {
         for addr in &self.sources.listeners {
             let probe = reachable(*addr);
@@ -266,7 +267,10 @@ impl State {
         let down: Vec<String> = snapshot
             .services
             .iter()
-            .filter(|s| s.gated && s.active_pool().healthy() == 0)
+            // A service in maintenance answers its page on purpose, usually
+            // while its backends are down: not a reason to take switchyard
+            // out of a load balancer (the alert rules exempt it too).
+            .filter(|s| s.gated && !s.maintenance && s.active_pool().healthy() == 0)
             .map(|s| format!("{} ({})", s.name, s.active))
             .collect();
         (!down.is_empty()).then(|| {
