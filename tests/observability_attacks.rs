@@ -415,6 +415,15 @@ fn metrics_listener_shrugs_off_abuse() {
             String::from_utf8_lossy(req)
         );
     }
+    // HEAD carries no body: the next answer on the connection is whole.
+    let mut c = RawConn::connect(&maddr);
+    c.send(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let head = c.read_head(WAIT).unwrap();
+    assert_eq!(head.status, 200);
+    c.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let next = c.read_response(WAIT).unwrap();
+    assert_eq!(next.status, 200, "{next:?}");
+    assert!(next.body.contains("alive"), "{next:?}");
     // More idle connections than the cap (64): a scrape still gets in.
     let idle: Vec<RawConn> = (0..80).map(|_| RawConn::connect(&maddr)).collect();
     let mut ok = false;
