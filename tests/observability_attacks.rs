@@ -417,7 +417,8 @@ fn metrics_listener_shrugs_off_abuse() {
     }
     // HEAD carries no body: the next answer on the connection is whole.
     let mut c = RawConn::connect(&maddr);
-    c.send(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    c.send(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let head = c.read_head(WAIT).unwrap();
     assert_eq!(head.status, 200);
     c.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
@@ -654,4 +655,47 @@ fn readyz_follows_the_active_pools_but_not_a_service_in_maintenance() {
     assert_eq!(proxy.get("/", Some("api.test")).0, 503);
     let (status, text) = readyz();
     assert_eq!(status, 200, "in maintenance: {text}");
+}
+
+/// A WebSocket shows in the pool gauges while open and is counted once,
+/// as 1xx, when it closes, outside the latency histogram; the gauges come
+/// back to 0 however it ends (closed cleanly, or the client's socket just
+/// dropped).
+#[test]
+fn an_upgraded_connection_counts_once_and_leaves_the_gauges() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let mut body = service("api", &[&blue], &[&green], "blue");
+    body.push_str(&route_with("/ws/", "api", "websocket = true"));
+    let proxy = ProxyBuilder::new(body).metrics().start();
+    let gauges = |m: &BTreeMap<(String, String), f64>| {
+        (
+            value(m, "switchyard_upgraded_connections", &["color=\"blue\""]),
+            value(m, "switchyard_in_flight_requests", &["color=\"blue\""]),
+        )
+    };
+    let mut ws = ws_connect(&proxy.http_addr(), "/ws/a").expect("websocket");
+    assert_eq!(ws_echo(&mut ws, "hi").unwrap(), "blue:hi");
+    let dropped = ws_connect(&proxy.http_addr(), "/ws/b").expect("websocket");
+    assert!(poll_until(WAIT, || gauges(&scrape(&proxy)) == (2.0, 2.0)));
+    let m = scrape(&proxy);
+    assert_eq!(value(&m, "switchyard_requests_total", &[]), 0.0);
+    ws_close(ws);
+    drop(dropped);
+    assert!(
+        poll_until(WAIT, || gauges(&scrape(&proxy)) == (0.0, 0.0)),
+        "{:?}",
+        gauges(&scrape(&proxy))
+    );
+    assert!(poll_until(WAIT, || requests_seen(&proxy) >= 2.0));
+    let m = scrape(&proxy);
+    assert_eq!(
+        value(&m, "switchyard_requests_total", &["status_class=\"1xx\""]),
+        2.0
+    );
+    assert_eq!(value(&m, "switchyard_requests_total", &[]), 2.0);
+    assert_eq!(
+        value(&m, "switchyard_request_duration_seconds_count", &[]),
+        0.0
+    );
 }
