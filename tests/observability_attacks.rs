@@ -699,3 +699,50 @@ fn an_upgraded_connection_counts_once_and_leaves_the_gauges() {
         0.0
     );
 }
+
+/// Requests so malformed that Pingora's parser answers them 400 itself,
+/// before any switchyard code sees them (a URI over 64 KiB, a bad
+/// `Content-Length`, a header line without a colon, bytes no request
+/// line holds): they are answers like any other, so `requests_total`,
+/// `refusals_total{reason="bad_request"}` and the access log must see
+/// them, or a flood of them (a scanner, a broken client) is invisible.
+#[test]
+fn answers_pingora_gives_itself_are_counted_and_logged() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(config(&blue, &green))
+        .metrics()
+        .log_filter("error")
+        .start();
+    let addr = proxy.http_addr();
+    let long = "u".repeat(70_000);
+    let reqs = [
+        format!("GET /{long} HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+        "GET /p HTTP/1.1\r\nHost: api.test\r\nContent-Length: x\r\n\r\n".to_string(),
+        "GET /p HTTP/1.1\r\nHost: api.test\r\nno colon here\r\n\r\n".to_string(),
+        "GET /p HTTP/9.9\r\nHost: api.test\r\n\r\n".to_string(),
+    ];
+    let before = scrape(&proxy);
+    for r in &reqs {
+        let status = raw_status(&addr, r.as_bytes());
+        assert_eq!(status, 400, "{:.60}", r);
+    }
+    let four = |m: &BTreeMap<(String, String), f64>| {
+        value(m, "switchyard_requests_total", &["status_class=\"4xx\""])
+    };
+    let bad = |m: &BTreeMap<(String, String), f64>| {
+        value(m, "switchyard_refusals_total", &["reason=\"bad_request\""])
+    };
+    let mut now = before.clone();
+    poll_until(Duration::from_secs(3), || {
+        now = scrape(&proxy);
+        four(&now) >= four(&before) + reqs.len() as f64
+    });
+    let lines = proxy.stdout_text().lines().count();
+    assert_eq!(
+        (four(&now) - four(&before), bad(&now) - bad(&before), lines),
+        (reqs.len() as f64, reqs.len() as f64, reqs.len()),
+        "(4xx counted, bad_request refusals, access log lines) for {} answers of 400",
+        reqs.len()
+    );
+}
