@@ -746,3 +746,57 @@ fn answers_pingora_gives_itself_are_counted_and_logged() {
         reqs.len()
     );
 }
+
+/// A slow client on HTTP/2: the TLS handshake done (ALPN h2), then
+/// nothing. It is cut at the header deadline like an HTTP/1 client that
+/// never finishes its header, so `refusals_total{reason="slow_client"}`
+/// must count it as it counts the HTTP/1 one.
+#[test]
+fn an_http2_client_cut_at_the_header_deadline_counts_as_slow() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let dir = tempfile::tempdir().unwrap();
+    let (tables, der) = tls_tables(dir.path());
+    // The handshake timeout (300 ms) is inside the 1 s header deadline.
+    let proxy = ProxyBuilder::new(config(&blue, &green))
+        .https(&tables)
+        .server("header_timeout = \"1s\"")
+        .metrics()
+        .start();
+    let slow = || {
+        value(
+            &scrape(&proxy),
+            "switchyard_refusals_total",
+            &["slow_client"],
+        )
+    };
+    assert_eq!(slow(), 0.0);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let client = |alpn: &[u8]| {
+        let mut c = rustls::ClientConfig::builder_with_provider(common::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        c.alpn_protocols = vec![alpn.to_vec()];
+        Arc::new(c)
+    };
+    for (alpn, counted) in [(&b"http/1.1"[..], 1.0), (&b"h2"[..], 2.0)] {
+        let mut tls = common::tls::tls_connect(&proxy.https_addr(), "api.test", client(alpn));
+        assert_eq!(tls.conn.alpn_protocol(), Some(alpn));
+        // Say nothing; the proxy closes the connection at the deadline.
+        let mut buf = [0u8; 64];
+        let closed = poll_until(WAIT, || {
+            use std::io::Read;
+            !matches!(tls.read(&mut buf), Ok(n) if n > 0)
+        });
+        assert!(closed, "not closed at the header deadline");
+        assert!(
+            poll_until(WAIT, || slow() >= counted),
+            "{} cut at the header deadline: slow_client {}, expected {counted}",
+            String::from_utf8_lossy(alpn),
+            slow()
+        );
+    }
+}
