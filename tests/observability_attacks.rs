@@ -813,3 +813,56 @@ fn an_http2_client_cut_at_the_header_deadline_counts_as_slow() {
         );
     }
 }
+
+/// A backend that answers with a status outside 100–599 (HTTP allows any
+/// three digits; RFC 9110 §15 defines 1xx–5xx). The client gets it, so it
+/// is an answer and must be counted (as `5xx`: a backend speaking nonsense
+/// is a server error), not silently dropped from `requests_total`.
+#[test]
+fn an_odd_status_from_a_backend_is_still_counted() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let odd = listener.local_addr().unwrap().to_string();
+    let server = thread::spawn(move || {
+        // Bounded: the test sends one request.
+        if let Ok((mut s, _)) = listener.accept() {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 999 Odd\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        }
+    });
+    let body = format!(
+        "[services.odd]\nblue = [\"{odd}\"]\ngreen = [\"{odd}\"]\n\n{}",
+        route(None, "/", "odd")
+    );
+    let proxy = ProxyBuilder::new(body).metrics().start();
+    let status = raw_status(
+        &proxy.http_addr(),
+        b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    );
+    server.join().unwrap();
+    assert_ne!(status, 0, "no answer");
+    let logged = poll_until(WAIT, || proxy.stdout_text().lines().count() >= 1);
+    assert!(logged, "no access log line");
+    let counted = poll_until(Duration::from_secs(3), || requests_seen(&proxy) >= 1.0);
+    assert!(
+        counted,
+        "the client got {status}, but requests_total counted nothing:\n{}",
+        proxy.stdout_text()
+    );
+    let m = scrape(&proxy);
+    let class = if (100..600).contains(&status) {
+        format!("status_class=\"{}xx\"", status / 100)
+    } else {
+        "status_class=\"5xx\"".to_string()
+    };
+    assert_eq!(value(&m, "switchyard_requests_total", &[&class]), 1.0);
+}
