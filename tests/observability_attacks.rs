@@ -453,6 +453,18 @@ fn metrics_listener_shrugs_off_abuse() {
     assert_eq!(status, 200);
     assert!(!body.contains("switchyard_"), "{body}");
     assert_eq!(blue.hits(), before + 1);
+    // Nor does naming the metrics listener as the target: an absolute-form
+    // URI is routed by its host like any request, CONNECT is refused.
+    for req in [
+        format!("GET {m}/metrics HTTP/1.1\r\nHost: {maddr}\r\n\r\n"),
+        format!("CONNECT {maddr} HTTP/1.1\r\nHost: {maddr}\r\n\r\n"),
+    ] {
+        let mut c = RawConn::connect(&proxy.http_addr());
+        c.send(req.as_bytes()).unwrap();
+        let r = c.read_response(WAIT).unwrap();
+        assert!(!r.body.contains("switchyard_"), "{req}: {r:?}");
+        assert_ne!(r.status, 200, "{req}: {r:?}");
+    }
 }
 
 /// Before its first issuance an ACME certificate is a self-signed stand-in
