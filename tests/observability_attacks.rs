@@ -611,7 +611,7 @@ fn every_request_counts_once_however_it_arrives() {
         value(&m, "switchyard_in_flight_requests", &[]) == 0.0
             && value(&m, "switchyard_requests_total", &[]) >= answered as f64
     }));
-    let lines_ok = poll_until(WAIT, || proxy.stdout_text().lines().count() >= answered + 1);
+    let lines_ok = poll_until(WAIT, || proxy.stdout_text().lines().count() > answered);
     let m = scrape(&proxy);
     let text = proxy.stdout_text();
     let lines: Vec<Value> = text
