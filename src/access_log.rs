@@ -18,6 +18,7 @@
 //! query, no header values, so no `Authorization`, cookie, API key or
 //! token-budget key can reach the log.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -42,6 +43,21 @@ pub const TARGET: &str = "switchyard::access";
 /// Mode of an access log file switchyard creates (0640): it holds client
 /// addresses, so not world-readable.
 pub const FILE_MODE: u32 = 0o640;
+
+/// Longest request path written, in bytes (4096): a client controls the
+/// path, up to the 64 KiB a URI may have, so a line stays far below Loki's
+/// default line limit (256 KB) and `buffer_lines` queued lines stay a
+/// bounded amount of memory. A longer path is cut and ends with `…`.
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// Longest request method written, in bytes (32): the standard methods
+/// have at most 7 letters, but an extension method is a token of any
+/// length the request header holds (up to Pingora's 1 MiB). A longer one
+/// is cut and ends with `…`.
+pub const MAX_METHOD_BYTES: usize = 32;
+
+/// What a field cut to its bound ends with.
+const CUT: &str = "\u{2026}";
 
 /// Why the access log cannot be written where the config says.
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +174,8 @@ impl Observer for AccessLog {
         if !self.sampled(r) {
             return;
         }
+        let method = bounded(r.method, MAX_METHOD_BYTES);
+        let path = bounded(r.path, MAX_PATH_BYTES);
         let service = r.service.and_then(|i| self.services.get(i));
         let route = r.route.and_then(|i| self.routes.get(i));
         tracing::dispatcher::with_default(&self.dispatch, || {
@@ -165,9 +183,9 @@ impl Observer for AccessLog {
                 target: TARGET,
                 request_id = r.request_id,
                 client = r.client.map(display),
-                method = r.method,
+                method = &*method,
                 host = r.host,
-                path = r.path,
+                path = &*path,
                 status = r.status,
                 service = service.map(String::as_str),
                 color = r.color.map(|c| c.as_str()),
@@ -191,6 +209,20 @@ impl Observer for AccessLog {
             );
         }
     }
+}
+
+/// `text` if it has at most `max` bytes, else its longest start of at
+/// most `max` bytes that ends on a character boundary, then [`CUT`].
+/// Borrows (no allocation) in the usual case.
+fn bounded(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}{CUT}", &text[..end]))
 }
 
 /// Milliseconds with microsecond precision.
@@ -512,6 +544,28 @@ mod tests {
         assert_eq!(got[1]["refusal"], "busy");
         assert_eq!(got[1]["backend"], Value::Null);
         assert_eq!(got[1]["upstream_time_ms"], Value::Null);
+    }
+
+    #[test]
+    fn long_methods_and_paths_are_cut() {
+        assert_eq!(bounded("/short", 8), "/short");
+        assert_eq!(bounded("/abcdefgh", 4), "/abc\u{2026}");
+        // Never inside a character: `é` is two bytes.
+        assert_eq!(bounded("/\u{e9}\u{e9}", 4), "/\u{e9}\u{2026}");
+        let out = capture();
+        let log = log(1.0, 16, out.clone());
+        let path = format!("/{}", "p".repeat(3 * MAX_PATH_BYTES));
+        let method = "M".repeat(10 * MAX_METHOD_BYTES);
+        let mut r = record(200);
+        r.path = &path;
+        r.method = &method;
+        log.observe(&r);
+        let got = lines(&out, 1);
+        let logged = got[0]["path"].as_str().unwrap();
+        assert_eq!(logged.len(), MAX_PATH_BYTES + CUT.len());
+        assert!(logged.ends_with(CUT) && path.starts_with(&logged[..MAX_PATH_BYTES]));
+        let logged = got[0]["method"].as_str().unwrap();
+        assert_eq!(logged, format!("{}{CUT}", &method[..MAX_METHOD_BYTES]));
     }
 
     #[test]

@@ -187,9 +187,12 @@ impl Observer for Metrics {
             }
         }
         // Status 0: the client left before any answer; not "answered".
+        // A backend may send any three digits (RFC 9110 §15) and the
+        // client gets them: beyond 599 it is a server error, not nothing.
         let class = match r.status {
+            0 => return,
             100..=599 => usize::from(r.status / 100 - 1),
-            _ => return,
+            _ => STATUS_CLASSES.len() - 1,
         };
         // A stream's time is how long it stayed open, not latency.
         if !r.stream {
@@ -275,18 +278,20 @@ action = "deny"
         denied.refusal = Some(Refusal::Denied);
         m.observe(&denied);
         m.observe(&record(None, None, 0));
+        m.observe(&record(Some(0), Some(Color::Green), 999));
         let route = "api.example.com/";
         assert_eq!(value(&m, &["api", "green", route, "2xx"]), 1);
         assert_eq!(value(&m, &["api", "blue", route, "5xx"]), 1);
+        assert_eq!(value(&m, &["api", "green", route, "5xx"]), 1);
         assert_eq!(value(&m, &["api", "blue", route, "2xx"]), 0);
         assert_eq!(value(&m, &["none", "none", "*/admin/", "4xx"]), 1);
-        assert_eq!(m.requests_total(), 3);
+        assert_eq!(m.requests_total(), 4);
         let deny = m.families.refusals.with_label_values(&["deny"]).get();
         assert_eq!(deny, 1);
         let sent = m.families.sent_bytes.with_label_values(&["api"]).get();
-        assert_eq!(sent, 10);
+        assert_eq!(sent, 15);
         let h = m.families.duration.with_label_values(&["api", "green"]);
-        assert_eq!(h.get_sample_count(), 1);
+        assert_eq!(h.get_sample_count(), 2);
         m.upstream_error(0, Color::Green, UpstreamErrorKind::Reset);
         let e = m
             .families

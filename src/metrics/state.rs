@@ -46,18 +46,23 @@ pub struct Sources {
 pub struct State {
     pub metrics: Arc<Metrics>,
     pub sources: Sources,
-    /// Scrapes refresh one at a time: a counter is set by reset and add.
+    /// Scrapes refresh one at a time: a counter is raised by reading it and
+    /// adding the difference.
     refresh: Mutex<()>,
 }
 
-/// Sets a counter to a value read elsewhere (monotonic at the source).
+/// Raises a counter to a value read elsewhere; never lowers it. Every
+/// source counts up from start-up, but some values are derived from two
+/// counters read one after the other (a rate limit's admissions are its
+/// checks minus its refusals, and a check is counted a moment before its
+/// refusal), so a scrape can read one a little high and the next one
+/// lower. A counter that went down would read to Prometheus as a restart,
+/// and `rate()` would count its whole value again; holding it until the
+/// source catches up keeps it monotonic.
 fn set_counter(counter: &IntCounter, value: u64) {
     let now = counter.get();
-    if value >= now {
+    if value > now {
         counter.inc_by(value - now);
-    } else {
-        counter.reset();
-        counter.inc_by(value);
     }
 }
 
@@ -108,9 +113,13 @@ impl State {
         self.limits(f);
         if let Some(certs) = &s.certs {
             for c in certs.status() {
+                // 0 until a real certificate is served: the self-signed
+                // stand-in's 7 days are not an expiry to alert on (the
+                // renewal failure alert covers an issuance that fails).
                 let not_after = c
                     .info
                     .as_ref()
+                    .filter(|_| !c.bootstrap)
                     .and_then(|i| i.not_after.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
                 f.certificate_not_after
@@ -240,7 +249,8 @@ impl State {
 
     /// Why the process is not ready, if it is not: a proxy listener that
     /// does not accept, or an active pool with health checks and no
-    /// healthy backend. The config is loaded: the listener runs.
+    /// healthy backend (of a service not in maintenance mode). The config
+    /// is loaded: the listener runs.
     pub async fn not_ready(&self) -> Option<String> {
         for addr in &self.sources.listeners {
             let probe = reachable(*addr);
@@ -257,7 +267,10 @@ impl State {
         let down: Vec<String> = snapshot
             .services
             .iter()
-            .filter(|s| s.gated && s.active_pool().healthy() == 0)
+            // A service in maintenance answers its page on purpose, usually
+            // while its backends are down: not a reason to take switchyard
+            // out of a load balancer (the alert rules exempt it too).
+            .filter(|s| s.gated && !s.maintenance && s.active_pool().healthy() == 0)
             .map(|s| format!("{} ({})", s.name, s.active))
             .collect();
         (!down.is_empty()).then(|| {
@@ -335,4 +348,21 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
         ip => ip,
     };
     SocketAddr::new(ip, addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_counter_never_goes_down() {
+        let c = IntCounter::new("c", "c").unwrap();
+        set_counter(&c, 2);
+        assert_eq!(c.get(), 2);
+        // A derived value read a little high, then exact: no step back.
+        set_counter(&c, 1);
+        assert_eq!(c.get(), 2);
+        set_counter(&c, 5);
+        assert_eq!(c.get(), 5);
+    }
 }
