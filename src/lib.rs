@@ -51,6 +51,7 @@ use crate::limits::rate::RateLimits;
 use crate::limits::tokens::TokenBudgets;
 use crate::limits::Sweeper;
 use crate::pools::Switchboard;
+use crate::record::Observer;
 use crate::respond::Pages;
 use crate::route::RouteTable;
 use crate::slow_clients::HeaderTimeout;
@@ -160,6 +161,13 @@ impl Switchyard {
             .listen
             .metrics
             .map(|_| Arc::new(metrics::Metrics::new(config)));
+        // Told about every finished request, and about the answers
+        // Pingora's parser gives by itself (`slow_clients.rs`).
+        let observers: Vec<Arc<dyn Observer>> = access_log
+            .iter()
+            .map(|log| log.clone() as Arc<dyn Observer>)
+            .chain(metrics.iter().map(|m| m.clone() as Arc<dyn Observer>))
+            .collect();
         let new_proxy = |side| {
             let proxy = proxy::Proxy::new(
                 RouteTable::new(&config.routes),
@@ -171,14 +179,9 @@ impl Switchyard {
             .with_side(side)
             .with_concurrency(concurrency.clone())
             .with_budgets(budgets.clone());
-            let proxy = match &access_log {
-                Some(log) => proxy.with_observer(log.clone()),
-                None => proxy,
-            };
-            match &metrics {
-                Some(m) => proxy.with_observer(m.clone()),
-                None => proxy,
-            }
+            observers
+                .iter()
+                .fold(proxy, |proxy, o| proxy.with_observer(o.clone()))
         };
         let tls_configured = config.listen.https.is_some() || config.acme.is_some();
         let plain_side = match tls_configured {
@@ -199,7 +202,8 @@ impl Switchyard {
             http_proxy(&server.configuration, proxy),
             config.server.header_timeout,
             connections.clone(),
-        );
+        )
+        .with_observers(observers.clone());
         let mut proxy = Service::new("proxy".into(), app);
         proxy.add_listener(
             ListenerConfig::tcp(config.listen.http.to_string())
@@ -225,7 +229,8 @@ impl Switchyard {
             options.h2_idle_timeout = Some(config.server.keepalive_timeout);
             app.server_options = Some(options);
             let app = HeaderTimeout::new(app, config.server.header_timeout, connections.clone())
-                .with_tls(handshakes);
+                .with_tls(handshakes)
+                .with_observers(observers.clone());
             let mut service = Service::new("proxy-https".into(), app);
             service.add_listener(
                 ListenerConfig::tcp(https.to_string())

@@ -67,6 +67,10 @@ pub enum Refusal {
     /// The client's request broke while it was being proxied (framing such
     /// as a bad chunk: 400; a body that stalled: 408).
     Client(u16),
+    /// Pingora's parser answered by itself before any proxy phase ran (400
+    /// for a request it cannot parse, 405 for CONNECT): reported, never sent
+    /// from here.
+    Unparsed(u16),
 }
 
 impl Refusal {
@@ -81,7 +85,7 @@ impl Refusal {
             Refusal::BodyTooLarge(_) => 413,
             Refusal::RateLimited { .. } | Refusal::TokensExhausted { .. } => 429,
             Refusal::Busy(_) | Refusal::Maintenance | Refusal::NoHealthyBackend => 503,
-            Refusal::Upstream(code) | Refusal::Client(code) => code,
+            Refusal::Upstream(code) | Refusal::Client(code) | Refusal::Unparsed(code) => code,
         }
     }
 
@@ -105,7 +109,7 @@ impl Refusal {
             Refusal::Upstream(504) => "upstream timed out".into(),
             Refusal::Upstream(_) => "upstream failed".into(),
             Refusal::Client(408) => "request body not received in time".into(),
-            Refusal::Client(_) => "bad request".into(),
+            Refusal::Client(_) | Refusal::Unparsed(_) => "bad request".into(),
         }
     }
 
@@ -114,9 +118,10 @@ impl Refusal {
         match self {
             Refusal::NoRoute => "no_route",
             Refusal::Denied => "deny",
-            Refusal::BadPath(_) | Refusal::BadHost(_) | Refusal::WebSocketNotAllowed => {
-                "bad_request"
-            }
+            Refusal::BadPath(_)
+            | Refusal::BadHost(_)
+            | Refusal::WebSocketNotAllowed
+            | Refusal::Unparsed(_) => "bad_request",
             Refusal::HeaderTooLarge => "header_too_large",
             Refusal::BodyTooLarge(_) => "body_too_large",
             Refusal::RateLimited { .. } => "rate_limited",
@@ -143,7 +148,8 @@ impl Refusal {
             Refusal::BadPath(_)
             | Refusal::BadHost(_)
             | Refusal::WebSocketNotAllowed
-            | Refusal::Client(_) => ("invalid_request_error", "bad_request", None),
+            | Refusal::Client(_)
+            | Refusal::Unparsed(_) => ("invalid_request_error", "bad_request", None),
             Refusal::Busy(_) => ("server_error", "overloaded", None),
             Refusal::Maintenance => ("server_error", "maintenance", None),
             Refusal::NoHealthyBackend => ("server_error", "no_healthy_backend", None),
@@ -161,6 +167,7 @@ impl Refusal {
                 | Refusal::BodyTooLarge(_)
                 | Refusal::WebSocketNotAllowed
                 | Refusal::BadHost(_)
+                | Refusal::Unparsed(_)
         )
     }
 }

@@ -72,7 +72,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::connections::{Connections, Slot};
+use crate::record::{Observer, RequestRecord};
+use crate::respond::Refusal;
 use crate::tls::handshake::TlsAcceptor;
+use crate::tls::preface;
 
 /// Most bytes of one request header held back (1 MiB, just over Pingora's
 /// own header limit): beyond it the bytes go to Pingora, which answers 400.
@@ -84,6 +87,9 @@ pub struct HeaderTimeout<A> {
     app: Arc<A>,
     timeout: Duration,
     connections: Arc<Connections>,
+    /// Told about the answers Pingora's parser gives by itself, which no
+    /// proxy phase sees (metrics, access log).
+    observers: Arc<[Arc<dyn Observer>]>,
     /// Set on the HTTPS listener: the TLS handshake, done here inside the
     /// header deadline ([`crate::tls::handshake`]).
     tls: Option<Arc<TlsAcceptor>>,
@@ -97,8 +103,16 @@ impl<A> HeaderTimeout<A> {
             app: Arc::new(app),
             timeout,
             connections,
+            observers: Arc::new([]),
             tls: None,
         }
+    }
+
+    /// Reports the answers Pingora gives by itself (400 for a request it
+    /// cannot parse, 405 for CONNECT) to `observers`.
+    pub fn with_observers(mut self, observers: Vec<Arc<dyn Observer>>) -> Self {
+        self.observers = observers.into();
+        self
     }
 
     /// Makes this the HTTPS listener's wrapper: each admitted connection
@@ -164,7 +178,16 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         // HTTP/2 is not wrapped below; its preface still comes by the deadline.
         let stream = match h2 && self.tls.is_some() {
-            true => Box::pin(crate::tls::preface::read(stream, deadline)).await?,
+            true => match Box::pin(preface::read(stream, deadline)).await {
+                Ok(stream) => stream,
+                // Counted as an HTTP/1 header past its deadline is.
+                Err(preface::Missing::Late) => {
+                    let stats = &self.connections.stats;
+                    stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                Err(preface::Missing::Other) => return None,
+            },
             false => stream,
         };
         let stream: Stream = match admission.slot() {
@@ -174,6 +197,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderTimeout<A> {
                 deadline,
                 slot,
                 self.connections.clone(),
+                self.observers.clone(),
             )),
             _ => stream,
         };
@@ -230,6 +254,7 @@ struct Guarded {
     /// The ticket of the current idle period, 0 when busy.
     idle: u64,
     connections: Arc<Connections>,
+    observers: Arc<[Arc<dyn Observer>]>,
 }
 
 /// Finds the empty line that ends an HTTP/1 header, across reads, and
@@ -281,6 +306,7 @@ impl Guarded {
         deadline: Instant,
         slot: Arc<Slot>,
         connections: Arc<Connections>,
+        observers: Arc<[Arc<dyn Observer>]>,
     ) -> Guarded {
         let ticket = connections.ticket();
         // False only if the slot was already taken out of the idle set
@@ -302,6 +328,36 @@ impl Guarded {
             slot,
             idle,
             connections,
+            observers,
+        }
+    }
+
+    /// Tells the observers about an answer Pingora's parser gave by itself:
+    /// nothing of the request is known but its client.
+    fn report_own_answer(&self, status: u16) {
+        if self.observers.is_empty() {
+            return;
+        }
+        let record = RequestRecord {
+            request_id: "-",
+            client: peer_ip(&self.inner),
+            method: "-",
+            host: None,
+            path: "-",
+            status,
+            service: None,
+            color: None,
+            route: None,
+            backend: None,
+            upstream_time: None,
+            total_time: Duration::ZERO,
+            bytes_in: 0,
+            bytes_out: 0,
+            refusal: Some(Refusal::Unparsed(status)),
+            stream: false,
+        };
+        for observer in self.observers.iter() {
+            observer.observe(&record);
         }
     }
 
@@ -542,10 +598,11 @@ impl AsyncWrite for Guarded {
                     this.deadline = None;
                     this.held = Vec::new();
                     // Only Pingora's own error answers carry its name.
-                    if let Some(head) = code
+                    if let Some((code, head)) = code
                         .filter(|c| *c >= 400)
-                        .and_then(|_| rewrite_server(data))
+                        .and_then(|c| Some((c, rewrite_server(data)?)))
                     {
+                        this.report_own_answer(code);
                         return this.write_rewritten(cx, head, data.len());
                     }
                 }
@@ -556,6 +613,7 @@ impl AsyncWrite for Guarded {
             // answer is recognised by shape: one write holding a whole 4xx/5xx
             // head with `Content-Length: 0`, which is how Pingora writes them.
             if let Some(head) = rewrite_server(data) {
+                this.report_own_answer(status_code(data).unwrap_or(400));
                 return this.write_rewritten(cx, head, data.len());
             }
         }
@@ -733,6 +791,7 @@ mod tests {
                 Instant::now() + timeout,
                 slot,
                 table.clone(),
+                Arc::new([]),
             ),
             client,
             table,

@@ -31,28 +31,36 @@ use tokio::time::Instant;
 /// (RFC 9113 §3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Why no HTTP/2 preface came (the connection is then dropped, which closes
+/// it; logged at debug).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// Not by the deadline: a slow client, counted as such by the caller.
+    Late,
+    /// Something else came, or the client closed.
+    Other,
+}
+
 /// Reads the HTTP/2 preface from `stream` by `deadline`. Returns the stream
-/// with the preface put back in front, or `None` (the connection is then
-/// dropped, which closes it; logged at debug) when the client sent
-/// something else, closed, or was too slow.
-pub async fn read(mut stream: Stream, deadline: Instant) -> Option<Stream> {
+/// with the preface put back in front, or why there was none.
+pub async fn read(mut stream: Stream, deadline: Instant) -> Result<Stream, Missing> {
     let mut got = [0u8; PREFACE.len()];
     match tokio::time::timeout_at(deadline, stream.read_exact(&mut got)).await {
-        Ok(Ok(_)) if got == *PREFACE => Some(Box::new(Replay {
+        Ok(Ok(_)) if got == *PREFACE => Ok(Box::new(Replay {
             inner: stream,
             pos: 0,
         })),
         Ok(Ok(_)) => {
             tracing::debug!("not an HTTP/2 connection preface after ALPN h2; connection closed");
-            None
+            Err(Missing::Other)
         }
         Ok(Err(e)) => {
             tracing::debug!(cause = %e, "HTTP/2 connection preface not received; connection closed");
-            None
+            Err(Missing::Other)
         }
         Err(_) => {
             tracing::debug!("HTTP/2 connection preface not received in time; connection closed");
-            None
+            Err(Missing::Late)
         }
     }
 }
@@ -198,12 +206,18 @@ mod tests {
             .await
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        assert!(read(Box::new(server), deadline).await.is_none());
+        assert_eq!(
+            read(Box::new(server), deadline).await.err(),
+            Some(Missing::Other)
+        );
 
         tokio::time::pause();
         let (server, _client) = tokio::io::duplex(64);
         let deadline = Instant::now() + Duration::from_secs(10);
         // The paused clock jumps to the deadline: no real waiting.
-        assert!(read(Box::new(server), deadline).await.is_none());
+        assert_eq!(
+            read(Box::new(server), deadline).await.err(),
+            Some(Missing::Late)
+        );
     }
 }
