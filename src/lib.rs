@@ -84,6 +84,11 @@ const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Client connections the metrics listener holds at once (64): a scraper
 /// or two and a health prober.
 const METRICS_MAX_CONNECTIONS: usize = 64;
+/// Longest a request header to the metrics listener may take (2 s, or
+/// `server.header_timeout` if shorter): a scraper sends its request at
+/// once, and a shorter deadline frees the listener's few connections
+/// sooner from clients that hold them open without a request.
+const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Process-level switches from the command line.
 #[derive(Debug, Default, Clone)]
@@ -331,7 +336,7 @@ impl Switchyard {
             // The admin API's wrapper: header deadline and a small cap.
             let app = HeaderTimeout::new(
                 HttpServer::new_app(metrics::listener::MetricsApi::new(state)),
-                config.server.header_timeout,
+                config.server.header_timeout.min(METRICS_HEADER_TIMEOUT),
                 Arc::new(Connections::new(METRICS_MAX_CONNECTIONS, None)),
             );
             let mut service = Service::new("metrics".into(), app);
