@@ -126,8 +126,11 @@ fn scrape(proxy: &Proxy) -> Scrape {
 
 /// A scrape once `n` requests have been observed. A request is counted in
 /// the proxy's `logging` phase, after its answer went out, so a client can
-/// see the answer a moment before the count;
-/// `requests_total` is the last family the observer updates.
+/// see the answer a moment before the count. `requests_total` is the last
+/// family the observer updates, but one scrape reads the families one after
+/// the other (in name order: `refusals_total` before `requests_total`), so
+/// an observation can land between them: once the count is reached, a
+/// second scrape sees every family of those requests.
 fn observed(proxy: &Proxy, n: usize) -> Scrape {
     let mut last = None;
     let done = poll_until(WAIT, || {
@@ -139,7 +142,7 @@ fn observed(proxy: &Proxy, n: usize) -> Scrape {
     });
     let m = last.expect("scraped at least once");
     assert!(done, "fewer than {n} requests observed:\n{}", m.text);
-    m
+    scrape(proxy)
 }
 
 /// `promtool check metrics` on `text`; a missing promtool fails the test.
