@@ -421,7 +421,14 @@ impl Switchboard {
             .service(service)?
             .previous
             .ok_or_else(|| SwitchError::NoPrevious(service.to_string()))?;
-        self.switch(service, previous, SwitchKind::Rollback, reason, force, actor)
+        self.switch(
+            service,
+            previous,
+            SwitchKind::Rollback,
+            reason,
+            force,
+            actor,
+        )
     }
 
     /// Turns maintenance mode of `service` on or off; `actor` is logged
@@ -589,7 +596,14 @@ green = ["127.0.0.1:3"]
     fn errors_change_nothing() {
         let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
         assert!(matches!(
-            board.switch("nope", Color::Green, SwitchKind::Switch, None, false, &who()),
+            board.switch(
+                "nope",
+                Color::Green,
+                SwitchKind::Switch,
+                None,
+                false,
+                &who()
+            ),
             Err(SwitchError::UnknownService(_))
         ));
         assert!(matches!(
@@ -614,7 +628,8 @@ min_healthy = 1
         )
         .unwrap();
         let board = Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap();
-        let switch = |force| board.switch("api", Color::Green, SwitchKind::Switch, None, force, &who());
+        let switch =
+            |force| board.switch("api", Color::Green, SwitchKind::Switch, None, force, &who());
         // Unknown health does not count as healthy.
         let err = switch(false).unwrap_err().to_string();
         assert!(err.contains("0 healthy backends of 1 required"), "{err}");
@@ -640,9 +655,19 @@ min_healthy = 1
     #[test]
     fn maintenance_is_part_of_the_snapshot() {
         let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
-        assert!(board.set_maintenance("api", true, &who()).unwrap().maintenance);
+        assert!(
+            board
+                .set_maintenance("api", true, &who())
+                .unwrap()
+                .maintenance
+        );
         assert!(board.load().services[0].maintenance);
-        assert!(!board.set_maintenance("api", false, &who()).unwrap().maintenance);
+        assert!(
+            !board
+                .set_maintenance("api", false, &who())
+                .unwrap()
+                .maintenance
+        );
         assert!(matches!(
             board.set_maintenance("nope", true, &who()),
             Err(SwitchError::UnknownService(_))

@@ -348,9 +348,9 @@ pub fn dispatch(
         } => Ok(service_json(
             &board.rollback(&service, reason, force, actor)?,
         )),
-        Command::Maintenance { service, on } => Ok(service_json(
-            &board.set_maintenance(&service, on, actor)?,
-        )),
+        Command::Maintenance { service, on } => {
+            Ok(service_json(&board.set_maintenance(&service, on, actor)?))
+        }
         Command::Certs => {
             let list: Vec<Value> = certs
                 .map(CertStore::status)
@@ -765,7 +765,10 @@ mod tests {
         ] {
             assert!(matches!(get(bad), Err(ApiError::BadRequest(_))), "{bad}");
         }
-        assert_eq!(get("/history?").unwrap(), Command::History { service: None });
+        assert_eq!(
+            get("/history?").unwrap(),
+            Command::History { service: None }
+        );
         let fine = "{\"to\":\"blue\",\"reason\":\"deploy 1.4 — ok\"}";
         assert!(post("/services/api/switch", fine).is_ok());
     }

@@ -68,7 +68,9 @@ impl Tokens {
     /// about which token came close or which one matched (only the tokens'
     /// lengths could show, which does not help a guesser).
     pub fn identify(&self, header: Option<&[u8]>) -> Option<&str> {
-        let presented = header.and_then(|h| h.strip_prefix(b"Bearer "))?.trim_ascii();
+        let presented = header
+            .and_then(|h| h.strip_prefix(b"Bearer "))?
+            .trim_ascii();
         // 1-based index of the match; 0: none. Values are distinct (checked
         // at load), so at most one matches.
         let mut found = 0u32;
@@ -122,7 +124,10 @@ pub enum TokenError {
 /// it, `default` (`admin.token_file`; a file that does not exist just
 /// leaves it out), then each `[[admin.tokens]]` entry, whose file must
 /// exist. `Ok(None)`: no token at all, the admin API stays off.
-pub fn load_tokens(admin: &config::Admin, env: Option<String>) -> Result<Option<Tokens>, TokenError> {
+pub fn load_tokens(
+    admin: &config::Admin,
+    env: Option<String>,
+) -> Result<Option<Tokens>, TokenError> {
     let (tokens, mut problems) = read_tokens(admin, env);
     match problems.is_empty() {
         true => Ok((!tokens.0.is_empty()).then_some(tokens)),
@@ -137,10 +142,7 @@ pub fn check_tokens(admin: &config::Admin, env: Option<String>) -> Vec<(String, 
     read_tokens(admin, env).1
 }
 
-fn read_tokens(
-    admin: &config::Admin,
-    env: Option<String>,
-) -> (Tokens, Vec<(String, TokenError)>) {
+fn read_tokens(admin: &config::Admin, env: Option<String>) -> (Tokens, Vec<(String, TokenError)>) {
     let mut tokens = Tokens(Vec::new());
     let mut problems = Vec::new();
     let default_name = match env {
@@ -337,7 +339,10 @@ mod tests {
             .collect();
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert_eq!(problems[0].0, "admin.tokens.file#1");
-        assert!(problems[0].1.contains("same value as token \"ci\""), "{problems:?}");
+        assert!(
+            problems[0].1.contains("same value as token \"ci\""),
+            "{problems:?}"
+        );
         assert_eq!(problems[1].0, "admin.tokens.file#2");
         assert!(problems[1].1.contains("does not exist"), "{problems:?}");
         assert_eq!(problems[2].0, "admin.tokens.file#3");

@@ -290,7 +290,9 @@ impl Validator<'_> {
             if tokens.iter().any(|other| other.name == *name) {
                 self.at(
                     &t.name,
-                    format!("admin token name {name:?} is used twice; every token needs its own name"),
+                    format!(
+                        "admin token name {name:?} is used twice; every token needs its own name"
+                    ),
                 );
                 continue;
             }
@@ -384,9 +386,21 @@ mod tests {
              [[admin.tokens]]\nname = \"x\"\n{SERVICE}"
         );
         let err = Config::parse(path, &text).unwrap_err().to_string();
-        assert!(err.contains("t.toml:5:8: admin token name \"ci\" is used twice"), "{err}");
-        assert!(err.contains("t.toml:8:8: bad admin token name \"CI\""), "{err}");
-        assert!(err.contains("t.toml:11:8: admin token name \"default\" is reserved"), "{err}");
-        assert!(err.contains("t.toml:13:1: missing required key `file`"), "{err}");
+        assert!(
+            err.contains("t.toml:5:8: admin token name \"ci\" is used twice"),
+            "{err}"
+        );
+        assert!(
+            err.contains("t.toml:8:8: bad admin token name \"CI\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("t.toml:11:8: admin token name \"default\" is reserved"),
+            "{err}"
+        );
+        assert!(
+            err.contains("t.toml:13:1: missing required key `file`"),
+            "{err}"
+        );
     }
 }
