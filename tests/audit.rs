@@ -348,7 +348,7 @@ fn check_refuses_bad_token_entries_at_their_key() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("umask 077; head -c 32 /dev/urandom"))
+        stderr.contains("umask 077; head -c 32 /dev/urandom")
             && stderr.contains(gone.to_str().unwrap()),
         "{stderr}"
     );
