@@ -477,6 +477,13 @@ fn ctl_token(target: &Target, config: Option<&Config>) -> anyhow::Result<auth::T
     match auth::load_token(&source, env)? {
         Some(token) => Ok(token),
         None => match config {
+            Some(c) if !c.admin.tokens.is_empty() => bail!(
+                "no admin token: {} has no admin.token_file; pass --token-file with your \
+                 [[admin.tokens]] file (e.g. {}) or set {}",
+                c.path.display(),
+                config::show_path(&c.admin.tokens[0].file),
+                auth::TOKEN_ENV
+            ),
             Some(c) => bail!(
                 "no admin token: {} has no admin.token_file; set {} or pass --token-file FILE",
                 c.path.display(),

@@ -369,3 +369,28 @@ fn a_world_readable_named_token_refuses_start() {
     assert!(log.contains("chmod 600"), "{log}");
     assert!(!log.contains(CI_TOKEN), "{log}");
 }
+
+#[test]
+fn ctl_with_only_named_tokens_in_the_config_says_to_pass_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ci = token_file(dir.path(), "ci", CI_TOKEN, 0o600);
+    let config = dir.path().join("switchyard.toml");
+    let text = format!(
+        "[listen]\nadmin = \"127.0.0.1:{}\"\n[admin]\n{}{}",
+        free_port(),
+        token_tables(&[("ci", &ci)]),
+        "[services.api]\nblue = [\"127.0.0.1:1\"]\ngreen = [\"127.0.0.1:2\"]\n"
+    );
+    fs::write(&config, text).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["ctl", "-c", config.to_str().unwrap(), "status"])
+        .env_remove(TOKEN_ENV)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--token-file") && stderr.contains(ci.to_str().unwrap()),
+        "{stderr}"
+    );
+}
