@@ -133,7 +133,7 @@ impl Switchyard {
     /// Builds the proxy, the admin API (when a token is configured) and the
     /// drain watcher from a validated config. Binds nothing yet.
     pub fn build(config: &Config, opts: &RunOptions) -> Result<Switchyard, StartError> {
-        let token = auth::load_token(&config.admin, std::env::var(auth::TOKEN_ENV).ok())?;
+        let token = auth::load_tokens(&config.admin, std::env::var(auth::TOKEN_ENV).ok())?;
         let store = FileStore::open(&config.server.state_dir)?;
         let board = Arc::new(Switchboard::new(config, Box::new(store))?);
         // Everything that can fail is read before Pingora touches any socket.
@@ -309,7 +309,7 @@ impl Switchyard {
                 tracing::info!(listen = %config.listen.admin, "admin API enabled");
             }
             None => tracing::warn!(
-                "admin API disabled: no token configured (set {} or create admin.token_file, mode 0600)",
+                "admin API disabled: no token configured (set {}, or create admin.token_file or [[admin.tokens]] files, mode 0600)",
                 auth::TOKEN_ENV
             ),
         }

@@ -123,8 +123,15 @@ enum CtlAction {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
-    /// List past switches, oldest first.
-    History,
+    /// List past switches, oldest first, with who made each and why.
+    History {
+        /// Only this service's switches, e.g. `web`.
+        #[arg(value_name = "SERVICE")]
+        service: Option<String>,
+        /// The same as SERVICE, for scripts that prefer a flag.
+        #[arg(long = "service", value_name = "SERVICE", conflicts_with = "service")]
+        service_flag: Option<String>,
+    },
     /// Show the concurrency caps (in flight, queued, top keys) and rate limits.
     Limits,
     /// List the HTTPS certificates: names, issuer, serial, expiry, renewal state.
@@ -234,7 +241,10 @@ fn check(path: &Path) -> ExitCode {
     };
     if let Some(missing) = missing_token_file(&config) {
         println!("warning: {missing}");
-    } else if config.admin.token_file.is_none() && std::env::var_os(auth::TOKEN_ENV).is_none() {
+    } else if config.admin.token_file.is_none()
+        && config.admin.tokens.is_empty()
+        && std::env::var_os(auth::TOKEN_ENV).is_none()
+    {
         println!("note: no admin token configured; the admin API will stay off");
     }
     match config.listen.metrics {
@@ -255,8 +265,12 @@ fn check(path: &Path) -> ExitCode {
 /// names it. Relative paths in a message say what they are relative to.
 fn check_files(config: &Config) -> Vec<config::ConfigError> {
     let mut problems = Vec::new();
-    if let Err(e) = auth::load_token(&config.admin, std::env::var(auth::TOKEN_ENV).ok()) {
-        problems.push(config.error_at("admin.token_file", e.to_string()));
+    for (key, e) in auth::check_tokens(&config.admin, std::env::var(auth::TOKEN_ENV).ok()) {
+        let message = match config.admin.tokens.get(key_index(&key)) {
+            Some(named) => format!("{e}{}", relative_note("file", &named.file)),
+            None => e.to_string(),
+        };
+        problems.push(config.error_at(&key, message));
     }
     let state_dir = &config.server.state_dir;
     if let Err(e) = FileStore::existing(state_dir).load() {
@@ -317,6 +331,13 @@ fn check_static_certificates(config: &Config) -> Vec<config::ConfigError> {
     problems
 }
 
+/// `I` of a key `NAME#I`; `usize::MAX` for a key without an index.
+fn key_index(key: &str) -> usize {
+    key.rsplit_once('#')
+        .and_then(|(_, i)| i.parse().ok())
+        .unwrap_or(usize::MAX)
+}
+
 /// For a relative path: what it is relative to, for an error message.
 fn relative_note(key: &str, path: &Path) -> String {
     match config::relative_to(path).filter(|_| !path.as_os_str().is_empty()) {
@@ -333,9 +354,12 @@ fn missing_token_file(config: &Config) -> Option<String> {
     if std::env::var_os(auth::TOKEN_ENV).is_some() || file.exists() {
         return None;
     }
+    let effect = match config.admin.tokens.is_empty() {
+        true => "so the admin API will stay off",
+        false => "so only the [[admin.tokens]] are accepted",
+    };
     Some(format!(
-        "admin.token_file {} does not exist, so the admin API will stay off. Create it \
-         (mode 0600) with:\n  {}",
+        "admin.token_file {} does not exist, {effect}. Create it (mode 0600) with:\n  {}",
         config::show_path(file),
         auth::create_token_command(file)
     ))
@@ -448,10 +472,18 @@ fn ctl_token(target: &Target, config: Option<&Config>) -> anyhow::Result<auth::T
     let source = config::Admin {
         token_file: file,
         allow: Vec::new(),
+        tokens: Vec::new(),
     };
     match auth::load_token(&source, env)? {
         Some(token) => Ok(token),
         None => match config {
+            Some(c) if !c.admin.tokens.is_empty() => bail!(
+                "no admin token: {} has no admin.token_file; pass --token-file with your \
+                 [[admin.tokens]] file (e.g. {}) or set {}",
+                c.path.display(),
+                config::show_path(&c.admin.tokens[0].file),
+                auth::TOKEN_ENV
+            ),
             Some(c) => bail!(
                 "no admin token: {} has no admin.token_file; set {} or pass --token-file FILE",
                 c.path.display(),
@@ -508,7 +540,12 @@ fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
     let mut before = None;
     let cmd = match action {
         CtlAction::Status => Command::Status,
-        CtlAction::History => Command::History,
+        CtlAction::History {
+            service,
+            service_flag,
+        } => Command::History {
+            service: service.or(service_flag),
+        },
         CtlAction::Switch {
             service,
             color,
@@ -612,18 +649,21 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
                  issued (watch: switchyard ctl certs)"
             );
         }
-        Command::History => {
+        Command::History { service } => {
             let events = reply["events"].as_array().cloned().unwrap_or_default();
-            if events.is_empty() {
-                println!("no switches yet");
+            match (events.is_empty(), service) {
+                (true, Some(service)) => println!("no switches of {service} yet"),
+                (true, None) => println!("no switches yet"),
+                _ => {}
             }
             for e in events {
                 println!(
-                    "{}  {:<12} {:>5} -> {:<5}  {}",
+                    "{}  {:<12} {:>5} -> {:<5}  by {:<20} {}",
                     s(&e["time"]),
                     s(&e["service"]),
                     s(&e["from"]),
                     s(&e["to"]),
+                    s(&e["actor"]),
                     s(&e["reason"])
                 );
             }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::health::{Health, HealthStatus};
-use crate::store::{Event, SavedService, SavedState, StateStore, StoreError};
+use crate::store::{Actor, Event, SavedService, SavedState, StateStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -349,6 +349,7 @@ impl Switchboard {
     /// Makes `to` the active color of `service`. Returns once every new request
     /// goes to `to`; switching to the active color changes nothing. Unless
     /// `force`, a color without enough healthy backends is refused.
+    /// `actor` is recorded in the history with the reason.
     pub fn switch(
         &self,
         service: &str,
@@ -356,6 +357,7 @@ impl Switchboard {
         kind: SwitchKind,
         reason: Option<String>,
         force: bool,
+        actor: &Actor,
     ) -> Result<ServiceState, SwitchError> {
         let from = self.change(service, |state| {
             if state.active == to {
@@ -389,13 +391,14 @@ impl Switchboard {
                 }
                 .to_string()
             });
-            tracing::info!(service, %from, %to, force, reason = %reason, "switched");
+            tracing::info!(service, %from, %to, force, reason = %reason, %actor, "switched");
             let event = Event {
                 time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                 service: service.to_string(),
                 from,
                 to,
                 reason,
+                actor: actor.clone(),
             };
             if let Err(err) = self.store.append_history(&event) {
                 // The switch itself is durable and live; losing the history line is
@@ -412,23 +415,37 @@ impl Switchboard {
         service: &str,
         reason: Option<String>,
         force: bool,
+        actor: &Actor,
     ) -> Result<ServiceState, SwitchError> {
         let previous = self
             .service(service)?
             .previous
             .ok_or_else(|| SwitchError::NoPrevious(service.to_string()))?;
-        self.switch(service, previous, SwitchKind::Rollback, reason, force)
+        self.switch(
+            service,
+            previous,
+            SwitchKind::Rollback,
+            reason,
+            force,
+            actor,
+        )
     }
 
-    /// Turns maintenance mode of `service` on or off.
-    pub fn set_maintenance(&self, service: &str, on: bool) -> Result<ServiceState, SwitchError> {
+    /// Turns maintenance mode of `service` on or off; `actor` is logged
+    /// (maintenance is not a color change, so it is not in the history).
+    pub fn set_maintenance(
+        &self,
+        service: &str,
+        on: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
         let changed = self.change(service, |state| {
             let changed = state.maintenance != on;
             state.maintenance = on;
             Ok(changed)
         })?;
         if changed {
-            tracing::info!(service, on, "maintenance mode");
+            tracing::info!(service, on, %actor, "maintenance mode");
         }
         self.service(service)
     }
@@ -478,8 +495,10 @@ impl Switchboard {
             .map_or([0; 3], |c| c.each_ref().map(|n| n.load(Ordering::Relaxed)))
     }
 
-    pub fn history(&self) -> Result<Vec<Event>, StoreError> {
-        self.store.history()
+    /// The last [`crate::store::HISTORY_LIMIT`] color changes, oldest
+    /// first; of `service` only, when given.
+    pub fn history(&self, service: Option<&str>) -> Result<Vec<Event>, StoreError> {
+        self.store.history(service)
     }
 
     /// Requests in flight across every pool.
@@ -516,6 +535,10 @@ fn saved_state(snap: &Snapshot) -> SavedState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn who() -> Actor {
+        Actor::token("test")
+    }
     use crate::store::MemoryStore;
     use std::path::Path;
 
@@ -547,7 +570,7 @@ green = ["127.0.0.1:3"]
         let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
         let before = board.load();
         let after = board
-            .switch("api", Color::Green, SwitchKind::Switch, None, false)
+            .switch("api", Color::Green, SwitchKind::Switch, None, false, &who())
             .unwrap();
         assert_eq!(after.active, Color::Green);
         assert_eq!(after.previous, Some(Color::Blue));
@@ -558,10 +581,10 @@ green = ["127.0.0.1:3"]
             before.services[0].pool(Color::Green),
             board.load().services[0].pool(Color::Green)
         ));
-        let back = board.rollback("api", None, false).unwrap();
+        let back = board.rollback("api", None, false, &who()).unwrap();
         assert_eq!(back.active, Color::Blue);
         let reasons: Vec<String> = board
-            .history()
+            .history(None)
             .unwrap()
             .into_iter()
             .map(|e| e.reason)
@@ -573,15 +596,22 @@ green = ["127.0.0.1:3"]
     fn errors_change_nothing() {
         let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
         assert!(matches!(
-            board.switch("nope", Color::Green, SwitchKind::Switch, None, false),
+            board.switch(
+                "nope",
+                Color::Green,
+                SwitchKind::Switch,
+                None,
+                false,
+                &who()
+            ),
             Err(SwitchError::UnknownService(_))
         ));
         assert!(matches!(
-            board.rollback("api", None, false),
+            board.rollback("api", None, false, &who()),
             Err(SwitchError::NoPrevious(_))
         ));
         assert_eq!(board.load().services[0].active, Color::Blue);
-        assert!(board.history().unwrap().is_empty());
+        assert!(board.history(None).unwrap().is_empty());
     }
 
     #[test]
@@ -598,7 +628,8 @@ min_healthy = 1
         )
         .unwrap();
         let board = Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap();
-        let switch = |force| board.switch("api", Color::Green, SwitchKind::Switch, None, force);
+        let switch =
+            |force| board.switch("api", Color::Green, SwitchKind::Switch, None, force, &who());
         // Unknown health does not count as healthy.
         let err = switch(false).unwrap_err().to_string();
         assert!(err.contains("0 healthy backends of 1 required"), "{err}");
@@ -612,8 +643,8 @@ min_healthy = 1
         // An unhealthy backend leaves rotation.
         assert!((0..4).all(|_| green.select(None).unwrap().addr.port() == 4));
         // Blue was never checked: rolling back to it needs force too.
-        assert!(board.rollback("api", None, false).is_err());
-        board.rollback("api", None, true).unwrap();
+        assert!(board.rollback("api", None, false, &who()).is_err());
+        board.rollback("api", None, true, &who()).unwrap();
         green.backends[1]
             .health
             .record(Err("status 500".into()), 1, 1);
@@ -624,11 +655,21 @@ min_healthy = 1
     #[test]
     fn maintenance_is_part_of_the_snapshot() {
         let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
-        assert!(board.set_maintenance("api", true).unwrap().maintenance);
+        assert!(
+            board
+                .set_maintenance("api", true, &who())
+                .unwrap()
+                .maintenance
+        );
         assert!(board.load().services[0].maintenance);
-        assert!(!board.set_maintenance("api", false).unwrap().maintenance);
+        assert!(
+            !board
+                .set_maintenance("api", false, &who())
+                .unwrap()
+                .maintenance
+        );
         assert!(matches!(
-            board.set_maintenance("nope", true),
+            board.set_maintenance("nope", true, &who()),
             Err(SwitchError::UnknownService(_))
         ));
     }

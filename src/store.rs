@@ -48,6 +48,53 @@ pub struct Event {
     pub from: Color,
     pub to: Color,
     pub reason: String,
+    /// Who or what made the change. Lines written before it was recorded
+    /// read as [`Actor::UNRECORDED`].
+    #[serde(default = "Actor::unrecorded")]
+    pub actor: Actor,
+}
+
+/// Who or what changed a service's state, as the history records it:
+/// `token:NAME` for the admin token named NAME (`default`, `env` or an
+/// `[[admin.tokens]]` name), or one of switchyard's own movers (`deploy`,
+/// `rollback-watcher`, `reload`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Actor(String);
+
+impl Actor {
+    /// `ctl deploy` walking its steps.
+    pub const DEPLOY: &'static str = "deploy";
+    /// The automatic rollback watcher.
+    pub const ROLLBACK_WATCHER: &'static str = "rollback-watcher";
+    /// A config reload.
+    pub const RELOAD: &'static str = "reload";
+    /// History lines from before the actor was recorded.
+    pub const UNRECORDED: &'static str = "unrecorded";
+
+    /// The holder of the admin token named `name`.
+    pub fn token(name: &str) -> Actor {
+        Actor(format!("token:{name}"))
+    }
+
+    /// One of switchyard's own movers, e.g. [`Actor::DEPLOY`].
+    pub fn internal(what: &'static str) -> Actor {
+        Actor(what.to_string())
+    }
+
+    fn unrecorded() -> Actor {
+        Actor(Self::UNRECORDED.to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +117,9 @@ pub trait StateStore: Send + Sync {
     fn load(&self) -> Result<Option<SavedState>, StoreError>;
     fn save(&self, state: &SavedState) -> Result<(), StoreError>;
     fn append_history(&self, event: &Event) -> Result<(), StoreError>;
-    /// The last [`HISTORY_LIMIT`] events, oldest first.
-    fn history(&self) -> Result<Vec<Event>, StoreError>;
+    /// The last [`HISTORY_LIMIT`] events (of `service` only, when given),
+    /// oldest first.
+    fn history(&self, service: Option<&str>) -> Result<Vec<Event>, StoreError>;
 }
 
 /// State kept in files under `state_dir`.
@@ -188,7 +236,7 @@ impl StateStore for FileStore {
         f.sync_data().map_err(io_err(&path))
     }
 
-    fn history(&self) -> Result<Vec<Event>, StoreError> {
+    fn history(&self, service: Option<&str>) -> Result<Vec<Event>, StoreError> {
         let path = self.path(Self::HISTORY_FILE);
         let f = match File::open(&path) {
             Ok(f) => f,
@@ -202,6 +250,7 @@ impl StateStore for FileStore {
                 continue;
             }
             match serde_json::from_str::<Event>(&line) {
+                Ok(e) if service.is_some_and(|s| s != e.service) => {}
                 Ok(e) => events.push_back(e),
                 // A torn last line (crash mid-append) must not hide the rest.
                 Err(e) => tracing::warn!(
@@ -240,8 +289,10 @@ impl StateStore for MemoryStore {
         self.events.lock().unwrap().push(event.clone());
         Ok(())
     }
-    fn history(&self) -> Result<Vec<Event>, StoreError> {
-        Ok(self.events.lock().unwrap().clone())
+    fn history(&self, service: Option<&str>) -> Result<Vec<Event>, StoreError> {
+        let events = self.events.lock().unwrap();
+        let of = |e: &&Event| service.is_none_or(|s| s == e.service);
+        Ok(events.iter().filter(of).cloned().collect())
     }
 }
 
@@ -256,7 +307,28 @@ mod tests {
             from: Color::Blue,
             to: Color::Green,
             reason: "r".into(),
+            actor: Actor::token("ci"),
         }
+    }
+
+    #[test]
+    fn history_filters_by_service_and_reads_lines_without_actor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        // As written before the actor was recorded.
+        let old = r#"{"time":"t0","service":"web","from":"blue","to":"green","reason":"old"}"#;
+        fs::write(dir.path().join(FileStore::HISTORY_FILE), format!("{old}\n")).unwrap();
+        store.append_history(&event(1)).unwrap();
+        let all = store.history(None).unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[0].actor.as_str(), Actor::UNRECORDED);
+        assert_eq!(all[0].reason, "old");
+        assert_eq!(all[1].actor.as_str(), "token:ci");
+        assert_eq!(store.history(Some("api")).unwrap(), vec![event(1)]);
+        assert_eq!(store.history(Some("web")).unwrap(), vec![all[0].clone()]);
+        assert!(store.history(Some("nope")).unwrap().is_empty());
+        let line = serde_json::to_string(&event(1)).unwrap();
+        assert!(line.contains(r#""actor":"token:ci""#), "{line}");
     }
 
     #[test]
@@ -280,7 +352,7 @@ mod tests {
         assert_eq!(store.load().unwrap(), Some(state));
         store.append_history(&event(1)).unwrap();
         store.append_history(&event(2)).unwrap();
-        assert_eq!(store.history().unwrap(), vec![event(1), event(2)]);
+        assert_eq!(store.history(None).unwrap(), vec![event(1), event(2)]);
     }
 
     #[test]
@@ -305,8 +377,8 @@ mod tests {
         let path = dir.path().join(FileStore::HISTORY_FILE);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"time\": \"t2\", \"serv").unwrap();
-        assert_eq!(store.history().unwrap(), vec![event(1)]);
+        assert_eq!(store.history(None).unwrap(), vec![event(1)]);
         store.append_history(&event(3)).unwrap();
-        assert_eq!(store.history().unwrap(), vec![event(1), event(3)]);
+        assert_eq!(store.history(None).unwrap(), vec![event(1), event(3)]);
     }
 }

@@ -15,11 +15,12 @@ use pingora::protocols::http::ServerSession;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::auth::{self, Token};
+use super::auth::{self, Tokens};
 use crate::limits::concurrency::{Concurrency, ConcurrencyCaps};
 use crate::limits::rate::RateLimits;
 use crate::limits::tokens::{TokenBudget, TokenBudgets, TokenCounts};
 use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard};
+use crate::store::Actor;
 use crate::tls::store::{CertStatus, CertStore, RenewError};
 
 /// Keys listed per concurrency cap by `GET /limits` (10): the heaviest.
@@ -39,7 +40,11 @@ pub const MAX_BODY: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Status,
-    History,
+    /// Past color changes, of one service when `service` is set
+    /// (`GET /history?service=NAME`).
+    History {
+        service: Option<String>,
+    },
     Switch {
         service: String,
         to: Color,
@@ -71,7 +76,10 @@ impl Command {
     pub fn to_request(&self) -> (Method, String, Option<Value>) {
         match self {
             Command::Status => (Method::GET, "/status".into(), None),
-            Command::History => (Method::GET, "/history".into(), None),
+            Command::History { service: None } => (Method::GET, "/history".into(), None),
+            Command::History {
+                service: Some(service),
+            } => (Method::GET, format!("/history?service={service}"), None),
             Command::Switch {
                 service,
                 to,
@@ -102,12 +110,16 @@ impl Command {
         }
     }
 
-    /// Parses an HTTP request into a command.
-    pub fn from_request(method: &Method, path: &str, body: &[u8]) -> Result<Command, ApiError> {
+    /// Parses an HTTP request into a command. `target` is the path with
+    /// its query, if any; only `GET /history` reads a query.
+    pub fn from_request(method: &Method, target: &str, body: &[u8]) -> Result<Command, ApiError> {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (method, segments.as_slice()) {
             (&Method::GET, ["status"]) => Ok(Command::Status),
-            (&Method::GET, ["history"]) => Ok(Command::History),
+            (&Method::GET, ["history"]) => Ok(Command::History {
+                service: history_filter(query)?,
+            }),
             (&Method::POST, ["services", service, "switch"]) => {
                 #[derive(Deserialize)]
                 #[serde(deny_unknown_fields)]
@@ -183,6 +195,32 @@ impl Command {
             _ => Err(ApiError::NotFound(format!("no admin endpoint {path}"))),
         }
     }
+}
+
+/// The `service=NAME` filter of `GET /history`; any other parameter, or a
+/// name no service could have, is refused rather than ignored (a typo
+/// would otherwise show the whole history as if it were the one service's).
+fn history_filter(query: &str) -> Result<Option<String>, ApiError> {
+    let mut service = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("service", name))
+                if service.is_none()
+                    && !name.is_empty()
+                    && name.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                    }) =>
+            {
+                service = Some(name.to_string());
+            }
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "GET /history takes one query parameter, service=NAME (a service name)".into(),
+                ))
+            }
+        }
+    }
+    Ok(service)
 }
 
 /// Longest switch or rollback reason kept in the history (500 characters).
@@ -266,10 +304,12 @@ impl From<RenewError> for ApiError {
 /// Carries out a command. The only place admin actions change anything.
 /// `certs` is `None` when no HTTPS listener is configured.
 /// `limits` is `None` where no limits are wired in (empty lists then).
+/// `actor` is who asked, as the history records it.
 pub fn dispatch(
     board: &Switchboard,
     certs: Option<&CertStore>,
     limits: Option<&Limits>,
+    actor: &Actor,
     cmd: Command,
 ) -> Result<Value, ApiError> {
     match cmd {
@@ -282,9 +322,9 @@ pub fn dispatch(
                 .collect();
             Ok(json!({ "services": services }))
         }
-        Command::History => {
+        Command::History { service } => {
             let events = board
-                .history()
+                .history(service.as_deref())
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             Ok(json!({ "events": events }))
         }
@@ -299,14 +339,17 @@ pub fn dispatch(
             SwitchKind::Switch,
             reason,
             force,
+            actor,
         )?)),
         Command::Rollback {
             service,
             reason,
             force,
-        } => Ok(service_json(&board.rollback(&service, reason, force)?)),
+        } => Ok(service_json(
+            &board.rollback(&service, reason, force, actor)?,
+        )),
         Command::Maintenance { service, on } => {
-            Ok(service_json(&board.set_maintenance(&service, on)?))
+            Ok(service_json(&board.set_maintenance(&service, on, actor)?))
         }
         Command::Certs => {
             let list: Vec<Value> = certs
@@ -356,7 +399,7 @@ pub fn dispatch(
         Command::Renew { name } => {
             let store = certs.ok_or_else(|| RenewError::Unknown(name.clone()))?;
             store.request_renewal(&name)?;
-            tracing::info!(certificate = %name, "renewal requested through the admin API");
+            tracing::info!(certificate = %name, %actor, "renewal requested through the admin API");
             let status = store.get(&name).ok_or(RenewError::Unknown(name))?;
             Ok(json!({ "renewal": "requested", "certificate": cert_json(&status) }))
         }
@@ -501,23 +544,24 @@ pub struct AdminApi {
     board: Arc<Switchboard>,
     certs: Option<Arc<CertStore>>,
     limits: Option<Arc<Limits>>,
-    token: Token,
+    tokens: Tokens,
     allow: Vec<IpNet>,
 }
 
 impl AdminApi {
     /// `certs`: the served certificates, `None` without an HTTPS listener.
+    /// `tokens`: every token accepted; the one presented names the actor.
     pub fn new(
         board: Arc<Switchboard>,
         certs: Option<Arc<CertStore>>,
-        token: Token,
+        tokens: Tokens,
         allow: Vec<IpNet>,
     ) -> AdminApi {
         AdminApi {
             board,
             certs,
             limits: None,
-            token,
+            tokens,
             allow,
         }
     }
@@ -537,18 +581,20 @@ impl AdminApi {
             return Err(ApiError::Forbidden);
         }
         let header = session.get_header(http::header::AUTHORIZATION);
-        if !self.token.matches_header(header.map(|h| h.as_bytes())) {
-            return Err(ApiError::Unauthorized);
-        }
+        let actor = match self.tokens.identify(header.map(|h| h.as_bytes())) {
+            Some(name) => Actor::token(name),
+            None => return Err(ApiError::Unauthorized),
+        };
         let body = read_body(session).await?;
         let req = session.req_header();
-        let cmd = Command::from_request(&req.method, req.uri.path(), &body)?;
+        let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let cmd = Command::from_request(&req.method, target, &body)?;
         let board = self.board.clone();
         let certs = self.certs.clone();
         let limits = self.limits.clone();
         // Switches fsync; keep that off the listener's async threads.
         tokio::task::spawn_blocking(move || {
-            dispatch(&board, certs.as_deref(), limits.as_deref(), cmd)
+            dispatch(&board, certs.as_deref(), limits.as_deref(), &actor, cmd)
         })
         .await
         .map_err(|e| ApiError::Internal(format!("admin task failed: {e}")))?
@@ -621,7 +667,10 @@ mod tests {
     fn commands_round_trip_through_http() {
         let cmds = [
             Command::Status,
-            Command::History,
+            Command::History { service: None },
+            Command::History {
+                service: Some("api".into()),
+            },
             Command::Switch {
                 service: "api".into(),
                 to: Color::Green,
@@ -706,6 +755,20 @@ mod tests {
             post("/services/api/switch", &long),
             Err(ApiError::BadRequest(_))
         ));
+        let get = |target: &str| Command::from_request(&Method::GET, target, b"");
+        for bad in [
+            "/history?service=",
+            "/history?svc=api",
+            "/history?service=API",
+            "/history?service=a%20b",
+            "/history?service=api&service=web",
+        ] {
+            assert!(matches!(get(bad), Err(ApiError::BadRequest(_))), "{bad}");
+        }
+        assert_eq!(
+            get("/history?").unwrap(),
+            Command::History { service: None }
+        );
         let fine = "{\"to\":\"blue\",\"reason\":\"deploy 1.4 — ok\"}";
         assert!(post("/services/api/switch", fine).is_ok());
     }

@@ -101,6 +101,15 @@ pub struct Listen {
 pub struct Admin {
     pub token_file: Option<Spanned<PathBuf>>,
     pub allow: Option<Vec<Spanned<String>>>,
+    pub tokens: Option<Vec<AdminToken>>,
+}
+
+/// One `[[admin.tokens]]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    pub name: Spanned<String>,
+    pub file: Spanned<PathBuf>,
 }
 
 #[derive(Deserialize)]

@@ -106,7 +106,25 @@ pub struct Admin {
     /// `SWITCHYARD_ADMIN_TOKEN` takes precedence. No token, no admin API.
     pub token_file: Option<PathBuf>,
     pub allow: Vec<IpNet>,
+    /// `[[admin.tokens]]`: more tokens, each with the name the history
+    /// records for what it did (`token:NAME`). The position of entry `i`'s
+    /// `file` is kept as `admin.tokens.file#i`.
+    pub tokens: Vec<AdminTokenFile>,
 }
+
+/// One named admin token: where it is read from and what it is called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTokenFile {
+    /// Lower-case letters, digits, `-` and `_`; unique, and not one of the
+    /// names switchyard gives itself ([`RESERVED_TOKEN_NAMES`]).
+    pub name: String,
+    /// Mode 0600, checked like `admin.token_file`.
+    pub file: PathBuf,
+}
+
+/// Names of the tokens that are not in `[[admin.tokens]]`: `default` for
+/// `admin.token_file`, `env` for `$SWITCHYARD_ADMIN_TOKEN`.
+pub const RESERVED_TOKEN_NAMES: [&str; 2] = ["default", "env"];
 
 impl Validator<'_> {
     pub(super) fn server(&mut self, s: file::Server) -> Server {
@@ -245,7 +263,47 @@ impl Validator<'_> {
         Admin {
             token_file: self.path_key("admin.token_file", a.token_file),
             allow,
+            tokens: self.admin_tokens(a.tokens.unwrap_or_default()),
         }
+    }
+
+    /// `[[admin.tokens]]`: a bad, reserved or repeated name is an error at
+    /// the name and the entry is left out.
+    fn admin_tokens(&mut self, list: Vec<file::AdminToken>) -> Vec<AdminTokenFile> {
+        let mut tokens: Vec<AdminTokenFile> = Vec::new();
+        for t in list {
+            if !self.name(&t.name, "admin token") {
+                continue;
+            }
+            let name = t.name.get_ref();
+            if RESERVED_TOKEN_NAMES.contains(&name.as_str()) {
+                self.at(
+                    &t.name,
+                    format!(
+                        "admin token name {name:?} is reserved: \"default\" is admin.token_file, \
+                         \"env\" is ${}; pick another name",
+                        crate::admin::auth::TOKEN_ENV
+                    ),
+                );
+                continue;
+            }
+            if tokens.iter().any(|other| other.name == *name) {
+                self.at(
+                    &t.name,
+                    format!(
+                        "admin token name {name:?} is used twice; every token needs its own name"
+                    ),
+                );
+                continue;
+            }
+            let key = format!("admin.tokens.file#{}", tokens.len());
+            let file = self.file_key(&key, t.file);
+            tokens.push(AdminTokenFile {
+                name: name.clone(),
+                file,
+            });
+        }
+        tokens
     }
 }
 
@@ -305,6 +363,43 @@ mod tests {
         );
         assert!(
             err.contains("t.toml:3:30: max_connections_per_client = 99999999 is out of range"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn admin_token_names_are_checked_at_the_name() {
+        let path = Path::new("t.toml");
+        let text = format!(
+            "[admin]\n[[admin.tokens]]\nname = \"ci\"\nfile = \"ci.token\"\n\
+             [[admin.tokens]]\nname = \"ops\"\nfile = \"ops.token\"\n{SERVICE}"
+        );
+        let c = Config::parse(path, &text).unwrap();
+        let names: Vec<&str> = c.admin.tokens.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["ci", "ops"]);
+        assert_eq!(c.positions.get("admin.tokens.file#1"), Some(&(7, 8)));
+        let text = format!(
+            "[[admin.tokens]]\nname = \"ci\"\nfile = \"a\"\n\
+             [[admin.tokens]]\nname = \"ci\"\nfile = \"b\"\n\
+             [[admin.tokens]]\nname = \"CI\"\nfile = \"c\"\n\
+             [[admin.tokens]]\nname = \"default\"\nfile = \"d\"\n\
+             [[admin.tokens]]\nname = \"x\"\n{SERVICE}"
+        );
+        let err = Config::parse(path, &text).unwrap_err().to_string();
+        assert!(
+            err.contains("t.toml:5:8: admin token name \"ci\" is used twice"),
+            "{err}"
+        );
+        assert!(
+            err.contains("t.toml:8:8: bad admin token name \"CI\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("t.toml:11:8: admin token name \"default\" is reserved"),
+            "{err}"
+        );
+        assert!(
+            err.contains("t.toml:13:1: missing required key `file`"),
             "{err}"
         );
     }
