@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::health::{Health, HealthStatus};
+use crate::notify::Notice;
 use crate::store::{Event, SavedService, SavedState, StateStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -275,6 +276,9 @@ pub struct Switchboard {
     /// Color changes since start per service (indexed like
     /// `Config::services`), by [`SwitchCause`]: for the metrics listener.
     switches: Vec<[AtomicU64; SwitchCause::ALL.len()]>,
+    /// Told about every color change and maintenance toggle (webhooks);
+    /// set once at start, none in tests that do not ask.
+    notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
 }
 
 /// Why a color changed, as `switchyard_switches_total{cause}` names it.
@@ -338,6 +342,7 @@ impl Switchboard {
             store,
             write: Mutex::new(()),
             switches,
+            notifier: std::sync::OnceLock::new(),
         })
     }
 
@@ -390,6 +395,8 @@ impl Switchboard {
                 .to_string()
             });
             tracing::info!(service, %from, %to, force, reason = %reason, "switched");
+            let rollback = kind == SwitchKind::Rollback;
+            self.notify(Notice::switched(service, from, to, rollback, &reason));
             let event = Event {
                 time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                 service: service.to_string(),
@@ -429,8 +436,21 @@ impl Switchboard {
         })?;
         if changed {
             tracing::info!(service, on, "maintenance mode");
+            self.notify(Notice::maintenance(service, on));
         }
         self.service(service)
+    }
+
+    /// Sends what happens here to `notifier` from now on (first call wins).
+    pub fn set_notifier(&self, notifier: Arc<crate::notify::Notifier>) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Queues `notice` for the webhooks; returns at once (see `notify.rs`).
+    pub fn notify(&self, notice: Notice) {
+        if let Some(n) = self.notifier.get() {
+            n.notify(notice);
+        }
     }
 
     /// The current state of one service.

@@ -225,6 +225,8 @@ struct Inner<C, K> {
     store: Arc<CertStore>,
     clock: K,
     retry_backoff: Duration,
+    /// Told about each failure (webhooks); unset in tests that do not ask.
+    notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
 }
 
 impl<C: Ca, K: Clock> Renewer<C, K> {
@@ -243,9 +245,16 @@ impl<C: Ca, K: Clock> Renewer<C, K> {
                 store,
                 clock,
                 retry_backoff,
+                notifier: std::sync::OnceLock::new(),
             }),
             certs,
         }
+    }
+
+    /// Posts every renewal failure to the webhooks that want `certificate`.
+    pub fn with_notifier(self, notifier: Arc<crate::notify::Notifier>) -> Self {
+        let _ = self.inner.notifier.set(notifier);
+        self
     }
 
     /// Runs every certificate's task until `shutdown` turns true.
@@ -415,6 +424,12 @@ impl<C: Ca, K: Clock> Inner<C, K> {
                             .is_none_or(|c| c.info.not_after < now + URGENT_BEFORE_EXPIRY);
                     let retry_in =
                         humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+                    if let Some(n) = self.notifier.get() {
+                        n.notify(crate::notify::Notice::certificate_failed(
+                            &m.name,
+                            &one_line(&e.to_string()),
+                        ));
+                    }
                     if urgent {
                         tracing::error!(certificate = m.name, failures, retry_in = %retry_in, cause = %one_line(&e.to_string()), "certificate issuance failed; the current certificate keeps serving");
                     } else {
