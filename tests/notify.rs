@@ -20,6 +20,10 @@ use serde_json::Value;
 /// The secret part of every test URL: it must never be seen anywhere but
 /// in the receiver's request line.
 const SECRET: &str = "SECRET-tok-5f2b9c";
+/// How long the receiver holds a request at most when told to hold (60 s):
+/// what "while the receiver is held" means, and so the bound of the loops
+/// that must finish meanwhile.
+const HOLD_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct ReceiverState {
@@ -131,7 +135,7 @@ fn serve(mut conn: TcpStream, st: &(Mutex<ReceiverState>, Condvar)) {
     let mut s = lock.lock().unwrap();
     if s.hold {
         s.held += 1;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + HOLD_LIMIT;
         while s.hold && Instant::now() < deadline {
             s = cv.wait_timeout(s, Duration::from_millis(200)).unwrap().0;
         }
@@ -402,6 +406,7 @@ fn a_hanging_receiver_holds_up_neither_requests_nor_switches() {
         simple_api(&blue, &green) + &webhook("team-discord", &file, "discord", None),
     )
     .start();
+    let held_since = Instant::now();
     proxy.switch("api", "green", None);
     assert!(
         poll_until(Duration::from_secs(10), || rx.held() >= 1),
@@ -413,6 +418,11 @@ fn a_hanging_receiver_holds_up_neither_requests_nor_switches() {
         proxy.switch("api", to, None);
         let (code, body) = proxy.get("/x", None);
         assert_eq!((code, body.starts_with(to)), (200, true), "{code} {body}");
+        // Not a speed test: the loop just has to end while the receiver holds.
+        assert!(
+            held_since.elapsed() < HOLD_LIMIT,
+            "switch {i}: waited for the receiver"
+        );
     }
     assert!(rx.posts().is_empty(), "the receiver was held throughout");
     assert!(rx.held() >= 1);
