@@ -418,6 +418,21 @@ pub struct NotifySender {
     outboxes: Mutex<Vec<Outbox>>,
 }
 
+impl NotifySender {
+    /// Takes what is queued and not yet sent, for tests of event sources.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> Vec<Notice> {
+        let mut boxes = self.outboxes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for b in boxes.iter_mut() {
+            while let Ok(n) = b.rx.try_recv() {
+                out.push(n);
+            }
+        }
+        out
+    }
+}
+
 /// What one try came to.
 enum Outcome {
     Delivered,
