@@ -260,6 +260,28 @@ impl Notice {
         }
     }
 
+    /// Any other event (`weights`, `deploy`): `summary` is the one line
+    /// for humans, `from`/`to` what changed (e.g. `90/10` → `50/50`).
+    pub fn new(
+        event: NotifyEvent,
+        service: &str,
+        from: Option<String>,
+        to: Option<String>,
+        reason: &str,
+        summary: String,
+    ) -> Notice {
+        Notice {
+            event,
+            service: service.to_string(),
+            from,
+            to,
+            reason: reason.to_string(),
+            summary,
+            time: SystemTime::now(),
+            color: GREY,
+        }
+    }
+
     /// Certificate `name` could not be issued or renewed.
     pub fn certificate_failed(name: &str, cause: &str) -> Notice {
         Notice {
