@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::health::{Health, HealthStatus};
-use crate::notify::Notice;
 use crate::store::{Event, SavedService, SavedState, StateStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -395,8 +394,6 @@ impl Switchboard {
                 .to_string()
             });
             tracing::info!(service, %from, %to, force, reason = %reason, "switched");
-            let rollback = kind == SwitchKind::Rollback;
-            self.notify(Notice::switched(service, from, to, rollback, &reason));
             let event = Event {
                 time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
                 service: service.to_string(),
@@ -409,6 +406,10 @@ impl Switchboard {
                 // worth an alarm but not worth undoing the switch.
                 tracing::error!(cause = %err, service, "switch done but its history entry was not written");
             }
+            let rollback = kind == SwitchKind::Rollback;
+            let notice =
+                crate::notify::Notice::switched(service, from, to, rollback, &event.reason);
+            self.notify(notice);
         }
         self.service(service)
     }
@@ -436,7 +437,10 @@ impl Switchboard {
         })?;
         if changed {
             tracing::info!(service, on, "maintenance mode");
-            self.notify(Notice::maintenance(service, on));
+        }
+        // Webhooks: maintenance on/off is a `switch` event (notify.rs).
+        if changed {
+            self.notify(crate::notify::Notice::maintenance(service, on));
         }
         self.service(service)
     }
@@ -447,7 +451,7 @@ impl Switchboard {
     }
 
     /// Queues `notice` for the webhooks; returns at once (see `notify.rs`).
-    pub fn notify(&self, notice: Notice) {
+    pub fn notify(&self, notice: crate::notify::Notice) {
         if let Some(n) = self.notifier.get() {
             n.notify(notice);
         }
