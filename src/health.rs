@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::HealthCheck;
+use crate::notify::Notice;
 use crate::pools::{Color, ServiceState, Switchboard};
 
 /// Largest health response read (16 KiB): enough for a status line, headers
@@ -216,6 +217,54 @@ async fn check_service(service: &str, state: &ServiceState, check: &HealthCheck)
     futures_util::future::join_all(probes).await;
 }
 
+/// What [`watch_active`] saw last: the active color, whether it had a
+/// healthy backend, and whether its loss was announced.
+type ActiveWatch = Option<(Color, bool, bool)>;
+
+/// Notifies when the active pool loses its last healthy backend, and when
+/// it has one again after that. A pool that has not had a verdict yet
+/// (`unknown` after a start) is not a loss; a color change starts over.
+fn watch_active(board: &Switchboard, service: &str, watch: &mut ActiveWatch) {
+    let snap = board.load();
+    let Some((_, state)) = snap.service(service) else {
+        return;
+    };
+    let pool = state.active_pool();
+    let up = pool.healthy() > 0;
+    let (announced, notice) = match *watch {
+        Some((color, true, _)) if color == state.active && !up => {
+            let causes: Vec<String> = pool
+                .backends
+                .iter()
+                .map(|b| format!("{}: {}", b.addr, b.health.last_error().unwrap_or_default()))
+                .collect();
+            let detail = format!("no healthy backend: {}", causes.join("; "));
+            tracing::error!(service, color = %state.active, "the active pool has no healthy backend left");
+            (
+                true,
+                Some(Notice::active_health(service, state.active, true, &detail)),
+            )
+        }
+        Some((color, false, true)) if color == state.active && up => {
+            let detail = format!(
+                "{} of {} backends healthy",
+                pool.healthy(),
+                pool.backends.len()
+            );
+            (
+                false,
+                Some(Notice::active_health(service, state.active, false, &detail)),
+            )
+        }
+        Some((color, _, announced)) if color == state.active => (announced, None),
+        _ => (false, None),
+    };
+    *watch = Some((state.active, up, announced));
+    if let Some(n) = notice {
+        board.notify(n);
+    }
+}
+
 #[async_trait]
 impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -225,6 +274,7 @@ impl BackgroundService for HealthChecker {
             let (service, check) = (service.clone(), check.clone());
             async move {
                 let mut tick = tokio::time::interval(check.interval);
+                let mut watch = None;
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
@@ -236,6 +286,7 @@ impl BackgroundService for HealthChecker {
                         return;
                     };
                     check_service(&service, state, &check).await;
+                    watch_active(&board, &service, &mut watch);
                 }
             }
         });

@@ -17,6 +17,7 @@ pub mod host;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod pools;
 pub mod proxy;
 pub mod record;
@@ -117,6 +118,8 @@ pub enum StartError {
     TlsConfig(#[from] tls::handshake::ConfigError),
     #[error(transparent)]
     AccessLog(#[from] access_log::AccessLogError),
+    #[error(transparent)]
+    Webhook(#[from] notify::UrlError),
     #[error("cannot read maintenance page {}: {source}", path.display())]
     Page {
         path: std::path::PathBuf,
@@ -136,6 +139,9 @@ impl Switchyard {
         let token = auth::load_tokens(&config.admin, std::env::var(auth::TOKEN_ENV).ok())?;
         let store = FileStore::open(&config.server.state_dir)?;
         let board = Arc::new(Switchboard::new(config, Box::new(store))?);
+        // Webhook URLs are read now, so a bad one stops start-up.
+        let (notifier, notify_sender) = notify::Notifier::new(notify::load_urls(&config.notify)?);
+        board.set_notifier(notifier.clone());
         // Everything that can fail is read before Pingora touches any socket.
         let pages = load_pages(&config.server)?;
         let certs = Arc::new(CertStore::new(&config.tls, config.acme.as_ref()));
@@ -256,6 +262,10 @@ impl Switchyard {
             ));
         }
 
+        if !config.notify.webhooks.is_empty() {
+            server.add_service(background_service("notify", notify_sender));
+        }
+
         if !rate_limits.is_empty() || !budgets.is_empty() {
             server.add_service(background_service(
                 "limit sweep",
@@ -278,7 +288,8 @@ impl Switchyard {
                     SystemClock,
                     acme.retry_backoff,
                     managed,
-                ),
+                )
+                .with_notifier(notifier.clone()),
             ));
         }
 

@@ -65,6 +65,10 @@ impl<S: Subscriber> Layer<S> for PingoraGuard {
         // and level are in the normalized metadata.
         let normalized = event.normalized_metadata();
         let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        // ureq (webhooks) writes the request URL, a secret, at trace.
+        if meta.target().starts_with("ureq") && *meta.level() > Level::INFO {
+            return false;
+        }
         if meta.target().starts_with("rustls") {
             return !is_peer_noise(*meta.level());
         }

@@ -272,6 +272,16 @@ fn check_files(config: &Config) -> Vec<config::ConfigError> {
         };
         problems.push(config.error_at(&key, message));
     }
+    for hook in &config.notify.webhooks {
+        if let Err(e) = switchyard::notify::load_url(hook, |v| std::env::var(v).ok()) {
+            let key = match hook.url {
+                config::UrlSource::File(_) => "url_file",
+                config::UrlSource::Env(_) => "url_env",
+            };
+            let at = format!("notify.webhooks.{key}#{}", hook.index);
+            problems.push(config.error_at(&at, e.to_string()));
+        }
+    }
     let state_dir = &config.server.state_dir;
     if let Err(e) = FileStore::existing(state_dir).load() {
         let message = format!("{e}{}", relative_note("state_dir", state_dir));

@@ -275,6 +275,9 @@ pub struct Switchboard {
     /// Color changes since start per service (indexed like
     /// `Config::services`), by [`SwitchCause`]: for the metrics listener.
     switches: Vec<[AtomicU64; SwitchCause::ALL.len()]>,
+    /// Told about every color change and maintenance toggle (webhooks);
+    /// set once at start, none in tests that do not ask.
+    notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
 }
 
 /// Why a color changed, as `switchyard_switches_total{cause}` names it.
@@ -338,6 +341,7 @@ impl Switchboard {
             store,
             write: Mutex::new(()),
             switches,
+            notifier: std::sync::OnceLock::new(),
         })
     }
 
@@ -405,6 +409,10 @@ impl Switchboard {
                 // worth an alarm but not worth undoing the switch.
                 tracing::error!(cause = %err, service, "switch done but its history entry was not written");
             }
+            let rollback = kind == SwitchKind::Rollback;
+            let notice =
+                crate::notify::Notice::switched(service, from, to, rollback, &event.reason);
+            self.notify(notice);
         }
         self.service(service)
     }
@@ -447,7 +455,23 @@ impl Switchboard {
         if changed {
             tracing::info!(service, on, %actor, "maintenance mode");
         }
+        // Webhooks: maintenance on/off is a `switch` event (notify.rs).
+        if changed {
+            self.notify(crate::notify::Notice::maintenance(service, on));
+        }
         self.service(service)
+    }
+
+    /// Sends what happens here to `notifier` from now on (first call wins).
+    pub fn set_notifier(&self, notifier: Arc<crate::notify::Notifier>) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Queues `notice` for the webhooks; returns at once (see `notify.rs`).
+    pub fn notify(&self, notice: crate::notify::Notice) {
+        if let Some(n) = self.notifier.get() {
+            n.notify(notice);
+        }
     }
 
     /// The current state of one service.

@@ -26,6 +26,23 @@ pub struct Root {
     #[serde(default)]
     pub token_budgets: BTreeMap<Spanned<String>, TokenBudget>,
     pub access_log: Option<AccessLog>,
+    pub notify: Option<Notify>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    pub webhooks: Option<Vec<Webhook>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub name: Spanned<String>,
+    pub url_file: Option<Spanned<PathBuf>>,
+    pub url_env: Option<Spanned<String>>,
+    pub format: Spanned<String>,
+    pub events: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]

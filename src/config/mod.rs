@@ -13,7 +13,8 @@
 //! ranges: `server.rs` (`[server]`, `[listen]`, `[admin]`), `services.rs`
 //! (`[services.NAME]` and their health checks), `routes.rs` (`[[routes]]`),
 //! `limits.rs` (`[rate_limits.NAME]`, `[concurrency.NAME]`,
-//! `[token_budgets.NAME]`) and `access_log.rs` (`[access_log]`).
+//! `[token_budgets.NAME]`), `access_log.rs` (`[access_log]`) and
+//! `notify.rs` (`[[notify.webhooks]]`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -27,6 +28,7 @@ use toml::Spanned;
 mod access_log;
 mod file;
 mod limits;
+mod notify;
 mod routes;
 mod server;
 mod services;
@@ -43,6 +45,7 @@ pub use limits::{
     DEFAULT_QUEUE_TIMEOUT, DEFAULT_RATE_BURST, MAX_IN_FLIGHT, MAX_QUEUE, MAX_RATE,
     MAX_TOKENS_PER_MINUTE, PROMPT_BYTES_PER_TOKEN_RANGE, QUEUE_TIMEOUT_RANGE,
 };
+pub use notify::{Notify, NotifyEvent, UrlSource, Webhook, WebhookFormat};
 pub use routes::{
     Route, RouteAction, RouteLimits, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_READ_TIMEOUT,
 };
@@ -96,6 +99,8 @@ pub struct Config {
     pub token_budgets: Vec<TokenBudget>,
     /// `[access_log]`: one JSON line per request.
     pub access_log: AccessLog,
+    /// `[[notify.webhooks]]`: where events are posted.
+    pub notify: Notify,
     /// Where the keys that name files (`server.state_dir`,
     /// `server.maintenance_page`, `admin.token_file`...) are written, as
     /// (line, column), so a problem with the file itself can point at its
@@ -354,6 +359,7 @@ impl Validator<'_> {
             .filter_map(|(name, b)| self.token_budget(name, b))
             .collect();
         let access_log = self.access_log(file.access_log.unwrap_or_default());
+        let notify = self.notify(file.notify.unwrap_or_default());
         let routes = self.routes(
             file.routes,
             &services,
@@ -374,6 +380,7 @@ impl Validator<'_> {
             concurrency,
             token_budgets,
             access_log,
+            notify,
             positions: std::mem::take(&mut self.positions),
         }
     }

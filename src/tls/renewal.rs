@@ -225,6 +225,8 @@ struct Inner<C, K> {
     store: Arc<CertStore>,
     clock: K,
     retry_backoff: Duration,
+    /// Told about each failure (webhooks); unset in tests that do not ask.
+    notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
 }
 
 impl<C: Ca, K: Clock> Renewer<C, K> {
@@ -243,9 +245,16 @@ impl<C: Ca, K: Clock> Renewer<C, K> {
                 store,
                 clock,
                 retry_backoff,
+                notifier: std::sync::OnceLock::new(),
             }),
             certs,
         }
+    }
+
+    /// Posts every renewal failure to the webhooks that want `certificate`.
+    pub fn with_notifier(self, notifier: Arc<crate::notify::Notifier>) -> Self {
+        let _ = self.inner.notifier.set(notifier);
+        self
     }
 
     /// Runs every certificate's task until `shutdown` turns true.
@@ -415,6 +424,12 @@ impl<C: Ca, K: Clock> Inner<C, K> {
                             .is_none_or(|c| c.info.not_after < now + URGENT_BEFORE_EXPIRY);
                     let retry_in =
                         humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+                    if let Some(n) = self.notifier.get() {
+                        n.notify(crate::notify::Notice::certificate_failed(
+                            &m.name,
+                            &one_line(&e.to_string()),
+                        ));
+                    }
                     if urgent {
                         tracing::error!(certificate = m.name, failures, retry_in = %retry_in, cause = %one_line(&e.to_string()), "certificate issuance failed; the current certificate keeps serving");
                     } else {
@@ -621,6 +636,15 @@ mod tests {
 
     /// Starts the service on one certificate, bootstrap or `current`.
     fn start(ca: FakeCa, current: Option<Certificate>) -> Harness {
+        start_with(ca, current, None)
+    }
+
+    /// [`start`], telling `notifier` about failures.
+    fn start_with(
+        ca: FakeCa,
+        current: Option<Certificate>,
+        notifier: Option<Arc<crate::notify::Notifier>>,
+    ) -> Harness {
         let start = SystemTime::now();
         let base = tokio::time::Instant::now();
         let ca = Arc::new(ca);
@@ -646,13 +670,16 @@ mod tests {
             bootstrap,
             incomplete: false,
         }];
-        let renewer = Renewer::new(
+        let mut renewer = Renewer::new(
             ca.clone(),
             store.clone(),
             TokioClock { start, base },
             acme.retry_backoff,
             managed,
         );
+        if let Some(n) = notifier {
+            renewer = renewer.with_notifier(n);
+        }
         let (stop, rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move { renewer.run(rx).await });
         Harness {
@@ -727,6 +754,34 @@ mod tests {
             (0, 4, false)
         );
         assert!(st.last_error.is_none());
+        h.stop.send(true).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_failure_is_a_certificate_notice() {
+        use crate::config::{NotifyEvent, UrlSource, Webhook, WebhookFormat};
+        use crate::notify::{load_url, Notifier};
+        let ca = FakeCa::default();
+        ca.issue
+            .lock()
+            .unwrap()
+            .extend((0..2).map(|_| Err("rateLimited".to_string())));
+        let hook = Webhook {
+            name: "ops".into(),
+            url: UrlSource::Env("U".into()),
+            format: WebhookFormat::Json,
+            events: vec![NotifyEvent::Certificate],
+            index: 0,
+        };
+        let url = load_url(&hook, |_| Some("http://127.0.0.1:9/".into())).unwrap();
+        let (notifier, sender) = Notifier::new(vec![(hook, url)]);
+        let h = start_with(ca, None, Some(notifier));
+        run_for(5 * 60 * Duration::from_secs(1)).await;
+        let notices = sender.queued();
+        assert_eq!(notices.len(), 2, "{notices:?}");
+        assert_eq!(notices[0].event, NotifyEvent::Certificate);
+        assert_eq!(notices[0].service, "site");
+        assert!(notices[0].reason.contains("rateLimited"), "{notices:?}");
         h.stop.send(true).unwrap();
     }
 
