@@ -239,7 +239,7 @@ fn watch_active(board: &Switchboard, service: &str, watch: &mut ActiveWatch) {
                 .map(|b| format!("{}: {}", b.addr, b.health.last_error().unwrap_or_default()))
                 .collect();
             let detail = format!("no healthy backend: {}", causes.join("; "));
-            tracing::error!(service, color = %state.active, "the active pool has no healthy backend left");
+            tracing::warn!(service, color = %state.active, "the active pool has no healthy backend left");
             (
                 true,
                 Some(Notice::active_health(service, state.active, true, &detail)),
