@@ -8,21 +8,18 @@ mod common;
 
 use serde_json::{json, Value};
 
-use common::openai::{run_sdk, Chunking, FakeOpenAi, SdkOutcome, UsageOverride, MODEL};
+use common::openai::{
+    budget_proxy, run_sdk, Chunking, FakeOpenAi, SdkOutcome, UsageOverride, MODEL,
+};
 use common::*;
 
 /// A proxy sending `/v1/` to the fake as service `ai`; with `budget`
 /// (the keys of a `[token_budgets.ai]` table) the route names it.
 fn start(fake: &FakeOpenAi, budget: Option<&str>) -> Proxy {
-    let mut s = fake.service("ai");
     match budget {
-        Some(keys) => {
-            s.push_str(&format!("[token_budgets.ai]\n{}\n\n", keys.trim()));
-            s.push_str(&route_with("/v1/", "ai", "token_budget = \"ai\""));
-        }
-        None => s.push_str(&route(None, "/v1/", "ai")),
+        Some(keys) => budget_proxy(fake.service("ai"), keys, "", "").start(),
+        None => ProxyBuilder::new(fake.service("ai") + &route(None, "/v1/", "ai")).start(),
     }
-    ProxyBuilder::new(s).start()
 }
 
 /// A budget large enough for every call of a test, keyed by the API key.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use common::openai::{FakeOpenAi, MODEL};
+use common::openai::{self, budget_proxy, budget_stats, chat, post, FakeOpenAi};
 use common::*;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -18,62 +18,12 @@ const DEADLINE: Duration = Duration::from_secs(10);
 /// A proxy sending `/v1/` to the fake as service `ai`, with the keys of a
 /// `[token_budgets.ai]` table and `route_extra` on the route.
 fn start(fake: &FakeOpenAi, budget: &str, route_extra: &str, tables: &str) -> Proxy {
-    let mut s = fake.service("ai");
-    s.push_str(&format!(
-        "[token_budgets.ai]\n{}\n\n{tables}\n",
-        budget.trim()
-    ));
-    s.push_str(&route_with(
-        "/v1/",
-        "ai",
-        &format!("token_budget = \"ai\"\n{route_extra}"),
-    ));
-    ProxyBuilder::new(s).start()
+    budget_proxy(fake.service("ai"), budget, route_extra, tables).start()
 }
 
-fn chat(extra: Value) -> Vec<u8> {
-    let mut body = json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Say something."}],
-    });
-    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-        body[k] = v;
-    }
-    serde_json::to_vec(&body).unwrap()
-}
-
-fn post(proxy: &Proxy, path: &str, body: &[u8]) -> Reply {
-    let url = format!("{}{path}", proxy.http_url());
-    request(
-        "POST",
-        &url,
-        &[
-            ("content-type", "application/json"),
-            ("authorization", "Bearer sk-secret-a"),
-        ],
-        Some(body),
-    )
-}
-
-fn budget_stats(proxy: &Proxy) -> Value {
-    let (status, limits) = proxy.admin("GET", "/limits", None);
-    assert_eq!(status, 200, "{limits}");
-    limits["token_budgets"]["ai"].clone()
-}
-
-/// An OpenAI-shaped error: `{"error": {"message", "type", "param", "code"}}`.
+/// The `error` object of an OpenAI-shaped answer.
 fn openai_error(reply: &Reply) -> Value {
-    assert_eq!(
-        reply.header("content-type"),
-        Some("application/json"),
-        "{reply:?}"
-    );
-    let e = reply.json()["error"].clone();
-    for field in ["message", "type", "code"] {
-        assert!(e[field].is_string(), "{field} missing: {e}");
-    }
-    assert!(e.get("param").is_some(), "param missing: {e}");
-    e
+    openai::openai_error(reply.status, reply.header("content-type"), &reply.body)
 }
 
 /// The usage the fake reports for `body` (see `common::openai`).

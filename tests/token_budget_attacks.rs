@@ -14,58 +14,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::openai::{FakeOpenAi, UsageOverride, MODEL};
+use common::openai::{
+    budget_proxy, budget_stats, chat, openai_error, post, FakeOpenAi, UsageOverride, MODEL,
+};
 use common::*;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A proxy sending `/v1/` to `backend` (`[services.ai]` table) with the
-/// keys of a `[token_budgets.ai]` table and `route_extra` on the route.
-fn start_with(service: String, budget: &str, route_extra: &str, tables: &str) -> ProxyBuilder {
-    let mut s = service;
-    s.push_str(&format!(
-        "[token_budgets.ai]\n{}\n\n{tables}\n",
-        budget.trim()
-    ));
-    s.push_str(&route_with(
-        "/v1/",
-        "ai",
-        &format!("token_budget = \"ai\"\n{route_extra}"),
-    ));
-    ProxyBuilder::new(s)
-}
-
 fn start(fake: &FakeOpenAi, budget: &str) -> Proxy {
-    start_with(fake.service("ai"), budget, "", "").start()
-}
-
-fn chat(extra: Value) -> Vec<u8> {
-    let mut body = json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Say something."}],
-    });
-    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-        body[k] = v;
-    }
-    serde_json::to_vec(&body).unwrap()
-}
-
-fn post(proxy: &Proxy, path: &str, body: &[u8]) -> Reply {
-    request(
-        "POST",
-        &format!("{}{path}", proxy.http_url()),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", "Bearer sk-secret-attack"),
-        ],
-        Some(body),
-    )
-}
-
-fn budget_stats(proxy: &Proxy) -> Value {
-    let (status, limits) = proxy.admin("GET", "/limits", None);
-    assert_eq!(status, 200, "{limits}");
-    limits["token_budgets"]["ai"].clone()
+    budget_proxy(fake.service("ai"), budget, "", "").start()
 }
 
 fn tokens(stats: &Value, name: &str) -> u64 {
@@ -79,18 +36,6 @@ fn balanced(proxy: &Proxy) -> bool {
     tokens(&s, "held") == 0
         && tokens(&s, "reserved") + tokens(&s, "overrun")
             == tokens(&s, "settled") + tokens(&s, "refunded") + tokens(&s, "kept")
-}
-
-/// An OpenAI-shaped error: `{"error": {"message", "type", "param", "code"}}`.
-fn openai_error(status: u16, content_type: Option<&str>, body: &str) -> Value {
-    assert_eq!(content_type, Some("application/json"), "{status} {body}");
-    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    let e = v["error"].clone();
-    for field in ["message", "type", "code"] {
-        assert!(e[field].is_string(), "{field} missing: {body}");
-    }
-    assert!(e.get("param").is_some(), "param missing: {body}");
-    e
 }
 
 /// How vLLM reads the generation cap of a chat body
@@ -398,7 +343,7 @@ fn expect_continue_is_answered_and_the_completion_charged() {
 #[test]
 fn a_body_that_stalls_or_is_cut_holds_nothing_and_gets_openai_errors() {
     let fake = FakeOpenAi::start();
-    let proxy = start_with(
+    let proxy = budget_proxy(
         fake.service("ai"),
         "tokens_per_minute = 100000\nmax_tokens = 2048\nmax_body = \"1MiB\"",
         "max_body = \"1MiB\"",
@@ -461,7 +406,7 @@ fn a_body_that_stalls_or_is_cut_holds_nothing_and_gets_openai_errors() {
 #[test]
 fn every_ending_balances_the_counters() {
     let fake = FakeOpenAi::start();
-    let proxy = start_with(
+    let proxy = budget_proxy(
         fake.service("ai"),
         "tokens_per_minute = 1000000\nmax_tokens = 2048",
         "concurrency = \"gpu\"\nread_timeout = \"2s\"",
@@ -575,7 +520,7 @@ fn usage_above_the_reservation_is_charged_as_debt() {
 #[test]
 fn secrets_stay_out_of_debug_logs_and_limits() {
     let fake = FakeOpenAi::start();
-    let proxy = start_with(
+    let proxy = budget_proxy(
         fake.service("ai"),
         "tokens_per_minute = 100000\nmax_tokens = 2048\nkey = \"header:Authorization\"",
         "",
@@ -705,7 +650,7 @@ fn event_streams_are_read_however_they_are_written() {
         ("Text/Event-Stream; charset=utf-8", 1000),
     ] {
         let backend = Scripted::start(sse_response(content_type, stream.as_bytes(), cut));
-        let proxy = start_with(
+        let proxy = budget_proxy(
             backend.service(),
             "tokens_per_minute = 100000\nmax_tokens = 100",
             "",
@@ -730,7 +675,7 @@ fn event_streams_are_read_however_they_are_written() {
     let stream = format!("data: {CHUNK}\r\rdata: {USAGE}\r\rdata: [DONE]\r\r");
     for cut in [1, 5, 1000] {
         let backend = Scripted::start(sse_response("text/event-stream", stream.as_bytes(), cut));
-        let proxy = start_with(
+        let proxy = budget_proxy(
             backend.service(),
             "tokens_per_minute = 100000\nmax_tokens = 100",
             "",
@@ -768,7 +713,7 @@ fn a_compressed_answer_passes_intact_and_keeps_its_reservation() {
         let mut pieces = vec![head.into_bytes()];
         pieces.extend(binary.chunks(333).map(<[u8]>::to_vec));
         let backend = Scripted::start(pieces);
-        let proxy = start_with(
+        let proxy = budget_proxy(
             backend.service(),
             "tokens_per_minute = 100000\nmax_tokens = 100",
             "",
@@ -842,7 +787,7 @@ fn chunked(body: &[u8]) -> Vec<u8> {
 #[test]
 fn concurrent_streamed_bodies_are_admitted_only_up_to_the_budget() {
     let fake = FakeOpenAi::start();
-    let proxy = start_with(
+    let proxy = budget_proxy(
         fake.service("ai"),
         "tokens_per_minute = 10000\nkey = \"global\"\nmax_tokens = 2048",
         "",
@@ -890,7 +835,7 @@ fn h2_proxy(fake: &FakeOpenAi, budget: &str) -> (Proxy, Arc<rustls::ClientConfig
         toml_str(cert.to_str().unwrap()),
         toml_str(key.to_str().unwrap())
     );
-    let proxy = start_with(fake.service("ai"), budget, "", "")
+    let proxy = budget_proxy(fake.service("ai"), budget, "", "")
         .https(&tables)
         .start();
     // The proxy has read its certificate: the directory may go.
@@ -1044,7 +989,7 @@ fn an_http2_stream_reset_mid_response_keeps_its_reservation() {
 #[test]
 fn bodies_at_the_early_read_bound_reach_the_backend_checked() {
     let fake = FakeOpenAi::start();
-    let proxy = start_with(
+    let proxy = budget_proxy(
         fake.service("ai"),
         "tokens_per_minute = 1000000\nmax_tokens = 2048\ndefault_max_tokens = 20",
         "",
@@ -1095,7 +1040,7 @@ fn an_answer_beyond_the_scan_bound_passes_whole_and_keeps_its_reservation() {
 fn a_stripped_stream_to_a_kept_alive_http10_client_ends() {
     let stream = format!("data: {CHUNK}\n\ndata: {USAGE}\n\ndata: [DONE]\n\n");
     let backend = Scripted::start(sse_response("text/event-stream", stream.as_bytes(), 1000));
-    let proxy = start_with(
+    let proxy = budget_proxy(
         backend.service(),
         "tokens_per_minute = 100000\nmax_tokens = 100",
         "",
@@ -1180,7 +1125,7 @@ fn remote_media_cannot_overrun_the_budget_under_concurrency() {
 fn a_backend_that_refuses_connections_costs_no_tokens() {
     let closed = free_port();
     let a = toml_str(&format!("127.0.0.1:{closed}"));
-    let proxy = start_with(
+    let proxy = budget_proxy(
         format!("[services.ai]\nblue = [{a}]\ngreen = [{a}]\n\n"),
         "tokens_per_minute = 100000\nmax_tokens = 100",
         "",

@@ -1046,3 +1046,76 @@ pub fn run_sdk(script: &str, base_url: &str, args: &Value) -> SdkOutcome {
         (false, None) => panic!("{script} failed:\n{}", describe(&out)),
     }
 }
+
+// -- proxies with a token budget ------------------------------------------
+
+/// A proxy sending `/v1/` to `service` (a `[services.ai]` table, e.g.
+/// [`FakeOpenAi::service`]) with the keys of a `[token_budgets.ai]` table,
+/// `route_extra` on the route and `tables` (other limits) beside it.
+pub fn budget_proxy(
+    service: String,
+    budget: &str,
+    route_extra: &str,
+    tables: &str,
+) -> super::ProxyBuilder {
+    let mut s = service;
+    s.push_str(&format!(
+        "[token_budgets.ai]\n{}\n\n{tables}\n",
+        budget.trim()
+    ));
+    s.push_str(&super::route_with(
+        "/v1/",
+        "ai",
+        &format!("token_budget = \"ai\"\n{route_extra}"),
+    ));
+    super::ProxyBuilder::new(s)
+}
+
+/// A chat completion body for [`MODEL`] with one user message, the fields
+/// of `extra` set on top.
+pub fn chat(extra: Value) -> Vec<u8> {
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Say something."}],
+    });
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    serde_json::to_vec(&body).unwrap()
+}
+
+/// The API key [`post`] sends; tests look for `sk-secret` in logs.
+pub const API_KEY: &str = "sk-secret-a";
+
+/// POSTs `body` as JSON to `path` with `Authorization: Bearer` [`API_KEY`].
+pub fn post(proxy: &super::Proxy, path: &str, body: &[u8]) -> super::Reply {
+    super::request(
+        "POST",
+        &format!("{}{path}", proxy.http_url()),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {API_KEY}")),
+        ],
+        Some(body),
+    )
+}
+
+/// `GET /limits` for the budget `ai`.
+pub fn budget_stats(proxy: &super::Proxy) -> Value {
+    let (status, limits) = proxy.admin("GET", "/limits", None);
+    assert_eq!(status, 200, "{limits}");
+    limits["token_budgets"]["ai"].clone()
+}
+
+/// The `error` object of an answer in OpenAI's error shape
+/// (`{"error": {"message", "type", "param", "code"}}`), checked to be one.
+pub fn openai_error(status: u16, content_type: Option<&str>, body: &str) -> Value {
+    assert_eq!(content_type, Some("application/json"), "{status} {body}");
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let e = v["error"].clone();
+    for field in ["message", "type", "code"] {
+        assert!(e[field].is_string(), "{field} missing: {body}");
+    }
+    assert!(e.get("param").is_some(), "param missing: {body}");
+    e
+}
