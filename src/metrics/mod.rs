@@ -59,8 +59,6 @@ pub struct Metrics {
     /// more for "no route"), per color (two for a proxied route, one `none`
     /// otherwise), per status class.
     requests: Vec<Vec<[IntCounter; 5]>>,
-    /// Route index to its service (`None`: a deny route).
-    route_service: Vec<Option<usize>>,
     /// `request_duration_seconds` per service and color, then `none`.
     durations: Vec<[Histogram; 2]>,
     none_duration: Histogram,
@@ -92,7 +90,6 @@ impl Metrics {
             })
         };
         let mut requests = Vec::with_capacity(config.routes.len() + 1);
-        let mut route_service = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             let label = route.label();
             match route.action {
@@ -104,11 +101,9 @@ impl Metrics {
                             .map(|c| classes(name, c.as_str(), &label))
                             .collect(),
                     );
-                    route_service.push(Some(s));
                 }
                 RouteAction::Deny => {
                     requests.push(vec![classes(NONE, NONE, &label)]);
-                    route_service.push(None);
                 }
             }
         }
@@ -145,7 +140,6 @@ impl Metrics {
         Metrics {
             families,
             requests,
-            route_service,
             durations,
             none_duration,
             received,
@@ -168,11 +162,7 @@ impl Metrics {
 
 impl Observer for Metrics {
     fn observe(&self, r: &RequestRecord<'_>) {
-        // The route decides the service; a request with no route has none.
-        let service = match r.route {
-            Some(route) => self.route_service.get(route).copied().flatten(),
-            None => None,
-        };
+        let service = r.service;
         let service_slot = service.unwrap_or(self.received.len() - 1);
         if let Some(c) = self.received.get(service_slot) {
             c.inc_by(r.bytes_in as u64);
