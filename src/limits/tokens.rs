@@ -199,15 +199,15 @@ impl TokenBudget {
         })
     }
 
-    /// Tokens in `key`'s bucket now (the full bucket for an unknown key).
-    pub fn remaining(&self, key: Key) -> u64 {
-        self.remaining_at(key, self.start.elapsed())
+    /// Tokens in `key`'s bucket now (0 when in debt; the full bucket for an
+    /// unknown key) and the time until it is full again:
+    /// `RateLimit-Remaining` and `RateLimit-Reset`.
+    pub fn standing(&self, key: Key) -> (u64, Duration) {
+        self.standing_at(key, self.start.elapsed())
     }
 
-    /// Tokens in `key`'s bucket now (0 when in debt) and the time until it
-    /// is full again: `RateLimit-Remaining` and `RateLimit-Reset`.
-    pub fn standing(&self, key: Key) -> (u64, Duration) {
-        let now = self.start.elapsed();
+    /// [`TokenBudget::standing`] at `now` (tests).
+    pub fn standing_at(&self, key: Key, now: Duration) -> (u64, Duration) {
         let level = self
             .lock()
             .get(&key)
@@ -217,15 +217,6 @@ impl TokenBudget {
                 b.level
             });
         (level.max(0.0) as u64, self.time_to(self.capacity - level))
-    }
-
-    fn remaining_at(&self, key: Key, now: Duration) -> u64 {
-        let table = self.lock();
-        let Some(mut bucket) = table.get(&key).copied() else {
-            return self.capacity as u64;
-        };
-        self.refill(&mut bucket, now);
-        bucket.level.max(0.0) as u64
     }
 
     /// Keys tracked now.
@@ -542,12 +533,12 @@ mod tests {
         let mut r = b.reserve_at(key(1), 1000, SEC).unwrap();
         r.mark_sent();
         r.settle_at(300, SEC);
-        assert_eq!(b.remaining_at(key(1), SEC), 5700);
+        assert_eq!(b.standing_at(key(1), SEC).0, 5700);
         let mut r = b.reserve_at(key(1), 1000, SEC).unwrap();
         r.mark_sent();
         r.settle_at(5000, SEC);
         // 5700 - 5000: a response larger than its reservation is charged in full.
-        assert_eq!(b.remaining_at(key(1), SEC), 700);
+        assert_eq!(b.standing_at(key(1), SEC).0, 700);
         let stats = b.stats();
         assert_eq!(stats.settled.load(Ordering::Relaxed), 5300);
         assert_eq!(stats.refunded.load(Ordering::Relaxed), 700);
@@ -568,7 +559,7 @@ mod tests {
         b.sweep_at(SEC * 120);
         assert_eq!(b.keys(), 0);
         r.settle_at(5000, SEC * 120);
-        assert_eq!(b.remaining_at(key(1), SEC * 120), 2000);
+        assert_eq!(b.standing_at(key(1), SEC * 120).0, 2000);
         // Within the bound too: the fullest half goes to make room.
         let b = budget(6000, 2);
         let mut r = b.reserve_at(key(1), 1000, SEC).unwrap();
@@ -577,7 +568,7 @@ mod tests {
         std::mem::forget(b.reserve_at(key(2), 10, SEC * 120).unwrap());
         std::mem::forget(b.reserve_at(key(3), 20, SEC * 120).unwrap());
         r.settle_at(7000, SEC * 120);
-        assert_eq!(b.remaining_at(key(1), SEC * 120), 0);
+        assert_eq!(b.standing_at(key(1), SEC * 120).0, 0);
         assert!(b.keys() <= 2, "{}", b.keys());
         assert!(b.reserve_at(key(1), 1, SEC * 120).is_err());
     }
@@ -600,9 +591,9 @@ mod tests {
         let b = budget(6000, 16);
         let r = b.reserve_at(key(1), 6000, SEC);
         std::mem::forget(r);
-        assert_eq!(b.remaining_at(key(1), SEC * 2), 100);
-        assert_eq!(b.remaining_at(key(1), SEC * 31), 3000);
-        assert_eq!(b.remaining_at(key(1), SEC * 600), 6000);
+        assert_eq!(b.standing_at(key(1), SEC * 2).0, 100);
+        assert_eq!(b.standing_at(key(1), SEC * 31).0, 3000);
+        assert_eq!(b.standing_at(key(1), SEC * 600).0, 6000);
     }
 
     #[test]
@@ -610,13 +601,13 @@ mod tests {
         let b = budget(6000, 16);
         // Never sent (refused later, queue timeout...): all back.
         drop(b.reserve_at(key(1), 1000, Duration::ZERO).unwrap());
-        assert_eq!(b.remaining(key(1)), 6000);
+        assert_eq!(b.standing(key(1)).0, 6000);
         // Sent, no usage came back (error, client gone): spent.
         let mut r = b.reserve(key(1), 1000).unwrap();
         r.mark_sent();
         assert!(r.is_unsettled());
         drop(r);
-        assert!(b.remaining(key(1)) < 5100);
+        assert!(b.standing(key(1)).0 < 5100);
         assert_eq!(b.stats().kept.load(Ordering::Relaxed), 1000);
         assert_eq!(b.stats().refunded.load(Ordering::Relaxed), 1000);
     }
