@@ -25,6 +25,7 @@ pub mod respond;
 pub mod route;
 pub mod shutdown;
 pub mod slow_clients;
+pub mod split;
 pub mod store;
 pub mod tls;
 
