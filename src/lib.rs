@@ -28,6 +28,7 @@ pub mod route;
 pub mod settings;
 pub mod shutdown;
 pub mod slow_clients;
+pub mod split;
 pub mod store;
 pub mod tls;
 

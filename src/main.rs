@@ -15,7 +15,7 @@ use switchyard::admin::client::{self, Client};
 use switchyard::check::check_files;
 use switchyard::config::{self, Config};
 use switchyard::demo::{self, SampleUpstream};
-use switchyard::pools::Color;
+use switchyard::pools::{Color, Weights};
 use switchyard::{cleanup, RunOptions, Switchyard};
 
 /// glibc malloc showed up as ~12 % of proxy CPU under load (Pingora allocates
@@ -111,6 +111,23 @@ enum CtlAction {
         #[arg(long)]
         reason: Option<String>,
         /// Roll back even if the previous color has too few healthy backends.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Split SERVICE's new requests between blue and green, in percent (a canary).
+    ///
+    /// `ctl weights api 90 10` sends 10 % of new requests to green; `0 100` is a switch to green.
+    Weights {
+        /// A service name from the config, e.g. `api`.
+        service: String,
+        /// Percent of new requests for blue, 0 to 100.
+        blue: u64,
+        /// Percent of new requests for green; blue + green = 100.
+        green: u64,
+        /// Recorded in the history.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Give traffic to a color even if it has too few healthy backends.
         #[arg(long)]
         force: bool,
     },
@@ -486,6 +503,18 @@ fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
             reason,
             force,
         },
+        CtlAction::Weights {
+            service,
+            blue,
+            green,
+            reason,
+            force,
+        } => Command::Weights {
+            service,
+            weights: Weights::new(blue, green)?,
+            reason,
+            force,
+        },
         CtlAction::Maintenance { service, state } => Command::Maintenance {
             service,
             on: state == "on",
@@ -530,6 +559,15 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
                 s(&reply["previous"])
             );
         }
+        Command::Weights { .. } => {
+            println!(
+                "{}: blue {} / green {} (active {})",
+                s(&reply["name"]),
+                reply["weights"]["blue"],
+                reply["weights"]["green"],
+                s(&reply["active"])
+            );
+        }
         Command::Maintenance { .. } => {
             let on = reply["maintenance"].as_bool().unwrap_or(false);
             println!(
@@ -566,8 +604,13 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
                 _ => {}
             }
             for e in events {
+                // A canary step shows its split after the colors.
+                let split = match &e["weights"] {
+                    Value::Object(w) => format!(" ({}/{})", w["blue"], w["green"]),
+                    _ => String::new(),
+                };
                 println!(
-                    "{}  {:<12} {:>5} -> {:<5}  by {:<20} {}",
+                    "{}  {:<12} {:>5} -> {:<5}{split}  by {:<20} {}",
                     s(&e["time"]),
                     s(&e["service"]),
                     s(&e["from"]),
@@ -743,7 +786,8 @@ fn print_service(name: &str, svc: &Value) {
     for color in ["blue", "green"] {
         let marker = if color == active { "*" } else { " " };
         println!(
-            "  {marker} {color:<5} in flight {} (upgraded {})",
+            "  {marker} {color:<5} {:>3} %  in flight {} (upgraded {})",
+            svc["weights"][color].as_u64().unwrap_or(0),
             svc["in_flight"][color].as_u64().unwrap_or(0),
             svc["upgraded"][color].as_u64().unwrap_or(0),
         );

@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::config::{self, NotifyEvent, UrlSource, WebhookFormat};
-use crate::pools::Color;
+use crate::pools::{Color, Weights};
 
 /// Notices a webhook's queue holds (256) before new ones are dropped: a
 /// receiver down for the whole retry span of a burst of events falls behind
@@ -260,7 +260,25 @@ impl Notice {
         }
     }
 
-    /// Any other event (`weights`, `deploy`): `summary` is the one line
+    /// The split of `service` between its colors changed (a canary step).
+    pub fn weights(service: &str, from: Weights, to: Weights, reason: &str) -> Notice {
+        let (from, to) = (
+            format!("{}/{}", from.blue, from.green),
+            format!("{}/{}", to.blue, to.green),
+        );
+        Notice {
+            event: NotifyEvent::Weights,
+            service: service.to_string(),
+            summary: format!("{service}: weights blue/green {from} → {to}: {reason}"),
+            from: Some(from),
+            to: Some(to),
+            reason: reason.to_string(),
+            time: SystemTime::now(),
+            color: GREY,
+        }
+    }
+
+    /// Any other event (`deploy`): `summary` is the one line
     /// for humans, `from`/`to` what changed (e.g. `90/10` → `50/50`).
     pub fn new(
         event: NotifyEvent,

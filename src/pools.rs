@@ -81,6 +81,82 @@ impl FromStr for Color {
     }
 }
 
+/// How one service's new requests split between its colors, in percent
+/// (the two add up to 100). A switch is the `0/100` case; anything between
+/// is a canary. Serialized as `{"blue": 90, "green": 10}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    pub blue: u8,
+    pub green: u8,
+}
+
+/// Why a split was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("weights must be whole percentages adding up to 100, got blue {blue} + green {green}")]
+pub struct BadWeights {
+    pub blue: u64,
+    pub green: u64,
+}
+
+impl Weights {
+    /// Buckets a client can fall in (100): one per percent.
+    pub const BUCKETS: u8 = 100;
+
+    /// Everything to `color`.
+    pub fn all(color: Color) -> Weights {
+        match color {
+            Color::Blue => Weights {
+                blue: 100,
+                green: 0,
+            },
+            Color::Green => Weights {
+                blue: 0,
+                green: 100,
+            },
+        }
+    }
+
+    /// A split of whole percentages adding up to 100.
+    pub fn new(blue: u64, green: u64) -> Result<Weights, BadWeights> {
+        match (u8::try_from(blue), u8::try_from(green)) {
+            (Ok(b), Ok(g)) if u16::from(b) + u16::from(g) == 100 => {
+                Ok(Weights { blue: b, green: g })
+            }
+            _ => Err(BadWeights { blue, green }),
+        }
+    }
+
+    /// The share of `color`, in percent.
+    pub fn of(self, color: Color) -> u8 {
+        match color {
+            Color::Blue => self.blue,
+            Color::Green => self.green,
+        }
+    }
+
+    /// The color taking all traffic, if one does.
+    pub fn sole(self) -> Option<Color> {
+        Color::ALL.into_iter().find(|&c| self.of(c) == 100)
+    }
+
+    /// The color of a client in `bucket` (0..100): the lowest `green`
+    /// buckets go green. So as green's share grows, a client already on
+    /// green stays there, and one on blue moves at most once.
+    pub fn color_for(self, bucket: u8) -> Color {
+        match bucket % Self::BUCKETS < self.green {
+            true => Color::Green,
+            false => Color::Blue,
+        }
+    }
+}
+
+impl fmt::Display for Weights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "blue {} / green {}", self.blue, self.green)
+    }
+}
+
 /// One upstream server.
 #[derive(Debug)]
 pub struct Backend {
@@ -226,9 +302,14 @@ impl Drop for InFlight {
 #[derive(Debug, Clone)]
 pub struct ServiceState {
     pub name: Arc<str>,
+    /// The color that took all traffic last: the one a split (canary)
+    /// started from, and where a rollback of that split returns.
     pub active: Color,
     /// The color before the last switch: where `rollback` goes.
     pub previous: Option<Color>,
+    /// How new requests split between the colors; all on `active` unless a
+    /// canary is under way.
+    pub weights: Weights,
     /// Answer 503 with the maintenance page instead of proxying.
     pub maintenance: bool,
     /// Whether switches wait for health: only services with a health check
@@ -238,7 +319,12 @@ pub struct ServiceState {
     pub min_healthy: Option<usize>,
     /// The service's active health check, which the checker follows.
     pub health: Option<HealthCheck>,
+    /// What keeps a client on one color during a split.
+    pub sticky: Option<crate::config::Sticky>,
     pools: [Arc<Pool>; 2],
+    /// Places requests without a sticky bucket during a split; shared by
+    /// every snapshot of the service.
+    spread: Arc<AtomicU64>,
     /// Color changes since start, by [`SwitchCause`] (in `ALL` order);
     /// shared by every snapshot and kept across reloads.
     switches: Arc<[AtomicU64; SwitchCause::ALL.len()]>,
@@ -279,6 +365,38 @@ impl ServiceState {
         &self.pools[color.index()]
     }
 
+    /// The pool for one new request: the active one unless traffic is
+    /// split, then the color of `bucket` (a sticky client's, 0..100) or,
+    /// without one, the next of an even spread that gives each color its
+    /// exact share of every 100 requests.
+    pub fn pick(&self, bucket: Option<u8>) -> &Arc<Pool> {
+        if self.weights.sole().is_some() {
+            return self.active_pool();
+        }
+        let bucket = bucket.unwrap_or_else(|| {
+            // 37 is coprime to 100: consecutive requests visit all 100
+            // buckets in a scattered order, not 10 greens in a row.
+            let n = self.spread.fetch_add(1, Ordering::Relaxed);
+            (n.wrapping_mul(37) % u64::from(Weights::BUCKETS)) as u8
+        });
+        self.pool(self.weights.color_for(bucket))
+    }
+
+    /// The color a split sends new traffic to besides `active`, if any.
+    pub fn canary(&self) -> Option<Color> {
+        let other = self.active.other();
+        (self.weights.of(other) > 0).then_some(other)
+    }
+
+    /// Where a rollback goes: all traffic back on `active` when a split is
+    /// under way, else all on the previous color.
+    pub fn rollback_target(&self) -> Option<Color> {
+        match self.canary() {
+            Some(_) => Some(self.active),
+            None => self.previous,
+        }
+    }
+
     pub fn active_pool(&self) -> &Arc<Pool> {
         self.pool(self.active)
     }
@@ -304,24 +422,35 @@ impl ServiceState {
             Pool::carry(c, s.pool(c), s.connect_timeout, old, checked)
         });
         match old {
+            // Active and previous color, weights, maintenance, the
+            // split's spread and the switch counts carry over as they are.
             Some(old) => ServiceState {
                 gated: checked,
                 min_healthy: s.min_healthy,
                 health: s.health.clone(),
+                sticky: s.sticky,
                 pools,
                 ..old.clone()
             },
-            None => ServiceState {
-                name: Arc::from(s.name.as_str()),
-                active: saved.map_or(s.active, |v| v.active),
-                previous: saved.and_then(|v| v.previous),
-                maintenance: saved.is_some_and(|v| v.maintenance),
-                gated: checked,
-                min_healthy: s.min_healthy,
-                health: s.health.clone(),
-                pools,
-                switches: Arc::default(),
-            },
+            None => {
+                let active = saved.map_or(s.active, |v| v.active);
+                ServiceState {
+                    name: Arc::from(s.name.as_str()),
+                    active,
+                    previous: saved.and_then(|v| v.previous),
+                    weights: saved
+                        .and_then(|v| v.weights)
+                        .unwrap_or(Weights::all(active)),
+                    maintenance: saved.is_some_and(|v| v.maintenance),
+                    gated: checked,
+                    min_healthy: s.min_healthy,
+                    health: s.health.clone(),
+                    sticky: s.sticky,
+                    pools,
+                    spread: Arc::default(),
+                    switches: Arc::default(),
+                }
+            }
         }
     }
 }
@@ -569,10 +698,11 @@ impl Switchboard {
         self.current.load_full()
     }
 
-    /// Makes `to` the active color of `service`. Returns once every new request
-    /// goes to `to`; switching to the active color changes nothing. Unless
-    /// `force`, a color without enough healthy backends is refused.
-    /// `actor` is recorded in the history with the reason.
+    /// Makes `to` the active color of `service`: the `0/100` case of
+    /// [`Switchboard::set_weights`]. Returns once every new request goes to
+    /// `to`; switching to the color that already takes everything changes
+    /// nothing. Unless `force`, a color without enough healthy backends is
+    /// refused. `actor` is recorded in the history with the reason.
     pub fn switch(
         &self,
         service: &str,
@@ -582,22 +712,69 @@ impl Switchboard {
         force: bool,
         actor: &Actor,
     ) -> Result<ServiceState, SwitchError> {
-        let from = self.change(service, |state| {
-            if state.active == to {
+        self.set_weights(service, Weights::all(to), kind, reason, force, actor)
+    }
+
+    /// Splits new requests of `service` by `to`. A color that gets traffic
+    /// it did not have must pass the health gate unless `force`; the color
+    /// taking 100 % becomes the active one (the other its `previous`).
+    /// Requests already running stay where they started. Recorded in the
+    /// history with `reason` and `actor`, counted and notified.
+    pub fn set_weights(
+        &self,
+        service: &str,
+        to: Weights,
+        kind: SwitchKind,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        let before = self.change(service, |state| {
+            if state.weights == to {
                 return Ok(None);
             }
-            if let (false, Some(reason)) = (force, state.gate(to)) {
-                return Err(SwitchError::NotHealthy {
-                    service: service.to_string(),
-                    reason,
-                });
+            let gaining = Color::ALL
+                .into_iter()
+                .filter(|&c| to.of(c) > 0 && state.weights.of(c) == 0);
+            for color in gaining {
+                if let (false, Some(reason)) = (force, state.gate(color)) {
+                    return Err(SwitchError::NotHealthy {
+                        service: service.to_string(),
+                        reason,
+                    });
+                }
             }
-            let from = state.active;
-            state.previous = Some(from);
-            state.active = to;
-            Ok(Some(from))
+            let before = state.clone();
+            if let Some(sole) = to.sole().filter(|&c| c != state.active) {
+                state.previous = Some(state.active);
+                state.active = sole;
+            }
+            state.weights = to;
+            Ok(Some(before))
         })?;
-        if let Some(from) = from {
+        let after = self.service(service)?;
+        if let Some(before) = before {
+            self.record_change(&before, &after, kind, reason, force, actor);
+        }
+        Ok(after)
+    }
+
+    /// Counts, logs, records and notifies one change of a service's split.
+    fn record_change(
+        &self,
+        before: &ServiceState,
+        after: &ServiceState,
+        kind: SwitchKind,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) {
+        let service = &*after.name;
+        let (from, to) = (before.active, after.active);
+        let rollback = kind == SwitchKind::Rollback;
+        // A color change or a rollback moves traffic back and forth; a
+        // canary step is not a switch (`switchyard_traffic_weight` shows it).
+        if from != to || rollback {
             let cause = match (kind, force) {
                 (SwitchKind::Rollback, _) => SwitchCause::Rollback,
                 (SwitchKind::Switch, true) => SwitchCause::Forced,
@@ -606,36 +783,44 @@ impl Switchboard {
             if let Some((_, state)) = self.load().service(service) {
                 state.switches[cause as usize].fetch_add(1, Ordering::Relaxed);
             }
-            let reason = reason.unwrap_or_else(|| {
-                match kind {
-                    SwitchKind::Switch => "switch",
-                    SwitchKind::Rollback => "rollback",
-                }
-                .to_string()
-            });
-            tracing::info!(service, %from, %to, force, reason = %reason, %actor, "switched");
-            let event = Event {
-                time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                service: service.to_string(),
-                from,
-                to,
-                reason,
-                actor: actor.clone(),
-            };
-            if let Err(err) = self.store.append_history(&event) {
-                // The switch itself is durable and live; losing the history line is
-                // worth an alarm but not worth undoing the switch.
-                tracing::error!(cause = %err, service, "switch done but its history entry was not written");
-            }
-            let rollback = kind == SwitchKind::Rollback;
-            let notice =
-                crate::notify::Notice::switched(service, from, to, rollback, &event.reason);
-            self.notify(notice);
         }
-        self.service(service)
+        let split = after.canary().map(|_| after.weights);
+        let reason = reason.unwrap_or_else(|| {
+            match (kind, split) {
+                (SwitchKind::Rollback, _) => "rollback",
+                (SwitchKind::Switch, Some(_)) => "weights",
+                (SwitchKind::Switch, None) => "switch",
+            }
+            .to_string()
+        });
+        tracing::info!(service, %from, %to, weights = %after.weights, force, reason = %reason, %actor, "traffic moved");
+        let event = Event {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            service: service.to_string(),
+            from,
+            to,
+            weights: split,
+            reason,
+            actor: actor.clone(),
+        };
+        if let Err(err) = self.store.append_history(&event) {
+            // The change itself is durable and live; losing the history line is
+            // worth an alarm but not worth undoing the change.
+            tracing::error!(cause = %err, service, "traffic moved but its history entry was not written");
+        }
+        let notice = match (from != to || rollback, split) {
+            (true, _) | (false, None) => {
+                crate::notify::Notice::switched(service, from, to, rollback, &event.reason)
+            }
+            (false, Some(w)) => {
+                crate::notify::Notice::weights(service, before.weights, w, &event.reason)
+            }
+        };
+        self.notify(notice);
     }
 
-    /// Switches `service` back to its previous color.
+    /// Sends all traffic of `service` back where it came from: to the
+    /// active color when a split is under way, else to the previous color.
     pub fn rollback(
         &self,
         service: &str,
@@ -643,18 +828,11 @@ impl Switchboard {
         force: bool,
         actor: &Actor,
     ) -> Result<ServiceState, SwitchError> {
-        let previous = self
+        let target = self
             .service(service)?
-            .previous
+            .rollback_target()
             .ok_or_else(|| SwitchError::NoPrevious(service.to_string()))?;
-        self.switch(
-            service,
-            previous,
-            SwitchKind::Rollback,
-            reason,
-            force,
-            actor,
-        )
+        self.switch(service, target, SwitchKind::Rollback, reason, force, actor)
     }
 
     /// Turns maintenance mode of `service` on or off; `actor` is logged
@@ -715,8 +893,13 @@ impl Switchboard {
             .ok_or_else(|| SwitchError::UnknownService(service.to_string()))?;
         let mut next = state.clone();
         let out = edit(&mut next)?;
-        if (next.active, next.previous, next.maintenance)
-            == (state.active, state.previous, state.maintenance)
+        if (next.active, next.previous, next.weights, next.maintenance)
+            == (
+                state.active,
+                state.previous,
+                state.weights,
+                state.maintenance,
+            )
         {
             return Ok(out);
         }
@@ -758,6 +941,7 @@ fn saved_state(snap: &Snapshot) -> SavedState {
                     SavedService {
                         active: s.active,
                         previous: s.previous,
+                        weights: s.canary().map(|_| s.weights),
                         maintenance: s.maintenance,
                     },
                 )
@@ -932,6 +1116,73 @@ min_healthy = 1
             board.set_maintenance("nope", true, &who()),
             Err(SwitchError::UnknownService(_))
         ));
+    }
+
+    #[test]
+    fn weights_split_new_requests_and_a_switch_is_their_extreme() {
+        let board = Switchboard::new(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
+        let split = |blue, green| {
+            board.set_weights(
+                "api",
+                Weights::new(blue, green).unwrap(),
+                SwitchKind::Switch,
+                None,
+                false,
+                &who(),
+            )
+        };
+        let s = split(90, 10).unwrap();
+        assert_eq!(
+            (s.active, s.canary(), s.previous),
+            (Color::Blue, Some(Color::Green), None)
+        );
+        // Every 100 requests without a bucket: exactly the split.
+        let greens = (0..1000)
+            .filter(|_| s.pick(None).color == Color::Green)
+            .count();
+        assert_eq!(greens, 100);
+        // A bucket decides by itself: the lowest `green` buckets go green.
+        assert_eq!(s.pick(Some(9)).color, Color::Green);
+        assert_eq!(s.pick(Some(10)).color, Color::Blue);
+        // A rollback of a split returns everything to the active color.
+        assert_eq!(
+            board.rollback("api", None, false, &who()).unwrap().weights,
+            Weights::all(Color::Blue)
+        );
+        // 0/100 is a switch: green active, blue previous, counted as one.
+        let s = split(0, 100).unwrap();
+        assert_eq!(
+            (s.active, s.previous, s.canary()),
+            (Color::Green, Some(Color::Blue), None)
+        );
+        assert_eq!(s.pick(Some(99)).color, Color::Green);
+        assert_eq!(board.load().services[0].switches(), [1, 0, 1]);
+        let history = board.history(None).unwrap();
+        let split_steps: Vec<_> = history
+            .iter()
+            .map(|e| (e.reason.as_str(), e.weights))
+            .collect();
+        assert_eq!(
+            split_steps,
+            vec![
+                (
+                    "weights",
+                    Some(Weights {
+                        blue: 90,
+                        green: 10
+                    })
+                ),
+                ("rollback", None),
+                ("switch", None),
+            ]
+        );
+        assert!(Weights::new(50, 51).is_err());
+        assert!(Weights::new(300, 0).is_err());
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::limits::concurrency::{self, Permit};
 use crate::pools::{InFlight, Snapshot, Switchboard};
 use crate::record::{Observer, RequestRecord};
 use crate::respond::{self, Refusal};
+use crate::split;
 use crate::tls::http::{self as tls_http, Side};
 
 /// Requests answered 503 because no backend of the active pool was healthy,
@@ -100,6 +101,8 @@ pub struct Ctx {
     limits: RouteLimits,
     websocket: bool,
     target: Option<InFlight>,
+    /// The sticky-bucket cookie for a client new to a split (`split.rs`).
+    set_cookie: Option<http::HeaderValue>,
     /// The backend of the latest attempt, avoided by a retry.
     backend: Option<SocketAddr>,
     retried: bool,
@@ -154,6 +157,7 @@ impl ProxyHttp for Proxy {
             limits: RouteLimits::default(),
             websocket: false,
             target: None,
+            set_cookie: None,
             backend: None,
             retried: false,
             response_started: false,
@@ -314,7 +318,10 @@ impl ProxyHttp for Proxy {
         if state.maintenance {
             return self.refuse(session, ctx, Refusal::Maintenance).await;
         }
-        ctx.target = Some(InFlight::new(state.active_pool().clone()));
+        let https = ctx.client.as_ref().is_some_and(|c| c.tls);
+        let placement = split::place(state, session.req_header(), client_ip, https);
+        ctx.set_cookie = placement.set_cookie;
+        ctx.target = Some(InFlight::new(state.pick(placement.bucket).clone()));
         Ok(false)
     }
 
@@ -411,6 +418,9 @@ impl ProxyHttp for Proxy {
                 .get(http::header::CONTENT_TYPE)
                 .is_some_and(|v| respond::is_event_stream(v.as_bytes()));
         respond::strip_hop_by_hop(resp);
+        if let Some(cookie) = ctx.set_cookie.take() {
+            resp.append_header(http::header::SET_COOKIE, cookie)?;
+        }
         // Before the HTTP/1.0 framing: a stream it shortens is chunked.
         if let Some(completion) = ctx.completion.as_mut() {
             completion.response(resp)?;

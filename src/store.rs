@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::pools::Color;
+use crate::pools::{Color, Weights};
 
 /// History entries returned by the admin API at most (newest kept).
 pub const HISTORY_LIMIT: usize = 1000;
@@ -35,6 +35,9 @@ impl SavedState {
 pub struct SavedService {
     pub active: Color,
     pub previous: Option<Color>,
+    /// The split while a canary is under way; absent: all on `active`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Weights>,
     #[serde(default)]
     pub maintenance: bool,
 }
@@ -47,6 +50,10 @@ pub struct Event {
     pub service: String,
     pub from: Color,
     pub to: Color,
+    /// The split after the change when traffic is divided between the
+    /// colors; absent when all of it is on `to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Weights>,
     pub reason: String,
     /// Who or what made the change. Lines written before it was recorded
     /// read as [`Actor::UNRECORDED`].
@@ -306,6 +313,7 @@ mod tests {
             service: "api".into(),
             from: Color::Blue,
             to: Color::Green,
+            weights: None,
             reason: "r".into(),
             actor: Actor::token("ci"),
         }
@@ -345,6 +353,10 @@ mod tests {
             SavedService {
                 active: Color::Green,
                 previous: Some(Color::Blue),
+                weights: Some(Weights {
+                    blue: 90,
+                    green: 10,
+                }),
                 maintenance: true,
             },
         );

@@ -44,7 +44,12 @@ fn sighup(proxy: &Proxy) {
 
 /// The value of `switchyard_config_reloads_total{result="RESULT"}`.
 fn reloads_counted(proxy: &Proxy, result: &str) -> f64 {
-    let r = request("GET", &format!("{}/metrics", proxy.metrics_url()), &[], None);
+    let r = request(
+        "GET",
+        &format!("{}/metrics", proxy.metrics_url()),
+        &[],
+        None,
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let prefix = format!("switchyard_config_reloads_total{{result=\"{result}\"}} ");
     r.body
@@ -119,7 +124,11 @@ fn a_bad_config_is_rejected_with_checks_errors_and_the_old_one_keeps_serving() {
             .iter()
             .any(|l| l.contains("config reload rejected") && l.contains("unknown service"))
     });
-    assert!(logged, "no ERROR line for the rejected SIGHUP reload:\n{}", proxy.stderr_text());
+    assert!(
+        logged,
+        "no ERROR line for the rejected SIGHUP reload:\n{}",
+        proxy.stderr_text()
+    );
     assert_eq!(proxy.get("/new/x", None), (200, "blue".to_string()));
     assert_eq!(proxy.active("api"), "blue");
 }
@@ -150,13 +159,20 @@ fn a_reload_that_adds_a_route_serves_it_at_once() {
     assert_eq!(proxy.get("/old", None), (200, "blue".to_string()));
     assert_eq!(proxy.service_status("other")["active"], "blue");
     // Its metrics series exist, and the reload is counted.
-    let r = request("GET", &format!("{}/metrics", proxy.metrics_url()), &[], None);
+    let r = request(
+        "GET",
+        &format!("{}/metrics", proxy.metrics_url()),
+        &[],
+        None,
+    );
     assert!(
-        r.body.lines().any(|l| l.starts_with("switchyard_requests_total{")
-            && l.contains("route=\"*/new/\"")
-            && l.contains("service=\"other\"")
-            && l.contains("status_class=\"2xx\"")
-            && l.ends_with(" 1")),
+        r.body
+            .lines()
+            .any(|l| l.starts_with("switchyard_requests_total{")
+                && l.contains("route=\"*/new/\"")
+                && l.contains("service=\"other\"")
+                && l.contains("status_class=\"2xx\"")
+                && l.ends_with(" 1")),
         "{}",
         r.body
     );
@@ -188,7 +204,11 @@ fn a_reload_that_removes_a_backend_lets_its_requests_finish() {
     let url = format!("{}/slow?hold=1", proxy.http_url());
     let held = thread::spawn(move || get(&url, None));
     assert!(poll_until(WAIT, || a.in_flight() + b.in_flight() == 1));
-    let (gone, stays) = if a.in_flight() == 1 { (&a, &b) } else { (&b, &a) };
+    let (gone, stays) = if a.in_flight() == 1 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
     let (gone_label, stays_label) = (gone.label().to_string(), stays.label().to_string());
 
     let gone_addr = toml_str(&gone.addr());
@@ -209,7 +229,11 @@ fn a_reload_that_removes_a_backend_lets_its_requests_finish() {
     assert_eq!(gone.in_flight(), 1, "the held request is still there");
     gone.release(1);
     let (code, body) = held.join().unwrap();
-    assert_eq!((code, body), (200, gone_label), "the in-flight request finished on its backend");
+    assert_eq!(
+        (code, body),
+        (200, gone_label),
+        "the in-flight request finished on its backend"
+    );
 }
 
 #[test]
@@ -230,8 +254,10 @@ fn streams_and_websockets_on_a_removed_route_keep_working_until_they_end() {
     .start();
 
     let mut sse = RawConn::connect(&proxy.http_addr());
-    sse.send(b"GET /events/x?sse=3&gated=1 HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
-        .unwrap();
+    sse.send(
+        b"GET /events/x?sse=3&gated=1 HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n",
+    )
+    .unwrap();
     let head = sse.read_head(Duration::from_secs(5)).expect("stream head");
     assert_eq!(head.status, 200, "{head:?}");
     let mut body = Vec::new();
@@ -259,8 +285,12 @@ fn streams_and_websockets_on_a_removed_route_keep_working_until_they_end() {
     assert_eq!(ws_echo(&mut ws, "after").unwrap(), "wsold:after");
     for i in 2..=3 {
         events.release(1);
-        sse.read_body_until(&mut body, &format!("data: ev-{i}\n\n"), Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("event {i} after the reload: {e}"));
+        sse.read_body_until(
+            &mut body,
+            &format!("data: ev-{i}\n\n"),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("event {i} after the reload: {e}"));
     }
     let end = sse
         .read_body_part(Instant::now() + Duration::from_secs(5))
@@ -283,11 +313,17 @@ fn a_reload_keeps_colors_health_and_the_state_of_unchanged_limits() {
     let proxy = ProxyBuilder::new(body).start();
     proxy.wait_health("api", &[(&blue, "healthy"), (&green, "healthy")], WAIT);
     proxy.switch("api", "green", None);
+    // A canary split in progress: 90 % green, 10 % blue.
+    let split = r#"{"blue": 10, "green": 90}"#;
+    let (code, v) = proxy.admin("PUT", "/services/api/weights", Some(split));
+    assert_eq!(code, 200, "{v}");
     assert_eq!(proxy.get("/limited/x", None).0, 200);
     assert_eq!(proxy.get("/limited/x", None).0, 429, "the limit is spent");
 
     // A reload that changes something else (a new deny route).
-    rewrite(&proxy, |text| format!("{text}\n{}", deny_route(None, "/private/")));
+    rewrite(&proxy, |text| {
+        format!("{text}\n{}", deny_route(None, "/private/"))
+    });
     let (code, answer) = reload(&proxy);
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["limits_reset"], serde_json::json!([]));
@@ -295,17 +331,38 @@ fn a_reload_keeps_colors_health_and_the_state_of_unchanged_limits() {
     assert_eq!(proxy.health_of("api", &blue.addr()), "healthy");
     assert_eq!(proxy.health_of("api", &green.addr()), "healthy");
     assert_eq!(proxy.active("api"), "green");
+    let weights = &proxy.service_status("api")["weights"];
+    assert_eq!(
+        weights,
+        &serde_json::json!({"blue": 10, "green": 90}),
+        "weights kept"
+    );
+    // All traffic back to green, then a switch to blue after the reload.
+    let whole = r#"{"blue": 0, "green": 100}"#;
+    assert_eq!(
+        proxy.admin("PUT", "/services/api/weights", Some(whole)).0,
+        200
+    );
     assert_eq!(proxy.get("/x", None), (200, "green".to_string()));
     assert_eq!(proxy.get("/private/x", None).0, 404);
-    assert_eq!(proxy.get("/limited/x", None).0, 429, "still spent after the reload");
+    assert_eq!(
+        proxy.get("/limited/x", None).0,
+        429,
+        "still spent after the reload"
+    );
     // The health gate sees the carried health: a switch back needs no force.
     proxy.switch("api", "blue", None);
 
     // A limit whose settings change starts afresh.
-    rewrite(&proxy, |text| text.replace("rate = \"1/m\"", "rate = \"2/m\""));
+    rewrite(&proxy, |text| {
+        text.replace("rate = \"1/m\"", "rate = \"2/m\"")
+    });
     let (code, answer) = reload(&proxy);
     assert_eq!(code, 200, "{answer}");
-    assert_eq!(answer["limits_reset"], serde_json::json!(["rate_limit:tight"]));
+    assert_eq!(
+        answer["limits_reset"],
+        serde_json::json!(["rate_limit:tight"])
+    );
     assert_eq!(proxy.get("/limited/x", None), (200, "blue".to_string()));
 }
 
@@ -325,12 +382,15 @@ fn sighup_reloads_and_every_reload_is_counted() {
         )
     });
     sighup(&proxy);
-    let served = poll_until(WAIT, || proxy.get("/new/x", None) == (200, "other".to_string()));
+    let served = poll_until(WAIT, || {
+        proxy.get("/new/x", None) == (200, "other".to_string())
+    });
     assert!(served, "SIGHUP did not reload:\n{}", proxy.stderr_text());
     // Logged (and counted) just after the new config is in force.
     let logged = poll_until(WAIT, || {
         let log = proxy.stderr_text();
-        log.lines().any(|l| l.contains("config reloaded") && l.contains("actor=sighup"))
+        log.lines()
+            .any(|l| l.contains("config reloaded") && l.contains("actor=sighup"))
     });
     assert!(logged, "{}", proxy.stderr_text());
     assert_eq!(reloads_counted(&proxy, "success"), 1.0);

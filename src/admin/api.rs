@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::auth::{self, Tokens};
 use crate::limits::concurrency::Concurrency;
 use crate::limits::tokens::{TokenBudget, TokenCounts};
-use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard};
+use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard, Weights};
 use crate::reload::{ReloadError, Reloader};
 use crate::store::Actor;
 use crate::tls::store::{CertStatus, CertStore, RenewError};
@@ -53,6 +53,15 @@ pub enum Command {
     Maintenance {
         service: String,
         on: bool,
+    },
+    /// Split new requests of `service` between its colors
+    /// (`PUT /services/{name}/weights`, `{"blue": 90, "green": 10}`).
+    Weights {
+        service: String,
+        weights: Weights,
+        reason: Option<String>,
+        /// Give traffic to a color even when it is not healthy enough.
+        force: bool,
     },
     /// Every certificate: names, issuer, serial, validity, renewal state.
     Certs,
@@ -98,6 +107,21 @@ impl Command {
                 Method::POST,
                 format!("/services/{service}/maintenance"),
                 Some(json!({ "on": on })),
+            ),
+            Command::Weights {
+                service,
+                weights,
+                reason,
+                force,
+            } => (
+                Method::PUT,
+                format!("/services/{service}/weights"),
+                Some(json!({
+                    "blue": weights.blue,
+                    "green": weights.green,
+                    "reason": reason,
+                    "force": force,
+                })),
             ),
             Command::Certs => (Method::GET, "/certs".into(), None),
             Command::Renew { name } => (Method::POST, format!("/certs/{name}/renew"), None),
@@ -167,6 +191,26 @@ impl Command {
                     on: b.on,
                 })
             }
+            (&Method::PUT, ["services", service, "weights"]) => {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    blue: u64,
+                    green: u64,
+                    reason: Option<String>,
+                    #[serde(default)]
+                    force: bool,
+                }
+                let b: Body = parse_body(body)?;
+                let weights = Weights::new(b.blue, b.green)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                Ok(Command::Weights {
+                    service: service.to_string(),
+                    weights,
+                    reason: checked_reason(b.reason)?,
+                    force: b.force,
+                })
+            }
             (&Method::GET, ["certs"]) => Ok(Command::Certs),
             (&Method::GET, ["limits"]) => Ok(Command::Limits),
             (&Method::POST, ["reload"]) => {
@@ -193,7 +237,7 @@ impl Command {
                 | ["limits"]
                 | ["reload"]
                 | ["certs", _, "renew"]
-                | ["services", _, "switch" | "rollback" | "maintenance"],
+                | ["services", _, "switch" | "rollback" | "maintenance" | "weights"],
             ) => Err(ApiError::MethodNotAllowed),
             _ => Err(ApiError::NotFound(format!("no admin endpoint {path}"))),
         }
@@ -378,6 +422,19 @@ pub fn dispatch(
         Command::Maintenance { service, on } => {
             Ok(service_json(&board.set_maintenance(&service, on, actor)?))
         }
+        Command::Weights {
+            service,
+            weights,
+            reason,
+            force,
+        } => Ok(service_json(&board.set_weights(
+            &service,
+            weights,
+            SwitchKind::Switch,
+            reason,
+            force,
+            actor,
+        )?)),
         Command::Certs => {
             let list: Vec<Value> = certs
                 .map(CertStore::status)
@@ -564,6 +621,11 @@ pub fn service_json(s: &ServiceState) -> Value {
         "name": &*s.name,
         "active": s.active,
         "previous": s.previous,
+        "weights": s.weights,
+        "sticky": s.sticky.map(|k| match k {
+            crate::config::Sticky::Cookie => "cookie",
+            crate::config::Sticky::ClientIp => "client_ip",
+        }),
         "maintenance": s.maintenance,
         "min_healthy": s.gated.then(|| json!({
             "blue": s.required_healthy(Color::Blue),

@@ -138,6 +138,7 @@ pub struct Service {
     pub connect_timeout: Option<Spanned<String>>,
     pub health: Option<Health>,
     pub min_healthy: Option<Spanned<usize>>,
+    pub sticky: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -45,6 +45,19 @@ pub struct Service {
     /// Healthy backends a color needs before traffic may switch to it;
     /// `None` means all of them.
     pub min_healthy: Option<usize>,
+    /// Keeps one client on one color while traffic is split (`sticky`);
+    /// `None`: every request is placed on its own.
+    pub sticky: Option<Sticky>,
+}
+
+/// `services.NAME.sticky`: what keeps a client on one color during a
+/// weighted split (`split.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sticky {
+    /// `"cookie"`: a cookie carrying the client's bucket.
+    Cookie,
+    /// `"client_ip"`: a hash of the client's address (IPv6 by its /64).
+    ClientIp,
 }
 
 /// An active health check: `GET path` must answer `expect` (and contain `body`).
@@ -130,6 +143,17 @@ impl Validator<'_> {
             }
             *m.get_ref()
         });
+        let sticky = s.sticky.and_then(|v| match v.get_ref().as_str() {
+            "cookie" => Some(Sticky::Cookie),
+            "client_ip" => Some(Sticky::ClientIp),
+            other => {
+                self.at(
+                    &v,
+                    format!("unknown sticky {other:?}: expected \"cookie\" or \"client_ip\""),
+                );
+                None
+            }
+        });
         valid_name.then(|| Service {
             name: name.into_inner(),
             blue,
@@ -138,6 +162,7 @@ impl Validator<'_> {
             connect_timeout,
             health,
             min_healthy,
+            sticky,
         })
     }
 

@@ -29,6 +29,7 @@ pub struct Families {
     pub received_bytes: IntCounterVec,
     pub sent_bytes: IntCounterVec,
     pub active_color: IntGaugeVec,
+    pub traffic_weight: IntGaugeVec,
     pub switches: IntCounterVec,
     pub maintenance: IntGaugeVec,
     pub backend_up: IntGaugeVec,
@@ -121,6 +122,12 @@ impl Families {
                 &r,
                 "switchyard_active_color",
                 "1 for the color taking the service's traffic, 0 for the other.",
+                &["service", "color"],
+            ),
+            traffic_weight: gauge(
+                &r,
+                "switchyard_traffic_weight",
+                "Percent of the service's new requests sent to the color (a canary shows between 0 and 100).",
                 &["service", "color"],
             ),
             switches: counter(

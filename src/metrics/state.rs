@@ -142,6 +142,9 @@ impl State {
                 f.active_color
                     .with_label_values(&[name, c])
                     .set(flag(service.active == color));
+                f.traffic_weight
+                    .with_label_values(&[name, c])
+                    .set(i64::from(service.weights.of(color)));
                 f.in_flight
                     .with_label_values(&[name, c])
                     .set(pool.in_flight() as i64);
