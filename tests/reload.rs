@@ -411,3 +411,42 @@ fn sighup_reloads_and_every_reload_is_counted() {
     // The process is the same one: SIGHUP never ended it.
     assert_eq!(proxy.get("/x", None), (200, "blue".to_string()));
 }
+
+#[test]
+fn the_health_checker_follows_a_reload() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let added = Upstream::start("added");
+    let text = |blues: &[&Upstream]| {
+        format!(
+            "{}{}",
+            service_with("api", blues, &[&green], "blue", &fast_health()),
+            route(None, "/", "api")
+        )
+    };
+    let proxy = ProxyBuilder::new(text(&[&blue])).start();
+    proxy.wait_health("api", &[(&blue, "healthy"), (&green, "healthy")], WAIT);
+    assert_eq!(added.health_probes(), 0);
+
+    // A backend the reload adds is probed and becomes healthy.
+    let before = text(&[&blue]);
+    rewrite(&proxy, |t| t.replace(&before, &text(&[&blue, &added])));
+    assert_eq!(reload(&proxy).0, 200);
+    proxy.wait_health("api", &[(&added, "healthy"), (&blue, "healthy")], WAIT);
+
+    // A backend the reload removes is no longer probed (one probe may
+    // have been under way).
+    let before = text(&[&blue, &added]);
+    rewrite(&proxy, |t| t.replace(&before, &text(&[&added])));
+    assert_eq!(reload(&proxy).0, 200);
+    let removed_at = blue.health_probes();
+    let others_at = added.health_probes();
+    assert!(poll_until(WAIT, || added.health_probes() >= others_at + 3));
+    assert!(
+        blue.health_probes() <= removed_at + 1,
+        "a removed backend is still probed: {} -> {}",
+        removed_at,
+        blue.health_probes()
+    );
+    assert_eq!(proxy.get("/x", None), (200, "added".to_string()));
+}
