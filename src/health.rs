@@ -309,9 +309,9 @@ impl BackgroundService for HealthChecker {
                 keep
             });
             for (name, check) in wanted {
-                if !loops.contains_key(&name) {
-                    let task = probe_loop(self.board.clone(), name.clone(), check.clone());
-                    loops.insert(name, (check, tokio::spawn(task)));
+                if let std::collections::hash_map::Entry::Vacant(slot) = loops.entry(name) {
+                    let task = probe_loop(self.board.clone(), slot.key().clone(), check.clone());
+                    slot.insert((check, tokio::spawn(task)));
                 }
             }
             tokio::select! {
