@@ -16,6 +16,7 @@ pub mod registry;
 pub mod state;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use prometheus::{Histogram, IntCounter, IntGaugeVec};
@@ -71,17 +72,39 @@ pub struct Metrics {
 /// reload may name a service or route the new config lacks: it is counted
 /// by its labels then ([`Metrics::observe`]), a little slower.
 struct Handles {
-    services: HashMap<String, ServiceHandles>,
-    /// `requests_total` per route label: the service it proxies to (`None`
-    /// for a deny route), then per color (two for a proxied route, one
-    /// `none` otherwise), per status class.
-    routes: HashMap<String, (Option<String>, Vec<[IntCounter; 5]>)>,
+    services: NameMap<Arc<ServiceHandles>>,
+    /// Per route label; a proxied request finds its service's handles
+    /// here too, so it costs one lookup.
+    routes: NameMap<RouteHandles>,
     /// `requests_total` of requests no route took.
     no_route: [IntCounter; 5],
     none_duration: Histogram,
     none_received: IntCounter,
     none_sent: IntCounter,
 }
+
+struct RouteHandles {
+    /// The service the route proxies to (its name and handles); `None` for
+    /// a deny route.
+    service: Option<(String, Arc<ServiceHandles>)>,
+    /// `requests_total` per color (two for a proxied route, one `none`
+    /// otherwise), per status class.
+    classes: Vec<[IntCounter; 5]>,
+}
+
+impl RouteHandles {
+    /// Whether a record naming `service` was counted under this route's
+    /// series: false when a reload gave the route another service while
+    /// the request ran.
+    fn serves(&self, service: Option<&str>) -> bool {
+        self.service.as_ref().map(|(n, _)| n.as_str()) == service
+    }
+}
+
+/// A table by service or route name. foldhash instead of the default
+/// SipHash: two lookups per request, and the names come from the config,
+/// not from clients, so hash flooding is not a concern here.
+type NameMap<T> = HashMap<String, T, foldhash::fast::RandomState>;
 
 struct ServiceHandles {
     /// `request_duration_seconds` per color.
@@ -109,23 +132,7 @@ fn classes(f: &Families, service: &str, color: &str, route: &str) -> [IntCounter
 impl Handles {
     /// Creates (or finds, after a reload) every series of `config`.
     fn new(f: &Families, config: &Config) -> Handles {
-        let mut routes = HashMap::with_capacity(config.routes.len());
-        for route in &config.routes {
-            let label = route.label();
-            let entry = match route.action {
-                RouteAction::Proxy(s) => {
-                    let name = config.services[s].name.as_str();
-                    let colors = Color::ALL
-                        .iter()
-                        .map(|c| classes(f, name, c.as_str(), &label))
-                        .collect();
-                    (Some(name.to_string()), colors)
-                }
-                RouteAction::Deny => (None, vec![classes(f, NONE, NONE, &label)]),
-            };
-            routes.insert(label, entry);
-        }
-        let services = config
+        let services: NameMap<Arc<ServiceHandles>> = config
             .services
             .iter()
             .map(|s| {
@@ -141,9 +148,29 @@ impl Handles {
                         })
                     }),
                 };
-                (s.to_string(), handles)
+                (s.to_string(), Arc::new(handles))
             })
             .collect();
+        let mut routes = NameMap::default();
+        for route in &config.routes {
+            let label = route.label();
+            let entry = match route.action {
+                RouteAction::Proxy(s) => {
+                    let name = config.services[s].name.as_str();
+                    let classes = Color::ALL
+                        .iter()
+                        .map(|c| classes(f, name, c.as_str(), &label))
+                        .collect();
+                    let service = services.get(name).map(|h| (name.to_string(), h.clone()));
+                    RouteHandles { service, classes }
+                }
+                RouteAction::Deny => RouteHandles {
+                    service: None,
+                    classes: vec![classes(f, NONE, NONE, &label)],
+                },
+            };
+            routes.insert(label, entry);
+        }
         Handles {
             services,
             routes,
@@ -197,7 +224,16 @@ impl Metrics {
 impl Observer for Metrics {
     fn observe(&self, r: &RequestRecord<'_>) {
         let handles = self.handles.load();
-        let service = r.service.and_then(|s| handles.services.get(s));
+        // One lookup for a proxied request: its route holds its service's handles.
+        let route_handles = r.route.and_then(|label| handles.routes.get(label));
+        let route_handles = route_handles.filter(|h| h.serves(r.service));
+        let service = match route_handles.and_then(|h| h.service.as_ref()) {
+            Some((_, h)) => Some(&**h),
+            None => r
+                .service
+                .and_then(|s| handles.services.get(s))
+                .map(|h| &**h),
+        };
         let f = &self.families;
         let service_label = r.service.unwrap_or(NONE);
         match (service, r.service) {
@@ -250,13 +286,13 @@ impl Observer for Metrics {
             handles.no_route[class].inc();
             return;
         };
-        match handles.routes.get(route) {
-            Some((proxied_to, colors)) if proxied_to.as_deref() == r.service => {
-                let c = r.color.map_or(0, color_index).min(colors.len() - 1);
-                colors[c][class].inc();
+        match route_handles {
+            Some(h) => {
+                let c = r.color.map_or(0, color_index).min(h.classes.len() - 1);
+                h.classes[c][class].inc();
             }
             // A route a reload removed, or gave another service.
-            _ => {
+            None => {
                 let color = match r.service {
                     Some(_) => r.color.map_or(NONE, Color::as_str),
                     None => NONE,
@@ -286,7 +322,7 @@ impl Observer for Metrics {
     /// add to them) until the process restarts.
     fn config_reloaded(&self, config: &Config) {
         self.handles
-            .store(std::sync::Arc::new(Handles::new(&self.families, config)));
+            .store(Arc::new(Handles::new(&self.families, config)));
         let f = &self.families;
         let service = |name: &str| config.services.iter().find(|s| s.name == name);
         let backend = |labels: &[&str]| {
@@ -412,6 +448,51 @@ action = "deny"
             .upstream_errors
             .with_label_values(&["api", "green", "reset"]);
         assert_eq!(e.get(), 1);
+    }
+
+    #[test]
+    fn a_reload_adds_series_and_old_requests_still_count() {
+        let config = Config::parse(Path::new("t.toml"), CONFIG).unwrap();
+        let m = Metrics::new(&config);
+        m.families
+            .backend_up
+            .with_label_values(&["api", "blue", "127.0.0.1:8080"])
+            .set(1);
+        let next = CONFIG
+            .replace("[services.api]", "[services.web]")
+            .replace("service = \"api\"", "service = \"web\"")
+            .replace("/admin/", "/private/");
+        let next = Config::parse(Path::new("t.toml"), &next).unwrap();
+        m.config_reloaded(&next);
+        // The new config's series exist at once, at zero.
+        let route = "api.example.com/";
+        assert_eq!(
+            m.families
+                .requests
+                .with_label_values(&["web", "blue", route, "2xx"])
+                .get(),
+            0
+        );
+        // A request that started before the reload names the old service.
+        m.observe(&record(Some(0), Some(Color::Green), 200));
+        assert_eq!(value(&m, &["api", "green", route, "2xx"]), 1);
+        assert_eq!(value(&m, &["web", "green", route, "2xx"]), 0);
+        m.upstream_error("api", Color::Green, UpstreamErrorKind::Reset);
+        let e = m
+            .families
+            .upstream_errors
+            .with_label_values(&["api", "green", "reset"]);
+        assert_eq!(e.get(), 1);
+        // The removed service's gauges are gone.
+        use prometheus::core::Collector;
+        let up: usize = m
+            .families
+            .backend_up
+            .collect()
+            .iter()
+            .map(|f| f.get_metric().len())
+            .sum();
+        assert_eq!(up, 0);
     }
 
     #[test]
