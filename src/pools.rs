@@ -474,8 +474,10 @@ pub struct Snapshot {
 /// What a reload changed, for its answer and its log line.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Reloaded {
+    /// Service names, in config order.
     pub services_added: Vec<String>,
     pub services_removed: Vec<String>,
+    /// Route labels (`host/path`, `*/path`: [`crate::config::Route::label`]).
     pub routes_added: Vec<String>,
     pub routes_removed: Vec<String>,
     /// Limits (`rate_limit:NAME`, `concurrency:NAME`, `token_budget:NAME`)

@@ -161,6 +161,7 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// The table and names of validated routes (see [`route_path_error`]).
     pub fn new(routes: &[Route]) -> Routes {
         Routes {
             table: RouteTable::new(routes),

@@ -19,6 +19,8 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// `pages`: the 503 page and `Retry-After`, read from `server`'s files
+    /// by the caller (`load_pages` in `lib.rs`), which reports a bad file.
     pub fn new(server: &config::Server, pages: respond::Pages) -> Settings {
         Settings {
             body_timeout: server.body_timeout,
