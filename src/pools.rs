@@ -593,7 +593,7 @@ impl Switchboard {
                 crate::notify::Notice::weights(service, before.weights, w, &event.reason)
             }
         };
-        self.notify(notice);
+        self.notify(notice.by(actor));
     }
 
     /// Sends all traffic of `service` back where it came from: to the
@@ -630,7 +630,7 @@ impl Switchboard {
         }
         // Webhooks: maintenance on/off is a `switch` event (notify.rs).
         if changed {
-            self.notify(crate::notify::Notice::maintenance(service, on));
+            self.notify(crate::notify::Notice::maintenance(service, on).by(actor));
         }
         self.service(service)
     }
