@@ -571,28 +571,22 @@ impl Switchboard {
             .to_string()
         });
         tracing::info!(service, %from, %to, weights = %after.weights, force, reason = %reason, %actor, "traffic moved");
-        let event = Event {
+        let notice = match (from != to || rollback, split) {
+            (true, _) | (false, None) => {
+                crate::notify::Notice::switched(service, from, to, rollback, &reason)
+            }
+            (false, Some(w)) => crate::notify::Notice::weights(service, before.weights, w, &reason),
+        };
+        self.append_history(Event {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             service: service.to_string(),
             from,
             to,
             weights: split,
+            maintenance: None,
             reason,
             actor: actor.clone(),
-        };
-        if let Err(err) = self.store.append_history(&event) {
-            // The change itself is durable and live; losing the history line is
-            // worth an alarm but not worth undoing the change.
-            tracing::error!(cause = %err, service, "traffic moved but its history entry was not written");
-        }
-        let notice = match (from != to || rollback, split) {
-            (true, _) | (false, None) => {
-                crate::notify::Notice::switched(service, from, to, rollback, &event.reason)
-            }
-            (false, Some(w)) => {
-                crate::notify::Notice::weights(service, before.weights, w, &event.reason)
-            }
-        };
+        });
         self.notify(notice.by(actor));
     }
 
@@ -625,14 +619,32 @@ impl Switchboard {
             state.maintenance = on;
             Ok(changed)
         })?;
+        let after = self.service(service)?;
         if changed {
             tracing::info!(service, on, %actor, "maintenance mode");
-        }
-        // Webhooks: maintenance on/off is a `switch` event (notify.rs).
-        if changed {
+            let what = if on { "on" } else { "off" };
+            self.append_history(Event {
+                time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                service: service.to_string(),
+                from: after.active,
+                to: after.active,
+                weights: after.canary().map(|_| after.weights),
+                maintenance: Some(on),
+                reason: format!("maintenance {what}"),
+                actor: actor.clone(),
+            });
+            // Webhooks: maintenance on/off is a `switch` event (notify.rs).
             self.notify(crate::notify::Notice::maintenance(service, on).by(actor));
         }
-        self.service(service)
+        Ok(after)
+    }
+
+    /// Appends one history line. The change itself is durable and live by
+    /// now; losing its history line is worth an alarm, not worth undoing it.
+    fn append_history(&self, event: Event) {
+        if let Err(err) = self.store.append_history(&event) {
+            tracing::error!(cause = %err, service = %event.service, "state changed but its history entry was not written");
+        }
     }
 
     /// Sends what happens here to `notifier` from now on (first call wins).
