@@ -583,8 +583,12 @@ fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
         } => {
             let to = color.parse::<Color>()?;
             let status = client.send(&Command::Status)?;
-            before = status["services"][&service]["active"]
+            // Only a color that takes everything is "already" switched to:
+            // during a canary, a switch to the active color ends the split.
+            let svc = &status["services"][&service];
+            before = svc["active"]
                 .as_str()
+                .filter(|&c| svc["weights"][c] == 100)
                 .map(str::to_string);
             if let Some(within) = wait_healthy {
                 client.wait_healthy(&service, to, within, progress)?;
