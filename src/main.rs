@@ -871,4 +871,52 @@ fn print_service(name: &str, svc: &Value) {
             );
         }
     }
+    if let Some(line) = rollback_line(&svc["rollback"]) {
+        println!("  {line}");
+    }
+}
+
+/// The automatic rollback watcher's view of a service in one line (`GET
+/// /status` `rollback`), or `None` when the service is not watched.
+fn rollback_line(r: &Value) -> Option<String> {
+    if !r.is_object() {
+        return None;
+    }
+    let live = &r["live"];
+    let mut line = match (r["deploy_judging"] == true, live.is_object()) {
+        (true, _) => "rollback watch: a deploy is judging".to_string(),
+        (false, true) => format!(
+            "rollback watch: {} {}",
+            live["color"].as_str().unwrap_or("?"),
+            figures_text(live, &r["gates"])
+        ),
+        (false, false) => "rollback watch: idle".to_string(),
+    };
+    if let Some(left) = live["time_left_s"].as_u64() {
+        line.push_str(&format!(", {left} s left"));
+    }
+    if let Some(reason) = r["last_verdict"]["reason"].as_str() {
+        let outcome = r["last_verdict"]["outcome"].as_str().unwrap_or("?");
+        line.push_str(&format!("; last: {reason} ({outcome})"));
+    }
+    Some(line)
+}
+
+/// Live gate figures in words: `12 requests, 5xx 0 %, p95 35 ms over 30 s`.
+fn figures_text(f: &Value, gates: &Value) -> String {
+    let ratio = f["error_ratio"].as_f64().unwrap_or(0.0);
+    let p95 = match f["p95_ms"].as_u64() {
+        Some(ms) => switchyard::canary::show_secs(Duration::from_millis(ms)),
+        None => "-".to_string(),
+    };
+    format!(
+        "{} requests, 5xx {} (max {}), p95 {p95} (max {}) over {} s",
+        f["requests"].as_u64().unwrap_or(0),
+        switchyard::canary::show_percent(ratio),
+        switchyard::canary::show_percent(gates["max_error_ratio"].as_f64().unwrap_or(0.0)),
+        switchyard::canary::show_secs(Duration::from_millis(
+            gates["max_p95_ms"].as_u64().unwrap_or(0)
+        )),
+        f["span_s"].as_u64().unwrap_or(0),
+    )
 }

@@ -271,6 +271,15 @@ pub struct ServiceState {
     pub min_healthy: Option<usize>,
     /// What keeps a client on one color during a split.
     pub sticky: Option<crate::config::Sticky>,
+    /// The automatic rollback gates (`[services.NAME.rollback]`); `None`:
+    /// not watched.
+    pub rollback: Option<crate::config::Rollback>,
+    /// Changes of the split since start: the rollback watcher tells a new
+    /// change from one it has seen by this.
+    pub moves: u64,
+    /// What the last change was; a rollback is never judged (judging it
+    /// could roll forward again).
+    pub last_move: Option<SwitchKind>,
     pools: [Arc<Pool>; 2],
     /// Places requests without a sticky bucket during a split; shared by
     /// every snapshot of the service.
@@ -454,6 +463,9 @@ impl Switchboard {
                     gated: s.health.is_some(),
                     min_healthy: s.min_healthy,
                     sticky: s.sticky,
+                    rollback: s.rollback,
+                    moves: 0,
+                    last_move: None,
                     pools: Color::ALL.map(|c| Arc::new(Pool::new(c, s.pool(c), s.connect_timeout))),
                     spread: Arc::default(),
                 }
@@ -526,6 +538,8 @@ impl Switchboard {
                 state.active = sole;
             }
             state.weights = to;
+            state.moves += 1;
+            state.last_move = Some(kind);
             Ok(Some(before))
         })?;
         let after = self.service(service)?;
@@ -610,6 +624,49 @@ impl Switchboard {
             .rollback_target()
             .ok_or_else(|| SwitchError::NoPrevious(service.to_string()))?;
         self.switch(service, target, SwitchKind::Rollback, reason, force, actor)
+    }
+
+    /// Puts `service` back exactly as `to` was (active, previous, weights):
+    /// how an aborted deploy restores the state from before it. Recorded
+    /// as a rollback with `reason` and `actor`; the health gate is asked
+    /// for a color that regains traffic unless `force`.
+    pub fn restore(
+        &self,
+        service: &str,
+        to: &ServiceState,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        let before = self.change(service, |state| {
+            if (state.active, state.previous, state.weights) == (to.active, to.previous, to.weights)
+            {
+                return Ok(None);
+            }
+            let gaining = Color::ALL
+                .into_iter()
+                .filter(|&c| to.weights.of(c) > 0 && state.weights.of(c) == 0);
+            for color in gaining {
+                if let (false, Some(reason)) = (force, state.gate(color)) {
+                    return Err(SwitchError::NotHealthy {
+                        service: service.to_string(),
+                        reason,
+                    });
+                }
+            }
+            let before = state.clone();
+            state.active = to.active;
+            state.previous = to.previous;
+            state.weights = to.weights;
+            state.moves += 1;
+            state.last_move = Some(SwitchKind::Rollback);
+            Ok(Some(before))
+        })?;
+        let after = self.service(service)?;
+        if let Some(before) = before {
+            self.record_change(&before, &after, SwitchKind::Rollback, reason, force, actor);
+        }
+        Ok(after)
     }
 
     /// Turns maintenance mode of `service` on or off; `actor` is logged

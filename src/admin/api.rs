@@ -20,6 +20,7 @@ use crate::limits::concurrency::{Concurrency, ConcurrencyCaps};
 use crate::limits::rate::RateLimits;
 use crate::limits::tokens::{TokenBudget, TokenBudgets, TokenCounts};
 use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard, Weights};
+use crate::rollback::Watcher;
 use crate::store::Actor;
 use crate::tls::store::{CertStatus, CertStore, RenewError};
 
@@ -349,10 +350,13 @@ impl From<RenewError> for ApiError {
 /// `certs` is `None` when no HTTPS listener is configured.
 /// `limits` is `None` where no limits are wired in (empty lists then).
 /// `actor` is who asked, as the history records it.
+/// `watcher`: the automatic rollback watcher, whose live figures `GET
+/// /status` shows per service (`rollback`), `None` where none runs.
 pub fn dispatch(
     board: &Switchboard,
     certs: Option<&CertStore>,
     limits: Option<&Limits>,
+    watcher: Option<&Watcher>,
     actor: &Actor,
     cmd: Command,
 ) -> Result<Value, ApiError> {
@@ -362,7 +366,11 @@ pub fn dispatch(
             let services: serde_json::Map<String, Value> = snap
                 .services
                 .iter()
-                .map(|s| (s.name.to_string(), service_json(s)))
+                .map(|s| {
+                    let mut v = service_json(s);
+                    v["rollback"] = watcher.and_then(|w| w.status(s)).unwrap_or(Value::Null);
+                    (s.name.to_string(), v)
+                })
                 .collect();
             Ok(json!({ "services": services }))
         }
@@ -606,6 +614,7 @@ pub struct AdminApi {
     board: Arc<Switchboard>,
     certs: Option<Arc<CertStore>>,
     limits: Option<Arc<Limits>>,
+    watcher: Option<Arc<Watcher>>,
     tokens: Tokens,
     allow: Vec<IpNet>,
 }
@@ -623,6 +632,7 @@ impl AdminApi {
             board,
             certs,
             limits: None,
+            watcher: None,
             tokens,
             allow,
         }
@@ -631,6 +641,12 @@ impl AdminApi {
     /// Reports on these limits in `GET /limits`.
     pub fn with_limits(mut self, limits: Limits) -> AdminApi {
         self.limits = Some(Arc::new(limits));
+        self
+    }
+
+    /// Shows this watcher's live figures in `GET /status`.
+    pub fn with_watcher(mut self, watcher: Arc<Watcher>) -> AdminApi {
+        self.watcher = Some(watcher);
         self
     }
 
@@ -654,9 +670,17 @@ impl AdminApi {
         let board = self.board.clone();
         let certs = self.certs.clone();
         let limits = self.limits.clone();
+        let watcher = self.watcher.clone();
         // Switches fsync; keep that off the listener's async threads.
         tokio::task::spawn_blocking(move || {
-            dispatch(&board, certs.as_deref(), limits.as_deref(), &actor, cmd)
+            dispatch(
+                &board,
+                certs.as_deref(),
+                limits.as_deref(),
+                watcher.as_deref(),
+                &actor,
+                cmd,
+            )
         })
         .await
         .map_err(|e| ApiError::Internal(format!("admin task failed: {e}")))?
