@@ -12,6 +12,7 @@ pub mod completion;
 pub mod config;
 pub mod connections;
 pub mod demo;
+pub mod deploy;
 pub mod forwarded;
 pub mod health;
 pub mod host;
@@ -322,7 +323,10 @@ impl Switchyard {
                         rates: rate_limits.clone(),
                         budgets: budgets.clone(),
                     })
-                    .with_watcher(watcher.clone());
+                    .with_deploys(Arc::new(deploy::Deployer::new(
+                        board.clone(),
+                        watcher.clone(),
+                    )));
                 // The same wrapper as the proxy's: a header deadline against
                 // slow clients, a small connection cap, and `Server:
                 // switchyard` on the answers Pingora's parser writes itself.

@@ -12,6 +12,7 @@ use serde_json::Value;
 use switchyard::admin::api::Command;
 use switchyard::admin::auth;
 use switchyard::admin::client::{self, Client};
+use switchyard::admin::deploy_client;
 use switchyard::config::{self, Config};
 use switchyard::demo::{self, SampleUpstream};
 use switchyard::pools::{Color, Weights};
@@ -149,6 +150,40 @@ enum CtlAction {
         #[arg(long = "service", value_name = "SERVICE", conflicts_with = "service")]
         service_flag: Option<String>,
     },
+    /// Deploy SERVICE to a color: wait until it is healthy, walk the canary
+    /// steps (each judged for --interval by the automatic rollback gates),
+    /// and finish on 100 % or roll back.
+    ///
+    /// Exit codes: 0 done, 2 rolled back by a gate, 3 failed (not healthy in
+    /// time, a step refused, changed by someone else, aborted elsewhere),
+    /// 4 not started (another deploy holds the service, or nothing to do),
+    /// 130 Ctrl-C (aborted, state from before restored), 1 other errors.
+    Deploy {
+        /// A service name from the config, e.g. `api`.
+        service: String,
+        /// The color to deploy to.
+        #[arg(long, value_parser = ["blue", "green"], required_unless_present = "abort")]
+        to: Option<String>,
+        /// Percent of new requests on the target at each step, rising to 100 (default: 100).
+        #[arg(long, value_delimiter = ',', value_name = "PERCENTS")]
+        steps: Option<Vec<u8>>,
+        /// How long each step is judged (default 60s).
+        #[arg(long, value_parser = config::parse_duration, value_name = "DURATION")]
+        interval: Option<Duration>,
+        /// How long to wait for the target color to be healthy (default 5m).
+        #[arg(long, value_parser = config::parse_duration, value_name = "DURATION")]
+        wait_healthy: Option<Duration>,
+        /// The proxy aborts the deploy (restoring the state from before) if
+        /// this ctl stops polling it for this long (default 30s).
+        #[arg(long, value_parser = config::parse_duration, value_name = "DURATION")]
+        lease: Option<Duration>,
+        /// Recorded in the history with each step.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Abort SERVICE's running deploy and restore the state from before it.
+        #[arg(long, conflicts_with_all = ["to", "steps", "interval", "wait_healthy", "lease", "reason"])]
+        abort: bool,
+    },
     /// Show the concurrency caps (in flight, queued, top keys) and rate limits.
     Limits,
     /// List the HTTPS certificates: names, issuer, serial, expiry, renewal state.
@@ -195,6 +230,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Its summary is printed already.
+        Err(e) if e.is::<deploy_client::DeployExit>() => match e.downcast_ref() {
+            Some(deploy_client::DeployExit { code, .. }) => ExitCode::from(*code),
+            None => ExitCode::FAILURE,
+        },
         Err(e) => {
             eprintln!("switchyard: {}", describe(&e));
             ExitCode::FAILURE
@@ -566,6 +606,28 @@ fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
     // The active color before a switch, to tell a no-op from a switch.
     let mut before = None;
     let cmd = match action {
+        CtlAction::Deploy {
+            service,
+            to: Some(to),
+            steps,
+            interval,
+            wait_healthy,
+            lease,
+            reason,
+            abort: false,
+        } => {
+            let plan = switchyard::deploy::Plan {
+                to: to.parse::<Color>()?,
+                steps: steps.unwrap_or(switchyard::deploy::DEFAULT_STEPS.to_vec()),
+                interval: interval.unwrap_or(switchyard::deploy::DEFAULT_INTERVAL),
+                wait_healthy: wait_healthy.unwrap_or(switchyard::deploy::DEFAULT_WAIT_HEALTHY),
+                lease: lease.unwrap_or(switchyard::deploy::LEASE),
+                reason,
+            };
+            plan.check().map_err(anyhow::Error::msg)?;
+            return deploy_client::deploy(&client, &service, plan, json);
+        }
+        CtlAction::Deploy { service, .. } => Command::DeployAbort { service },
         CtlAction::Status => Command::Status,
         CtlAction::History {
             service,
@@ -679,6 +741,9 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
             );
         }
         Command::Limits => print_limits(reply),
+        Command::Deploy { .. } | Command::DeployStatus { .. } | Command::DeployAbort { .. } => {
+            println!("{}", deploy_client::progress_line(reply));
+        }
         Command::Certs => {
             let certs = reply["certificates"]
                 .as_array()

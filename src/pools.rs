@@ -669,6 +669,24 @@ impl Switchboard {
         Ok(after)
     }
 
+    /// Appends a history entry that changes nothing (from and to are the
+    /// active color, with the split if any): how `ctl deploy` records its
+    /// outcome next to the steps it took.
+    pub fn note(&self, service: &str, reason: String, actor: &Actor) -> Result<(), SwitchError> {
+        let state = self.service(service)?;
+        let event = Event {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            service: service.to_string(),
+            from: state.active,
+            to: state.active,
+            weights: state.canary().map(|_| state.weights),
+            reason,
+            actor: actor.clone(),
+        };
+        self.store.append_history(&event)?;
+        Ok(())
+    }
+
     /// Turns maintenance mode of `service` on or off; `actor` is logged
     /// (maintenance is not a color change, so it is not in the history).
     pub fn set_maintenance(
