@@ -208,6 +208,12 @@ impl Watcher {
             let Some(breach) = judge(&figures, &gates) else {
                 continue;
             };
+            // Judged on this snapshot: if the service moved meanwhile (an
+            // operator was quicker), the verdict is about a state that is
+            // gone; the next tick sees the new one.
+            if self.board.service(&s.name).map(|now| now.moves).ok() != Some(s.moves) {
+                continue;
+            }
             // One verdict per watch, whatever the outcome.
             track.watch = None;
             let reason = format!("automatic rollback: {}", breach.detail);
