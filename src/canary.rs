@@ -606,4 +606,47 @@ mod tests {
         assert_eq!(show_percent(0.235), "23.5 %");
         assert_eq!(show_percent(0.01), "1 %");
     }
+
+    fn record(status: u16, refusal: Option<Refusal>, backend: bool) -> RequestRecord<'static> {
+        RequestRecord {
+            request_id: "r",
+            client: None,
+            method: "GET",
+            host: None,
+            path: "/",
+            status,
+            service: Some(0),
+            color: Some(Color::Green),
+            route: Some(0),
+            backend: backend.then(|| "127.0.0.1:2".parse().unwrap()),
+            upstream_time: backend.then(|| Duration::from_millis(40)),
+            total_time: Duration::from_millis(50),
+            bytes_in: 0,
+            bytes_out: 0,
+            refusal,
+            stream: false,
+        }
+    }
+
+    #[test]
+    fn only_requests_that_reached_the_pool_count() {
+        let (_clock, stats) = setup();
+        // Counted: answered by a backend, the proxy's 502/504 for it, and
+        // a pool with nothing healthy left.
+        stats.observe(&record(200, None, true));
+        stats.observe(&record(502, Some(Refusal::Upstream(502)), true));
+        stats.observe(&record(503, Some(Refusal::NoHealthyBackend), false));
+        // Not counted: refused before a pool was picked.
+        let limited = Refusal::RateLimited { retry: 1, limit: 2 };
+        stats.observe(&record(429, Some(limited), false));
+        stats.observe(&record(503, Some(Refusal::Maintenance), false));
+        stats.observe(&record(503, Some(Refusal::Busy(1)), false));
+        // A stream counts, without a latency.
+        let mut stream = record(200, None, true);
+        stream.stream = true;
+        stats.observe(&stream);
+        let f = stats.figures("api", Color::Green, Duration::from_secs(10), 0);
+        assert_eq!((f.requests, f.errors, f.measured), (4, 2, 2));
+        assert_eq!(f.p95, Some(bucket_edge(bucket(40.0))));
+    }
 }

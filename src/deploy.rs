@@ -47,9 +47,9 @@ pub const MAX_STEPS: usize = 20;
 /// A deploy nobody polls for this long (30 s) is abandoned: aborted, with
 /// the state from before restored.
 pub const LEASE: Duration = Duration::from_secs(30);
-/// `lease`: 1 s to 10 min.
+/// `lease`: 3 s (a few of the ctl's 1 s polls) to 10 min.
 pub const LEASE_RANGE: std::ops::RangeInclusive<Duration> =
-    Duration::from_secs(1)..=Duration::from_secs(600);
+    Duration::from_secs(3)..=Duration::from_secs(600);
 /// How often the task looks at health, the gates, the lease and an abort
 /// (250 ms).
 pub const TICK: Duration = Duration::from_millis(250);

@@ -461,4 +461,43 @@ mod tests {
         w.tick();
         assert_eq!(board.service("api").unwrap().active, Color::Blue);
     }
+
+    #[test]
+    fn a_refused_rollback_is_not_forced_nor_retried() {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            "[services.api]\nblue = [\"127.0.0.1:1\"]\ngreen = [\"127.0.0.1:2\"]\n\
+             health = { path = \"/ping\" }\n\
+             [services.api.rollback]\nwindow = \"10s\"\nmin_requests = 10\n",
+        )
+        .unwrap();
+        let board = Arc::new(Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap());
+        let clock = Arc::new(ManualClock::default());
+        clock.advance(Duration::from_secs(100));
+        let stats = Arc::new(Stats::new(board.clone(), clock.clone()));
+        let w = Watcher::new(board.clone(), stats);
+        w.tick();
+        // Neither color was ever checked healthy: the switch needs force,
+        // and the rollback to blue is refused by the health gate.
+        board
+            .switch("api", Color::Green, SwitchKind::Switch, None, true, &who())
+            .unwrap();
+        w.tick();
+        load(&w, &clock, Color::Green, 20, true);
+        w.tick();
+        let s = board.service("api").unwrap();
+        assert_eq!(s.active, Color::Green);
+        let status = w.status(&s).unwrap();
+        let outcome = status["last_verdict"]["outcome"].as_str().unwrap();
+        assert!(outcome.starts_with("refused: "), "{status}");
+        assert_eq!(status["watching"], false);
+        for _ in 0..3 {
+            clock.advance(Duration::from_secs(1));
+            load(&w, &clock, Color::Green, 20, true);
+            w.tick();
+        }
+        assert_eq!(board.history(None).unwrap().len(), 1, "only the switch");
+        let counted: u64 = w.stats.rollbacks().iter().map(|(_, _, n)| n).sum();
+        assert_eq!(counted, 0);
+    }
 }

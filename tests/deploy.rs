@@ -255,7 +255,7 @@ fn a_ctl_that_dies_lets_the_lease_run_out_and_the_state_is_restored() {
         .health_of("api", &green.addr())
         == "healthy"));
     split_80_20(&p);
-    let mut child = deploy_at_step_one(&p, &["--lease", "2s"]);
+    let mut child = deploy_at_step_one(&p, &["--lease", "3s"]);
     child.kill().expect("kill ctl");
     let _ = child.wait();
     // Polled through /status: a poll of the deploy with the token that
@@ -273,7 +273,7 @@ fn a_ctl_that_dies_lets_the_lease_run_out_and_the_state_is_restored() {
         v["outcome"]
             .as_str()
             .unwrap()
-            .starts_with("deploy abandoned: no progress poll for 2 s"),
+            .starts_with("deploy abandoned: no progress poll for 3 s"),
         "{v}"
     );
     assert_state_80_20(&p);
