@@ -6,7 +6,11 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::load::Load;
@@ -30,6 +34,75 @@ fn events(p: &Proxy) -> Vec<Value> {
     let (code, v) = p.admin("GET", "/history?service=api", None);
     assert_eq!(code, 200, "{v}");
     v["events"].as_array().cloned().unwrap_or_default()
+}
+
+/// A webhook receiver on loopback: records each JSON body it is posted
+/// and answers 204.
+struct Webhooks {
+    addr: String,
+    posts: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Webhooks {
+    fn start() -> Webhooks {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let posts = Arc::new(Mutex::new(Vec::new()));
+        let seen = posts.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                conn.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let body = loop {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => break None,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break serde_json::from_slice(&buf[end + 4..end + 4 + len]).ok();
+                    }
+                };
+                if let Some(body) = body {
+                    seen.lock().unwrap().push(body);
+                }
+                let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+            }
+        });
+        Webhooks { addr, posts }
+    }
+
+    /// A `[[notify.webhooks]]` table (JSON format, `events`) posting here;
+    /// the URL goes in a 0600 file under `dir`.
+    fn config(&self, dir: &std::path::Path, events: &str) -> String {
+        let file = dir.join("hook.url");
+        std::fs::write(&file, format!("http://{}/hook\n", self.addr)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        format!(
+            "[[notify.webhooks]]\nname = \"ci\"\nurl_file = {}\nformat = \"json\"\nevents = {events}\n\n",
+            toml_str(file.to_str().unwrap())
+        )
+    }
+
+    /// Waits for `n` posts and returns them.
+    fn wait(&self, n: usize) -> Vec<Value> {
+        let got = poll_until(Duration::from_secs(10), || {
+            self.posts.lock().unwrap().len() >= n
+        });
+        let posts = self.posts.lock().unwrap().clone();
+        assert!(got, "{} of {n} webhook posts: {posts:?}", posts.len());
+        posts
+    }
 }
 
 /// Polls `GET /services/api/deploy` until `f` holds.
@@ -118,7 +191,11 @@ fn a_healthy_deploy_walks_its_steps_to_green() {
 fn a_green_failing_mid_canary_is_rolled_back_with_exit_code_2() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
-    let p = ProxyBuilder::new(deployable_api(&blue, &green)).start();
+    let hooks = Webhooks::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        deployable_api(&blue, &green) + &hooks.config(dir.path(), "[\"deploy\", \"rollback\"]");
+    let p = ProxyBuilder::new(config).start();
     // It passes its health check but answers 500 to everything else.
     green.set_status(Some(500));
     let load = Load::start(&format!("{}/orders", p.http_url()), 2, 3000);
@@ -172,6 +249,28 @@ fn a_green_failing_mid_canary_is_rolled_back_with_exit_code_2() {
     let last = events(&p).pop().unwrap();
     assert_eq!(last["actor"], "deploy:token:default", "{last}");
     assert_eq!(last["reason"], outcome, "{last}");
+    // Notified: the start, the rollback with its figures, the end.
+    let posts = hooks.wait(3);
+    let seen: Vec<(&str, &str)> = posts
+        .iter()
+        .map(|v| (v["event"].as_str().unwrap(), v["summary"].as_str().unwrap()))
+        .collect();
+    assert!(
+        seen[0].0 == "deploy"
+            && seen[0]
+                .1
+                .starts_with("api: deploy to green started by token:default"),
+        "{seen:?}"
+    );
+    assert_eq!(posts[1]["event"], "rollback", "{seen:?}");
+    assert_eq!(posts[1]["reason"], outcome, "{seen:?}");
+    assert!(
+        seen[2].0 == "deploy"
+            && seen[2]
+                .1
+                .starts_with("api: rolled back: deploy rolled back at step 1/2"),
+        "{seen:?}"
+    );
 }
 
 /// Starts `ctl deploy api --to green --steps 50,100 --interval 30s` with
