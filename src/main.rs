@@ -154,10 +154,11 @@ enum CtlAction {
     /// steps (each judged for --interval by the automatic rollback gates),
     /// and finish on 100 % or roll back.
     ///
-    /// Exit codes: 0 done, 2 rolled back by a gate, 3 failed (not healthy in
+    /// Exit codes: 0 done, 3 rolled back by a gate, 4 failed (not healthy in
     /// time, a step refused, changed by someone else, aborted elsewhere),
-    /// 4 not started (another deploy holds the service, or nothing to do),
-    /// 130 Ctrl-C (aborted, state from before restored), 1 other errors.
+    /// 5 not started (another deploy holds the service, or nothing to do),
+    /// 130 Ctrl-C (aborted, state from before restored), 1 other errors,
+    /// 2 bad arguments.
     Deploy {
         /// A service name from the config, e.g. `api`.
         service: String,

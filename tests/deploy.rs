@@ -1,6 +1,6 @@
 //! `switchyard ctl deploy`: a deploy that passes its gates ends on 100 %
 //! green (exit 0, summary line); one whose green fails mid-canary is rolled
-//! back (exit 2, the gate's figures in the reason); Ctrl-C and a ctl that
+//! back (exit 3, the gate's figures in the reason); Ctrl-C and a ctl that
 //! dies both restore the state from before the deploy; a second deploy of
 //! the same service is refused (409) naming the one that holds it.
 
@@ -188,7 +188,7 @@ fn a_healthy_deploy_walks_its_steps_to_green() {
 }
 
 #[test]
-fn a_green_failing_mid_canary_is_rolled_back_with_exit_code_2() {
+fn a_green_failing_mid_canary_is_rolled_back_with_exit_code_3() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
     let hooks = Webhooks::start();
@@ -213,17 +213,11 @@ fn a_green_failing_mid_canary_is_rolled_back_with_exit_code_2() {
         "10s",
     ]);
     drop(load);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{:?} {}",
-        out.status,
-        describe(&out)
-    );
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     // --json: one JSON object on stdout; progress went to stderr.
     let v: Value = serde_json::from_str(stdout(&out).trim())
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&out)));
-    assert_eq!(v["exit_code"], 2, "{v}");
+    assert_eq!(v["exit_code"], 3, "{v}");
     assert_eq!(v["phase"], "rolled_back", "{v}");
     assert_eq!(v["step"], 1, "{v}");
     let outcome = v["outcome"].as_str().unwrap();
@@ -395,14 +389,14 @@ fn a_second_deploy_is_refused_naming_the_first() {
     );
     assert!(error.contains("(step 1 of 2)"), "{error}");
     let second = p.ctl(&["deploy", "api", "--to", "green"]);
-    assert_eq!(second.status.code(), Some(4), "{}", describe(&second));
+    assert_eq!(second.status.code(), Some(5), "{}", describe(&second));
     assert!(stdout(&second).contains("not started: a deploy of api to green is already running"));
-    // Aborted from elsewhere: the first ctl ends with "failed" (3).
+    // Aborted from elsewhere: the first ctl ends with "failed" (4).
     let abort = p.ctl(&["deploy", "api", "--abort"]);
     assert!(abort.status.success(), "{}", describe(&abort));
     assert!(stdout(&abort).contains("api: aborted: deploy aborted by token:default"));
     let out = wait_output_with_deadline(first, Duration::from_secs(15), "first ctl deploy");
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
     assert_eq!(p.active("api"), "blue");
     assert_eq!(p.service_status("api")["weights"]["blue"], 100);
 }

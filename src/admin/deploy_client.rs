@@ -4,9 +4,10 @@
 //! outcome into an exit code. Ctrl-C (SIGINT) aborts it (`DELETE`), which
 //! restores the state from before the deploy.
 //!
-//! Exit codes: [`EXIT_DONE`] 0, [`EXIT_ROLLED_BACK`] 2, [`EXIT_FAILED`] 3,
-//! [`EXIT_REFUSED`] 4, [`EXIT_INTERRUPTED`] 130; 1 for any other error
-//! (admin API unreachable, bad token, bad arguments), as every `ctl` command.
+//! Exit codes: [`EXIT_DONE`] 0, [`EXIT_ROLLED_BACK`] 3, [`EXIT_FAILED`] 4,
+//! [`EXIT_REFUSED`] 5, [`EXIT_INTERRUPTED`] 130; 1 for any other error
+//! (admin API unreachable, bad token, a bad plan), as every `ctl` command,
+//! and 2 for arguments the command line parser refuses (clap's usage error).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -21,14 +22,14 @@ use crate::deploy::Plan;
 /// The deploy reached 100 % on the target and passed every step.
 pub const EXIT_DONE: u8 = 0;
 /// A gate failed and traffic was rolled back.
-pub const EXIT_ROLLED_BACK: u8 = 2;
+pub const EXIT_ROLLED_BACK: u8 = 3;
 /// The deploy could not go on: the target never became healthy, a step
 /// was refused, someone else changed the service, or another caller
 /// aborted it.
-pub const EXIT_FAILED: u8 = 3;
+pub const EXIT_FAILED: u8 = 4;
 /// The deploy did not start: another one holds the service (409), or
 /// there is nothing to deploy.
-pub const EXIT_REFUSED: u8 = 4;
+pub const EXIT_REFUSED: u8 = 5;
 /// Ctrl-C: the deploy was aborted and the state from before restored.
 pub const EXIT_INTERRUPTED: u8 = 130;
 
