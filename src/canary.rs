@@ -335,8 +335,8 @@ impl Stats {
 
     /// The name of the record's service. The one place a record's service
     /// is turned into a name: the record carries the config index.
-    fn record_service<'r>(&self, r: &RequestRecord<'r>) -> Option<Arc<str>> {
-        self.services.get(r.service?).map(|s| s.name.clone())
+    fn record_service(&self, r: &RequestRecord<'_>) -> Option<&str> {
+        self.services.get(r.service?).map(|s| &*s.name)
     }
 
     /// Counts one finished request of `service` on `color` that started at
@@ -465,7 +465,7 @@ impl Observer for Stats {
         }
         let snap = self.board.load();
         let max_p95 = snap
-            .service(&service)
+            .service(service)
             .map(|(_, s)| s.rollback.unwrap_or_default().max_p95)
             .unwrap_or(crate::config::DEFAULT_MAX_P95);
         let now = self.clock.now_ms();
@@ -479,7 +479,7 @@ impl Observer for Stats {
             (false, None) if r.backend.is_some() => Some(r.total_time),
             (false, None) => None,
         };
-        self.record(&service, color, start, error, latency, max_p95);
+        self.record(service, color, start, error, latency, max_p95);
     }
 }
 
