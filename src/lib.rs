@@ -6,11 +6,13 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod canary;
 pub mod cleanup;
 pub mod completion;
 pub mod config;
 pub mod connections;
 pub mod demo;
+pub mod deploy;
 pub mod forwarded;
 pub mod health;
 pub mod host;
@@ -22,6 +24,7 @@ pub mod pools;
 pub mod proxy;
 pub mod record;
 pub mod respond;
+pub mod rollback;
 pub mod route;
 pub mod shutdown;
 pub mod slow_clients;
@@ -173,12 +176,19 @@ impl Switchyard {
             .listen
             .metrics
             .map(|_| Arc::new(metrics::Metrics::new(config)));
+        // Per-color windows for the rollback watcher and `ctl deploy`.
+        let canary = Arc::new(canary::Stats::new(
+            board.clone(),
+            Arc::new(canary::MonotonicClock::default()),
+        ));
+        let watcher = Arc::new(rollback::Watcher::new(board.clone(), canary.clone()));
         // Told about every finished request, and about the answers
         // Pingora's parser gives by itself (`slow_clients.rs`).
         let observers: Vec<Arc<dyn Observer>> = access_log
             .iter()
             .map(|log| log.clone() as Arc<dyn Observer>)
             .chain(metrics.iter().map(|m| m.clone() as Arc<dyn Observer>))
+            .chain([canary.clone() as Arc<dyn Observer>])
             .collect();
         let new_proxy = |side| {
             let proxy = proxy::Proxy::new(
@@ -263,6 +273,13 @@ impl Switchyard {
             ));
         }
 
+        if config.services.iter().any(|s| s.rollback.is_some()) {
+            server.add_service(background_service(
+                "rollback watcher",
+                rollback::WatcherService(watcher.clone()),
+            ));
+        }
+
         if !config.notify.webhooks.is_empty() {
             server.add_service(background_service("notify", notify_sender));
         }
@@ -305,7 +322,11 @@ impl Switchyard {
                         caps: concurrency.clone(),
                         rates: rate_limits.clone(),
                         budgets: budgets.clone(),
-                    });
+                    })
+                    .with_deploys(Arc::new(deploy::Deployer::new(
+                        board.clone(),
+                        watcher.clone(),
+                    )));
                 // The same wrapper as the proxy's: a header deadline against
                 // slow clients, a small connection cap, and `Server:
                 // switchyard` on the answers Pingora's parser writes itself.
@@ -343,6 +364,7 @@ impl Switchyard {
                     .into_iter()
                     .flatten()
                     .collect(),
+                canary: Some(canary.clone()),
             };
             let state = Arc::new(metrics::state::State::new(metrics, sources));
             // The admin API's wrapper: header deadline and a small cap.

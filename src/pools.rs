@@ -271,6 +271,15 @@ pub struct ServiceState {
     pub min_healthy: Option<usize>,
     /// What keeps a client on one color during a split.
     pub sticky: Option<crate::config::Sticky>,
+    /// The automatic rollback gates (`[services.NAME.rollback]`); `None`:
+    /// not watched.
+    pub rollback: Option<crate::config::Rollback>,
+    /// Changes of the split since start: the rollback watcher tells a new
+    /// change from one it has seen by this.
+    pub moves: u64,
+    /// What the last change was; a rollback is never judged (judging it
+    /// could roll forward again).
+    pub last_move: Option<SwitchKind>,
     pools: [Arc<Pool>; 2],
     /// Places requests without a sticky bucket during a split; shared by
     /// every snapshot of the service.
@@ -310,6 +319,23 @@ impl ServiceState {
 
     pub fn pool(&self, color: Color) -> &Arc<Pool> {
         &self.pools[color.index()]
+    }
+
+    /// Refuses `to` when a color it gives traffic to, that had none, is
+    /// not healthy enough (see [`ServiceState::required_healthy`]).
+    fn gate_gaining(&self, to: Weights) -> Result<(), SwitchError> {
+        let gaining = Color::ALL
+            .into_iter()
+            .filter(|&c| to.of(c) > 0 && self.weights.of(c) == 0);
+        for color in gaining {
+            if let Some(reason) = self.gate(color) {
+                return Err(SwitchError::NotHealthy {
+                    service: self.name.to_string(),
+                    reason,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The pool for one new request: the active one unless traffic is
@@ -454,6 +480,9 @@ impl Switchboard {
                     gated: s.health.is_some(),
                     min_healthy: s.min_healthy,
                     sticky: s.sticky,
+                    rollback: s.rollback,
+                    moves: 0,
+                    last_move: None,
                     pools: Color::ALL.map(|c| Arc::new(Pool::new(c, s.pool(c), s.connect_timeout))),
                     spread: Arc::default(),
                 }
@@ -509,16 +538,8 @@ impl Switchboard {
             if state.weights == to {
                 return Ok(None);
             }
-            let gaining = Color::ALL
-                .into_iter()
-                .filter(|&c| to.of(c) > 0 && state.weights.of(c) == 0);
-            for color in gaining {
-                if let (false, Some(reason)) = (force, state.gate(color)) {
-                    return Err(SwitchError::NotHealthy {
-                        service: service.to_string(),
-                        reason,
-                    });
-                }
+            if !force {
+                state.gate_gaining(to)?;
             }
             let before = state.clone();
             if let Some(sole) = to.sole().filter(|&c| c != state.active) {
@@ -526,6 +547,8 @@ impl Switchboard {
                 state.active = sole;
             }
             state.weights = to;
+            state.moves += 1;
+            state.last_move = Some(kind);
             Ok(Some(before))
         })?;
         let after = self.service(service)?;
@@ -606,8 +629,62 @@ impl Switchboard {
         self.switch(service, target, SwitchKind::Rollback, reason, force, actor)
     }
 
-    /// Turns maintenance mode of `service` on or off; `actor` is logged
-    /// (maintenance is not a color change, so it is not in the history).
+    /// Puts `service` back exactly as `to` was (active, previous, weights):
+    /// how an aborted deploy restores the state from before it. Recorded
+    /// as a rollback with `reason` and `actor`; the health gate is asked
+    /// for a color that regains traffic unless `force`.
+    pub fn restore(
+        &self,
+        service: &str,
+        to: &ServiceState,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        let before = self.change(service, |state| {
+            if (state.active, state.previous, state.weights) == (to.active, to.previous, to.weights)
+            {
+                return Ok(None);
+            }
+            if !force {
+                state.gate_gaining(to.weights)?;
+            }
+            let before = state.clone();
+            state.active = to.active;
+            state.previous = to.previous;
+            state.weights = to.weights;
+            state.moves += 1;
+            state.last_move = Some(SwitchKind::Rollback);
+            Ok(Some(before))
+        })?;
+        let after = self.service(service)?;
+        if let Some(before) = before {
+            self.record_change(&before, &after, SwitchKind::Rollback, reason, force, actor);
+        }
+        Ok(after)
+    }
+
+    /// Appends a history entry that changes nothing (from and to are the
+    /// active color, with the split if any): how `ctl deploy` records its
+    /// outcome next to the steps it took.
+    pub fn note(&self, service: &str, reason: String, actor: &Actor) -> Result<(), SwitchError> {
+        let state = self.service(service)?;
+        let event = Event {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            service: service.to_string(),
+            from: state.active,
+            to: state.active,
+            weights: state.canary().map(|_| state.weights),
+            maintenance: None,
+            reason,
+            actor: actor.clone(),
+        };
+        self.store.append_history(&event)?;
+        Ok(())
+    }
+
+    /// Turns maintenance mode of `service` on or off; recorded in the
+    /// history with `actor` (the colors unchanged).
     pub fn set_maintenance(
         &self,
         service: &str,

@@ -89,6 +89,12 @@ impl Actor {
         Actor(format!("token:{name}"))
     }
 
+    /// A `ctl deploy` run by `by` (the admin token's holder):
+    /// `deploy:token:NAME`, so the history says who deployed.
+    pub fn deploy(by: &Actor) -> Actor {
+        Actor(format!("{}:{}", Self::DEPLOY, by.0))
+    }
+
     /// One of switchyard's own movers, e.g. [`Actor::DEPLOY`].
     pub fn internal(what: &'static str) -> Actor {
         Actor(what.to_string())
