@@ -65,7 +65,8 @@ fn snapshot(c: &mut Criterion) {
     let store = FileStore::open(dir.path()).expect("state dir");
     let pages = switchyard::respond::Pages::new(None, config.server.retry_after).expect("page");
     let settings = switchyard::settings::Settings::new(&config.server, pages);
-    let board = Switchboard::new(&config, settings, Box::new(store)).expect("switchboard");
+    let board =
+        Switchboard::with_settings(&config, settings, Box::new(store)).expect("switchboard");
     c.bench_function("snapshot/load + pick backend", |b| {
         b.iter(|| {
             let snap = board.load();

@@ -6,12 +6,14 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod canary;
 pub mod check;
 pub mod cleanup;
 pub mod completion;
 pub mod config;
 pub mod connections;
 pub mod demo;
+pub mod deploy;
 pub mod forwarded;
 pub mod health;
 pub mod host;
@@ -24,6 +26,7 @@ pub mod proxy;
 pub mod record;
 pub mod reload;
 pub mod respond;
+pub mod rollback;
 pub mod route;
 pub mod settings;
 pub mod shutdown;
@@ -141,7 +144,11 @@ impl Switchyard {
         let store = FileStore::open(&config.server.state_dir)?;
         let pages = load_pages(&config.server)?;
         let settings = proxy::Settings::new(&config.server, pages);
-        let board = Arc::new(Switchboard::new(config, settings, Box::new(store))?);
+        let board = Arc::new(Switchboard::with_settings(
+            config,
+            settings,
+            Box::new(store),
+        )?);
         // Webhook URLs are read now, so a bad one stops start-up.
         let (notifier, notify_sender) = notify::Notifier::new(notify::load_urls(&config.notify)?);
         board.set_notifier(notifier.clone());
@@ -170,12 +177,19 @@ impl Switchyard {
             .listen
             .metrics
             .map(|_| Arc::new(metrics::Metrics::new(config)));
+        // Per-color windows for the rollback watcher and `ctl deploy`.
+        let canary = Arc::new(canary::Stats::new(
+            board.clone(),
+            Arc::new(canary::MonotonicClock::default()),
+        ));
+        let watcher = Arc::new(rollback::Watcher::new(board.clone(), canary.clone()));
         // Told about every finished request, and about the answers
         // Pingora's parser gives by itself (`slow_clients.rs`).
         let observers: Vec<Arc<dyn Observer>> = access_log
             .iter()
             .map(|log| log.clone() as Arc<dyn Observer>)
             .chain(metrics.iter().map(|m| m.clone() as Arc<dyn Observer>))
+            .chain([canary.clone() as Arc<dyn Observer>])
             .collect();
         // Routes, limits and settings come with the snapshot (`pools.rs`).
         let new_proxy = |side| {
@@ -246,6 +260,13 @@ impl Switchyard {
             HealthChecker::new(board.clone()),
         ));
 
+        if config.services.iter().any(|s| s.rollback.is_some()) {
+            server.add_service(background_service(
+                "rollback watcher",
+                rollback::WatcherService(watcher.clone()),
+            ));
+        }
+
         if !config.notify.webhooks.is_empty() {
             server.add_service(background_service("notify", notify_sender));
         }
@@ -300,7 +321,11 @@ impl Switchyard {
                 }
                 let served = config.listen.https.is_some().then(|| certs.clone());
                 let api = AdminApi::new(board.clone(), served, token, config.admin.allow.clone())
-                    .with_reloader(reloader.clone());
+                    .with_reloader(reloader.clone())
+                    .with_deploys(Arc::new(deploy::Deployer::new(
+                        board.clone(),
+                        watcher.clone(),
+                    )));
                 // The same wrapper as the proxy's: a header deadline against
                 // slow clients, a small connection cap, and `Server:
                 // switchyard` on the answers Pingora's parser writes itself.
@@ -335,6 +360,7 @@ impl Switchyard {
                     .into_iter()
                     .flatten()
                     .collect(),
+                canary: Some(canary.clone()),
             };
             let state = Arc::new(metrics::state::State::new(metrics, sources));
             // The admin API's wrapper: header deadline and a small cap.

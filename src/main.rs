@@ -12,6 +12,7 @@ use serde_json::Value;
 use switchyard::admin::api::Command;
 use switchyard::admin::auth;
 use switchyard::admin::client::{self, Client};
+use switchyard::admin::deploy_client;
 use switchyard::check::check_files;
 use switchyard::config::{self, Config};
 use switchyard::demo::{self, SampleUpstream};
@@ -71,8 +72,8 @@ enum Cmd {
         /// Read the token from this file (mode 0600); wins over $SWITCHYARD_ADMIN_TOKEN.
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
-        /// Print the raw JSON reply, for scripts.
-        #[arg(long)]
+        /// Print the raw JSON reply, for scripts (before or after the subcommand).
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         action: CtlAction,
@@ -148,6 +149,41 @@ enum CtlAction {
         #[arg(long = "service", value_name = "SERVICE", conflicts_with = "service")]
         service_flag: Option<String>,
     },
+    /// Deploy SERVICE to a color: wait until it is healthy, walk the canary
+    /// steps (each judged for --interval by the automatic rollback gates),
+    /// and finish on 100 % or roll back.
+    ///
+    /// Exit codes: 0 done, 3 rolled back by a gate, 4 failed (not healthy in
+    /// time, a step refused, changed by someone else, aborted elsewhere),
+    /// 5 not started (another deploy holds the service, or nothing to do),
+    /// 130 Ctrl-C (aborted, state from before restored), 1 other errors,
+    /// 2 bad arguments.
+    Deploy {
+        /// A service name from the config, e.g. `api`.
+        service: String,
+        /// The color to deploy to.
+        #[arg(long, value_parser = ["blue", "green"], required_unless_present = "abort")]
+        to: Option<String>,
+        /// Percent of new requests on the target at each step, rising to 100 (default: 100).
+        #[arg(long, value_delimiter = ',', value_name = "PERCENTS")]
+        steps: Option<Vec<u8>>,
+        /// How long each step is judged (default 60s).
+        #[arg(long, value_parser = config::parse_duration, value_name = "DURATION")]
+        interval: Option<Duration>,
+        /// How long to wait for the target color to be healthy (default 5m).
+        #[arg(long, value_parser = config::parse_duration, value_name = "DURATION")]
+        wait_healthy: Option<Duration>,
+        /// The proxy aborts the deploy (restoring the state from before) if
+        /// this ctl stops polling it for this long (default 30s).
+        #[arg(long, value_parser = config::parse_duration, value_name = "DURATION")]
+        lease: Option<Duration>,
+        /// Recorded in the history with each step.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Abort SERVICE's running deploy and restore the state from before it.
+        #[arg(long, conflicts_with_all = ["to", "steps", "interval", "wait_healthy", "lease", "reason"])]
+        abort: bool,
+    },
     /// Show the concurrency caps (in flight, queued, top keys) and rate limits.
     Limits,
     /// Re-read the config file switchyard was started with; an invalid file is rejected (its errors printed, exit 1) and the running config kept.
@@ -196,6 +232,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Its summary is printed already.
+        Err(e) if e.is::<deploy_client::DeployExit>() => match e.downcast_ref() {
+            Some(deploy_client::DeployExit { code, .. }) => ExitCode::from(*code),
+            None => ExitCode::FAILURE,
+        },
         Err(e) => {
             eprintln!("switchyard: {}", describe(&e));
             ExitCode::FAILURE
@@ -463,6 +504,28 @@ fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
     // The active color before a switch, to tell a no-op from a switch.
     let mut before = None;
     let cmd = match action {
+        CtlAction::Deploy {
+            service,
+            to: Some(to),
+            steps,
+            interval,
+            wait_healthy,
+            lease,
+            reason,
+            abort: false,
+        } => {
+            let plan = switchyard::deploy::Plan {
+                to: to.parse::<Color>()?,
+                steps: steps.unwrap_or(switchyard::deploy::DEFAULT_STEPS.to_vec()),
+                interval: interval.unwrap_or(switchyard::deploy::DEFAULT_INTERVAL),
+                wait_healthy: wait_healthy.unwrap_or(switchyard::deploy::DEFAULT_WAIT_HEALTHY),
+                lease: lease.unwrap_or(switchyard::deploy::LEASE),
+                reason,
+            };
+            plan.check().map_err(anyhow::Error::msg)?;
+            return deploy_client::deploy(&client, &service, plan, json);
+        }
+        CtlAction::Deploy { service, .. } => Command::DeployAbort { service },
         CtlAction::Status => Command::Status,
         CtlAction::History {
             service,
@@ -480,8 +543,12 @@ fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
         } => {
             let to = color.parse::<Color>()?;
             let status = client.send(&Command::Status)?;
-            before = status["services"][&service]["active"]
+            // Only a color that takes everything is "already" switched to:
+            // during a canary, a switch to the active color ends the split.
+            let svc = &status["services"][&service];
+            before = svc["active"]
                 .as_str()
+                .filter(|&c| svc["weights"][c] == 100)
                 .map(str::to_string);
             if let Some(within) = wait_healthy {
                 client.wait_healthy(&service, to, within, progress)?;
@@ -578,6 +645,9 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
         }
         Command::Limits => print_limits(reply),
         Command::Reload => print_reload(reply),
+        Command::Deploy { .. } | Command::DeployStatus { .. } | Command::DeployAbort { .. } => {
+            println!("{}", deploy_client::progress_line(reply));
+        }
         Command::Certs => {
             let certs = reply["certificates"]
                 .as_array()
@@ -805,4 +875,52 @@ fn print_service(name: &str, svc: &Value) {
             );
         }
     }
+    if let Some(line) = rollback_line(&svc["rollback"]) {
+        println!("  {line}");
+    }
+}
+
+/// The automatic rollback watcher's view of a service in one line (`GET
+/// /status` `rollback`), or `None` when the service is not watched.
+fn rollback_line(r: &Value) -> Option<String> {
+    if !r.is_object() {
+        return None;
+    }
+    let live = &r["live"];
+    let mut line = match (r["deploy_judging"] == true, live.is_object()) {
+        (true, _) => "rollback watch: a deploy is judging".to_string(),
+        (false, true) => format!(
+            "rollback watch: {} {}",
+            live["color"].as_str().unwrap_or("?"),
+            figures_text(live, &r["gates"])
+        ),
+        (false, false) => "rollback watch: idle".to_string(),
+    };
+    if let Some(left) = live["time_left_s"].as_u64() {
+        line.push_str(&format!(", {left} s left"));
+    }
+    if let Some(reason) = r["last_verdict"]["reason"].as_str() {
+        let outcome = r["last_verdict"]["outcome"].as_str().unwrap_or("?");
+        line.push_str(&format!("; last: {reason} ({outcome})"));
+    }
+    Some(line)
+}
+
+/// Live gate figures in words: `12 requests, 5xx 0 %, p95 35 ms over 30 s`.
+fn figures_text(f: &Value, gates: &Value) -> String {
+    let ratio = f["error_ratio"].as_f64().unwrap_or(0.0);
+    let p95 = match f["p95_ms"].as_u64() {
+        Some(ms) => switchyard::canary::show_secs(Duration::from_millis(ms)),
+        None => "-".to_string(),
+    };
+    format!(
+        "{} requests, 5xx {} (max {}), p95 {p95} (max {}) over {} s",
+        f["requests"].as_u64().unwrap_or(0),
+        switchyard::canary::show_percent(ratio),
+        switchyard::canary::show_percent(gates["max_error_ratio"].as_f64().unwrap_or(0.0)),
+        switchyard::canary::show_secs(Duration::from_millis(
+            gates["max_p95_ms"].as_u64().unwrap_or(0)
+        )),
+        f["span_s"].as_u64().unwrap_or(0),
+    )
 }

@@ -172,6 +172,10 @@ pub struct Notice {
     /// One line for humans (Discord's `content`, Slack's `text`).
     pub summary: String,
     pub time: SystemTime,
+    /// Who or what made the change (`token:ci`, `rollback-watcher`...),
+    /// when a person or a mover made it; `None` for what just happened
+    /// (health, certificates).
+    pub actor: Option<String>,
     /// Discord embed color (0xRRGGBB).
     color: u32,
 }
@@ -207,6 +211,7 @@ impl Notice {
             reason: reason.to_string(),
             summary: format!("{service} {verb} from {from} to {to}: {reason}"),
             time: SystemTime::now(),
+            actor: None,
             color,
         }
     }
@@ -227,6 +232,7 @@ impl Notice {
             reason: format!("maintenance mode {what}"),
             summary: format!("{service}: maintenance mode {what}"),
             time: SystemTime::now(),
+            actor: None,
             color: if on { AMBER } else { GREY },
         }
     }
@@ -256,6 +262,7 @@ impl Notice {
             reason: detail.to_string(),
             summary,
             time: SystemTime::now(),
+            actor: None,
             color: c,
         }
     }
@@ -274,6 +281,7 @@ impl Notice {
             to: Some(to),
             reason: reason.to_string(),
             time: SystemTime::now(),
+            actor: None,
             color: GREY,
         }
     }
@@ -296,6 +304,7 @@ impl Notice {
             reason: reason.to_string(),
             summary,
             time: SystemTime::now(),
+            actor: None,
             color: GREY,
         }
     }
@@ -312,8 +321,15 @@ impl Notice {
                 "certificate {name}: renewal failed; the current certificate keeps serving"
             ),
             time: SystemTime::now(),
+            actor: None,
             color: RED,
         }
+    }
+
+    /// The same notice, naming who made the change (see [`Notice::actor`]).
+    pub fn by(mut self, actor: &crate::store::Actor) -> Notice {
+        self.actor = Some(actor.to_string());
+        self
     }
 
     fn time_text(&self) -> String {
@@ -324,18 +340,29 @@ impl Notice {
     pub fn body(&self, format: WebhookFormat) -> Value {
         match format {
             WebhookFormat::Discord => self.discord(),
-            WebhookFormat::Slack => json!({ "text": format!("switchyard: {}", self.summary) }),
+            WebhookFormat::Slack => {
+                json!({ "text": format!("switchyard: {}{}", self.summary, self.by_text()) })
+            }
             WebhookFormat::Json => json!({
                 "event": self.event.as_str(),
                 "service": self.service,
                 "from": self.from,
                 "to": self.to,
                 "reason": self.reason,
+                "actor": self.actor,
                 "time": self.time_text(),
                 "summary": self.summary,
                 "source": "switchyard",
             }),
         }
+    }
+
+    /// ` (by ACTOR)` after the summary, when known.
+    fn by_text(&self) -> String {
+        self.actor
+            .as_ref()
+            .map(|a| format!(" (by {a})"))
+            .unwrap_or_default()
     }
 
     /// Discord's execute-webhook body: a one-line `content` and one embed
@@ -349,11 +376,14 @@ impl Notice {
         if let Some(to) = &self.to {
             fields.push(json!({"name": "to", "value": to, "inline": true}));
         }
+        if let Some(actor) = &self.actor {
+            fields.push(json!({"name": "by", "value": actor, "inline": true}));
+        }
         // Discord refuses an embed description over 4096 characters.
         let reason: String = self.reason.chars().take(4000).collect();
         json!({
             "username": "switchyard",
-            "content": self.summary.chars().take(1900).collect::<String>(),
+            "content": format!("{}{}", self.summary, self.by_text()).chars().take(1900).collect::<String>(),
             "allowed_mentions": {"parse": []},
             "embeds": [{
                 "title": format!("{}: {}", self.event, self.service),

@@ -321,6 +321,15 @@ pub struct ServiceState {
     pub health: Option<HealthCheck>,
     /// What keeps a client on one color during a split.
     pub sticky: Option<crate::config::Sticky>,
+    /// The automatic rollback gates (`[services.NAME.rollback]`); `None`:
+    /// not watched.
+    pub rollback: Option<crate::config::Rollback>,
+    /// Changes of the split since start: the rollback watcher tells a new
+    /// change from one it has seen by this.
+    pub moves: u64,
+    /// What the last change was; a rollback is never judged (judging it
+    /// could roll forward again).
+    pub last_move: Option<SwitchKind>,
     pools: [Arc<Pool>; 2],
     /// Places requests without a sticky bucket during a split; shared by
     /// every snapshot of the service.
@@ -363,6 +372,23 @@ impl ServiceState {
 
     pub fn pool(&self, color: Color) -> &Arc<Pool> {
         &self.pools[color.index()]
+    }
+
+    /// Refuses `to` when a color it gives traffic to, that had none, is
+    /// not healthy enough (see [`ServiceState::required_healthy`]).
+    fn gate_gaining(&self, to: Weights) -> Result<(), SwitchError> {
+        let gaining = Color::ALL
+            .into_iter()
+            .filter(|&c| to.of(c) > 0 && self.weights.of(c) == 0);
+        for color in gaining {
+            if let Some(reason) = self.gate(color) {
+                return Err(SwitchError::NotHealthy {
+                    service: self.name.to_string(),
+                    reason,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The pool for one new request: the active one unless traffic is
@@ -423,12 +449,14 @@ impl ServiceState {
         });
         match old {
             // Active and previous color, weights, maintenance, the
-            // split's spread and the switch counts carry over as they are.
+            // split's spread, the switch counts and the rollback watcher's
+            // view of the last move carry over as they are.
             Some(old) => ServiceState {
                 gated: checked,
                 min_healthy: s.min_healthy,
                 health: s.health.clone(),
                 sticky: s.sticky,
+                rollback: s.rollback,
                 pools,
                 ..old.clone()
             },
@@ -446,6 +474,9 @@ impl ServiceState {
                     min_healthy: s.min_healthy,
                     health: s.health.clone(),
                     sticky: s.sticky,
+                    rollback: s.rollback,
+                    moves: 0,
+                    last_move: None,
                     pools,
                     spread: Arc::default(),
                     switches: Arc::default(),
@@ -642,9 +673,17 @@ impl SwitchCause {
 }
 
 impl Switchboard {
+    /// [`Switchboard::with_settings`] with the built-in maintenance page
+    /// instead of `server.maintenance_page` (tests and benches; `run`
+    /// reads the configured page, which can fail, first).
+    pub fn new(config: &Config, store: Box<dyn StateStore>) -> Result<Switchboard, StoreError> {
+        let pages = crate::respond::Pages::builtin(config.server.retry_after);
+        Switchboard::with_settings(config, Settings::new(&config.server, pages), store)
+    }
+
     /// Builds the first snapshot from the config and the saved state (saved
     /// colors win; services the state does not know start on `active`).
-    pub fn new(
+    pub fn with_settings(
         config: &Config,
         settings: Settings,
         store: Box<dyn StateStore>,
@@ -735,16 +774,8 @@ impl Switchboard {
             if state.weights == to {
                 return Ok(None);
             }
-            let gaining = Color::ALL
-                .into_iter()
-                .filter(|&c| to.of(c) > 0 && state.weights.of(c) == 0);
-            for color in gaining {
-                if let (false, Some(reason)) = (force, state.gate(color)) {
-                    return Err(SwitchError::NotHealthy {
-                        service: service.to_string(),
-                        reason,
-                    });
-                }
+            if !force {
+                state.gate_gaining(to)?;
             }
             let before = state.clone();
             if let Some(sole) = to.sole().filter(|&c| c != state.active) {
@@ -752,6 +783,8 @@ impl Switchboard {
                 state.active = sole;
             }
             state.weights = to;
+            state.moves += 1;
+            state.last_move = Some(kind);
             Ok(Some(before))
         })?;
         let after = self.service(service)?;
@@ -796,29 +829,23 @@ impl Switchboard {
             .to_string()
         });
         tracing::info!(service, %from, %to, weights = %after.weights, force, reason = %reason, %actor, "traffic moved");
-        let event = Event {
+        let notice = match (from != to || rollback, split) {
+            (true, _) | (false, None) => {
+                crate::notify::Notice::switched(service, from, to, rollback, &reason)
+            }
+            (false, Some(w)) => crate::notify::Notice::weights(service, before.weights, w, &reason),
+        };
+        self.append_history(Event {
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             service: service.to_string(),
             from,
             to,
             weights: split,
+            maintenance: None,
             reason,
             actor: actor.clone(),
-        };
-        if let Err(err) = self.store.append_history(&event) {
-            // The change itself is durable and live; losing the history line is
-            // worth an alarm but not worth undoing the change.
-            tracing::error!(cause = %err, service, "traffic moved but its history entry was not written");
-        }
-        let notice = match (from != to || rollback, split) {
-            (true, _) | (false, None) => {
-                crate::notify::Notice::switched(service, from, to, rollback, &event.reason)
-            }
-            (false, Some(w)) => {
-                crate::notify::Notice::weights(service, before.weights, w, &event.reason)
-            }
-        };
-        self.notify(notice);
+        });
+        self.notify(notice.by(actor));
     }
 
     /// Sends all traffic of `service` back where it came from: to the
@@ -837,8 +864,62 @@ impl Switchboard {
         self.switch(service, target, SwitchKind::Rollback, reason, force, actor)
     }
 
-    /// Turns maintenance mode of `service` on or off; `actor` is logged
-    /// (maintenance is not a color change, so it is not in the history).
+    /// Puts `service` back exactly as `to` was (active, previous, weights):
+    /// how an aborted deploy restores the state from before it. Recorded
+    /// as a rollback with `reason` and `actor`; the health gate is asked
+    /// for a color that regains traffic unless `force`.
+    pub fn restore(
+        &self,
+        service: &str,
+        to: &ServiceState,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        let before = self.change(service, |state| {
+            if (state.active, state.previous, state.weights) == (to.active, to.previous, to.weights)
+            {
+                return Ok(None);
+            }
+            if !force {
+                state.gate_gaining(to.weights)?;
+            }
+            let before = state.clone();
+            state.active = to.active;
+            state.previous = to.previous;
+            state.weights = to.weights;
+            state.moves += 1;
+            state.last_move = Some(SwitchKind::Rollback);
+            Ok(Some(before))
+        })?;
+        let after = self.service(service)?;
+        if let Some(before) = before {
+            self.record_change(&before, &after, SwitchKind::Rollback, reason, force, actor);
+        }
+        Ok(after)
+    }
+
+    /// Appends a history entry that changes nothing (from and to are the
+    /// active color, with the split if any): how `ctl deploy` records its
+    /// outcome next to the steps it took.
+    pub fn note(&self, service: &str, reason: String, actor: &Actor) -> Result<(), SwitchError> {
+        let state = self.service(service)?;
+        let event = Event {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            service: service.to_string(),
+            from: state.active,
+            to: state.active,
+            weights: state.canary().map(|_| state.weights),
+            maintenance: None,
+            reason,
+            actor: actor.clone(),
+        };
+        self.store.append_history(&event)?;
+        Ok(())
+    }
+
+    /// Turns maintenance mode of `service` on or off; recorded in the
+    /// history with `actor` (the colors unchanged).
     pub fn set_maintenance(
         &self,
         service: &str,
@@ -850,14 +931,32 @@ impl Switchboard {
             state.maintenance = on;
             Ok(changed)
         })?;
+        let after = self.service(service)?;
         if changed {
             tracing::info!(service, on, %actor, "maintenance mode");
+            let what = if on { "on" } else { "off" };
+            self.append_history(Event {
+                time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                service: service.to_string(),
+                from: after.active,
+                to: after.active,
+                weights: after.canary().map(|_| after.weights),
+                maintenance: Some(on),
+                reason: format!("maintenance {what}"),
+                actor: actor.clone(),
+            });
+            // Webhooks: maintenance on/off is a `switch` event (notify.rs).
+            self.notify(crate::notify::Notice::maintenance(service, on).by(actor));
         }
-        // Webhooks: maintenance on/off is a `switch` event (notify.rs).
-        if changed {
-            self.notify(crate::notify::Notice::maintenance(service, on));
+        Ok(after)
+    }
+
+    /// Appends one history line. The change itself is durable and live by
+    /// now; losing its history line is worth an alarm, not worth undoing it.
+    fn append_history(&self, event: Event) {
+        if let Err(err) = self.store.append_history(&event) {
+            tracing::error!(cause = %err, service = %event.service, "state changed but its history entry was not written");
         }
-        self.service(service)
     }
 
     /// Sends what happens here to `notifier` from now on (first call wins).
@@ -981,7 +1080,7 @@ green = ["127.0.0.1:3"]
 
     #[test]
     fn round_robin_covers_the_pool() {
-        let board = Switchboard::new(
+        let board = Switchboard::with_settings(
             &config(),
             settings(&config()),
             Box::<MemoryStore>::default(),
@@ -997,7 +1096,7 @@ green = ["127.0.0.1:3"]
 
     #[test]
     fn switch_is_atomic_and_leaves_old_snapshots_alone() {
-        let board = Switchboard::new(
+        let board = Switchboard::with_settings(
             &config(),
             settings(&config()),
             Box::<MemoryStore>::default(),
@@ -1029,7 +1128,7 @@ green = ["127.0.0.1:3"]
 
     #[test]
     fn errors_change_nothing() {
-        let board = Switchboard::new(
+        let board = Switchboard::with_settings(
             &config(),
             settings(&config()),
             Box::<MemoryStore>::default(),
@@ -1068,7 +1167,8 @@ min_healthy = 1
         )
         .unwrap();
         let board =
-            Switchboard::new(&config, settings(&config), Box::<MemoryStore>::default()).unwrap();
+            Switchboard::with_settings(&config, settings(&config), Box::<MemoryStore>::default())
+                .unwrap();
         let switch =
             |force| board.switch("api", Color::Green, SwitchKind::Switch, None, force, &who());
         // Unknown health does not count as healthy.
@@ -1095,7 +1195,7 @@ min_healthy = 1
 
     #[test]
     fn maintenance_is_part_of_the_snapshot() {
-        let board = Switchboard::new(
+        let board = Switchboard::with_settings(
             &config(),
             settings(&config()),
             Box::<MemoryStore>::default(),
@@ -1122,7 +1222,7 @@ min_healthy = 1
 
     #[test]
     fn weights_split_new_requests_and_a_switch_is_their_extreme() {
-        let board = Switchboard::new(
+        let board = Switchboard::with_settings(
             &config(),
             settings(&config()),
             Box::<MemoryStore>::default(),
@@ -1189,7 +1289,7 @@ min_healthy = 1
 
     #[test]
     fn in_flight_is_counted_per_pool() {
-        let board = Switchboard::new(
+        let board = Switchboard::with_settings(
             &config(),
             settings(&config()),
             Box::<MemoryStore>::default(),
@@ -1234,7 +1334,8 @@ rate_limit = "reads"
 "#;
         let config = Config::parse(Path::new("t.toml"), text).unwrap();
         let board =
-            Switchboard::new(&config, settings(&config), Box::<MemoryStore>::default()).unwrap();
+            Switchboard::with_settings(&config, settings(&config), Box::<MemoryStore>::default())
+                .unwrap();
         board
             .switch("api", Color::Green, SwitchKind::Switch, None, true, &who())
             .unwrap();

@@ -42,7 +42,8 @@ pub struct SavedService {
     pub maintenance: bool,
 }
 
-/// One switch, as kept in the history.
+/// One change of a service's traffic (a switch, a rollback, a canary step,
+/// maintenance on or off), as kept in the history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// RFC 3339, UTC.
@@ -54,6 +55,10 @@ pub struct Event {
     /// colors; absent when all of it is on `to`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<Weights>,
+    /// Set when the change turned maintenance mode on (`true`) or off;
+    /// the colors are then unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<bool>,
     pub reason: String,
     /// Who or what made the change. Lines written before it was recorded
     /// read as [`Actor::UNRECORDED`].
@@ -82,6 +87,12 @@ impl Actor {
     /// The holder of the admin token named `name`.
     pub fn token(name: &str) -> Actor {
         Actor(format!("token:{name}"))
+    }
+
+    /// A `ctl deploy` run by `by` (the admin token's holder):
+    /// `deploy:token:NAME`, so the history says who deployed.
+    pub fn deploy(by: &Actor) -> Actor {
+        Actor(format!("{}:{}", Self::DEPLOY, by.0))
     }
 
     /// One of switchyard's own movers, e.g. [`Actor::DEPLOY`].
@@ -314,6 +325,7 @@ mod tests {
             from: Color::Blue,
             to: Color::Green,
             weights: None,
+            maintenance: None,
             reason: "r".into(),
             actor: Actor::token("ci"),
         }

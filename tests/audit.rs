@@ -153,6 +153,32 @@ fn named_tokens_each_work_and_the_history_names_which_one_switched() {
         lines[3].contains("blue -> green") && lines[3].contains("by token:ops"),
         "{text}"
     );
+    // Maintenance on and off are state changes too: in the history, by whom.
+    let out = run_ctl(
+        &proxy.admin_url(),
+        Some(OPS_TOKEN),
+        &["maintenance", "web", "on"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let (code, _) = admin_request(
+        &proxy.admin_url(),
+        "POST",
+        "/services/web/maintenance",
+        Some(r#"{"on": false}"#),
+        Some(CI_TOKEN),
+    );
+    assert_eq!(code, 200);
+    let web = history(&proxy, "?service=web");
+    assert_eq!(
+        web[1..],
+        [
+            event("web", "green", "token:ops", "maintenance on"),
+            event("web", "green", "token:ci", "maintenance off"),
+        ]
+    );
+    let out = run_ctl(&proxy.admin_url(), Some(CI_TOKEN), &["history", "web"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("maintenance on"), "{text}");
     // Secrets never reach the log.
     let log = proxy.stderr_text();
     for secret in [CI_TOKEN, OPS_TOKEN, prefix] {

@@ -275,7 +275,7 @@ fn slack_and_json_shapes_and_the_events_filter() {
         .unwrap_or_default()
         .to_string();
     assert!(
-        text.contains("api switched from blue to green: canary ok"),
+        text.contains("api switched from blue to green: canary ok (by token:default)"),
         "{text}"
     );
 
@@ -295,6 +295,8 @@ fn slack_and_json_shapes_and_the_events_filter() {
         "{msg}"
     );
     assert_eq!(msg["reason"], "p95 too high", "{msg}");
+    // Who made the change: the token's name, as in the history.
+    assert_eq!(msg["actor"], "token:default", "{msg}");
     assert!(
         msg["time"].as_str().is_some_and(|t| t.ends_with('Z')),
         "{msg}"

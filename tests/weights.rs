@@ -105,6 +105,12 @@ fn a_rollback_during_a_canary_returns_everything_to_the_active_color() {
     let green = Upstream::start("green");
     let p = ProxyBuilder::new(simple_api(&blue, &green)).start();
     weights(&p, 50, 50);
+    // A switch to the active color during a split ends the split.
+    let out = p.ctl(&["switch", "api", "blue"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("now blue"), "{text}");
+    assert_eq!(p.service_status("api")["weights"]["blue"], 100);
+    weights(&p, 50, 50);
     let out = p.ctl(&["rollback", "api", "--reason", "errors"]);
     assert!(out.status.success(), "{}", describe(&out));
     let s = p.service_status("api");

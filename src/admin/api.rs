@@ -16,10 +16,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::{self, Tokens};
+use crate::deploy::{DeployError, Deployer, Plan};
 use crate::limits::concurrency::Concurrency;
 use crate::limits::tokens::{TokenBudget, TokenCounts};
 use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard, Weights};
 use crate::reload::{ReloadError, Reloader};
+use crate::rollback::Watcher;
 use crate::store::Actor;
 use crate::tls::store::{CertStatus, CertStore, RenewError};
 
@@ -73,6 +75,23 @@ pub enum Command {
     Limits,
     /// Re-read the config file the process started with (`reload.rs`).
     Reload,
+    /// Start a deploy of `service` (`POST /services/{name}/deploy`,
+    /// `{"to": "green", "steps": [10, 50, 100], "interval": "60s",
+    /// "wait_healthy": "5m", "reason": "..."}`; all but `to` optional).
+    Deploy {
+        service: String,
+        plan: Plan,
+    },
+    /// The progress of `service`'s deploy (`GET /services/{name}/deploy`).
+    DeployStatus {
+        service: String,
+    },
+    /// Abort `service`'s deploy and restore the state from before it
+    /// (`DELETE /services/{name}/deploy`, no body; the history names the
+    /// token that asked).
+    DeployAbort {
+        service: String,
+    },
 }
 
 impl Command {
@@ -127,6 +146,24 @@ impl Command {
             Command::Renew { name } => (Method::POST, format!("/certs/{name}/renew"), None),
             Command::Limits => (Method::GET, "/limits".into(), None),
             Command::Reload => (Method::POST, "/reload".into(), None),
+            Command::Deploy { service, plan } => (
+                Method::POST,
+                format!("/services/{service}/deploy"),
+                Some(json!({
+                    "to": plan.to,
+                    "steps": plan.steps,
+                    "interval": crate::config::show_duration(plan.interval),
+                    "wait_healthy": crate::config::show_duration(plan.wait_healthy),
+                    "lease": crate::config::show_duration(plan.lease),
+                    "reason": plan.reason,
+                })),
+            ),
+            Command::DeployStatus { service } => {
+                (Method::GET, format!("/services/{service}/deploy"), None)
+            }
+            Command::DeployAbort { service } => {
+                (Method::DELETE, format!("/services/{service}/deploy"), None)
+            }
         }
     }
 
@@ -211,6 +248,57 @@ impl Command {
                     force: b.force,
                 })
             }
+            (&Method::POST, ["services", service, "deploy"]) => {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    to: String,
+                    steps: Option<Vec<u8>>,
+                    interval: Option<String>,
+                    wait_healthy: Option<String>,
+                    lease: Option<String>,
+                    reason: Option<String>,
+                }
+                let b: Body = parse_body(body)?;
+                let duration = |v: Option<String>, default, what: &str| match v {
+                    None => Ok(default),
+                    Some(text) => crate::config::parse_duration(&text)
+                        .map_err(|e| ApiError::BadRequest(format!("{what}: {e}"))),
+                };
+                let plan = Plan {
+                    to: b
+                        .to
+                        .parse::<Color>()
+                        .map_err(|e| ApiError::BadRequest(e.to_string()))?,
+                    steps: b.steps.unwrap_or(crate::deploy::DEFAULT_STEPS.to_vec()),
+                    interval: duration(b.interval, crate::deploy::DEFAULT_INTERVAL, "interval")?,
+                    wait_healthy: duration(
+                        b.wait_healthy,
+                        crate::deploy::DEFAULT_WAIT_HEALTHY,
+                        "wait_healthy",
+                    )?,
+                    lease: duration(b.lease, crate::deploy::LEASE, "lease")?,
+                    reason: checked_reason(b.reason)?,
+                };
+                plan.check().map_err(ApiError::BadRequest)?;
+                Ok(Command::Deploy {
+                    service: service.to_string(),
+                    plan,
+                })
+            }
+            (&Method::GET, ["services", service, "deploy"]) => Ok(Command::DeployStatus {
+                service: service.to_string(),
+            }),
+            (&Method::DELETE, ["services", service, "deploy"]) => {
+                if !body.iter().all(u8::is_ascii_whitespace) {
+                    return Err(ApiError::BadRequest(
+                        "DELETE /services/{name}/deploy takes no body".into(),
+                    ));
+                }
+                Ok(Command::DeployAbort {
+                    service: service.to_string(),
+                })
+            }
             (&Method::GET, ["certs"]) => Ok(Command::Certs),
             (&Method::GET, ["limits"]) => Ok(Command::Limits),
             (&Method::POST, ["reload"]) => {
@@ -237,7 +325,7 @@ impl Command {
                 | ["limits"]
                 | ["reload"]
                 | ["certs", _, "renew"]
-                | ["services", _, "switch" | "rollback" | "maintenance" | "weights"],
+                | ["services", _, "switch" | "rollback" | "maintenance" | "weights" | "deploy"],
             ) => Err(ApiError::MethodNotAllowed),
             _ => Err(ApiError::NotFound(format!("no admin endpoint {path}"))),
         }
@@ -362,6 +450,18 @@ impl From<ReloadError> for ApiError {
     }
 }
 
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        match e {
+            DeployError::UnknownService(_) | DeployError::None(_) => {
+                ApiError::NotFound(e.to_string())
+            }
+            DeployError::Invalid(m) => ApiError::BadRequest(m),
+            DeployError::Busy(m) | DeployError::Refused(m) => ApiError::Conflict(m),
+        }
+    }
+}
+
 impl From<RenewError> for ApiError {
     fn from(e: RenewError) -> Self {
         match e {
@@ -376,20 +476,39 @@ impl From<RenewError> for ApiError {
 /// `reloader` is `None` where reloads are not wired in (tests): a reload
 /// is then refused.
 /// `actor` is who asked, as the history records it.
+/// `deploys`: the deploy tasks and the automatic rollback watcher, whose
+/// live figures `GET /status` shows per service (`rollback`); `None` where
+/// there are none (deploy requests are then 404).
 pub fn dispatch(
     board: &Switchboard,
     certs: Option<&CertStore>,
     reloader: Option<&Reloader>,
+    deploys: Option<&Arc<Deployer>>,
     actor: &Actor,
     cmd: Command,
 ) -> Result<Value, ApiError> {
+    let watcher: Option<&Watcher> = deploys.map(|d| &**d.watcher());
+    let no_deploys = || ApiError::NotFound("deploys are not available here".into());
     match cmd {
+        Command::Deploy { service, plan } => Ok(deploys
+            .ok_or_else(no_deploys)?
+            .start(&service, plan, actor)?),
+        Command::DeployStatus { service } => {
+            Ok(deploys.ok_or_else(no_deploys)?.progress(&service, actor)?)
+        }
+        Command::DeployAbort { service } => Ok(deploys
+            .ok_or_else(no_deploys)?
+            .abort(&service, format!("deploy aborted by {actor}"))?),
         Command::Status => {
             let snap = board.load();
             let services: serde_json::Map<String, Value> = snap
                 .services
                 .iter()
-                .map(|s| (s.name.to_string(), service_json(s)))
+                .map(|s| {
+                    let mut v = service_json(s);
+                    v["rollback"] = watcher.and_then(|w| w.status(s)).unwrap_or(Value::Null);
+                    (s.name.to_string(), v)
+                })
                 .collect();
             Ok(json!({ "services": services }))
         }
@@ -642,6 +761,7 @@ pub struct AdminApi {
     board: Arc<Switchboard>,
     certs: Option<Arc<CertStore>>,
     reloader: Option<Arc<Reloader>>,
+    deploys: Option<Arc<Deployer>>,
     tokens: Tokens,
     allow: Vec<IpNet>,
 }
@@ -659,6 +779,7 @@ impl AdminApi {
             board,
             certs,
             reloader: None,
+            deploys: None,
             tokens,
             allow,
         }
@@ -667,6 +788,13 @@ impl AdminApi {
     /// Serves `POST /reload` with `reloader`.
     pub fn with_reloader(mut self, reloader: Arc<Reloader>) -> AdminApi {
         self.reloader = Some(reloader);
+        self
+    }
+
+    /// Runs deploys with these, and shows their watcher's live figures
+    /// in `GET /status`.
+    pub fn with_deploys(mut self, deploys: Arc<Deployer>) -> AdminApi {
+        self.deploys = Some(deploys);
         self
     }
 
@@ -690,10 +818,18 @@ impl AdminApi {
         let board = self.board.clone();
         let certs = self.certs.clone();
         let reloader = self.reloader.clone();
+        let deploys = self.deploys.clone();
         // Switches fsync and reloads read files; keep that off the
         // listener's async threads.
         tokio::task::spawn_blocking(move || {
-            dispatch(&board, certs.as_deref(), reloader.as_deref(), &actor, cmd)
+            dispatch(
+                &board,
+                certs.as_deref(),
+                reloader.as_deref(),
+                deploys.as_ref(),
+                &actor,
+                cmd,
+            )
         })
         .await
         .map_err(|e| ApiError::Internal(format!("admin task failed: {e}")))?
@@ -797,6 +933,23 @@ mod tests {
             },
             Command::Limits,
             Command::Reload,
+            Command::Deploy {
+                service: "api".into(),
+                plan: Plan {
+                    to: Color::Green,
+                    steps: vec![10, 50, 100],
+                    interval: std::time::Duration::from_secs(90),
+                    wait_healthy: std::time::Duration::from_secs(300),
+                    lease: std::time::Duration::from_secs(10),
+                    reason: Some("release 1.4".into()),
+                },
+            },
+            Command::DeployStatus {
+                service: "api".into(),
+            },
+            Command::DeployAbort {
+                service: "api".into(),
+            },
         ];
         for cmd in cmds {
             let (method, path, body) = cmd.to_request();
@@ -875,6 +1028,46 @@ mod tests {
             get("/history?").unwrap(),
             Command::History { service: None }
         );
+        for bad in [
+            "{\"to\":\"green\",\"steps\":[50,10,100]}",
+            "{\"to\":\"green\",\"steps\":[10,50]}",
+            "{\"to\":\"green\",\"interval\":\"1\"}",
+            "{\"to\":\"green\",\"interval\":\"2h\"}",
+            "{\"to\":\"purple\"}",
+            "{\"to\":\"green\",\"steps\":[300]}",
+            "{\"to\":\"green\",\"lease\":\"0s\"}",
+            "{\"to\":\"green\",\"extra\":1}",
+        ] {
+            assert!(
+                matches!(
+                    post("/services/api/deploy", bad),
+                    Err(ApiError::BadRequest(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            post("/services/api/deploy", "{\"to\":\"green\"}").unwrap(),
+            Command::Deploy {
+                service: "api".into(),
+                plan: Plan {
+                    to: Color::Green,
+                    steps: vec![100],
+                    interval: crate::deploy::DEFAULT_INTERVAL,
+                    wait_healthy: crate::deploy::DEFAULT_WAIT_HEALTHY,
+                    lease: crate::deploy::LEASE,
+                    reason: None,
+                },
+            }
+        );
+        assert!(matches!(
+            Command::from_request(&Method::DELETE, "/services/api/deploy", b"{}"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            Command::from_request(&Method::PUT, "/services/api/deploy", b""),
+            Err(ApiError::MethodNotAllowed)
+        ));
         let fine = "{\"to\":\"blue\",\"reason\":\"deploy 1.4 — ok\"}";
         assert!(post("/services/api/switch", fine).is_ok());
     }

@@ -139,6 +139,19 @@ pub struct Service {
     pub health: Option<Health>,
     pub min_healthy: Option<Spanned<usize>>,
     pub sticky: Option<Spanned<String>>,
+    pub rollback: Option<Rollback>,
+}
+
+/// `[services.NAME.rollback]`: the automatic rollback watcher's gates.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollback {
+    pub enabled: Option<bool>,
+    pub window: Option<Spanned<String>>,
+    pub max_error_ratio: Option<Spanned<f64>>,
+    pub max_p95: Option<Spanned<String>>,
+    pub min_requests: Option<Spanned<u64>>,
+    pub watch: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -23,6 +23,36 @@ pub const DEFAULT_HEALTH_RISE: u32 = 2;
 /// Failures in a row that make a backend unhealthy (3).
 pub const DEFAULT_HEALTH_FALL: u32 = 3;
 
+/// `rollback.window`: the sliding window the gates judge (30 s).
+pub const DEFAULT_ROLLBACK_WINDOW: Duration = Duration::from_secs(30);
+/// `rollback.max_error_ratio`: 5xx share of the new color above which it is
+/// rolled back (0.01, the team's 1 % warning level).
+pub const DEFAULT_MAX_ERROR_RATIO: f64 = 0.01;
+/// `rollback.max_p95`: p95 time to the response head above which the new
+/// color is rolled back (1 s, between the team's 0.5 s warning and 2 s
+/// critical alerts).
+pub const DEFAULT_MAX_P95: Duration = Duration::from_secs(1);
+/// `rollback.min_requests`: requests the window must hold before any
+/// verdict (20): fewer is noise.
+pub const DEFAULT_MIN_REQUESTS: u64 = 20;
+/// `rollback.watch`: how long after a switch or a weight change the watcher
+/// keeps judging the new color (5 min); a split is watched as long as it lasts.
+pub const DEFAULT_ROLLBACK_WATCH: Duration = Duration::from_secs(300);
+/// `rollback.window`: whole seconds from 1 s to 5 min (the window is kept in
+/// one-second slots, one ring of them per service and color).
+pub const ROLLBACK_WINDOW_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(300);
+/// `rollback.max_p95`: 1 ms to 10 min.
+pub const MAX_P95_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(600);
+/// `rollback.max_error_ratio`: a fraction from 0 to 1.
+pub const MAX_ERROR_RATIO_RANGE: RangeInclusive<f64> = 0.0..=1.0;
+/// `rollback.min_requests`: 1 to 1 000 000.
+pub const MIN_REQUESTS_RANGE: RangeInclusive<u64> = 1..=1_000_000;
+/// `rollback.watch`: 1 s to 24 h.
+pub const ROLLBACK_WATCH_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+
 /// `services.NAME.connect_timeout`: 100 ms to 5 min.
 pub const CONNECT_TIMEOUT_RANGE: RangeInclusive<Duration> = MIN_DURATION..=Duration::from_secs(300);
 /// `health.interval`: 100 ms to 1 h.
@@ -48,6 +78,43 @@ pub struct Service {
     /// Keeps one client on one color while traffic is split (`sticky`);
     /// `None`: every request is placed on its own.
     pub sticky: Option<Sticky>,
+    /// `[services.NAME.rollback]`: the automatic rollback watcher's gates;
+    /// `None`: the service is not watched.
+    pub rollback: Option<Rollback>,
+}
+
+/// The gates a new color must pass (`[services.NAME.rollback]`), used by the
+/// automatic rollback watcher and by `ctl deploy` alike.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rollback {
+    /// Whether the watcher judges this service (`enabled`, default true);
+    /// `ctl deploy` uses the gates either way.
+    pub enabled: bool,
+    /// The sliding window judged, whole seconds.
+    pub window: Duration,
+    /// 5xx share (0..=1) above which the new color is rolled back.
+    pub max_error_ratio: f64,
+    /// p95 of the time to the response head above which it is rolled back.
+    pub max_p95: Duration,
+    /// Requests the window must hold before any verdict.
+    pub min_requests: u64,
+    /// How long after a change the new color is judged (a split: always).
+    pub watch: Duration,
+}
+
+impl Default for Rollback {
+    /// The documented defaults: what `ctl deploy` judges a service by when
+    /// it has no `[services.NAME.rollback]` table.
+    fn default() -> Self {
+        Rollback {
+            enabled: true,
+            window: DEFAULT_ROLLBACK_WINDOW,
+            max_error_ratio: DEFAULT_MAX_ERROR_RATIO,
+            max_p95: DEFAULT_MAX_P95,
+            min_requests: DEFAULT_MIN_REQUESTS,
+            watch: DEFAULT_ROLLBACK_WATCH,
+        }
+    }
 }
 
 /// `services.NAME.sticky`: what keeps a client on one color during a
@@ -154,6 +221,7 @@ impl Validator<'_> {
                 None
             }
         });
+        let rollback = s.rollback.map(|r| self.rollback(r));
         valid_name.then(|| Service {
             name: name.into_inner(),
             blue,
@@ -163,7 +231,57 @@ impl Validator<'_> {
             health,
             min_healthy,
             sticky,
+            rollback,
         })
+    }
+
+    fn rollback(&mut self, r: file::Rollback) -> Rollback {
+        let window = self.duration_in(
+            r.window.as_ref(),
+            DEFAULT_ROLLBACK_WINDOW,
+            ROLLBACK_WINDOW_RANGE,
+        );
+        let window = match (window.subsec_nanos(), r.window.as_ref()) {
+            (0, _) | (_, None) => window,
+            (_, Some(w)) => {
+                self.at(
+                    w,
+                    "rollback window must be whole seconds (it is kept in one-second slots), e.g. \"30s\"".into(),
+                );
+                DEFAULT_ROLLBACK_WINDOW
+            }
+        };
+        let max_error_ratio = match r.max_error_ratio {
+            Some(v) if !MAX_ERROR_RATIO_RANGE.contains(v.get_ref()) => {
+                self.at(
+                    &v,
+                    format!(
+                        "max_error_ratio = {} is out of range: a fraction from 0 to 1, e.g. 0.01 for 1 %",
+                        v.get_ref()
+                    ),
+                );
+                DEFAULT_MAX_ERROR_RATIO
+            }
+            Some(v) => *v.get_ref(),
+            None => DEFAULT_MAX_ERROR_RATIO,
+        };
+        Rollback {
+            enabled: r.enabled.unwrap_or(true),
+            window,
+            max_error_ratio,
+            max_p95: self.duration_in(r.max_p95.as_ref(), DEFAULT_MAX_P95, MAX_P95_RANGE),
+            min_requests: self.count(
+                r.min_requests.as_ref(),
+                DEFAULT_MIN_REQUESTS,
+                MIN_REQUESTS_RANGE,
+                "min_requests",
+            ),
+            watch: self.duration_in(
+                r.watch.as_ref(),
+                DEFAULT_ROLLBACK_WATCH,
+                ROLLBACK_WATCH_RANGE,
+            ),
+        }
     }
 
     fn health(&mut self, h: file::Health) -> HealthCheck {
@@ -215,5 +333,78 @@ impl Validator<'_> {
             rise,
             fall,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::tests::{errors, GOOD};
+    use crate::config::Config;
+
+    fn with_rollback(table: &str) -> String {
+        GOOD.replace(
+            "active = \"green\"\n",
+            &format!("active = \"green\"\n\n[services.api.rollback]\n{table}\n"),
+        )
+    }
+
+    #[test]
+    fn rollback_defaults_and_keys() {
+        let c = Config::parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(c.services[0].rollback, None, "no table: not watched");
+        let c = Config::parse(Path::new("t.toml"), &with_rollback("")).unwrap();
+        assert_eq!(c.services[0].rollback, Some(Rollback::default()));
+        let text = with_rollback(
+            "enabled = false\nwindow = \"2s\"\nmax_error_ratio = 0.05\nmax_p95 = \"2s\"\nmin_requests = 5\nwatch = \"10m\"",
+        );
+        let r = Config::parse(Path::new("t.toml"), &text).unwrap().services[0]
+            .rollback
+            .unwrap();
+        assert_eq!(
+            r,
+            Rollback {
+                enabled: false,
+                window: Duration::from_secs(2),
+                max_error_ratio: 0.05,
+                max_p95: Duration::from_secs(2),
+                min_requests: 5,
+                watch: Duration::from_secs(600),
+            }
+        );
+    }
+
+    #[test]
+    fn rollback_mistakes_are_located() {
+        let e = errors(&with_rollback(
+            "window = \"1500ms\"\nmax_error_ratio = 1.5\nmax_p95 = \"1h\"\nmin_requests = 0\nwatch = \"0s\"",
+        ));
+        let lines: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert!(
+            lines[0].contains(":15:10: rollback window must be whole seconds"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[1].contains(":16:19: max_error_ratio = 1.5 is out of range"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[2].contains(":17:11: duration \"1h\" is out of range"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[3].contains(":18:16: min_requests = 0 is out of range"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[4].contains(":19:9: duration \"0s\" is out of range"),
+            "{lines:#?}"
+        );
+        let e = errors(&with_rollback("max_5xx = 0.1"));
+        assert!(e[0].to_string().contains("unknown key `max_5xx`"), "{e:?}");
     }
 }

@@ -31,6 +31,7 @@ pub struct Families {
     pub active_color: IntGaugeVec,
     pub traffic_weight: IntGaugeVec,
     pub switches: IntCounterVec,
+    pub automatic_rollbacks: IntCounterVec,
     pub maintenance: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub in_flight: IntGaugeVec,
@@ -135,6 +136,12 @@ impl Families {
                 "switchyard_switches_total",
                 "Color changes since start by cause.",
                 &["service", "cause"],
+            ),
+            automatic_rollbacks: counter(
+                &r,
+                "switchyard_automatic_rollbacks_total",
+                "Rollbacks made by a failed gate (rollback watcher or ctl deploy) since start, by gate (error_ratio, p95).",
+                &["service", "gate"],
             ),
             maintenance: gauge(
                 &r,

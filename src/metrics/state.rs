@@ -35,6 +35,8 @@ pub struct Sources {
     pub requests: Arc<AtomicUsize>,
     /// The proxy listeners `/readyz` probes.
     pub listeners: Vec<SocketAddr>,
+    /// The canary windows, with the automatic rollbacks by gate.
+    pub canary: Option<Arc<crate::canary::Stats>>,
 }
 
 /// The state half of the metrics: refreshed into the registry on scrape.
@@ -100,6 +102,15 @@ impl State {
         let f = &self.metrics.families;
         let s = &self.sources;
         self.pools(f);
+        if let Some(stats) = &s.canary {
+            for (service, gate, n) in stats.rollbacks() {
+                set_counter(
+                    &f.automatic_rollbacks
+                        .with_label_values(&[&service, gate.as_str()]),
+                    n,
+                );
+            }
+        }
         let slow = s.connections.stats.header_timeouts.load(Ordering::Relaxed)
             + s.handshakes
                 .as_ref()

@@ -11,6 +11,7 @@
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod load;
 pub mod openai;
 pub mod pebble;
 pub mod tls;
@@ -922,6 +923,11 @@ struct UpstreamState {
     traffic: AtomicUsize,
     /// When set, connections are accepted and reset at once, unanswered.
     reset: AtomicBool,
+    /// When not 0, every request but health probes is answered with this
+    /// status (a broken release); see [`Upstream::set_status`].
+    forced_status: std::sync::atomic::AtomicU16,
+    /// Added to every request but health probes, in ms (a slow release).
+    added_delay_ms: std::sync::atomic::AtomicU64,
     /// Permits released by the test: `?hold=1` requests and gated SSE events
     /// wait here.
     gate: tokio::sync::Semaphore,
@@ -1002,6 +1008,8 @@ impl Upstream {
             health_probes: AtomicUsize::new(0),
             traffic: AtomicUsize::new(0),
             reset: AtomicBool::new(false),
+            forced_status: std::sync::atomic::AtomicU16::new(0),
+            added_delay_ms: std::sync::atomic::AtomicU64::new(0),
             gate: tokio::sync::Semaphore::new(0),
             sse_sent: Mutex::new(Vec::new()),
             body_bytes: AtomicUsize::new(0),
@@ -1190,6 +1198,23 @@ impl Upstream {
 
     // -- failures ------------------------------------------------------------
 
+    /// From now on every request but health probes is answered with
+    /// `status` (e.g. 500: a release that fails while still passing its
+    /// health check); `None` goes back to normal answers.
+    pub fn set_status(&self, status: Option<u16>) {
+        self.state
+            .forced_status
+            .store(status.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// From now on every request but health probes waits `delay` more
+    /// before its answer (a slow release).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state
+            .added_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
     /// While true, every new connection is accepted and reset at once
     /// without reading or answering anything (a backend that crashes on each
     /// request). Connections already open are not affected.
@@ -1350,6 +1375,14 @@ async fn handle(
     }
     if let Some(ms) = query_param(query, "delay_ms").and_then(|v| v.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let added = st.added_delay_ms.load(Ordering::SeqCst);
+    if added > 0 {
+        tokio::time::sleep(Duration::from_millis(added)).await;
+    }
+    let forced = st.forced_status.load(Ordering::SeqCst);
+    if forced != 0 {
+        return Ok(full(forced, "text/plain", &st.label, st.label.clone()));
     }
     if let Some(n) = query_param(query, "sse").and_then(|v| v.parse::<usize>().ok()) {
         let gap = query_param(query, "gap_ms")
