@@ -63,7 +63,10 @@ fn snapshot(c: &mut Criterion) {
     let config = shipped();
     let dir = tempfile::tempdir().expect("temp dir");
     let store = FileStore::open(dir.path()).expect("state dir");
-    let board = Switchboard::new(&config, Box::new(store)).expect("switchboard");
+    let pages = switchyard::respond::Pages::new(None, config.server.retry_after).expect("page");
+    let settings = switchyard::settings::Settings::new(&config.server, pages);
+    let board =
+        Switchboard::with_settings(&config, settings, Box::new(store)).expect("switchboard");
     c.bench_function("snapshot/load + pick backend", |b| {
         b.iter(|| {
             let snap = board.load();
@@ -383,9 +386,10 @@ fn metrics_observe(c: &mut Criterion) {
         .flatten()
         .expect("the shipped config routes /api/");
     let service = match target.action {
-        switchyard::config::RouteAction::Proxy(s) => Some(s),
+        switchyard::config::RouteAction::Proxy(s) => Some(config.services[s].name.as_str()),
         switchyard::config::RouteAction::Deny => None,
     };
+    let route = config.routes[target.index].label();
     let proxied = RequestRecord {
         request_id: "0123456789abcdef",
         client: Some(IpAddr::from([203, 0, 113, 7])),
@@ -395,7 +399,7 @@ fn metrics_observe(c: &mut Criterion) {
         status: 200,
         service,
         color: Some(Color::Blue),
-        route: Some(target.index),
+        route: Some(&route),
         backend: None,
         upstream_time: Some(Duration::from_micros(800)),
         total_time: Duration::from_micros(950),

@@ -97,10 +97,6 @@ pub fn check_path(path: &Path) -> Result<(), AccessLogError> {
 /// The access log observer; register it on every proxy.
 pub struct AccessLog {
     sample: f64,
-    /// Service names by index into `Config::services`.
-    services: Vec<String>,
-    /// Route labels (`host/path`, `*/path`) by index into `Config::routes`.
-    routes: Vec<String>,
     dispatch: Dispatch,
     sink: Arc<Sink>,
 }
@@ -123,18 +119,10 @@ impl AccessLog {
             settings.sample,
             settings.buffer_lines,
             out,
-            config.services.iter().map(|s| s.name.clone()).collect(),
-            config.routes.iter().map(config::Route::label).collect(),
         )))
     }
 
-    fn with_writer(
-        sample: f64,
-        buffer_lines: usize,
-        out: Box<dyn Write + Send>,
-        services: Vec<String>,
-        routes: Vec<String>,
-    ) -> AccessLog {
+    fn with_writer(sample: f64, buffer_lines: usize, out: Box<dyn Write + Send>) -> AccessLog {
         let sink = Arc::new(Sink {
             out: Mutex::new(Some(out)),
             writer: OnceLock::new(),
@@ -143,8 +131,6 @@ impl AccessLog {
         });
         AccessLog {
             sample,
-            services,
-            routes,
             dispatch: Dispatch::new(Lines { sink: sink.clone() }),
             sink,
         }
@@ -176,8 +162,6 @@ impl Observer for AccessLog {
         }
         let method = bounded(r.method, MAX_METHOD_BYTES);
         let path = bounded(r.path, MAX_PATH_BYTES);
-        let service = r.service.and_then(|i| self.services.get(i));
-        let route = r.route.and_then(|i| self.routes.get(i));
         tracing::dispatcher::with_default(&self.dispatch, || {
             tracing::info!(
                 target: TARGET,
@@ -187,9 +171,9 @@ impl Observer for AccessLog {
                 host = r.host,
                 path = &*path,
                 status = r.status,
-                service = service.map(String::as_str),
+                service = r.service,
                 color = r.color.map(|c| c.as_str()),
-                route = route.map(String::as_str),
+                route = r.route,
                 backend = r.backend.map(display),
                 upstream_time_ms = r.upstream_time.map(millis),
                 total_time_ms = millis(r.total_time),
@@ -445,9 +429,9 @@ mod tests {
             host: Some("api.example.com"),
             path: "/v1/x",
             status,
-            service: Some(0),
+            service: Some("api"),
             color: Some(Color::Green),
-            route: Some(0),
+            route: Some("api.example.com/v1/"),
             backend: Some(SocketAddr::from(([127, 0, 0, 1], 8081))),
             upstream_time: Some(Duration::from_micros(1500)),
             total_time: Duration::from_micros(2250),
@@ -459,13 +443,7 @@ mod tests {
     }
 
     fn log(sample: f64, buffer: usize, out: Capture) -> AccessLog {
-        AccessLog::with_writer(
-            sample,
-            buffer,
-            Box::new(out),
-            vec!["api".into()],
-            vec!["api.example.com/v1/".into()],
-        )
+        AccessLog::with_writer(sample, buffer, Box::new(out))
     }
 
     fn capture() -> Capture {

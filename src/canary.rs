@@ -333,10 +333,10 @@ impl Stats {
         self.services.iter().position(|s| &*s.name == service)
     }
 
-    /// The name of the record's service. The one place a record's service
-    /// is turned into a name: the record carries the config index.
-    fn record_service(&self, r: &RequestRecord<'_>) -> Option<&str> {
-        self.services.get(r.service?).map(|s| &*s.name)
+    /// The name of the record's service (the record carries it, so a
+    /// request that outlives a config reload still names its service).
+    fn record_service<'r>(&self, r: &RequestRecord<'r>) -> Option<&'r str> {
+        r.service
     }
 
     /// Counts one finished request of `service` on `color` that started at
@@ -615,9 +615,9 @@ mod tests {
             host: None,
             path: "/",
             status,
-            service: Some(0),
+            service: Some("api"),
             color: Some(Color::Green),
-            route: Some(0),
+            route: Some("*/"),
             backend: backend.then(|| "127.0.0.1:2".parse().unwrap()),
             upstream_time: backend.then(|| Duration::from_millis(40)),
             total_time: Duration::from_millis(50),

@@ -6,7 +6,13 @@
 //! failures in a row. Until its first verdict a backend is `unknown`: it takes
 //! traffic (a restart of switchyard must not answer 503 for the first few
 //! seconds) but does not count as healthy when a switch is gated.
+//!
+//! The checks follow config reloads: each probe round reads the backends
+//! from the current snapshot (a backend a reload adds is probed from the
+//! next round, a removed one no longer), and a reload that adds, removes
+//! or changes a service's check starts or stops its loop.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -187,13 +193,30 @@ fn judge(response: &[u8], check: &HealthCheck) -> Result<(), String> {
 /// The background service that runs every service's probe loop.
 pub struct HealthChecker {
     board: Arc<Switchboard>,
-    checks: Vec<(String, HealthCheck)>,
 }
 
 impl HealthChecker {
-    /// `checks`: service name and its check, for services that have one.
-    pub fn new(board: Arc<Switchboard>, checks: Vec<(String, HealthCheck)>) -> HealthChecker {
-        HealthChecker { board, checks }
+    /// Checks every service of `board`'s snapshot that has a `health`
+    /// setting, now and after every reload.
+    pub fn new(board: Arc<Switchboard>) -> HealthChecker {
+        HealthChecker { board }
+    }
+}
+
+/// One service's probe loop: every `check.interval`, probes the backends
+/// the current snapshot gives the service; ends when the service is gone.
+async fn probe_loop(board: Arc<Switchboard>, service: String, check: HealthCheck) {
+    let mut tick = tokio::time::interval(check.interval);
+    let mut watch = None;
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snap = board.load();
+        let Some((_, state)) = snap.service(&service) else {
+            return;
+        };
+        check_service(&service, state, &check).await;
+        watch_active(&board, &service, &mut watch);
     }
 }
 
@@ -268,33 +291,42 @@ fn watch_active(board: &Switchboard, service: &str, watch: &mut ActiveWatch) {
 #[async_trait]
 impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let loops = self.checks.iter().map(|(service, check)| {
-            let board = self.board.clone();
-            let mut shutdown = shutdown.clone();
-            let (service, check) = (service.clone(), check.clone());
-            async move {
-                let mut tick = tokio::time::interval(check.interval);
-                let mut watch = None;
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = shutdown.changed() => return,
-                        _ = tick.tick() => {}
-                    }
-                    let snap = board.load();
-                    let Some((_, state)) = snap.service(&service) else {
-                        return;
-                    };
-                    check_service(&service, state, &check).await;
-                    watch_active(&board, &service, &mut watch);
+        let mut reloads = self.board.reloads();
+        // Service name -> the check its loop runs, and the loop.
+        let mut loops: HashMap<String, (HealthCheck, tokio::task::JoinHandle<()>)> = HashMap::new();
+        loop {
+            let snap = self.board.load();
+            let wanted: Vec<(String, HealthCheck)> = snap
+                .services
+                .iter()
+                .filter_map(|s| Some((s.name.to_string(), s.health.clone()?)))
+                .collect();
+            loops.retain(|name, (check, task)| {
+                let keep = wanted.iter().any(|(n, c)| n == name && c == check);
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (name, check) in wanted {
+                if let std::collections::hash_map::Entry::Vacant(slot) = loops.entry(name) {
+                    let task = probe_loop(self.board.clone(), slot.key().clone(), check.clone());
+                    slot.insert((check, tokio::spawn(task)));
                 }
             }
-        });
-        let loops: Vec<_> = loops.map(tokio::spawn).collect();
-        // Each loop also stops on the signal; aborting covers a probe in progress.
-        let _ = shutdown.changed().await;
-        for l in loops {
-            l.abort();
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                changed = reloads.changed() => {
+                    if changed.is_err() {
+                        let _ = shutdown.changed().await;
+                        break;
+                    }
+                }
+            }
+        }
+        // Aborting also stops a probe in progress.
+        for (_, (_, task)) in loops {
+            task.abort();
         }
     }
 }

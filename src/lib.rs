@@ -7,6 +7,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod canary;
+pub mod check;
 pub mod cleanup;
 pub mod completion;
 pub mod config;
@@ -23,9 +24,11 @@ pub mod notify;
 pub mod pools;
 pub mod proxy;
 pub mod record;
+pub mod reload;
 pub mod respond;
 pub mod rollback;
 pub mod route;
+pub mod settings;
 pub mod shutdown;
 pub mod slow_clients;
 pub mod split;
@@ -46,19 +49,16 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::access_log::AccessLog;
-use crate::admin::api::{AdminApi, Limits};
+use crate::admin::api::AdminApi;
 use crate::admin::auth::{self, TokenError};
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::health::HealthChecker;
-use crate::limits::concurrency::ConcurrencyCaps;
-use crate::limits::rate::RateLimits;
-use crate::limits::tokens::TokenBudgets;
 use crate::limits::Sweeper;
 use crate::pools::Switchboard;
 use crate::record::Observer;
+use crate::reload::{OnSighup, Reloader};
 use crate::respond::Pages;
-use crate::route::RouteTable;
 use crate::slow_clients::HeaderTimeout;
 use crate::store::{FileStore, StoreError};
 use crate::tls::acme::AcmeClient;
@@ -142,12 +142,17 @@ impl Switchyard {
     pub fn build(config: &Config, opts: &RunOptions) -> Result<Switchyard, StartError> {
         let token = auth::load_tokens(&config.admin, std::env::var(auth::TOKEN_ENV).ok())?;
         let store = FileStore::open(&config.server.state_dir)?;
-        let board = Arc::new(Switchboard::new(config, Box::new(store))?);
+        let pages = load_pages(&config.server)?;
+        let settings = proxy::Settings::new(&config.server, pages);
+        let board = Arc::new(Switchboard::with_settings(
+            config,
+            settings,
+            Box::new(store),
+        )?);
         // Webhook URLs are read now, so a bad one stops start-up.
         let (notifier, notify_sender) = notify::Notifier::new(notify::load_urls(&config.notify)?);
         board.set_notifier(notifier.clone());
         // Everything that can fail is read before Pingora touches any socket.
-        let pages = load_pages(&config.server)?;
         let certs = Arc::new(CertStore::new(&config.tls, config.acme.as_ref()));
         let challenges = Arc::new(Challenges::new());
         load_static_certificates(&config.tls, &certs)?;
@@ -167,10 +172,6 @@ impl Switchyard {
         server.bootstrap();
 
         let requests = Arc::new(AtomicUsize::new(0));
-        let rate_limits = Arc::new(RateLimits::new(&config.rate_limits));
-        let concurrency = Arc::new(ConcurrencyCaps::new(&config.concurrency));
-        let service_names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
-        let budgets = Arc::new(TokenBudgets::new(&config.token_budgets, &service_names));
         // Off unless `[listen] metrics` is set: then every request is counted.
         let metrics = config
             .listen
@@ -190,17 +191,9 @@ impl Switchyard {
             .chain(metrics.iter().map(|m| m.clone() as Arc<dyn Observer>))
             .chain([canary.clone() as Arc<dyn Observer>])
             .collect();
+        // Routes, limits and settings come with the snapshot (`pools.rs`).
         let new_proxy = |side| {
-            let proxy = proxy::Proxy::new(
-                RouteTable::new(&config.routes),
-                board.clone(),
-                rate_limits.clone(),
-                proxy::Settings::new(&config.server, pages.clone()),
-                requests.clone(),
-            )
-            .with_side(side)
-            .with_concurrency(concurrency.clone())
-            .with_budgets(budgets.clone());
+            let proxy = proxy::Proxy::new(board.clone(), requests.clone()).with_side(side);
             observers
                 .iter()
                 .fold(proxy, |proxy, o| proxy.with_observer(o.clone()))
@@ -261,17 +254,11 @@ impl Switchyard {
             server.add_service(service);
         }
 
-        let checks: Vec<_> = config
-            .services
-            .iter()
-            .filter_map(|s| s.health.clone().map(|h| (s.name.clone(), h)))
-            .collect();
-        if !checks.is_empty() {
-            server.add_service(background_service(
-                "health",
-                HealthChecker::new(board.clone(), checks),
-            ));
-        }
+        // Always: a reload may add the first health check.
+        server.add_service(background_service(
+            "health",
+            HealthChecker::new(board.clone()),
+        ));
 
         if config.services.iter().any(|s| s.rollback.is_some()) {
             server.add_service(background_service(
@@ -284,11 +271,27 @@ impl Switchyard {
             server.add_service(background_service("notify", notify_sender));
         }
 
-        if !rate_limits.is_empty() || !budgets.is_empty() {
-            server.add_service(background_service(
-                "limit sweep",
-                Sweeper(rate_limits.clone(), budgets.clone()),
-            ));
+        // Always: a reload may add the first limit. Each round sweeps the
+        // limits in force then.
+        let limits_board = board.clone();
+        server.add_service(background_service(
+            "limit sweep",
+            Sweeper(Box::new(move || {
+                let snap = limits_board.load();
+                (snap.rate_limits.clone(), snap.budgets.clone())
+            })),
+        ));
+
+        // `POST /reload`, `ctl reload` and SIGHUP (`reload.rs`).
+        let reloader = Arc::new(
+            Reloader::new(config, board.clone())
+                .with_observers(observers.clone())
+                .with_metrics(metrics.clone()),
+        );
+        if let Err(e) = reload::catch_sighup() {
+            tracing::warn!(cause = %e, "cannot catch SIGHUP; it would end the process: reload through the admin API");
+        } else {
+            server.add_service(background_service("reload", OnSighup(reloader.clone())));
         }
 
         if let Some(acme) = &config.acme {
@@ -318,11 +321,7 @@ impl Switchyard {
                 }
                 let served = config.listen.https.is_some().then(|| certs.clone());
                 let api = AdminApi::new(board.clone(), served, token, config.admin.allow.clone())
-                    .with_limits(Limits {
-                        caps: concurrency.clone(),
-                        rates: rate_limits.clone(),
-                        budgets: budgets.clone(),
-                    })
+                    .with_reloader(reloader.clone())
                     .with_deploys(Arc::new(deploy::Deployer::new(
                         board.clone(),
                         watcher.clone(),
@@ -353,9 +352,6 @@ impl Switchyard {
             }
             let sources = metrics::state::Sources {
                 board: board.clone(),
-                rate_limits: rate_limits.clone(),
-                concurrency: concurrency.clone(),
-                budgets: budgets.clone(),
                 certs: tls_configured.then(|| certs.clone()),
                 connections: connections.clone(),
                 handshakes: tls_handshakes,

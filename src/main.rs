@@ -13,11 +13,10 @@ use switchyard::admin::api::Command;
 use switchyard::admin::auth;
 use switchyard::admin::client::{self, Client};
 use switchyard::admin::deploy_client;
+use switchyard::check::check_files;
 use switchyard::config::{self, Config};
 use switchyard::demo::{self, SampleUpstream};
 use switchyard::pools::{Color, Weights};
-use switchyard::store::{FileStore, StateStore};
-use switchyard::tls::certs::{self, CertError};
 use switchyard::{cleanup, RunOptions, Switchyard};
 
 /// glibc malloc showed up as ~12 % of proxy CPU under load (Pingora allocates
@@ -187,6 +186,8 @@ enum CtlAction {
     },
     /// Show the concurrency caps (in flight, queued, top keys) and rate limits.
     Limits,
+    /// Re-read the config file switchyard was started with; an invalid file is rejected (its errors printed, exit 1) and the running config kept.
+    Reload,
     /// List the HTTPS certificates: names, issuer, serial, expiry, renewal state.
     Certs {
         #[command(subcommand)]
@@ -276,26 +277,18 @@ fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
 }
 
 fn check(path: &Path) -> ExitCode {
-    let (config, mut problems) = match Config::load_all(path) {
-        Ok(read) => read,
-        Err(e) => {
-            eprintln!("{e}");
+    // The same check a config reload runs (`check.rs`): the files a config
+    // names are checked even when its text has mistakes, so one run lists
+    // everything.
+    let config = match switchyard::check::check_path(path) {
+        Ok(config) => config,
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{p}");
+            }
             eprintln!("{}: check failed", path.display());
             return ExitCode::FAILURE;
         }
-    };
-    // The files a config names are checked even when the config text has
-    // mistakes (with defaults standing in), so one run lists everything.
-    if let Some(config) = &config {
-        problems.extend(check_files(config));
-    }
-    problems.sort_by_key(|e| (e.line, e.col));
-    for p in &problems {
-        eprintln!("{p}");
-    }
-    let Some(config) = config.filter(|_| problems.is_empty()) else {
-        eprintln!("{}: check failed", path.display());
-        return ExitCode::FAILURE;
     };
     if let Some(missing) = missing_token_file(&config) {
         println!("warning: {missing}");
@@ -316,102 +309,6 @@ fn check(path: &Path) -> ExitCode {
         config.routes.len()
     );
     ExitCode::SUCCESS
-}
-
-/// What `check` and `run` verify beyond the config text: the token file,
-/// the saved state, the maintenance page and the access log's directory, each located at the key that
-/// names it. Relative paths in a message say what they are relative to.
-fn check_files(config: &Config) -> Vec<config::ConfigError> {
-    let mut problems = Vec::new();
-    for (key, e) in auth::check_tokens(&config.admin, std::env::var(auth::TOKEN_ENV).ok()) {
-        let message = match config.admin.tokens.get(key_index(&key)) {
-            Some(named) => format!("{e}{}", relative_note("file", &named.file)),
-            None => e.to_string(),
-        };
-        problems.push(config.error_at(&key, message));
-    }
-    for hook in &config.notify.webhooks {
-        if let Err(e) = switchyard::notify::load_url(hook, |v| std::env::var(v).ok()) {
-            let key = match hook.url {
-                config::UrlSource::File(_) => "url_file",
-                config::UrlSource::Env(_) => "url_env",
-            };
-            let at = format!("notify.webhooks.{key}#{}", hook.index);
-            problems.push(config.error_at(&at, e.to_string()));
-        }
-    }
-    let state_dir = &config.server.state_dir;
-    if let Err(e) = FileStore::existing(state_dir).load() {
-        let message = format!("{e}{}", relative_note("state_dir", state_dir));
-        problems.push(config.error_at("server.state_dir", message));
-    }
-    if let Err(e) = switchyard::load_pages(&config.server) {
-        let page = config
-            .server
-            .maintenance_page
-            .as_deref()
-            .unwrap_or(Path::new(""));
-        let message = format!("{e}{}", relative_note("maintenance_page", page));
-        problems.push(config.error_at("server.maintenance_page", message));
-    }
-    problems.extend(check_static_certificates(config));
-    let log = &config.access_log;
-    if let Some(path) = log.path.as_deref().filter(|_| log.enabled) {
-        if let Err(e) = switchyard::access_log::check_path(path) {
-            let message = format!("{e}{}", relative_note("path", path));
-            problems.push(config.error_at("access_log.path", message));
-        }
-    }
-    if config.acme.is_some() {
-        let dir = &config.tls.certs_dir;
-        if let Err(e) = certs::check_certs_dir(dir) {
-            let message = format!("{e}{}", relative_note("certs_dir", dir));
-            problems.push(config.error_at("tls.certs_dir", message));
-        }
-    }
-    if let Some(root) = config.acme.as_ref().and_then(|a| a.ca_root.as_deref()) {
-        if let Err(e) = certs::check_ca_root(root) {
-            let message = format!("{e}{}", relative_note("ca_root", root));
-            problems.push(config.error_at("acme.ca_root", message));
-        }
-    }
-    problems
-}
-
-/// Each `[[tls.certificates]]` as start-up will load it: readable, key
-/// matching the certificate, not expired. A problem is located at the key
-/// naming the file at fault (`key` for a key that does not match).
-fn check_static_certificates(config: &Config) -> Vec<config::ConfigError> {
-    let now = std::time::SystemTime::now();
-    let mut problems = Vec::new();
-    for (i, c) in config.tls.certificates.iter().enumerate() {
-        let Err(e) = certs::load_static(&c.cert, &c.key, now) else {
-            continue;
-        };
-        let (key, path) = match &e {
-            CertError::Read { path, .. } if *path == c.key => ("key", &c.key),
-            CertError::Key { .. } | CertError::Mismatch { .. } => ("key", &c.key),
-            _ => ("cert", &c.cert),
-        };
-        let message = format!("{e}{}", relative_note(key, path));
-        problems.push(config.error_at(&format!("tls.certificates.{key}#{i}"), message));
-    }
-    problems
-}
-
-/// `I` of a key `NAME#I`; `usize::MAX` for a key without an index.
-fn key_index(key: &str) -> usize {
-    key.rsplit_once('#')
-        .and_then(|(_, i)| i.parse().ok())
-        .unwrap_or(usize::MAX)
-}
-
-/// For a relative path: what it is relative to, for an error message.
-fn relative_note(key: &str, path: &Path) -> String {
-    match config::relative_to(path).filter(|_| !path.as_os_str().is_empty()) {
-        Some(base) => format!("\n  ({key} = {}, {base})", path.display()),
-        None => String::new(),
-    }
 }
 
 /// When `admin.token_file` is configured but does not exist (and no
@@ -690,6 +587,7 @@ fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
             on: state == "on",
         },
         CtlAction::Limits => Command::Limits,
+        CtlAction::Reload => Command::Reload,
         CtlAction::Certs { action: None } => Command::Certs,
         CtlAction::Certs {
             action: Some(CertsAction::Renew { name }),
@@ -746,6 +644,7 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
             );
         }
         Command::Limits => print_limits(reply),
+        Command::Reload => print_reload(reply),
         Command::Deploy { .. } | Command::DeployStatus { .. } | Command::DeployAbort { .. } => {
             println!("{}", deploy_client::progress_line(reply));
         }
@@ -791,6 +690,41 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
                 );
             }
         }
+    }
+}
+
+/// The answer of `POST /reload`: what changed, and what waits for a restart.
+fn print_reload(reply: &Value) {
+    let list = |key: &str| -> Vec<String> {
+        reply[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    println!(
+        "reloaded {}",
+        reply["config"].as_str().unwrap_or("the config")
+    );
+    for (key, what) in [
+        ("services_added", "services added"),
+        ("services_removed", "services removed"),
+        ("routes_added", "routes added"),
+        ("routes_removed", "routes removed"),
+        ("limits_reset", "limits starting afresh"),
+    ] {
+        let names = list(key);
+        if !names.is_empty() {
+            println!("  {what}: {}", names.join(", "));
+        }
+    }
+    let restart = list("needs_restart");
+    if !restart.is_empty() {
+        println!(
+            "  warning: changed but kept until a restart: {}",
+            restart.join(", ")
+        );
     }
 }
 

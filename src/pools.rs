@@ -1,10 +1,16 @@
 //! Colors, pools and the one atomic snapshot every request reads.
 //!
-//! A request loads the [`Snapshot`] once and keeps the `Arc<Pool>` it picked,
-//! so a switch never disturbs it: it finishes on the pool it began on, and
-//! every request that starts after [`Switchboard::switch`] returns sees the
-//! new color. Writers are serialized, build the next snapshot, persist it and
-//! `store` it; nothing on the request path takes a lock.
+//! A request loads the [`Snapshot`] once and keeps it (and the `Arc<Pool>`
+//! it picked) to its end, so neither a switch nor a config reload disturbs
+//! it: it finishes on the routes, limits, settings and pool it began with,
+//! and every request that starts after [`Switchboard::switch`] or
+//! [`Switchboard::reload`] returns sees the new world. Writers are
+//! serialized, build the next snapshot, persist it and `store` it; nothing
+//! on the request path takes a lock.
+//!
+//! The config-derived parts of a snapshot (routes, settings, limits) each
+//! sit behind their own `Arc`: a color change copies the refcounts, not the
+//! tables. A reload carries over what survives it (see [`Switchboard::reload`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -16,8 +22,13 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, HealthCheck};
 use crate::health::{Health, HealthStatus};
+use crate::limits::concurrency::ConcurrencyCaps;
+use crate::limits::rate::RateLimits;
+use crate::limits::tokens::TokenBudgets;
+use crate::route::Routes;
+use crate::settings::Settings;
 use crate::store::{Actor, Event, SavedService, SavedState, StateStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -150,12 +161,14 @@ impl fmt::Display for Weights {
 #[derive(Debug)]
 pub struct Backend {
     pub addr: SocketAddr,
-    pub health: Health,
+    /// Shared with the same address's entry in a reloaded pool, so a
+    /// reload does not send a surviving backend back through warm-up.
+    pub health: Arc<Health>,
 }
 
-/// The backends of one color of one service. Pools are built once at start-up
+/// The backends of one color of one service. Pools are built at start-up
 /// and shared by every snapshot, so round-robin position and in-flight counts
-/// carry across switches.
+/// carry across switches, and across reloads that leave the pool unchanged.
 #[derive(Debug)]
 pub struct Pool {
     pub color: Color,
@@ -174,7 +187,7 @@ impl Pool {
                 .iter()
                 .map(|&addr| Backend {
                     addr,
-                    health: Health::default(),
+                    health: Arc::default(),
                 })
                 .collect(),
             connect_timeout,
@@ -202,6 +215,41 @@ impl Pool {
     /// Open upgraded (WebSocket) connections.
     pub fn upgraded(&self) -> usize {
         self.upgraded.load(Ordering::Relaxed)
+    }
+
+    /// The pool of a reloaded config: `old` itself when its backends (in
+    /// order) and connect timeout are unchanged; else a new pool in which
+    /// each backend `old` also has keeps its health (`keep_health`: the
+    /// service is still health-checked; without a check every backend
+    /// starts routable again).
+    fn carry(
+        color: Color,
+        addrs: &[SocketAddr],
+        connect_timeout: Duration,
+        old: Option<&Arc<Pool>>,
+        keep_health: bool,
+    ) -> Arc<Pool> {
+        let Some(old) = old else {
+            return Arc::new(Pool::new(color, addrs, connect_timeout));
+        };
+        let same = old.connect_timeout == connect_timeout
+            && old
+                .backends
+                .iter()
+                .map(|b| b.addr)
+                .eq(addrs.iter().copied());
+        if same && keep_health {
+            return old.clone();
+        }
+        let mut pool = Pool::new(color, addrs, connect_timeout);
+        if keep_health {
+            for b in &mut pool.backends {
+                if let Some(was) = old.backends.iter().find(|o| o.addr == b.addr) {
+                    b.health = was.health.clone();
+                }
+            }
+        }
+        Arc::new(pool)
     }
 
     pub fn healthy(&self) -> usize {
@@ -269,6 +317,8 @@ pub struct ServiceState {
     pub gated: bool,
     /// Healthy backends a color needs before a switch to it; `None`: all of them.
     pub min_healthy: Option<usize>,
+    /// The service's active health check, which the checker follows.
+    pub health: Option<HealthCheck>,
     /// What keeps a client on one color during a split.
     pub sticky: Option<crate::config::Sticky>,
     /// The automatic rollback gates (`[services.NAME.rollback]`); `None`:
@@ -284,6 +334,9 @@ pub struct ServiceState {
     /// Places requests without a sticky bucket during a split; shared by
     /// every snapshot of the service.
     spread: Arc<AtomicU64>,
+    /// Color changes since start, by [`SwitchCause`] (in `ALL` order);
+    /// shared by every snapshot and kept across reloads.
+    switches: Arc<[AtomicU64; SwitchCause::ALL.len()]>,
 }
 
 impl ServiceState {
@@ -373,16 +426,185 @@ impl ServiceState {
     pub fn active_pool(&self) -> &Arc<Pool> {
         self.pool(self.active)
     }
+
+    /// Color changes since start (or since the service was added by a
+    /// reload), by cause, in [`SwitchCause::ALL`] order.
+    pub fn switches(&self) -> [u64; SwitchCause::ALL.len()] {
+        self.switches.each_ref().map(|n| n.load(Ordering::Relaxed))
+    }
+
+    /// The state of `config`'s service: `old`'s saved part (active and
+    /// previous color, maintenance, and whatever else `old` carries) with
+    /// the config-derived parts replaced; a new service starts on `saved`
+    /// or, without it, on its configured active color.
+    fn carry(
+        s: &crate::config::Service,
+        old: Option<&ServiceState>,
+        saved: Option<&SavedService>,
+    ) -> ServiceState {
+        let checked = s.health.is_some();
+        let pools = Color::ALL.map(|c| {
+            let old = old.map(|o| o.pool(c));
+            Pool::carry(c, s.pool(c), s.connect_timeout, old, checked)
+        });
+        match old {
+            // Active and previous color, weights, maintenance, the
+            // split's spread, the switch counts and the rollback watcher's
+            // view of the last move carry over as they are.
+            Some(old) => ServiceState {
+                gated: checked,
+                min_healthy: s.min_healthy,
+                health: s.health.clone(),
+                sticky: s.sticky,
+                rollback: s.rollback,
+                pools,
+                ..old.clone()
+            },
+            None => {
+                let active = saved.map_or(s.active, |v| v.active);
+                ServiceState {
+                    name: Arc::from(s.name.as_str()),
+                    active,
+                    previous: saved.and_then(|v| v.previous),
+                    weights: saved
+                        .and_then(|v| v.weights)
+                        .unwrap_or(Weights::all(active)),
+                    maintenance: saved.is_some_and(|v| v.maintenance),
+                    gated: checked,
+                    min_healthy: s.min_healthy,
+                    health: s.health.clone(),
+                    sticky: s.sticky,
+                    rollback: s.rollback,
+                    moves: 0,
+                    last_move: None,
+                    pools,
+                    spread: Arc::default(),
+                    switches: Arc::default(),
+                }
+            }
+        }
+    }
 }
 
-/// Everything about colors and pools, swapped as one value.
-#[derive(Debug)]
+/// Everything a request reads about routes, limits, settings, colors and
+/// pools, swapped as one value.
 pub struct Snapshot {
-    /// Indexed like [`Config::services`].
+    /// Indexed like [`Config::services`] of the config the snapshot was
+    /// built from (the indexes in `routes` point here).
     pub services: Vec<ServiceState>,
+    pub routes: Arc<Routes>,
+    pub settings: Arc<Settings>,
+    /// Indexed like `Config::rate_limits` (routes hold the indexes).
+    pub rate_limits: Arc<RateLimits>,
+    /// Indexed like `Config::concurrency`.
+    pub concurrency: Arc<ConcurrencyCaps>,
+    /// Indexed like `Config::token_budgets`; token counts per service.
+    pub budgets: Arc<TokenBudgets>,
+}
+
+/// What a reload changed, for its answer and its log line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Reloaded {
+    /// Service names, in config order.
+    pub services_added: Vec<String>,
+    pub services_removed: Vec<String>,
+    /// Route labels (`host/path`, `*/path`: [`crate::config::Route::label`]).
+    pub routes_added: Vec<String>,
+    pub routes_removed: Vec<String>,
+    /// Limits (`rate_limit:NAME`, `concurrency:NAME`, `token_budget:NAME`)
+    /// that start afresh: new, or with changed settings.
+    pub limits_reset: Vec<String>,
 }
 
 impl Snapshot {
+    /// The next snapshot after a color or maintenance change: the
+    /// config-derived parts are shared, not copied.
+    fn with_services(&self, services: Vec<ServiceState>) -> Snapshot {
+        Snapshot {
+            services,
+            routes: self.routes.clone(),
+            settings: self.settings.clone(),
+            rate_limits: self.rate_limits.clone(),
+            concurrency: self.concurrency.clone(),
+            budgets: self.budgets.clone(),
+        }
+    }
+
+    /// A snapshot of `config`, carrying over from `old` what survives (see
+    /// [`Switchboard::reload`]); `saved`: the durable state, for services
+    /// `old` does not have.
+    fn build(
+        config: &Config,
+        settings: Settings,
+        old: Option<&Snapshot>,
+        saved: &SavedState,
+    ) -> Snapshot {
+        let services = config
+            .services
+            .iter()
+            .map(|s| {
+                let was = old.and_then(|o| o.service(&s.name)).map(|(_, st)| st);
+                ServiceState::carry(s, was, saved.services.get(&s.name))
+            })
+            .collect();
+        let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        Snapshot {
+            services,
+            routes: Arc::new(Routes::new(&config.routes)),
+            settings: Arc::new(settings),
+            rate_limits: Arc::new(RateLimits::carry(
+                &config.rate_limits,
+                old.map(|o| &*o.rate_limits),
+            )),
+            concurrency: Arc::new(ConcurrencyCaps::carry(
+                &config.concurrency,
+                old.map(|o| &*o.concurrency),
+            )),
+            budgets: Arc::new(TokenBudgets::carry(
+                &config.token_budgets,
+                &names,
+                old.map(|o| &*o.budgets),
+            )),
+        }
+    }
+
+    /// What changed from `old` to this snapshot.
+    fn changes_from(&self, old: &Snapshot) -> Reloaded {
+        let names = |s: &Snapshot| -> Vec<String> {
+            s.services.iter().map(|s| s.name.to_string()).collect()
+        };
+        let (now, was) = (names(self), names(old));
+        let labels = |s: &Snapshot| s.routes.labels().to_vec();
+        let (routes, routes_was) = (labels(self), labels(old));
+        let minus = |a: &[String], b: &[String]| -> Vec<String> {
+            a.iter().filter(|x| !b.contains(x)).cloned().collect()
+        };
+        let mut limits_reset = Vec::new();
+        for l in self.rate_limits.iter() {
+            let kept = old.rate_limits.iter().any(|o| std::ptr::eq(o, l));
+            if !kept {
+                limits_reset.push(format!("rate_limit:{}", l.name()));
+            }
+        }
+        for c in self.concurrency.iter() {
+            if !old.concurrency.iter().any(|o| std::ptr::eq(o, c)) {
+                limits_reset.push(format!("concurrency:{}", c.name()));
+            }
+        }
+        for b in self.budgets.iter() {
+            if !old.budgets.iter().any(|o| Arc::ptr_eq(o, b)) {
+                limits_reset.push(format!("token_budget:{}", b.name()));
+            }
+        }
+        Reloaded {
+            services_added: minus(&now, &was),
+            services_removed: minus(&was, &now),
+            routes_added: minus(&routes, &routes_was),
+            routes_removed: minus(&routes_was, &routes),
+            limits_reset,
+        }
+    }
+
     pub fn service(&self, name: &str) -> Option<(usize, &ServiceState)> {
         self.services
             .iter()
@@ -416,9 +638,9 @@ pub struct Switchboard {
     store: Box<dyn StateStore>,
     /// Serializes writers: read-modify-persist-store must not interleave.
     write: Mutex<()>,
-    /// Color changes since start per service (indexed like
-    /// `Config::services`), by [`SwitchCause`]: for the metrics listener.
-    switches: Vec<[AtomicU64; SwitchCause::ALL.len()]>,
+    /// Counts config reloads; the health checker watches it to follow
+    /// services and backends a reload adds or removes.
+    reloads: tokio::sync::watch::Sender<u64>,
     /// Told about every color change and maintenance toggle (webhooks);
     /// set once at start, none in tests that do not ask.
     notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
@@ -451,9 +673,21 @@ impl SwitchCause {
 }
 
 impl Switchboard {
+    /// [`Switchboard::with_settings`] with the built-in maintenance page
+    /// instead of `server.maintenance_page` (tests and benches; `run`
+    /// reads the configured page, which can fail, first).
+    pub fn new(config: &Config, store: Box<dyn StateStore>) -> Result<Switchboard, StoreError> {
+        let pages = crate::respond::Pages::builtin(config.server.retry_after);
+        Switchboard::with_settings(config, Settings::new(&config.server, pages), store)
+    }
+
     /// Builds the first snapshot from the config and the saved state (saved
     /// colors win; services the state does not know start on `active`).
-    pub fn new(config: &Config, store: Box<dyn StateStore>) -> Result<Switchboard, StoreError> {
+    pub fn with_settings(
+        config: &Config,
+        settings: Settings,
+        store: Box<dyn StateStore>,
+    ) -> Result<Switchboard, StoreError> {
         let saved = store.load()?.unwrap_or_default();
         for name in saved.services.keys() {
             if config.service_index(name).is_none() {
@@ -463,39 +697,41 @@ impl Switchboard {
                 );
             }
         }
-        let services = config
-            .services
-            .iter()
-            .map(|s| {
-                let saved = saved.services.get(&s.name);
-                let active = saved.map_or(s.active, |v| v.active);
-                ServiceState {
-                    name: Arc::from(s.name.as_str()),
-                    active,
-                    previous: saved.and_then(|v| v.previous),
-                    weights: saved
-                        .and_then(|v| v.weights)
-                        .unwrap_or(Weights::all(active)),
-                    maintenance: saved.is_some_and(|v| v.maintenance),
-                    gated: s.health.is_some(),
-                    min_healthy: s.min_healthy,
-                    sticky: s.sticky,
-                    rollback: s.rollback,
-                    moves: 0,
-                    last_move: None,
-                    pools: Color::ALL.map(|c| Arc::new(Pool::new(c, s.pool(c), s.connect_timeout))),
-                    spread: Arc::default(),
-                }
-            })
-            .collect();
-        let switches = config.services.iter().map(|_| Default::default()).collect();
         Ok(Switchboard {
-            current: ArcSwap::from_pointee(Snapshot { services }),
+            current: ArcSwap::from_pointee(Snapshot::build(config, settings, None, &saved)),
             store,
             write: Mutex::new(()),
-            switches,
+            reloads: tokio::sync::watch::Sender::new(0),
             notifier: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Puts a reloaded `config` in force for every request that starts
+    /// after this returns; requests in flight keep the snapshot they loaded.
+    ///
+    /// Carried over: each surviving service's saved state (active and
+    /// previous color, maintenance, and any field added to it later), the
+    /// health of every backend address that stays in the same service and
+    /// color (the same `Arc<Pool>`, with its round robin and in-flight
+    /// counts, when the pool is unchanged), and every limit whose name and
+    /// settings are unchanged. New services start on their saved state, or
+    /// on their configured `active`; removed ones drop out.
+    pub fn reload(&self, config: &Config, settings: Settings) -> Reloaded {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.current.load_full();
+        // Validated before (switchyard check reads it too); a state file
+        // that went bad since only costs the new services their saved colors.
+        let saved = self.store.load().ok().flatten().unwrap_or_default();
+        let next = Snapshot::build(config, settings, Some(&old), &saved);
+        let changes = next.changes_from(&old);
+        self.current.store(Arc::new(next));
+        self.reloads.send_modify(|n| *n += 1);
+        changes
+    }
+
+    /// Changes each time a reload is in force (see [`Switchboard::reload`]).
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 
     /// The snapshot for one request. Cheap: one atomic load and a refcount.
@@ -579,9 +815,8 @@ impl Switchboard {
                 (SwitchKind::Switch, true) => SwitchCause::Forced,
                 (SwitchKind::Switch, false) => SwitchCause::Switch,
             };
-            let index = self.load().service(service).map(|(i, _)| i);
-            if let Some(counts) = index.and_then(|i| self.switches.get(i)) {
-                counts[cause as usize].fetch_add(1, Ordering::Relaxed);
+            if let Some((_, state)) = self.load().service(service) {
+                state.switches[cause as usize].fetch_add(1, Ordering::Relaxed);
             }
         }
         let split = after.canary().map(|_| after.weights);
@@ -771,19 +1006,11 @@ impl Switchboard {
         }
         let mut services = snap.services.clone();
         services[index] = next;
-        let next = Snapshot { services };
+        let next = snap.with_services(services);
         // Persist first: if the disk refuses, nothing has changed.
         self.store.save(&saved_state(&next))?;
         self.current.store(Arc::new(next));
         Ok(out)
-    }
-
-    /// Color changes of service `index` since start, by cause (in
-    /// [`SwitchCause::ALL`] order); zeros for an unknown index.
-    pub fn switches(&self, index: usize) -> [u64; SwitchCause::ALL.len()] {
-        self.switches
-            .get(index)
-            .map_or([0; 3], |c| c.each_ref().map(|n| n.load(Ordering::Relaxed)))
     }
 
     /// The last [`crate::store::HISTORY_LIMIT`] color changes, oldest
@@ -834,6 +1061,11 @@ mod tests {
     use crate::store::MemoryStore;
     use std::path::Path;
 
+    fn settings(config: &Config) -> Settings {
+        let pages = crate::respond::Pages::new(None, Duration::from_secs(1)).unwrap();
+        Settings::new(&config.server, pages)
+    }
+
     fn config() -> Config {
         Config::parse(
             Path::new("t.toml"),
@@ -848,7 +1080,12 @@ green = ["127.0.0.1:3"]
 
     #[test]
     fn round_robin_covers_the_pool() {
-        let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
         let snap = board.load();
         let pool = snap.services[0].active_pool();
         let picks: Vec<u16> = (0..4)
@@ -859,7 +1096,12 @@ green = ["127.0.0.1:3"]
 
     #[test]
     fn switch_is_atomic_and_leaves_old_snapshots_alone() {
-        let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
         let before = board.load();
         let after = board
             .switch("api", Color::Green, SwitchKind::Switch, None, false, &who())
@@ -886,7 +1128,12 @@ green = ["127.0.0.1:3"]
 
     #[test]
     fn errors_change_nothing() {
-        let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
         assert!(matches!(
             board.switch(
                 "nope",
@@ -919,7 +1166,9 @@ min_healthy = 1
 "#,
         )
         .unwrap();
-        let board = Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap();
+        let board =
+            Switchboard::with_settings(&config, settings(&config), Box::<MemoryStore>::default())
+                .unwrap();
         let switch =
             |force| board.switch("api", Color::Green, SwitchKind::Switch, None, force, &who());
         // Unknown health does not count as healthy.
@@ -946,7 +1195,12 @@ min_healthy = 1
 
     #[test]
     fn maintenance_is_part_of_the_snapshot() {
-        let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
         assert!(
             board
                 .set_maintenance("api", true, &who())
@@ -968,7 +1222,12 @@ min_healthy = 1
 
     #[test]
     fn weights_split_new_requests_and_a_switch_is_their_extreme() {
-        let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
         let split = |blue, green| {
             board.set_weights(
                 "api",
@@ -1004,7 +1263,7 @@ min_healthy = 1
             (Color::Green, Some(Color::Blue), None)
         );
         assert_eq!(s.pick(Some(99)).color, Color::Green);
-        assert_eq!(board.switches(0), [1, 0, 1]);
+        assert_eq!(board.load().services[0].switches(), [1, 0, 1]);
         let history = board.history(None).unwrap();
         let split_steps: Vec<_> = history
             .iter()
@@ -1030,7 +1289,12 @@ min_healthy = 1
 
     #[test]
     fn in_flight_is_counted_per_pool() {
-        let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
         let pool = board.load().services[0].active_pool().clone();
         let a = InFlight::new(pool.clone());
         let b = InFlight::new(pool.clone());
@@ -1038,5 +1302,95 @@ min_healthy = 1
         drop(a);
         drop(b);
         assert_eq!(pool.in_flight(), 0);
+    }
+
+    #[test]
+    fn reload_carries_colors_health_pools_and_unchanged_limits() {
+        let text = r#"
+[services.api]
+blue = ["127.0.0.1:1", "127.0.0.1:2"]
+green = ["127.0.0.1:3"]
+health = { path = "/ping", rise = 1, fall = 1 }
+
+[services.old]
+blue = ["127.0.0.1:7"]
+green = ["127.0.0.1:8"]
+
+[rate_limits.writes]
+rate = "1/m"
+
+[rate_limits.reads]
+rate = "5/m"
+
+[[routes]]
+path = "/"
+service = "api"
+rate_limit = "writes"
+
+[[routes]]
+path = "/old/"
+service = "old"
+rate_limit = "reads"
+"#;
+        let config = Config::parse(Path::new("t.toml"), text).unwrap();
+        let board =
+            Switchboard::with_settings(&config, settings(&config), Box::<MemoryStore>::default())
+                .unwrap();
+        board
+            .switch("api", Color::Green, SwitchKind::Switch, None, true, &who())
+            .unwrap();
+        board.set_maintenance("api", true, &who()).unwrap();
+        let before = board.load();
+        let blue = before.services[0].pool(Color::Blue).clone();
+        blue.backends[1].health.record(Ok(()), 1, 1);
+        // Blue loses 127.0.0.1:1; green is unchanged; `old` goes, `new`
+        // comes; `writes` stays as it was, `reads` changes.
+        let next = text
+            .replace(
+                r#"blue = ["127.0.0.1:1", "127.0.0.1:2"]"#,
+                r#"blue = ["127.0.0.1:2"]"#,
+            )
+            .replace("[services.old]", "[services.new]")
+            .replace(r#"service = "old""#, r#"service = "new""#)
+            .replace(r#"rate = "5/m""#, r#"rate = "6/m""#)
+            .replace(r#"path = "/old/""#, r#"path = "/new/""#);
+        let next = Config::parse(Path::new("t.toml"), &next).unwrap();
+        let changes = board.reload(&next, settings(&next));
+        assert_eq!(changes.services_added, vec!["new"]);
+        assert_eq!(changes.services_removed, vec!["old"]);
+        assert_eq!(changes.routes_added, vec!["*/new/"]);
+        assert_eq!(changes.routes_removed, vec!["*/old/"]);
+        assert_eq!(changes.limits_reset, vec!["rate_limit:reads"]);
+        let after = board.load();
+        let api = &after.services[0];
+        assert_eq!(
+            (api.active, api.previous, api.maintenance),
+            (Color::Green, Some(Color::Blue), true)
+        );
+        assert!(Arc::ptr_eq(
+            api.pool(Color::Green),
+            before.services[0].pool(Color::Green)
+        ));
+        let new_blue = api.pool(Color::Blue);
+        assert!(!Arc::ptr_eq(new_blue, &blue));
+        assert_eq!(new_blue.backends.len(), 1);
+        assert!(Arc::ptr_eq(
+            &new_blue.backends[0].health,
+            &blue.backends[1].health
+        ));
+        assert_eq!(new_blue.healthy(), 1);
+        assert_eq!(after.services[1].name.as_ref(), "new");
+        assert_eq!(after.services[1].active, Color::Blue);
+        let kept = |s: &Snapshot| {
+            let l = s.rate_limits.iter().find(|l| l.name() == "writes");
+            l.map(|l| l as *const _)
+        };
+        assert_eq!(kept(&before), kept(&after));
+        // The old snapshot is untouched: requests that hold it finish on it.
+        assert_eq!(before.services[1].name.as_ref(), "old");
+        assert_eq!(before.routes.label(1), Some("*/old/"));
+        // A color change after the reload shares the config-derived parts.
+        board.set_maintenance("api", false, &who()).unwrap();
+        assert!(Arc::ptr_eq(&board.load().routes, &after.routes));
     }
 }

@@ -17,16 +17,13 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorSource;
 
 use crate::completion::{self, Completion};
-use crate::config::{self, RouteAction, RouteLimits};
+use crate::config::{RouteAction, RouteLimits};
 use crate::forwarded::{self, Client};
 use crate::host::{self, Authority};
-use crate::limits::concurrency::{self, ConcurrencyCaps, Permit};
-use crate::limits::rate::RateLimits;
-use crate::limits::tokens::TokenBudgets;
-use crate::pools::{InFlight, Switchboard};
+use crate::limits::concurrency::{self, Permit};
+use crate::pools::{InFlight, Snapshot, Switchboard};
 use crate::record::{Observer, RequestRecord};
 use crate::respond::{self, Refusal};
-use crate::route::RouteTable;
 use crate::split;
 use crate::tls::http::{self as tls_http, Side};
 
@@ -35,36 +32,12 @@ use crate::tls::http::{self as tls_http, Side};
 /// only: under an outage every request would otherwise add an ERROR line.
 pub static NO_HEALTHY_BACKEND: AtomicU64 = AtomicU64::new(0);
 
-/// Settings every request reads, taken from `[server]` once at start-up.
-pub struct Settings {
-    pub body_timeout: Duration,
-    pub keepalive_timeout: Duration,
-    pub send_timeout: Duration,
-    pub trusted_proxies: Vec<ipnet::IpNet>,
-    pub max_header_size: usize,
-    pub pages: respond::Pages,
-}
-
-impl Settings {
-    pub fn new(server: &config::Server, pages: respond::Pages) -> Settings {
-        Settings {
-            body_timeout: server.body_timeout,
-            keepalive_timeout: server.keepalive_timeout,
-            send_timeout: server.send_timeout,
-            trusted_proxies: server.trusted_proxies.clone(),
-            max_header_size: server.max_header_size,
-            pages,
-        }
-    }
-}
+pub use crate::settings::Settings;
 
 pub struct Proxy {
-    routes: RouteTable,
+    /// Routes, limits, settings, colors and pools: one snapshot, loaded
+    /// once per request (`request_filter`) and kept in its `Ctx`.
     board: Arc<Switchboard>,
-    rate_limits: Arc<RateLimits>,
-    concurrency: Arc<ConcurrencyCaps>,
-    budgets: Arc<TokenBudgets>,
-    settings: Settings,
     /// Every request between its headers and its log line; shutdown waits for 0.
     requests: Arc<AtomicUsize>,
     /// The listener this instance serves: plain HTTP or HTTPS.
@@ -74,38 +47,13 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(
-        routes: RouteTable,
-        board: Arc<Switchboard>,
-        rate_limits: Arc<RateLimits>,
-        settings: Settings,
-        requests: Arc<AtomicUsize>,
-    ) -> Proxy {
+    pub fn new(board: Arc<Switchboard>, requests: Arc<AtomicUsize>) -> Proxy {
         Proxy {
-            routes,
             board,
-            rate_limits,
-            concurrency: Arc::new(ConcurrencyCaps::new(&[])),
-            budgets: Arc::new(TokenBudgets::new(&[], &[])),
-            settings,
             requests,
             side: Side::PlainOnly,
             observers: Vec::new(),
         }
-    }
-
-    /// The in-flight caps routes name (`[concurrency.NAME]`), shared by
-    /// every listener.
-    pub fn with_concurrency(mut self, caps: Arc<ConcurrencyCaps>) -> Proxy {
-        self.concurrency = caps;
-        self
-    }
-
-    /// The token budgets routes name (`[token_budgets.NAME]`), shared by
-    /// every listener.
-    pub fn with_budgets(mut self, budgets: Arc<TokenBudgets>) -> Proxy {
-        self.budgets = budgets;
-        self
     }
 
     /// Tells `observer` about every finished request.
@@ -121,13 +69,17 @@ impl Proxy {
     }
 }
 
-/// Per-request state. Holds the pool picked from the snapshot the request
-/// started with, so retries and accounting stay on that color.
+/// Per-request state. Holds the snapshot the request started with (routes,
+/// limits, settings, colors) and the pool picked from it, so its later
+/// phases, retries and accounting stay on that config and color, whatever
+/// a switch or a reload does meanwhile.
 pub struct Ctx {
     _request: RequestCount,
     /// When the request head was read.
     started: Instant,
-    /// Indexes of the service and route the request was routed to.
+    /// Loaded once, first thing in `request_filter`.
+    snap: Option<Arc<Snapshot>>,
+    /// Indexes of the service and route the request was routed to, in `snap`.
     service: Option<usize>,
     route: Option<usize>,
     /// Why the proxy answered by itself, when it did.
@@ -191,6 +143,7 @@ impl ProxyHttp for Proxy {
         Ctx {
             _request: RequestCount(self.requests.clone()),
             started: Instant::now(),
+            snap: None,
             service: None,
             route: None,
             refusal: None,
@@ -223,6 +176,9 @@ impl ProxyHttp for Proxy {
             Some(id) if forwarded::sane_request_id(id.as_bytes()) => id.clone(),
             _ => forwarded::new_request_id(),
         };
+        // The one load of the request: every later phase reads `ctx.snap`.
+        let snap = self.board.load();
+        ctx.snap = Some(snap.clone());
         // ACME challenges come first: nothing may stand in their way.
         if let Side::Plain(plain) = &self.side {
             if let Some(answer) = plain.challenge(req) {
@@ -239,7 +195,7 @@ impl ProxyHttp for Proxy {
         let mut client = Client::identify(
             peer,
             forwarded_for.iter().map(|v| v.as_bytes()),
-            &self.settings.trusted_proxies,
+            &snap.settings.trusted_proxies,
         );
         client.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let client_ip = client.ip;
@@ -263,7 +219,7 @@ impl ProxyHttp for Proxy {
         let req = session.req_header();
 
         let host = ctx.authority.as_ref().map(Authority::host);
-        let target = match self.routes.resolve(host, req.uri.path()) {
+        let target = match snap.routes.table.resolve(host, req.uri.path()) {
             Ok(Some(target)) => target,
             Ok(None) => return self.refuse(session, ctx, Refusal::NoRoute).await,
             Err(e) => return self.refuse(session, ctx, Refusal::BadPath(e)).await,
@@ -278,7 +234,7 @@ impl ProxyHttp for Proxy {
             ctx.service = Some(service);
         }
         // After routing, so an AI route answers in OpenAI's shape.
-        if header_size(req) > self.settings.max_header_size {
+        if header_size(req) > snap.settings.max_header_size {
             return self.refuse(session, ctx, Refusal::HeaderTooLarge).await;
         }
         // RFC 9110 §7.8: an HTTP/1.0 client's Upgrade is ignored.
@@ -296,7 +252,7 @@ impl ProxyHttp for Proxy {
         let rate_limit = target
             .limits
             .rate_limit
-            .and_then(|i| self.rate_limits.get(i));
+            .and_then(|i| snap.rate_limits.get(i));
         if let Some(limit) = rate_limit {
             if let Err(wait) = limit.check(req, client_ip) {
                 let retry = completion::whole_seconds(wait);
@@ -308,7 +264,7 @@ impl ProxyHttp for Proxy {
             }
         }
 
-        let s = &self.settings;
+        let s = &snap.settings;
         // Only where the client allows it: HTTP/1.1 unless `Connection:
         // close`, HTTP/1.0 only with `Connection: keep-alive` (RFC 9112 §9.3).
         if session.get_keepalive().is_some() {
@@ -321,9 +277,9 @@ impl ProxyHttp for Proxy {
         session.set_read_timeout(Some(read));
         session.set_write_timeout(Some(write));
 
-        let budget = target.limits.token_budget.and_then(|i| self.budgets.get(i));
+        let budget = target.limits.token_budget.and_then(|i| snap.budgets.get(i));
         let req = session.req_header();
-        let counts = self.budgets.service(service);
+        let counts = snap.budgets.service(service);
         if let Some(mut completion) = budget.and_then(|b| Completion::of(b, counts, req, client_ip))
         {
             ctx.limits.max_body = completion.max_body(target.limits.max_body);
@@ -341,7 +297,7 @@ impl ProxyHttp for Proxy {
         if let Some(cap) = target
             .limits
             .concurrency
-            .and_then(|i| self.concurrency.get(i))
+            .and_then(|i| snap.concurrency.get(i))
         {
             ctx._slot = match cap.admit(session, client_ip).await {
                 Ok(permit) => Some(permit),
@@ -356,8 +312,9 @@ impl ProxyHttp for Proxy {
             };
         }
 
-        let snapshot = self.board.load();
-        let state = &snapshot.services[service];
+        let Some(state) = snap.services.get(service) else {
+            return Error::e_explain(InternalError, "route names a service the snapshot lacks");
+        };
         if state.maintenance {
             return self.refuse(session, ctx, Refusal::Maintenance).await;
         }
@@ -501,6 +458,11 @@ impl ProxyHttp for Proxy {
             return;
         }
         let req = session.req_header();
+        let snap = ctx.snap.as_deref();
+        let service = ctx
+            .service
+            .and_then(|s| snap?.services.get(s))
+            .map(|s| &*s.name);
         let record = RequestRecord {
             request_id: ctx.request_id.to_str().unwrap_or("-"),
             client: ctx.client.as_ref().map(|c| c.ip),
@@ -508,13 +470,15 @@ impl ProxyHttp for Proxy {
             host: ctx.authority.as_ref().map(Authority::host),
             path: req.uri.path(),
             status,
-            service: ctx.service,
-            // Refused before a pool was picked: the service's active color.
-            color: ctx.target.as_ref().map(|t| t.pool().color).or_else(|| {
-                let s = ctx.service?;
-                Some(self.board.load().services.get(s)?.active)
-            }),
-            route: ctx.route,
+            service,
+            // Refused before a pool was picked: the service's active color
+            // in the snapshot the request started with.
+            color: ctx
+                .target
+                .as_ref()
+                .map(|t| t.pool().color)
+                .or_else(|| Some(snap?.services.get(ctx.service?)?.active)),
+            route: ctx.route.and_then(|r| snap?.routes.label(r)),
             backend: ctx.backend,
             upstream_time: ctx
                 .upstream_sent
@@ -615,9 +579,13 @@ impl ProxyHttp for Proxy {
             ctx.refusal = Some(refusal);
             // The connection is not reused (below): the answer says so.
             session.set_keepalive(None);
-            let pages = &self.settings.pages;
+            let snap = ctx.snap.clone().unwrap_or_else(|| self.board.load());
             let openai = ctx.limits.token_budget.is_some();
-            if let Err(err) = pages.send(session, &ctx.request_id, refusal, openai).await {
+            let sent = snap
+                .settings
+                .pages
+                .send(session, &ctx.request_id, refusal, openai);
+            if let Err(err) = sent.await {
                 tracing::debug!(cause = %err, "could not send error response");
             }
         }
@@ -638,9 +606,12 @@ impl Proxy {
         let (Some(service), Some(target)) = (ctx.service, ctx.target.as_ref()) else {
             return;
         };
+        let Some(state) = ctx.snap.as_deref().and_then(|s| s.services.get(service)) else {
+            return;
+        };
         let kind = crate::record::upstream_error_kind(e.etype(), connecting);
         for observer in &self.observers {
-            observer.upstream_error(service, target.pool().color, kind);
+            observer.upstream_error(&state.name, target.pool().color, kind);
         }
     }
 
@@ -661,7 +632,8 @@ impl Proxy {
         if refusal.closes_connection() {
             session.set_keepalive(None);
         }
-        self.settings
+        let snap = ctx.snap.clone().unwrap_or_else(|| self.board.load());
+        snap.settings
             .pages
             .send(
                 session,

@@ -23,12 +23,13 @@ pub struct RequestRecord<'a> {
     pub path: &'a str,
     /// The status sent to the client; 0 when none was (the client left).
     pub status: u16,
-    /// Index into `Config::services` of the service the request was routed to.
-    pub service: Option<usize>,
+    /// The name of the service the request was routed to. A name, not an
+    /// index: a request that outlives a config reload still names it right.
+    pub service: Option<&'a str>,
     /// The color of the pool the request started on.
     pub color: Option<Color>,
-    /// Index into `Config::routes` of the route that matched.
-    pub route: Option<usize>,
+    /// The route that matched, as [`crate::config::Route::label`] names it.
+    pub route: Option<&'a str>,
     /// The backend of the last attempt.
     pub backend: Option<SocketAddr>,
     /// From the request head sent to the backend to its response head.
@@ -84,9 +85,15 @@ pub trait Observer: Send + Sync {
     fn observe(&self, record: &RequestRecord<'_>);
 
     /// One failed upstream attempt of a request routed to service `service`
-    /// (index into `Config::services`) on pool `color`; a request may fail
-    /// more than once when it is retried. Ignored unless overridden.
-    fn upstream_error(&self, _service: usize, _color: Color, _kind: UpstreamErrorKind) {}
+    /// (its name) on pool `color`; a request may fail more than once when
+    /// it is retried. Ignored unless overridden.
+    fn upstream_error(&self, _service: &str, _color: Color, _kind: UpstreamErrorKind) {}
+
+    /// A config reload is in force: services, routes and limits may have
+    /// come or gone. Requests that started before it may still be
+    /// observed afterwards, naming what the old config had. Ignored unless
+    /// overridden.
+    fn config_reloaded(&self, _config: &crate::config::Config) {}
 }
 
 /// The kind of a Pingora upstream error; `connecting`: it happened while

@@ -180,6 +180,14 @@ pub struct Pages {
 }
 
 impl Pages {
+    /// The built-in 503 page with `Retry-After: retry_after` (nothing to read).
+    pub fn builtin(retry_after: Duration) -> Pages {
+        Pages {
+            page: Bytes::from_static(BUILTIN_PAGE.as_bytes()),
+            retry_after: retry_after.as_secs().max(1).to_string(),
+        }
+    }
+
     pub fn new(page: Option<&Path>, retry_after: Duration) -> std::io::Result<Pages> {
         let page = match page {
             Some(path) => Bytes::from(std::fs::read(path)?),

@@ -150,6 +150,36 @@ impl RouteTable {
     }
 }
 
+/// The route table with each route's name (`Route::label`), built from one
+/// config: part of the snapshot a request loads once, so a request keeps
+/// the routes it was matched against, and names its route after a reload.
+#[derive(Debug, Default)]
+pub struct Routes {
+    pub table: RouteTable,
+    /// Indexed like `Config::routes` (and [`Target::index`]).
+    labels: Vec<String>,
+}
+
+impl Routes {
+    /// The table and names of validated routes (see [`route_path_error`]).
+    pub fn new(routes: &[Route]) -> Routes {
+        Routes {
+            table: RouteTable::new(routes),
+            labels: routes.iter().map(Route::label).collect(),
+        }
+    }
+
+    /// The name of the route with this index, as metrics and logs show it.
+    pub fn label(&self, index: usize) -> Option<&str> {
+        self.labels.get(index).map(String::as_str)
+    }
+
+    /// Every route's name, in config order.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+}
+
 impl Entry {
     fn new(path: &str, target: Target) -> Entry {
         let rest = path.strip_prefix('/').unwrap_or(path);

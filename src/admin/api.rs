@@ -17,23 +17,16 @@ use serde_json::{json, Value};
 
 use super::auth::{self, Tokens};
 use crate::deploy::{DeployError, Deployer, Plan};
-use crate::limits::concurrency::{Concurrency, ConcurrencyCaps};
-use crate::limits::rate::RateLimits;
-use crate::limits::tokens::{TokenBudget, TokenBudgets, TokenCounts};
+use crate::limits::concurrency::Concurrency;
+use crate::limits::tokens::{TokenBudget, TokenCounts};
 use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard, Weights};
+use crate::reload::{ReloadError, Reloader};
 use crate::rollback::Watcher;
 use crate::store::Actor;
 use crate::tls::store::{CertStatus, CertStore, RenewError};
 
 /// Keys listed per concurrency cap by `GET /limits` (10): the heaviest.
 pub const TOP_KEYS: usize = 10;
-
-/// The limits `GET /limits` reports on.
-pub struct Limits {
-    pub caps: Arc<ConcurrencyCaps>,
-    pub rates: Arc<RateLimits>,
-    pub budgets: Arc<TokenBudgets>,
-}
 
 /// Largest request body the admin API reads (64 KiB).
 pub const MAX_BODY: usize = 64 * 1024;
@@ -80,6 +73,8 @@ pub enum Command {
     },
     /// Every concurrency cap and rate limit now: in flight, queued, top keys.
     Limits,
+    /// Re-read the config file the process started with (`reload.rs`).
+    Reload,
     /// Start a deploy of `service` (`POST /services/{name}/deploy`,
     /// `{"to": "green", "steps": [10, 50, 100], "interval": "60s",
     /// "wait_healthy": "5m", "reason": "..."}`; all but `to` optional).
@@ -150,6 +145,7 @@ impl Command {
             Command::Certs => (Method::GET, "/certs".into(), None),
             Command::Renew { name } => (Method::POST, format!("/certs/{name}/renew"), None),
             Command::Limits => (Method::GET, "/limits".into(), None),
+            Command::Reload => (Method::POST, "/reload".into(), None),
             Command::Deploy { service, plan } => (
                 Method::POST,
                 format!("/services/{service}/deploy"),
@@ -305,6 +301,12 @@ impl Command {
             }
             (&Method::GET, ["certs"]) => Ok(Command::Certs),
             (&Method::GET, ["limits"]) => Ok(Command::Limits),
+            (&Method::POST, ["reload"]) => {
+                if !body.iter().all(u8::is_ascii_whitespace) {
+                    return Err(ApiError::BadRequest("POST /reload takes no body".into()));
+                }
+                Ok(Command::Reload)
+            }
             (&Method::POST, ["certs", name, "renew"]) => {
                 if !body.iter().all(u8::is_ascii_whitespace) {
                     return Err(ApiError::BadRequest(
@@ -321,6 +323,7 @@ impl Command {
                 | ["history"]
                 | ["certs"]
                 | ["limits"]
+                | ["reload"]
                 | ["certs", _, "renew"]
                 | ["services", _, "switch" | "rollback" | "maintenance" | "weights" | "deploy"],
             ) => Err(ApiError::MethodNotAllowed),
@@ -395,6 +398,13 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Internal(String),
+    /// A config reload refused: the file's problems, as `switchyard
+    /// check` prints them, are in the answer's `errors` list.
+    #[error("{message}")]
+    InvalidConfig {
+        message: String,
+        errors: Vec<String>,
+    },
 }
 
 impl ApiError {
@@ -408,6 +418,7 @@ impl ApiError {
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::InvalidConfig { .. } => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -420,6 +431,21 @@ impl From<SwitchError> for ApiError {
                 ApiError::Conflict(e.to_string())
             }
             SwitchError::Store(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<ReloadError> for ApiError {
+    fn from(e: ReloadError) -> Self {
+        match e {
+            ReloadError::Invalid { path, errors } => ApiError::InvalidConfig {
+                message: format!(
+                    "{} rejected, the running config is kept ({} problems; see errors)",
+                    path.display(),
+                    errors.len()
+                ),
+                errors,
+            },
         }
     }
 }
@@ -447,7 +473,8 @@ impl From<RenewError> for ApiError {
 
 /// Carries out a command. The only place admin actions change anything.
 /// `certs` is `None` when no HTTPS listener is configured.
-/// `limits` is `None` where no limits are wired in (empty lists then).
+/// `reloader` is `None` where reloads are not wired in (tests): a reload
+/// is then refused.
 /// `actor` is who asked, as the history records it.
 /// `deploys`: the deploy tasks and the automatic rollback watcher, whose
 /// live figures `GET /status` shows per service (`rollback`); `None` where
@@ -455,7 +482,7 @@ impl From<RenewError> for ApiError {
 pub fn dispatch(
     board: &Switchboard,
     certs: Option<&CertStore>,
-    limits: Option<&Limits>,
+    reloader: Option<&Reloader>,
     deploys: Option<&Arc<Deployer>>,
     actor: &Actor,
     cmd: Command,
@@ -536,15 +563,24 @@ pub fn dispatch(
                 .collect();
             Ok(json!({ "certificates": list }))
         }
+        Command::Reload => {
+            let reloader =
+                reloader.ok_or_else(|| ApiError::Internal("reload is not available".into()))?;
+            let outcome = reloader.reload(actor)?;
+            serde_json::to_value(outcome).map_err(|e| ApiError::Internal(e.to_string()))
+        }
         Command::Limits => {
+            // The limits in force now: a reload replaces them.
+            let snap = board.load();
+            let limits = Some(&*snap);
             let caps: serde_json::Map<String, Value> = limits
                 .into_iter()
-                .flat_map(|l| l.caps.iter())
+                .flat_map(|l| l.concurrency.iter())
                 .map(|c| (c.name().to_string(), cap_json(c)))
                 .collect();
             let rates: serde_json::Map<String, Value> = limits
                 .into_iter()
-                .flat_map(|l| l.rates.iter())
+                .flat_map(|l| l.rate_limits.iter())
                 .map(|r| {
                     let counts = json!({
                         "keys": r.clients(),
@@ -724,7 +760,7 @@ pub fn service_json(s: &ServiceState) -> Value {
 pub struct AdminApi {
     board: Arc<Switchboard>,
     certs: Option<Arc<CertStore>>,
-    limits: Option<Arc<Limits>>,
+    reloader: Option<Arc<Reloader>>,
     deploys: Option<Arc<Deployer>>,
     tokens: Tokens,
     allow: Vec<IpNet>,
@@ -742,16 +778,16 @@ impl AdminApi {
         AdminApi {
             board,
             certs,
-            limits: None,
+            reloader: None,
             deploys: None,
             tokens,
             allow,
         }
     }
 
-    /// Reports on these limits in `GET /limits`.
-    pub fn with_limits(mut self, limits: Limits) -> AdminApi {
-        self.limits = Some(Arc::new(limits));
+    /// Serves `POST /reload` with `reloader`.
+    pub fn with_reloader(mut self, reloader: Arc<Reloader>) -> AdminApi {
+        self.reloader = Some(reloader);
         self
     }
 
@@ -781,14 +817,15 @@ impl AdminApi {
         let cmd = Command::from_request(&req.method, target, &body)?;
         let board = self.board.clone();
         let certs = self.certs.clone();
-        let limits = self.limits.clone();
+        let reloader = self.reloader.clone();
         let deploys = self.deploys.clone();
-        // Switches fsync; keep that off the listener's async threads.
+        // Switches fsync and reloads read files; keep that off the
+        // listener's async threads.
         tokio::task::spawn_blocking(move || {
             dispatch(
                 &board,
                 certs.as_deref(),
-                limits.as_deref(),
+                reloader.as_deref(),
                 deploys.as_ref(),
                 &actor,
                 cmd,
@@ -831,7 +868,13 @@ impl ServeHttp for AdminApi {
                 if e.status().is_server_error() {
                     tracing::error!(cause = %e, "admin request failed");
                 }
-                (e.status(), json!({ "error": e.to_string() }))
+                let value = match &e {
+                    ApiError::InvalidConfig { errors, .. } => {
+                        json!({ "error": e.to_string(), "errors": errors })
+                    }
+                    _ => json!({ "error": e.to_string() }),
+                };
+                (e.status(), value)
             }
         };
         if status != StatusCode::OK {
@@ -889,6 +932,7 @@ mod tests {
                 name: "site".into(),
             },
             Command::Limits,
+            Command::Reload,
             Command::Deploy {
                 service: "api".into(),
                 plan: Plan {

@@ -273,11 +273,16 @@ impl Client {
         let value: Value =
             serde_json::from_str(&text).map_err(|_| ClientError::BadReply(text.clone()))?;
         if status != 200 {
-            let message = value
+            let mut message = value
                 .get("error")
                 .and_then(Value::as_str)
                 .unwrap_or(text.trim())
                 .to_string();
+            // A rejected reload lists the file's problems as `check` does.
+            for line in value["errors"].as_array().into_iter().flatten() {
+                message.push('\n');
+                message.push_str(line.as_str().unwrap_or_default());
+            }
             return Err(ClientError::Refused { status, message });
         }
         Ok(value)

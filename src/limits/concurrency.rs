@@ -60,6 +60,9 @@ pub enum Refused {
 /// One named cap, shared by every route that names it.
 pub struct Concurrency {
     name: String,
+    /// The settings it was built from: a reload keeps this cap (its slots
+    /// and queue) only while they stay equal.
+    settings: config::Concurrency,
     inner: Arc<Inner>,
     keyer: Keyer,
 }
@@ -123,6 +126,7 @@ impl Concurrency {
     /// An empty cap: nothing in flight, nobody waiting.
     pub fn new(cap: &config::Concurrency) -> Concurrency {
         Concurrency {
+            settings: cap.clone(),
             name: cap.name.clone(),
             inner: Arc::new(Inner {
                 max_in_flight: cap.max_in_flight as usize,
@@ -391,21 +395,37 @@ pub struct CapSnapshot {
 }
 
 /// Every configured cap, indexed like `Config::concurrency`.
-pub struct ConcurrencyCaps(Vec<Concurrency>);
+pub struct ConcurrencyCaps(Vec<Arc<Concurrency>>);
 
 impl ConcurrencyCaps {
     pub fn new(caps: &[config::Concurrency]) -> ConcurrencyCaps {
-        ConcurrencyCaps(caps.iter().map(Concurrency::new).collect())
+        ConcurrencyCaps::carry(caps, None)
+    }
+
+    /// The caps of a reloaded config: a cap whose name and settings are
+    /// unchanged in `old` is the same cap (the slots held and the queue
+    /// carry on, so a reload never doubles the cap); a new or changed one
+    /// starts empty, while requests holding the old one's slots finish on it.
+    pub fn carry(caps: &[config::Concurrency], old: Option<&ConcurrencyCaps>) -> ConcurrencyCaps {
+        ConcurrencyCaps(
+            caps.iter()
+                .map(|c| {
+                    old.and_then(|o| o.0.iter().find(|k| k.settings == *c))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Concurrency::new(c)))
+                })
+                .collect(),
+        )
     }
 
     /// The cap a route names by its index (`RouteLimits::concurrency`).
     pub fn get(&self, index: usize) -> Option<&Concurrency> {
-        self.0.get(index)
+        self.0.get(index).map(|c| &**c)
     }
 
     /// Every cap, in configuration order (for the metrics and admin views).
     pub fn iter(&self) -> impl Iterator<Item = &Concurrency> {
-        self.0.iter()
+        self.0.iter().map(|c| &**c)
     }
 }
 

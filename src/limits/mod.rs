@@ -13,9 +13,14 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+/// The limits in force now: a config reload replaces them, so the sweeper
+/// asks for them on every round.
+pub type CurrentLimits =
+    dyn Fn() -> (Arc<rate::RateLimits>, Arc<tokens::TokenBudgets>) + Send + Sync;
+
 /// Background housekeeping: every [`rate::SWEEP_INTERVAL`], forgets the
 /// rate-limit and token-budget keys whose buckets have refilled.
-pub struct Sweeper(pub Arc<rate::RateLimits>, pub Arc<tokens::TokenBudgets>);
+pub struct Sweeper(pub Box<CurrentLimits>);
 
 #[async_trait]
 impl BackgroundService for Sweeper {
@@ -25,8 +30,9 @@ impl BackgroundService for Sweeper {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    self.0.sweep();
-                    self.1.sweep();
+                    let (rates, budgets) = (self.0)();
+                    rates.sweep();
+                    budgets.sweep();
                 }
                 _ = shutdown.changed() => return,
             }

@@ -46,6 +46,9 @@ pub const KEY_CHECK_EVERY: u64 = 1024;
 /// One named limit, checked by every route that uses it.
 pub struct RateLimit {
     name: String,
+    /// The settings it was built from: a reload keeps this limit (and the
+    /// clients it has counted) only while they stay equal.
+    settings: config::RateLimit,
     /// Requests per window as configured (`rate = "30/m"`: 30).
     requests: u32,
     /// Methods counted; `None` counts every method.
@@ -79,6 +82,7 @@ impl RateLimit {
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(bucket);
         RateLimit {
+            settings: limit.clone(),
             requests: limit.requests,
             name: limit.name.clone(),
             methods: limit.methods.clone(),
@@ -177,15 +181,31 @@ impl RateLimit {
 }
 
 /// Every configured limit, indexed like `Config::rate_limits`.
-pub struct RateLimits(Vec<RateLimit>);
+pub struct RateLimits(Vec<Arc<RateLimit>>);
 
 impl RateLimits {
     pub fn new(limits: &[config::RateLimit]) -> RateLimits {
-        RateLimits(limits.iter().map(RateLimit::new).collect())
+        RateLimits::carry(limits, None)
+    }
+
+    /// The limits of a reloaded config: a limit whose name and settings are
+    /// unchanged in `old` is the same limit (its clients stay counted, so a
+    /// reload is no way to reset a rate); a new or changed one starts empty.
+    pub fn carry(limits: &[config::RateLimit], old: Option<&RateLimits>) -> RateLimits {
+        RateLimits(
+            limits
+                .iter()
+                .map(|l| {
+                    old.and_then(|o| o.0.iter().find(|k| k.settings == *l))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(RateLimit::new(l)))
+                })
+                .collect(),
+        )
     }
 
     pub fn get(&self, index: usize) -> Option<&RateLimit> {
-        self.0.get(index)
+        self.0.get(index).map(|l| &**l)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -194,11 +214,11 @@ impl RateLimits {
 
     /// Every limit, in configuration order.
     pub fn iter(&self) -> impl Iterator<Item = &RateLimit> {
-        self.0.iter()
+        self.0.iter().map(|l| &**l)
     }
 
     pub fn sweep(&self) {
-        self.0.iter().for_each(RateLimit::sweep);
+        self.0.iter().for_each(|l| l.sweep());
     }
 }
 

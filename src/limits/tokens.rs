@@ -443,14 +443,36 @@ pub struct TokenBudgets {
 impl TokenBudgets {
     /// `services`: the names of every service, in config order.
     pub fn new(budgets: &[config::TokenBudget], services: &[&str]) -> TokenBudgets {
+        TokenBudgets::carry(budgets, services, None)
+    }
+
+    /// The budgets of a reloaded config: a budget whose name and settings
+    /// are unchanged in `old` is the same budget (what its keys spent stays
+    /// spent: a reload is no way to refill a budget); a new or changed one
+    /// starts full. A service that stays keeps its token counts.
+    pub fn carry(
+        budgets: &[config::TokenBudget],
+        services: &[&str],
+        old: Option<&TokenBudgets>,
+    ) -> TokenBudgets {
         TokenBudgets {
             budgets: budgets
                 .iter()
-                .map(|b| Arc::new(TokenBudget::new(b)))
+                .map(|b| {
+                    old.and_then(|o| o.budgets.iter().find(|k| k.settings == *b))
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(TokenBudget::new(b)))
+                })
                 .collect(),
             services: services
                 .iter()
-                .map(|s| (s.to_string(), Arc::default()))
+                .map(|s| {
+                    let counts = old
+                        .and_then(|o| o.services.iter().find(|(n, _)| n == s))
+                        .map(|(_, c)| c.clone())
+                        .unwrap_or_default();
+                    (s.to_string(), counts)
+                })
                 .collect(),
         }
     }

@@ -13,9 +13,6 @@ use serde_json::{json, Value};
 use super::{registry::Families, Metrics, SLOW_CLIENT};
 use crate::connections::Connections;
 use crate::health::HealthStatus;
-use crate::limits::concurrency::ConcurrencyCaps;
-use crate::limits::rate::RateLimits;
-use crate::limits::tokens::TokenBudgets;
 use crate::pools::{Color, ServiceState, SwitchCause, Switchboard};
 use crate::tls::handshake::TlsAcceptor;
 use crate::tls::store::CertStore;
@@ -26,10 +23,8 @@ pub const LISTENER_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Where the numbers of the state families live.
 pub struct Sources {
+    /// Colors, pools and the limits in force (a reload replaces them).
     pub board: Arc<Switchboard>,
-    pub rate_limits: Arc<RateLimits>,
-    pub concurrency: Arc<ConcurrencyCaps>,
-    pub budgets: Arc<TokenBudgets>,
     /// Served certificates; `None` without TLS.
     pub certs: Option<Arc<CertStore>>,
     /// The proxy listeners' connection table (header deadline cuts).
@@ -147,7 +142,7 @@ impl State {
     fn pools(&self, f: &Families) {
         let board = &self.sources.board;
         let snapshot = board.load();
-        for (i, service) in snapshot.services.iter().enumerate() {
+        for service in snapshot.services.iter() {
             let name: &str = &service.name;
             f.maintenance
                 .with_label_values(&[name])
@@ -174,14 +169,14 @@ impl State {
                         .set(flag(up));
                 }
             }
-            for (cause, n) in SwitchCause::ALL.iter().zip(board.switches(i)) {
+            for (cause, n) in SwitchCause::ALL.iter().zip(service.switches()) {
                 set_counter(&f.switches.with_label_values(&[name, cause.as_str()]), n);
             }
         }
     }
 
     fn limits(&self, f: &Families) {
-        let s = &self.sources;
+        let s = &*self.sources.board.load();
         for limit in s.rate_limits.iter() {
             let name = limit.name();
             let refused = limit.refused();
