@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+
 use crate::config::Rollback;
 use crate::pools::{Color, Switchboard};
 use crate::record::{Observer, RequestRecord};
@@ -280,20 +282,39 @@ pub fn judge(f: &Figures, gates: &Rollback) -> Option<Breach> {
     None
 }
 
-/// One service's two rings.
+/// One service's two rings, its latency gate and its rollback counts.
 struct ServiceWindows {
     name: Arc<str>,
     colors: [Ring; 2],
+    /// The service's `max_p95` in ms: a request slower than this is
+    /// counted `slow` when it is recorded. Follows config reloads.
+    max_p95_ms: AtomicU64,
+    /// Rollbacks made by a gate, per [`Gate::ALL`]:
+    /// `switchyard_automatic_rollbacks_total`.
+    rollbacks: [AtomicU64; 2],
+}
+
+impl ServiceWindows {
+    fn new(name: Arc<str>, gates: Option<Rollback>) -> ServiceWindows {
+        ServiceWindows {
+            name,
+            colors: [Ring::new(), Ring::new()],
+            max_p95_ms: AtomicU64::new(max_p95_ms(gates)),
+            rollbacks: Default::default(),
+        }
+    }
+}
+
+fn max_p95_ms(gates: Option<Rollback>) -> u64 {
+    gates.unwrap_or_default().max_p95.as_millis() as u64
 }
 
 /// The per-color sliding windows of every service: an [`Observer`].
+/// A config reload adds the windows of new services and drops those of
+/// removed ones; a service that stays keeps its windows.
 pub struct Stats {
     clock: Arc<dyn Clock>,
-    board: Arc<Switchboard>,
-    services: Vec<ServiceWindows>,
-    /// Rollbacks made by a gate since start, per service (as in
-    /// `services`) and [`Gate::ALL`]: `switchyard_automatic_rollbacks_total`.
-    rollbacks: Vec<[AtomicU64; 2]>,
+    services: ArcSwap<Vec<Arc<ServiceWindows>>>,
 }
 
 fn color_index(c: Color) -> usize {
@@ -304,23 +325,17 @@ fn color_index(c: Color) -> usize {
 }
 
 impl Stats {
-    /// Rings for every service the board knows.
-    pub fn new(board: Arc<Switchboard>, clock: Arc<dyn Clock>) -> Stats {
-        let services: Vec<ServiceWindows> = board
+    /// Windows for every service the board knows.
+    pub fn new(board: &Switchboard, clock: Arc<dyn Clock>) -> Stats {
+        let services = board
             .load()
             .services
             .iter()
-            .map(|s| ServiceWindows {
-                name: s.name.clone(),
-                colors: [Ring::new(), Ring::new()],
-            })
+            .map(|s| Arc::new(ServiceWindows::new(s.name.clone(), s.rollback)))
             .collect();
-        let rollbacks = services.iter().map(|_| Default::default()).collect();
         Stats {
             clock,
-            board,
-            services,
-            rollbacks,
+            services: ArcSwap::from_pointee(services),
         }
     }
 
@@ -329,18 +344,16 @@ impl Stats {
         self.clock.now_ms()
     }
 
-    fn position(&self, service: &str) -> Option<usize> {
-        self.services.iter().position(|s| &*s.name == service)
-    }
-
-    /// The name of the record's service (the record carries it, so a
-    /// request that outlives a config reload still names its service).
-    fn record_service<'r>(&self, r: &RequestRecord<'r>) -> Option<&'r str> {
-        r.service
+    fn windows(&self, service: &str) -> Option<Arc<ServiceWindows>> {
+        self.services
+            .load()
+            .iter()
+            .find(|s| &*s.name == service)
+            .cloned()
     }
 
     /// Counts one finished request of `service` on `color` that started at
-    /// `start_ms`.
+    /// `start_ms`; slower than the service's `max_p95` counts as slow.
     pub fn record(
         &self,
         service: &str,
@@ -348,9 +361,9 @@ impl Stats {
         start_ms: u64,
         error: bool,
         latency: Option<Duration>,
-        max_p95: Duration,
     ) {
-        let Some(i) = self.position(service) else {
+        let all = self.services.load();
+        let Some(w) = all.iter().find(|s| &*s.name == service) else {
             return;
         };
         let second = start_ms / SLOT.as_millis() as u64;
@@ -358,7 +371,7 @@ impl Stats {
         if now_second.saturating_sub(second) >= RING_SLOTS as u64 {
             return;
         }
-        let slot = self.services[i].colors[color_index(color)].slot(second);
+        let slot = w.colors[color_index(color)].slot(second);
         if !slot.claim(second) {
             return;
         }
@@ -368,7 +381,7 @@ impl Stats {
         }
         if let Some(l) = latency {
             slot.measured.fetch_add(1, Relaxed);
-            if l > max_p95 {
+            if l.as_millis() as u64 > w.max_p95_ms.load(Relaxed) {
                 slot.slow.fetch_add(1, Relaxed);
             }
             let ms = l.as_secs_f64() * 1000.0;
@@ -379,10 +392,10 @@ impl Stats {
     /// The figures of `service`'s `color` for requests that started in the
     /// last `window` and not before `since_ms`.
     pub fn figures(&self, service: &str, color: Color, window: Duration, since_ms: u64) -> Figures {
-        let Some(i) = self.position(service) else {
+        let Some(w) = self.windows(service) else {
             return Figures::default();
         };
-        let ring = &self.services[i].colors[color_index(color)];
+        let ring = &w.colors[color_index(color)];
         let slot_ms = SLOT.as_millis() as u64;
         let now_ms = self.clock.now_ms();
         let now = now_ms / slot_ms;
@@ -425,21 +438,21 @@ impl Stats {
 
     /// Counts a rollback a gate made.
     pub fn count_rollback(&self, service: &str, gate: Gate) {
-        if let Some(i) = self.position(service) {
-            self.rollbacks[i][gate as usize].fetch_add(1, Relaxed);
+        if let Some(w) = self.windows(service) {
+            w.rollbacks[gate as usize].fetch_add(1, Relaxed);
         }
     }
 
     /// Rollbacks by gate since start: (service, gate, count) for every
-    /// service and gate.
+    /// configured service and gate.
     pub fn rollbacks(&self) -> Vec<(Arc<str>, Gate, u64)> {
         self.services
+            .load()
             .iter()
-            .zip(&self.rollbacks)
-            .flat_map(|(s, counts)| {
+            .flat_map(|w| {
                 Gate::ALL
                     .iter()
-                    .map(move |&g| (s.name.clone(), g, counts[g as usize].load(Relaxed)))
+                    .map(move |&g| (w.name.clone(), g, w.rollbacks[g as usize].load(Relaxed)))
             })
             .collect()
     }
@@ -457,17 +470,12 @@ fn counts(r: &RequestRecord<'_>) -> bool {
 
 impl Observer for Stats {
     fn observe(&self, r: &RequestRecord<'_>) {
-        let (Some(service), Some(color)) = (self.record_service(r), r.color) else {
+        let (Some(service), Some(color)) = (r.service, r.color) else {
             return;
         };
         if !counts(r) {
             return;
         }
-        let snap = self.board.load();
-        let max_p95 = snap
-            .service(service)
-            .map(|(_, s)| s.rollback.unwrap_or_default().max_p95)
-            .unwrap_or(crate::config::DEFAULT_MAX_P95);
         let now = self.clock.now_ms();
         let start = now.saturating_sub(r.total_time.as_millis() as u64);
         let error = (500..=599).contains(&r.status);
@@ -479,7 +487,25 @@ impl Observer for Stats {
             (false, None) if r.backend.is_some() => Some(r.total_time),
             (false, None) => None,
         };
-        self.record(service, color, start, error, latency, max_p95);
+        self.record(service, color, start, error, latency);
+    }
+
+    /// Keeps the windows of the services that stay (with their gate's new
+    /// `max_p95`), adds fresh ones for new services, drops the rest.
+    fn config_reloaded(&self, config: &crate::config::Config) {
+        let old = self.services.load_full();
+        let next = config
+            .services
+            .iter()
+            .map(|s| match old.iter().find(|w| *w.name == s.name) {
+                Some(w) => {
+                    w.max_p95_ms.store(max_p95_ms(s.rollback), Relaxed);
+                    w.clone()
+                }
+                None => Arc::new(ServiceWindows::new(Arc::from(s.name.as_str()), s.rollback)),
+            })
+            .collect();
+        self.services.store(Arc::new(next));
     }
 }
 
@@ -500,7 +526,7 @@ mod tests {
         let clock = Arc::new(ManualClock::default());
         // Start well past zero so "a while ago" exists.
         clock.advance(Duration::from_secs(1000));
-        let stats = Stats::new(board, clock.clone());
+        let stats = Stats::new(&board, clock.clone());
         (clock, stats)
     }
 
@@ -516,14 +542,13 @@ mod tests {
     fn window_slides_and_since_cuts_off_older_requests() {
         let (clock, stats) = setup();
         let ms = |n| Some(Duration::from_millis(n));
-        let second = Duration::from_secs(1);
         for _ in 0..10 {
-            stats.record("api", Color::Green, clock.now_ms(), true, ms(5), second);
+            stats.record("api", Color::Green, clock.now_ms(), true, ms(5));
         }
         clock.advance(Duration::from_secs(5));
         let since = clock.now_ms();
         for _ in 0..30 {
-            stats.record("api", Color::Green, clock.now_ms(), false, ms(5), second);
+            stats.record("api", Color::Green, clock.now_ms(), false, ms(5));
         }
         let window = Duration::from_secs(10);
         let all = stats.figures("api", Color::Green, window, 0);
@@ -548,11 +573,11 @@ mod tests {
         let now = clock.now_ms();
         let fast = Some(Duration::from_millis(20));
         for _ in 0..19 {
-            stats.record("api", Color::Green, now, true, fast, g.max_p95);
+            stats.record("api", Color::Green, now, true, fast);
         }
         let f = stats.figures("api", Color::Green, g.window, 0);
         assert_eq!(judge(&f, &g), None, "19 requests are below min_requests");
-        stats.record("api", Color::Green, now, false, fast, g.max_p95);
+        stats.record("api", Color::Green, now, false, fast);
         let f = stats.figures("api", Color::Green, g.window, 0);
         let breach = judge(&f, &g).unwrap();
         assert_eq!(breach.gate, Gate::ErrorRatio);
@@ -567,13 +592,13 @@ mod tests {
         // 100 fast and 6 slow (1.8 s) on blue: p95 is over 1 s.
         let slow = Some(Duration::from_millis(1800));
         for _ in 0..100 {
-            stats.record("api", Color::Blue, now, false, fast, g.max_p95);
+            stats.record("api", Color::Blue, now, false, fast);
         }
         let f = stats.figures("api", Color::Blue, g.window, 0);
         assert_eq!(judge(&f, &g), None);
         assert!(f.p95.unwrap() <= Duration::from_millis(25), "{:?}", f.p95);
         for _ in 0..6 {
-            stats.record("api", Color::Blue, now, false, slow, g.max_p95);
+            stats.record("api", Color::Blue, now, false, slow);
         }
         let f = stats.figures("api", Color::Blue, g.window, 0);
         let breach = judge(&f, &g).unwrap();
@@ -588,10 +613,43 @@ mod tests {
         assert!(breach.detail.contains("> 1 s over 10 s, 106 requests"));
         // Streams have no latency: they count, but never slow the p95.
         for _ in 0..100 {
-            stats.record("api", Color::Green, now, false, None, g.max_p95);
+            stats.record("api", Color::Green, now, false, None);
         }
         let f = stats.figures("api", Color::Green, g.window, 0);
         assert_eq!((f.requests, f.measured), (120, 20));
+    }
+
+    #[test]
+    fn a_reload_keeps_the_windows_of_services_that_stay_and_adds_new_ones() {
+        let (clock, stats) = setup();
+        let now = clock.now_ms();
+        let slow = Some(Duration::from_millis(1500));
+        stats.record("api", Color::Green, now, true, slow);
+        let next = Config::parse(
+            Path::new("t.toml"),
+            "[services.api]\nblue = [\"127.0.0.1:1\"]\ngreen = [\"127.0.0.1:2\"]\n\
+             rollback = { max_p95 = \"2s\" }\n\
+             [services.web]\nblue = [\"127.0.0.1:3\"]\ngreen = [\"127.0.0.1:4\"]\n",
+        )
+        .unwrap();
+        stats.config_reloaded(&next);
+        let window = Duration::from_secs(10);
+        // api kept its window; its new max_p95 judges from now on.
+        let f = stats.figures("api", Color::Green, window, 0);
+        assert_eq!((f.requests, f.errors, f.slow), (1, 1, 1));
+        stats.record("api", Color::Green, now, false, slow);
+        assert_eq!(stats.figures("api", Color::Green, window, 0).slow, 1);
+        // web is new and counted at once.
+        stats.record("web", Color::Blue, now, false, slow);
+        assert_eq!(stats.figures("web", Color::Blue, window, 0).requests, 1);
+        let only_api = Config::parse(
+            Path::new("t.toml"),
+            "[services.web]\nblue = [\"127.0.0.1:3\"]\ngreen = [\"127.0.0.1:4\"]\n",
+        )
+        .unwrap();
+        stats.config_reloaded(&only_api);
+        assert_eq!(stats.figures("api", Color::Green, window, 0).requests, 0);
+        assert_eq!(stats.rollbacks().len(), Gate::ALL.len());
     }
 
     #[test]

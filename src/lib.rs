@@ -179,7 +179,7 @@ impl Switchyard {
             .map(|_| Arc::new(metrics::Metrics::new(config)));
         // Per-color windows for the rollback watcher and `ctl deploy`.
         let canary = Arc::new(canary::Stats::new(
-            board.clone(),
+            &board,
             Arc::new(canary::MonotonicClock::default()),
         ));
         let watcher = Arc::new(rollback::Watcher::new(board.clone(), canary.clone()));
@@ -260,12 +260,11 @@ impl Switchyard {
             HealthChecker::new(board.clone()),
         ));
 
-        if config.services.iter().any(|s| s.rollback.is_some()) {
-            server.add_service(background_service(
-                "rollback watcher",
-                rollback::WatcherService(watcher.clone()),
-            ));
-        }
+        // Always: a reload may add the first `[services.NAME.rollback]`.
+        server.add_service(background_service(
+            "rollback watcher",
+            rollback::WatcherService(watcher.clone()),
+        ));
 
         if !config.notify.webhooks.is_empty() {
             server.add_service(background_service("notify", notify_sender));

@@ -175,6 +175,14 @@ pub struct Pool {
     pub backends: Vec<Backend>,
     pub connect_timeout: Duration,
     next: AtomicUsize,
+    /// Shared with the pool a reload replaced, so requests still running
+    /// on the old backends count until they end (drain waits for them).
+    load: Arc<PoolLoad>,
+}
+
+/// What runs on one service's color, whichever pool of it a request took.
+#[derive(Debug, Default)]
+struct PoolLoad {
     in_flight: AtomicUsize,
     upgraded: AtomicUsize,
 }
@@ -192,8 +200,7 @@ impl Pool {
                 .collect(),
             connect_timeout,
             next: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
-            upgraded: AtomicUsize::new(0),
+            load: Arc::default(),
         }
     }
 
@@ -209,17 +216,18 @@ impl Pool {
 
     /// Requests currently being served by this pool, upgraded connections included.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.load.in_flight.load(Ordering::Relaxed)
     }
 
     /// Open upgraded (WebSocket) connections.
     pub fn upgraded(&self) -> usize {
-        self.upgraded.load(Ordering::Relaxed)
+        self.load.upgraded.load(Ordering::Relaxed)
     }
 
     /// The pool of a reloaded config: `old` itself when its backends (in
-    /// order) and connect timeout are unchanged; else a new pool in which
-    /// each backend `old` also has keeps its health (`keep_health`: the
+    /// order) and connect timeout are unchanged; else a new pool sharing
+    /// `old`'s in-flight counts, in which each backend `old` also has keeps
+    /// its health (`keep_health`: the
     /// service is still health-checked; without a check every backend
     /// starts routable again).
     fn carry(
@@ -242,6 +250,7 @@ impl Pool {
             return old.clone();
         }
         let mut pool = Pool::new(color, addrs, connect_timeout);
+        pool.load = old.load.clone();
         if keep_health {
             for b in &mut pool.backends {
                 if let Some(was) = old.backends.iter().find(|o| o.addr == b.addr) {
@@ -269,7 +278,7 @@ pub struct InFlight {
 
 impl InFlight {
     pub fn new(pool: Arc<Pool>) -> InFlight {
-        pool.in_flight.fetch_add(1, Ordering::Relaxed);
+        pool.load.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             pool,
             upgraded: false,
@@ -284,16 +293,16 @@ impl InFlight {
     pub fn mark_upgraded(&mut self) {
         if !self.upgraded {
             self.upgraded = true;
-            self.pool.upgraded.fetch_add(1, Ordering::Relaxed);
+            self.pool.load.upgraded.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.pool.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.pool.load.in_flight.fetch_sub(1, Ordering::Relaxed);
         if self.upgraded {
-            self.pool.upgraded.fetch_sub(1, Ordering::Relaxed);
+            self.pool.load.upgraded.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -1343,6 +1352,7 @@ rate_limit = "reads"
         let before = board.load();
         let blue = before.services[0].pool(Color::Blue).clone();
         blue.backends[1].health.record(Ok(()), 1, 1);
+        let running = InFlight::new(blue.clone());
         // Blue loses 127.0.0.1:1; green is unchanged; `old` goes, `new`
         // comes; `writes` stays as it was, `reads` changes.
         let next = text
@@ -1379,6 +1389,10 @@ rate_limit = "reads"
             &blue.backends[1].health
         ));
         assert_eq!(new_blue.healthy(), 1);
+        // A request still on the old pool counts on its color until it ends.
+        assert_eq!(new_blue.in_flight(), 1);
+        drop(running);
+        assert_eq!(new_blue.in_flight(), 0);
         assert_eq!(after.services[1].name.as_ref(), "new");
         assert_eq!(after.services[1].active, Color::Blue);
         let kept = |s: &Snapshot| {

@@ -156,23 +156,36 @@ impl Watcher {
         let now = self.stats.now_ms();
         let snap = self.board.load();
         let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
+        // Services a reload removed are forgotten.
+        tracks.retain(|name, _| snap.service(name).is_some());
         for s in &snap.services {
-            let Some(gates) = s.rollback.filter(|r| r.enabled) else {
-                tracks.remove(&s.name);
-                continue;
-            };
             let held = self.is_held(&s.name);
+            // Every service is tracked, watched or not, so that moves made
+            // before its gates appear (or before a reload-added service is
+            // first seen) are not taken for new ones.
             let track = tracks.entry(s.name.clone()).or_insert_with(|| Track {
-                moves: s.moves,
-                active: s.active,
+                // `moves` counts from the service's start (process start
+                // or the reload that added it): a move seen here happened
+                // since the last tick, and is judged like any other.
+                moves: 0,
+                active: match s.moves {
+                    0 => s.active,
+                    _ => s.previous.unwrap_or(s.active),
+                },
                 // A split found in place (e.g. restored at start) is watched.
-                watch: s.canary().map(|c| Watching {
+                watch: s.canary().filter(|_| s.moves == 0).map(|c| Watching {
                     color: c,
                     since_ms: now,
                     until_ms: None,
                 }),
                 last: None,
             });
+            let Some(gates) = s.rollback.filter(|r| r.enabled) else {
+                track.moves = s.moves;
+                track.active = s.active;
+                track.watch = None;
+                continue;
+            };
             if held {
                 // The deploy judges; what it leaves behind is new at release.
                 track.watch = None;
@@ -348,7 +361,7 @@ mod tests {
         let board = Arc::new(Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap());
         let clock = Arc::new(ManualClock::default());
         clock.advance(Duration::from_secs(100));
-        let stats = Arc::new(Stats::new(board.clone(), clock.clone()));
+        let stats = Arc::new(Stats::new(&board, clock.clone()));
         (clock, board.clone(), Watcher::new(board, stats))
     }
 
@@ -364,7 +377,6 @@ mod tests {
                 clock.now_ms(),
                 error,
                 Some(Duration::from_millis(5)),
-                Duration::from_secs(1),
             );
         }
     }
@@ -477,7 +489,7 @@ mod tests {
         let board = Arc::new(Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap());
         let clock = Arc::new(ManualClock::default());
         clock.advance(Duration::from_secs(100));
-        let stats = Arc::new(Stats::new(board.clone(), clock.clone()));
+        let stats = Arc::new(Stats::new(&board, clock.clone()));
         let w = Watcher::new(board.clone(), stats);
         w.tick();
         // Neither color was ever checked healthy: the switch needs force,

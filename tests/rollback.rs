@@ -202,3 +202,39 @@ fn a_few_errors_below_min_requests_are_no_verdict() {
     assert_eq!(last_event(&p)["reason"], "release 2");
     assert!(p.service_status("api")["rollback"]["last_verdict"].is_null());
 }
+
+#[test]
+fn a_service_and_gates_a_reload_adds_are_watched_at_once() {
+    let (blue, green) = (Upstream::start("blue"), Upstream::start("green"));
+    let (web_blue, web_green) = (Upstream::start("web-blue"), Upstream::start("web-green"));
+    // At start nothing is watched, and `api` does not exist yet.
+    let mut first = service("web", &[&web_blue], &[&web_green], "blue");
+    first.push_str(&route(None, "/web/", "web"));
+    let p = ProxyBuilder::new(first.clone()).start();
+    let text = std::fs::read_to_string(p.config_path()).unwrap();
+    let added = watched_api(
+        &blue,
+        &green,
+        "window = \"2s\"\nmin_requests = 10\nmax_error_ratio = 0.1",
+    );
+    std::fs::write(
+        p.config_path(),
+        text.replace(&first, &format!("{first}{added}")),
+    )
+    .unwrap();
+    let (code, v) = p.admin("POST", "/reload", None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["services_added"], serde_json::json!(["api"]), "{v}");
+
+    green.set_status(Some(500));
+    let load = Load::start(&format!("{}/orders", p.http_url()), 2, 5000);
+    switch_to_green(&p);
+    let took = time_to_rollback(
+        &p,
+        Instant::now(),
+        WINDOW + 3 * TICK + Duration::from_secs(5),
+    );
+    assert!(took <= WINDOW + 3 * TICK, "rolled back after {took:?}");
+    load.stop();
+    assert_eq!(last_event(&p)["actor"], "rollback-watcher");
+}
