@@ -360,6 +360,8 @@ impl Switchyard {
                     .flatten()
                     .collect(),
                 canary: Some(canary.clone()),
+                notifier: (!config.notify.webhooks.is_empty()).then(|| notifier.clone()),
+                access_log: access_log.clone(),
             };
             let state = Arc::new(metrics::state::State::new(metrics, sources));
             // The admin API's wrapper: header deadline and a small cap.

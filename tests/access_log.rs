@@ -377,7 +377,9 @@ fn a_stalled_writer_drops_lines_and_never_delays_a_response() {
 buffer_lines = 8",
         toml_str(fifo.to_str().unwrap())
     );
-    let proxy = ProxyBuilder::new(web(&blue, &green, &access)).start();
+    let proxy = ProxyBuilder::new(web(&blue, &green, &access))
+        .metrics()
+        .start();
     // Far more lines than the pipe and the buffer hold; each answer comes
     // within the client's timeout, or the request panics.
     let requests = 20 + (size as usize) / 100;
@@ -399,6 +401,15 @@ buffer_lines = 8",
         1,
         "said once"
     );
+    // And counted for the metrics.
+    let (code, text) = get(&format!("{}/metrics", proxy.metrics_url()), None);
+    assert_eq!(code, 200);
+    let dropped: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_access_log_dropped_lines_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no dropped-lines series in\n{text}"));
+    assert!(dropped > 0);
     drop(reader);
 }
 

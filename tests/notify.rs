@@ -407,6 +407,7 @@ fn a_hanging_receiver_holds_up_neither_requests_nor_switches() {
     let proxy = ProxyBuilder::new(
         simple_api(&blue, &green) + &webhook("team-discord", &file, "discord", None),
     )
+    .metrics()
     .start();
     let held_since = Instant::now();
     proxy.switch("api", "green", None);
@@ -430,6 +431,18 @@ fn a_hanging_receiver_holds_up_neither_requests_nor_switches() {
     assert!(rx.held() >= 1);
     let stderr = proxy.stderr_text();
     assert_eq!(stderr.matches("webhook queue full").count(), 1, "{stderr}");
+    // The loss is counted where an alert can see it, under the webhook's name.
+    let (code, text) = get(&format!("{}/metrics", proxy.metrics_url()), None);
+    assert_eq!(code, 200);
+    let dropped: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("switchyard_notifications_dropped_total{webhook=\"team-discord\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no dropped-notice series in\n{text}"));
+    assert!(dropped >= 300 - 256, "{dropped} dropped");
+    assert!(!text.contains(&rx.url()), "the URL is in /metrics");
     assert_secret_kept(&proxy, &rx.url());
 }
 

@@ -32,6 +32,8 @@ pub struct Families {
     pub traffic_weight: IntGaugeVec,
     pub switches: IntCounterVec,
     pub automatic_rollbacks: IntCounterVec,
+    pub notices_dropped: IntCounterVec,
+    pub access_log_dropped: IntCounterVec,
     pub maintenance: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub in_flight: IntGaugeVec,
@@ -142,6 +144,18 @@ impl Families {
                 "switchyard_automatic_rollbacks_total",
                 "Rollbacks made by a failed gate (rollback watcher or ctl deploy) since start, by gate (error_ratio, p95).",
                 &["service", "gate"],
+            ),
+            notices_dropped: counter(
+                &r,
+                "switchyard_notifications_dropped_total",
+                "Webhook notices dropped because the webhook's queue was full, since start.",
+                &["webhook"],
+            ),
+            access_log_dropped: counter(
+                &r,
+                "switchyard_access_log_dropped_lines_total",
+                "Access log lines dropped because the writer fell behind, since start.",
+                &[],
             ),
             maintenance: gauge(
                 &r,

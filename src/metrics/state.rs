@@ -37,6 +37,10 @@ pub struct Sources {
     pub listeners: Vec<SocketAddr>,
     /// The canary windows, with the automatic rollbacks by gate.
     pub canary: Option<Arc<crate::canary::Stats>>,
+    /// The webhooks' queues (notices dropped when one is full).
+    pub notifier: Option<Arc<crate::notify::Notifier>>,
+    /// The access log (lines dropped when its writer falls behind).
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 /// The state half of the metrics: refreshed into the registry on scrape.
@@ -110,6 +114,17 @@ impl State {
                     n,
                 );
             }
+        }
+        if let Some(n) = &s.notifier {
+            for (webhook, dropped) in n.dropped() {
+                set_counter(&f.notices_dropped.with_label_values(&[&webhook]), dropped);
+            }
+        }
+        if let Some(log) = &s.access_log {
+            set_counter(
+                &f.access_log_dropped.with_label_values::<&str>(&[]),
+                log.dropped_lines() as u64,
+            );
         }
         let slow = s.connections.stats.header_timeouts.load(Ordering::Relaxed)
             + s.handshakes
