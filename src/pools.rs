@@ -246,7 +246,9 @@ impl Pool {
                 .iter()
                 .map(|b| b.addr)
                 .eq(addrs.iter().copied());
-        if same && keep_health {
+        // Without a health check every backend must be routable; a pool
+        // whose backends all are already needs no rebuilding.
+        if same && (keep_health || old.backends.iter().all(|b| b.health.routable())) {
             return old.clone();
         }
         let mut pool = Pool::new(color, addrs, connect_timeout);
@@ -958,6 +960,51 @@ impl Switchboard {
             self.notify(crate::notify::Notice::maintenance(service, on).by(actor));
         }
         Ok(after)
+    }
+
+    /// Records in the history what a config reload did to each service:
+    /// added, removed, or a pool whose backends changed (`before`: the
+    /// snapshot the reload replaced). Colors are never changed by a reload.
+    pub fn note_reload(&self, before: &Snapshot, actor: &Actor) {
+        let after = self.load();
+        let event = |s: &ServiceState, reason: String| Event {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            service: s.name.to_string(),
+            from: s.active,
+            to: s.active,
+            weights: s.canary().map(|_| s.weights),
+            maintenance: None,
+            reason: format!("config reload: {reason}"),
+            actor: actor.clone(),
+        };
+        for s in &after.services {
+            let Some((_, old)) = before.service(&s.name) else {
+                self.append_history(event(s, "service added".into()));
+                continue;
+            };
+            for color in Color::ALL {
+                let (was, now) = (old.pool(color), s.pool(color));
+                if !Arc::ptr_eq(was, now) {
+                    let list = |p: &Pool| {
+                        let addrs: Vec<String> =
+                            p.backends.iter().map(|b| b.addr.to_string()).collect();
+                        addrs.join(", ")
+                    };
+                    let reason = match (list(now), list(was)) {
+                        (now, was) if now == was => {
+                            format!("{color} pool rebuilt ({now}): connect_timeout or health check changed")
+                        }
+                        (now, was) => format!("{color} pool now {now} (was {was})"),
+                    };
+                    self.append_history(event(s, reason));
+                }
+            }
+        }
+        for s in &before.services {
+            if after.service(&s.name).is_none() {
+                self.append_history(event(s, "service removed".into()));
+            }
+        }
     }
 
     /// Appends one history line. The change itself is durable and live by

@@ -227,6 +227,28 @@ fn a_reload_that_removes_a_backend_lets_its_requests_finish() {
         assert_eq!(proxy.get("/fast", None), (200, stays_label.clone()));
     }
     assert_eq!(gone.in_flight(), 1, "the held request is still there");
+    // The blue color still counts the request on the backend that left.
+    assert_eq!(proxy.service_status("api")["in_flight"]["blue"], 1);
+    // The history says what the reload did to the pool, and who asked.
+    let (code, v) = proxy.admin("GET", "/history?service=api", None);
+    assert_eq!(code, 200, "{v}");
+    let last = v["events"]
+        .as_array()
+        .and_then(|e| e.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["actor"], "reload:token:default", "{v}");
+    let reason = last["reason"].as_str().unwrap_or_default();
+    assert_eq!(
+        reason,
+        format!(
+            "config reload: blue pool now {} (was {}, {})",
+            stays.addr(),
+            a.addr(),
+            b.addr()
+        ),
+        "{v}"
+    );
     gone.release(1);
     let (code, body) = held.join().unwrap();
     assert_eq!(

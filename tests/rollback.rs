@@ -225,6 +225,15 @@ fn a_service_and_gates_a_reload_adds_are_watched_at_once() {
     let (code, v) = p.admin("POST", "/reload", None);
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["services_added"], serde_json::json!(["api"]), "{v}");
+    let e = last_event(&p);
+    assert_eq!(
+        (e["actor"].as_str(), e["reason"].as_str()),
+        (
+            Some("reload:token:default"),
+            Some("config reload: service added")
+        ),
+        "{e}"
+    );
 
     green.set_status(Some(500));
     let load = Load::start(&format!("{}/orders", p.http_url()), 2, 5000);
