@@ -44,20 +44,10 @@ fn sighup(proxy: &Proxy) {
 
 /// The value of `switchyard_config_reloads_total{result="RESULT"}`.
 fn reloads_counted(proxy: &Proxy, result: &str) -> f64 {
-    let r = request(
-        "GET",
-        &format!("{}/metrics", proxy.metrics_url()),
-        &[],
-        None,
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    let prefix = format!("switchyard_config_reloads_total{{result=\"{result}\"}} ");
-    r.body
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {prefix} in\n{}", r.body))
-        .parse()
-        .unwrap()
+    let series = format!("switchyard_config_reloads_total{{result=\"{result}\"}}");
+    proxy
+        .metric(&series)
+        .unwrap_or_else(|| panic!("no {series} on /metrics"))
 }
 
 /// GETs `path` `n` times on its own thread; every answer must be 200 from

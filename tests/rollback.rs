@@ -34,14 +34,6 @@ fn last_event(p: &Proxy) -> serde_json::Value {
     v["events"].as_array().unwrap().last().cloned().unwrap()
 }
 
-fn metric(p: &Proxy, series: &str) -> Option<f64> {
-    let (code, text) = get(&format!("{}/metrics", p.metrics_url()), None);
-    assert_eq!(code, 200);
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Polls until `api` is back on blue; returns how long that took.
 fn time_to_rollback(p: &Proxy, since: Instant, limit: Duration) -> Duration {
     let back = poll_until(limit, || p.active("api") == "blue");
@@ -66,7 +58,7 @@ fn a_green_answering_500_is_rolled_back_within_the_window() {
     .metrics()
     .start();
     let series = "switchyard_automatic_rollbacks_total{gate=\"error_ratio\",service=\"api\"}";
-    assert_eq!(metric(&p, series), Some(0.0));
+    assert_eq!(p.metric(series), Some(0.0));
     green.set_status(Some(500));
     let load = Load::start(&format!("{}/orders", p.http_url()), 2, 5000);
     switch_to_green(&p);
@@ -95,7 +87,7 @@ fn a_green_answering_500_is_rolled_back_within_the_window() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no request count in {reason:?}"));
     assert!(requests >= 10, "{reason}");
-    assert_eq!(metric(&p, series), Some(1.0));
+    assert_eq!(p.metric(series), Some(1.0));
     let s = p.service_status("api");
     assert_eq!(
         s["rollback"]["last_verdict"]["outcome"], "rolled back",
@@ -149,10 +141,7 @@ fn a_slow_green_is_rolled_back_on_its_p95() {
     .unwrap_or_else(|| panic!("no p95 in {reason:?}"));
     assert!(p95 >= 0.6, "{reason}");
     assert_eq!(
-        metric(
-            &p,
-            "switchyard_automatic_rollbacks_total{gate=\"p95\",service=\"api\"}"
-        ),
+        p.metric("switchyard_automatic_rollbacks_total{gate=\"p95\",service=\"api\"}"),
         Some(1.0)
     );
 }

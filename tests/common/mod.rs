@@ -1908,6 +1908,16 @@ impl Proxy {
         )
     }
 
+    /// The value of one series on `GET /metrics`, given as it appears
+    /// there (`name{label="v",...}`, labels sorted); `None` when absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (code, text) = get(&format!("{}/metrics", self.metrics_url()), None);
+        assert_eq!(code, 200, "GET /metrics: {text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     pub fn admin_addr(&self) -> String {
         format!("127.0.0.1:{}", self.admin_port)
     }
