@@ -40,6 +40,11 @@ struct Track {
     /// The active color when last looked at.
     active: Color,
     watch: Option<Watching>,
+    /// When the watcher last looked (clock ms): a move it finds now
+    /// happened after this, so a new watch counts from here. Counting
+    /// from the tick that notices the move would miss the canary's first
+    /// requests, which a bad build fails at once.
+    seen_ms: u64,
     /// The last verdict, for `GET /status`.
     last: Option<Verdict>,
 }
@@ -178,8 +183,10 @@ impl Watcher {
                     since_ms: now,
                     until_ms: None,
                 }),
+                seen_ms: now,
                 last: None,
             });
+            let changed_after = std::mem::replace(&mut track.seen_ms, now);
             let Some(gates) = s.rollback.filter(|r| r.enabled) else {
                 track.moves = s.moves;
                 track.active = s.active;
@@ -199,7 +206,7 @@ impl Watcher {
                     (Some(SwitchKind::Rollback), _) => None,
                     (_, Some(canary)) => Some(Watching {
                         color: canary,
-                        since_ms: now,
+                        since_ms: changed_after,
                         until_ms: None,
                     }),
                     // Back to 100 % on the color that was already active:
@@ -207,8 +214,8 @@ impl Watcher {
                     (_, None) if !moved_to_new_color => None,
                     (_, None) => Some(Watching {
                         color: s.active,
-                        since_ms: now,
-                        until_ms: Some(now + gates.watch.as_millis() as u64),
+                        since_ms: changed_after,
+                        until_ms: Some(changed_after + gates.watch.as_millis() as u64),
                     }),
                 };
             }
@@ -419,6 +426,25 @@ mod tests {
         assert_eq!(board.history(None).unwrap().len(), 2);
         let counted: u64 = w.stats.rollbacks().iter().map(|(_, _, n)| n).sum();
         assert_eq!(counted, 1);
+    }
+
+    #[test]
+    fn requests_between_the_change_and_the_next_tick_are_judged() {
+        // The watcher learns of a change at its next tick, up to a second
+        // later; the canary's first requests (the ones a bad build fails
+        // at once) land in between and must count.
+        let (clock, board, w) = setup();
+        w.tick();
+        clock.advance(Duration::from_millis(300));
+        let split = Weights::new(50, 50).unwrap();
+        board
+            .set_weights("api", split, SwitchKind::Switch, None, false, &who())
+            .unwrap();
+        load(&w, &clock, Color::Green, 10, true);
+        clock.advance(Duration::from_millis(900));
+        w.tick();
+        let s = board.service("api").unwrap();
+        assert_eq!(s.weights, Weights::all(Color::Blue), "{:?}", w.status(&s));
     }
 
     #[test]
