@@ -85,16 +85,40 @@ impl Plan {
                 self.steps
             ));
         }
-        if !INTERVAL_RANGE.contains(&self.interval) {
-            return Err("interval: 1s to 1h".into());
-        }
-        if !WAIT_HEALTHY_RANGE.contains(&self.wait_healthy) {
-            return Err("wait_healthy: 0s to 1h".into());
-        }
-        if !LEASE_RANGE.contains(&self.lease) {
-            return Err("lease: 1s to 10m".into());
-        }
-        Ok(())
+        in_range("interval", self.interval, &INTERVAL_RANGE)?;
+        in_range("wait_healthy", self.wait_healthy, &WAIT_HEALTHY_RANGE)?;
+        in_range("lease", self.lease, &LEASE_RANGE)
+    }
+}
+
+/// `Ok` when `got` is in `range`, else an error naming the range the
+/// proxy enforces (from the constant, so the message cannot drift from
+/// the check) and the value it got.
+fn in_range(
+    what: &str,
+    got: Duration,
+    range: &std::ops::RangeInclusive<Duration>,
+) -> Result<(), String> {
+    if range.contains(&got) {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} must be {} to {}, got {}",
+        show_duration(*range.start()),
+        show_duration(*range.end()),
+        show_duration(got)
+    ))
+}
+
+/// A duration in its largest whole unit: `500 ms`, `3 s`, `10 min`, `1 h`.
+fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0 s".into(),
+        ms if ms % 3_600_000 == 0 => format!("{} h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{} min", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{} s", ms / 1000),
+        ms => format!("{ms} ms"),
     }
 }
 

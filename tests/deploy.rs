@@ -401,3 +401,27 @@ fn a_second_deploy_is_refused_naming_the_first() {
     assert_eq!(p.active("api"), "blue");
     assert_eq!(p.service_status("api")["weights"]["blue"], 100);
 }
+
+/// A plan out of range is refused with the range the proxy really
+/// enforces and the value it got, so the operator knows what to type;
+/// nothing starts.
+#[test]
+fn a_plan_out_of_range_names_the_real_range_and_the_value() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let p = ProxyBuilder::new(deployable_api(&blue, &green)).start();
+    for (flag, value, range) in [
+        ("--lease", "2s", "lease must be 3 s to 10 min, got 2 s"),
+        ("--lease", "11m", "lease must be 3 s to 10 min, got 11 min"),
+        ("--interval", "500ms", "interval must be 1 s to 1 h, got 500 ms"),
+        ("--interval", "2h", "interval must be 1 s to 1 h, got 2 h"),
+        ("--wait-healthy", "61m", "wait_healthy must be 0 s to 1 h, got 61 min"),
+    ] {
+        let out = p.ctl(&["deploy", "api", "--to", "green", flag, value]);
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}: {}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(range), "{flag} {value}: {err}");
+    }
+    assert_eq!(p.active("api"), "blue");
+    assert!(events(&p).is_empty());
+}
