@@ -357,16 +357,23 @@ impl Deployer {
         Ok(self.json(&run))
     }
 
+    /// The deploy of `service`, running or last finished. A service a
+    /// reload removed keeps its record, so the ctl following its deploy
+    /// learns how it ended rather than getting a 404.
     fn run(&self, service: &str) -> Result<Arc<Run>, DeployError> {
-        if self.board.service(service).is_err() {
-            return Err(DeployError::UnknownService(service.to_string()));
-        }
-        self.runs
+        let run = self
+            .runs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(service)
-            .cloned()
-            .ok_or_else(|| DeployError::None(service.to_string()))
+            .cloned();
+        match run {
+            Some(run) => Ok(run),
+            None if self.board.service(service).is_err() => {
+                Err(DeployError::UnknownService(service.to_string()))
+            }
+            None => Err(DeployError::None(service.to_string())),
+        }
     }
 
     /// The task: wait for health, walk the steps, finish.
@@ -379,7 +386,8 @@ impl Deployer {
                 return self.abort_now(run, why);
             }
             let Ok(s) = self.board.service(service) else {
-                return self.finish(run, Phase::Failed, format!("{service} is gone"));
+                let why = format!("deploy stopped: {service} was removed by a config reload");
+                return self.finish(run, Phase::Failed, why);
             };
             let healthy = s.pool(to).healthy();
             match s.required_healthy(to) {
@@ -439,8 +447,13 @@ impl Deployer {
                 if let Some(why) = self.interrupted(run) {
                     return self.abort_now(run, why);
                 }
-                let moved = self.board.service(service).map(|s| s.moves);
-                if moved.ok() != Some(after.moves) {
+                let Ok(now) = self.board.service(service) else {
+                    let why = format!(
+                        "deploy stopped at step {step}/{n}: {service} was removed by a config reload"
+                    );
+                    return self.finish(run, Phase::Failed, why);
+                };
+                if now.moves != after.moves {
                     let why = format!(
                         "deploy stopped at step {step}/{n}: {service} was changed by someone else meanwhile (see the history); left as it is"
                     );

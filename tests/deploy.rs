@@ -425,3 +425,25 @@ fn a_plan_out_of_range_names_the_real_range_and_the_value() {
     assert_eq!(p.active("api"), "blue");
     assert!(events(&p).is_empty());
 }
+
+/// A reload that removes the service a deploy runs on ends the deploy
+/// saying so (not "changed by someone else"), and the ctl that follows
+/// it reports that outcome (exit 4) instead of losing it to a 404.
+#[test]
+fn a_reload_removing_the_service_ends_its_deploy_saying_why() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let web = service_with("web", &[&blue], &[&green], "blue", "");
+    let p = ProxyBuilder::new(format!("{web}{}", deployable_api(&blue, &green))).start();
+    let child = deploy_at_step_one(&p, &[]);
+    std::fs::write(p.config_path(), format!("{web}{}", route(None, "/", "web"))).unwrap();
+    let (code, v) = p.admin("POST", "/reload", None);
+    assert_eq!(code, 200, "{v}");
+    let out = wait_output_with_deadline(child, Duration::from_secs(15), "ctl deploy");
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    let summary = stdout(&out);
+    assert!(
+        summary.contains("api was removed by a config reload"),
+        "{summary}"
+    );
+}
