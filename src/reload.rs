@@ -167,7 +167,7 @@ impl Reloader {
             .collect();
         let changes = self
             .board
-            .reload(&config, Settings::new(&config.server, pages));
+            .reload(&config, Settings::new(&config.server, pages), &Actor::reload(actor));
         for o in &self.observers {
             o.config_reloaded(&config);
         }

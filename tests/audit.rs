@@ -420,3 +420,45 @@ fn ctl_with_only_named_tokens_in_the_config_says_to_pass_one() {
         "{stderr}"
     );
 }
+
+/// A reload is a state change too: the services it adds and removes are
+/// in the history, with the reload's actor (`reload:token:NAME` through
+/// the admin API, `reload:sighup` for the signal).
+#[test]
+fn a_reload_records_the_services_it_adds_and_removes() {
+    let services = Services::start();
+    let u = &services.upstreams;
+    let proxy = ProxyBuilder::new(services.config()).start();
+    // web goes, shop comes.
+    let mut next = service("api", &[&u[0]], &[&u[1]], "blue");
+    next.push_str(&service("shop", &[&u[2]], &[&u[3]], "green"));
+    next.push_str(&route(None, "/", "api"));
+    fs::write(proxy.config_path(), &next).unwrap();
+    let (code, v) = proxy.admin("POST", "/reload", None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        history(&proxy, ""),
+        vec![
+            event("shop", "green", "reload:token:default", "config reload: service added"),
+            event("web", "blue", "reload:token:default", "config reload: service removed"),
+        ]
+    );
+    // The same through SIGHUP; an unchanged reload records nothing.
+    fs::write(proxy.config_path(), services.config()).unwrap();
+    // SAFETY: signals the switchyard child this test started.
+    assert_eq!(unsafe { libc::kill(proxy.pid(), libc::SIGHUP) }, 0);
+    assert!(poll_until(std::time::Duration::from_secs(10), || {
+        history(&proxy, "").len() == 4
+    }));
+    let after = history(&proxy, "");
+    assert_eq!(
+        after[2..],
+        [
+            event("web", "blue", "reload:sighup", "config reload: service added"),
+            event("shop", "green", "reload:sighup", "config reload: service removed"),
+        ]
+    );
+    let (code, v) = proxy.admin("POST", "/reload", None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(history(&proxy, "").len(), 4);
+}
