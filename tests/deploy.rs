@@ -447,3 +447,31 @@ fn a_reload_removing_the_service_ends_its_deploy_saying_why() {
         "{summary}"
     );
 }
+
+/// CI runners cancel a job with SIGTERM (and an SSH session that drops
+/// hangs up with SIGHUP), not Ctrl-C: the ctl restores the state from
+/// before at once, as for Ctrl-C, rather than leaving the canary running
+/// until the lease runs out.
+#[test]
+fn sigterm_and_sighup_abort_like_ctrl_c() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let p = ProxyBuilder::new(deployable_api(&blue, &green)).start();
+    for signal in [libc::SIGTERM, libc::SIGHUP] {
+        let child = deploy_at_step_one(&p, &[]);
+        // SAFETY: signals the ctl child this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let out = wait_output_with_deadline(child, Duration::from_secs(15), "ctl deploy");
+        assert_eq!(out.status.code(), Some(130), "signal {signal}: {}", describe(&out));
+        assert_eq!(p.active("api"), "blue");
+        assert_eq!(p.service_status("api")["weights"]["blue"], 100);
+        let last = events(&p).pop().unwrap();
+        assert!(
+            last["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("deploy aborted by token:default"),
+            "{last}"
+        );
+    }
+}

@@ -41,7 +41,7 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How often a wait looks for Ctrl-C (100 ms).
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
-/// Set by the SIGINT handler.
+/// Set by the handler of SIGINT, SIGTERM and SIGHUP.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_interrupt(_: libc::c_int) {
@@ -49,11 +49,16 @@ extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// Ctrl-C, and the signals a cancelled CI job or a dropped SSH session
+/// sends (SIGTERM, SIGHUP), all abort the deploy and restore the state
+/// from before it at once, rather than leaving the canary to the lease.
 fn catch_interrupt() {
     let handler: extern "C" fn(libc::c_int) = on_interrupt;
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            libc::signal(signal, handler as libc::sighandler_t);
+        }
     }
 }
 
