@@ -475,3 +475,25 @@ fn sigterm_and_sighup_abort_like_ctrl_c() {
         );
     }
 }
+
+/// `ctl deploy` run over SSH without a terminal (the shipped workflow)
+/// gets no signal when the job is cancelled: its output pipe closes. The
+/// next progress line it cannot write aborts the deploy and restores the
+/// state at once, as Ctrl-C does, instead of a panic and the lease.
+#[test]
+fn a_closed_output_aborts_and_restores() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let p = ProxyBuilder::new(deployable_api(&blue, &green)).start();
+    let mut child = deploy_at_step_one(&p, &["--lease", "10m"]);
+    drop(child.stdout.take());
+    let out = wait_output_with_deadline(child, Duration::from_secs(20), "ctl deploy");
+    assert_eq!(out.status.code(), Some(130), "{}", describe(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(p.active("api"), "blue");
+    assert_eq!(p.service_status("api")["weights"]["blue"], 100);
+}
