@@ -736,7 +736,10 @@ impl Switchboard {
         let next = Snapshot::build(config, settings, Some(&old), &saved);
         let changes = next.changes_from(&old);
         let added = changes.services_added.iter().map(|n| (n, &next, "added"));
-        let removed = changes.services_removed.iter().map(|n| (n, &*old, "removed"));
+        let removed = changes
+            .services_removed
+            .iter()
+            .map(|n| (n, &*old, "removed"));
         let events: Vec<Event> = added
             .chain(removed)
             .filter_map(|(name, snap, what)| {

@@ -439,8 +439,18 @@ fn a_reload_records_the_services_it_adds_and_removes() {
     assert_eq!(
         history(&proxy, ""),
         vec![
-            event("shop", "green", "reload:token:default", "config reload: service added"),
-            event("web", "blue", "reload:token:default", "config reload: service removed"),
+            event(
+                "shop",
+                "green",
+                "reload:token:default",
+                "config reload: service added"
+            ),
+            event(
+                "web",
+                "blue",
+                "reload:token:default",
+                "config reload: service removed"
+            ),
         ]
     );
     // The same through SIGHUP; an unchanged reload records nothing.
@@ -454,8 +464,18 @@ fn a_reload_records_the_services_it_adds_and_removes() {
     assert_eq!(
         after[2..],
         [
-            event("web", "blue", "reload:sighup", "config reload: service added"),
-            event("shop", "green", "reload:sighup", "config reload: service removed"),
+            event(
+                "web",
+                "blue",
+                "reload:sighup",
+                "config reload: service added"
+            ),
+            event(
+                "shop",
+                "green",
+                "reload:sighup",
+                "config reload: service removed"
+            ),
         ]
     );
     let (code, v) = proxy.admin("POST", "/reload", None);

@@ -413,12 +413,25 @@ fn a_plan_out_of_range_names_the_real_range_and_the_value() {
     for (flag, value, range) in [
         ("--lease", "2s", "lease must be 3 s to 10 min, got 2 s"),
         ("--lease", "11m", "lease must be 3 s to 10 min, got 11 min"),
-        ("--interval", "500ms", "interval must be 1 s to 1 h, got 500 ms"),
+        (
+            "--interval",
+            "500ms",
+            "interval must be 1 s to 1 h, got 500 ms",
+        ),
         ("--interval", "2h", "interval must be 1 s to 1 h, got 2 h"),
-        ("--wait-healthy", "61m", "wait_healthy must be 0 s to 1 h, got 61 min"),
+        (
+            "--wait-healthy",
+            "61m",
+            "wait_healthy must be 0 s to 1 h, got 61 min",
+        ),
     ] {
         let out = p.ctl(&["deploy", "api", "--to", "green", flag, value]);
-        assert_eq!(out.status.code(), Some(1), "{flag} {value}: {}", describe(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{flag} {value}: {}",
+            describe(&out)
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(range), "{flag} {value}: {err}");
     }
@@ -462,7 +475,12 @@ fn sigterm_and_sighup_abort_like_ctrl_c() {
         // SAFETY: signals the ctl child this test started.
         assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
         let out = wait_output_with_deadline(child, Duration::from_secs(15), "ctl deploy");
-        assert_eq!(out.status.code(), Some(130), "signal {signal}: {}", describe(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "signal {signal}: {}",
+            describe(&out)
+        );
         assert_eq!(p.active("api"), "blue");
         assert_eq!(p.service_status("api")["weights"]["blue"], 100);
         let last = events(&p).pop().unwrap();
