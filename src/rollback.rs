@@ -45,6 +45,9 @@ struct Track {
     /// from the tick that notices the move would miss the canary's first
     /// requests, which a bad build fails at once.
     seen_ms: u64,
+    /// Whether the service had gates when last looked at: gates a reload
+    /// gives it during a split judge that split from then on.
+    gated: bool,
     /// The last verdict, for `GET /status`.
     last: Option<Verdict>,
 }
@@ -184,6 +187,7 @@ impl Watcher {
                     until_ms: None,
                 }),
                 seen_ms: now,
+                gated: true,
                 last: None,
             });
             let changed_after = std::mem::replace(&mut track.seen_ms, now);
@@ -191,8 +195,23 @@ impl Watcher {
                 track.moves = s.moves;
                 track.active = s.active;
                 track.watch = None;
+                track.gated = false;
                 continue;
             };
+            if !std::mem::replace(&mut track.gated, true)
+                && track.moves == s.moves
+                && s.last_move != Some(SwitchKind::Rollback)
+            {
+                // Gates just appeared (a reload) on a split already in
+                // place: judge its canary from now. A full switch made
+                // before the gates existed is not judged: its start is
+                // unknown.
+                track.watch = s.canary().map(|c| Watching {
+                    color: c,
+                    since_ms: now,
+                    until_ms: None,
+                });
+            }
             if held {
                 // The deploy judges; what it leaves behind is new at release.
                 track.watch = None;
@@ -445,6 +464,38 @@ mod tests {
         w.tick();
         let s = board.service("api").unwrap();
         assert_eq!(s.weights, Weights::all(Color::Blue), "{:?}", w.status(&s));
+    }
+
+    #[test]
+    fn gates_a_reload_adds_during_a_split_judge_that_split() {
+        // No gates at start: the split is seen but not watched.
+        let bare = "[services.api]\nblue = [\"127.0.0.1:1\"]\ngreen = [\"127.0.0.1:2\"]\n";
+        let config = Config::parse(Path::new("t.toml"), bare).unwrap();
+        let board = Arc::new(Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap());
+        let clock = Arc::new(ManualClock::default());
+        clock.advance(Duration::from_secs(100));
+        let stats = Arc::new(Stats::new(&board, clock.clone()));
+        let w = Watcher::new(board.clone(), stats);
+        w.tick();
+        let split = Weights::new(50, 50).unwrap();
+        board
+            .set_weights("api", split, SwitchKind::Switch, None, false, &who())
+            .unwrap();
+        w.tick();
+        // A reload gives it gates in the middle of the canary.
+        let gated = format!("{bare}[services.api.rollback]\nwindow = \"10s\"\nmin_requests = 10\n");
+        let config = Config::parse(Path::new("t.toml"), &gated).unwrap();
+        let pages = crate::respond::Pages::new(None, Duration::from_secs(1)).unwrap();
+        let settings = crate::settings::Settings::new(&config.server, pages);
+        board.reload(&config, settings, &who());
+        w.tick();
+        clock.advance(Duration::from_secs(1));
+        load(&w, &clock, Color::Green, 10, true);
+        w.tick();
+        assert_eq!(
+            board.service("api").unwrap().weights,
+            Weights::all(Color::Blue)
+        );
     }
 
     #[test]
