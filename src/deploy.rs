@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use crate::canary::{judge, Figures};
 use crate::config::{NotifyEvent, Rollback};
 use crate::notify::Notice;
-use crate::pools::{Color, ServiceState, SwitchKind, Switchboard, Weights};
+use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard, Weights};
 use crate::rollback::{figures_json, gates_json, roll_back, Watcher};
 use crate::store::Actor;
 
@@ -201,6 +201,10 @@ struct Run {
     stop: Mutex<Option<String>>,
     wake: Condvar,
     last_poll_ms: AtomicU64,
+    /// The service's `moves` after the deploy's own last change (before
+    /// its first: as it found it). Anything else means someone else moved
+    /// the service, and the deploy leaves it alone, abort included.
+    own_moves: AtomicU64,
 }
 
 /// Every service's deploy, running or last finished.
@@ -270,6 +274,7 @@ impl Deployer {
             )));
         }
         let now = self.now_ms();
+        let before_moves = before.moves;
         let run = Arc::new(Run {
             service: Arc::from(service),
             gates: before.rollback.unwrap_or_default(),
@@ -289,6 +294,7 @@ impl Deployer {
             stop: Mutex::new(None),
             wake: Condvar::new(),
             last_poll_ms: AtomicU64::new(now),
+            own_moves: AtomicU64::new(before_moves),
         });
         runs.insert(run.service.clone(), run.clone());
         drop(runs);
@@ -389,6 +395,12 @@ impl Deployer {
                 let why = format!("deploy stopped: {service} was removed by a config reload");
                 return self.finish(run, Phase::Failed, why);
             };
+            if s.moves != run.own_moves.load(Ordering::Relaxed) {
+                let why = format!(
+                    "deploy stopped while waiting for health: {service} was changed by someone else meanwhile (see the history); left as it is"
+                );
+                return self.finish(run, Phase::Failed, why);
+            }
             let healthy = s.pool(to).healthy();
             match s.required_healthy(to) {
                 None => break,
@@ -434,6 +446,7 @@ impl Deployer {
                     return self.abort_now(run, why);
                 }
             };
+            run.own_moves.store(after.moves, Ordering::Relaxed);
             let now = self.now_ms();
             {
                 let mut p = run.lock();
@@ -510,11 +523,19 @@ impl Deployer {
     /// (or failed, when the restore itself is refused).
     fn abort_now(&self, run: &Run, why: String) {
         let reason = format!("{why}; restoring the state from before the deploy");
-        match self
-            .board
-            .restore(&run.service, &run.before, Some(reason), false, &run.actor)
-        {
+        let own = run.own_moves.load(Ordering::Relaxed);
+        match self.board.restore(
+            &run.service,
+            &run.before,
+            own,
+            Some(reason),
+            false,
+            &run.actor,
+        ) {
             Ok(_) => self.finish(run, Phase::Aborted, why),
+            Err(e @ SwitchError::Moved(_)) => {
+                self.finish(run, Phase::Aborted, format!("{why}; {e}"))
+            }
             Err(e) => {
                 tracing::error!(service = %run.service, cause = %e, "deploy aborted but the state from before it could not be restored");
                 self.finish(

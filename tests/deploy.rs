@@ -515,3 +515,36 @@ fn a_closed_output_aborts_and_restores() {
     assert_eq!(p.active("api"), "blue");
     assert_eq!(p.service_status("api")["weights"]["blue"], 100);
 }
+
+/// A deploy that ends without having made the last change (someone
+/// changed the service while it waited for health, then it was aborted)
+/// leaves that change alone: it restores only its own work, never over
+/// an operator's later command.
+#[test]
+fn an_abort_never_undoes_a_change_made_by_someone_else() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    green.set_healthy(false);
+    let p = ProxyBuilder::new(deployable_api(&blue, &green)).start();
+    let child = p.spawn_ctl(&["deploy", "api", "--to", "green", "--wait-healthy", "60s"]);
+    wait_deploy(&p, "deploy waiting for health", |v| {
+        v["phase"] == "waiting_healthy"
+    });
+    // Meanwhile an operator moves the service by hand.
+    let out = p.ctl(&[
+        "weights", "api", "80", "20", "--force", "--reason", "by hand",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // SAFETY: signals the ctl child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = wait_output_with_deadline(child, Duration::from_secs(15), "ctl deploy");
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains("changed by someone else"),
+        "{}",
+        describe(&out)
+    );
+    assert_state_80_20(&p);
+    let last = events(&p).pop().unwrap();
+    assert_eq!(last["actor"], "token:default", "{last}");
+}
