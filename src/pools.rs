@@ -728,10 +728,8 @@ impl Switchboard {
     /// color (the same `Arc<Pool>`, with its round robin and in-flight
     /// counts, when the pool is unchanged), and every limit whose name and
     /// settings are unchanged. New services start on their saved state, or
-    /// on their configured `active`; removed ones drop out. Each added and
-    /// removed service is recorded in the history with `actor` (the
-    /// reload's, see [`Actor::reload`]).
-    pub fn reload(&self, config: &Config, settings: Settings, actor: &Actor) -> Reloaded {
+    /// on their configured `active`; removed ones drop out.
+    pub fn reload(&self, config: &Config, settings: Settings) -> Reloaded {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.current.load_full();
         // Validated before (switchyard check reads it too); a state file
@@ -739,35 +737,8 @@ impl Switchboard {
         let saved = self.store.load().ok().flatten().unwrap_or_default();
         let next = Snapshot::build(config, settings, Some(&old), &saved);
         let changes = next.changes_from(&old);
-        let added = changes.services_added.iter().map(|n| (n, &next, "added"));
-        let removed = changes
-            .services_removed
-            .iter()
-            .map(|n| (n, &*old, "removed"));
-        let events: Vec<Event> = added
-            .chain(removed)
-            .filter_map(|(name, snap, what)| {
-                let (_, state) = snap.service(name)?;
-                Some(Event {
-                    time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                    service: name.clone(),
-                    from: state.active,
-                    to: state.active,
-                    weights: state.canary().map(|_| state.weights),
-                    maintenance: None,
-                    reason: format!("config reload: service {what}"),
-                    actor: actor.clone(),
-                })
-            })
-            .collect();
         self.current.store(Arc::new(next));
         self.reloads.send_modify(|n| *n += 1);
-        for event in &events {
-            // The reload is in force whatever the history says.
-            if let Err(e) = self.store.append_history(event) {
-                tracing::error!(service = %event.service, cause = %e, "reload not written to the history");
-            }
-        }
         changes
     }
 
@@ -1404,7 +1375,7 @@ rate_limit = "reads"
             .replace(r#"rate = "5/m""#, r#"rate = "6/m""#)
             .replace(r#"path = "/old/""#, r#"path = "/new/""#);
         let next = Config::parse(Path::new("t.toml"), &next).unwrap();
-        let changes = board.reload(&next, settings(&next), &Actor::token("test"));
+        let changes = board.reload(&next, settings(&next));
         assert_eq!(changes.services_added, vec!["new"]);
         assert_eq!(changes.services_removed, vec!["old"]);
         assert_eq!(changes.routes_added, vec!["*/new/"]);

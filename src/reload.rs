@@ -165,11 +165,9 @@ impl Reloader {
             .into_iter()
             .filter(|k| differs(k, &self.started, &config))
             .collect();
-        let changes = self.board.reload(
-            &config,
-            Settings::new(&config.server, pages),
-            &Actor::reload(actor),
-        );
+        let changes = self
+            .board
+            .reload(&config, Settings::new(&config.server, pages));
         for o in &self.observers {
             o.config_reloaded(&config);
         }

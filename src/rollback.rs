@@ -487,7 +487,7 @@ mod tests {
         let config = Config::parse(Path::new("t.toml"), &gated).unwrap();
         let pages = crate::respond::Pages::new(None, Duration::from_secs(1)).unwrap();
         let settings = crate::settings::Settings::new(&config.server, pages);
-        board.reload(&config, settings, &who());
+        board.reload(&config, settings);
         w.tick();
         clock.advance(Duration::from_secs(1));
         load(&w, &clock, Color::Green, 10, true);

@@ -95,12 +95,6 @@ impl Actor {
         Actor(format!("{}:{}", Self::DEPLOY, by.0))
     }
 
-    /// A config reload asked by `by` (`token:NAME`, or `sighup`):
-    /// `reload:token:NAME`, `reload:sighup`.
-    pub fn reload(by: &Actor) -> Actor {
-        Actor(format!("{}:{}", Self::RELOAD, by.0))
-    }
-
     /// One of switchyard's own movers, e.g. [`Actor::DEPLOY`].
     pub fn internal(what: &'static str) -> Actor {
         Actor(what.to_string())
