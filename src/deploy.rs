@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use crate::canary::{judge, Figures};
 use crate::config::{NotifyEvent, Rollback};
 use crate::notify::Notice;
-use crate::pools::{Color, ServiceState, SwitchKind, Switchboard, Weights};
+use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard, Weights};
 use crate::rollback::{figures_json, gates_json, roll_back, Watcher};
 use crate::store::Actor;
 
@@ -85,16 +85,40 @@ impl Plan {
                 self.steps
             ));
         }
-        if !INTERVAL_RANGE.contains(&self.interval) {
-            return Err("interval: 1s to 1h".into());
-        }
-        if !WAIT_HEALTHY_RANGE.contains(&self.wait_healthy) {
-            return Err("wait_healthy: 0s to 1h".into());
-        }
-        if !LEASE_RANGE.contains(&self.lease) {
-            return Err("lease: 1s to 10m".into());
-        }
-        Ok(())
+        in_range("interval", self.interval, &INTERVAL_RANGE)?;
+        in_range("wait_healthy", self.wait_healthy, &WAIT_HEALTHY_RANGE)?;
+        in_range("lease", self.lease, &LEASE_RANGE)
+    }
+}
+
+/// `Ok` when `got` is in `range`, else an error naming the range the
+/// proxy enforces (from the constant, so the message cannot drift from
+/// the check) and the value it got.
+fn in_range(
+    what: &str,
+    got: Duration,
+    range: &std::ops::RangeInclusive<Duration>,
+) -> Result<(), String> {
+    if range.contains(&got) {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} must be {} to {}, got {}",
+        show_duration(*range.start()),
+        show_duration(*range.end()),
+        show_duration(got)
+    ))
+}
+
+/// A duration in its largest whole unit: `500 ms`, `3 s`, `10 min`, `1 h`.
+fn show_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0 s".into(),
+        ms if ms % 3_600_000 == 0 => format!("{} h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{} min", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{} s", ms / 1000),
+        ms => format!("{ms} ms"),
     }
 }
 
@@ -177,6 +201,10 @@ struct Run {
     stop: Mutex<Option<String>>,
     wake: Condvar,
     last_poll_ms: AtomicU64,
+    /// The service's `moves` after the deploy's own last change (before
+    /// its first: as it found it). Anything else means someone else moved
+    /// the service, and the deploy leaves it alone, abort included.
+    own_moves: AtomicU64,
 }
 
 /// Every service's deploy, running or last finished.
@@ -246,6 +274,7 @@ impl Deployer {
             )));
         }
         let now = self.now_ms();
+        let before_moves = before.moves;
         let run = Arc::new(Run {
             service: Arc::from(service),
             gates: before.rollback.unwrap_or_default(),
@@ -265,6 +294,7 @@ impl Deployer {
             stop: Mutex::new(None),
             wake: Condvar::new(),
             last_poll_ms: AtomicU64::new(now),
+            own_moves: AtomicU64::new(before_moves),
         });
         runs.insert(run.service.clone(), run.clone());
         drop(runs);
@@ -333,16 +363,23 @@ impl Deployer {
         Ok(self.json(&run))
     }
 
+    /// The deploy of `service`, running or last finished. A service a
+    /// reload removed keeps its record, so the ctl following its deploy
+    /// learns how it ended rather than getting a 404.
     fn run(&self, service: &str) -> Result<Arc<Run>, DeployError> {
-        if self.board.service(service).is_err() {
-            return Err(DeployError::UnknownService(service.to_string()));
-        }
-        self.runs
+        let run = self
+            .runs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(service)
-            .cloned()
-            .ok_or_else(|| DeployError::None(service.to_string()))
+            .cloned();
+        match run {
+            Some(run) => Ok(run),
+            None if self.board.service(service).is_err() => {
+                Err(DeployError::UnknownService(service.to_string()))
+            }
+            None => Err(DeployError::None(service.to_string())),
+        }
     }
 
     /// The task: wait for health, walk the steps, finish.
@@ -355,8 +392,15 @@ impl Deployer {
                 return self.abort_now(run, why);
             }
             let Ok(s) = self.board.service(service) else {
-                return self.finish(run, Phase::Failed, format!("{service} is gone"));
+                let why = format!("deploy stopped: {service} was removed by a config reload");
+                return self.finish(run, Phase::Failed, why);
             };
+            if s.moves != run.own_moves.load(Ordering::Relaxed) {
+                let why = format!(
+                    "deploy stopped while waiting for health: {service} was changed by someone else meanwhile (see the history); left as it is"
+                );
+                return self.finish(run, Phase::Failed, why);
+            }
             let healthy = s.pool(to).healthy();
             match s.required_healthy(to) {
                 None => break,
@@ -402,6 +446,7 @@ impl Deployer {
                     return self.abort_now(run, why);
                 }
             };
+            run.own_moves.store(after.moves, Ordering::Relaxed);
             let now = self.now_ms();
             {
                 let mut p = run.lock();
@@ -415,8 +460,13 @@ impl Deployer {
                 if let Some(why) = self.interrupted(run) {
                     return self.abort_now(run, why);
                 }
-                let moved = self.board.service(service).map(|s| s.moves);
-                if moved.ok() != Some(after.moves) {
+                let Ok(now) = self.board.service(service) else {
+                    let why = format!(
+                        "deploy stopped at step {step}/{n}: {service} was removed by a config reload"
+                    );
+                    return self.finish(run, Phase::Failed, why);
+                };
+                if now.moves != after.moves {
                     let why = format!(
                         "deploy stopped at step {step}/{n}: {service} was changed by someone else meanwhile (see the history); left as it is"
                     );
@@ -473,11 +523,19 @@ impl Deployer {
     /// (or failed, when the restore itself is refused).
     fn abort_now(&self, run: &Run, why: String) {
         let reason = format!("{why}; restoring the state from before the deploy");
-        match self
-            .board
-            .restore(&run.service, &run.before, Some(reason), false, &run.actor)
-        {
+        let own = run.own_moves.load(Ordering::Relaxed);
+        match self.board.restore(
+            &run.service,
+            &run.before,
+            own,
+            Some(reason),
+            false,
+            &run.actor,
+        ) {
             Ok(_) => self.finish(run, Phase::Aborted, why),
+            Err(e @ SwitchError::Moved(_)) => {
+                self.finish(run, Phase::Aborted, format!("{why}; {e}"))
+            }
             Err(e) => {
                 tracing::error!(service = %run.service, cause = %e, "deploy aborted but the state from before it could not be restored");
                 self.finish(

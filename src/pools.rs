@@ -632,6 +632,10 @@ pub enum SwitchError {
     NoPrevious(String),
     #[error("refusing to switch {service:?}: {reason}")]
     NotHealthy { service: String, reason: String },
+    /// The service moved since the caller's last own change (see
+    /// [`Switchboard::restore`]).
+    #[error("{0} was changed by someone else meanwhile (see the history); left as it is")]
+    Moved(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -878,16 +882,22 @@ impl Switchboard {
     /// Puts `service` back exactly as `to` was (active, previous, weights):
     /// how an aborted deploy restores the state from before it. Recorded
     /// as a rollback with `reason` and `actor`; the health gate is asked
-    /// for a color that regains traffic unless `force`.
+    /// for a color that regains traffic unless `force`. Only while the
+    /// service's `moves` is still `if_moves` (the caller's last own change):
+    /// a change someone made since is never undone ([`SwitchError::Moved`]).
     pub fn restore(
         &self,
         service: &str,
         to: &ServiceState,
+        if_moves: u64,
         reason: Option<String>,
         force: bool,
         actor: &Actor,
     ) -> Result<ServiceState, SwitchError> {
         let before = self.change(service, |state| {
+            if state.moves != if_moves {
+                return Err(SwitchError::Moved(service.to_string()));
+            }
             if (state.active, state.previous, state.weights) == (to.active, to.previous, to.weights)
             {
                 return Ok(None);

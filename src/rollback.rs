@@ -40,6 +40,14 @@ struct Track {
     /// The active color when last looked at.
     active: Color,
     watch: Option<Watching>,
+    /// When the watcher last looked (clock ms): a move it finds now
+    /// happened after this, so a new watch counts from here. Counting
+    /// from the tick that notices the move would miss the canary's first
+    /// requests, which a bad build fails at once.
+    seen_ms: u64,
+    /// Whether the service had gates when last looked at: gates a reload
+    /// gives it during a split judge that split from then on.
+    gated: bool,
     /// The last verdict, for `GET /status`.
     last: Option<Verdict>,
 }
@@ -178,14 +186,32 @@ impl Watcher {
                     since_ms: now,
                     until_ms: None,
                 }),
+                seen_ms: now,
+                gated: true,
                 last: None,
             });
+            let changed_after = std::mem::replace(&mut track.seen_ms, now);
             let Some(gates) = s.rollback.filter(|r| r.enabled) else {
                 track.moves = s.moves;
                 track.active = s.active;
                 track.watch = None;
+                track.gated = false;
                 continue;
             };
+            if !std::mem::replace(&mut track.gated, true)
+                && track.moves == s.moves
+                && s.last_move != Some(SwitchKind::Rollback)
+            {
+                // Gates just appeared (a reload) on a split already in
+                // place: judge its canary from now. A full switch made
+                // before the gates existed is not judged: its start is
+                // unknown.
+                track.watch = s.canary().map(|c| Watching {
+                    color: c,
+                    since_ms: now,
+                    until_ms: None,
+                });
+            }
             if held {
                 // The deploy judges; what it leaves behind is new at release.
                 track.watch = None;
@@ -199,7 +225,7 @@ impl Watcher {
                     (Some(SwitchKind::Rollback), _) => None,
                     (_, Some(canary)) => Some(Watching {
                         color: canary,
-                        since_ms: now,
+                        since_ms: changed_after,
                         until_ms: None,
                     }),
                     // Back to 100 % on the color that was already active:
@@ -207,8 +233,8 @@ impl Watcher {
                     (_, None) if !moved_to_new_color => None,
                     (_, None) => Some(Watching {
                         color: s.active,
-                        since_ms: now,
-                        until_ms: Some(now + gates.watch.as_millis() as u64),
+                        since_ms: changed_after,
+                        until_ms: Some(changed_after + gates.watch.as_millis() as u64),
                     }),
                 };
             }
@@ -419,6 +445,57 @@ mod tests {
         assert_eq!(board.history(None).unwrap().len(), 2);
         let counted: u64 = w.stats.rollbacks().iter().map(|(_, _, n)| n).sum();
         assert_eq!(counted, 1);
+    }
+
+    #[test]
+    fn requests_between_the_change_and_the_next_tick_are_judged() {
+        // The watcher learns of a change at its next tick, up to a second
+        // later; the canary's first requests (the ones a bad build fails
+        // at once) land in between and must count.
+        let (clock, board, w) = setup();
+        w.tick();
+        clock.advance(Duration::from_millis(300));
+        let split = Weights::new(50, 50).unwrap();
+        board
+            .set_weights("api", split, SwitchKind::Switch, None, false, &who())
+            .unwrap();
+        load(&w, &clock, Color::Green, 10, true);
+        clock.advance(Duration::from_millis(900));
+        w.tick();
+        let s = board.service("api").unwrap();
+        assert_eq!(s.weights, Weights::all(Color::Blue), "{:?}", w.status(&s));
+    }
+
+    #[test]
+    fn gates_a_reload_adds_during_a_split_judge_that_split() {
+        // No gates at start: the split is seen but not watched.
+        let bare = "[services.api]\nblue = [\"127.0.0.1:1\"]\ngreen = [\"127.0.0.1:2\"]\n";
+        let config = Config::parse(Path::new("t.toml"), bare).unwrap();
+        let board = Arc::new(Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap());
+        let clock = Arc::new(ManualClock::default());
+        clock.advance(Duration::from_secs(100));
+        let stats = Arc::new(Stats::new(&board, clock.clone()));
+        let w = Watcher::new(board.clone(), stats);
+        w.tick();
+        let split = Weights::new(50, 50).unwrap();
+        board
+            .set_weights("api", split, SwitchKind::Switch, None, false, &who())
+            .unwrap();
+        w.tick();
+        // A reload gives it gates in the middle of the canary.
+        let gated = format!("{bare}[services.api.rollback]\nwindow = \"10s\"\nmin_requests = 10\n");
+        let config = Config::parse(Path::new("t.toml"), &gated).unwrap();
+        let pages = crate::respond::Pages::new(None, Duration::from_secs(1)).unwrap();
+        let settings = crate::settings::Settings::new(&config.server, pages);
+        board.reload(&config, settings);
+        w.tick();
+        clock.advance(Duration::from_secs(1));
+        load(&w, &clock, Color::Green, 10, true);
+        w.tick();
+        assert_eq!(
+            board.service("api").unwrap().weights,
+            Weights::all(Color::Blue)
+        );
     }
 
     #[test]

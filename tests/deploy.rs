@@ -401,3 +401,150 @@ fn a_second_deploy_is_refused_naming_the_first() {
     assert_eq!(p.active("api"), "blue");
     assert_eq!(p.service_status("api")["weights"]["blue"], 100);
 }
+
+/// A plan out of range is refused with the range the proxy really
+/// enforces and the value it got, so the operator knows what to type;
+/// nothing starts.
+#[test]
+fn a_plan_out_of_range_names_the_real_range_and_the_value() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let p = ProxyBuilder::new(deployable_api(&blue, &green)).start();
+    for (flag, value, range) in [
+        ("--lease", "2s", "lease must be 3 s to 10 min, got 2 s"),
+        ("--lease", "11m", "lease must be 3 s to 10 min, got 11 min"),
+        (
+            "--interval",
+            "500ms",
+            "interval must be 1 s to 1 h, got 500 ms",
+        ),
+        ("--interval", "2h", "interval must be 1 s to 1 h, got 2 h"),
+        (
+            "--wait-healthy",
+            "61m",
+            "wait_healthy must be 0 s to 1 h, got 61 min",
+        ),
+    ] {
+        let out = p.ctl(&["deploy", "api", "--to", "green", flag, value]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{flag} {value}: {}",
+            describe(&out)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(range), "{flag} {value}: {err}");
+    }
+    assert_eq!(p.active("api"), "blue");
+    assert!(events(&p).is_empty());
+}
+
+/// A reload that removes the service a deploy runs on ends the deploy
+/// saying so (not "changed by someone else"), and the ctl that follows
+/// it reports that outcome (exit 4) instead of losing it to a 404.
+#[test]
+fn a_reload_removing_the_service_ends_its_deploy_saying_why() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let web = service_with("web", &[&blue], &[&green], "blue", "");
+    let p = ProxyBuilder::new(format!("{web}{}", deployable_api(&blue, &green))).start();
+    let child = deploy_at_step_one(&p, &[]);
+    std::fs::write(p.config_path(), format!("{web}{}", route(None, "/", "web"))).unwrap();
+    let (code, v) = p.admin("POST", "/reload", None);
+    assert_eq!(code, 200, "{v}");
+    let out = wait_output_with_deadline(child, Duration::from_secs(15), "ctl deploy");
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    let summary = stdout(&out);
+    assert!(
+        summary.contains("api was removed by a config reload"),
+        "{summary}"
+    );
+}
+
+/// CI runners cancel a job with SIGTERM (and an SSH session that drops
+/// hangs up with SIGHUP), not Ctrl-C: the ctl restores the state from
+/// before at once, as for Ctrl-C, rather than leaving the canary running
+/// until the lease runs out.
+#[test]
+fn sigterm_and_sighup_abort_like_ctrl_c() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let p = ProxyBuilder::new(deployable_api(&blue, &green)).start();
+    for signal in [libc::SIGTERM, libc::SIGHUP] {
+        let child = deploy_at_step_one(&p, &[]);
+        // SAFETY: signals the ctl child this test started.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let out = wait_output_with_deadline(child, Duration::from_secs(15), "ctl deploy");
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "signal {signal}: {}",
+            describe(&out)
+        );
+        assert_eq!(p.active("api"), "blue");
+        assert_eq!(p.service_status("api")["weights"]["blue"], 100);
+        let last = events(&p).pop().unwrap();
+        assert!(
+            last["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("deploy aborted by token:default"),
+            "{last}"
+        );
+    }
+}
+
+/// `ctl deploy` run over SSH without a terminal (the shipped workflow)
+/// gets no signal when the job is cancelled: its output pipe closes. The
+/// next progress line it cannot write aborts the deploy and restores the
+/// state at once, as Ctrl-C does, instead of a panic and the lease.
+#[test]
+fn a_closed_output_aborts_and_restores() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let p = ProxyBuilder::new(deployable_api(&blue, &green)).start();
+    let mut child = deploy_at_step_one(&p, &["--lease", "10m"]);
+    drop(child.stdout.take());
+    let out = wait_output_with_deadline(child, Duration::from_secs(20), "ctl deploy");
+    assert_eq!(out.status.code(), Some(130), "{}", describe(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(p.active("api"), "blue");
+    assert_eq!(p.service_status("api")["weights"]["blue"], 100);
+}
+
+/// A deploy that ends without having made the last change (someone
+/// changed the service while it waited for health, then it was aborted)
+/// leaves that change alone: it restores only its own work, never over
+/// an operator's later command.
+#[test]
+fn an_abort_never_undoes_a_change_made_by_someone_else() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    green.set_healthy(false);
+    let p = ProxyBuilder::new(deployable_api(&blue, &green)).start();
+    let child = p.spawn_ctl(&["deploy", "api", "--to", "green", "--wait-healthy", "60s"]);
+    wait_deploy(&p, "deploy waiting for health", |v| {
+        v["phase"] == "waiting_healthy"
+    });
+    // Meanwhile an operator moves the service by hand.
+    let out = p.ctl(&[
+        "weights", "api", "80", "20", "--force", "--reason", "by hand",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // SAFETY: signals the ctl child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = wait_output_with_deadline(child, Duration::from_secs(15), "ctl deploy");
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains("changed by someone else"),
+        "{}",
+        describe(&out)
+    );
+    assert_state_80_20(&p);
+    let last = events(&p).pop().unwrap();
+    assert_eq!(last["actor"], "token:default", "{last}");
+}

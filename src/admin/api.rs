@@ -427,7 +427,7 @@ impl From<SwitchError> for ApiError {
     fn from(e: SwitchError) -> Self {
         match e {
             SwitchError::UnknownService(_) => ApiError::NotFound(e.to_string()),
-            SwitchError::NoPrevious(_) | SwitchError::NotHealthy { .. } => {
+            SwitchError::NoPrevious(_) | SwitchError::NotHealthy { .. } | SwitchError::Moved(_) => {
                 ApiError::Conflict(e.to_string())
             }
             SwitchError::Store(_) => ApiError::Internal(e.to_string()),

@@ -9,6 +9,7 @@
 //! (admin API unreachable, bad token, a bad plan), as every `ctl` command,
 //! and 2 for arguments the command line parser refuses (clap's usage error).
 
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -41,7 +42,7 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How often a wait looks for Ctrl-C (100 ms).
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
-/// Set by the SIGINT handler.
+/// Set by the handler of SIGINT, SIGTERM and SIGHUP.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_interrupt(_: libc::c_int) {
@@ -49,11 +50,16 @@ extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// Ctrl-C, and the signals a cancelled CI job or a dropped SSH session
+/// sends (SIGTERM, SIGHUP), all abort the deploy and restore the state
+/// from before it at once, rather than leaving the canary to the lease.
 fn catch_interrupt() {
     let handler: extern "C" fn(libc::c_int) = on_interrupt;
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe {
+            libc::signal(signal, handler as libc::sighandler_t);
+        }
     }
 }
 
@@ -72,9 +78,16 @@ pub struct DeployExit {
 /// [`DeployExit`] error carries any other outcome's exit code.
 pub fn deploy(client: &Client, service: &str, plan: Plan, json: bool) -> anyhow::Result<()> {
     catch_interrupt();
-    let say = |line: &str| match json {
-        true => eprintln!("{line}"),
-        false => println!("{line}"),
+    let say = |line: &str| {
+        let written = match json {
+            true => writeln!(std::io::stderr(), "{line}"),
+            false => writeln!(std::io::stdout(), "{line}"),
+        };
+        // Nobody reads any more (over SSH without a terminal, a cancelled
+        // job closes the pipe and sends no signal): abort as for Ctrl-C.
+        if written.is_err() {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        }
     };
     let started = Instant::now();
     let cmd = Command::Deploy {
@@ -157,9 +170,10 @@ fn finish(json: bool, code: u8, summary: String, mut last: Value) -> anyhow::Res
     if json {
         last["exit_code"] = json!(code);
         last["summary"] = json!(summary);
-        println!("{}", serde_json::to_string(&last)?);
+        // A closed output is no reason to panic: the exit code still says it.
+        let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string(&last)?);
     } else {
-        println!("{summary}");
+        let _ = writeln!(std::io::stdout(), "{summary}");
     }
     match code {
         EXIT_DONE => Ok(()),
