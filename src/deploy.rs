@@ -195,6 +195,8 @@ struct Run {
     actor: Actor,
     started: SystemTime,
     before: ServiceState,
+    /// The gates when it started, as `GET` shows them; each tick judges by
+    /// the service's gates then (a reload may change them).
     gates: Rollback,
     progress: Mutex<Progress>,
     /// Set to the reason when an abort is asked.
@@ -472,24 +474,33 @@ impl Deployer {
                     );
                     return self.finish(run, Phase::Failed, why);
                 }
+                // The service's gates as they are now: a reload that changes
+                // them applies at once, as the windows' slow counts do.
+                let gates = now.rollback.unwrap_or_default();
                 let since = run.lock().since_ms;
                 let f = self
                     .watcher
                     .stats()
-                    .figures(service, to, run.gates.window, since);
+                    .figures(service, to, gates.window, since);
                 run.lock().figures = Some(f);
-                if let Some(breach) = judge(&f, &run.gates) {
+                if let Some(breach) = judge(&f, &gates) {
                     let why = format!(
                         "deploy rolled back at step {step}/{n} ({to} {pct} %): {}",
                         breach.detail
                     );
                     let stats = self.watcher.stats();
-                    let outcome =
-                        match roll_back(&self.board, stats, service, to, &why, &breach, &run.actor)
-                        {
-                            Ok(_) => why,
-                            Err(e) => format!("{why}; the rollback was refused: {e}"),
-                        };
+                    let outcome = match roll_back(
+                        &self.board,
+                        stats,
+                        &after,
+                        to,
+                        &why,
+                        &breach,
+                        &run.actor,
+                    ) {
+                        Ok(_) => why,
+                        Err(e) => format!("{why}; the rollback was refused: {e}"),
+                    };
                     return self.finish(run, Phase::RolledBack, outcome);
                 }
                 if run.until_passed(self.now_ms()) {

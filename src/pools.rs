@@ -785,7 +785,25 @@ impl Switchboard {
         force: bool,
         actor: &Actor,
     ) -> Result<ServiceState, SwitchError> {
+        self.steer(service, kind, reason, force, actor, |_| Ok(to))
+    }
+
+    /// The one path that moves traffic: under the write lock, `target`
+    /// picks the weights from the state as it is now (so a rollback's
+    /// destination cannot go stale between reading and writing), the
+    /// health gate is asked for a color that gains traffic unless `force`,
+    /// and the change is persisted, published and recorded.
+    fn steer(
+        &self,
+        service: &str,
+        kind: SwitchKind,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+        target: impl FnOnce(&ServiceState) -> Result<Weights, SwitchError>,
+    ) -> Result<ServiceState, SwitchError> {
         let before = self.change(service, |state| {
+            let to = target(state)?;
             if state.weights == to {
                 return Ok(None);
             }
@@ -872,11 +890,38 @@ impl Switchboard {
         force: bool,
         actor: &Actor,
     ) -> Result<ServiceState, SwitchError> {
-        let target = self
-            .service(service)?
-            .rollback_target()
-            .ok_or_else(|| SwitchError::NoPrevious(service.to_string()))?;
-        self.switch(service, target, SwitchKind::Rollback, reason, force, actor)
+        self.rollback_if(service, None, reason, force, actor)
+    }
+
+    /// [`Switchboard::rollback`], only if the service has not moved since
+    /// the state its caller judged (`moves`, when given; else
+    /// [`SwitchError::Moved`]): how the rollback watcher and `ctl deploy`
+    /// roll back, so a command that lands after their verdict is never
+    /// rolled back on figures about a state that is gone.
+    pub fn rollback_if(
+        &self,
+        service: &str,
+        moves: Option<u64>,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        self.steer(
+            service,
+            SwitchKind::Rollback,
+            reason,
+            force,
+            actor,
+            |state| {
+                if moves.is_some_and(|m| m != state.moves) {
+                    return Err(SwitchError::Moved(service.to_string()));
+                }
+                state
+                    .rollback_target()
+                    .map(Weights::all)
+                    .ok_or_else(|| SwitchError::NoPrevious(service.to_string()))
+            },
+        )
     }
 
     /// Puts `service` back exactly as `to` was (active, previous, weights):
@@ -1351,6 +1396,38 @@ min_healthy = 1
         );
         assert!(Weights::new(50, 51).is_err());
         assert!(Weights::new(300, 0).is_err());
+    }
+
+    #[test]
+    fn a_conditional_rollback_never_undoes_a_later_command() {
+        let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
+        let judged = board
+            .switch("api", Color::Green, SwitchKind::Switch, None, false, &who())
+            .unwrap();
+        // An operator moves on after the verdict was reached...
+        board
+            .set_weights(
+                "api",
+                Weights::new(50, 50).unwrap(),
+                SwitchKind::Switch,
+                None,
+                false,
+                &who(),
+            )
+            .unwrap();
+        // ...so the verdict's rollback is refused and changes nothing.
+        let late = board.rollback_if("api", Some(judged.moves), None, false, &who());
+        assert!(matches!(late, Err(SwitchError::Moved(_))), "{late:?}");
+        assert_eq!(
+            board.load().services[0].weights,
+            Weights::new(50, 50).unwrap()
+        );
+        // On the state it judged, it rolls back.
+        let now = board.service("api").unwrap().moves;
+        let back = board
+            .rollback_if("api", Some(now), None, false, &who())
+            .unwrap();
+        assert_eq!(back.weights, Weights::all(Color::Green));
     }
 
     #[test]

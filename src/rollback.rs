@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use crate::canary::{judge, Breach, Figures, Stats};
 use crate::config::{NotifyEvent, Rollback};
 use crate::notify::Notice;
-use crate::pools::{Color, ServiceState, SwitchKind, Switchboard};
+use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard};
 use crate::store::Actor;
 
 /// How often the watcher judges (1 s): a breach is acted on within a
@@ -81,24 +81,34 @@ pub struct Watcher {
     held: Mutex<HashSet<Arc<str>>>,
 }
 
-/// Rolls `service` back for `breach` of its `color`: the one rollback path
-/// of the watcher and of `ctl deploy`. Counted by gate on success; on a
-/// refusal (the old color is not healthy) logged as an error and notified,
-/// never forced. Returns the outcome as the status shows it.
+/// Rolls the service of `judged` (the state its figures were judged on)
+/// back for `breach` of its `color`: the one rollback path of the watcher
+/// and of `ctl deploy`. Only that state is rolled back: if the service
+/// moved since, nothing happens. Counted by gate on success; on a refusal
+/// (the old color is not healthy) logged as an error and notified, never
+/// forced. Returns the outcome as the status shows it.
 pub fn roll_back(
     board: &Switchboard,
     stats: &Stats,
-    service: &str,
+    judged: &ServiceState,
     color: Color,
     reason: &str,
     breach: &Breach,
     actor: &Actor,
 ) -> Result<ServiceState, String> {
-    match board.rollback(service, Some(reason.to_string()), false, actor) {
+    let service = &*judged.name;
+    let moves = Some(judged.moves);
+    match board.rollback_if(service, moves, Some(reason.to_string()), false, actor) {
         Ok(state) => {
             stats.count_rollback(service, breach.gate);
             tracing::warn!(service, %color, gate = breach.gate.as_str(), reason, %actor, "rolled back: a gate failed");
             Ok(state)
+        }
+        Err(e @ SwitchError::Moved(_)) => {
+            // Someone moved the service after the verdict: their command
+            // stands, and what it did is judged afresh.
+            tracing::info!(service, %color, gate = breach.gate.as_str(), reason, cause = %e, "a gate failed, but the service moved meanwhile; no rollback");
+            Err(e.to_string())
         }
         Err(e) => {
             tracing::error!(service, %color, gate = breach.gate.as_str(), reason, cause = %e, "a gate failed but the rollback was refused; traffic stays where it is");
@@ -252,7 +262,8 @@ impl Watcher {
             };
             // Judged on this snapshot: if the service moved meanwhile (an
             // operator was quicker), the verdict is about a state that is
-            // gone; the next tick sees the new one.
+            // gone: `roll_back` refuses it under the write lock, and the
+            // next tick sees the new state.
             if self.board.service(&s.name).map(|now| now.moves).ok() != Some(s.moves) {
                 continue;
             }
@@ -263,7 +274,7 @@ impl Watcher {
             let outcome = match roll_back(
                 &self.board,
                 &self.stats,
-                &s.name,
+                s,
                 w.color,
                 &reason,
                 &breach,
