@@ -483,6 +483,17 @@ fn sigterm_and_sighup_abort_like_ctrl_c() {
         );
         assert_eq!(p.active("api"), "blue");
         assert_eq!(p.service_status("api")["weights"]["blue"], 100);
+        // The summary names the signal, not Ctrl-C.
+        let name = if signal == libc::SIGTERM {
+            "SIGTERM"
+        } else {
+            "SIGHUP"
+        };
+        let text = stdout(&out);
+        assert!(
+            text.contains(&format!("aborted by {name} after ")),
+            "{text}"
+        );
         let last = events(&p).pop().unwrap();
         assert!(
             last["reason"]

@@ -440,9 +440,10 @@ impl From<ReloadError> for ApiError {
         match e {
             ReloadError::Invalid { path, errors } => ApiError::InvalidConfig {
                 message: format!(
-                    "{} rejected, the running config is kept ({} problems; see errors)",
+                    "{} rejected, the running config is kept ({} problem{}; see errors)",
                     path.display(),
-                    errors.len()
+                    errors.len(),
+                    if errors.len() == 1 { "" } else { "s" }
                 ),
                 errors,
             },

@@ -10,7 +10,7 @@
 //! and 2 for arguments the command line parser refuses (clap's usage error).
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -42,13 +42,32 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How often a wait looks for Ctrl-C (100 ms).
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
-/// Set by the handler of SIGINT, SIGTERM and SIGHUP.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// What interrupted the deploy: 0 nothing yet, else the signal number
+/// (SIGINT, SIGTERM, SIGHUP) or [`CLOSED_OUTPUT`].
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
+/// Nobody reads the progress any more (a closed pipe).
+const CLOSED_OUTPUT: i32 = -1;
 
-extern "C" fn on_interrupt(_: libc::c_int) {
+extern "C" fn on_interrupt(signal: libc::c_int) {
     // Only an atomic store: async-signal-safe.
-    INTERRUPTED.store(true, Ordering::SeqCst);
+    INTERRUPTED.store(signal, Ordering::SeqCst);
 }
+
+/// How the summary names what interrupted the deploy.
+fn interrupted_by() -> &'static str {
+    match INTERRUPTED.load(Ordering::SeqCst) {
+        libc::SIGINT => "Ctrl-C",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        CLOSED_OUTPUT => "a closed output",
+        _ => "an interrupt",
+    }
+}
+
+/// How long `ctl deploy` keeps asking when the admin API does not answer
+/// a poll (10 s) before it gives up; the deploy's lease ends it in the
+/// proxy if nobody polls.
+const POLL_RETRY_FOR: Duration = Duration::from_secs(10);
 
 /// Ctrl-C, and the signals a cancelled CI job or a dropped SSH session
 /// sends (SIGTERM, SIGHUP), all abort the deploy and restore the state
@@ -86,7 +105,8 @@ pub fn deploy(client: &Client, service: &str, plan: Plan, json: bool) -> anyhow:
         // Nobody reads any more (over SSH without a terminal, a cancelled
         // job closes the pipe and sends no signal): abort as for Ctrl-C.
         if written.is_err() {
-            INTERRUPTED.store(true, Ordering::SeqCst);
+            let _ =
+                INTERRUPTED.compare_exchange(0, CLOSED_OUTPUT, Ordering::SeqCst, Ordering::SeqCst);
         }
     };
     let started = Instant::now();
@@ -132,7 +152,12 @@ pub fn deploy(client: &Client, service: &str, plan: Plan, json: bool) -> anyhow:
             };
             break;
         }
-        last = client.send(&status)?;
+        last = match poll(client, &status, &say) {
+            Ok(v) => v,
+            // Interrupted while the poll was failing: abort at the loop's top.
+            Err(_) if INTERRUPTED.load(Ordering::SeqCst) != 0 => continue,
+            Err(e) => return Err(e.into()),
+        };
     }
     let took = show_secs(Duration::from_secs(started.elapsed().as_secs()));
     let outcome = last["outcome"].as_str().unwrap_or("-").to_string();
@@ -152,7 +177,8 @@ pub fn deploy(client: &Client, service: &str, plan: Plan, json: bool) -> anyhow:
         (true, _) => (
             EXIT_INTERRUPTED,
             format!(
-                "deploy {service} -> {to}: aborted by Ctrl-C after {took}: {outcome}; now {}",
+                "deploy {service} -> {to}: aborted by {} after {took}: {outcome}; now {}",
+                interrupted_by(),
                 weights_text(&last["weights"])
             ),
         ),
@@ -168,6 +194,10 @@ pub fn deploy(client: &Client, service: &str, plan: Plan, json: bool) -> anyhow:
 /// code and summary) and returns the outcome.
 fn finish(json: bool, code: u8, summary: String, mut last: Value) -> anyhow::Result<()> {
     if json {
+        // An answer that is not an object still gets its exit code.
+        if !last.is_object() {
+            last = json!({ "answer": last });
+        }
         last["exit_code"] = json!(code);
         last["summary"] = json!(summary);
         // A closed output is no reason to panic: the exit code still says it.
@@ -185,12 +215,31 @@ fn finish(json: bool, code: u8, summary: String, mut last: Value) -> anyhow::Res
 fn wait_or_interrupt(d: Duration) -> bool {
     let end = Instant::now() + d;
     while Instant::now() < end {
-        if INTERRUPTED.load(Ordering::SeqCst) {
+        if INTERRUPTED.load(Ordering::SeqCst) != 0 {
             return true;
         }
         std::thread::sleep(SIGNAL_CHECK.min(end.saturating_duration_since(Instant::now())));
     }
-    INTERRUPTED.load(Ordering::SeqCst)
+    INTERRUPTED.load(Ordering::SeqCst) != 0
+}
+
+/// One progress poll. A poll that gets no answer (a restart of the admin
+/// listener, a network blip over SSH) is tried again for up to
+/// [`POLL_RETRY_FOR`]; an answer that refuses is final.
+fn poll(client: &Client, status: &Command, say: &dyn Fn(&str)) -> Result<Value, ClientError> {
+    let give_up = Instant::now() + POLL_RETRY_FOR;
+    loop {
+        match client.send(status) {
+            Err(e @ ClientError::Refused { .. }) => return Err(e),
+            Err(e) if Instant::now() < give_up => {
+                say(&format!("progress poll failed ({e}); trying again"));
+                if wait_or_interrupt(POLL) {
+                    return Err(e);
+                }
+            }
+            other => return other,
+        }
+    }
 }
 
 fn weights_text(w: &Value) -> String {
