@@ -372,6 +372,8 @@ config and state in {dir} (removed when the demo exits)
   {exe} ctl --admin http://{admin} switch web green --wait-healthy 10s
   curl http://{http}/                      # now answered by green (version 1.1.0)
   {exe} ctl --admin http://{admin} rollback web
+  {exe} ctl --admin http://{admin} weights web 80 20      # a canary: 20 % of new requests to green
+  {exe} ctl --admin http://{admin} deploy web --to green --steps 50,100 --interval 5s
   {exe} ctl --admin http://{admin} history
 
   # writes are rate-limited per client (2/s, burst 5): the 7th POST gets 429
