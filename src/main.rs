@@ -620,12 +620,20 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
         Command::Switch { to, .. } if before == Some(to.as_str()) => {
             println!("{}: already {to}; nothing changed", s(&reply["name"]));
         }
-        Command::Switch { .. } | Command::Rollback { .. } => {
+        Command::Switch { .. } => {
             println!(
                 "{}: now {} (was {})",
                 s(&reply["name"]),
                 s(&reply["active"]),
                 s(&reply["previous"])
+            );
+        }
+        // After a canary's rollback `previous` is not where traffic was.
+        Command::Rollback { .. } => {
+            println!(
+                "{}: rolled back: every new request goes to {}",
+                s(&reply["name"]),
+                s(&reply["active"])
             );
         }
         Command::Weights { .. } => {
@@ -682,7 +690,7 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
                     _ => String::new(),
                 };
                 println!(
-                    "{}  {:<12} {:>5} -> {:<5}{split}  by {:<20} {}",
+                    "{}  {:<12} {:>5} -> {:<5}{split:<9}  by {:<24} {}",
                     s(&e["time"]),
                     s(&e["service"]),
                     s(&e["from"]),

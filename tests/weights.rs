@@ -113,6 +113,10 @@ fn a_rollback_during_a_canary_returns_everything_to_the_active_color() {
     weights(&p, 50, 50);
     let out = p.ctl(&["rollback", "api", "--reason", "errors"]);
     assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "api: rolled back: every new request goes to blue"
+    );
     let s = p.service_status("api");
     assert_eq!(
         s["weights"],
