@@ -14,9 +14,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::http::RequestHeader;
 use switchyard::config::Config;
 use switchyard::limits::rate::RateLimit;
-use switchyard::pools::Switchboard;
 use switchyard::route::RouteTable;
 use switchyard::store::FileStore;
+use switchyard::switchboard::Switchboard;
 
 fn shipped() -> Config {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/switchyard.toml");

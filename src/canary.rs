@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::config::Rollback;
-use crate::pools::{Color, Switchboard};
+use crate::pools::Color;
 use crate::record::{Observer, RequestRecord};
 use crate::respond::Refusal;
+use crate::switchboard::Switchboard;
 
 /// Slot width: one second.
 pub const SLOT: Duration = Duration::from_secs(1);

@@ -25,9 +25,10 @@ use serde_json::{json, Value};
 use crate::canary::{judge, Figures};
 use crate::config::{NotifyEvent, Rollback};
 use crate::notify::Notice;
-use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard, Weights};
+use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Weights};
 use crate::rollback::{figures_json, gates_json, roll_back, Watcher};
 use crate::store::Actor;
+use crate::switchboard::Switchboard;
 
 /// Steps when none are given: straight to 100 %, still judged for
 /// `interval`.

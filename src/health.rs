@@ -26,7 +26,8 @@ use tokio::net::TcpStream;
 
 use crate::config::HealthCheck;
 use crate::notify::Notice;
-use crate::pools::{Color, ServiceState, Switchboard};
+use crate::pools::{Color, ServiceState};
+use crate::switchboard::Switchboard;
 
 /// Largest health response read (16 KiB): enough for a status line, headers
 /// and a small body to search for the expected text.

@@ -21,10 +21,11 @@ use crate::config::{RouteAction, RouteLimits};
 use crate::forwarded::{self, Client};
 use crate::host::{self, Authority};
 use crate::limits::concurrency::{self, Permit};
-use crate::pools::{InFlight, Snapshot, Switchboard};
+use crate::pools::{InFlight, Snapshot};
 use crate::record::{Observer, RequestRecord};
 use crate::respond::{self, Refusal};
 use crate::split;
+use crate::switchboard::Switchboard;
 use crate::tls::http::{self as tls_http, Side};
 
 /// Requests answered 503 because no backend of the active pool was healthy,

@@ -21,10 +21,11 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::pools::{Reloaded, Switchboard};
+use crate::pools::Reloaded;
 use crate::record::Observer;
 use crate::settings::Settings;
 use crate::store::Actor;
+use crate::switchboard::Switchboard;
 
 /// The config keys a reload cannot change: each is read once when the
 /// process builds its listeners and background services. A reload that

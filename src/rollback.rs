@@ -25,8 +25,9 @@ use serde_json::{json, Value};
 use crate::canary::{judge, Breach, Figures, Stats};
 use crate::config::{NotifyEvent, Rollback};
 use crate::notify::Notice;
-use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard};
+use crate::pools::{Color, ServiceState, SwitchError, SwitchKind};
 use crate::store::Actor;
+use crate::switchboard::Switchboard;
 
 /// How often the watcher judges (1 s): a breach is acted on within a
 /// second of the window showing it.

@@ -19,10 +19,11 @@ use super::auth::{self, Tokens};
 use crate::deploy::{DeployError, Deployer, Plan};
 use crate::limits::concurrency::Concurrency;
 use crate::limits::tokens::{TokenBudget, TokenCounts};
-use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Switchboard, Weights};
+use crate::pools::{Color, ServiceState, SwitchError, SwitchKind, Weights};
 use crate::reload::{ReloadError, Reloader};
 use crate::rollback::Watcher;
 use crate::store::Actor;
+use crate::switchboard::Switchboard;
 use crate::tls::store::{CertStatus, CertStore, RenewError};
 
 /// Keys listed per concurrency cap by `GET /limits` (10): the heaviest.

@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 use super::{registry::Families, Metrics, SLOW_CLIENT};
 use crate::connections::Connections;
 use crate::health::HealthStatus;
-use crate::pools::{Color, ServiceState, SwitchCause, Switchboard};
+use crate::pools::{Color, ServiceState, SwitchCause};
+use crate::switchboard::Switchboard;
 use crate::tls::handshake::TlsAcceptor;
 use crate::tls::store::CertStore;
 

@@ -1,0 +1,889 @@
+//! The one writer of the snapshot (`pools.rs`): every switch, canary
+//! step, rollback, maintenance toggle and config reload goes through
+//! [`Switchboard`], serialized, persisted before it is published, recorded
+//! in the history with who made it, counted and notified. Readers (every
+//! request) never wait for it: they load the current snapshot.
+
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::pools::{
+    Color, Pool, Reloaded, ServiceState, Snapshot, SwitchCause, SwitchError, SwitchKind, Weights,
+};
+use crate::settings::Settings;
+use crate::store::{Actor, Event, SavedService, SavedState, StateStore, StoreError};
+
+/// Owns the live snapshot and every change to it.
+pub struct Switchboard {
+    current: ArcSwap<Snapshot>,
+    store: Box<dyn StateStore>,
+    /// Serializes writers: read-modify-persist-store must not interleave.
+    write: Mutex<()>,
+    /// Counts config reloads; the health checker watches it to follow
+    /// services and backends a reload adds or removes.
+    reloads: tokio::sync::watch::Sender<u64>,
+    /// Told about every color change and maintenance toggle (webhooks);
+    /// set once at start, none in tests that do not ask.
+    notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
+}
+
+impl Switchboard {
+    /// [`Switchboard::with_settings`] with the built-in maintenance page
+    /// instead of `server.maintenance_page` (tests and benches; `run`
+    /// reads the configured page, which can fail, first).
+    pub fn new(config: &Config, store: Box<dyn StateStore>) -> Result<Switchboard, StoreError> {
+        let pages = crate::respond::Pages::builtin(config.server.retry_after);
+        Switchboard::with_settings(config, Settings::new(&config.server, pages), store)
+    }
+
+    /// Builds the first snapshot from the config and the saved state (saved
+    /// colors win; services the state does not know start on `active`).
+    pub fn with_settings(
+        config: &Config,
+        settings: Settings,
+        store: Box<dyn StateStore>,
+    ) -> Result<Switchboard, StoreError> {
+        let saved = store.load()?.unwrap_or_default();
+        for name in saved.services.keys() {
+            if config.service_index(name).is_none() {
+                tracing::warn!(
+                    service = %name,
+                    "saved state names a service that is no longer configured; ignoring it"
+                );
+            }
+        }
+        Ok(Switchboard {
+            current: ArcSwap::from_pointee(Snapshot::build(config, settings, None, &saved)),
+            store,
+            write: Mutex::new(()),
+            reloads: tokio::sync::watch::Sender::new(0),
+            notifier: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Puts a reloaded `config` in force for every request that starts
+    /// after this returns; requests in flight keep the snapshot they loaded.
+    ///
+    /// Carried over: each surviving service's saved state (active and
+    /// previous color, maintenance, and any field added to it later), the
+    /// health of every backend address that stays in the same service and
+    /// color (the same `Arc<Pool>`, with its round robin and in-flight
+    /// counts, when the pool is unchanged), and every limit whose name and
+    /// settings are unchanged. New services start on their saved state, or
+    /// on their configured `active`; removed ones drop out.
+    pub fn reload(&self, config: &Config, settings: Settings) -> Reloaded {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.current.load_full();
+        // Validated before (switchyard check reads it too); a state file
+        // that went bad since only costs the new services their saved colors.
+        let saved = self.store.load().ok().flatten().unwrap_or_default();
+        let next = Snapshot::build(config, settings, Some(&old), &saved);
+        let changes = next.changes_from(&old);
+        self.current.store(Arc::new(next));
+        self.reloads.send_modify(|n| *n += 1);
+        changes
+    }
+
+    /// Changes each time a reload is in force (see [`Switchboard::reload`]).
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// The snapshot for one request. Cheap: one atomic load and a refcount.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Makes `to` the active color of `service`: the `0/100` case of
+    /// [`Switchboard::set_weights`]. Returns once every new request goes to
+    /// `to`; switching to the color that already takes everything changes
+    /// nothing. Unless `force`, a color without enough healthy backends is
+    /// refused. `actor` is recorded in the history with the reason.
+    pub fn switch(
+        &self,
+        service: &str,
+        to: Color,
+        kind: SwitchKind,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        self.set_weights(service, Weights::all(to), kind, reason, force, actor)
+    }
+
+    /// Splits new requests of `service` by `to`. A color that gets traffic
+    /// it did not have must pass the health gate unless `force`; the color
+    /// taking 100 % becomes the active one (the other its `previous`).
+    /// Requests already running stay where they started. Recorded in the
+    /// history with `reason` and `actor`, counted and notified.
+    pub fn set_weights(
+        &self,
+        service: &str,
+        to: Weights,
+        kind: SwitchKind,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        self.steer(service, kind, reason, force, actor, |_| Ok(to))
+    }
+
+    /// The one path that moves traffic: under the write lock, `target`
+    /// picks the weights from the state as it is now (so a rollback's
+    /// destination cannot go stale between reading and writing), the
+    /// health gate is asked for a color that gains traffic unless `force`,
+    /// and the change is persisted, published and recorded.
+    fn steer(
+        &self,
+        service: &str,
+        kind: SwitchKind,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+        target: impl FnOnce(&ServiceState) -> Result<Weights, SwitchError>,
+    ) -> Result<ServiceState, SwitchError> {
+        let before = self.change(service, |state| {
+            let to = target(state)?;
+            if state.weights == to {
+                return Ok(None);
+            }
+            if !force {
+                state.gate_gaining(to)?;
+            }
+            let before = state.clone();
+            if let Some(sole) = to.sole().filter(|&c| c != state.active) {
+                state.previous = Some(state.active);
+                state.active = sole;
+            }
+            state.weights = to;
+            state.moves += 1;
+            state.last_move = Some(kind);
+            Ok(Some(before))
+        })?;
+        let after = self.service(service)?;
+        if let Some(before) = before {
+            self.record_change(&before, &after, kind, reason, force, actor);
+        }
+        Ok(after)
+    }
+
+    /// Counts, logs, records and notifies one change of a service's split.
+    fn record_change(
+        &self,
+        before: &ServiceState,
+        after: &ServiceState,
+        kind: SwitchKind,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) {
+        let service = &*after.name;
+        let (from, to) = (before.active, after.active);
+        let rollback = kind == SwitchKind::Rollback;
+        // A color change or a rollback moves traffic back and forth; a
+        // canary step is not a switch (`switchyard_traffic_weight` shows it).
+        if from != to || rollback {
+            let cause = match (kind, force) {
+                (SwitchKind::Rollback, _) => SwitchCause::Rollback,
+                (SwitchKind::Switch, true) => SwitchCause::Forced,
+                (SwitchKind::Switch, false) => SwitchCause::Switch,
+            };
+            if let Some((_, state)) = self.load().service(service) {
+                state.count_switch(cause);
+            }
+        }
+        let split = after.canary().map(|_| after.weights);
+        let reason = reason.unwrap_or_else(|| {
+            match (kind, split) {
+                (SwitchKind::Rollback, _) => "rollback",
+                (SwitchKind::Switch, Some(_)) => "weights",
+                (SwitchKind::Switch, None) => "switch",
+            }
+            .to_string()
+        });
+        tracing::info!(service, %from, %to, weights = %after.weights, force, reason = %reason, %actor, "traffic moved");
+        let notice = match (from != to || rollback, split) {
+            (true, _) | (false, None) => {
+                crate::notify::Notice::switched(service, from, to, rollback, &reason)
+            }
+            (false, Some(w)) => crate::notify::Notice::weights(service, before.weights, w, &reason),
+        };
+        self.append_history(Event {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            service: service.to_string(),
+            from,
+            to,
+            weights: split,
+            maintenance: None,
+            reason,
+            actor: actor.clone(),
+        });
+        self.notify(notice.by(actor));
+    }
+
+    /// Sends all traffic of `service` back where it came from: to the
+    /// active color when a split is under way, else to the previous color.
+    pub fn rollback(
+        &self,
+        service: &str,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        self.rollback_if(service, None, reason, force, actor)
+    }
+
+    /// [`Switchboard::rollback`], only if the service has not moved since
+    /// the state its caller judged (`moves`, when given; else
+    /// [`SwitchError::Moved`]): how the rollback watcher and `ctl deploy`
+    /// roll back, so a command that lands after their verdict is never
+    /// rolled back on figures about a state that is gone.
+    pub fn rollback_if(
+        &self,
+        service: &str,
+        moves: Option<u64>,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        self.steer(
+            service,
+            SwitchKind::Rollback,
+            reason,
+            force,
+            actor,
+            |state| {
+                if moves.is_some_and(|m| m != state.moves) {
+                    return Err(SwitchError::Moved(service.to_string()));
+                }
+                state
+                    .rollback_target()
+                    .map(Weights::all)
+                    .ok_or_else(|| SwitchError::NoPrevious(service.to_string()))
+            },
+        )
+    }
+
+    /// Puts `service` back exactly as `to` was (active, previous, weights):
+    /// how an aborted deploy restores the state from before it. Recorded
+    /// as a rollback with `reason` and `actor`; the health gate is asked
+    /// for a color that regains traffic unless `force`. Only while the
+    /// service's `moves` is still `if_moves` (the caller's last own change):
+    /// a change someone made since is never undone ([`SwitchError::Moved`]).
+    pub fn restore(
+        &self,
+        service: &str,
+        to: &ServiceState,
+        if_moves: u64,
+        reason: Option<String>,
+        force: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        let before = self.change(service, |state| {
+            if state.moves != if_moves {
+                return Err(SwitchError::Moved(service.to_string()));
+            }
+            if (state.active, state.previous, state.weights) == (to.active, to.previous, to.weights)
+            {
+                return Ok(None);
+            }
+            if !force {
+                state.gate_gaining(to.weights)?;
+            }
+            let before = state.clone();
+            state.active = to.active;
+            state.previous = to.previous;
+            state.weights = to.weights;
+            state.moves += 1;
+            state.last_move = Some(SwitchKind::Rollback);
+            Ok(Some(before))
+        })?;
+        let after = self.service(service)?;
+        if let Some(before) = before {
+            self.record_change(&before, &after, SwitchKind::Rollback, reason, force, actor);
+        }
+        Ok(after)
+    }
+
+    /// Appends a history entry that changes nothing (from and to are the
+    /// active color, with the split if any): how `ctl deploy` records its
+    /// outcome next to the steps it took.
+    pub fn note(&self, service: &str, reason: String, actor: &Actor) -> Result<(), SwitchError> {
+        let state = self.service(service)?;
+        let event = Event {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            service: service.to_string(),
+            from: state.active,
+            to: state.active,
+            weights: state.canary().map(|_| state.weights),
+            maintenance: None,
+            reason,
+            actor: actor.clone(),
+        };
+        self.store.append_history(&event)?;
+        Ok(())
+    }
+
+    /// Turns maintenance mode of `service` on or off; recorded in the
+    /// history with `actor` (the colors unchanged).
+    pub fn set_maintenance(
+        &self,
+        service: &str,
+        on: bool,
+        actor: &Actor,
+    ) -> Result<ServiceState, SwitchError> {
+        let changed = self.change(service, |state| {
+            let changed = state.maintenance != on;
+            state.maintenance = on;
+            Ok(changed)
+        })?;
+        let after = self.service(service)?;
+        if changed {
+            tracing::info!(service, on, %actor, "maintenance mode");
+            let what = if on { "on" } else { "off" };
+            self.append_history(Event {
+                time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                service: service.to_string(),
+                from: after.active,
+                to: after.active,
+                weights: after.canary().map(|_| after.weights),
+                maintenance: Some(on),
+                reason: format!("maintenance {what}"),
+                actor: actor.clone(),
+            });
+            // Webhooks: maintenance on/off is a `switch` event (notify.rs).
+            self.notify(crate::notify::Notice::maintenance(service, on).by(actor));
+        }
+        Ok(after)
+    }
+
+    /// Records in the history what a config reload did to each service:
+    /// added, removed, or a pool whose backends changed (`before`: the
+    /// snapshot the reload replaced). Colors are never changed by a reload.
+    pub fn note_reload(&self, before: &Snapshot, actor: &Actor) {
+        let after = self.load();
+        let event = |s: &ServiceState, reason: String| Event {
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            service: s.name.to_string(),
+            from: s.active,
+            to: s.active,
+            weights: s.canary().map(|_| s.weights),
+            maintenance: None,
+            reason: format!("config reload: {reason}"),
+            actor: actor.clone(),
+        };
+        for s in &after.services {
+            let Some((_, old)) = before.service(&s.name) else {
+                self.append_history(event(s, "service added".into()));
+                continue;
+            };
+            for color in Color::ALL {
+                let (was, now) = (old.pool(color), s.pool(color));
+                if !Arc::ptr_eq(was, now) {
+                    let list = |p: &Pool| {
+                        let addrs: Vec<String> =
+                            p.backends.iter().map(|b| b.addr.to_string()).collect();
+                        addrs.join(", ")
+                    };
+                    let reason = match (list(now), list(was)) {
+                        (now, was) if now == was => {
+                            format!("{color} pool rebuilt ({now}): connect_timeout or health check changed")
+                        }
+                        (now, was) => format!("{color} pool now {now} (was {was})"),
+                    };
+                    self.append_history(event(s, reason));
+                }
+            }
+        }
+        for s in &before.services {
+            if after.service(&s.name).is_none() {
+                self.append_history(event(s, "service removed".into()));
+            }
+        }
+    }
+
+    /// Appends one history line. The change itself is durable and live by
+    /// now; losing its history line is worth an alarm, not worth undoing it.
+    fn append_history(&self, event: Event) {
+        if let Err(err) = self.store.append_history(&event) {
+            tracing::error!(cause = %err, service = %event.service, "state changed but its history entry was not written");
+        }
+    }
+
+    /// Sends what happens here to `notifier` from now on (first call wins).
+    pub fn set_notifier(&self, notifier: Arc<crate::notify::Notifier>) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Queues `notice` for the webhooks; returns at once (see `notify.rs`).
+    pub fn notify(&self, notice: crate::notify::Notice) {
+        if let Some(n) = self.notifier.get() {
+            n.notify(notice);
+        }
+    }
+
+    /// The current state of one service.
+    pub fn service(&self, service: &str) -> Result<ServiceState, SwitchError> {
+        self.load()
+            .service(service)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| SwitchError::UnknownService(service.to_string()))
+    }
+
+    /// The one write path: edit a copy of `service`, persist, then publish.
+    /// `edit` returns what the caller wants back; a change that leaves the
+    /// state equal is neither persisted nor published.
+    fn change<T>(
+        &self,
+        service: &str,
+        edit: impl FnOnce(&mut ServiceState) -> Result<T, SwitchError>,
+    ) -> Result<T, SwitchError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let snap = self.current.load_full();
+        let (index, state) = snap
+            .service(service)
+            .ok_or_else(|| SwitchError::UnknownService(service.to_string()))?;
+        let mut next = state.clone();
+        let out = edit(&mut next)?;
+        if (next.active, next.previous, next.weights, next.maintenance)
+            == (
+                state.active,
+                state.previous,
+                state.weights,
+                state.maintenance,
+            )
+        {
+            return Ok(out);
+        }
+        let mut services = snap.services.clone();
+        services[index] = next;
+        let next = snap.with_services(services);
+        // Persist first: if the disk refuses, nothing has changed.
+        self.store.save(&saved_state(&next))?;
+        self.current.store(Arc::new(next));
+        Ok(out)
+    }
+
+    /// The last [`crate::store::HISTORY_LIMIT`] color changes, oldest
+    /// first; of `service` only, when given.
+    pub fn history(&self, service: Option<&str>) -> Result<Vec<Event>, StoreError> {
+        self.store.history(service)
+    }
+
+    /// Requests in flight across every pool.
+    pub fn in_flight(&self) -> usize {
+        self.load()
+            .services
+            .iter()
+            .flat_map(|s| Color::ALL.map(|c| s.pool(c).clone()))
+            .map(|p| p.in_flight())
+            .sum()
+    }
+}
+
+fn saved_state(snap: &Snapshot) -> SavedState {
+    SavedState {
+        version: SavedState::VERSION,
+        services: snap
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.to_string(),
+                    SavedService {
+                        active: s.active,
+                        previous: s.previous,
+                        weights: s.canary().map(|_| s.weights),
+                        maintenance: s.maintenance,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pools::InFlight;
+    use crate::store::MemoryStore;
+    use std::time::Duration;
+
+    fn who() -> Actor {
+        Actor::token("test")
+    }
+    use std::path::Path;
+
+    fn settings(config: &Config) -> Settings {
+        let pages = crate::respond::Pages::new(None, Duration::from_secs(1)).unwrap();
+        Settings::new(&config.server, pages)
+    }
+
+    fn config() -> Config {
+        Config::parse(
+            Path::new("t.toml"),
+            r#"
+[services.api]
+blue = ["127.0.0.1:1", "127.0.0.1:2"]
+green = ["127.0.0.1:3"]
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn round_robin_covers_the_pool() {
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
+        let snap = board.load();
+        let pool = snap.services[0].active_pool();
+        let picks: Vec<u16> = (0..4)
+            .map(|_| pool.select(None).unwrap().addr.port())
+            .collect();
+        assert_eq!(picks, vec![1, 2, 1, 2]);
+    }
+
+    #[test]
+    fn switch_is_atomic_and_leaves_old_snapshots_alone() {
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
+        let before = board.load();
+        let after = board
+            .switch("api", Color::Green, SwitchKind::Switch, None, false, &who())
+            .unwrap();
+        assert_eq!(after.active, Color::Green);
+        assert_eq!(after.previous, Some(Color::Blue));
+        assert_eq!(before.services[0].active, Color::Blue);
+        assert_eq!(board.load().services[0].active, Color::Green);
+        // The pools themselves are shared, not rebuilt.
+        assert!(Arc::ptr_eq(
+            before.services[0].pool(Color::Green),
+            board.load().services[0].pool(Color::Green)
+        ));
+        let back = board.rollback("api", None, false, &who()).unwrap();
+        assert_eq!(back.active, Color::Blue);
+        let reasons: Vec<String> = board
+            .history(None)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.reason)
+            .collect();
+        assert_eq!(reasons, vec!["switch", "rollback"]);
+    }
+
+    #[test]
+    fn errors_change_nothing() {
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
+        assert!(matches!(
+            board.switch(
+                "nope",
+                Color::Green,
+                SwitchKind::Switch,
+                None,
+                false,
+                &who()
+            ),
+            Err(SwitchError::UnknownService(_))
+        ));
+        assert!(matches!(
+            board.rollback("api", None, false, &who()),
+            Err(SwitchError::NoPrevious(_))
+        ));
+        assert_eq!(board.load().services[0].active, Color::Blue);
+        assert!(board.history(None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn switch_waits_for_health_unless_forced() {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            r#"
+[services.api]
+blue = ["127.0.0.1:1"]
+green = ["127.0.0.1:3", "127.0.0.1:4"]
+health = { path = "/ping", rise = 1, fall = 1 }
+min_healthy = 1
+"#,
+        )
+        .unwrap();
+        let board =
+            Switchboard::with_settings(&config, settings(&config), Box::<MemoryStore>::default())
+                .unwrap();
+        let switch =
+            |force| board.switch("api", Color::Green, SwitchKind::Switch, None, force, &who());
+        // Unknown health does not count as healthy.
+        let err = switch(false).unwrap_err().to_string();
+        assert!(err.contains("0 healthy backends of 1 required"), "{err}");
+        assert_eq!(board.load().services[0].active, Color::Blue);
+        let green = board.load().services[0].pool(Color::Green).clone();
+        green.backends[0]
+            .health
+            .record(Err("connect: refused".into()), 1, 1);
+        green.backends[1].health.record(Ok(()), 1, 1);
+        assert_eq!(switch(false).unwrap().active, Color::Green);
+        // An unhealthy backend leaves rotation.
+        assert!((0..4).all(|_| green.select(None).unwrap().addr.port() == 4));
+        // Blue was never checked: rolling back to it needs force too.
+        assert!(board.rollback("api", None, false, &who()).is_err());
+        board.rollback("api", None, true, &who()).unwrap();
+        green.backends[1]
+            .health
+            .record(Err("status 500".into()), 1, 1);
+        assert!(green.select(None).is_none());
+        assert_eq!(switch(true).unwrap().active, Color::Green);
+    }
+
+    #[test]
+    fn maintenance_is_part_of_the_snapshot() {
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
+        assert!(
+            board
+                .set_maintenance("api", true, &who())
+                .unwrap()
+                .maintenance
+        );
+        assert!(board.load().services[0].maintenance);
+        assert!(
+            !board
+                .set_maintenance("api", false, &who())
+                .unwrap()
+                .maintenance
+        );
+        assert!(matches!(
+            board.set_maintenance("nope", true, &who()),
+            Err(SwitchError::UnknownService(_))
+        ));
+    }
+
+    #[test]
+    fn weights_split_new_requests_and_a_switch_is_their_extreme() {
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
+        let split = |blue, green| {
+            board.set_weights(
+                "api",
+                Weights::new(blue, green).unwrap(),
+                SwitchKind::Switch,
+                None,
+                false,
+                &who(),
+            )
+        };
+        let s = split(90, 10).unwrap();
+        assert_eq!(
+            (s.active, s.canary(), s.previous),
+            (Color::Blue, Some(Color::Green), None)
+        );
+        // Every 100 requests without a bucket: exactly the split.
+        let greens = (0..1000)
+            .filter(|_| s.pick(None).color == Color::Green)
+            .count();
+        assert_eq!(greens, 100);
+        // A bucket decides by itself: the lowest `green` buckets go green.
+        assert_eq!(s.pick(Some(9)).color, Color::Green);
+        assert_eq!(s.pick(Some(10)).color, Color::Blue);
+        // A rollback of a split returns everything to the active color.
+        assert_eq!(
+            board.rollback("api", None, false, &who()).unwrap().weights,
+            Weights::all(Color::Blue)
+        );
+        // 0/100 is a switch: green active, blue previous, counted as one.
+        let s = split(0, 100).unwrap();
+        assert_eq!(
+            (s.active, s.previous, s.canary()),
+            (Color::Green, Some(Color::Blue), None)
+        );
+        assert_eq!(s.pick(Some(99)).color, Color::Green);
+        assert_eq!(board.load().services[0].switches(), [1, 0, 1]);
+        let history = board.history(None).unwrap();
+        let split_steps: Vec<_> = history
+            .iter()
+            .map(|e| (e.reason.as_str(), e.weights))
+            .collect();
+        assert_eq!(
+            split_steps,
+            vec![
+                (
+                    "weights",
+                    Some(Weights {
+                        blue: 90,
+                        green: 10
+                    })
+                ),
+                ("rollback", None),
+                ("switch", None),
+            ]
+        );
+        assert!(Weights::new(50, 51).is_err());
+        assert!(Weights::new(300, 0).is_err());
+    }
+
+    #[test]
+    fn a_conditional_rollback_never_undoes_a_later_command() {
+        let board = Switchboard::new(&config(), Box::<MemoryStore>::default()).unwrap();
+        let judged = board
+            .switch("api", Color::Green, SwitchKind::Switch, None, false, &who())
+            .unwrap();
+        // An operator moves on after the verdict was reached...
+        board
+            .set_weights(
+                "api",
+                Weights::new(50, 50).unwrap(),
+                SwitchKind::Switch,
+                None,
+                false,
+                &who(),
+            )
+            .unwrap();
+        // ...so the verdict's rollback is refused and changes nothing.
+        let late = board.rollback_if("api", Some(judged.moves), None, false, &who());
+        assert!(matches!(late, Err(SwitchError::Moved(_))), "{late:?}");
+        assert_eq!(
+            board.load().services[0].weights,
+            Weights::new(50, 50).unwrap()
+        );
+        // On the state it judged, it rolls back.
+        let now = board.service("api").unwrap().moves;
+        let back = board
+            .rollback_if("api", Some(now), None, false, &who())
+            .unwrap();
+        assert_eq!(back.weights, Weights::all(Color::Green));
+    }
+
+    #[test]
+    fn in_flight_is_counted_per_pool() {
+        let board = Switchboard::with_settings(
+            &config(),
+            settings(&config()),
+            Box::<MemoryStore>::default(),
+        )
+        .unwrap();
+        let pool = board.load().services[0].active_pool().clone();
+        let a = InFlight::new(pool.clone());
+        let b = InFlight::new(pool.clone());
+        assert_eq!(board.in_flight(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(pool.in_flight(), 0);
+    }
+
+    #[test]
+    fn reload_carries_colors_health_pools_and_unchanged_limits() {
+        let text = r#"
+[services.api]
+blue = ["127.0.0.1:1", "127.0.0.1:2"]
+green = ["127.0.0.1:3"]
+health = { path = "/ping", rise = 1, fall = 1 }
+
+[services.old]
+blue = ["127.0.0.1:7"]
+green = ["127.0.0.1:8"]
+
+[rate_limits.writes]
+rate = "1/m"
+
+[rate_limits.reads]
+rate = "5/m"
+
+[[routes]]
+path = "/"
+service = "api"
+rate_limit = "writes"
+
+[[routes]]
+path = "/old/"
+service = "old"
+rate_limit = "reads"
+"#;
+        let config = Config::parse(Path::new("t.toml"), text).unwrap();
+        let board =
+            Switchboard::with_settings(&config, settings(&config), Box::<MemoryStore>::default())
+                .unwrap();
+        board
+            .switch("api", Color::Green, SwitchKind::Switch, None, true, &who())
+            .unwrap();
+        board.set_maintenance("api", true, &who()).unwrap();
+        let before = board.load();
+        let blue = before.services[0].pool(Color::Blue).clone();
+        blue.backends[1].health.record(Ok(()), 1, 1);
+        let running = InFlight::new(blue.clone());
+        // Blue loses 127.0.0.1:1; green is unchanged; `old` goes, `new`
+        // comes; `writes` stays as it was, `reads` changes.
+        let next = text
+            .replace(
+                r#"blue = ["127.0.0.1:1", "127.0.0.1:2"]"#,
+                r#"blue = ["127.0.0.1:2"]"#,
+            )
+            .replace("[services.old]", "[services.new]")
+            .replace(r#"service = "old""#, r#"service = "new""#)
+            .replace(r#"rate = "5/m""#, r#"rate = "6/m""#)
+            .replace(r#"path = "/old/""#, r#"path = "/new/""#);
+        let next = Config::parse(Path::new("t.toml"), &next).unwrap();
+        let changes = board.reload(&next, settings(&next));
+        assert_eq!(changes.services_added, vec!["new"]);
+        assert_eq!(changes.services_removed, vec!["old"]);
+        assert_eq!(changes.routes_added, vec!["*/new/"]);
+        assert_eq!(changes.routes_removed, vec!["*/old/"]);
+        assert_eq!(changes.limits_reset, vec!["rate_limit:reads"]);
+        let after = board.load();
+        let api = &after.services[0];
+        assert_eq!(
+            (api.active, api.previous, api.maintenance),
+            (Color::Green, Some(Color::Blue), true)
+        );
+        assert!(Arc::ptr_eq(
+            api.pool(Color::Green),
+            before.services[0].pool(Color::Green)
+        ));
+        let new_blue = api.pool(Color::Blue);
+        assert!(!Arc::ptr_eq(new_blue, &blue));
+        assert_eq!(new_blue.backends.len(), 1);
+        assert!(Arc::ptr_eq(
+            &new_blue.backends[0].health,
+            &blue.backends[1].health
+        ));
+        assert_eq!(new_blue.healthy(), 1);
+        // A request still on the old pool counts on its color until it ends.
+        assert_eq!(new_blue.in_flight(), 1);
+        drop(running);
+        assert_eq!(new_blue.in_flight(), 0);
+        assert_eq!(after.services[1].name.as_ref(), "new");
+        assert_eq!(after.services[1].active, Color::Blue);
+        let kept = |s: &Snapshot| {
+            let l = s.rate_limits.iter().find(|l| l.name() == "writes");
+            l.map(|l| l as *const _)
+        };
+        assert_eq!(kept(&before), kept(&after));
+        // The old snapshot is untouched: requests that hold it finish on it.
+        assert_eq!(before.services[1].name.as_ref(), "old");
+        assert_eq!(before.routes.label(1), Some("*/old/"));
+        // A color change after the reload shares the config-derived parts.
+        board.set_maintenance("api", false, &who()).unwrap();
+        assert!(Arc::ptr_eq(&board.load().routes, &after.routes));
+    }
+}
