@@ -58,6 +58,13 @@ pub fn check_files(config: &Config) -> Vec<ConfigError> {
             let note = path.map_or(String::new(), |p| relative_note(key, p));
             problems.push(config.error_at(&format!("cluster.{key}"), format!("{e}{note}")));
         }
+        if let Err(e) = crate::cluster::RedisState::new(cluster, None) {
+            let note = cluster
+                .ca_file
+                .as_deref()
+                .map_or(String::new(), |p| relative_note("ca_file", p));
+            problems.push(config.error_at("cluster.ca_file", format!("{e}{note}")));
+        }
     }
     let state_dir = &config.server.state_dir;
     if let Err(e) = FileStore::existing(state_dir).load() {

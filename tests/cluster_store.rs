@@ -27,6 +27,7 @@ fn cluster(redis: &RedisServer, name: &str) -> Cluster {
         name: name.into(),
         instance: "test".into(),
         password: None,
+        ca_file: None,
         timeout: TIMEOUT,
     }
 }
@@ -230,6 +231,7 @@ async fn a_redis_that_does_not_answer_is_a_timeout() {
         name: "mute".into(),
         instance: "test".into(),
         password: None,
+        ca_file: None,
         timeout: TIMEOUT,
     };
     let store = RedisState::new(&c, None).unwrap();
@@ -344,4 +346,29 @@ async fn a_persistent_redis_keeps_the_state_across_a_kill() {
     redis.restart();
     let held = store.read().await.unwrap().unwrap();
     assert_eq!((held.version, held.state), (1, state(Color::Green)));
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_round_trips_and_an_unknown_ca_is_refused() {
+    let redis = RedisServer::with(RedisOptions {
+        tls: true,
+        ..Default::default()
+    });
+    let mut c = cluster(&redis, "tls");
+    assert!(c.redis.starts_with("rediss://"));
+    c.tls = true;
+    c.ca_file = Some(redis.ca_file());
+    let store = RedisState::new(&c, None).unwrap();
+    assert_eq!(
+        store.change(0, &state(Color::Green), None).await.unwrap(),
+        1
+    );
+    assert_eq!(store.read().await.unwrap().unwrap().version, 1);
+
+    // The system's roots do not know the test CA: a clear error, no panic.
+    c.ca_file = None;
+    let untrusted = RedisState::new(&c, None).unwrap();
+    let e = untrusted.read().await.unwrap_err();
+    assert!(matches!(e, ClusterError::Unreachable { .. }), "{e:?}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 }

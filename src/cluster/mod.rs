@@ -159,6 +159,7 @@ mod tests {
             name: "t".into(),
             instance: "i".into(),
             password,
+            ca_file: None,
             timeout: Duration::from_millis(100),
         }
     }

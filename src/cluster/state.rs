@@ -114,6 +114,14 @@ pub enum ClusterError {
          read it again and retry"
     )]
     Conflict { expected: u64, current: u64 },
+    #[error(
+        "cannot use cluster.ca_file {}: {detail}",
+        crate::config::show_path(path)
+    )]
+    CaFile {
+        path: std::path::PathBuf,
+        detail: String,
+    },
     #[error("redis {redis} answered with an error: {detail}")]
     Redis { redis: String, detail: String },
     #[error("redis {redis} holds a malformed {key}: {detail}")]
@@ -141,7 +149,9 @@ pub struct RedisState {
 
 impl RedisState {
     /// A handle on `cluster`'s state; connects on the first call, so this
-    /// fails only on a URL the client cannot use.
+    /// fails only on a URL the client cannot use or an unreadable
+    /// `ca_file` (with one, `rediss://` trusts its CAs instead of the
+    /// system's roots).
     pub fn new(cluster: &Cluster, password: Option<&Password>) -> Result<RedisState, ClusterError> {
         let redis = cluster.redis.clone();
         let bad = |e: RedisError| ClusterError::Unreachable {
@@ -153,7 +163,21 @@ impl RedisState {
             let settings = info.redis_settings().clone().set_password(p.expose());
             info = info.set_redis_settings(settings);
         }
-        let client = Client::open(info).map_err(bad)?;
+        let client = match &cluster.ca_file {
+            None => Client::open(info).map_err(bad)?,
+            Some(path) => {
+                let ca_err = |detail: String| ClusterError::CaFile {
+                    path: path.clone(),
+                    detail,
+                };
+                let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                Client::build_with_tls(info, certs).map_err(|e| ca_err(e.to_string()))?
+            }
+        };
         Ok(RedisState {
             client,
             redis,

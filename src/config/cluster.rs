@@ -54,6 +54,9 @@ pub struct Cluster {
     pub instance: String,
     /// `None`: Redis asks for no password.
     pub password: Option<PasswordSource>,
+    /// With `rediss://`: the CA certificates (PEM) to trust instead of the
+    /// system's roots, for a Redis with a certificate from a private CA.
+    pub ca_file: Option<PathBuf>,
     /// See [`DEFAULT_CLUSTER_TIMEOUT`].
     pub timeout: Duration,
 }
@@ -161,6 +164,15 @@ impl Validator<'_> {
             }
             (None, None) => None,
         };
+        if let (Some(ca), false) = (&c.ca_file, tls) {
+            if c.redis.get_ref().starts_with("redis://") {
+                self.at(
+                    ca,
+                    "ca_file is for TLS: use a rediss:// URL, or remove ca_file".into(),
+                );
+            }
+        }
+        let ca_file = self.path_key("cluster.ca_file", c.ca_file);
         let timeout = self.duration_in(
             c.timeout.as_ref(),
             DEFAULT_CLUSTER_TIMEOUT,
@@ -172,6 +184,7 @@ impl Validator<'_> {
             name,
             instance,
             password,
+            ca_file,
             timeout,
         })
     }
@@ -241,7 +254,7 @@ mod tests {
 
         let c = parse(
             "redis = \"rediss://redis.internal:6380/2\"\nname = \"prod\"\ninstance = \"edge-1\"\n\
-             password_file = \"redis.pass\"\ntimeout = \"200ms\"\n",
+             password_file = \"redis.pass\"\ntimeout = \"200ms\"\nca_file = \"redis-ca.pem\"\n",
         );
         assert_eq!(c.positions.get("cluster.password_file"), Some(&(27, 17)));
         let c = c.cluster.unwrap();
@@ -249,6 +262,7 @@ mod tests {
         assert_eq!((c.name.as_str(), c.instance.as_str()), ("prod", "edge-1"));
         assert_eq!(c.password, Some(PasswordSource::File("redis.pass".into())));
         assert_eq!(c.timeout, Duration::from_millis(200));
+        assert_eq!(c.ca_file.as_deref(), Some(Path::new("redis-ca.pem")));
         let c = parse("redis = \"redis://localhost\"\npassword_env = \"REDIS_PASSWORD\"\n");
         assert_eq!(
             c.cluster.unwrap().password,
@@ -294,6 +308,11 @@ mod tests {
             let e = errors(&format!("{GOOD}\n[cluster]\nredis = \"{url}\"\n"));
             assert_eq!(e.len(), 1, "{url}: {e:?}");
         }
+        let e = errors(&format!(
+            "{GOOD}\n[cluster]\nredis = \"redis://h/0\"\nca_file = \"ca.pem\"\n"
+        ));
+        assert_eq!((e.len(), e[0].line, e[0].col), (1, 25, 11), "{e:?}");
+        assert!(e[0].message.contains("rediss://"), "{}", e[0]);
         let e = errors(&format!("{GOOD}\n[cluster]\nname = \"prod\"\n"));
         assert!(e[0].message.contains("redis"), "{}", e[0]);
     }

@@ -38,6 +38,7 @@ pub struct Cluster {
     pub instance: Option<Spanned<String>>,
     pub password_file: Option<Spanned<PathBuf>>,
     pub password_env: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<PathBuf>>,
     pub timeout: Option<Spanned<String>>,
 }
 

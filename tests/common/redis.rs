@@ -37,6 +37,9 @@ pub struct RedisOptions {
     /// Keep data across a kill and restart (an append-only file written on
     /// every change, `appendfsync always`); off: a restart comes back empty.
     pub persistent: bool,
+    /// Serve TLS only (`--tls-port`, no plain port) with a certificate for
+    /// 127.0.0.1 from a CA made for the test ([`RedisServer::ca_file`]).
+    pub tls: bool,
 }
 
 /// A running `redis-server` owned by one test.
@@ -67,16 +70,42 @@ impl RedisServer {
         server
     }
 
-    /// `redis://127.0.0.1:PORT/0`, without any password.
+    /// `redis://127.0.0.1:PORT/0` (`rediss://` with `tls`), without any
+    /// password.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.options.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
+    }
+
+    /// With `tls`: the PEM file of the CA that signed the server's
+    /// certificate.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     fn spawn(&mut self) {
         let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--protected-mode", "yes"])
+        if self.options.tls {
+            let dir = self.dir.path();
+            if !dir.join("ca.pem").exists() {
+                let pki = super::pebble::pki(&["127.0.0.1"], 30);
+                std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
+                std::fs::write(dir.join("server.pem"), &pki.chain_pem).unwrap();
+                std::fs::write(dir.join("server.key"), &pki.key_pem).unwrap();
+            }
+            cmd.args(["--port", "0", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(dir.join("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.arg("--port").arg(self.port.to_string());
+        }
+        cmd.args(["--bind", "127.0.0.1", "--protected-mode", "yes"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--save", ""])
@@ -100,7 +129,16 @@ impl RedisServer {
         self.child = Some(child);
         let port = self.port;
         let password = self.options.password.clone();
-        let up = poll_until(START_DEADLINE, || ping(port, password.as_deref()));
+        // A TLS server is ready when it accepts; the tests' client then
+        // does the handshake itself.
+        let tls = self.options.tls;
+        let up = poll_until(START_DEADLINE, || {
+            if tls {
+                TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), PING_TIMEOUT).is_ok()
+            } else {
+                ping(port, password.as_deref())
+            }
+        });
         if !up {
             let log =
                 std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
