@@ -372,3 +372,21 @@ async fn rediss_with_a_private_ca_round_trips_and_an_unknown_ca_is_refused() {
     assert!(matches!(e, ClusterError::Unreachable { .. }), "{e:?}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
 }
+
+#[test]
+fn a_reload_that_adds_cluster_is_refused_and_the_old_config_keeps_serving() {
+    let blue = common::Upstream::start("blue");
+    let green = common::Upstream::start("green");
+    let proxy = common::ProxyBuilder::new(common::simple_api(&blue, &green)).start();
+    let text = std::fs::read_to_string(proxy.config_path()).unwrap();
+    std::fs::write(
+        proxy.config_path(),
+        format!("{text}\n[cluster]\nredis = \"redis://127.0.0.1:1/0\"\n"),
+    )
+    .unwrap();
+    let (code, answer) = proxy.admin("POST", "/reload", None);
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.to_string().contains("not supported yet"), "{answer}");
+    let (code, body) = common::get(&format!("{}/a", proxy.http_url()), None);
+    assert_eq!((code, body.as_str()), (200, "blue"));
+}

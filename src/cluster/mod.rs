@@ -2,8 +2,8 @@
 //!
 //! This branch holds the building blocks, not the wiring: the `[cluster]`
 //! config (`config/cluster.rs`), the Redis password ([`load_password`]) and
-//! the shared state ([`state::RedisState`]). `switchyard run` refuses a
-//! config with `[cluster]` until the wiring below lands
+//! the shared state ([`state::RedisState`]). `switchyard run` and a reload
+//! refuse a config with `[cluster]` until the wiring below lands
 //! ([`NOT_SUPPORTED_YET`]).
 //!
 //! # How it will be wired (plan for the next session)
@@ -44,12 +44,12 @@ pub mod state;
 
 pub use state::{ClusterError, RedisState, Versioned};
 
-/// What `switchyard run` says about a config with `[cluster]` until the
-/// runtime is wired: refusing beats silently running as a lone instance
-/// that the operator believes is clustered.
-pub const NOT_SUPPORTED_YET: &str = "[cluster] is not supported yet by `switchyard run`: the \
-     shared state is being built (issue 13); remove the [cluster] section to run this instance \
-     on its own";
+/// What `switchyard run` and a config reload say about a config with
+/// `[cluster]` until the runtime is wired: refusing beats silently running
+/// as a lone instance that the operator believes is clustered.
+pub const NOT_SUPPORTED_YET: &str = "[cluster] is not supported yet by `switchyard run` or a \
+     reload: the shared state is being built (issue 13); remove the [cluster] section to run \
+     this instance on its own";
 
 /// The longest password read from a file or variable (4 KiB).
 pub const MAX_PASSWORD_LEN: usize = 4096;
