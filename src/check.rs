@@ -49,6 +49,23 @@ pub fn check_files(config: &Config) -> Vec<ConfigError> {
             problems.push(config.error_at(&at, e.to_string()));
         }
     }
+    if let Some(cluster) = &config.cluster {
+        if let Err(e) = crate::cluster::load_password(cluster, |v| std::env::var(v).ok()) {
+            let (key, path) = match &cluster.password {
+                Some(config::PasswordSource::File(path)) => ("password_file", Some(path)),
+                _ => ("password_env", None),
+            };
+            let note = path.map_or(String::new(), |p| relative_note(key, p));
+            problems.push(config.error_at(&format!("cluster.{key}"), format!("{e}{note}")));
+        }
+        if let Err(e) = crate::cluster::RedisState::new(cluster, None) {
+            let note = cluster
+                .ca_file
+                .as_deref()
+                .map_or(String::new(), |p| relative_note("ca_file", p));
+            problems.push(config.error_at("cluster.ca_file", format!("{e}{note}")));
+        }
+    }
     let state_dir = &config.server.state_dir;
     if let Err(e) = FileStore::existing(state_dir).load() {
         let message = format!("{e}{}", relative_note("state_dir", state_dir));

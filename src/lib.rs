@@ -9,6 +9,7 @@ pub mod admin;
 pub mod canary;
 pub mod check;
 pub mod cleanup;
+pub mod cluster;
 pub mod completion;
 pub mod config;
 pub mod connections;

@@ -144,6 +144,9 @@ impl Reloader {
         let _one = self.one.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.path.display().to_string();
         let checked = crate::check::check_path(&self.path).and_then(|config| {
+            if config.cluster.is_some() {
+                return Err(vec![crate::cluster::NOT_SUPPORTED_YET.to_string()]);
+            }
             // Checked just above (`check_files`); only a file changed in
             // between can fail here.
             match crate::load_pages(&config.server) {

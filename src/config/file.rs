@@ -27,6 +27,19 @@ pub struct Root {
     pub token_budgets: BTreeMap<Spanned<String>, TokenBudget>,
     pub access_log: Option<AccessLog>,
     pub notify: Option<Notify>,
+    pub cluster: Option<Cluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub redis: Spanned<String>,
+    pub name: Option<Spanned<String>>,
+    pub instance: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<PathBuf>>,
+    pub password_env: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<PathBuf>>,
+    pub timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

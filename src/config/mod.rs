@@ -26,6 +26,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 mod access_log;
+mod cluster;
 mod file;
 mod limits;
 mod notify;
@@ -38,6 +39,10 @@ mod values;
 pub use access_log::{
     AccessLog, ACCESS_LOG_BUFFER_LINES_RANGE, ACCESS_LOG_SAMPLE_RANGE,
     DEFAULT_ACCESS_LOG_BUFFER_LINES, DEFAULT_ACCESS_LOG_ENABLED, DEFAULT_ACCESS_LOG_SAMPLE,
+};
+pub use cluster::{
+    hostname, Cluster, PasswordSource, CLUSTER_TIMEOUT_RANGE, DEFAULT_CLUSTER_NAME,
+    DEFAULT_CLUSTER_TIMEOUT, MAX_CLUSTER_NAME_LEN,
 };
 pub use limits::{
     Concurrency, KeySource, RateLimit, TokenBudget, BUDGET_MAX_BODY_RANGE, DEFAULT_BUDGET_MAX_BODY,
@@ -104,6 +109,9 @@ pub struct Config {
     pub access_log: AccessLog,
     /// `[[notify.webhooks]]`: where events are posted.
     pub notify: Notify,
+    /// `[cluster]`: the Redis several instances share; `None`: this
+    /// instance alone.
+    pub cluster: Option<Cluster>,
     /// Where the keys that name files (`server.state_dir`,
     /// `server.maintenance_page`, `admin.token_file`...) are written, as
     /// (line, column), so a problem with the file itself can point at its
@@ -363,6 +371,7 @@ impl Validator<'_> {
             .collect();
         let access_log = self.access_log(file.access_log.unwrap_or_default());
         let notify = self.notify(file.notify.unwrap_or_default());
+        let cluster = file.cluster.and_then(|c| self.cluster(c));
         let routes = self.routes(
             file.routes,
             &services,
@@ -384,6 +393,7 @@ impl Validator<'_> {
             token_budgets,
             access_log,
             notify,
+            cluster,
             positions: std::mem::take(&mut self.positions),
         }
     }

@@ -14,6 +14,7 @@
 pub mod load;
 pub mod openai;
 pub mod pebble;
+pub mod redis;
 pub mod tls;
 
 use std::convert::Infallible;

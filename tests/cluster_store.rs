@@ -1,0 +1,392 @@
+//! `RedisState` against a real `redis-server` on loopback (issue 13 point
+//! 1): round trip, compare and set, seeding once, the history stream, the
+//! change channel, Redis gone, and the password.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::redis::{RedisOptions, RedisServer};
+use futures_util::StreamExt;
+use switchyard::cluster::{load_password, ClusterError, RedisState};
+use switchyard::config::{Cluster, PasswordSource};
+use switchyard::pools::Color;
+use switchyard::store::{Actor, Event, SavedService, SavedState, HISTORY_LIMIT};
+
+/// Short, so the "Redis gone" cases finish quickly (300 ms).
+const TIMEOUT: Duration = Duration::from_millis(300);
+
+fn cluster(redis: &RedisServer, name: &str) -> Cluster {
+    Cluster {
+        redis: redis.url(),
+        tls: false,
+        name: name.into(),
+        instance: "test".into(),
+        password: None,
+        ca_file: None,
+        timeout: TIMEOUT,
+    }
+}
+
+fn state(active: Color) -> SavedState {
+    let mut services = BTreeMap::new();
+    services.insert(
+        "api".to_string(),
+        SavedService {
+            active,
+            previous: None,
+            weights: None,
+            maintenance: false,
+        },
+    );
+    SavedState {
+        version: SavedState::VERSION,
+        services,
+    }
+}
+
+fn event(service: &str, to: Color) -> Event {
+    Event {
+        time: "2026-11-30T05:00:00Z".into(),
+        service: service.into(),
+        from: Color::Blue,
+        to,
+        weights: None,
+        maintenance: None,
+        reason: "test".into(),
+        actor: Actor::token("default"),
+    }
+}
+
+#[tokio::test]
+async fn state_round_trips_with_its_version() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "rt"), None).unwrap();
+    assert_eq!(store.read().await.unwrap(), None);
+    let v = store
+        .change(0, &state(Color::Green), Some(&event("api", Color::Green)))
+        .await
+        .unwrap();
+    assert_eq!(v, 1);
+    let read = store.read().await.unwrap().unwrap();
+    assert_eq!(read.version, 1);
+    assert_eq!(read.state, state(Color::Green));
+    // Another cluster name on the same Redis sees nothing of it.
+    let other = RedisState::new(&cluster(&redis, "other"), None).unwrap();
+    assert_eq!(other.read().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn of_two_writers_with_the_same_version_exactly_one_wins() {
+    let redis = RedisServer::start();
+    let a = Arc::new(RedisState::new(&cluster(&redis, "cas"), None).unwrap());
+    let b = Arc::new(RedisState::new(&cluster(&redis, "cas"), None).unwrap());
+    a.change(0, &state(Color::Blue), None).await.unwrap();
+    for round in 0..20u64 {
+        let expected = a.read().await.unwrap().unwrap().version;
+        let (green, blue) = (state(Color::Green), state(Color::Blue));
+        let (ra, rb) = tokio::join!(
+            a.change(expected, &green, None),
+            b.change(expected, &blue, None)
+        );
+        let wins = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(wins, 1, "round {round}: {ra:?} {rb:?}");
+        let lost = if ra.is_ok() { rb } else { ra };
+        match lost {
+            Err(ClusterError::Conflict {
+                expected: e,
+                current,
+            }) => {
+                assert_eq!((e, current), (expected, expected + 1));
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert_eq!(a.read().await.unwrap().unwrap().version, expected + 1);
+    }
+}
+
+#[tokio::test]
+async fn two_instances_seeding_together_seed_once() {
+    let redis = RedisServer::start();
+    for round in 0..10 {
+        let name = format!("seed{round}");
+        let a = RedisState::new(&cluster(&redis, &name), None).unwrap();
+        let b = RedisState::new(&cluster(&redis, &name), None).unwrap();
+        let (blue, green) = (state(Color::Blue), state(Color::Green));
+        let (ra, rb) = tokio::join!(a.seed(1, &blue), b.seed(1, &green));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert!(ra ^ rb, "round {round}: exactly one seeds ({ra}, {rb})");
+        let held = a.read().await.unwrap().unwrap();
+        assert_eq!(held.version, 1);
+        let winner = if ra { Color::Blue } else { Color::Green };
+        assert_eq!(held.state, state(winner));
+        // A later seed changes nothing.
+        assert!(!a.seed(1, &state(Color::Blue)).await.unwrap());
+    }
+    // Seeding after a change leaves the changed state alone.
+    let c = RedisState::new(&cluster(&redis, "seeded"), None).unwrap();
+    c.change(0, &state(Color::Green), None).await.unwrap();
+    assert!(!c.seed(1, &state(Color::Blue)).await.unwrap());
+    assert_eq!(c.read().await.unwrap().unwrap().state, state(Color::Green));
+}
+
+#[tokio::test]
+async fn history_is_bounded_and_filtered_by_service() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "hist"), None).unwrap();
+    let total = HISTORY_LIMIT as u64 * 3;
+    for v in 0..total {
+        let (svc, to) = if v % 2 == 0 {
+            ("api", Color::Green)
+        } else {
+            ("web", Color::Blue)
+        };
+        store
+            .change(v, &state(to), Some(&event(svc, to)))
+            .await
+            .unwrap();
+    }
+    // Approximate trimming keeps at least the limit and far less than all.
+    let mut len_cmd = redis::cmd("XLEN");
+    len_cmd.arg("hist:history");
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let len: u64 = len_cmd.query_async(&mut conn).await.unwrap();
+    assert!(
+        (HISTORY_LIMIT as u64..total).contains(&len),
+        "stream length {len}"
+    );
+
+    let all = store.history(None, HISTORY_LIMIT).await.unwrap();
+    assert_eq!(all.len(), HISTORY_LIMIT);
+    let last = all.last().unwrap();
+    assert_eq!((last.service.as_str(), last.to), ("web", Color::Blue));
+    let api = store.history(Some("api"), 10).await.unwrap();
+    assert!(
+        !api.is_empty() && api.iter().all(|e| e.service == "api"),
+        "{api:?}"
+    );
+    assert!(store.history(Some("nope"), 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_subscriber_sees_a_change_promptly() {
+    let redis = RedisServer::start();
+    let writer = RedisState::new(&cluster(&redis, "pub"), None).unwrap();
+    let reader = RedisState::new(&cluster(&redis, "pub"), None).unwrap();
+    let mut changes = Box::pin(reader.subscribe().await.unwrap());
+    let started = Instant::now();
+    let v = writer.change(0, &state(Color::Green), None).await.unwrap();
+    // A generous deadline: the measured time is printed, not asserted.
+    let seen = tokio::time::timeout(Duration::from_secs(5), changes.next())
+        .await
+        .expect("no message within 5 s");
+    println!("change seen after {:?}", started.elapsed());
+    assert_eq!(seen, Some(v));
+    assert_eq!(reader.read().await.unwrap().unwrap().version, v);
+}
+
+#[tokio::test]
+async fn redis_killed_fails_within_the_timeout_and_recovers() {
+    let mut redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "down"), None).unwrap();
+    store.change(0, &state(Color::Blue), None).await.unwrap();
+    redis.kill();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let e = store.read().await.unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(
+                e,
+                ClusterError::Unreachable { .. } | ClusterError::Timeout { .. }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains(&redis.url()), "{e}");
+        // Bounded by the timeout (a wide margin for a loaded machine).
+        assert!(took < TIMEOUT + Duration::from_secs(2), "took {took:?}");
+    }
+    // Back, empty (no persistence): calls work again on a new connection.
+    redis.restart();
+    assert_eq!(store.read().await.unwrap(), None);
+    assert_eq!(
+        store.change(0, &state(Color::Green), None).await.unwrap(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_redis_that_does_not_answer_is_a_timeout() {
+    // A listener that accepts and never answers: the call must give up.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let c = Cluster {
+        redis: format!("redis://127.0.0.1:{port}/0"),
+        tls: false,
+        name: "mute".into(),
+        instance: "test".into(),
+        password: None,
+        ca_file: None,
+        timeout: TIMEOUT,
+    };
+    let store = RedisState::new(&c, None).unwrap();
+    let started = Instant::now();
+    let e = store.read().await.unwrap_err();
+    assert!(matches!(e, ClusterError::Timeout { .. }), "{e:?}");
+    assert!(started.elapsed() < TIMEOUT + Duration::from_secs(2));
+    drop(listener);
+}
+
+#[tokio::test]
+async fn password_auth_from_a_private_file_and_never_shown() {
+    const SECRET: &str = "correct-horse-battery-staple";
+    let redis = RedisServer::with(RedisOptions {
+        password: Some(SECRET.into()),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("redis.pass");
+    std::fs::write(&path, format!("{SECRET}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut c = cluster(&redis, "auth");
+    c.password = Some(PasswordSource::File(path.clone()));
+    let password = load_password(&c, |_| None).unwrap();
+    let store = RedisState::new(&c, password.as_ref()).unwrap();
+    assert_eq!(
+        store.change(0, &state(Color::Green), None).await.unwrap(),
+        1
+    );
+
+    // No password, and a wrong one: an auth error that shows neither.
+    let none = RedisState::new(&cluster(&redis, "auth"), None).unwrap();
+    let e = none.read().await.unwrap_err();
+    assert!(matches!(e, ClusterError::Auth { .. }), "{e:?}");
+    std::fs::write(&path, "wrong-password-123\n").unwrap();
+    let wrong = load_password(&c, |_| None).unwrap();
+    let wrong_store = RedisState::new(&c, wrong.as_ref()).unwrap();
+    let e2 = wrong_store.read().await.unwrap_err();
+    assert!(matches!(e2, ClusterError::Auth { .. }), "{e2:?}");
+    for text in [
+        e.to_string(),
+        format!("{e:?}"),
+        e2.to_string(),
+        format!("{e2:?}"),
+    ] {
+        assert!(
+            !text.contains(SECRET) && !text.contains("wrong-password-123"),
+            "{text}"
+        );
+    }
+    assert!(!format!("{:?}", wrong.unwrap()).contains("wrong-password"));
+}
+
+#[test]
+fn check_accepts_cluster_and_run_refuses_it_for_now() {
+    const SECRET: &str = "pw-in-a-file-9876";
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("redis.pass");
+    std::fs::write(&pass, SECRET).unwrap();
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let [http] = common::free_ports::<1>();
+    let config = dir.path().join("switchyard.toml");
+    let text = format!(
+        "[server]\nstate_dir = \"{}\"\n\n[listen]\nhttp = \"127.0.0.1:{http}\"\n\n\
+         [services.api]\nblue = [\"127.0.0.1:9\"]\ngreen = [\"127.0.0.1:9\"]\n\n\
+         [[routes]]\npath = \"/\"\nservice = \"api\"\n\n\
+         [cluster]\nredis = \"redis://127.0.0.1:1/0\"\nname = \"prod\"\npassword_file = \"{}\"\n",
+        dir.path().join("state").display(),
+        pass.display()
+    );
+    std::fs::write(&config, &text).unwrap();
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let check = common::run_check(&config, None);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // A password file others can read is refused at its key.
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let check = common::run_check(&config, None);
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success());
+    assert!(
+        err.contains(":18:17:") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!err.contains(SECRET), "{err}");
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let run = Command::new(bin)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "run must refuse [cluster]");
+    assert!(err.contains("not supported yet"), "{err}");
+    assert!(!err.contains(SECRET), "{err}");
+}
+
+#[tokio::test]
+async fn a_persistent_redis_keeps_the_state_across_a_kill() {
+    let mut redis = RedisServer::with(RedisOptions {
+        persistent: true,
+        ..Default::default()
+    });
+    let store = RedisState::new(&cluster(&redis, "aof"), None).unwrap();
+    store.change(0, &state(Color::Green), None).await.unwrap();
+    redis.restart();
+    let held = store.read().await.unwrap().unwrap();
+    assert_eq!((held.version, held.state), (1, state(Color::Green)));
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_round_trips_and_an_unknown_ca_is_refused() {
+    let redis = RedisServer::with(RedisOptions {
+        tls: true,
+        ..Default::default()
+    });
+    let mut c = cluster(&redis, "tls");
+    assert!(c.redis.starts_with("rediss://"));
+    c.tls = true;
+    c.ca_file = Some(redis.ca_file());
+    let store = RedisState::new(&c, None).unwrap();
+    assert_eq!(
+        store.change(0, &state(Color::Green), None).await.unwrap(),
+        1
+    );
+    assert_eq!(store.read().await.unwrap().unwrap().version, 1);
+
+    // The system's roots do not know the test CA: a clear error, no panic.
+    c.ca_file = None;
+    let untrusted = RedisState::new(&c, None).unwrap();
+    let e = untrusted.read().await.unwrap_err();
+    assert!(matches!(e, ClusterError::Unreachable { .. }), "{e:?}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+}
+
+#[test]
+fn a_reload_that_adds_cluster_is_refused_and_the_old_config_keeps_serving() {
+    let blue = common::Upstream::start("blue");
+    let green = common::Upstream::start("green");
+    let proxy = common::ProxyBuilder::new(common::simple_api(&blue, &green)).start();
+    let text = std::fs::read_to_string(proxy.config_path()).unwrap();
+    std::fs::write(
+        proxy.config_path(),
+        format!("{text}\n[cluster]\nredis = \"redis://127.0.0.1:1/0\"\n"),
+    )
+    .unwrap();
+    let (code, answer) = proxy.admin("POST", "/reload", None);
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.to_string().contains("not supported yet"), "{answer}");
+    let (code, body) = common::get(&format!("{}/a", proxy.http_url()), None);
+    assert_eq!((code, body.as_str()), (200, "blue"));
+}
