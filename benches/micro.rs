@@ -3,7 +3,8 @@
 //! shipped rate limit's check, the concurrency cap, and a token budget's
 //! work on a completion (reserve + settle, the body check, the usage scan
 //! of the answer), and the metrics observer's count of one finished
-//! request. `cargo bench --bench micro`.
+//! request, and one cluster rate check against a Redis on loopback
+//! (skipped when none answers). `cargo bench --bench micro`.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -424,8 +425,65 @@ fn metrics_observe(c: &mut Criterion) {
     });
 }
 
+/// Where the cluster rate bench finds a Redis: `SWITCHYARD_BENCH_REDIS`,
+/// default `redis://127.0.0.1:6379/0`. Loopback only.
+const BENCH_REDIS: &str = "redis://127.0.0.1:6379/0";
+
+/// One cluster rate check (one Lua script round trip) against a Redis
+/// already running on loopback (e.g. `redis-server --port 6379 --save ''`);
+/// skipped, with a line saying so, when none answers: benches are not
+/// tests.
+fn cluster_rate(c: &mut Criterion) {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use switchyard::cluster::{ClusterRate, RedisState};
+    use switchyard::limits::key::Key;
+
+    let url = std::env::var("SWITCHYARD_BENCH_REDIS").unwrap_or_else(|_| BENCH_REDIS.into());
+    let loopback = ["redis://127.0.0.1:", "redis://localhost:", "redis://[::1]:"];
+    if !loopback.iter().any(|p| url.starts_with(p)) {
+        eprintln!("cluster rate bench skipped: {url} is not a loopback redis:// URL");
+        return;
+    }
+    let cluster = switchyard::config::Cluster {
+        redis: url.clone(),
+        tls: false,
+        name: "switchyard-bench".into(),
+        instance: "bench".into(),
+        password: None,
+        ca_file: None,
+        timeout: Duration::from_millis(200),
+    };
+    let Ok(state) = RedisState::new(&cluster, None) else {
+        eprintln!("cluster rate bench skipped: cannot use {url}");
+        return;
+    };
+    let limit = switchyard::config::RateLimit {
+        name: "bench".into(),
+        requests: 1_000_000,
+        per: Duration::from_secs(1),
+        burst: 0,
+        methods: None,
+        key: switchyard::config::KeySource::ClientIp,
+    };
+    let rate = ClusterRate::new(Arc::new(state), &limit);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let key = Key::Ip(IpAddr::from([192, 0, 2, 1]));
+    if let Err(e) = rt.block_on(rate.check(&key)) {
+        eprintln!("cluster rate bench skipped: no Redis to measure against ({e})");
+        return;
+    }
+    c.bench_function("cluster rate/one check on loopback redis", |b| {
+        b.iter(|| rt.block_on(rate.check(black_box(&key))))
+    });
+}
+
 criterion_group!(
     benches,
+    cluster_rate,
     metrics_observe,
     routing,
     snapshot,

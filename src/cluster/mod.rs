@@ -40,8 +40,10 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{self, Cluster, PasswordSource};
 
+pub mod rate;
 pub mod state;
 
+pub use rate::{ClusterRate, Decision};
 pub use state::{ClusterError, RedisState, Versioned};
 
 /// What `switchyard run` and a config reload say about a config with

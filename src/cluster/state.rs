@@ -189,7 +189,8 @@ impl RedisState {
         })
     }
 
-    fn key(&self, what: &str) -> String {
+    /// `NAME:what`: a key of this cluster (other cluster modules share it).
+    pub(crate) fn key(&self, what: &str) -> String {
         format!("{}:{what}", self.name)
     }
 
@@ -352,7 +353,7 @@ impl RedisState {
     /// still within the same timeout. For a `change` whose first attempt
     /// did reach Redis, that second run answers a conflict naming the
     /// version it made, never a second write (the script compares versions).
-    async fn bounded<T, F, Fut>(&self, f: F) -> Result<T, ClusterError>
+    pub(crate) async fn bounded<T, F, Fut>(&self, f: F) -> Result<T, ClusterError>
     where
         F: Fn(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
