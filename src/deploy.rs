@@ -304,22 +304,17 @@ impl Deployer {
         self.watcher.hold(service);
         let steps: Vec<String> = run.plan.steps.iter().map(u8::to_string).collect();
         tracing::info!(service, to = %run.plan.to, steps = %steps.join(","), interval = ?run.plan.interval, actor = %run.actor, "deploy started");
-        self.board.notify(
-            Notice::new(
-                NotifyEvent::Deploy,
-                service,
-                Some(run.before.active.to_string()),
-                Some(run.plan.to.to_string()),
-                run.plan.reason.as_deref().unwrap_or("deploy"),
-                format!(
-                    "{service}: deploy to {} started by {} (steps {} %, {} each)",
-                    run.plan.to,
-                    run.owner,
-                    steps.join(", "),
-                    crate::canary::show_secs(run.plan.interval)
-                ),
-            )
-            .by(&run.actor),
+        let summary = format!(
+            "{service}: deploy to {} started by {} (steps {} %, {} each)",
+            run.plan.to,
+            run.owner,
+            steps.join(", "),
+            crate::canary::show_secs(run.plan.interval)
+        );
+        self.notify(
+            &run,
+            run.plan.reason.as_deref().unwrap_or("deploy"),
+            summary,
         );
         let me = self.clone();
         let task = run.clone();
@@ -582,17 +577,21 @@ impl Deployer {
                 tracing::error!(service, cause = %e, "deploy outcome not written to the history");
             }
         }
-        self.board.notify(
-            Notice::new(
-                NotifyEvent::Deploy,
-                service,
-                Some(run.before.active.to_string()),
-                Some(run.plan.to.to_string()),
-                &outcome,
-                format!("{service}: {}: {outcome}", phase.as_str().replace('_', " ")),
-            )
-            .by(&run.actor),
+        let summary = format!("{service}: {}: {outcome}", phase.as_str().replace('_', " "));
+        self.notify(run, &outcome, summary);
+    }
+
+    /// A `deploy` webhook notice about `run` (its colors, its actor).
+    fn notify(&self, run: &Run, reason: &str, summary: String) {
+        let notice = Notice::new(
+            NotifyEvent::Deploy,
+            &run.service,
+            Some(run.before.active.to_string()),
+            Some(run.plan.to.to_string()),
+            reason,
+            summary,
         );
+        self.board.notify(notice.by(&run.actor));
     }
 
     /// A deploy as the API shows it.

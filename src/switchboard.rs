@@ -212,14 +212,8 @@ impl Switchboard {
             (false, Some(w)) => crate::notify::Notice::weights(service, before.weights, w, &reason),
         };
         self.append_history(Event {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            service: service.to_string(),
             from,
-            to,
-            weights: split,
-            maintenance: None,
-            reason,
-            actor: actor.clone(),
+            ..entry(after, reason, actor)
         });
         self.notify(notice.by(actor));
     }
@@ -313,17 +307,7 @@ impl Switchboard {
     /// outcome next to the steps it took.
     pub fn note(&self, service: &str, reason: String, actor: &Actor) -> Result<(), SwitchError> {
         let state = self.service(service)?;
-        let event = Event {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            service: service.to_string(),
-            from: state.active,
-            to: state.active,
-            weights: state.canary().map(|_| state.weights),
-            maintenance: None,
-            reason,
-            actor: actor.clone(),
-        };
-        self.store.append_history(&event)?;
+        self.store.append_history(&entry(&state, reason, actor))?;
         Ok(())
     }
 
@@ -345,14 +329,8 @@ impl Switchboard {
             tracing::info!(service, on, %actor, "maintenance mode");
             let what = if on { "on" } else { "off" };
             self.append_history(Event {
-                time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                service: service.to_string(),
-                from: after.active,
-                to: after.active,
-                weights: after.canary().map(|_| after.weights),
                 maintenance: Some(on),
-                reason: format!("maintenance {what}"),
-                actor: actor.clone(),
+                ..entry(&after, format!("maintenance {what}"), actor)
             });
             // Webhooks: maintenance on/off is a `switch` event (notify.rs).
             self.notify(crate::notify::Notice::maintenance(service, on).by(actor));
@@ -365,16 +343,8 @@ impl Switchboard {
     /// snapshot the reload replaced). Colors are never changed by a reload.
     pub fn note_reload(&self, before: &Snapshot, actor: &Actor) {
         let after = self.load();
-        let event = |s: &ServiceState, reason: String| Event {
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            service: s.name.to_string(),
-            from: s.active,
-            to: s.active,
-            weights: s.canary().map(|_| s.weights),
-            maintenance: None,
-            reason: format!("config reload: {reason}"),
-            actor: actor.clone(),
-        };
+        let event =
+            |s: &ServiceState, reason: String| entry(s, format!("config reload: {reason}"), actor);
         for s in &after.services {
             let Some((_, old)) = before.service(&s.name) else {
                 self.append_history(event(s, "service added".into()));
@@ -502,6 +472,22 @@ fn saved_state(snap: &Snapshot) -> SavedState {
                 )
             })
             .collect(),
+    }
+}
+
+/// A history entry for `state` as it is now, stamped now: `from` and `to`
+/// its active color, its split while one is under way. Callers change
+/// what differs (the color it came from, a maintenance flag).
+fn entry(state: &ServiceState, reason: String, actor: &Actor) -> Event {
+    Event {
+        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        service: state.name.to_string(),
+        from: state.active,
+        to: state.active,
+        weights: state.canary().map(|_| state.weights),
+        maintenance: None,
+        reason,
+        actor: actor.clone(),
     }
 }
 
