@@ -390,12 +390,15 @@ mod tests {
     use std::path::Path;
 
     fn setup() -> (Arc<ManualClock>, Arc<Switchboard>, Watcher) {
-        let config = Config::parse(
-            Path::new("t.toml"),
+        setup_with(
             "[services.api]\nblue = [\"127.0.0.1:1\"]\ngreen = [\"127.0.0.1:2\"]\n\
              [services.api.rollback]\nwindow = \"10s\"\nmin_requests = 10\nwatch = \"1m\"\n",
         )
-        .unwrap();
+    }
+
+    /// A watcher over the services of `config`, its clock well past zero.
+    fn setup_with(config: &str) -> (Arc<ManualClock>, Arc<Switchboard>, Watcher) {
+        let config = Config::parse(Path::new("t.toml"), config).unwrap();
         let board = Arc::new(Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap());
         let clock = Arc::new(ManualClock::default());
         clock.advance(Duration::from_secs(100));
@@ -568,18 +571,11 @@ mod tests {
 
     #[test]
     fn a_refused_rollback_is_not_forced_nor_retried() {
-        let config = Config::parse(
-            Path::new("t.toml"),
+        let (clock, board, w) = setup_with(
             "[services.api]\nblue = [\"127.0.0.1:1\"]\ngreen = [\"127.0.0.1:2\"]\n\
              health = { path = \"/ping\" }\n\
              [services.api.rollback]\nwindow = \"10s\"\nmin_requests = 10\n",
-        )
-        .unwrap();
-        let board = Arc::new(Switchboard::new(&config, Box::<MemoryStore>::default()).unwrap());
-        let clock = Arc::new(ManualClock::default());
-        clock.advance(Duration::from_secs(100));
-        let stats = Arc::new(Stats::new(&board, clock.clone()));
-        let w = Watcher::new(board.clone(), stats);
+        );
         w.tick();
         // Neither color was ever checked healthy: the switch needs force,
         // and the rollback to blue is refused by the health gate.
