@@ -453,6 +453,8 @@ fn cluster_rate(c: &mut Criterion) {
         password: None,
         ca_file: None,
         timeout: Duration::from_millis(200),
+        limit_timeout: Duration::from_millis(200),
+        lease: Duration::from_secs(10),
     };
     let Ok(state) = RedisState::new(&cluster, None) else {
         eprintln!("cluster rate bench skipped: cannot use {url}");

@@ -170,9 +170,10 @@ impl Reloader {
             .filter(|k| differs(k, &self.started, &config))
             .collect();
         let before = self.board.load();
-        let changes = self
-            .board
-            .reload(&config, Settings::new(&config.server, pages));
+        // The cluster link is made once at start (`[cluster]` is restart-only).
+        let settings =
+            Settings::new(&config.server, pages).with_cluster(before.settings.cluster.clone());
+        let changes = self.board.reload(&config, settings);
         self.board.note_reload(&before, &Actor::reload(actor));
         for o in &self.observers {
             o.config_reloaded(&config);

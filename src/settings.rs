@@ -16,6 +16,10 @@ pub struct Settings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_header_size: usize,
     pub pages: respond::Pages,
+    /// This instance's link to the cluster (`[cluster]`), for the limits
+    /// with `scope = "cluster"`; `None`: a lone instance. Made once at
+    /// start and kept by every reload.
+    pub cluster: Option<std::sync::Arc<crate::cluster::Link>>,
 }
 
 impl Settings {
@@ -29,6 +33,13 @@ impl Settings {
             trusted_proxies: server.trusted_proxies.clone(),
             max_header_size: server.max_header_size,
             pages,
+            cluster: None,
         }
+    }
+
+    /// These settings on `link`'s cluster.
+    pub fn with_cluster(mut self, link: Option<std::sync::Arc<crate::cluster::Link>>) -> Settings {
+        self.cluster = link;
+        self
     }
 }

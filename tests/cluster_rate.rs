@@ -25,6 +25,8 @@ fn cluster(redis: &RedisServer, name: &str) -> Cluster {
         password: None,
         ca_file: None,
         timeout: TIMEOUT,
+        limit_timeout: TIMEOUT,
+        lease: Duration::from_secs(10),
     }
 }
 

@@ -29,6 +29,8 @@ fn cluster(redis: &RedisServer, name: &str) -> Cluster {
         password: None,
         ca_file: None,
         timeout: TIMEOUT,
+        limit_timeout: TIMEOUT,
+        lease: Duration::from_secs(10),
     }
 }
 
@@ -233,6 +235,8 @@ async fn a_redis_that_does_not_answer_is_a_timeout() {
         password: None,
         ca_file: None,
         timeout: TIMEOUT,
+        limit_timeout: TIMEOUT,
+        lease: Duration::from_secs(10),
     };
     let store = RedisState::new(&c, None).unwrap();
     let started = Instant::now();

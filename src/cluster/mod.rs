@@ -40,9 +40,11 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{self, Cluster, PasswordSource};
 
+pub mod link;
 pub mod rate;
 pub mod state;
 
+pub use link::Link;
 pub use rate::{ClusterRate, Decision};
 pub use state::{ClusterError, RedisState, Versioned};
 
@@ -163,6 +165,8 @@ mod tests {
             password,
             ca_file: None,
             timeout: Duration::from_millis(100),
+            limit_timeout: Duration::from_millis(50),
+            lease: Duration::from_secs(10),
         }
     }
 

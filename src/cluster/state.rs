@@ -194,6 +194,11 @@ impl RedisState {
         format!("{}:{what}", self.name)
     }
 
+    /// The Redis URL as configured (it holds no password).
+    pub fn url(&self) -> &str {
+        &self.redis
+    }
+
     /// The channel a change's version is published on: `NAME:changes`.
     pub fn channel(&self) -> String {
         self.key("changes")

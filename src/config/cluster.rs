@@ -26,6 +26,20 @@ pub const DEFAULT_CLUSTER_TIMEOUT: Duration = Duration::from_millis(500);
 /// `cluster.timeout`: 10 ms to 10 s.
 pub const CLUSTER_TIMEOUT_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(10)..=Duration::from_secs(10);
+/// How long a request waits for a cluster limit check (`limit_timeout`,
+/// 50 ms) before it is judged by the instance's local share instead: a
+/// healthy Redis answers in well under a millisecond, and a request must
+/// never stall on a sick one.
+pub const DEFAULT_LIMIT_TIMEOUT: Duration = Duration::from_millis(50);
+/// `cluster.limit_timeout`: 1 ms to 1 s.
+pub const LIMIT_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_secs(1);
+/// How long an instance's liveness entry and its cluster concurrency
+/// slots outlive it (`lease`, 10 s): each is renewed every third of it,
+/// so a crashed instance's slots come back within one lease.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// `cluster.lease`: 1 s to 5 min.
+pub const LEASE_RANGE: RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::from_secs(300);
 /// The longest `name` or `instance` (64 bytes): they go into every key and
 /// into `/status`.
 pub const MAX_CLUSTER_NAME_LEN: usize = 64;
@@ -59,6 +73,10 @@ pub struct Cluster {
     pub ca_file: Option<PathBuf>,
     /// See [`DEFAULT_CLUSTER_TIMEOUT`].
     pub timeout: Duration,
+    /// See [`DEFAULT_LIMIT_TIMEOUT`].
+    pub limit_timeout: Duration,
+    /// See [`DEFAULT_LEASE`].
+    pub lease: Duration,
 }
 
 /// This machine's hostname, or `"switchyard"` when it cannot be read.
@@ -178,6 +196,12 @@ impl Validator<'_> {
             DEFAULT_CLUSTER_TIMEOUT,
             CLUSTER_TIMEOUT_RANGE,
         );
+        let limit_timeout = self.duration_in(
+            c.limit_timeout.as_ref(),
+            DEFAULT_LIMIT_TIMEOUT,
+            LIMIT_TIMEOUT_RANGE,
+        );
+        let lease = self.duration_in(c.lease.as_ref(), DEFAULT_LEASE, LEASE_RANGE);
         Some(Cluster {
             redis: c.redis.into_inner(),
             tls,
@@ -186,6 +210,8 @@ impl Validator<'_> {
             password,
             ca_file,
             timeout,
+            limit_timeout,
+            lease,
         })
     }
 
@@ -251,10 +277,13 @@ mod tests {
         assert_eq!(c.instance, hostname());
         assert_eq!(c.password, None);
         assert_eq!(c.timeout, DEFAULT_CLUSTER_TIMEOUT);
+        assert_eq!(c.limit_timeout, DEFAULT_LIMIT_TIMEOUT);
+        assert_eq!(c.lease, DEFAULT_LEASE);
 
         let c = parse(
             "redis = \"rediss://redis.internal:6380/2\"\nname = \"prod\"\ninstance = \"edge-1\"\n\
-             password_file = \"redis.pass\"\ntimeout = \"200ms\"\nca_file = \"redis-ca.pem\"\n",
+             password_file = \"redis.pass\"\ntimeout = \"200ms\"\nca_file = \"redis-ca.pem\"\n\
+             limit_timeout = \"20ms\"\nlease = \"30s\"\n",
         );
         assert_eq!(c.positions.get("cluster.password_file"), Some(&(27, 17)));
         let c = c.cluster.unwrap();
@@ -263,6 +292,8 @@ mod tests {
         assert_eq!(c.password, Some(PasswordSource::File("redis.pass".into())));
         assert_eq!(c.timeout, Duration::from_millis(200));
         assert_eq!(c.ca_file.as_deref(), Some(Path::new("redis-ca.pem")));
+        assert_eq!(c.limit_timeout, Duration::from_millis(20));
+        assert_eq!(c.lease, Duration::from_secs(30));
         let c = parse("redis = \"redis://localhost\"\npassword_env = \"REDIS_PASSWORD\"\n");
         assert_eq!(
             c.cluster.unwrap().password,

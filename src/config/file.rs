@@ -40,6 +40,8 @@ pub struct Cluster {
     pub password_env: Option<Spanned<String>>,
     pub ca_file: Option<Spanned<PathBuf>>,
     pub timeout: Option<Spanned<String>>,
+    pub limit_timeout: Option<Spanned<String>>,
+    pub lease: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -1,0 +1,152 @@
+//! This instance's link to the cluster: the Redis handle every cluster
+//! user shares (the state service, the cluster limits), what this instance
+//! knows about the others (how many are live, for the local share of a
+//! limit), and whether Redis answers, so an outage is logged once when it
+//! starts and once when it ends, never per request.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ClusterError, Password, RedisState};
+use crate::config::Cluster;
+
+/// Shared by everything on this instance that talks to the cluster.
+pub struct Link {
+    /// The Redis of `[cluster]`, one multiplexed connection for all.
+    pub redis: Arc<RedisState>,
+    /// `[cluster] instance`.
+    pub instance: String,
+    /// `[cluster] limit_timeout`: the longest a request waits on Redis.
+    pub limit_timeout: Duration,
+    /// `[cluster] lease`: how long this instance's liveness entry and
+    /// cluster concurrency slots outlive it.
+    pub lease: Duration,
+    /// Instances seen live at the last look, this one included (≥ 1).
+    /// Kept through an outage: a limit's local share is its cluster-wide
+    /// figure divided by it.
+    live: AtomicUsize,
+    /// Whether Redis answered the last call anyone made.
+    up: AtomicBool,
+    /// Outages seen since start (each counted once, when it starts).
+    outages: AtomicU64,
+    /// Where blocking callers' Redis calls run (see [`Link::block_on`]);
+    /// taken only by `Drop`.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Link {
+    /// The link for `cluster`: builds the Redis handle (no call yet) and a
+    /// one-thread runtime named `cluster` for blocking callers. Errors as
+    /// [`RedisState::new`]; a runtime that cannot start is reported as
+    /// [`ClusterError::Unreachable`] with the OS error.
+    pub fn new(cluster: &Cluster, password: Option<&Password>) -> Result<Link, ClusterError> {
+        let redis = Arc::new(RedisState::new(cluster, password)?);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cluster")
+            .enable_all()
+            .build()
+            .map_err(|e| ClusterError::Unreachable {
+                redis: cluster.redis.clone(),
+                detail: format!("cannot start the cluster runtime: {e}"),
+            })?;
+        Ok(Link {
+            redis,
+            instance: cluster.instance.clone(),
+            limit_timeout: cluster.limit_timeout,
+            lease: cluster.lease,
+            live: AtomicUsize::new(1),
+            up: AtomicBool::new(true),
+            outages: AtomicU64::new(0),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Instances live at the last look, this one included (at least 1).
+    pub fn live_instances(&self) -> usize {
+        self.live.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Records how many instances are live (0 is taken as 1: this one).
+    pub fn set_live_instances(&self, n: usize) {
+        self.live.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether Redis answered the last call. While it did not, cluster
+    /// limits judge by the local share without asking it.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Outages seen since start.
+    pub fn outages(&self) -> u64 {
+        self.outages.load(Ordering::Relaxed)
+    }
+
+    /// A call failed: logs the start of an outage (once) with its cause.
+    pub fn mark_down(&self, cause: &ClusterError) {
+        if self.up.swap(false, Ordering::Relaxed) {
+            self.outages.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                cause = %cause,
+                live_instances = self.live_instances(),
+                "redis unreachable: serving on the last cluster state; switches are refused \
+                 unless forced, cluster limits use this instance's local share"
+            );
+        }
+    }
+
+    /// A call succeeded: logs the end of an outage (once).
+    pub fn mark_up(&self) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            tracing::warn!("redis reachable again: cluster state and limits are shared again");
+        }
+    }
+
+    /// Runs `fut` on the cluster runtime and waits for it: how the
+    /// switchboard, whose writers are blocking code (the admin API and the
+    /// watchers call it off the async threads), talks to Redis. Every
+    /// Redis call is bounded by `[cluster] timeout`, so this blocks at most
+    /// about that long. Safe from any thread, async or not.
+    pub fn block_on<T, F>(&self, fut: F) -> Result<T, ClusterError>
+    where
+        F: Future<Output = Result<T, ClusterError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        // The task sends exactly once, unless the runtime is going away
+        // with the process.
+        rx.recv().unwrap_or_else(|_| {
+            Err(ClusterError::Unreachable {
+                redis: self.redis.url().to_string(),
+                detail: "the cluster runtime has stopped".into(),
+            })
+        })
+    }
+
+    /// Spawns `fut` on the cluster runtime (the state service's loops).
+    pub fn spawn<F>(&self, fut: F)
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        if let Some(rt) = &self.runtime {
+            rt.spawn(fut);
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // A runtime dropped inside another one panics; the last `Arc` of a
+        // link may well go on an async thread.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
