@@ -126,6 +126,10 @@ pub enum StartError {
     AccessLog(#[from] access_log::AccessLogError),
     #[error(transparent)]
     Webhook(#[from] notify::UrlError),
+    #[error(transparent)]
+    ClusterPassword(#[from] cluster::PasswordError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     #[error("cannot read maintenance page {}: {source}", path.display())]
     Page {
         path: std::path::PathBuf,
@@ -145,7 +149,8 @@ impl Switchyard {
         let token = auth::load_tokens(&config.admin, std::env::var(auth::TOKEN_ENV).ok())?;
         let store = FileStore::open(&config.server.state_dir)?;
         let pages = load_pages(&config.server)?;
-        let settings = proxy::Settings::new(&config.server, pages);
+        let link = cluster_link(config)?;
+        let settings = proxy::Settings::new(&config.server, pages).with_cluster(link.clone());
         let board = Arc::new(Switchboard::with_settings(
             config,
             settings,
@@ -398,6 +403,19 @@ impl Switchyard {
     pub fn run(self) {
         self.server.run(RunArgs::default());
     }
+}
+
+/// This instance's link to `[cluster]`, if any: reads the Redis password
+/// (a bad file stops the start) and makes the handle; Redis itself is not
+/// asked yet, so a Redis that is down does not stop the start.
+fn cluster_link(config: &Config) -> Result<Option<Arc<cluster::Link>>, StartError> {
+    let Some(c) = &config.cluster else {
+        return Ok(None);
+    };
+    let password = cluster::load_password(c, |v| std::env::var(v).ok())?;
+    let link = cluster::Link::new(c, password.as_ref())?;
+    tracing::info!(redis = %c.redis, name = %c.name, instance = %c.instance, "cluster on");
+    Ok(Some(Arc::new(link)))
 }
 
 /// Raises the open-file limit to its hard limit and sizes the connection

@@ -266,9 +266,6 @@ fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
         let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
         bail!("{}", lines.join("\n"));
     }
-    if config.cluster.is_some() {
-        bail!("{}", switchyard::cluster::NOT_SUPPORTED_YET);
-    }
     if let Some(missing) = missing_token_file(&config) {
         tracing::warn!("{missing}");
     }

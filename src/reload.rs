@@ -31,8 +31,9 @@ use crate::switchboard::Switchboard;
 /// process builds its listeners and background services. A reload that
 /// changes one keeps the running value and names the key (answer and WARN
 /// log line); a restart (or the `-u` socket handover) applies it.
-pub const RESTART_ONLY: [&str; 14] = [
+pub const RESTART_ONLY: [&str; 15] = [
     "listen",
+    "cluster",
     "admin",
     "tls",
     "acme",
@@ -59,6 +60,7 @@ fn differs(key: &str, a: &Config, b: &Config) -> bool {
     let (s, t) = (&a.server, &b.server);
     match key {
         "listen" => d(&a.listen, &b.listen),
+        "cluster" => d(&a.cluster, &b.cluster),
         "admin" => d(&a.admin, &b.admin),
         "tls" => d(&a.tls, &b.tls),
         "acme" => d(&a.acme, &b.acme),
@@ -144,9 +146,6 @@ impl Reloader {
         let _one = self.one.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.path.display().to_string();
         let checked = crate::check::check_path(&self.path).and_then(|config| {
-            if config.cluster.is_some() {
-                return Err(vec![crate::cluster::NOT_SUPPORTED_YET.to_string()]);
-            }
             // Checked just above (`check_files`); only a file changed in
             // between can fail here.
             match crate::load_pages(&config.server) {

@@ -48,13 +48,6 @@ pub use link::Link;
 pub use rate::{ClusterRate, Decision};
 pub use state::{ClusterError, RedisState, Versioned};
 
-/// What `switchyard run` and a config reload say about a config with
-/// `[cluster]` until the runtime is wired: refusing beats silently running
-/// as a lone instance that the operator believes is clustered.
-pub const NOT_SUPPORTED_YET: &str = "[cluster] is not supported yet by `switchyard run` or a \
-     reload: the shared state is being built (issue 13); remove the [cluster] section to run \
-     this instance on its own";
-
 /// The longest password read from a file or variable (4 KiB).
 pub const MAX_PASSWORD_LEN: usize = 4096;
 
