@@ -156,6 +156,12 @@ impl Switchyard {
             settings,
             Box::new(store),
         )?);
+        // With `[cluster]`: on the cluster's state before serving.
+        let sync = link.as_ref().map(|link| {
+            let sync = cluster::sync::StateSync::new(link.clone(), board.clone());
+            sync_at_start(&sync, link);
+            sync
+        });
         // Webhook URLs are read now, so a bad one stops start-up.
         let (notifier, notify_sender) = notify::Notifier::new(notify::load_urls(&config.notify)?);
         board.set_notifier(notifier.clone());
@@ -259,6 +265,10 @@ impl Switchyard {
                     .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
             );
             server.add_service(service);
+        }
+
+        if let Some(sync) = sync {
+            server.add_service(background_service("cluster", sync));
         }
 
         // Always: a reload may add the first health check.
@@ -416,6 +426,37 @@ fn cluster_link(config: &Config) -> Result<Option<Arc<cluster::Link>>, StartErro
     let link = cluster::Link::new(c, password.as_ref())?;
     tracing::info!(redis = %c.redis, name = %c.name, instance = %c.instance, "cluster on");
     Ok(Some(Arc::new(link)))
+}
+
+/// Brings the switchboard onto the cluster's state before any listener
+/// starts (seeding an empty Redis from the saved state), within a few
+/// `[cluster] timeout`s. A Redis that does not answer does not stop the
+/// start: the instance serves its saved state, and the sync service takes
+/// over when Redis answers.
+fn sync_at_start(sync: &cluster::sync::StateSync, link: &cluster::Link) {
+    // A runtime of its own, gone before Pingora forks (`--daemon`) and
+    // starts its runtimes; the connection made on it goes with it.
+    let synced = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                sync.converge().await?;
+                sync.heartbeat().await
+            })
+            .map_err(|e| {
+                link.mark_down(&e);
+                e.to_string()
+            })
+        });
+    link.redis.reset();
+    match synced {
+        Ok(()) => tracing::info!(instances = link.live_instances(), "on the cluster's state"),
+        Err(e) => {
+            tracing::error!(cause = %e, "cannot reach redis at start: serving the saved state; switches are refused until redis answers")
+        }
+    }
 }
 
 /// Raises the open-file limit to its hard limit and sizes the connection

@@ -642,6 +642,17 @@ pub enum SwitchError {
     Moved(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Another instance changed the cluster's state first; this instance
+    /// now serves that state.
+    #[error("{0}")]
+    ClusterConflict(String),
+    /// Redis is unreachable and the change was not forced: refused, so
+    /// that no two instances serve different states.
+    #[error(
+        "{0}: refused so that the instances do not diverge; retry when redis is back, or force \
+         it (--force) to change this instance only"
+    )]
+    ClusterDown(String),
 }
 
 /// Why a switch happened, as recorded in the history.

@@ -105,7 +105,7 @@ pub fn roll_back(
             tracing::warn!(service, %color, gate = breach.gate.as_str(), reason, %actor, "rolled back: a gate failed");
             Ok(state)
         }
-        Err(e @ SwitchError::Moved(_)) => {
+        Err(e @ (SwitchError::Moved(_) | SwitchError::ClusterConflict(_))) => {
             // Someone moved the service after the verdict: their command
             // stands, and what it did is judged afresh.
             tracing::info!(service, %color, gate = breach.gate.as_str(), reason, cause = %e, "a gate failed, but the service moved meanwhile; no rollback");

@@ -24,6 +24,34 @@ pub const HISTORY_LIMIT: usize = 1000;
 pub struct SavedState {
     pub version: u32,
     pub services: BTreeMap<String, SavedService>,
+    /// With `[cluster]`: which cluster state this is (kept in the local
+    /// file only, never in Redis). Absent for a lone instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Stamp>,
+}
+
+/// Where a state stands in the cluster's sequence of states: the
+/// version Redis holds it under, the lineage (`epoch`) that version
+/// counts in, and whether this instance changed it locally since (a
+/// change forced while Redis was unreachable, not yet in Redis). See the
+/// note on versions in `cluster/state.rs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stamp {
+    pub version: u64,
+    /// A random id chosen by whoever seeded the cluster's Redis; a new
+    /// one after Redis lost its data.
+    pub epoch: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
+}
+
+impl Stamp {
+    /// The version this state claims when offered to Redis: one past the
+    /// version it came from when it holds a local change.
+    pub fn offered(&self) -> u64 {
+        self.version.max(1) + u64::from(self.local)
+    }
 }
 
 impl SavedState {
@@ -40,6 +68,10 @@ pub struct SavedService {
     pub weights: Option<Weights>,
     #[serde(default)]
     pub maintenance: bool,
+    /// Whether the last move was a rollback (the rollback watcher never
+    /// judges one); carried so that every instance of a cluster knows.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_back: bool,
 }
 
 /// One change of a service's traffic (a switch, a rollback, a canary step,
@@ -376,6 +408,7 @@ mod tests {
                     green: 10,
                 }),
                 maintenance: true,
+                rolled_back: true,
             },
         );
         store.save(&state).unwrap();

@@ -4,17 +4,19 @@
 //! in the history with who made it, counted and notified. Readers (every
 //! request) never wait for it: they load the current snapshot.
 
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
+use crate::cluster::{self, ClusterError, Link, Versioned};
 use crate::config::Config;
 use crate::pools::{
     Color, Pool, Reloaded, ServiceState, Snapshot, SwitchCause, SwitchError, SwitchKind, Weights,
 };
 use crate::settings::Settings;
-use crate::store::{Actor, Event, SavedService, SavedState, StateStore, StoreError};
+use crate::store::{Actor, Event, SavedService, SavedState, Stamp, StateStore, StoreError};
 
 /// Owns the live snapshot and every change to it.
 pub struct Switchboard {
@@ -28,6 +30,12 @@ pub struct Switchboard {
     /// Told about every color change and maintenance toggle (webhooks);
     /// set once at start, none in tests that do not ask.
     notifier: std::sync::OnceLock<Arc<crate::notify::Notifier>>,
+    /// With `[cluster]`: where the state served stands in the cluster's
+    /// sequence (`None`: never synced), and the services the cluster's
+    /// state holds that this instance's config does not (kept in what it
+    /// writes to Redis, so instances whose configs differ for a while do
+    /// not erase each other's services). Changed under `write` only.
+    cluster: Mutex<(Option<Stamp>, BTreeMap<String, SavedService>)>,
 }
 
 impl Switchboard {
@@ -55,12 +63,14 @@ impl Switchboard {
                 );
             }
         }
+        let stamp = saved.cluster.clone();
         Ok(Switchboard {
             current: ArcSwap::from_pointee(Snapshot::build(config, settings, None, &saved)),
             store,
             write: Mutex::new(()),
             reloads: tokio::sync::watch::Sender::new(0),
             notifier: std::sync::OnceLock::new(),
+            cluster: Mutex::new((stamp, BTreeMap::new())),
         })
     }
 
@@ -145,7 +155,10 @@ impl Switchboard {
         actor: &Actor,
         target: impl FnOnce(&ServiceState) -> Result<Weights, SwitchError>,
     ) -> Result<ServiceState, SwitchError> {
-        let before = self.change(service, |state| {
+        // While Redis is unreachable, a forced change and a rollback (back
+        // to where traffic was) go through on this instance alone.
+        let local_ok = force || kind == SwitchKind::Rollback;
+        let before = self.change(service, local_ok, |state| {
             let to = target(state)?;
             if state.weights == to {
                 return Ok(None);
@@ -276,7 +289,7 @@ impl Switchboard {
         force: bool,
         actor: &Actor,
     ) -> Result<ServiceState, SwitchError> {
-        let before = self.change(service, |state| {
+        let before = self.change(service, true, |state| {
             if state.moves != if_moves {
                 return Err(SwitchError::Moved(service.to_string()));
             }
@@ -307,7 +320,7 @@ impl Switchboard {
     /// outcome next to the steps it took.
     pub fn note(&self, service: &str, reason: String, actor: &Actor) -> Result<(), SwitchError> {
         let state = self.service(service)?;
-        self.store.append_history(&entry(&state, reason, actor))?;
+        self.append_history(entry(&state, reason, actor));
         Ok(())
     }
 
@@ -319,7 +332,7 @@ impl Switchboard {
         on: bool,
         actor: &Actor,
     ) -> Result<ServiceState, SwitchError> {
-        let changed = self.change(service, |state| {
+        let changed = self.change(service, false, |state| {
             let changed = state.maintenance != on;
             state.maintenance = on;
             Ok(changed)
@@ -375,12 +388,26 @@ impl Switchboard {
         }
     }
 
-    /// Appends one history line. The change itself is durable and live by
-    /// now; losing its history line is worth an alarm, not worth undoing it.
+    /// Appends one history line, here and (with `[cluster]`) to the
+    /// cluster's stream. The change itself is durable and live by now;
+    /// losing its history line is worth an alarm, not worth undoing it.
     fn append_history(&self, event: Event) {
         if let Err(err) = self.store.append_history(&event) {
             tracing::error!(cause = %err, service = %event.service, "state changed but its history entry was not written");
         }
+        if let Some(link) = self.link() {
+            let redis = link.redis.clone();
+            let shared = event.clone();
+            let written = link.block_on(async move { redis.append_history(&shared).await });
+            if let Err(err) = written {
+                link.mark_down(&err);
+                tracing::warn!(cause = %err, service = %event.service, "history entry kept on this instance only");
+            }
+        }
+    }
+
+    fn link(&self) -> Option<Arc<Link>> {
+        self.current.load().settings.cluster.clone()
     }
 
     /// Sends what happens here to `notifier` from now on (first call wins).
@@ -403,12 +430,15 @@ impl Switchboard {
             .ok_or_else(|| SwitchError::UnknownService(service.to_string()))
     }
 
-    /// The one write path: edit a copy of `service`, persist, then publish.
-    /// `edit` returns what the caller wants back; a change that leaves the
-    /// state equal is neither persisted nor published.
+    /// The one write path: edit a copy of `service`, write it to the
+    /// cluster (with `[cluster]`), persist, then publish. `edit` returns
+    /// what the caller wants back; a change that leaves the state equal is
+    /// neither written, persisted nor published. `local_ok`: while Redis is
+    /// unreachable the change may go through on this instance alone.
     fn change<T>(
         &self,
         service: &str,
+        local_ok: bool,
         edit: impl FnOnce(&mut ServiceState) -> Result<T, SwitchError>,
     ) -> Result<T, SwitchError> {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
@@ -431,16 +461,181 @@ impl Switchboard {
         let mut services = snap.services.clone();
         services[index] = next;
         let next = snap.with_services(services);
-        // Persist first: if the disk refuses, nothing has changed.
-        self.store.save(&saved_state(&next))?;
+        let mut cluster = self.cluster_state();
+        let mut saved = saved_state(&next, &cluster.1);
+        if let Some(link) = &next.settings.cluster {
+            // Redis first: a change it refuses changes nothing here.
+            let stamp = self.push(link, &mut cluster, &saved, local_ok)?;
+            saved.cluster = Some(stamp);
+        }
+        // Persist before publishing: if the disk refuses, nothing has
+        // changed here (with `[cluster]`, the next sync puts Redis's
+        // newer state in force).
+        self.store.save(&saved)?;
+        cluster.0 = saved.cluster;
         self.current.store(Arc::new(next));
         Ok(out)
     }
 
+    fn cluster_state(&self) -> MutexGuard<'_, (Option<Stamp>, BTreeMap<String, SavedService>)> {
+        self.cluster.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `saved` to Redis as the version after the one served, and
+    /// returns its stamp. On a conflict, Redis's state is put in force
+    /// here at once and the change refused
+    /// ([`SwitchError::ClusterConflict`]); with Redis unreachable, refused
+    /// ([`SwitchError::ClusterDown`]) unless `local_ok`, which keeps it on
+    /// this instance, marked, for the sync to push when Redis returns.
+    fn push(
+        &self,
+        link: &Arc<Link>,
+        cluster: &mut (Option<Stamp>, BTreeMap<String, SavedService>),
+        saved: &SavedState,
+        local_ok: bool,
+    ) -> Result<Stamp, SwitchError> {
+        let served = cluster.0.clone();
+        let outcome = match served.as_ref().filter(|s| !s.local) {
+            Some(stamp) => {
+                let (redis, stamp, state) = (link.redis.clone(), stamp.clone(), saved.clone());
+                link.block_on(async move { redis.change(&stamp, &state).await })
+            }
+            // Never synced since start, or holding a local change the sync
+            // has not pushed yet: nothing to compare and set against.
+            None => Err(ClusterError::Unreachable {
+                redis: link.redis.url().to_string(),
+                detail: "this instance has not synced with it since it was last unreachable".into(),
+            }),
+        };
+        match outcome {
+            Ok(version) => {
+                link.mark_up();
+                let epoch = served.map(|s| s.epoch).unwrap_or_default();
+                Ok(Stamp {
+                    version,
+                    epoch,
+                    local: false,
+                })
+            }
+            Err(e @ ClusterError::Conflict { .. }) => {
+                link.mark_up();
+                let redis = link.redis.clone();
+                if let Ok(Some(held)) = link.block_on(async move { redis.read().await }) {
+                    self.adopt_locked(cluster, &held);
+                }
+                Err(SwitchError::ClusterConflict(e.to_string()))
+            }
+            Err(e) => {
+                if !matches!(e, ClusterError::Unreachable { .. }) || served.is_some() {
+                    link.mark_down(&e);
+                }
+                if !local_ok {
+                    return Err(SwitchError::ClusterDown(e.to_string()));
+                }
+                tracing::warn!(cause = %e, "redis unreachable: change applied on this instance only; it is pushed to redis when it returns");
+                Ok(Stamp {
+                    local: true,
+                    ..served.unwrap_or_default()
+                })
+            }
+        }
+    }
+
+    /// Puts the cluster's state `held` in force when it is newer than the
+    /// one served (see the note on versions in `cluster/state.rs`): each
+    /// service's colors, split and maintenance, as one snapshot. Requests
+    /// in flight keep theirs. Nothing is counted, notified or recorded in
+    /// the history: the instance that made the change did that.
+    fn adopt_locked(
+        &self,
+        cluster: &mut (Option<Stamp>, BTreeMap<String, SavedService>),
+        held: &Versioned,
+    ) {
+        let newer = cluster
+            .0
+            .as_ref()
+            .is_none_or(|s| s.epoch != held.epoch || held.version > s.version);
+        if !newer {
+            return;
+        }
+        if let Some(s) = cluster.0.as_ref().filter(|s| s.local) {
+            tracing::error!(
+                local_from = s.version,
+                cluster_version = held.version,
+                "a change made on this instance while redis was unreachable is overruled by the                  cluster's newer state (see the history)"
+            );
+        }
+        let snap = self.current.load_full();
+        let mut services = snap.services.clone();
+        let mut moved = Vec::new();
+        for s in services.iter_mut() {
+            let Some(saved) = held.state.services.get(&*s.name) else {
+                continue;
+            };
+            let weights = saved.weights.unwrap_or(Weights::all(saved.active));
+            let now = (s.active, s.previous, s.weights, s.maintenance);
+            if now == (saved.active, saved.previous, weights, saved.maintenance) {
+                continue;
+            }
+            s.active = saved.active;
+            s.previous = saved.previous;
+            s.weights = weights;
+            s.maintenance = saved.maintenance;
+            s.moves += 1;
+            s.last_move = Some(match saved.rolled_back {
+                true => SwitchKind::Rollback,
+                false => SwitchKind::Switch,
+            });
+            moved.push(s.name.to_string());
+        }
+        cluster.1 = held
+            .state
+            .services
+            .iter()
+            .filter(|(name, _)| snap.service(name).is_none())
+            .map(|(name, s)| (name.clone(), s.clone()))
+            .collect();
+        let next = snap.with_services(services);
+        let mut saved = saved_state(&next, &cluster.1);
+        saved.cluster = Some(Stamp {
+            version: held.version,
+            epoch: held.epoch.clone(),
+            local: false,
+        });
+        if let Err(e) = self.store.save(&saved) {
+            // Served all the same: Redis holds it, and a restart syncs again.
+            tracing::error!(cause = %e, "cluster state applied but not saved locally");
+        }
+        cluster.0 = saved.cluster;
+        if !moved.is_empty() {
+            self.current.store(Arc::new(next));
+            tracing::info!(version = held.version, services = ?moved, "cluster state applied");
+        }
+    }
+
     /// The last [`crate::store::HISTORY_LIMIT`] color changes, oldest
-    /// first; of `service` only, when given.
+    /// first; of `service` only, when given. With `[cluster]`, the
+    /// cluster's (every instance's changes), or this instance's own while
+    /// Redis is unreachable.
     pub fn history(&self, service: Option<&str>) -> Result<Vec<Event>, StoreError> {
+        if let Some(link) = self.link() {
+            let (redis, svc) = (link.redis.clone(), service.map(str::to_string));
+            let limit = crate::store::HISTORY_LIMIT;
+            match link.block_on(async move { redis.history(svc.as_deref(), limit).await }) {
+                Ok(events) => return Ok(events),
+                Err(e) => {
+                    link.mark_down(&e);
+                    tracing::warn!(cause = %e, "history: redis unreachable, showing this instance's own");
+                }
+            }
+        }
         self.store.history(service)
+    }
+
+    /// Where the state served stands in the cluster (`None`: no
+    /// `[cluster]`, or never synced).
+    pub fn stamp(&self) -> Option<Stamp> {
+        self.cluster_state().0.clone()
     }
 
     /// Requests in flight across every pool.
@@ -454,24 +649,40 @@ impl Switchboard {
     }
 }
 
-fn saved_state(snap: &Snapshot) -> SavedState {
+/// What `snap` saves (and, with `[cluster]`, shares), plus `others`:
+/// services the cluster holds that this instance does not serve.
+fn saved_state(snap: &Snapshot, others: &BTreeMap<String, SavedService>) -> SavedState {
+    let mut services = others.clone();
+    services.extend(snap.services.iter().map(|s| {
+        (
+            s.name.to_string(),
+            SavedService {
+                active: s.active,
+                previous: s.previous,
+                weights: s.canary().map(|_| s.weights),
+                maintenance: s.maintenance,
+                rolled_back: s.last_move == Some(SwitchKind::Rollback),
+            },
+        )
+    }));
     SavedState {
         version: SavedState::VERSION,
-        services: snap
-            .services
-            .iter()
-            .map(|s| {
-                (
-                    s.name.to_string(),
-                    SavedService {
-                        active: s.active,
-                        previous: s.previous,
-                        weights: s.canary().map(|_| s.weights),
-                        maintenance: s.maintenance,
-                    },
-                )
-            })
-            .collect(),
+        services,
+        cluster: None,
+    }
+}
+
+impl cluster::sync::Replica for Switchboard {
+    fn served(&self) -> (SavedState, Option<Stamp>) {
+        let cluster = self.cluster_state();
+        let saved = saved_state(&self.current.load(), &cluster.1);
+        (saved, cluster.0.clone())
+    }
+
+    fn adopt(&self, held: &Versioned) {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cluster = self.cluster_state();
+        self.adopt_locked(&mut cluster, held);
     }
 }
 

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use switchyard::cluster::{load_password, ClusterError, RedisState};
 use switchyard::config::{Cluster, PasswordSource};
 use switchyard::pools::Color;
-use switchyard::store::{Actor, Event, SavedService, SavedState, HISTORY_LIMIT};
+use switchyard::store::{Actor, Event, SavedService, SavedState, Stamp, HISTORY_LIMIT};
 
 /// Short, so the "Redis gone" cases finish quickly (300 ms).
 const TIMEOUT: Duration = Duration::from_millis(300);
@@ -42,11 +42,13 @@ fn state(active: Color) -> SavedState {
             previous: None,
             weights: None,
             maintenance: false,
+            rolled_back: false,
         },
     );
     SavedState {
         version: SavedState::VERSION,
         services,
+        cluster: None,
     }
 }
 
@@ -69,9 +71,10 @@ async fn state_round_trips_with_its_version() {
     let store = RedisState::new(&cluster(&redis, "rt"), None).unwrap();
     assert_eq!(store.read().await.unwrap(), None);
     let v = store
-        .change(0, &state(Color::Green), Some(&event("api", Color::Green)))
+        .seed(None, &state(Color::Green))
         .await
-        .unwrap();
+        .unwrap()
+        .version;
     assert_eq!(v, 1);
     let read = store.read().await.unwrap().unwrap();
     assert_eq!(read.version, 1);
@@ -86,14 +89,17 @@ async fn of_two_writers_with_the_same_version_exactly_one_wins() {
     let redis = RedisServer::start();
     let a = Arc::new(RedisState::new(&cluster(&redis, "cas"), None).unwrap());
     let b = Arc::new(RedisState::new(&cluster(&redis, "cas"), None).unwrap());
-    a.change(0, &state(Color::Blue), None).await.unwrap();
+    a.seed(None, &state(Color::Blue)).await.unwrap();
     for round in 0..20u64 {
-        let expected = a.read().await.unwrap().unwrap().version;
+        let held = a.read().await.unwrap().unwrap();
+        let expected = held.version;
+        let stamp = Stamp {
+            version: held.version,
+            epoch: held.epoch,
+            local: false,
+        };
         let (green, blue) = (state(Color::Green), state(Color::Blue));
-        let (ra, rb) = tokio::join!(
-            a.change(expected, &green, None),
-            b.change(expected, &blue, None)
-        );
+        let (ra, rb) = tokio::join!(a.change(&stamp, &green), b.change(&stamp, &blue));
         let wins = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
         assert_eq!(wins, 1, "round {round}: {ra:?} {rb:?}");
         let lost = if ra.is_ok() { rb } else { ra };
@@ -118,20 +124,28 @@ async fn two_instances_seeding_together_seed_once() {
         let a = RedisState::new(&cluster(&redis, &name), None).unwrap();
         let b = RedisState::new(&cluster(&redis, &name), None).unwrap();
         let (blue, green) = (state(Color::Blue), state(Color::Green));
-        let (ra, rb) = tokio::join!(a.seed(1, &blue), b.seed(1, &green));
-        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        let (ra, rb) = tokio::join!(a.seed(None, &blue), b.seed(None, &green));
+        let (ra, rb) = (ra.unwrap().won, rb.unwrap().won);
         assert!(ra ^ rb, "round {round}: exactly one seeds ({ra}, {rb})");
         let held = a.read().await.unwrap().unwrap();
         assert_eq!(held.version, 1);
         let winner = if ra { Color::Blue } else { Color::Green };
         assert_eq!(held.state, state(winner));
         // A later seed changes nothing.
-        assert!(!a.seed(1, &state(Color::Blue)).await.unwrap());
+        assert!(!a.seed(None, &state(Color::Blue)).await.unwrap().won);
     }
     // Seeding after a change leaves the changed state alone.
     let c = RedisState::new(&cluster(&redis, "seeded"), None).unwrap();
-    c.change(0, &state(Color::Green), None).await.unwrap();
-    assert!(!c.seed(1, &state(Color::Blue)).await.unwrap());
+    let held = c.read().await.unwrap();
+    assert_eq!(held, None);
+    let seeded = c.seed(None, &state(Color::Blue)).await.unwrap();
+    let stamp = Stamp {
+        version: seeded.version,
+        epoch: seeded.epoch,
+        local: false,
+    };
+    c.change(&stamp, &state(Color::Green)).await.unwrap();
+    assert!(!c.seed(None, &state(Color::Blue)).await.unwrap().won);
     assert_eq!(c.read().await.unwrap().unwrap().state, state(Color::Green));
 }
 
@@ -146,10 +160,8 @@ async fn history_is_bounded_and_filtered_by_service() {
         } else {
             ("web", Color::Blue)
         };
-        store
-            .change(v, &state(to), Some(&event(svc, to)))
-            .await
-            .unwrap();
+        let _ = v;
+        store.append_history(&event(svc, to)).await.unwrap();
     }
     // Approximate trimming keeps at least the limit and far less than all.
     let mut len_cmd = redis::cmd("XLEN");
@@ -181,7 +193,11 @@ async fn a_subscriber_sees_a_change_promptly() {
     let reader = RedisState::new(&cluster(&redis, "pub"), None).unwrap();
     let mut changes = Box::pin(reader.subscribe().await.unwrap());
     let started = Instant::now();
-    let v = writer.change(0, &state(Color::Green), None).await.unwrap();
+    let v = writer
+        .seed(None, &state(Color::Green))
+        .await
+        .unwrap()
+        .version;
     // A generous deadline: the measured time is printed, not asserted.
     let seen = tokio::time::timeout(Duration::from_secs(5), changes.next())
         .await
@@ -195,7 +211,7 @@ async fn a_subscriber_sees_a_change_promptly() {
 async fn redis_killed_fails_within_the_timeout_and_recovers() {
     let mut redis = RedisServer::start();
     let store = RedisState::new(&cluster(&redis, "down"), None).unwrap();
-    store.change(0, &state(Color::Blue), None).await.unwrap();
+    store.seed(None, &state(Color::Blue)).await.unwrap();
     redis.kill();
     for _ in 0..3 {
         let started = Instant::now();
@@ -216,7 +232,11 @@ async fn redis_killed_fails_within_the_timeout_and_recovers() {
     redis.restart();
     assert_eq!(store.read().await.unwrap(), None);
     assert_eq!(
-        store.change(0, &state(Color::Green), None).await.unwrap(),
+        store
+            .seed(None, &state(Color::Green))
+            .await
+            .unwrap()
+            .version,
         1
     );
 }
@@ -261,7 +281,11 @@ async fn password_auth_from_a_private_file_and_never_shown() {
     let password = load_password(&c, |_| None).unwrap();
     let store = RedisState::new(&c, password.as_ref()).unwrap();
     assert_eq!(
-        store.change(0, &state(Color::Green), None).await.unwrap(),
+        store
+            .seed(None, &state(Color::Green))
+            .await
+            .unwrap()
+            .version,
         1
     );
 
@@ -336,7 +360,7 @@ async fn a_persistent_redis_keeps_the_state_across_a_kill() {
         ..Default::default()
     });
     let store = RedisState::new(&cluster(&redis, "aof"), None).unwrap();
-    store.change(0, &state(Color::Green), None).await.unwrap();
+    store.seed(None, &state(Color::Green)).await.unwrap();
     redis.restart();
     let held = store.read().await.unwrap().unwrap();
     assert_eq!((held.version, held.state), (1, state(Color::Green)));
@@ -354,7 +378,11 @@ async fn rediss_with_a_private_ca_round_trips_and_an_unknown_ca_is_refused() {
     c.ca_file = Some(redis.ca_file());
     let store = RedisState::new(&c, None).unwrap();
     assert_eq!(
-        store.change(0, &state(Color::Green), None).await.unwrap(),
+        store
+            .seed(None, &state(Color::Green))
+            .await
+            .unwrap()
+            .version,
         1
     );
     assert_eq!(store.read().await.unwrap().unwrap().version, 1);
@@ -387,4 +415,156 @@ fn a_reload_that_adds_cluster_needs_a_restart_and_the_old_config_keeps_serving()
     );
     let (code, body) = common::get(&format!("{}/a", proxy.http_url()), None);
     assert_eq!((code, body.as_str()), (200, "blue"));
+}
+
+fn stamp(version: u64, epoch: &str, local: bool) -> Stamp {
+    Stamp {
+        version,
+        epoch: epoch.into(),
+        local,
+    }
+}
+
+#[tokio::test]
+async fn after_a_loss_the_newest_offered_state_wins_until_the_first_change() {
+    let mut redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "loss"), None).unwrap();
+    let first = store.seed(None, &state(Color::Blue)).await.unwrap();
+    assert!(first.won);
+    let e1 = first.epoch.clone();
+    // Versions 2..=5 in the first epoch.
+    for v in 1..5 {
+        store
+            .change(&stamp(v, &e1, false), &state(Color::Green))
+            .await
+            .unwrap();
+    }
+    // Redis restarted empty: an instance that served version 3 reconnects
+    // first and seeds under a new epoch, keeping its own version.
+    redis.restart();
+    let old = store
+        .seed(Some(&stamp(3, &e1, false)), &state(Color::Blue))
+        .await
+        .unwrap();
+    assert!(old.won);
+    assert_eq!(old.version, 3);
+    assert_ne!(old.epoch, e1);
+    // The instance that served version 5 comes next: newer, so it wins
+    // (no change was made since the re-seed).
+    let newest = store
+        .seed(Some(&stamp(5, &e1, false)), &state(Color::Green))
+        .await
+        .unwrap();
+    assert!(newest.won, "{newest:?}");
+    let held = store.read().await.unwrap().unwrap();
+    assert_eq!((held.version, &held.state), (5, &state(Color::Green)));
+    assert_eq!(held.epoch, old.epoch, "the re-seed's epoch stays");
+    // An older one can never win.
+    assert!(
+        !store
+            .seed(Some(&stamp(4, &e1, false)), &state(Color::Blue))
+            .await
+            .unwrap()
+            .won
+    );
+    // After the first change, settling is over: a state from before the
+    // loss no longer replaces it, however high its version.
+    let v = store
+        .change(&stamp(5, &held.epoch, false), &state(Color::Blue))
+        .await
+        .unwrap();
+    assert_eq!(v, 6);
+    assert!(
+        !store
+            .seed(Some(&stamp(9, &e1, false)), &state(Color::Green))
+            .await
+            .unwrap()
+            .won
+    );
+    // A change computed in the old epoch is refused even at the same
+    // version number.
+    let e = store
+        .change(&stamp(6, &e1, false), &state(Color::Green))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ClusterError::Conflict { current: 6, .. }),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_local_change_is_pushed_only_onto_the_version_it_was_made_from() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "local"), None).unwrap();
+    let seeded = store.seed(None, &state(Color::Blue)).await.unwrap();
+    let e = seeded.epoch;
+    // Made locally from version 1 while Redis was unreachable: offered as 2.
+    let pushed = store
+        .seed(Some(&stamp(1, &e, true)), &state(Color::Green))
+        .await
+        .unwrap();
+    assert!(pushed.won);
+    assert_eq!(pushed.version, 2);
+    // Another instance's local change from version 1 comes too late.
+    let late = store
+        .seed(Some(&stamp(1, &e, true)), &state(Color::Blue))
+        .await
+        .unwrap();
+    assert!(!late.won);
+    let held = store.read().await.unwrap().unwrap();
+    assert_eq!((held.version, held.state), (2, state(Color::Green)));
+    // A Redis restored from an older dump (same epoch, lower version)
+    // takes an instance's newer state.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("local:version")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .seed(Some(&stamp(2, &e, false)), &state(Color::Green))
+            .await
+            .unwrap()
+            .won
+    );
+    assert_eq!(store.read().await.unwrap().unwrap().version, 2);
+}
+
+#[tokio::test]
+async fn heartbeats_list_live_instances_and_drop_expired_ones() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "beat"), None).unwrap();
+    let short = Duration::from_millis(300);
+    store.heartbeat("edge-2", "{}", short).await.unwrap();
+    let live = store
+        .heartbeat("edge-1", "{\"version\":3}", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let names: Vec<&str> = live.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["edge-1", "edge-2"]);
+    assert_eq!(live[0].1, "{\"version\":3}");
+    // edge-2 stops beating: gone once its lease has run out.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let live = store
+            .heartbeat("edge-1", "{}", Duration::from_secs(30))
+            .await
+            .unwrap();
+        if live.len() == 1 {
+            assert_eq!(live[0].0, "edge-1");
+            break;
+        }
+        assert!(Instant::now() < deadline, "edge-2 never expired: {live:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.leave("edge-1").await.unwrap();
+    let live = store.heartbeat("edge-3", "{}", short).await.unwrap();
+    assert_eq!(live.len(), 1, "{live:?}");
 }

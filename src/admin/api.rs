@@ -399,6 +399,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Internal(String),
+    /// A dependency (Redis, with `[cluster]`) is unreachable: 503.
+    #[error("{0}")]
+    Unavailable(String),
     /// A config reload refused: the file's problems, as `switchyard
     /// check` prints them, are in the answer's `errors` list.
     #[error("{message}")]
@@ -419,18 +422,37 @@ impl ApiError {
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InvalidConfig { .. } => StatusCode::BAD_REQUEST,
         }
     }
+}
+
+/// `GET /status`'s `cluster`: the Redis (URL, no password), whether it
+/// answers, this instance and the state version it serves, and the live
+/// instances with the version each serves (from the last heartbeat).
+fn cluster_json(board: &Switchboard, link: &crate::cluster::Link) -> Value {
+    let stamp = board.stamp();
+    json!({
+        "redis": link.redis.url(),
+        "reachable": link.is_up(),
+        "instance": link.instance,
+        "version": stamp.as_ref().map(|s| s.version),
+        "epoch": stamp.as_ref().map(|s| s.epoch.clone()),
+        "local_change": stamp.is_some_and(|s| s.local),
+        "instances": link.members(),
+    })
 }
 
 impl From<SwitchError> for ApiError {
     fn from(e: SwitchError) -> Self {
         match e {
             SwitchError::UnknownService(_) => ApiError::NotFound(e.to_string()),
-            SwitchError::NoPrevious(_) | SwitchError::NotHealthy { .. } | SwitchError::Moved(_) => {
-                ApiError::Conflict(e.to_string())
-            }
+            SwitchError::NoPrevious(_)
+            | SwitchError::NotHealthy { .. }
+            | SwitchError::Moved(_)
+            | SwitchError::ClusterConflict(_) => ApiError::Conflict(e.to_string()),
+            SwitchError::ClusterDown(_) => ApiError::Unavailable(e.to_string()),
             SwitchError::Store(_) => ApiError::Internal(e.to_string()),
         }
     }
@@ -512,7 +534,11 @@ pub fn dispatch(
                     (s.name.to_string(), v)
                 })
                 .collect();
-            Ok(json!({ "services": services }))
+            let mut status = json!({ "services": services });
+            if let Some(link) = &snap.settings.cluster {
+                status["cluster"] = cluster_json(board, link);
+            }
+            Ok(status)
         }
         Command::History { service } => {
             let events = board

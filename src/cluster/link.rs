@@ -6,8 +6,10 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use super::{ClusterError, Password, RedisState};
 use crate::config::Cluster;
@@ -31,27 +33,31 @@ pub struct Link {
     up: AtomicBool,
     /// Outages seen since start (each counted once, when it starts).
     outages: AtomicU64,
-    /// Where blocking callers' Redis calls run (see [`Link::block_on`]);
-    /// taken only by `Drop`.
-    runtime: Option<tokio::runtime::Runtime>,
+    /// The instances at the last heartbeat, for `GET /status`.
+    members: Mutex<Vec<Member>>,
+    /// Where blocking callers' Redis calls run (see [`Link::block_on`]):
+    /// made at first use, so after Pingora's `--daemon` fork (threads do
+    /// not survive a fork); `None` inside if it could not start.
+    runtime: OnceLock<Option<tokio::runtime::Runtime>>,
+}
+
+/// One live instance as its heartbeat describes it (`GET /status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub instance: String,
+    /// The state version it serves.
+    pub version: u64,
+    pub epoch: String,
+    /// Whether it serves a change made while Redis was unreachable.
+    #[serde(default)]
+    pub local: bool,
 }
 
 impl Link {
-    /// The link for `cluster`: builds the Redis handle (no call yet) and a
-    /// one-thread runtime named `cluster` for blocking callers. Errors as
-    /// [`RedisState::new`]; a runtime that cannot start is reported as
-    /// [`ClusterError::Unreachable`] with the OS error.
+    /// The link for `cluster`: builds the Redis handle (no call yet).
+    /// Errors as [`RedisState::new`].
     pub fn new(cluster: &Cluster, password: Option<&Password>) -> Result<Link, ClusterError> {
         let redis = Arc::new(RedisState::new(cluster, password)?);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("cluster")
-            .enable_all()
-            .build()
-            .map_err(|e| ClusterError::Unreachable {
-                redis: cluster.redis.clone(),
-                detail: format!("cannot start the cluster runtime: {e}"),
-            })?;
         Ok(Link {
             redis,
             instance: cluster.instance.clone(),
@@ -60,8 +66,23 @@ impl Link {
             live: AtomicUsize::new(1),
             up: AtomicBool::new(true),
             outages: AtomicU64::new(0),
-            runtime: Some(runtime),
+            members: Mutex::new(Vec::new()),
+            runtime: OnceLock::new(),
         })
+    }
+
+    /// The live instances at the last heartbeat, sorted by name.
+    pub fn members(&self) -> Vec<Member> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records the live instances a heartbeat returned.
+    pub fn set_members(&self, members: Vec<Member>) {
+        self.set_live_instances(members.len());
+        *self.members.lock().unwrap_or_else(|p| p.into_inner()) = members;
     }
 
     /// Instances live at the last look, this one included (at least 1).
@@ -129,13 +150,25 @@ impl Link {
         })
     }
 
-    /// Spawns `fut` on the cluster runtime (the state service's loops).
+    /// Spawns `fut` on the cluster runtime, a one-thread runtime named
+    /// `cluster` made at first use. If it cannot start (the OS refuses a
+    /// thread), that is logged and `fut` is dropped: a caller waiting on
+    /// it sees its sender gone.
     pub fn spawn<F>(&self, fut: F)
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        if let Some(rt) = &self.runtime {
+        let runtime = self.runtime.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("cluster")
+                .enable_all()
+                .build()
+                .inspect_err(|e| tracing::error!(cause = %e, "cannot start the cluster runtime"))
+                .ok()
+        });
+        if let Some(rt) = runtime {
             rt.spawn(fut);
         }
     }
@@ -145,7 +178,7 @@ impl Drop for Link {
     fn drop(&mut self) {
         // A runtime dropped inside another one panics; the last `Arc` of a
         // link may well go on an async thread.
-        if let Some(rt) = self.runtime.take() {
+        if let Some(rt) = self.runtime.take().flatten() {
             rt.shutdown_background();
         }
     }

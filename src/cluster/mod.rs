@@ -43,10 +43,11 @@ use crate::config::{self, Cluster, PasswordSource};
 pub mod link;
 pub mod rate;
 pub mod state;
+pub mod sync;
 
-pub use link::Link;
+pub use link::{Link, Member};
 pub use rate::{ClusterRate, Decision};
-pub use state::{ClusterError, RedisState, Versioned};
+pub use state::{ClusterError, RedisState, Seeded, Versioned};
 
 /// The longest password read from a file or variable (4 KiB).
 pub const MAX_PASSWORD_LEN: usize = 4096;

@@ -8,42 +8,51 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `NAME:version` | string (integer) | the state's version, 1 and up; absent: never seeded |
+//! | `NAME:epoch` | string | the lineage that version counts in (see below) |
 //! | `NAME:state` | string (JSON) | the [`SavedState`] of that version |
+//! | `NAME:settling` | string | present from a seed until the first change after it |
 //! | `NAME:history` | stream | one entry per change: `service`, `event` (an [`Event`] as JSON) |
 //! | `NAME:changes` | pub/sub channel | the new version, after every change |
+//! | `NAME:instances` | sorted set | live instances, scored by when their entry expires (ms) |
+//! | `NAME:instance-info` | hash | instance → what it serves (JSON: version, epoch, local) |
 //!
-//! Every write is ONE Lua script (Redis runs a script atomically: no other
-//! command runs in between), so the version, the state, the history entry
-//! and the message never disagree. A change names the version it was
-//! computed from and is refused when Redis holds another (compare and set):
-//! two instances switching at once cannot both win.
+//! Every state write is ONE Lua script (Redis runs a script atomically:
+//! no other command runs in between), so the version, the epoch, the state
+//! and the message never disagree. A change names the version and epoch
+//! it was computed from and is refused when Redis holds another (compare
+//! and set): two instances switching at once cannot both win.
 //!
 //! Every call is bounded by `[cluster] timeout` (connecting included) and
 //! every failure is a [`ClusterError`] whose message never holds the
 //! password.
 //!
-//! # Versions across a Redis that lost its data (design note, not built)
+//! # Versions, epochs, and a Redis that lost its data
 //!
-//! A Redis restarted without persistence comes back empty, and a plain
-//! "seed with version 1" would then let the state of whichever instance
-//! reconnects first win, even an old one. The plan for the next session:
+//! Versions only grow: each change adds one. The *epoch* is a random id
+//! written by whoever seeds an empty Redis; every instance keeps, with its
+//! local `state.json`, the version and epoch it serves ([`Stamp`]).
 //!
-//! - Each instance keeps, with its local `state.json`, the version it last
-//!   served (the Redis version of that state) and the cluster's *epoch*: a
-//!   random id written by whoever seeded Redis (`NAME:epoch`).
-//! - Re-seeding after a loss uses [`RedisState::seed`] with the instance's
-//!   own version (not 1), under a new epoch, so versions never go
-//!   backwards across the loss. While Redis holds a state seeded after a
-//!   loss (marked in the seed), a later seed with a higher version
-//!   replaces it once; so the newest state any instance held wins, not the
-//!   first to reconnect.
-//! - An instance applies a Redis state only when its version is higher
-//!   than the one it serves, or when the epoch changed and the version is
-//!   at least its own; an older state therefore never replaces a newer one.
-//! - A switch forced locally while Redis was down bumps the local version
-//!   and is marked; on return it is pushed with `change` only if Redis's
-//!   version is still the one it was forced from, and otherwise reported as
-//!   a conflict for the operator (logged, kept in the local history).
+//! A seed ([`RedisState::seed`]) offers an instance's state under its own
+//! version (never back to 1), and Redis takes it when
+//! 1. it holds no state (first start, or restarted without persistence):
+//!    the offer is written under a new epoch, and `settling` is set;
+//! 2. or `settling` is still set (no change was made since that seed) and
+//!    the offer's version is higher: so of the instances re-seeding after a
+//!    loss, the one holding the newest state wins, not the first to
+//!    reconnect;
+//! 3. or the offer has Redis's epoch and a higher version: Redis went
+//!    back in time (restored from an older dump), or this instance made a
+//!    change locally while Redis was unreachable and Redis still holds the
+//!    version that change was made from (offered as that version + 1, so a
+//!    change someone else pushed meanwhile wins instead).
+//!
+//! An instance puts Redis's state in force when its epoch differs from the
+//! one served (after offering its own, so rule 2 can pick the newest) or
+//! its version is higher. An older state therefore never replaces a newer
+//! one; the one case where a state made later can lose is a change forced
+//! on an instance cut off from Redis while another instance changed the
+//! same Redis: the change Redis holds stands, and the forced one is logged
+//! as overruled.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -54,46 +63,95 @@ use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError};
 
 use super::Password;
 use crate::config::Cluster;
-use crate::store::{Event, SavedState, HISTORY_LIMIT};
+use crate::store::{Event, SavedState, Stamp, HISTORY_LIMIT};
 
-/// Compare and set: writes the state, appends the history entry and
-/// publishes the new version, only when the version is the expected one.
-/// KEYS: version, state, history. ARGV: expected version, state JSON,
-/// event JSON (empty: no entry), service, stream MAXLEN, channel.
-/// Returns `{1, new}` or, on a conflict, `{0, current}`.
+/// Compare and set: writes the state and publishes the new version, only
+/// when Redis holds the expected version and epoch (never on an empty
+/// Redis: that takes a seed). Ends `settling`.
+/// KEYS: version, epoch, state, settling. ARGV: expected version,
+/// expected epoch, state JSON, channel.
+/// Returns `{1, new, epoch}` or, on a conflict, `{0, current, epoch}`.
 const CHANGE_SCRIPT: &str = r"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current ~= tonumber(ARGV[1]) then
-  return {0, current}
+local epoch = redis.call('GET', KEYS[2]) or ''
+if current == 0 or current ~= tonumber(ARGV[1]) or epoch ~= ARGV[2] then
+  return {0, current, epoch}
 end
 local new = current + 1
 redis.call('SET', KEYS[1], new)
-redis.call('SET', KEYS[2], ARGV[2])
-if ARGV[3] ~= '' then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'service', ARGV[4], 'event', ARGV[3])
-end
-redis.call('PUBLISH', ARGV[6], new)
-return {1, new}
+redis.call('SET', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[4])
+redis.call('PUBLISH', ARGV[4], new)
+return {1, new, epoch}
 ";
 
-/// Seeding: writes the state with the given version only when Redis holds
-/// no version yet (SET NX inside the script, so of two instances starting
-/// together exactly one seeds). KEYS: version, state. ARGV: version, state
-/// JSON, channel. Returns `{1, version}` or `{0, current}`.
+/// Seeding, by the three rules in the module's note. KEYS: version,
+/// epoch, state, settling. ARGV: offered version, state JSON, the
+/// offerer's epoch ('' for none), a fresh epoch, channel.
+/// Returns `{1, version, epoch}` when the offer was taken, else
+/// `{0, current, epoch}`.
 const SEED_SCRIPT: &str = r"
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  return {0, tonumber(redis.call('GET', KEYS[1]))}
+local offered = tonumber(ARGV[1])
+local stored = redis.call('GET', KEYS[1])
+if not stored then
+  redis.call('SET', KEYS[1], offered)
+  redis.call('SET', KEYS[2], ARGV[4])
+  redis.call('SET', KEYS[3], ARGV[2])
+  redis.call('SET', KEYS[4], '1')
+  redis.call('PUBLISH', ARGV[5], offered)
+  return {1, offered, ARGV[4]}
 end
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[1])
-return {1, tonumber(ARGV[1])}
+stored = tonumber(stored)
+local epoch = redis.call('GET', KEYS[2]) or ''
+local settling = redis.call('EXISTS', KEYS[4]) == 1
+if offered > stored and (settling or epoch == ARGV[3]) then
+  redis.call('SET', KEYS[1], offered)
+  redis.call('SET', KEYS[3], ARGV[2])
+  redis.call('PUBLISH', ARGV[5], offered)
+  return {1, offered, epoch}
+end
+return {0, stored, epoch}
 ";
 
-/// A state and the version Redis holds it under.
+/// A heartbeat: this instance's entry, renewed, and the live ones.
+/// KEYS: instances, instance-info. ARGV: instance, info JSON, lease (ms).
+/// Uses Redis's clock, so instances' clocks need not agree. Returns the
+/// live instances' info, `{id, info, id, info, ...}`.
+const HEARTBEAT_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+local out = {}
+for _, id in ipairs(live) do
+  table.insert(out, id)
+  table.insert(out, redis.call('HGET', KEYS[2], id) or '')
+end
+return out
+";
+
+/// A state and the version and epoch Redis holds it under.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned {
     pub version: u64,
+    pub epoch: String,
     pub state: SavedState,
+}
+
+/// What a seed did (see the module's note).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seeded {
+    /// Whether the offer was taken.
+    pub won: bool,
+    /// The version and epoch Redis holds now.
+    pub version: u64,
+    pub epoch: String,
 }
 
 /// Why a Redis call failed. No message holds the password (or the URL's
@@ -110,8 +168,8 @@ pub enum ClusterError {
     )]
     Auth { redis: String, detail: String },
     #[error(
-        "the cluster state changed meanwhile: expected version {expected}, redis holds {current}; \
-         read it again and retry"
+        "the cluster state changed meanwhile (this instance served version {expected}, redis \
+         holds {current}); this instance now serves redis's state: check it and retry"
     )]
     Conflict { expected: u64, current: u64 },
     #[error(
@@ -145,6 +203,7 @@ pub struct RedisState {
     conn: Mutex<Option<MultiplexedConnection>>,
     change: redis::Script,
     seed: redis::Script,
+    heartbeat: redis::Script,
 }
 
 impl RedisState {
@@ -186,6 +245,7 @@ impl RedisState {
             conn: Mutex::new(None),
             change: redis::Script::new(CHANGE_SCRIPT),
             seed: redis::Script::new(SEED_SCRIPT),
+            heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
         })
     }
 
@@ -204,48 +264,50 @@ impl RedisState {
         self.key("changes")
     }
 
-    /// The state and its version; `None` when Redis holds none (never
-    /// seeded, or emptied by a restart). One call (MGET).
+    /// The state, its version and epoch; `None` when Redis holds none
+    /// (never seeded, or emptied by a restart). One call (MGET).
     pub async fn read(&self) -> Result<Option<Versioned>, ClusterError> {
         let mut cmd = redis::cmd("MGET");
-        cmd.arg(self.key("version")).arg(self.key("state"));
-        let (version, state): (Option<u64>, Option<String>) = self.query(&cmd).await?;
+        cmd.arg(self.key("version"))
+            .arg(self.key("epoch"))
+            .arg(self.key("state"));
+        let (version, epoch, state): (Option<u64>, Option<String>, Option<String>) =
+            self.query(&cmd).await?;
         let (Some(version), Some(state)) = (version, state) else {
             return Ok(None);
         };
         let state = serde_json::from_str(&state).map_err(|e| self.corrupt("state", e))?;
-        Ok(Some(Versioned { version, state }))
+        Ok(Some(Versioned {
+            version,
+            epoch: epoch.unwrap_or_default(),
+            state,
+        }))
     }
 
-    /// Writes `state` when Redis holds `expected` (0: nothing yet), appends
-    /// `event` to the history and publishes the new version. Returns the
-    /// new version, or [`ClusterError::Conflict`] with the version Redis
-    /// holds.
-    pub async fn change(
-        &self,
-        expected: u64,
-        state: &SavedState,
-        event: Option<&Event>,
-    ) -> Result<u64, ClusterError> {
-        let state = serde_json::to_string(state).map_err(|e| self.corrupt("state", e))?;
-        let (event, service) = match event {
-            Some(e) => (
-                serde_json::to_string(e).map_err(|err| self.corrupt("history", err))?,
-                e.service.clone(),
-            ),
-            None => (String::new(), String::new()),
-        };
+    /// Only the version and epoch (the periodic check: one small MGET).
+    pub async fn version(&self) -> Result<Option<(u64, String)>, ClusterError> {
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(self.key("version")).arg(self.key("epoch"));
+        let (version, epoch): (Option<u64>, Option<String>) = self.query(&cmd).await?;
+        Ok(version.map(|v| (v, epoch.unwrap_or_default())))
+    }
+
+    /// Writes `state` when Redis holds `expected` (version and epoch) and
+    /// publishes the new version. Returns the new version, or
+    /// [`ClusterError::Conflict`] with the version Redis holds (0: none;
+    /// an empty Redis takes a [`RedisState::seed`], not a change).
+    pub async fn change(&self, expected: &Stamp, state: &SavedState) -> Result<u64, ClusterError> {
+        let state = self.state_json(state)?;
         let mut call = self.change.prepare_invoke();
         call.key(self.key("version"))
+            .key(self.key("epoch"))
             .key(self.key("state"))
-            .key(self.key("history"))
-            .arg(expected)
+            .key(self.key("settling"))
+            .arg(expected.version)
+            .arg(&expected.epoch)
             .arg(state)
-            .arg(event)
-            .arg(service)
-            .arg(HISTORY_LIMIT)
             .arg(self.channel());
-        let (won, version): (u8, u64) = self
+        let (won, version, _epoch): (u8, u64, String) = self
             .bounded(|mut conn| {
                 let call = &call;
                 async move { call.invoke_async(&mut conn).await }
@@ -255,31 +317,116 @@ impl RedisState {
             Ok(version)
         } else {
             Err(ClusterError::Conflict {
-                expected,
+                expected: expected.version,
                 current: version,
             })
         }
     }
 
-    /// Seeds Redis with `state` under `version` (1 for a new cluster) when
-    /// it holds no state; of several instances seeding at once exactly one
-    /// wins. `Ok(true)`: this call seeded; `Ok(false)`: Redis already held
-    /// a state, left as it was.
-    pub async fn seed(&self, version: u64, state: &SavedState) -> Result<bool, ClusterError> {
-        let state = serde_json::to_string(state).map_err(|e| self.corrupt("state", e))?;
+    /// Offers `state` as of `stamp` (its [`Stamp::offered`] version, its
+    /// epoch; `None`: a state that was never in a cluster, offered as
+    /// version 1). Taken by the rules in the module's note; of several
+    /// instances seeding an empty Redis at once exactly one wins.
+    pub async fn seed(
+        &self,
+        stamp: Option<&Stamp>,
+        state: &SavedState,
+    ) -> Result<Seeded, ClusterError> {
+        let state = self.state_json(state)?;
+        let offered = stamp.map_or(1, Stamp::offered);
+        let epoch = stamp.map_or("", |s| s.epoch.as_str());
+        let fresh = format!("{:016x}", rand::random::<u64>());
         let mut call = self.seed.prepare_invoke();
         call.key(self.key("version"))
+            .key(self.key("epoch"))
             .key(self.key("state"))
-            .arg(version.max(1))
+            .key(self.key("settling"))
+            .arg(offered)
             .arg(state)
+            .arg(epoch)
+            .arg(fresh)
             .arg(self.channel());
-        let (won, _current): (u8, u64) = self
+        let (won, version, epoch): (u8, u64, String) = self
             .bounded(|mut conn| {
                 let call = &call;
                 async move { call.invoke_async(&mut conn).await }
             })
             .await?;
-        Ok(won == 1)
+        Ok(Seeded {
+            won: won == 1,
+            version,
+            epoch,
+        })
+    }
+
+    /// Appends `event` to the history stream (trimmed to about
+    /// [`HISTORY_LIMIT`] entries).
+    pub async fn append_history(&self, event: &Event) -> Result<(), ClusterError> {
+        let json = serde_json::to_string(event).map_err(|e| self.corrupt("history", e))?;
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(self.key("history"))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(HISTORY_LIMIT)
+            .arg("*")
+            .arg("service")
+            .arg(&event.service)
+            .arg("event")
+            .arg(json);
+        let _id: String = self.query(&cmd).await?;
+        Ok(())
+    }
+
+    /// Renews `instance`'s entry (expiring after `lease`) with `info` (what
+    /// it serves, JSON) and returns every live instance with its info,
+    /// sorted by name. One script, on Redis's clock.
+    pub async fn heartbeat(
+        &self,
+        instance: &str,
+        info: &str,
+        lease: Duration,
+    ) -> Result<Vec<(String, String)>, ClusterError> {
+        let mut call = self.heartbeat.prepare_invoke();
+        call.key(self.key("instances"))
+            .key(self.key("instance-info"))
+            .arg(instance)
+            .arg(info)
+            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
+        let flat: Vec<String> = self
+            .bounded(|mut conn| {
+                let call = &call;
+                async move { call.invoke_async(&mut conn).await }
+            })
+            .await?;
+        let mut live: Vec<(String, String)> = flat
+            .chunks_exact(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect();
+        live.sort();
+        Ok(live)
+    }
+
+    /// Removes `instance`'s liveness entry (a clean shutdown), so the
+    /// others' shares grow at once rather than after the lease.
+    pub async fn leave(&self, instance: &str) -> Result<(), ClusterError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zrem(self.key("instances"), instance)
+            .hdel(self.key("instance-info"), instance);
+        self.bounded(|mut conn| {
+            let pipe = &pipe;
+            async move { pipe.query_async::<()>(&mut conn).await }
+        })
+        .await
+    }
+
+    /// The JSON of `state` as Redis keeps it: without the local stamp.
+    fn state_json(&self, state: &SavedState) -> Result<String, ClusterError> {
+        let shared = SavedState {
+            cluster: None,
+            ..state.clone()
+        };
+        serde_json::to_string(&shared).map_err(|e| self.corrupt("state", e))
     }
 
     /// The newest `limit` history entries (at most [`HISTORY_LIMIT`]),
@@ -411,7 +558,9 @@ impl RedisState {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn reset(&self) {
+    /// Forgets the shared connection: the next call makes a new one (on
+    /// the runtime it runs on; see the start-up sync in `lib.rs`).
+    pub(crate) fn reset(&self) {
         *self.lock() = None;
     }
 

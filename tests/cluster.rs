@@ -1,0 +1,298 @@
+//! Several switchyard instances sharing their state through one real Redis
+//! (issue 13): a switch made on one reaches every instance's snapshot
+//! within the bound while each serves traffic; Redis going away leaves
+//! every instance serving and refuses unforced switches; Redis coming
+//! back (empty) is re-seeded from the newest state and every instance
+//! converges on it.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use common::{poll_until, Proxy, ProxyBuilder, Upstream};
+use serde_json::Value;
+
+/// The issue's bound for a change to reach every instance (100 ms).
+const BOUND: Duration = Duration::from_millis(100);
+
+/// Three instances of one cluster (`name`) on `redis`, serving `api`
+/// (blue active) from the same two upstreams.
+fn three(redis: &RedisServer, name: &str, blue: &Upstream, green: &Upstream) -> Vec<Proxy> {
+    (1..=3)
+        .map(|i| {
+            let body = format!(
+                "{}\n[cluster]\nredis = \"{}\"\nname = \"{name}\"\ninstance = \"edge-{i}\"\n\
+                 timeout = \"300ms\"\nlease = \"3s\"\n",
+                common::simple_api(blue, green),
+                redis.url()
+            );
+            ProxyBuilder::new(body).start()
+        })
+        .collect()
+}
+
+/// One answer: the instance's index, when the request started, status, body.
+type Seen = (usize, Instant, u16, String);
+
+/// One client per instance sending `GET /` back to back, recording when
+/// each request started and what it got (status, body: the color), until
+/// stopped or 20 s.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(proxies: &[Proxy]) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let threads = proxies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (stop, seen) = (stop.clone(), seen.clone());
+                let url = format!("{}/", p.http_url());
+                std::thread::spawn(move || {
+                    let agent = common::agent();
+                    let end = Instant::now() + Duration::from_secs(20);
+                    while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+                        let started = Instant::now();
+                        let (code, body) = common::try_get(&agent, &url, None)
+                            .unwrap_or((0, "transport error".into()));
+                        seen.lock().unwrap().push((i, started, code, body));
+                    }
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            seen,
+            threads,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn stop(self) -> Vec<Seen> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        Arc::try_unwrap(self.seen).unwrap().into_inner().unwrap()
+    }
+}
+
+fn cluster_status(p: &Proxy) -> Value {
+    p.status()["cluster"].clone()
+}
+
+fn wait_all(proxies: &[Proxy], what: &str, f: impl Fn(&Proxy) -> bool) {
+    assert!(
+        poll_until(Duration::from_secs(10), || proxies.iter().all(&f)),
+        "{what}: {:?}",
+        proxies.iter().map(cluster_status).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_switch_on_one_instance_reaches_all_three_within_the_bound_under_load() {
+    let redis = RedisServer::start();
+    let (blue, green) = (Upstream::start("blue"), Upstream::start("green"));
+    let proxies = three(&redis, "switch", &blue, &green);
+    wait_all(&proxies, "three live instances", |p| {
+        cluster_status(p)["instances"].as_array().map(Vec::len) == Some(3)
+    });
+
+    let mut propagation = Vec::new();
+    for (round, to) in ["green", "blue", "green"].into_iter().enumerate() {
+        let traffic = Traffic::start(&proxies);
+        assert!(poll_until(Duration::from_secs(5), || traffic.count() > 30));
+        let via = &proxies[round % 3];
+        let asked = Instant::now();
+        let (code, answer) = via.admin(
+            "POST",
+            "/services/api/switch",
+            Some(&format!(r#"{{"to":"{to}"}}"#)),
+        );
+        let answered = Instant::now();
+        assert_eq!(code, 200, "{answer}");
+        // Keep the load on past the bound, then look at every answer.
+        let after = traffic.count();
+        assert!(poll_until(Duration::from_secs(5), || traffic.count() > after + 60));
+        let seen = traffic.stop();
+        let failed: Vec<_> = seen.iter().filter(|s| s.2 != 200).collect();
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+        let old = if to == "green" { "blue" } else { "green" };
+        let late: Vec<_> = seen
+            .iter()
+            .filter(|s| s.1 >= answered + BOUND && s.3 == old)
+            .collect();
+        assert!(
+            late.is_empty(),
+            "answers from {old} more than {BOUND:?} after the switch: {late:?}"
+        );
+        // When each instance first answered from the new color.
+        for i in 0..3 {
+            let first = seen
+                .iter()
+                .filter(|s| s.0 == i && s.1 >= asked && s.3 == to)
+                .map(|s| s.1)
+                .min()
+                .expect("every instance answered from the new color");
+            propagation.push(first.saturating_duration_since(asked));
+        }
+        let versions: Vec<Value> = proxies
+            .iter()
+            .map(|p| cluster_status(p)["version"].clone())
+            .collect();
+        assert!(versions.iter().all(|v| v == &versions[0]), "{versions:?}");
+    }
+    propagation.sort();
+    println!(
+        "switch propagation from the admin request to each instance's first answer from the new color: p50 {:?}, max {:?}",
+        propagation[propagation.len() / 2],
+        propagation.last().unwrap()
+    );
+    // Every instance's history is the cluster's: the three switches, each
+    // with the instance's admin token as actor.
+    let (_, history) = proxies[2].admin("GET", "/history", None);
+    let events = history["events"].as_array().unwrap();
+    assert_eq!(events.len(), 3, "{history}");
+}
+
+#[test]
+fn status_shows_each_live_instance_and_the_version_it_serves() {
+    let redis = RedisServer::start();
+    let (blue, green) = (Upstream::start("blue"), Upstream::start("green"));
+    let mut proxies = three(&redis, "status", &blue, &green);
+    wait_all(&proxies, "three live instances", |p| {
+        cluster_status(p)["instances"].as_array().map(Vec::len) == Some(3)
+    });
+    let c = cluster_status(&proxies[0]);
+    assert_eq!(c["redis"], redis.url());
+    assert_eq!(c["reachable"], true);
+    assert_eq!(c["instance"], "edge-1");
+    let names: Vec<&str> = c["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["edge-1", "edge-2", "edge-3"]);
+    assert!(c["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["version"] == c["version"]));
+    // An instance that stops cleanly leaves at once.
+    let mut last = proxies.pop().unwrap();
+    last.sigterm();
+    assert!(last.wait_exit(Duration::from_secs(10)).is_some());
+    wait_all(&proxies, "edge-3 gone", |p| {
+        cluster_status(p)["instances"].as_array().map(Vec::len) == Some(2)
+    });
+}
+
+#[test]
+fn with_redis_down_instances_keep_serving_refuse_switches_and_converge_when_it_returns() {
+    let mut redis = RedisServer::start();
+    let (blue, green) = (Upstream::start("blue"), Upstream::start("green"));
+    let proxies = three(&redis, "down", &blue, &green);
+    wait_all(&proxies, "three live instances", |p| {
+        cluster_status(p)["instances"].as_array().map(Vec::len) == Some(3)
+    });
+
+    let traffic = Traffic::start(&proxies);
+    assert!(poll_until(Duration::from_secs(5), || traffic.count() > 30));
+    redis.kill();
+    wait_all(&proxies, "every instance sees redis gone", |p| {
+        cluster_status(p)["reachable"] == false
+    });
+
+    // An unforced switch is refused with the documented error, on any
+    // instance, through the API and through ctl.
+    let (code, answer) =
+        proxies[1].admin("POST", "/services/api/switch", Some(r#"{"to":"green"}"#));
+    assert_eq!(code, 503, "{answer}");
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("refused so that the instances do not diverge"),
+        "{answer}"
+    );
+    let ctl = common::run_ctl(
+        &proxies[2].admin_url(),
+        Some(proxies[2].token()),
+        &["switch", "api", "green"],
+    );
+    assert!(!ctl.status.success());
+    assert!(
+        String::from_utf8_lossy(&ctl.stderr).contains("do not diverge"),
+        "{}",
+        common::describe(&ctl)
+    );
+    for p in &proxies {
+        assert_eq!(p.active("api"), "blue");
+    }
+
+    // Forced on one instance: that instance alone, marked as local.
+    let (code, answer) = proxies[0].admin(
+        "POST",
+        "/services/api/switch",
+        Some(r#"{"to":"green","force":true}"#),
+    );
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(cluster_status(&proxies[0])["local_change"], true);
+    assert_eq!(proxies[1].active("api"), "blue");
+
+    let count = traffic.count();
+    assert!(poll_until(Duration::from_secs(5), || traffic.count() > count + 30));
+    // Redis returns empty (no persistence): re-seeded from the newest state
+    // (the forced change), and every instance converges on it.
+    redis.restart();
+    wait_all(&proxies, "all on green, one version", |p| {
+        let c = cluster_status(p);
+        p.active("api") == "green"
+            && c["reachable"] == true
+            && c["local_change"] == false
+            && c["version"] == cluster_status(&proxies[0])["version"]
+    });
+    let seen = traffic.stop();
+    let failed: Vec<_> = seen.iter().filter(|s| s.2 != 200).collect();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+
+    // And switches work again.
+    let (code, answer) = proxies[2].admin("POST", "/services/api/switch", Some(r#"{"to":"blue"}"#));
+    assert_eq!(code, 200, "{answer}");
+    wait_all(&proxies, "all back on blue", |p| p.active("api") == "blue");
+}
+
+#[test]
+fn a_joining_instance_seeds_an_empty_redis_from_its_saved_state_and_others_follow() {
+    let redis = RedisServer::start();
+    let (blue, green) = (Upstream::start("blue"), Upstream::start("green"));
+    let body = |i: usize| {
+        format!(
+            "{}\n[cluster]\nredis = \"{}\"\nname = \"join\"\ninstance = \"edge-{i}\"\n",
+            common::simple_api(&blue, &green),
+            redis.url()
+        )
+    };
+    // A single instance that ran on its own had switched to green.
+    let saved = r#"{"version":1,"services":{"api":{"active":"green","previous":"blue"}}}"#;
+    let first = ProxyBuilder::new(body(1)).state_json(saved).start();
+    assert_eq!(first.active("api"), "green");
+    assert_eq!(cluster_status(&first)["version"], 1);
+    // A second one whose saved state says blue joins: the cluster wins.
+    let stale = r#"{"version":1,"services":{"api":{"active":"blue"}}}"#;
+    let second = ProxyBuilder::new(body(2)).state_json(stale).start();
+    assert_eq!(second.active("api"), "green");
+    let (code, body) = common::get(&format!("{}/", second.http_url()), None);
+    assert_eq!((code, body.as_str()), (200, "green"));
+}
