@@ -46,6 +46,10 @@ const CONTRACT: &[&str] = &[
     "switchyard_service_tokens_total",
     "switchyard_certificate_not_after_seconds",
     "switchyard_certificate_renewal_failures_total",
+    "switchyard_cluster_redis_up",
+    "switchyard_cluster_state_version",
+    "switchyard_cluster_instances",
+    "switchyard_cluster_redis_outages_total",
 ];
 
 /// The histograms of the contract: a query names their `_bucket`, `_sum`
@@ -519,7 +523,13 @@ impl Drop for Running {
 /// budget and an ACME certificate whose CA is a loopback port where nothing
 /// listens (issuance fails there, touching nothing off this machine), and
 /// `[listen] metrics` on `metrics_port`.
-fn start_full(blue: &Upstream, green: &Upstream, metrics_port: u16) -> Running {
+/// Everything on, `[cluster]` included (on `redis`).
+fn start_full(
+    blue: &Upstream,
+    green: &Upstream,
+    metrics_port: u16,
+    redis: &common::redis::RedisServer,
+) -> Running {
     let dir = tempfile::Builder::new()
         .prefix("switchyard-obs-")
         .tempdir()
@@ -563,6 +573,10 @@ queue_timeout = "1s"
 [token_budgets.ai]
 tokens_per_minute = 1000
 
+[cluster]
+redis = "{redis}"
+name = "observability"
+
 {api}
 {ai}
 {api_route}
@@ -570,6 +584,7 @@ tokens_per_minute = 1000
 "#,
         state = toml_str(state.to_str().unwrap()),
         certs = toml_str(certs.to_str().unwrap()),
+        redis = redis.url(),
         api = service_with("api", &[blue], &[green], "blue", &fast_health()),
         ai = service("ai", &[blue], &[green], "green"),
         api_route = route_with("/api/", "api", "rate_limit = \"writes\""),
@@ -611,7 +626,8 @@ fn a_running_switchyard_exports_every_name_the_rules_and_dashboard_use() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
     let metrics_port = free_port();
-    let mut proxy = start_full(&blue, &green, metrics_port);
+    let redis = common::redis::RedisServer::start();
+    let mut proxy = start_full(&blue, &green, metrics_port, &redis);
     let url = format!("http://127.0.0.1:{metrics_port}/metrics");
 
     let mut body = String::new();

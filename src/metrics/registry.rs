@@ -47,6 +47,10 @@ pub struct Families {
     pub service_tokens: IntCounterVec,
     pub certificate_not_after: IntGaugeVec,
     pub certificate_renewal_failures: IntCounterVec,
+    pub cluster_redis_up: IntGaugeVec,
+    pub cluster_state_version: IntGaugeVec,
+    pub cluster_instances: IntGaugeVec,
+    pub cluster_redis_outages: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -234,6 +238,30 @@ impl Families {
                 "switchyard_certificate_renewal_failures_total",
                 "Failed ACME renewals of the certificate.",
                 &["certificate"],
+            ),
+            cluster_redis_up: gauge(
+                &r,
+                "switchyard_cluster_redis_up",
+                "With [cluster]: 1 while the cluster's Redis answers this instance, 0 while it does not (switches refused, cluster limits on the local share).",
+                &[],
+            ),
+            cluster_state_version: gauge(
+                &r,
+                "switchyard_cluster_state_version",
+                "With [cluster]: the version of the shared state this instance serves (0 before its first sync).",
+                &[],
+            ),
+            cluster_instances: gauge(
+                &r,
+                "switchyard_cluster_instances",
+                "With [cluster]: live instances at this instance's last heartbeat, itself included.",
+                &[],
+            ),
+            cluster_redis_outages: counter(
+                &r,
+                "switchyard_cluster_redis_outages_total",
+                "With [cluster]: times the cluster's Redis stopped answering this instance, since start.",
+                &[],
             ),
             registry: r,
         };

@@ -133,6 +133,7 @@ impl State {
                 .map_or(0, |h| h.stats.timeouts.load(Ordering::Relaxed));
         set_counter(&f.refusals.with_label_values(&[SLOW_CLIENT]), slow);
         self.limits(f);
+        self.cluster(f);
         if let Some(certs) = &s.certs {
             for c in certs.status() {
                 // 0 until a real certificate is served: the self-signed
@@ -189,6 +190,30 @@ impl State {
                 set_counter(&f.switches.with_label_values(&[name, cause.as_str()]), n);
             }
         }
+    }
+
+    /// The cluster's families, only with `[cluster]` (absent otherwise,
+    /// so an alert on them cannot fire on a lone instance).
+    fn cluster(&self, f: &Families) {
+        let board = &self.sources.board;
+        let Some(link) = board.load().settings.cluster.clone() else {
+            return;
+        };
+        let none: &[&str] = &[];
+        f.cluster_redis_up
+            .with_label_values(none)
+            .set(flag(link.is_up()));
+        let version = board.stamp().map_or(0, |s| s.version);
+        f.cluster_state_version
+            .with_label_values(none)
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        f.cluster_instances
+            .with_label_values(none)
+            .set(i64::try_from(link.live_instances()).unwrap_or(i64::MAX));
+        set_counter(
+            &f.cluster_redis_outages.with_label_values(none),
+            link.outages(),
+        );
     }
 
     fn limits(&self, f: &Families) {
