@@ -616,6 +616,9 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
             for (name, svc) in reply["services"].as_object().unwrap_or(&empty) {
                 print_service(name, svc);
             }
+            if reply["cluster"].is_object() {
+                print_cluster(&reply["cluster"]);
+            }
         }
         Command::Switch { to, .. } if before == Some(to.as_str()) => {
             println!("{}: already {to}; nothing changed", s(&reply["name"]));
@@ -689,17 +692,46 @@ fn print_human(cmd: &Command, reply: &Value, before: Option<&str>) {
                     Value::Object(w) => format!(" ({}/{})", w["blue"], w["green"]),
                     _ => String::new(),
                 };
+                // With [cluster], the instance the change went through.
+                let by = match &e["instance"] {
+                    Value::String(i) => format!("{}@{i}", s(&e["actor"])),
+                    _ => s(&e["actor"]),
+                };
                 println!(
                     "{}  {:<12} {:>5} -> {:<5}{split:<9}  by {:<24} {}",
                     s(&e["time"]),
                     s(&e["service"]),
                     s(&e["from"]),
                     s(&e["to"]),
-                    s(&e["actor"]),
+                    by,
                     s(&e["reason"])
                 );
             }
         }
+    }
+}
+
+/// `GET /status`'s `cluster`: Redis, this instance, the live ones.
+fn print_cluster(c: &Value) {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let reachable = if c["reachable"] == true {
+        "reachable"
+    } else {
+        "UNREACHABLE: switches refused unless forced"
+    };
+    println!("cluster: redis {} ({reachable})", s(&c["redis"]));
+    let local = if c["local_change"] == true {
+        " (holds a change made while redis was unreachable)"
+    } else {
+        ""
+    };
+    println!(
+        "  this instance: {}, state version {}{local}",
+        s(&c["instance"]),
+        c["version"]
+    );
+    for m in c["instances"].as_array().into_iter().flatten() {
+        println!("  live: {:<24} version {}", s(&m["instance"]), m["version"]);
     }
 }
 

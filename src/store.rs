@@ -96,6 +96,9 @@ pub struct Event {
     /// read as [`Actor::UNRECORDED`].
     #[serde(default = "Actor::unrecorded")]
     pub actor: Actor,
+    /// With `[cluster]`: the instance the change was made through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// Who or what changed a service's state, as the history records it:
@@ -358,6 +361,7 @@ mod tests {
 
     fn event(n: usize) -> Event {
         Event {
+            instance: None,
             time: format!("t{n}"),
             service: "api".into(),
             from: Color::Blue,

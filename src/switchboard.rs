@@ -391,11 +391,13 @@ impl Switchboard {
     /// Appends one history line, here and (with `[cluster]`) to the
     /// cluster's stream. The change itself is durable and live by now;
     /// losing its history line is worth an alarm, not worth undoing it.
-    fn append_history(&self, event: Event) {
+    fn append_history(&self, mut event: Event) {
+        let link = self.link();
+        event.instance = link.as_ref().map(|l| l.instance.clone());
         if let Err(err) = self.store.append_history(&event) {
             tracing::error!(cause = %err, service = %event.service, "state changed but its history entry was not written");
         }
-        if let Some(link) = self.link() {
+        if let Some(link) = link {
             let redis = link.redis.clone();
             let shared = event.clone();
             let written = link.block_on(async move { redis.append_history(&shared).await });
@@ -699,6 +701,7 @@ fn entry(state: &ServiceState, reason: String, actor: &Actor) -> Event {
         maintenance: None,
         reason,
         actor: actor.clone(),
+        instance: None,
     }
 }
 

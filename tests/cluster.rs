@@ -161,10 +161,14 @@ fn a_switch_on_one_instance_reaches_all_three_within_the_bound_under_load() {
         propagation.last().unwrap()
     );
     // Every instance's history is the cluster's: the three switches, each
-    // with the instance's admin token as actor.
+    // naming the instance it was made through.
     let (_, history) = proxies[2].admin("GET", "/history", None);
     let events = history["events"].as_array().unwrap();
-    assert_eq!(events.len(), 3, "{history}");
+    let through: Vec<&str> = events
+        .iter()
+        .map(|e| e["instance"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(through, ["edge-1", "edge-2", "edge-3"], "{history}");
 }
 
 #[test]
@@ -191,6 +195,19 @@ fn status_shows_each_live_instance_and_the_version_it_serves() {
         .unwrap()
         .iter()
         .all(|m| m["version"] == c["version"]));
+    let ctl = common::run_ctl(
+        &proxies[1].admin_url(),
+        Some(proxies[1].token()),
+        &["status"],
+    );
+    let out = String::from_utf8_lossy(&ctl.stdout);
+    assert!(ctl.status.success(), "{}", common::describe(&ctl));
+    assert!(
+        out.contains("(reachable)")
+            && out.contains("this instance: edge-2")
+            && out.contains("live: edge-3"),
+        "{out}"
+    );
     // An instance that stops cleanly leaves at once.
     let mut last = proxies.pop().unwrap();
     last.sigterm();

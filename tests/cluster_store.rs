@@ -54,6 +54,7 @@ fn state(active: Color) -> SavedState {
 
 fn event(service: &str, to: Color) -> Event {
     Event {
+        instance: None,
         time: "2026-11-30T05:00:00Z".into(),
         service: service.into(),
         from: Color::Blue,
