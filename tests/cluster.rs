@@ -313,3 +313,71 @@ fn a_joining_instance_seeds_an_empty_redis_from_its_saved_state_and_others_follo
     let (code, body) = common::get(&format!("{}/", second.http_url()), None);
     assert_eq!((code, body.as_str()), (200, "green"));
 }
+
+/// Two switchboards on one Redis, driven by hand (no sync loop), so the
+/// race is exact: the one that changes second gets 409 and then serves
+/// the first one's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_instances_changing_at_once_the_later_gets_a_conflict_and_the_winners_state() {
+    use switchyard::cluster::sync::StateSync;
+    use switchyard::cluster::Link;
+    use switchyard::pools::{Color, SwitchError, SwitchKind, Weights};
+    use switchyard::store::{Actor, FileStore};
+    use switchyard::switchboard::Switchboard;
+
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[services.api]\nblue = [\"127.0.0.1:9\"]\ngreen = [\"127.0.0.1:9\"]\n\n\
+         [[routes]]\npath = \"/\"\nservice = \"api\"\n\n\
+         [cluster]\nredis = \"{}\"\nname = \"race\"\ntimeout = \"300ms\"\n",
+        redis.url()
+    );
+    let config = switchyard::config::Config::parse(&dir.path().join("s.toml"), &text).unwrap();
+    let board = |name: &str| {
+        let link = Arc::new(Link::new(config.cluster.as_ref().unwrap(), None).unwrap());
+        let pages = switchyard::respond::Pages::builtin(config.server.retry_after);
+        let settings = switchyard::settings::Settings::new(&config.server, pages)
+            .with_cluster(Some(link.clone()));
+        let store = FileStore::open(&dir.path().join(name)).unwrap();
+        let board =
+            Arc::new(Switchboard::with_settings(&config, settings, Box::new(store)).unwrap());
+        (board.clone(), StateSync::new(link, board))
+    };
+    let ((a, sync_a), (b, sync_b)) = (board("a"), board("b"));
+    sync_a.converge().await.unwrap();
+    sync_b.converge().await.unwrap();
+    let who = Actor::token("default");
+
+    // Board calls block (they wait for Redis): off the async threads.
+    let (a2, w) = (a.clone(), who.clone());
+    tokio::task::spawn_blocking(move || {
+        a2.switch("api", Color::Green, SwitchKind::Switch, None, false, &w)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let (b2, w) = (b.clone(), who.clone());
+    let split = Weights::new(50, 50).unwrap();
+    let lost = tokio::task::spawn_blocking(move || {
+        b2.set_weights("api", split, SwitchKind::Switch, None, false, &w)
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(matches!(lost, SwitchError::ClusterConflict(_)), "{lost:?}");
+    assert!(lost.to_string().contains("redis holds 2"), "{lost}");
+    // The loser now serves the winner's state, and can change it.
+    assert_eq!(b.service("api").unwrap().active, Color::Green);
+    let (b2, w) = (b.clone(), who.clone());
+    tokio::task::spawn_blocking(move || {
+        b2.set_weights("api", split, SwitchKind::Switch, None, false, &w)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    sync_a.converge().await.unwrap();
+    assert_eq!(a.service("api").unwrap().weights, split);
+    assert_eq!(a.stamp().unwrap().version, 3);
+    assert_eq!(b.stamp().unwrap().version, 3);
+}
