@@ -397,7 +397,9 @@ impl Switchboard {
         if let Err(err) = self.store.append_history(&event) {
             tracing::error!(cause = %err, service = %event.service, "state changed but its history entry was not written");
         }
-        if let Some(link) = link {
+        // While Redis is known to be down, the entry stays local (no second
+        // wait for the same timeout).
+        if let Some(link) = link.filter(|l| l.is_up()) {
             let redis = link.redis.clone();
             let shared = event.clone();
             let written = link.block_on(async move { redis.append_history(&shared).await });
@@ -618,9 +620,9 @@ impl Switchboard {
     /// The last [`crate::store::HISTORY_LIMIT`] color changes, oldest
     /// first; of `service` only, when given. With `[cluster]`, the
     /// cluster's (every instance's changes), or this instance's own while
-    /// Redis is unreachable.
+    /// Redis is unreachable (entries made then stay local).
     pub fn history(&self, service: Option<&str>) -> Result<Vec<Event>, StoreError> {
-        if let Some(link) = self.link() {
+        if let Some(link) = self.link().filter(|l| l.is_up()) {
             let (redis, svc) = (link.redis.clone(), service.map(str::to_string));
             let limit = crate::store::HISTORY_LIMIT;
             match link.block_on(async move { redis.history(svc.as_deref(), limit).await }) {
