@@ -116,6 +116,7 @@ fn rate_limit(c: &mut Criterion) {
     // Keyed by an API key header: one keyed hash (SipHash-1-3) per check.
     let by_key = RateLimit::new(&switchyard::config::RateLimit {
         key: switchyard::config::KeySource::parse("header:x-api-key").unwrap(),
+        scope: Default::default(),
         ..writes.clone()
     });
     let mut keyed = post.clone();
@@ -138,6 +139,7 @@ fn concurrency(c: &mut Criterion) {
             max_in_flight: 8,
             per_key: 2,
             key: KeySource::ClientIp,
+            scope: Default::default(),
             queue,
             queue_timeout: std::time::Duration::from_secs(5),
         })
@@ -467,6 +469,7 @@ fn cluster_rate(c: &mut Criterion) {
         burst: 0,
         methods: None,
         key: switchyard::config::KeySource::ClientIp,
+        scope: Default::default(),
     };
     let rate = ClusterRate::new(Arc::new(state), &limit);
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -38,6 +38,7 @@ fn limit(name: &str, requests: u32, per: Duration, burst: u32) -> RateLimit {
         burst,
         methods: None,
         key: KeySource::ClientIp,
+        scope: Default::default(),
     }
 }
 
