@@ -75,7 +75,15 @@ fn a_rate_limit_and_a_token_budget_hold_across_three_instances() {
     // Rate: 60 requests, round robin over the three.
     let started = Instant::now();
     let statuses: Vec<u16> = (0..60)
-        .map(|i| request("GET", &format!("{}/api/x", proxies[i % 3].http_url()), &[], None).status)
+        .map(|i| {
+            request(
+                "GET",
+                &format!("{}/api/x", proxies[i % 3].http_url()),
+                &[],
+                None,
+            )
+            .status
+        })
         .collect();
     let elapsed = started.elapsed();
     let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
@@ -83,7 +91,10 @@ fn a_rate_limit_and_a_token_budget_hold_across_three_instances() {
     let bound = 10 + elapsed.as_secs() / 3 + 1;
     assert!(ok <= bound, "{ok} admitted > {bound}: {statuses:?}");
     assert!(ok >= 10, "the burst was admitted: {statuses:?}");
-    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
     // Every instance saw refusals: the limit is the cluster's, not its own.
     for p in &proxies[..3] {
         assert!(
@@ -133,7 +144,8 @@ fn a_rate_limit_and_a_token_budget_hold_across_three_instances() {
         fake.waiting()
     );
     // What refilled meanwhile (166 tokens a second) may admit one more.
-    let refill = (started.elapsed().as_secs_f64() * 10_000.0 / 60.0 / reserve as f64).ceil() as usize;
+    let refill =
+        (started.elapsed().as_secs_f64() * 10_000.0 / 60.0 / reserve as f64).ceil() as usize;
     let admitted = fake.waiting();
     assert!(
         admitted >= fits && admitted <= fits + refill,
@@ -263,13 +275,19 @@ fn an_instance_killed_while_holding_cluster_slots_frees_them_after_the_lease() {
     let dead = proxies.remove(0);
     drop(dead);
     for h in held {
-        assert!(h.join().unwrap().is_err(), "the client's connection died with it");
+        assert!(
+            h.join().unwrap().is_err(),
+            "the client's connection died with it"
+        );
     }
     let mut conn = ::redis::Client::open(redis.url())
         .unwrap()
         .get_connection()
         .unwrap();
-    let slots: usize = ::redis::cmd("ZCARD").arg("e2e:cap:gpu").query(&mut conn).unwrap();
+    let slots: usize = ::redis::cmd("ZCARD")
+        .arg("e2e:cap:gpu")
+        .query(&mut conn)
+        .unwrap();
     assert_eq!(slots, 2, "the dead instance's slots are still taken");
     // After the lease (2 s) they are free again for the others.
     let url = format!("{}/gpu/x", proxies[0].http_url());
@@ -278,7 +296,12 @@ fn an_instance_killed_while_holding_cluster_slots_frees_them_after_the_lease() {
         "the slots never came back"
     );
     blue.release(2);
-    let r = request("GET", &format!("{}/gpu/x", proxies[1].http_url()), &[], None);
+    let r = request(
+        "GET",
+        &format!("{}/gpu/x", proxies[1].http_url()),
+        &[],
+        None,
+    );
     assert_eq!(r.status, 200);
     for p in &proxies {
         assert_eq!(fallbacks(p, "concurrency", "gpu"), 0.0);

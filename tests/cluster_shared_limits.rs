@@ -162,7 +162,9 @@ fn two_instances_never_reserve_more_than_the_budget() {
     let tries: usize = results.iter().map(|r| r.1).sum();
     // The bucket (60 reservations) plus what refilled meanwhile.
     let bound = 60 + (elapsed.as_secs_f64()).ceil() as u64;
-    println!("two instances: {tries} tries, {admitted} reservations in {elapsed:?} (bound {bound})");
+    println!(
+        "two instances: {tries} tries, {admitted} reservations in {elapsed:?} (bound {bound})"
+    );
     assert!(admitted <= bound, "{admitted} reservations > {bound}");
     assert!(admitted >= 60, "the whole bucket was usable: {admitted}");
     assert!(tries as u64 > 2 * bound, "too few tries to judge: {tries}");
@@ -178,28 +180,36 @@ fn two_instances_never_reserve_more_than_the_budget() {
 async fn a_settlement_on_one_instance_is_seen_by_the_other() {
     let redis = RedisServer::start();
     let settings = budget_settings(6_000);
-    let a = Arc::new(TokenBudget::with_link(&settings, Some(&link(&redis, "set", "a"))));
-    let b = Arc::new(TokenBudget::with_link(&settings, Some(&link(&redis, "set", "b"))));
+    let a = Arc::new(TokenBudget::with_link(
+        &settings,
+        Some(&link(&redis, "set", "a")),
+    ));
+    let b = Arc::new(TokenBudget::with_link(
+        &settings,
+        Some(&link(&redis, "set", "b")),
+    ));
     let key = Key::Ip(ip(1));
     let mut r = a.reserve_for(key, 6_000).await.unwrap();
     assert!(r.standing().0 < 10, "{:?}", r.standing());
     let refused = b.reserve_for(key, 1_000).await.unwrap_err();
     // 1 000 tokens at 100 per second.
     assert!(
-        refused.retry_after > Duration::from_secs(9) && refused.retry_after <= Duration::from_secs(10),
+        refused.retry_after > Duration::from_secs(9)
+            && refused.retry_after <= Duration::from_secs(10),
         "{refused:?}"
     );
     r.mark_sent();
     r.settle(1_000);
     // The 5 000 unused come back (settled in the background).
-    eventually(Duration::from_secs(5), "refund seen by b", async || {
-        match b.reserve_for(key, 4_500).await {
-            Ok(r) => {
-                std::mem::forget(r);
-                true
-            }
-            Err(_) => false,
+    eventually(Duration::from_secs(5), "refund seen by b", async || match b
+        .reserve_for(key, 4_500)
+        .await
+    {
+        Ok(r) => {
+            std::mem::forget(r);
+            true
         }
+        Err(_) => false,
     })
     .await;
     // A response that used more than reserved puts the key in debt,
@@ -228,7 +238,12 @@ fn two_instances_never_hold_more_leases_than_the_cap() {
     let settings = cap_settings(3, 3, 0);
     let caps: Vec<Arc<Concurrency>> = ["a", "b"]
         .iter()
-        .map(|i| Arc::new(Concurrency::with_link(&settings, Some(&link(&redis, "cap", i)))))
+        .map(|i| {
+            Arc::new(Concurrency::with_link(
+                &settings,
+                Some(&link(&redis, "cap", i)),
+            ))
+        })
         .collect();
     let url = redis.url();
     let barrier = Arc::new(Barrier::new(2));
@@ -320,7 +335,10 @@ async fn a_dead_holders_slot_comes_back_after_the_lease_and_held_ones_are_renewe
             Err(Refused::QueueFull) => {}
             Err(e) => panic!("{e:?}"),
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "slot never came back");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "slot never came back"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     // `held` has lived through the dead slot's whole lease and more.
@@ -354,7 +372,10 @@ async fn a_waiter_gets_a_slot_freed_on_another_instance() {
     };
     let (got, ()) = tokio::join!(waiting, release);
     let p = got.expect("the freed slot went to the waiter");
-    assert_eq!(b.stats().queued.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        b.stats().queued.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     // Nobody frees it now: the next waiter times out.
     assert_eq!(
         a.acquire(&req(None), ip(3)).await.err(),
@@ -386,17 +407,26 @@ async fn header_keys_hash_alike_on_every_instance() {
         .unwrap();
     assert!(keys.iter().all(|k| !k.contains("sk-")), "{keys:?}");
     assert!(keys.contains(&"hash:limits:secret".to_string()), "{keys:?}");
-    assert_eq!(keys.iter().filter(|k| k.starts_with("hash:rate:api:hash:")).count(), 2);
+    assert_eq!(
+        keys.iter()
+            .filter(|k| k.starts_with("hash:rate:api:hash:"))
+            .count(),
+        2
+    );
     // An instance that has not read the secret yet judges locally (and
     // starts reading it).
     let c = RateLimit::with_link(&settings, Some(&la));
     assert!(c.admit(&req(Some("sk-1")), ip(3)).await.is_ok());
     assert_eq!(c.fallbacks(), 1);
-    eventually(Duration::from_secs(5), "secret read in the background", async || {
-        // Judged in Redis (not counted as a fallback) and refused there.
-        let before = c.fallbacks();
-        c.admit(&req(Some("sk-1")), ip(3)).await.is_err() && c.fallbacks() == before
-    })
+    eventually(
+        Duration::from_secs(5),
+        "secret read in the background",
+        async || {
+            // Judged in Redis (not counted as a fallback) and refused there.
+            let before = c.fallbacks();
+            c.admit(&req(Some("sk-1")), ip(3)).await.is_err() && c.fallbacks() == before
+        },
+    )
     .await;
 }
 

@@ -591,10 +591,18 @@ mod tests {
                       \n[concurrency.here]\nmax_in_flight = 1\nscope = \"local\"\n";
         let e = errors(&format!("{GOOD}{limits}"));
         let lines: Vec<(usize, usize)> = e.iter().map(|e| (e.line, e.col)).collect();
-        assert_eq!(lines, vec![25, 29, 33].into_iter().map(|l| (l, 9)).collect::<Vec<_>>(), "{e:?}");
+        assert_eq!(
+            lines,
+            vec![25, 29, 33]
+                .into_iter()
+                .map(|l| (l, 9))
+                .collect::<Vec<_>>(),
+            "{e:?}"
+        );
         for err in &e {
             assert!(
-                err.message.contains("scope = \"cluster\" needs a [cluster] section"),
+                err.message
+                    .contains("scope = \"cluster\" needs a [cluster] section"),
                 "{err}"
             );
         }
@@ -606,7 +614,9 @@ mod tests {
         assert_eq!(c.concurrency[0].scope, Scope::Cluster);
         assert_eq!(c.concurrency[1].scope, Scope::Local);
         assert_eq!(c.token_budgets[0].scope, Scope::Cluster);
-        let e = errors(&format!("{GOOD}\n[rate_limits.ai]\nrate = \"1/s\"\nscope = \"global\"\n"));
+        let e = errors(&format!(
+            "{GOOD}\n[rate_limits.ai]\nrate = \"1/s\"\nscope = \"global\"\n"
+        ));
         assert!(
             e[0].message
                 .contains("bad scope \"global\": expected \"local\" or \"cluster\""),

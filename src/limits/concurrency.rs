@@ -220,9 +220,10 @@ impl Concurrency {
                     drop(waiting);
                     let share = cap.limit.share(u64::from(self.settings.max_in_flight)) as usize;
                     inner.max_in_flight.store(share, Ordering::Relaxed);
-                    inner
-                        .per_key
-                        .store((self.settings.per_key as usize).min(share), Ordering::Relaxed);
+                    inner.per_key.store(
+                        (self.settings.per_key as usize).min(share),
+                        Ordering::Relaxed,
+                    );
                     return self.acquire_local(key).await;
                 }
             }

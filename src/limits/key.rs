@@ -230,7 +230,10 @@ mod tests {
     #[test]
     fn a_shared_hash_is_the_same_on_every_instance_once_known() {
         let source = KeySource::parse("header:x-api-key").unwrap();
-        let (one, two) = (Arc::new(SharedHash::default()), Arc::new(SharedHash::default()));
+        let (one, two) = (
+            Arc::new(SharedHash::default()),
+            Arc::new(SharedHash::default()),
+        );
         let (a, b) = (
             Keyer::with_shared(source.clone(), one.clone()),
             Keyer::with_shared(source, two.clone()),

@@ -218,9 +218,10 @@ impl RateLimit {
         {
             self.bound_keys();
         }
-        self.check_key(self.keyer.key(req, client)).inspect_err(|_| {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-        })
+        self.check_key(self.keyer.key(req, client))
+            .inspect_err(|_| {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            })
     }
 
     /// [`RateLimit::check_key`] with the key table kept within its bound

@@ -182,7 +182,12 @@ impl TokenBudget {
         let Some(c) = &self.cluster else {
             return self.reserve(key, tokens);
         };
-        let Some(answer) = c.tokens.limit.ask(&key, c.tokens.reserve(&key, tokens)).await else {
+        let Some(answer) = c
+            .tokens
+            .limit
+            .ask(&key, c.tokens.reserve(&key, tokens))
+            .await
+        else {
             return self.share(c).reserve(key, tokens);
         };
         if !answer.admitted {
@@ -228,7 +233,9 @@ impl TokenBudget {
 
     /// Requests judged by the local share (cluster budgets; 0 otherwise).
     pub fn fallbacks(&self) -> u64 {
-        self.cluster.as_ref().map_or(0, |c| c.tokens.limit.fallbacks())
+        self.cluster
+            .as_ref()
+            .map_or(0, |c| c.tokens.limit.fallbacks())
     }
 
     /// Whether the budget is kept in Redis (`scope = "cluster"`).
