@@ -56,8 +56,11 @@ return redis.call('GET', KEYS[1])
 /// Which family of limits, as the metrics' `kind` label names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// `[rate_limits.NAME]`.
     Rate,
+    /// `[concurrency.NAME]`.
     Concurrency,
+    /// `[token_budgets.NAME]`.
     TokenBudget,
 }
 
@@ -74,6 +77,7 @@ impl Kind {
 
 /// The cluster side of one limit.
 pub struct ClusterLimit {
+    /// The cluster this limit is shared through.
     pub link: Arc<Link>,
     kind: Kind,
     /// When this limit last let a request probe a Redis known to be down,
@@ -90,6 +94,7 @@ pub struct ClusterLimit {
 }
 
 impl ClusterLimit {
+    /// The cluster side of a limit of `kind` on `link`. Makes no call.
     pub fn new(link: Arc<Link>, kind: Kind) -> ClusterLimit {
         ClusterLimit {
             link,
@@ -103,6 +108,7 @@ impl ClusterLimit {
         }
     }
 
+    /// Which family the limit belongs to.
     pub fn kind(&self) -> Kind {
         self.kind
     }

@@ -98,6 +98,7 @@ return 1
 /// What Redis said about a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
+    /// The tokens were taken out of the bucket.
     pub admitted: bool,
     /// Tokens in the bucket after it (0 when in debt).
     pub remaining: u64,
@@ -109,6 +110,7 @@ pub struct Answer {
 
 /// One budget's Redis side.
 pub struct ClusterTokens {
+    /// Timeouts, fallback counting and the shared hash of this budget.
     pub limit: ClusterLimit,
     /// `NAME:tokens:BUDGET:`, to which a key's display is appended.
     prefix: String,

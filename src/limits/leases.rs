@@ -79,6 +79,7 @@ return 1
 
 /// One cap's Redis side.
 pub struct ClusterCap {
+    /// Timeouts, fallback counting and the shared hash of this cap.
     pub limit: ClusterLimit,
     /// `NAME:cap:CAP`.
     all: String,
