@@ -307,3 +307,40 @@ fn an_instance_killed_while_holding_cluster_slots_frees_them_after_the_lease() {
         assert_eq!(fallbacks(p, "concurrency", "gpu"), 0.0);
     }
 }
+
+#[test]
+fn check_refuses_a_cluster_scope_without_a_cluster_section_at_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Upstream::start("blue");
+    let mut text = format!(
+        "[listen]\nhttp = \"127.0.0.1:{}\"\n\n{}",
+        free_port(),
+        service("api", &[&upstream], &[&upstream], "blue")
+    );
+    text.push_str("[rate_limits.api]\nrate = \"1/s\"\nscope = \"cluster\"\n");
+    text.push_str(&route_with("/api/", "api", "rate_limit = \"api\""));
+    let line = text
+        .lines()
+        .position(|l| l == "scope = \"cluster\"")
+        .unwrap()
+        + 1;
+    let path = dir.path().join("switchyard.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = run_check(&path, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let at = format!("{}:{line}:9:", path.display());
+    assert!(
+        stderr.contains(&at) && stderr.contains("needs a [cluster] section"),
+        "expected {at} in {stderr}"
+    );
+    // With `[cluster]` (never contacted by check) the same file is valid;
+    // `scope = "local"` needs none.
+    let with_cluster = format!("{text}\n[cluster]\nredis = \"redis://127.0.0.1:1/0\"\n");
+    std::fs::write(&path, with_cluster).unwrap();
+    let out = run_check(&path, None);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    std::fs::write(&path, text.replace("\"cluster\"", "\"local\"")).unwrap();
+    let out = run_check(&path, None);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
