@@ -471,6 +471,7 @@ async fn redis_killed_falls_back_to_the_share_counted_and_logged_once() {
     );
     assert_eq!(cap.fallbacks(), 3);
     assert_eq!(cap.leases(), 0);
+    assert_eq!(cap.snapshot(0).max_in_flight, 2, "the share is shown");
     drop((p1, p2));
     // However many requests, one outage.
     assert_eq!(l.outages(), 1);
@@ -486,6 +487,7 @@ async fn redis_killed_falls_back_to_the_share_counted_and_logged_once() {
     let before = cap.fallbacks();
     let p = cap.acquire(&req(None), ip(1)).await.unwrap();
     assert_eq!((cap.leases(), cap.fallbacks()), (1, before));
+    assert_eq!(cap.snapshot(0).max_in_flight, 4, "the whole cap again");
     drop(p);
     assert_eq!(l.outages(), 1);
 }

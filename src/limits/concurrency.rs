@@ -211,6 +211,14 @@ impl Concurrency {
         loop {
             match cap.limit.ask(&key, cap.try_acquire(&key, &member)).await {
                 Some(Some(lease)) => {
+                    // Redis answers: the whole cap again for whoever
+                    // falls back next (the share is set when one does).
+                    inner
+                        .max_in_flight
+                        .store(self.settings.max_in_flight as usize, Ordering::Relaxed);
+                    inner
+                        .per_key
+                        .store(self.settings.per_key as usize, Ordering::Relaxed);
                     let mut permit = inner.admit(&mut inner.lock(), key);
                     permit._lease = Some(lease);
                     return Ok(permit);
