@@ -3,8 +3,10 @@
 //! shipped rate limit's check, the concurrency cap, and a token budget's
 //! work on a completion (reserve + settle, the body check, the usage scan
 //! of the answer), and the metrics observer's count of one finished
-//! request, and one cluster rate check against a Redis on loopback
-//! (skipped when none answers). `cargo bench --bench micro`.
+//! request, and the cluster limits' Redis work against a Redis on
+//! loopback: one rate check, one token reservation plus its settlement,
+//! one concurrency lease taken and given back (skipped when none
+//! answers). `cargo bench --bench micro`.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -116,6 +118,7 @@ fn rate_limit(c: &mut Criterion) {
     // Keyed by an API key header: one keyed hash (SipHash-1-3) per check.
     let by_key = RateLimit::new(&switchyard::config::RateLimit {
         key: switchyard::config::KeySource::parse("header:x-api-key").unwrap(),
+        scope: Default::default(),
         ..writes.clone()
     });
     let mut keyed = post.clone();
@@ -138,6 +141,7 @@ fn concurrency(c: &mut Criterion) {
             max_in_flight: 8,
             per_key: 2,
             key: KeySource::ClientIp,
+            scope: Default::default(),
             queue,
             queue_timeout: std::time::Duration::from_secs(5),
         })
@@ -425,28 +429,23 @@ fn metrics_observe(c: &mut Criterion) {
     });
 }
 
-/// Where the cluster rate bench finds a Redis: `SWITCHYARD_BENCH_REDIS`,
+/// Where the cluster benches find a Redis: `SWITCHYARD_BENCH_REDIS`,
 /// default `redis://127.0.0.1:6379/0`. Loopback only.
 const BENCH_REDIS: &str = "redis://127.0.0.1:6379/0";
 
-/// One cluster rate check (one Lua script round trip) against a Redis
-/// already running on loopback (e.g. `redis-server --port 6379 --save ''`);
-/// skipped, with a line saying so, when none answers: benches are not
-/// tests.
-fn cluster_rate(c: &mut Criterion) {
-    use std::sync::Arc;
+/// The `[cluster]` of the cluster benches, or `None` (with a line saying
+/// why) when there is no loopback Redis to measure against: benches are
+/// not tests, so they skip.
+fn bench_cluster(what: &str) -> Option<switchyard::config::Cluster> {
     use std::time::Duration;
-    use switchyard::cluster::{ClusterRate, RedisState};
-    use switchyard::limits::key::Key;
-
     let url = std::env::var("SWITCHYARD_BENCH_REDIS").unwrap_or_else(|_| BENCH_REDIS.into());
     let loopback = ["redis://127.0.0.1:", "redis://localhost:", "redis://[::1]:"];
     if !loopback.iter().any(|p| url.starts_with(p)) {
-        eprintln!("cluster rate bench skipped: {url} is not a loopback redis:// URL");
-        return;
+        eprintln!("{what} bench skipped: {url} is not a loopback redis:// URL");
+        return None;
     }
-    let cluster = switchyard::config::Cluster {
-        redis: url.clone(),
+    Some(switchyard::config::Cluster {
+        redis: url,
         tls: false,
         name: "switchyard-bench".into(),
         instance: "bench".into(),
@@ -455,9 +454,29 @@ fn cluster_rate(c: &mut Criterion) {
         timeout: Duration::from_millis(200),
         limit_timeout: Duration::from_millis(200),
         lease: Duration::from_secs(10),
+    })
+}
+
+fn bench_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// One cluster rate check (one Lua script round trip) against a Redis
+/// already running on loopback (e.g. `redis-server --port 6379 --save ''`).
+fn cluster_rate(c: &mut Criterion) {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use switchyard::cluster::{ClusterRate, RedisState};
+    use switchyard::limits::key::Key;
+
+    let Some(cluster) = bench_cluster("cluster rate") else {
+        return;
     };
     let Ok(state) = RedisState::new(&cluster, None) else {
-        eprintln!("cluster rate bench skipped: cannot use {url}");
+        eprintln!("cluster rate bench skipped: cannot use {}", cluster.redis);
         return;
     };
     let limit = switchyard::config::RateLimit {
@@ -467,25 +486,107 @@ fn cluster_rate(c: &mut Criterion) {
         burst: 0,
         methods: None,
         key: switchyard::config::KeySource::ClientIp,
+        scope: Default::default(),
     };
     let rate = ClusterRate::new(Arc::new(state), &limit);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
+    let rt = bench_runtime();
     let key = Key::Ip(IpAddr::from([192, 0, 2, 1]));
-    if let Err(e) = rt.block_on(rate.check(&key)) {
+    if let Err(e) = rt.block_on(rate.check(key)) {
         eprintln!("cluster rate bench skipped: no Redis to measure against ({e})");
         return;
     }
     c.bench_function("cluster rate/one check on loopback redis", |b| {
-        b.iter(|| rt.block_on(rate.check(black_box(&key))))
+        b.iter(|| rt.block_on(rate.check(black_box(key))))
     });
+}
+
+/// A cluster token budget's Redis work for one completion: the
+/// reservation script and the settlement script, back to back.
+fn cluster_tokens(c: &mut Criterion) {
+    use std::sync::Arc;
+    use switchyard::cluster::Link;
+    use switchyard::limits::cluster_tokens::ClusterTokens;
+    use switchyard::limits::key::Key;
+
+    let Some(cluster) = bench_cluster("cluster token budget") else {
+        return;
+    };
+    let Ok(link) = Link::new(&cluster, None) else {
+        eprintln!(
+            "cluster token budget bench skipped: cannot use {}",
+            cluster.redis
+        );
+        return;
+    };
+    let tokens = ClusterTokens::new(Arc::new(link), &budget_settings());
+    let rt = bench_runtime();
+    let key = Key::Ip(IpAddr::from([192, 0, 2, 1]));
+    let once = async {
+        tokens.reserve(&key, 1000).await?;
+        tokens.settle(&key, 700.0).await
+    };
+    if let Err(e) = rt.block_on(once) {
+        eprintln!("cluster token budget bench skipped: no Redis to measure against ({e})");
+        return;
+    }
+    c.bench_function(
+        "cluster token budget/reserve + settle on loopback redis",
+        |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let answer = tokens.reserve(black_box(&key), 1000).await;
+                    let settled = tokens.settle(&key, 700.0).await;
+                    (answer.is_ok(), settled.is_ok())
+                })
+            })
+        },
+    );
+}
+
+/// A cluster concurrency slot: the lease script, and its release (run on
+/// the cluster runtime when the lease is dropped, as after a request).
+fn cluster_lease(c: &mut Criterion) {
+    use std::sync::Arc;
+    use switchyard::cluster::Link;
+    use switchyard::limits::key::Key;
+    use switchyard::limits::leases::ClusterCap;
+
+    let Some(cluster) = bench_cluster("cluster lease") else {
+        return;
+    };
+    let Ok(link) = Link::new(&cluster, None) else {
+        eprintln!("cluster lease bench skipped: cannot use {}", cluster.redis);
+        return;
+    };
+    let cap = ClusterCap::new(
+        Arc::new(link),
+        &switchyard::config::Concurrency {
+            name: "bench".into(),
+            max_in_flight: switchyard::config::MAX_IN_FLIGHT,
+            per_key: switchyard::config::MAX_IN_FLIGHT,
+            key: switchyard::config::KeySource::ClientIp,
+            queue: 0,
+            queue_timeout: std::time::Duration::from_secs(1),
+            scope: switchyard::config::Scope::Cluster,
+        },
+    );
+    let rt = bench_runtime();
+    let key = Key::Ip(IpAddr::from([192, 0, 2, 1]));
+    if let Err(e) = rt.block_on(cap.try_acquire(&key, &cap.member())) {
+        eprintln!("cluster lease bench skipped: no Redis to measure against ({e})");
+        return;
+    }
+    c.bench_function(
+        "cluster lease/take one slot on loopback redis (given back in the background)",
+        |b| b.iter(|| rt.block_on(cap.try_acquire(black_box(&key), &cap.member()))),
+    );
 }
 
 criterion_group!(
     benches,
     cluster_rate,
+    cluster_tokens,
+    cluster_lease,
     metrics_observe,
     routing,
     snapshot,

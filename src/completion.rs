@@ -128,7 +128,7 @@ impl Completion {
         {
             body.extend_from_slice(&chunk);
         }
-        Ok(self.admit(&body))
+        Ok(self.admit(&body).await)
     }
 
     /// Counts a body over `max_body` (refused with 413 by the proxy).
@@ -137,7 +137,7 @@ impl Completion {
     }
 
     /// Checks `body`, reserves its worst case and keeps the body to send.
-    fn admit(&mut self, body: &[u8]) -> Result<(), Refusal> {
+    async fn admit(&mut self, body: &[u8]) -> Result<(), Refusal> {
         let stats = self.budget.stats();
         let checked = match openai::check(body, self.endpoint, self.budget.settings()) {
             Ok(checked) => checked,
@@ -148,7 +148,8 @@ impl Completion {
         };
         let mut reservation = self
             .budget
-            .reserve(self.key, checked.reserve)
+            .reserve_for(self.key, checked.reserve)
+            .await
             .map_err(|e| Refusal::TokensExhausted {
                 retry: whole_seconds(e.retry_after),
                 limit: self.budget.settings().tokens_per_minute,
@@ -198,7 +199,7 @@ impl Completion {
     /// # Errors
     /// A refusal of the late path, also kept in [`Completion::refusal`]
     /// for `fail_to_proxy` to answer.
-    pub fn body_filter(&mut self, body: &mut Option<Bytes>, end: bool) -> Result<()> {
+    pub async fn body_filter(&mut self, body: &mut Option<Bytes>, end: bool) -> Result<()> {
         if self.early {
             *body = self.body.take();
             return Ok(());
@@ -213,7 +214,7 @@ impl Completion {
             return Ok(());
         }
         let read = std::mem::take(&mut self.read);
-        if let Err(refusal) = self.admit(&read) {
+        if let Err(refusal) = self.admit(&read).await {
             self.refusal = Some(refusal);
             return Error::e_explain(
                 HTTPStatus(refusal.status()),
@@ -233,8 +234,8 @@ impl Completion {
     /// the client where its budget stands (`RateLimit-*`, tokens, with
     /// this request's reservation still held).
     pub fn response(&mut self, resp: &mut ResponseHeader) -> Result<()> {
-        if self.reservation.is_some() {
-            let (remaining, reset) = self.budget.standing(self.key);
+        if let Some(r) = &self.reservation {
+            let (remaining, reset) = r.standing();
             respond::rate_limit_fields(
                 resp,
                 self.budget.settings().tokens_per_minute,

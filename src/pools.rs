@@ -563,6 +563,7 @@ impl Snapshot {
             })
             .collect();
         let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let link = settings.cluster.clone();
         Snapshot {
             services,
             routes: Arc::new(Routes::new(&config.routes)),
@@ -570,15 +571,18 @@ impl Snapshot {
             rate_limits: Arc::new(RateLimits::carry(
                 &config.rate_limits,
                 old.map(|o| &*o.rate_limits),
+                link.as_ref(),
             )),
             concurrency: Arc::new(ConcurrencyCaps::carry(
                 &config.concurrency,
                 old.map(|o| &*o.concurrency),
+                link.as_ref(),
             )),
             budgets: Arc::new(TokenBudgets::carry(
                 &config.token_budgets,
                 &names,
                 old.map(|o| &*o.budgets),
+                link.as_ref(),
             )),
         }
     }

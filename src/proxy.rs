@@ -255,7 +255,7 @@ impl ProxyHttp for Proxy {
             .rate_limit
             .and_then(|i| snap.rate_limits.get(i));
         if let Some(limit) = rate_limit {
-            if let Err(wait) = limit.check(req, client_ip) {
+            if let Err(wait) = limit.admit(req, client_ip).await {
                 let retry = completion::whole_seconds(wait);
                 let refusal = Refusal::RateLimited {
                     retry,
@@ -342,7 +342,7 @@ impl ProxyHttp for Proxy {
             return Error::e_explain(HTTPStatus(413), "request body over the route's max_body");
         }
         match ctx.completion.as_mut() {
-            Some(completion) => completion.body_filter(body, end_of_stream),
+            Some(completion) => completion.body_filter(body, end_of_stream).await,
             None => Ok(()),
         }
     }

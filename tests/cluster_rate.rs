@@ -38,6 +38,7 @@ fn limit(name: &str, requests: u32, per: Duration, burst: u32) -> RateLimit {
         burst,
         methods: None,
         key: KeySource::ClientIp,
+        scope: Default::default(),
     }
 }
 
@@ -194,9 +195,9 @@ async fn keys_and_limits_are_independent() {
     let other_cluster = instance(&redis, "else", &one);
     assert_eq!(other_cluster.check(&a).await.unwrap(), Decision::Allowed);
     // The keys are named as documented.
-    assert_eq!(rate.redis_key(&a), "ind:rate:one:192.0.2.1");
+    assert_eq!(rate.redis_key(a), "ind:rate:one:192.0.2.1");
     assert_eq!(
-        rate.redis_key(&ip("2001:db8:1:2::")),
+        rate.redis_key(ip("2001:db8:1:2::")),
         "ind:rate:one:2001:db8:1:2::/64"
     );
     let mut conn = raw(&redis).await;
@@ -220,7 +221,7 @@ async fn an_idle_key_expires_once_refilled() {
     for _ in 0..3 {
         assert_eq!(rate.check(&a).await.unwrap(), Decision::Allowed);
     }
-    let key = rate.redis_key(&a);
+    let key = rate.redis_key(a);
     let mut conn = raw(&redis).await;
     let pttl: i64 = redis::cmd("PTTL")
         .arg(&key)

@@ -1,11 +1,13 @@
 //! Rate limits shared by every instance of a cluster (issue 13 point 2):
-//! the same GCRA as the local limits ([`crate::limits::rate`], governor),
+//! the same GCRA as the local limits (`limits::rate`, governor),
 //! with each key's state kept in Redis and checked by ONE Lua script per
 //! request, so N instances together admit what one instance would.
 //!
 //! Key, for a cluster named `NAME`, limit `LIMIT` and a request key `KEY`
-//! (the [`Key`]'s display: `192.0.2.1`, `2001:db8::/64`, `hash:…`,
-//! `global`; never a raw header value):
+//! (the text of the limit's key, `limits::key::Key`'s display: `192.0.2.1`,
+//! `2001:db8::/64`, `hash:…`, `global`; never a raw header value). The
+//! limits sit above the cluster module, so this module takes a key's text
+//! and never imports them:
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -23,43 +25,16 @@
 //! (`TAT - now`): once it has passed, the key is indistinguishable from
 //! one never seen, so Redis drops it and idle keys cost nothing.
 //!
-//! # How it will be wired (plan for the next session, points 2 and 3)
-//!
-//! - Config: `scope = "local"` (the default) or `"cluster"` in
-//!   `[rate_limits.NAME]`; `"cluster"` is refused by `switchyard check`
-//!   without `[cluster]`. A reload keeps a cluster limit's Redis keys (they
-//!   live in Redis); a changed `rate`/`burst` applies from the next check,
-//!   since the script takes `T` and `tau` as arguments.
-//! - Keys: header keys are hashed under a per-process random key today
-//!   ([`crate::limits::key`]), so two instances hash one API key
-//!   differently. A cluster limit needs a hash key every instance shares:
-//!   a random secret created once in Redis (`NAME:hashkey`, `SET NX` at
-//!   start, read by every instance) and kept in memory, never logged.
-//! - Request path: `limits::rate::RateLimit::check` for a cluster limit
-//!   calls [`ClusterRate::check`] (one round trip, bounded by
-//!   `[cluster] timeout`, which is short: tens of ms). `Refused { wait }`
-//!   becomes the same 429 + `Retry-After` as locally; the refusal and
-//!   check counters stay the same atomics.
-//! - Redis unreachable or slow (any [`ClusterError`]): the check falls back
-//!   to a local governor limit sized to this instance's share, `requests /
-//!   live instances` (live instances from the `NAME:instance:*` keys of
-//!   point 1; at least 1 request per window, burst divided the same way,
-//!   rounded up). The fallback is counted (`cluster_rate_fallbacks` in the
-//!   metrics) and logged ONCE per outage (a flag flipped on the first
-//!   failure and cleared, with an "is back" line, on the first success),
-//!   never per request. While down, checks do not each pay the timeout: a
-//!   circuit (the reconnect backoff with jitter of point 3) sends checks
-//!   straight to the fallback until a background probe succeeds.
-//! - Budgets spent locally during an outage are not pushed to Redis on
-//!   return (a window later it would not matter): the keys simply go on
-//!   from what Redis holds, or start fresh if Redis lost them.
+//! How the limits use it (scope, fallback while Redis is down, the shared
+//! hash key of header keys): `limits::cluster`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::{ClusterError, RedisState};
+use std::fmt::Display;
+
 use crate::config;
-use crate::limits::key::Key;
 
 /// The check. KEYS: the rate key. ARGV: the emission interval `T` and the
 /// tolerance `tau`, both in microseconds (integers). Returns `{1, 0}`
@@ -130,8 +105,9 @@ impl ClusterRate {
         }
     }
 
-    /// The Redis key `key` is counted under: `NAME:rate:LIMIT:KEY`.
-    pub fn redis_key(&self, key: &Key) -> String {
+    /// The Redis key `key` (a limit key's text) is counted under:
+    /// `NAME:rate:LIMIT:KEY`.
+    pub fn redis_key(&self, key: impl Display) -> String {
         format!("{}{key}", self.prefix)
     }
 
@@ -140,7 +116,7 @@ impl ClusterRate {
     /// [`ClusterError::Unreachable`], [`ClusterError::Timeout`],
     /// [`ClusterError::Auth`], [`ClusterError::Redis`] (e.g. the key holds
     /// another type; a non-integer string counts as a fresh key); the caller falls back to a local limit.
-    pub async fn check(&self, key: &Key) -> Result<Decision, ClusterError> {
+    pub async fn check(&self, key: impl Display) -> Result<Decision, ClusterError> {
         let mut call = self.script.prepare_invoke();
         call.key(self.redis_key(key))
             .arg(self.interval_us)

@@ -79,6 +79,7 @@ pub struct TokenBudget {
     pub max_body: Option<Spanned<String>>,
     pub prompt_bytes_per_token: Option<Spanned<u32>>,
     pub media_tokens: Option<Spanned<u64>>,
+    pub scope: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +90,7 @@ pub struct Concurrency {
     pub key: Option<Spanned<String>>,
     pub queue: Option<Spanned<u32>>,
     pub queue_timeout: Option<Spanned<String>>,
+    pub scope: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +100,7 @@ pub struct RateLimit {
     pub burst: Option<Spanned<u32>>,
     pub methods: Option<Vec<Spanned<String>>>,
     pub key: Option<Spanned<String>>,
+    pub scope: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -58,6 +58,23 @@ pub const DEFAULT_PROMPT_BYTES_PER_TOKEN: u32 = 1;
 /// overrun the budget by what was underestimated.
 pub const PROMPT_BYTES_PER_TOKEN_RANGE: RangeInclusive<u32> = 1..=8;
 
+/// Where a limit is counted (`scope = "local" | "cluster"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// `"local"` (the default, [`DEFAULT_SCOPE`]): in this instance's
+    /// memory; N instances together admit N times the limit.
+    #[default]
+    Local,
+    /// `"cluster"`: in the Redis of `[cluster]` (required), shared by every
+    /// instance; while Redis is unreachable each instance falls back to its
+    /// share of the limit (the limit divided by the live instances).
+    Cluster,
+}
+
+/// A limit's scope when it sets none: local. Sharing a limit through Redis
+/// costs a round trip per request, so it is an explicit opt-in.
+pub const DEFAULT_SCOPE: Scope = Scope::Local;
+
 /// A per-key token budget (`[token_budgets.NAME]`) shared by every route
 /// naming it: a bucket of `tokens_per_minute` tokens per key, refilled
 /// continuously, that each completion reserves from at admission and
@@ -84,6 +101,8 @@ pub struct TokenBudget {
     /// video or file), 0 to `tokens_per_minute`; 0 (the default) refuses
     /// such requests, since their cost cannot be bounded from the body.
     pub media_tokens: u64,
+    /// `scope` (default [`DEFAULT_SCOPE`]).
+    pub scope: Scope,
 }
 
 /// An in-flight cap (`[concurrency.NAME]`) shared by every route naming it:
@@ -104,6 +123,8 @@ pub struct Concurrency {
     pub queue: u32,
     /// Longest wait in the queue (default [`DEFAULT_QUEUE_TIMEOUT`]).
     pub queue_timeout: Duration,
+    /// `scope` (default [`DEFAULT_SCOPE`]).
+    pub scope: Scope,
 }
 
 /// A per-client request rate (`[rate_limits.NAME]`), nginx's `limit_req`
@@ -121,6 +142,8 @@ pub struct RateLimit {
     pub methods: Option<Vec<http::Method>>,
     /// What requests are counted under (`key`; default the client address).
     pub key: KeySource,
+    /// `scope` (default [`DEFAULT_SCOPE`]).
+    pub scope: Scope,
 }
 
 /// Where a limit takes its key from (`key = ...` in a limit's table).
@@ -213,6 +236,7 @@ impl Validator<'_> {
             out
         });
         let key = self.limit_key(r.key.as_ref());
+        let scope = self.limit_scope(r.scope.as_ref());
         valid_name.then(|| RateLimit {
             name: name.into_inner(),
             requests,
@@ -220,6 +244,7 @@ impl Validator<'_> {
             burst,
             methods,
             key,
+            scope,
         })
     }
 
@@ -252,6 +277,7 @@ impl Validator<'_> {
             QUEUE_TIMEOUT_RANGE,
         );
         let key = self.limit_key(c.key.as_ref());
+        let scope = self.limit_scope(c.scope.as_ref());
         valid_name.then(|| Concurrency {
             name: name.into_inner(),
             max_in_flight,
@@ -259,6 +285,7 @@ impl Validator<'_> {
             key,
             queue,
             queue_timeout,
+            scope,
         })
     }
 
@@ -309,6 +336,7 @@ impl Validator<'_> {
             "media_tokens",
         );
         let key = self.limit_key(b.key.as_ref());
+        let scope = self.limit_scope(b.scope.as_ref());
         valid_name.then(|| TokenBudget {
             name: name.into_inner(),
             tokens_per_minute,
@@ -318,7 +346,47 @@ impl Validator<'_> {
             max_body,
             prompt_bytes_per_token,
             media_tokens,
+            scope,
         })
+    }
+
+    /// A limit's `scope`; a mistake is reported and local stands in. Where
+    /// `"cluster"` was written is kept: it needs a `[cluster]` section,
+    /// which is known only once the whole file is read
+    /// ([`Validator::cluster_scopes_need_a_cluster`]).
+    pub(super) fn limit_scope(&mut self, value: Option<&Spanned<String>>) -> Scope {
+        let Some(value) = value else {
+            return DEFAULT_SCOPE;
+        };
+        match value.get_ref().as_str() {
+            "local" => Scope::Local,
+            "cluster" => {
+                self.cluster_scopes.push(value.span().start);
+                Scope::Cluster
+            }
+            other => {
+                self.at(
+                    value,
+                    format!("bad scope {other:?}: expected \"local\" or \"cluster\""),
+                );
+                DEFAULT_SCOPE
+            }
+        }
+    }
+
+    /// Reports every `scope = "cluster"` of a file without `[cluster]`.
+    pub(super) fn cluster_scopes_need_a_cluster(&mut self, has_cluster: bool) {
+        if has_cluster {
+            return;
+        }
+        for at in std::mem::take(&mut self.cluster_scopes) {
+            self.error(
+                at,
+                "scope = \"cluster\" needs a [cluster] section (the Redis the instances share): \
+                 add one, or use scope = \"local\""
+                    .into(),
+            );
+        }
     }
 
     /// A limit's `key`; a mistake is reported and the client address
@@ -512,6 +580,49 @@ mod tests {
         );
         assert!(e[7].message.contains("max_in_flight"), "{}", e[7]);
         assert!(e[8].message.contains("queues"), "{}", e[8]);
+    }
+
+    #[test]
+    fn scope_is_local_by_default_and_cluster_needs_a_cluster_section() {
+        let limits = "\n[rate_limits.ai]\nrate = \"30/m\"\nscope = \"cluster\"\n\
+                      \n[concurrency.gpu]\nmax_in_flight = 2\nscope = \"cluster\"\n\
+                      \n[token_budgets.llm]\ntokens_per_minute = 1000\nscope = \"cluster\"\n\
+                      \n[rate_limits.plain]\nrate = \"1/s\"\n\
+                      \n[concurrency.here]\nmax_in_flight = 1\nscope = \"local\"\n";
+        let e = errors(&format!("{GOOD}{limits}"));
+        let lines: Vec<(usize, usize)> = e.iter().map(|e| (e.line, e.col)).collect();
+        assert_eq!(
+            lines,
+            vec![25, 29, 33]
+                .into_iter()
+                .map(|l| (l, 9))
+                .collect::<Vec<_>>(),
+            "{e:?}"
+        );
+        for err in &e {
+            assert!(
+                err.message
+                    .contains("scope = \"cluster\" needs a [cluster] section"),
+                "{err}"
+            );
+        }
+        let text = format!("{GOOD}{limits}\n[cluster]\nredis = \"redis://127.0.0.1:6379/0\"\n");
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(c.rate_limits[0].scope, Scope::Cluster);
+        assert_eq!(c.rate_limits[1].scope, DEFAULT_SCOPE);
+        assert_eq!(DEFAULT_SCOPE, Scope::Local);
+        assert_eq!(c.concurrency[0].scope, Scope::Cluster);
+        assert_eq!(c.concurrency[1].scope, Scope::Local);
+        assert_eq!(c.token_budgets[0].scope, Scope::Cluster);
+        let e = errors(&format!(
+            "{GOOD}\n[rate_limits.ai]\nrate = \"1/s\"\nscope = \"global\"\n"
+        ));
+        assert!(
+            e[0].message
+                .contains("bad scope \"global\": expected \"local\" or \"cluster\""),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]

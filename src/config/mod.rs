@@ -45,10 +45,11 @@ pub use cluster::{
     DEFAULT_CLUSTER_TIMEOUT, MAX_CLUSTER_NAME_LEN,
 };
 pub use limits::{
-    Concurrency, KeySource, RateLimit, TokenBudget, BUDGET_MAX_BODY_RANGE, DEFAULT_BUDGET_MAX_BODY,
-    DEFAULT_BUDGET_MAX_TOKENS, DEFAULT_INJECTED_MAX_TOKENS, DEFAULT_PROMPT_BYTES_PER_TOKEN,
-    DEFAULT_QUEUE_TIMEOUT, DEFAULT_RATE_BURST, MAX_IN_FLIGHT, MAX_QUEUE, MAX_RATE,
-    MAX_TOKENS_PER_MINUTE, PROMPT_BYTES_PER_TOKEN_RANGE, QUEUE_TIMEOUT_RANGE,
+    Concurrency, KeySource, RateLimit, Scope, TokenBudget, BUDGET_MAX_BODY_RANGE,
+    DEFAULT_BUDGET_MAX_BODY, DEFAULT_BUDGET_MAX_TOKENS, DEFAULT_INJECTED_MAX_TOKENS,
+    DEFAULT_PROMPT_BYTES_PER_TOKEN, DEFAULT_QUEUE_TIMEOUT, DEFAULT_RATE_BURST, DEFAULT_SCOPE,
+    MAX_IN_FLIGHT, MAX_QUEUE, MAX_RATE, MAX_TOKENS_PER_MINUTE, PROMPT_BYTES_PER_TOKEN_RANGE,
+    QUEUE_TIMEOUT_RANGE,
 };
 pub use notify::{Notify, NotifyEvent, UrlSource, Webhook, WebhookFormat};
 pub use routes::{
@@ -215,6 +216,7 @@ impl Config {
             errors: Vec::new(),
             dropped: HashSet::new(),
             positions: BTreeMap::new(),
+            cluster_scopes: Vec::new(),
         };
         let config = v.file().map(|file| v.validate(file));
         // Stable: two mistakes at one place keep the order they were found in.
@@ -237,6 +239,9 @@ struct Validator<'a> {
     dropped: HashSet<(String, String)>,
     /// See [`Config::positions`].
     positions: BTreeMap<String, (usize, usize)>,
+    /// Where limits say `scope = "cluster"` (byte offsets), checked
+    /// against `[cluster]` once the file is read.
+    cluster_scopes: Vec<usize>,
 }
 
 /// What error recovery took out of the parsed tree.
@@ -371,7 +376,9 @@ impl Validator<'_> {
             .collect();
         let access_log = self.access_log(file.access_log.unwrap_or_default());
         let notify = self.notify(file.notify.unwrap_or_default());
+        let has_cluster = file.cluster.is_some();
         let cluster = file.cluster.and_then(|c| self.cluster(c));
+        self.cluster_scopes_need_a_cluster(has_cluster);
         let routes = self.routes(
             file.routes,
             &services,

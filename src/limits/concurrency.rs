@@ -12,6 +12,17 @@
 //! when the context is dropped, which is when the request ends however it
 //! ends (answered, failed, client gone, upgraded connection closed).
 //!
+//! A cap with `scope = "cluster"` counts its slots in Redis as leases
+//! ([`crate::limits::leases`]): `max_in_flight` and `per_key` hold across
+//! every instance. A request that finds the cluster cap full waits, as
+//! locally, for up to `queue_timeout` among at most `queue` waiters of this
+//! instance, asking Redis again every [`CLUSTER_POLL_INTERVAL`] (a slot
+//! freed on another instance sends no message; the order among waiters of
+//! different instances is whoever asks first). While Redis cannot answer,
+//! requests are judged by the local cap of this instance's share
+//! (`max_in_flight / live instances`, at least 1, `per_key` at most that),
+//! with the local queue as above; requests holding leases count in it.
+//!
 //! Per-key entries exist only while the key has a request in flight or
 //! queued, so the table is at most `max_in_flight + queue` entries.
 //! Handing out a slot scans the queue from its head past waiters whose key
@@ -19,7 +30,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,8 +39,12 @@ use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use tokio::sync::oneshot;
 
+use crate::cluster::Link;
 use crate::config;
 use crate::limits::key::{Key, Keyer};
+use crate::limits::leases::{ClusterCap, Lease};
+
+pub use crate::limits::leases::CLUSTER_POLL_INTERVAL;
 
 /// Counters of one cap since start, for the metrics to come (issue 11).
 #[derive(Debug, Default)]
@@ -65,11 +80,15 @@ pub struct Concurrency {
     settings: config::Concurrency,
     inner: Arc<Inner>,
     keyer: Keyer,
+    /// `scope = "cluster"`: the slots in Redis.
+    cluster: Option<Arc<ClusterCap>>,
 }
 
 struct Inner {
-    max_in_flight: usize,
-    per_key: usize,
+    /// `max_in_flight`; for a cluster cap, this instance's share of it
+    /// once Redis has failed (see the module doc).
+    max_in_flight: AtomicUsize,
+    per_key: AtomicUsize,
     queue_cap: usize,
     queue_timeout: Duration,
     state: Mutex<State>,
@@ -103,6 +122,9 @@ struct Waiter {
 pub struct Permit {
     inner: Arc<Inner>,
     key: Key,
+    /// A cluster cap's slot in Redis (dropped, so given back, with the
+    /// permit).
+    _lease: Option<Lease>,
 }
 
 impl Drop for Permit {
@@ -129,14 +151,108 @@ impl Concurrency {
             settings: cap.clone(),
             name: cap.name.clone(),
             inner: Arc::new(Inner {
-                max_in_flight: cap.max_in_flight as usize,
-                per_key: cap.per_key as usize,
+                max_in_flight: AtomicUsize::new(cap.max_in_flight as usize),
+                per_key: AtomicUsize::new(cap.per_key as usize),
                 queue_cap: cap.queue as usize,
                 queue_timeout: cap.queue_timeout,
                 state: Mutex::new(State::default()),
                 stats: ConcurrencyStats::default(),
             }),
             keyer: Keyer::new(cap.key.clone()),
+            cluster: None,
+        }
+    }
+
+    /// The cap `cap` on `link`'s cluster when it says `scope = "cluster"`
+    /// (and a lone instance's cap otherwise, or without a link).
+    pub fn with_link(cap: &config::Concurrency, link: Option<&Arc<Link>>) -> Concurrency {
+        let mut local = Concurrency::new(cap);
+        let Some(link) = link.filter(|_| cap.scope == config::Scope::Cluster) else {
+            return local;
+        };
+        let cluster = ClusterCap::new(link.clone(), cap);
+        local.keyer = Keyer::with_shared(cap.key.clone(), cluster.limit.shared_hash());
+        local.cluster = Some(cluster);
+        local
+    }
+
+    /// Requests judged by the local share (cluster caps; 0 otherwise).
+    pub fn fallbacks(&self) -> u64 {
+        self.cluster.as_ref().map_or(0, |c| c.limit.fallbacks())
+    }
+
+    /// Whether the cap is counted in Redis (`scope = "cluster"`).
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Slots this instance holds in Redis (cluster caps; 0 otherwise).
+    pub fn leases(&self) -> usize {
+        self.cluster.as_ref().map_or(0, |c| c.held())
+    }
+
+    /// Reads the cluster's shared hash key now (see
+    /// [`crate::limits::rate::RateLimit::load_secret`]).
+    pub async fn load_secret(&self) -> Result<(), crate::cluster::ClusterError> {
+        match &self.cluster {
+            Some(c) => c.limit.load_secret().await,
+            None => Ok(()),
+        }
+    }
+
+    /// A cluster slot for `key`: a lease taken in Redis, waiting for one
+    /// (polled) as long as the queue allows; this instance's share when
+    /// Redis cannot answer.
+    async fn acquire_cluster(&self, cap: &Arc<ClusterCap>, key: Key) -> Result<Permit, Refused> {
+        let inner = &self.inner;
+        let deadline = tokio::time::Instant::now() + inner.queue_timeout;
+        let member = cap.member();
+        let mut waiting: Option<Waiting<'_>> = None;
+        loop {
+            match cap.limit.ask(&key, cap.try_acquire(&key, &member)).await {
+                Some(Some(lease)) => {
+                    // Redis answers: the whole cap again for whoever
+                    // falls back next (the share is set when one does).
+                    inner
+                        .max_in_flight
+                        .store(self.settings.max_in_flight as usize, Ordering::Relaxed);
+                    inner
+                        .per_key
+                        .store(self.settings.per_key as usize, Ordering::Relaxed);
+                    let mut permit = inner.admit(&mut inner.lock(), key);
+                    permit._lease = Some(lease);
+                    return Ok(permit);
+                }
+                Some(None) => {}
+                None => {
+                    drop(waiting);
+                    let share = cap.limit.share(u64::from(self.settings.max_in_flight)) as usize;
+                    inner.max_in_flight.store(share, Ordering::Relaxed);
+                    inner.per_key.store(
+                        (self.settings.per_key as usize).min(share),
+                        Ordering::Relaxed,
+                    );
+                    return self.acquire_local(key).await;
+                }
+            }
+            if waiting.is_none() {
+                if cap.waiting.fetch_add(1, Ordering::Relaxed) >= inner.queue_cap {
+                    cap.waiting.fetch_sub(1, Ordering::Relaxed);
+                    inner
+                        .stats
+                        .refused_queue_full
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(Refused::QueueFull);
+                }
+                inner.stats.queued.fetch_add(1, Ordering::Relaxed);
+                waiting = Some(Waiting(&cap.waiting));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                inner.stats.refused_timeout.fetch_add(1, Ordering::Relaxed);
+                return Err(Refused::Timeout);
+            }
+            tokio::time::sleep(CLUSTER_POLL_INTERVAL.min(deadline - now)).await;
         }
     }
 
@@ -168,11 +284,18 @@ impl Concurrency {
     }
 
     async fn acquire_key(&self, key: Key) -> Result<Permit, Refused> {
+        match &self.cluster {
+            Some(cap) => self.acquire_cluster(cap, key).await,
+            None => self.acquire_local(key).await,
+        }
+    }
+
+    async fn acquire_local(&self, key: Key) -> Result<Permit, Refused> {
         let inner = &self.inner;
         let (id, mut grant) = {
             let mut state = inner.lock();
             let held = state.keys.get(&key).map_or(0, |k| k.in_flight);
-            if state.in_flight < inner.max_in_flight && held < inner.per_key {
+            if state.in_flight < inner.max_in_flight() && held < inner.per_key() {
                 return Ok(inner.admit(&mut state, key));
             }
             if state.queue.len() >= inner.queue_cap {
@@ -252,8 +375,8 @@ impl Concurrency {
         keys.sort_unstable_by_key(|&(_, in_flight, queued)| std::cmp::Reverse((in_flight, queued)));
         keys.truncate(top);
         CapSnapshot {
-            max_in_flight: self.inner.max_in_flight,
-            per_key: self.inner.per_key,
+            max_in_flight: self.inner.max_in_flight(),
+            per_key: self.inner.per_key(),
             queue: self.inner.queue_cap,
             in_flight: state.in_flight,
             queue_depth: state.queue.len(),
@@ -270,6 +393,14 @@ impl Concurrency {
 }
 
 impl Inner {
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::Relaxed)
+    }
+
+    fn per_key(&self) -> usize {
+        self.per_key.load(Ordering::Relaxed)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves counts that are still
         // consistent (each update is one step), so a poisoned lock is used.
@@ -283,6 +414,7 @@ impl Inner {
         Permit {
             inner: self.clone(),
             key,
+            _lease: None,
         }
     }
 
@@ -291,10 +423,10 @@ impl Inner {
     fn dispatch(self: &Arc<Self>, state: &mut State) -> Vec<(oneshot::Sender<Permit>, Permit)> {
         let mut grants = Vec::new();
         let mut i = 0;
-        while state.in_flight < self.max_in_flight && i < state.queue.len() {
+        while state.in_flight < self.max_in_flight() && i < state.queue.len() {
             let key = state.queue[i].key;
             let held = state.keys.get(&key).map_or(0, |k| k.in_flight);
-            if held >= self.per_key {
+            if held >= self.per_key() {
                 i += 1;
                 continue;
             }
@@ -353,6 +485,15 @@ fn forget_if_idle(state: &mut State, key: Key) {
     }
 }
 
+/// One waiter of a cluster cap, counted while it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Removes a waiter from the queue when its wait ends without a slot.
 struct Leave {
     inner: Arc<Inner>,
@@ -399,20 +540,25 @@ pub struct ConcurrencyCaps(Vec<Arc<Concurrency>>);
 
 impl ConcurrencyCaps {
     pub fn new(caps: &[config::Concurrency]) -> ConcurrencyCaps {
-        ConcurrencyCaps::carry(caps, None)
+        ConcurrencyCaps::carry(caps, None, None)
     }
 
     /// The caps of a reloaded config: a cap whose name and settings are
     /// unchanged in `old` is the same cap (the slots held and the queue
     /// carry on, so a reload never doubles the cap); a new or changed one
     /// starts empty, while requests holding the old one's slots finish on it.
-    pub fn carry(caps: &[config::Concurrency], old: Option<&ConcurrencyCaps>) -> ConcurrencyCaps {
+    /// `link`: the cluster, for caps with `scope = "cluster"`.
+    pub fn carry(
+        caps: &[config::Concurrency],
+        old: Option<&ConcurrencyCaps>,
+        link: Option<&Arc<Link>>,
+    ) -> ConcurrencyCaps {
         ConcurrencyCaps(
             caps.iter()
                 .map(|c| {
                     old.and_then(|o| o.0.iter().find(|k| k.settings == *c))
                         .cloned()
-                        .unwrap_or_else(|| Arc::new(Concurrency::new(c)))
+                        .unwrap_or_else(|| Arc::new(Concurrency::with_link(c, link)))
                 })
                 .collect(),
         )
@@ -443,6 +589,7 @@ mod tests {
             max_in_flight: max,
             per_key,
             key: config::KeySource::ClientIp,
+            scope: Default::default(),
             queue,
             queue_timeout: Duration::from_secs(5),
         })
@@ -522,6 +669,7 @@ mod tests {
             max_in_flight: 1,
             per_key: 1,
             key: config::KeySource::Global,
+            scope: Default::default(),
             queue: 0,
             queue_timeout: Duration::from_secs(1),
         }]);

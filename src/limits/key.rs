@@ -8,6 +8,12 @@
 //! the header is counted under its client address instead, so leaving the
 //! header out does not escape a limit.
 //!
+//! A limit with `scope = "cluster"` needs every instance to hash a header
+//! value alike, so its keyer also holds a [`SharedHash`]: HMAC-SHA-256
+//! under a random secret kept in the cluster's Redis (see
+//! `limits::cluster`), first 64 bits. Until the secret is known a header
+//! key is hashed locally as above, and the limit judges it locally.
+//!
 //! A header key is only as good as the backend's check of it: a client that
 //! sends a new made-up value each time gets a new budget each time. Use it
 //! where the backend refuses unknown keys (cheaply, before any GPU work),
@@ -15,6 +21,9 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 
 use pingora::http::RequestHeader;
 
@@ -25,9 +34,50 @@ pub use crate::config::KeySource;
 pub enum Key {
     /// An IPv4 address, or an IPv6 /64 (see [`client_key`]).
     Ip(IpAddr),
-    /// The keyed hash of a header's value(s).
+    /// The keyed hash of a header's value(s), under this process's own
+    /// random key: other instances hash the same value differently.
     Hashed(u64),
+    /// The keyed hash of a header's value(s) under the cluster's shared
+    /// secret ([`SharedHash`]): the same on every instance.
+    Shared(u64),
     Global,
+}
+
+impl Key {
+    /// Whether every instance of a cluster computes this key for the same
+    /// request (an address, the global key, a [`Key::Shared`] hash), so it
+    /// may be counted in Redis.
+    pub fn is_cluster_wide(&self) -> bool {
+        !matches!(self, Key::Hashed(_))
+    }
+}
+
+/// The secret every instance of a cluster hashes header keys under, once
+/// known (read from Redis at first use). Never logged or shown.
+#[derive(Default)]
+pub struct SharedHash(ArcSwapOption<ring::hmac::Key>);
+
+impl SharedHash {
+    /// Sets the secret (the raw bytes read from Redis).
+    pub fn set(&self, secret: &[u8]) {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        self.0.store(Some(Arc::new(key)));
+    }
+
+    /// Whether the secret is known yet.
+    pub fn is_known(&self) -> bool {
+        self.0.load().is_some()
+    }
+}
+
+impl std::fmt::Debug for SharedHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_known() {
+            "SharedHash(known)"
+        } else {
+            "SharedHash(unknown)"
+        })
+    }
 }
 
 impl std::fmt::Display for Key {
@@ -38,7 +88,7 @@ impl std::fmt::Display for Key {
         match self {
             Key::Ip(ip @ IpAddr::V4(_)) => write!(f, "{ip}"),
             Key::Ip(ip) => write!(f, "{ip}/64"),
-            Key::Hashed(h) => write!(f, "hash:{h:016x}"),
+            Key::Hashed(h) | Key::Shared(h) => write!(f, "hash:{h:016x}"),
             Key::Global => f.write_str("global"),
         }
     }
@@ -49,6 +99,8 @@ impl std::fmt::Display for Key {
 pub struct Keyer {
     source: KeySource,
     hasher: RandomState,
+    /// A cluster limit's shared hash (see the module doc).
+    shared: Option<Arc<SharedHash>>,
 }
 
 impl Keyer {
@@ -56,7 +108,22 @@ impl Keyer {
         Keyer {
             source,
             hasher: RandomState::new(),
+            shared: None,
         }
+    }
+
+    /// A keyer for a cluster limit: header values are hashed under
+    /// `shared` once it is known ([`Key::Shared`]), locally until then.
+    pub fn with_shared(source: KeySource, shared: Arc<SharedHash>) -> Keyer {
+        Keyer {
+            shared: Some(shared),
+            ..Keyer::new(source)
+        }
+    }
+
+    /// The shared hash of a cluster limit's keyer.
+    pub fn shared(&self) -> Option<&Arc<SharedHash>> {
+        self.shared.as_ref()
     }
 
     pub fn source(&self) -> &KeySource {
@@ -74,6 +141,19 @@ impl Keyer {
                 let mut values = req.headers.get_all(name).iter().peekable();
                 if values.peek().is_none() {
                     return Key::Ip(client_key(client));
+                }
+                if let Some(secret) = self.shared.as_ref().map(|s| s.0.load()) {
+                    if let Some(secret) = secret.as_deref() {
+                        let mut ctx = ring::hmac::Context::with_key(secret);
+                        for v in values {
+                            ctx.update(v.as_bytes());
+                            ctx.update(b"\n");
+                        }
+                        let tag = ctx.sign();
+                        let mut first = [0u8; 8];
+                        first.copy_from_slice(&tag.as_ref()[..8]);
+                        return Key::Shared(u64::from_be_bytes(first));
+                    }
                 }
                 let mut hasher = self.hasher.build_hasher();
                 for v in values {
@@ -145,6 +225,32 @@ mod tests {
             other.key(&req(&[("Authorization", "Bearer sk-1")]), ip("192.0.2.1")),
             a
         );
+    }
+
+    #[test]
+    fn a_shared_hash_is_the_same_on_every_instance_once_known() {
+        let source = KeySource::parse("header:x-api-key").unwrap();
+        let (one, two) = (
+            Arc::new(SharedHash::default()),
+            Arc::new(SharedHash::default()),
+        );
+        let (a, b) = (
+            Keyer::with_shared(source.clone(), one.clone()),
+            Keyer::with_shared(source, two.clone()),
+        );
+        let r = req(&[("X-Api-Key", "sk-1")]);
+        // Unknown yet: hashed locally, not to be counted in Redis.
+        let local = a.key(&r, ip("192.0.2.1"));
+        assert!(matches!(local, Key::Hashed(_)) && !local.is_cluster_wide());
+        one.set(b"secret-from-redis");
+        two.set(b"secret-from-redis");
+        let (ka, kb) = (a.key(&r, ip("192.0.2.1")), b.key(&r, ip("192.0.2.9")));
+        assert_eq!(ka, kb);
+        assert!(matches!(ka, Key::Shared(_)) && ka.is_cluster_wide());
+        assert_ne!(ka, a.key(&req(&[("X-Api-Key", "sk-2")]), ip("192.0.2.1")));
+        assert!(!format!("{one:?}").contains("secret"));
+        // Without the header: the address, cluster-wide as always.
+        assert!(a.key(&req(&[]), ip("192.0.2.1")).is_cluster_wide());
     }
 
     #[test]

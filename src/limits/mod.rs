@@ -1,8 +1,11 @@
 //! Limits that keep a flood of clients from becoming an outage or a bill.
 //! Each is checked in `request_filter`, before anything reaches a backend.
 
+pub mod cluster;
+pub mod cluster_tokens;
 pub mod concurrency;
 pub mod key;
+pub mod leases;
 pub mod openai;
 pub mod rate;
 pub mod tokens;

@@ -498,6 +498,7 @@ mod tests {
             name: "ai".into(),
             tokens_per_minute: 20_000,
             key: KeySource::ClientIp,
+            scope: Default::default(),
             max_tokens: 2048,
             default_max_tokens: 512,
             max_body: 256 * 1024,

@@ -8,6 +8,13 @@
 //! A limit counts requests under its `key` ([`crate::limits::key`]): the
 //! client's address by default (after `trusted_proxies`, IPv6 by its /64),
 //! a request header such as an API key (hashed), or one global key.
+//!
+//! A limit with `scope = "cluster"` is counted in Redis instead
+//! ([`crate::cluster::ClusterRate`]: the same GCRA, one script per request),
+//! so clients spread over N instances get the limit once, not N times;
+//! while Redis cannot answer, each instance judges by a local limit of its
+//! share (rate and burst divided by the live instances; see
+//! [`crate::limits::cluster`]).
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -19,7 +26,9 @@ use arc_swap::ArcSwap;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 
+use crate::cluster::{ClusterRate, Decision, Link};
 use crate::config;
+use crate::limits::cluster::{ClusterLimit, Kind};
 use crate::limits::key::{Key, Keyer};
 use pingora::http::RequestHeader;
 
@@ -65,6 +74,17 @@ pub struct RateLimit {
     resets: AtomicU64,
     /// Requests refused since start.
     refused: AtomicU64,
+    /// `scope = "cluster"`: the shared count and the local share.
+    cluster: Option<ClusterSide>,
+}
+
+/// A cluster limit's Redis side and its fallback.
+struct ClusterSide {
+    limit: ClusterLimit,
+    rate: ClusterRate,
+    /// The local limit of this instance's share, and the live instances it
+    /// was sized for: rebuilt when that number changes.
+    fallback: ArcSwap<(usize, RateLimit)>,
 }
 
 impl RateLimit {
@@ -93,6 +113,90 @@ impl RateLimit {
             checks: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            cluster: None,
+        }
+    }
+
+    /// The limit `limit` on `link`'s cluster when it says `scope =
+    /// "cluster"` (and a lone instance's limit otherwise, or without a link).
+    pub fn with_link(limit: &config::RateLimit, link: Option<&Arc<Link>>) -> RateLimit {
+        let mut local = RateLimit::new(limit);
+        let Some(link) = link.filter(|_| limit.scope == config::Scope::Cluster) else {
+            return local;
+        };
+        let cluster = ClusterLimit::new(link.clone(), Kind::Rate);
+        local.keyer = Keyer::with_shared(limit.key.clone(), cluster.shared_hash());
+        local.cluster = Some(ClusterSide {
+            rate: ClusterRate::new(link.redis.clone(), limit),
+            fallback: ArcSwap::from_pointee((0, RateLimit::new(limit))),
+            limit: cluster,
+        });
+        local
+    }
+
+    /// [`RateLimit::check`] for any scope: a cluster limit asks Redis (one
+    /// script call, at most `[cluster] limit_timeout`) and falls back to
+    /// this instance's share when Redis cannot answer; a local limit never
+    /// leaves the process.
+    pub async fn admit(&self, req: &RequestHeader, client: IpAddr) -> Result<(), Duration> {
+        let Some(c) = &self.cluster else {
+            return self.check(req, client);
+        };
+        if self
+            .methods
+            .as_ref()
+            .is_some_and(|m| !m.contains(&req.method))
+        {
+            return Ok(());
+        }
+        self.checks.fetch_add(1, Ordering::Relaxed);
+        let key = self.keyer.key(req, client);
+        let verdict = match c.limit.ask(&key, c.rate.check(key)).await {
+            Some(Decision::Allowed) => Ok(()),
+            Some(Decision::Refused { wait }) => Err(wait),
+            None => self.share(c).1.check_counted(key),
+        };
+        if verdict.is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        verdict
+    }
+
+    /// The local limit of this instance's share: `requests / live` (at
+    /// least 1) per window, `burst / live` beyond it.
+    fn share(&self, c: &ClusterSide) -> Arc<(usize, RateLimit)> {
+        let live = c.limit.link.live_instances();
+        let current = c.fallback.load_full();
+        if current.0 == live {
+            return current;
+        }
+        let sized = config::RateLimit {
+            requests: c.limit.share(u64::from(self.requests)) as u32,
+            burst: self.settings.burst / live as u32,
+            scope: config::Scope::Local,
+            ..self.settings.clone()
+        };
+        let next = Arc::new((live, RateLimit::new(&sized)));
+        c.fallback.store(next.clone());
+        next
+    }
+
+    /// Requests judged by the local share (cluster limits; 0 otherwise).
+    pub fn fallbacks(&self) -> u64 {
+        self.cluster.as_ref().map_or(0, |c| c.limit.fallbacks())
+    }
+
+    /// Whether the limit is counted in Redis (`scope = "cluster"`).
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Reads the cluster's shared hash key now, so header keys are shared
+    /// from the first request (tests; otherwise read at first need).
+    pub async fn load_secret(&self) -> Result<(), crate::cluster::ClusterError> {
+        match &self.cluster {
+            Some(c) => c.limit.load_secret().await,
+            None => Ok(()),
         }
     }
 
@@ -114,13 +218,31 @@ impl RateLimit {
         {
             self.bound_keys();
         }
+        self.check_key(self.keyer.key(req, client))
+            .inspect_err(|_| {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            })
+    }
+
+    /// [`RateLimit::check_key`] with the key table kept within its bound
+    /// (the local share of a cluster limit, whose own counters are unused).
+    fn check_counted(&self, key: Key) -> Result<(), Duration> {
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(KEY_CHECK_EVERY)
+        {
+            self.bound_keys();
+        }
+        self.check_key(key)
+    }
+
+    /// Counts one request under `key` in this process (no counters kept).
+    fn check_key(&self, key: Key) -> Result<(), Duration> {
         let limiter = self.limiter.load();
         limiter
-            .check_key(&self.keyer.key(req, client))
-            .map_err(|not_until| {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                not_until.wait_time_from(limiter.clock().now())
-            })
+            .check_key(&key)
+            .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
     }
 
     /// Requests counted against the limit since start (admitted and refused).
@@ -177,6 +299,9 @@ impl RateLimit {
         let limiter = self.limiter.load();
         limiter.retain_recent();
         limiter.shrink_to_fit();
+        if let Some(c) = &self.cluster {
+            c.fallback.load().1.sweep();
+        }
     }
 }
 
@@ -185,20 +310,25 @@ pub struct RateLimits(Vec<Arc<RateLimit>>);
 
 impl RateLimits {
     pub fn new(limits: &[config::RateLimit]) -> RateLimits {
-        RateLimits::carry(limits, None)
+        RateLimits::carry(limits, None, None)
     }
 
     /// The limits of a reloaded config: a limit whose name and settings are
     /// unchanged in `old` is the same limit (its clients stay counted, so a
     /// reload is no way to reset a rate); a new or changed one starts empty.
-    pub fn carry(limits: &[config::RateLimit], old: Option<&RateLimits>) -> RateLimits {
+    /// `link`: the cluster, for limits with `scope = "cluster"`.
+    pub fn carry(
+        limits: &[config::RateLimit],
+        old: Option<&RateLimits>,
+        link: Option<&Arc<Link>>,
+    ) -> RateLimits {
         RateLimits(
             limits
                 .iter()
                 .map(|l| {
                     old.and_then(|o| o.0.iter().find(|k| k.settings == *l))
                         .cloned()
-                        .unwrap_or_else(|| Arc::new(RateLimit::new(l)))
+                        .unwrap_or_else(|| Arc::new(RateLimit::with_link(l, link)))
                 })
                 .collect(),
         )
@@ -234,6 +364,7 @@ mod tests {
             burst,
             methods,
             key: config::KeySource::ClientIp,
+            scope: Default::default(),
         })
     }
 
@@ -306,6 +437,7 @@ mod tests {
                 burst: 0,
                 methods: None,
                 key: config::KeySource::parse("header:x-api-key").unwrap(),
+                scope: Default::default(),
             },
             max,
         );

@@ -12,6 +12,11 @@
 //!
 //! The reservation is settled, kept or given back whatever happens to the
 //! request: [`Reservation`] is dropped with the request's context.
+//!
+//! A budget with `scope = "cluster"` keeps its buckets in Redis
+//! ([`crate::limits::cluster_tokens`]); while Redis cannot answer, each
+//! instance reserves from a local budget of its share (`tokens_per_minute`
+//! divided by the live instances).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +26,11 @@ use std::time::{Duration, Instant};
 use pingora::http::RequestHeader;
 use std::net::IpAddr;
 
+use arc_swap::ArcSwap;
+
+use crate::cluster::Link;
 use crate::config;
+use crate::limits::cluster_tokens::ClusterTokens;
 use crate::limits::key::{Key, Keyer};
 
 /// Most keys one budget tracks (1 048 576; a key and its bucket take about
@@ -110,7 +119,19 @@ pub struct TokenBudget {
     start: Instant,
     table: Mutex<HashMap<Key, Bucket>>,
     max_keys: usize,
-    stats: BudgetStats,
+    /// Shared with the local share of a cluster budget, so what it counts
+    /// shows under this budget's name.
+    stats: Arc<BudgetStats>,
+    /// `scope = "cluster"`: the buckets in Redis and the local share.
+    cluster: Option<ClusterSide>,
+}
+
+/// A cluster budget's Redis side and its fallback.
+struct ClusterSide {
+    tokens: Arc<ClusterTokens>,
+    /// The local budget of this instance's share, and the live instances
+    /// it was sized for: rebuilt when that number changes.
+    fallback: ArcSwap<(usize, Arc<TokenBudget>)>,
 }
 
 impl TokenBudget {
@@ -128,8 +149,106 @@ impl TokenBudget {
             start: Instant::now(),
             table: Mutex::new(HashMap::new()),
             max_keys: max_keys.max(2),
-            stats: BudgetStats::default(),
+            stats: Arc::default(),
             settings: settings.clone(),
+            cluster: None,
+        }
+    }
+
+    /// The budget `settings` on `link`'s cluster when it says `scope =
+    /// "cluster"` (and a lone instance's budget otherwise, or without a link).
+    pub fn with_link(settings: &config::TokenBudget, link: Option<&Arc<Link>>) -> TokenBudget {
+        let mut budget = TokenBudget::new(settings);
+        let Some(link) = link.filter(|_| settings.scope == config::Scope::Cluster) else {
+            return budget;
+        };
+        let tokens = Arc::new(ClusterTokens::new(link.clone(), settings));
+        budget.keyer = Keyer::with_shared(settings.key.clone(), tokens.limit.shared_hash());
+        budget.cluster = Some(ClusterSide {
+            tokens,
+            fallback: ArcSwap::from_pointee((0, Arc::new(TokenBudget::new(settings)))),
+        });
+        budget
+    }
+
+    /// [`TokenBudget::reserve`] for any scope: a cluster budget reserves in
+    /// Redis (one script call, at most `[cluster] limit_timeout`) and from
+    /// this instance's share when Redis cannot answer.
+    pub async fn reserve_for(
+        self: &Arc<Self>,
+        key: Key,
+        tokens: u64,
+    ) -> Result<Reservation, Exhausted> {
+        let Some(c) = &self.cluster else {
+            return self.reserve(key, tokens);
+        };
+        let Some(answer) = c
+            .tokens
+            .limit
+            .ask(&key, c.tokens.reserve(&key, tokens))
+            .await
+        else {
+            return self.share(c).reserve(key, tokens);
+        };
+        if !answer.admitted {
+            self.stats.refused_exhausted.fetch_add(1, Ordering::Relaxed);
+            return Err(Exhausted {
+                retry_after: answer.retry_after,
+                remaining: answer.remaining,
+                reset: answer.reset,
+            });
+        }
+        self.stats.admitted.fetch_add(1, Ordering::Relaxed);
+        self.stats.reserved.fetch_add(tokens, Ordering::Relaxed);
+        Ok(Reservation {
+            budget: self.clone(),
+            key,
+            tokens,
+            state: State::Held,
+            service: None,
+            standing: Some((answer.remaining, answer.reset)),
+        })
+    }
+
+    /// The local budget of this instance's share of a cluster budget:
+    /// `tokens_per_minute / live` (at least 1), with the caps lowered to it.
+    fn share(&self, c: &ClusterSide) -> Arc<TokenBudget> {
+        let live = c.tokens.limit.link.live_instances();
+        let current = c.fallback.load();
+        if current.0 == live {
+            return current.1.clone();
+        }
+        let per_minute = c.tokens.limit.share(self.settings.tokens_per_minute);
+        let sized = config::TokenBudget {
+            tokens_per_minute: per_minute,
+            scope: config::Scope::Local,
+            ..self.settings.clone()
+        };
+        let mut budget = TokenBudget::new(&sized);
+        budget.stats = self.stats.clone();
+        let budget = Arc::new(budget);
+        c.fallback.store(Arc::new((live, budget.clone())));
+        budget
+    }
+
+    /// Requests judged by the local share (cluster budgets; 0 otherwise).
+    pub fn fallbacks(&self) -> u64 {
+        self.cluster
+            .as_ref()
+            .map_or(0, |c| c.tokens.limit.fallbacks())
+    }
+
+    /// Whether the budget is kept in Redis (`scope = "cluster"`).
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Reads the cluster's shared hash key now (see
+    /// [`crate::limits::rate::RateLimit::load_secret`]).
+    pub async fn load_secret(&self) -> Result<(), crate::cluster::ClusterError> {
+        match &self.cluster {
+            Some(c) => c.tokens.limit.load_secret().await,
+            None => Ok(()),
         }
     }
 
@@ -196,6 +315,7 @@ impl TokenBudget {
             tokens,
             state: State::Held,
             service: None,
+            standing: None,
         })
     }
 
@@ -250,6 +370,9 @@ impl TokenBudget {
 
     /// [`TokenBudget::sweep`] at `now` (tests).
     pub fn sweep_at(&self, now: Duration) {
+        if let Some(c) = &self.cluster {
+            c.fallback.load().1.sweep();
+        }
         let mut table = self.lock();
         table.retain(|_, bucket| {
             let mut b = *bucket;
@@ -283,6 +406,10 @@ impl TokenBudget {
     }
 
     fn settle(&self, key: Key, give_back: f64, now: Duration) {
+        if let Some(c) = &self.cluster {
+            c.tokens.settle_later(key, give_back);
+            return;
+        }
         let mut table = self.lock();
         match table.get_mut(&key) {
             Some(bucket) => {
@@ -344,6 +471,9 @@ pub struct Reservation {
     state: State,
     /// The service's counts, when the reservation is counted for one.
     service: Option<Arc<TokenCounts>>,
+    /// A cluster reservation: the bucket's remaining tokens and time to
+    /// full as Redis answered it.
+    standing: Option<(u64, Duration)>,
 }
 
 impl Reservation {
@@ -351,6 +481,15 @@ impl Reservation {
     pub fn count_for(&mut self, service: Arc<TokenCounts>) {
         service.reserved.fetch_add(self.tokens, Ordering::Relaxed);
         self.service = Some(service);
+    }
+
+    /// Tokens left in the key's bucket, with this reservation held, and
+    /// the time until it is full again (`RateLimit-Remaining`,
+    /// `RateLimit-Reset`): as Redis answered the reservation for a cluster
+    /// budget, the local bucket now otherwise.
+    pub fn standing(&self) -> (u64, Duration) {
+        self.standing
+            .unwrap_or_else(|| self.budget.standing(self.key))
     }
 
     /// Tokens reserved.
@@ -443,7 +582,7 @@ pub struct TokenBudgets {
 impl TokenBudgets {
     /// `services`: the names of every service, in config order.
     pub fn new(budgets: &[config::TokenBudget], services: &[&str]) -> TokenBudgets {
-        TokenBudgets::carry(budgets, services, None)
+        TokenBudgets::carry(budgets, services, None, None)
     }
 
     /// The budgets of a reloaded config: a budget whose name and settings
@@ -454,6 +593,7 @@ impl TokenBudgets {
         budgets: &[config::TokenBudget],
         services: &[&str],
         old: Option<&TokenBudgets>,
+        link: Option<&Arc<Link>>,
     ) -> TokenBudgets {
         TokenBudgets {
             budgets: budgets
@@ -461,7 +601,7 @@ impl TokenBudgets {
                 .map(|b| {
                     old.and_then(|o| o.budgets.iter().find(|k| k.settings == *b))
                         .cloned()
-                        .unwrap_or_else(|| Arc::new(TokenBudget::new(b)))
+                        .unwrap_or_else(|| Arc::new(TokenBudget::with_link(b, link)))
                 })
                 .collect(),
             services: services
@@ -517,6 +657,7 @@ mod tests {
             name: "ai".into(),
             tokens_per_minute,
             key: KeySource::ClientIp,
+            scope: Default::default(),
             max_tokens: tokens_per_minute,
             default_max_tokens: 1,
             max_body: 1024,

@@ -41,6 +41,7 @@ pub struct Families {
     pub refusals: IntCounterVec,
     pub limit_admissions: IntCounterVec,
     pub limit_refusals: IntCounterVec,
+    pub cluster_limit_fallbacks: IntCounterVec,
     pub concurrency_in_flight: IntGaugeVec,
     pub concurrency_queue_depth: IntGaugeVec,
     pub tokens: IntCounterVec,
@@ -202,6 +203,12 @@ impl Families {
                 "switchyard_limit_refusals_total",
                 "Requests a limit refused, by reason.",
                 &["kind", "limit", "reason"],
+            ),
+            cluster_limit_fallbacks: counter(
+                &r,
+                "switchyard_cluster_limit_fallbacks_total",
+                "Requests a cluster limit judged by this instance's local share (Redis unreachable).",
+                &["kind", "limit"],
             ),
             concurrency_in_flight: gauge(
                 &r,

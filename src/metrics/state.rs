@@ -230,6 +230,13 @@ impl State {
                     .with_label_values(&["rate_limit", name, "rate"]),
                 refused,
             );
+            if limit.is_cluster() {
+                set_counter(
+                    &f.cluster_limit_fallbacks
+                        .with_label_values(&["rate_limit", name]),
+                    limit.fallbacks(),
+                );
+            }
         }
         for cap in s.concurrency.iter() {
             let name = cap.name();
@@ -247,6 +254,13 @@ impl State {
                     &f.limit_refusals
                         .with_label_values(&["concurrency", name, reason]),
                     n,
+                );
+            }
+            if cap.is_cluster() {
+                set_counter(
+                    &f.cluster_limit_fallbacks
+                        .with_label_values(&["concurrency", name]),
+                    cap.fallbacks(),
                 );
             }
             f.concurrency_in_flight
@@ -273,6 +287,13 @@ impl State {
                     &f.limit_refusals
                         .with_label_values(&["token_budget", name, reason]),
                     n,
+                );
+            }
+            if budget.is_cluster() {
+                set_counter(
+                    &f.cluster_limit_fallbacks
+                        .with_label_values(&["token_budget", name]),
+                    budget.fallbacks(),
                 );
             }
             for (outcome, n) in [
