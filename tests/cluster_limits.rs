@@ -344,3 +344,53 @@ fn check_refuses_a_cluster_scope_without_a_cluster_section_at_its_key() {
     let out = run_check(&path, None);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }
+
+/// With Redis gone, a cluster cap of 6 over three live instances becomes
+/// a local cap of 2 on each: the share, not the whole.
+#[test]
+fn with_redis_down_a_cluster_cap_is_this_instances_share() {
+    let mut redis = RedisServer::start();
+    let (blue, green) = (Upstream::start("blue"), Upstream::start("green"));
+    let mut body = service("api", &[&blue], &[&green], "blue");
+    body.push_str(
+        "[concurrency.gpu]\nmax_in_flight = 6\nkey = \"global\"\nscope = \"cluster\"\n\n",
+    );
+    body.push_str(&route_with("/gpu/", "api", "concurrency = \"gpu\""));
+    let proxies = three(&redis, &body);
+    assert!(
+        poll_until(WAIT, || proxies.iter().all(|p| {
+            p.status()["cluster"]["instances"].as_array().map(Vec::len) == Some(3)
+        })),
+        "three live instances"
+    );
+    redis.kill();
+    assert!(
+        poll_until(WAIT, || proxies
+            .iter()
+            .all(|p| p.status()["cluster"]["reachable"] == false)),
+        "every instance sees redis gone"
+    );
+    // Four slow requests at instance 1: its share (6 / 3 = 2) goes through,
+    // the others are refused at once (no queue).
+    let url = format!("{}/gpu/slow?hold=1", proxies[0].http_url());
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            thread::spawn(move || try_request("GET", &url, &[], None))
+        })
+        .collect();
+    assert!(poll_until(WAIT, || blue.in_flight_for("/gpu/slow") == 2));
+    let refused = poll_until(WAIT, || {
+        held.iter().filter(|h| h.is_finished()).count() == 2
+    });
+    assert!(refused, "two of the four refused at once");
+    assert_eq!(blue.in_flight_for("/gpu/slow"), 2, "the share, not 6");
+    blue.release(2);
+    let codes: Vec<u16> = held
+        .into_iter()
+        .map(|h| h.join().unwrap().map(|r| r.status).unwrap_or(0))
+        .collect();
+    assert_eq!(codes.iter().filter(|&&c| c == 200).count(), 2, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&c| c == 503).count(), 2, "{codes:?}");
+    assert!(fallbacks(&proxies[0], "concurrency", "gpu") >= 4.0);
+}
