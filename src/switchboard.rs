@@ -499,6 +499,7 @@ impl Switchboard {
         local_ok: bool,
     ) -> Result<Stamp, SwitchError> {
         let served = cluster.0.clone();
+        let since = link.since();
         let outcome = match served.as_ref().filter(|s| !s.local) {
             Some(stamp) => {
                 let (redis, stamp, state) = (link.redis.clone(), stamp.clone(), saved.clone());
@@ -513,7 +514,7 @@ impl Switchboard {
         };
         match outcome {
             Ok(version) => {
-                link.mark_up();
+                link.mark_up(since);
                 let epoch = served.map(|s| s.epoch).unwrap_or_default();
                 Ok(Stamp {
                     version,
@@ -522,7 +523,7 @@ impl Switchboard {
                 })
             }
             Err(e @ ClusterError::Conflict { .. }) => {
-                link.mark_up();
+                link.mark_up(since);
                 let redis = link.redis.clone();
                 if let Ok(Some(held)) = link.block_on(async move { redis.read().await }) {
                     self.adopt_locked(cluster, &held);

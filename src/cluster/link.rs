@@ -119,9 +119,18 @@ impl Link {
         }
     }
 
-    /// A call succeeded: logs the end of an outage (once).
-    pub fn mark_up(&self) {
-        if !self.up.swap(true, Ordering::Relaxed) {
+    /// A mark to take before a call, for [`Link::mark_up`].
+    pub fn since(&self) -> u64 {
+        self.outages.load(Ordering::Relaxed)
+    }
+
+    /// A call that started at `since` (from [`Link::since`]) succeeded:
+    /// logs the end of an outage (once). A call that started before the
+    /// outage began proves nothing about Redis now (its answer may have
+    /// come just before the failure another call saw), so it is ignored;
+    /// otherwise one outage could be logged as two.
+    pub fn mark_up(&self, since: u64) {
+        if since == self.since() && !self.up.swap(true, Ordering::Relaxed) {
             tracing::warn!("redis reachable again: cluster state and limits are shared again");
         }
     }
@@ -181,5 +190,43 @@ impl Drop for Link {
         if let Some(rt) = self.runtime.take().flatten() {
             rt.shutdown_background();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_success_that_started_before_an_outage_does_not_end_it() {
+        let cluster = Cluster {
+            redis: "redis://127.0.0.1:1/0".into(),
+            tls: false,
+            name: "t".into(),
+            instance: "i".into(),
+            password: None,
+            ca_file: None,
+            timeout: Duration::from_millis(100),
+            limit_timeout: Duration::from_millis(50),
+            lease: Duration::from_secs(10),
+        };
+        let link = Link::new(&cluster, None).unwrap();
+        let before = link.since();
+        let e = ClusterError::Timeout {
+            redis: cluster.redis.clone(),
+            after: cluster.timeout,
+        };
+        link.mark_down(&e);
+        link.mark_down(&e);
+        assert_eq!(link.outages(), 1, "one outage, however many failures");
+        link.mark_up(before);
+        assert!(
+            !link.is_up(),
+            "a call from before the outage proves nothing"
+        );
+        link.mark_up(link.since());
+        assert!(link.is_up());
+        link.mark_down(&e);
+        assert_eq!(link.outages(), 2);
     }
 }

@@ -129,12 +129,13 @@ impl StateSync {
     /// One connected stretch; `Ok` only at shutdown.
     async fn follow(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ClusterError> {
         let redis = &self.link.redis;
+        let since = self.link.since();
         let mut changes = std::pin::pin!(redis.subscribe().await?);
         // Subscribed first, then read: a change made in between is seen
         // by the read or by a message, never missed.
         self.converge().await?;
         self.heartbeat().await?;
-        self.link.mark_up();
+        self.link.mark_up(since);
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let beat_every = self.link.lease / 3;
@@ -156,6 +157,7 @@ impl StateSync {
                     }
                 },
                 _ = tick.tick() => {
+                    let since = self.link.since();
                     let (_, stamp) = self.replica.served();
                     let held = redis.version().await?;
                     let current = stamp.as_ref().map(|s| (s.version, s.epoch.clone()));
@@ -166,7 +168,7 @@ impl StateSync {
                         self.heartbeat().await?;
                         last_beat = tokio::time::Instant::now();
                     }
-                    self.link.mark_up();
+                    self.link.mark_up(since);
                 }
                 _ = shutdown.changed() => {
                     let _ = redis.leave(&self.link.instance).await;

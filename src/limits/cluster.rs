@@ -157,6 +157,7 @@ impl ClusterLimit {
         call: impl Future<Output = Result<T, ClusterError>>,
     ) -> Option<T> {
         let link = &self.link;
+        let since = link.since();
         let result = match tokio::time::timeout(link.limit_timeout, call).await {
             Ok(r) => r,
             Err(_) => Err(ClusterError::Timeout {
@@ -166,7 +167,7 @@ impl ClusterLimit {
         };
         match result {
             Ok(v) => {
-                link.mark_up();
+                link.mark_up(since);
                 Some(v)
             }
             Err(e) => {

@@ -191,9 +191,10 @@ impl ClusterTokens {
             return;
         }
         let this = self.clone();
+        let since = self.limit.link.since();
         self.limit.link.spawn(async move {
             match this.settle(&key, give_back).await {
-                Ok(()) => this.limit.link.mark_up(),
+                Ok(()) => this.limit.link.mark_up(since),
                 Err(e) => this.limit.link.mark_down(&e),
             }
         });

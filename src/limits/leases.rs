@@ -242,8 +242,9 @@ async fn renew_loop(cap: Weak<ClusterCap>, every: Duration) {
         let Some(cap) = cap.upgrade() else {
             return;
         };
+        let since = cap.limit.link.since();
         match cap.renew_all().await {
-            Ok(true) => cap.limit.link.mark_up(),
+            Ok(true) => cap.limit.link.mark_up(since),
             Ok(false) => {}
             Err(e) => cap.limit.link.mark_down(&e),
         }
