@@ -22,6 +22,9 @@
 //!   tls-h2-close  HTTPS, new connection per request, HTTP/2   (h2load at a fixed rate)
 //!   limits        AI completions (POST) through switchyard with the shipped kinds of
 //!                 limit and without them; JSON and streamed answers (`load/limits.rs`)
+//!   cluster       switchyard on the realistic routes with `[cluster]` off vs on (a
+//!                 redis-server started here), and switch propagation across three
+//!                 instances of one cluster (`load/cluster.rs`)
 //!
 //! The HTTPS scenarios give every proxy the same certificate (ECDSA P-256,
 //! self-signed, made once per run: `load/tls.rs`) and the same offer (TLS
@@ -43,6 +46,8 @@
 //! `--perf` adds an unmeasured profiling round to each wrk scenario: see
 //! `load/perf.rs`.
 
+#[path = "load/cluster.rs"]
+mod cluster;
 #[path = "load/confs.rs"]
 mod confs;
 #[path = "load/idle.rs"]
@@ -85,6 +90,7 @@ const ALL: &[&str] = &[
     "tls-h2",
     "tls-h2-close",
     "limits",
+    "cluster",
 ];
 const CONNECTIONS: u32 = 50;
 /// `tls-h2-close`: new HTTPS connections per second (h2load `-r`), each
@@ -95,6 +101,19 @@ const TLS_NEW_CONNS_PER_SEC: u32 = 1000;
 const SWITCH_CLIENTS: usize = 8;
 const SWITCH_EVERY: Duration = Duration::from_millis(100);
 const SSE_EVERY: Duration = Duration::from_millis(10);
+/// `cluster`: time between two switches of the propagation part.
+const CLUSTER_SWITCH_EVERY: Duration = Duration::from_millis(300);
+/// `cluster`: paced keep-alive clients per instance in the propagation
+/// part, each starting a request every [`CLUSTER_PACE`]: a light load
+/// (2000 req/s per instance) that still samples every instance every
+/// half millisecond.
+const CLUSTER_CLIENTS: usize = 2;
+/// `cluster`: see [`CLUSTER_CLIENTS`].
+const CLUSTER_PACE: Duration = Duration::from_millis(1);
+/// `cluster`: the issue's bound on propagation (100 ms); an answer from the
+/// old color to a request started later than this after the switch's admin
+/// answer counts as stale.
+const CLUSTER_BOUND: Duration = Duration::from_millis(100);
 /// Host header of the simple scenarios (no route names a host there).
 const BENCH_HOST: &str = "bench.local";
 
@@ -106,6 +125,8 @@ struct Opts {
     switch_secs: u32,
     sse_events: usize,
     idle_conns: usize,
+    /// Switches in the propagation part of `cluster`.
+    cluster_switches: usize,
     /// New connections per second in `tls-h2-close`.
     tls_rate: u32,
     haproxy: bool,
@@ -127,6 +148,7 @@ impl Opts {
                 switch_secs: 10,
                 sse_events: 100,
                 idle_conns: 10_000,
+                cluster_switches: 10,
                 tls_rate: TLS_NEW_CONNS_PER_SEC,
                 haproxy: true,
                 pingora: true,
@@ -142,6 +164,7 @@ impl Opts {
                 switch_secs: 30,
                 sse_events: 300,
                 idle_conns: 10_000,
+                cluster_switches: 30,
                 tls_rate: TLS_NEW_CONNS_PER_SEC,
                 haproxy: true,
                 pingora: true,
@@ -162,6 +185,7 @@ impl Opts {
                 "--secs" => o.secs = value(a)?.max(1) as u32,
                 "--switch-secs" => o.switch_secs = value(a)?.max(1) as u32,
                 "--idle-conns" => o.idle_conns = value(a)?.max(1) as usize,
+                "--cluster-switches" => o.cluster_switches = value(a)?.clamp(1, 1000) as usize,
                 // h2load starts connections in 10 ms batches: whole hundreds.
                 "--tls-rate" => o.tls_rate = (value(a)?.clamp(100, 100_000) / 100 * 100) as u32,
                 "--no-haproxy" => o.haproxy = false,
@@ -181,7 +205,8 @@ impl Opts {
 }
 
 const USAGE: &str = "usage: .ci/bench [--quick] [--rounds N] [--secs N] [--switch-secs N] \
-[--idle-conns N] [--tls-rate N] [--no-haproxy] [--no-pingora] [--perf] [SCENARIO...]
+[--idle-conns N] [--tls-rate N] [--cluster-switches N] [--no-haproxy] [--no-pingora] [--perf] \
+[SCENARIO...]
 scenarios (default: all):
   small         small responses, keep-alive (wrk -t1 -c50)
   16k           16 KiB responses, keep-alive
@@ -197,7 +222,11 @@ scenarios (default: all):
                 at a fixed --tls-rate per second (default 1000, whole hundreds; h2load -r)
   limits        POST /v1/chat/completions through switchyard with a rate limit, a
                 concurrency cap and a token budget (none refusing) and without them;
-                JSON and streamed answers; nginx proxying plainly as a reference";
+                JSON and streamed answers; nginx proxying plainly as a reference
+  cluster       switchyard alone on the realistic routes with [cluster] off vs on (a
+                redis-server on loopback, started here), then switch propagation across
+                three instances of one cluster: --cluster-switches switches (default 30,
+                quick 10) 300 ms apart through the instances' admin APIs, under a light load";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -276,10 +305,15 @@ fn run(opts: &Opts) -> i32 {
     let started = Instant::now();
     // A hard bound on the whole run (half as long again as planned, plus
     // slack): 8 wrk/h2load scenarios of at most 4 proxies, the two of
-    // `limits` of 3, and the switch scenario. Children die with us
+    // `limits` of 3, the variants of `cluster`, the switch scenario, and
+    // the propagation part of `cluster` (its switches and a minute for
+    // three instances to start and see each other). Children die with us
     // (PR_SET_PDEATHSIG).
-    let mut planned =
-        (8 * 4 + 2 * 3) * (opts.warmup + opts.rounds as u32 * opts.secs) + 2 * opts.switch_secs;
+    let wrk_runs = 8 * 4 + 2 * 3 + cluster::VARIANTS.len() as u32;
+    let cluster_secs = (CLUSTER_SWITCH_EVERY * opts.cluster_switches as u32).as_secs() as u32 + 60;
+    let mut planned = wrk_runs * (opts.warmup + opts.rounds as u32 * opts.secs)
+        + 2 * opts.switch_secs
+        + cluster_secs;
     if opts.perf {
         // A profiling round per proxy, then perf report and a flame graph.
         planned += 8 * 4 * 60;
@@ -390,6 +424,7 @@ fn run(opts: &Opts) -> i32 {
     let mut idle_result: Option<Vec<(Kind, idle::IdleResult)>> = None;
     let mut sse_result: Option<SseResult> = None;
     let mut switch_result: Option<Vec<switch::SwitchReport>> = None;
+    let mut cluster_result: Option<cluster::Report> = None;
     let mut errors: Vec<String> = Vec::new();
     let g = env.upstream.general.clone();
     let simple = Setup::Simple {
@@ -538,6 +573,7 @@ fn run(opts: &Opts) -> i32 {
             "idle" => idle_scenario(&env, opts).map(|r| idle_result = Some(r)),
             "sse" => sse_scenario(&env, opts).map(|r| sse_result = Some(r)),
             "switch" => switch_scenario(&env, opts).map(|r| switch_result = Some(r)),
+            "cluster" => cluster_scenario(&env, opts, &mut wrk_results, &mut cluster_result),
             _ => unreachable!(),
         };
         match result {
@@ -573,6 +609,11 @@ fn run(opts: &Opts) -> i32 {
             exit = 1;
         }
     }
+    if let Some(r) = &cluster_result {
+        if !cluster::print(r) {
+            exit = 1;
+        }
+    }
     for e in &errors {
         println!("ERROR {e}");
     }
@@ -587,6 +628,7 @@ fn run(opts: &Opts) -> i32 {
         }),
         "sse": sse_result.as_ref().map(SseResult::json),
         "switch_under_load": switch_result.as_ref().map(|r| r.iter().map(switch::SwitchReport::json).collect::<Vec<_>>()),
+        "cluster_switch_propagation": cluster_result.as_ref().map(cluster::Report::json),
         "errors": errors,
     });
     match write_results(&doc) {
@@ -673,6 +715,9 @@ struct Round {
     cpu_us_per_req: f64,
     user_us_per_req: f64,
     kernel_us_per_req: f64,
+    /// `cluster`: CPU of the shared redis-server during the round, µs per
+    /// request of the round (not in `cpu_us_per_req`).
+    redis_us_per_req: Option<f64>,
 }
 
 struct ProxyRuns {
@@ -774,6 +819,7 @@ impl WrkScenario {
                             "cpu_us_per_req": r.cpu_us_per_req,
                             "user_us_per_req": r.user_us_per_req,
                             "kernel_us_per_req": r.kernel_us_per_req,
+                            "redis_cpu_us_per_req": r.redis_us_per_req,
                             "socket_errors": r.wrk.socket_errors,
                             "non_2xx": r.wrk.non2xx,
                         })).collect::<Vec<_>>(),
@@ -855,10 +901,16 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
         spec.setup,
         ready,
     )?;
-    if matches!(spec.setup, Setup::Realistic) {
+    if matches!(spec.setup, Setup::Realistic | Setup::Cluster { .. }) {
         check_answers(&targets, confs::REALISTIC_CHECKS)?;
         check_write_limit(&targets)?;
     }
+    // `cluster`: the Redis the cluster variants share, whose CPU counts too.
+    let redis_pid = match spec.setup {
+        Setup::Cluster { redis_pid, .. } => Some(redis_pid),
+        _ => None,
+    };
+    let redis_ticks = || redis_pid.and_then(procs::cpu_ticks).map(|(u, k)| u + k);
     // The POST scenarios get their own wrk script: method and body, then
     // the report hook.
     let script = match spec.post {
@@ -953,8 +1005,10 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
             let idx = (i + round) % targets.len();
             let t = &targets[idx];
             let (user0, kernel0) = t.proc.cpu_split();
+            let redis0 = redis_ticks();
             let out = run_wrk(t, opts.secs)?;
             let (user1, kernel1) = t.proc.cpu_split();
+            let redis1 = redis_ticks();
             let requests = out.requests;
             let per_req = |ticks: u64| {
                 if requests > 0 {
@@ -979,12 +1033,17 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
                     String::new()
                 }
             );
+            let redis_us_per_req = match (redis0, redis1) {
+                (Some(a), Some(b)) => Some(per_req(b.saturating_sub(a))),
+                _ => None,
+            };
             runs[idx].rounds.push(Round {
                 wrk: out,
                 cpu_ticks: ticks,
                 cpu_us_per_req,
                 user_us_per_req: per_req(user),
                 kernel_us_per_req: per_req(kernel),
+                redis_us_per_req,
             });
         }
     }
@@ -999,6 +1058,12 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
     }
     if matches!(spec.setup, Setup::Realistic) {
         match metrics_notes(&targets, &runs) {
+            Ok(n) => notes.extend(n),
+            Err(e) => failed.push(e),
+        }
+    }
+    if matches!(spec.setup, Setup::Cluster { .. }) {
+        match cluster_notes(env, &targets, &runs) {
             Ok(n) => notes.extend(n),
             Err(e) => failed.push(e),
         }
@@ -1105,6 +1170,78 @@ fn limits_notes(env: &Env, targets: &[Target], runs: &[ProxyRuns]) -> Result<Vec
         "nginx: plain proxying of the same POST, a reference line (it has no token budget)"
             .to_string(),
     );
+    Ok(notes)
+}
+
+/// After the rounds of `cluster`'s on-vs-off part: every cluster variant
+/// must still be on the cluster's state (its `GET /status` names it, Redis
+/// reachable, a version served) and no variant may have failed a request;
+/// notes give each variant against the first (`[cluster]` off) and the
+/// Redis CPU per request during each variant's rounds.
+fn cluster_notes(env: &Env, targets: &[Target], runs: &[ProxyRuns]) -> Result<Vec<String>, String> {
+    let mut notes = Vec::new();
+    let mut problems = Vec::new();
+    for t in targets {
+        let Kind::Clustered(v) = t.kind else { continue };
+        if !v.cluster {
+            continue;
+        }
+        let Some(instance) = cluster::instance_of(v) else {
+            problems.push(format!("{}: no instance name", v.name));
+            continue;
+        };
+        match cluster::check_member(t.admin_port, &env.tools.token, &instance) {
+            Ok(version) => notes.push(format!(
+                "{}: GET /status after the rounds: instance {instance}, Redis reachable, \
+                 state version {version}",
+                v.name
+            )),
+            Err(e) => problems.push(e),
+        }
+    }
+    for r in runs {
+        let bad: u64 = r
+            .rounds
+            .iter()
+            .map(|x| x.wrk.non2xx + x.wrk.socket_errors)
+            .sum();
+        if bad > 0 {
+            problems.push(format!(
+                "{}: {bad} failed or non-2xx answers",
+                r.kind.name()
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    if let Some((base, others)) = runs.split_first() {
+        let b = base.figures();
+        for r in others {
+            let f = r.figures();
+            notes.push(format!(
+                "{} / {}: req/s {:.2}, p99 {:.2}, CPU µs/req {:.2} ({:+.2} µs per request)",
+                r.kind.name(),
+                base.kind.name(),
+                f.rps / b.rps.max(1e-9),
+                f.p99 / b.p99.max(1e-9),
+                f.cpu / b.cpu.max(1e-9),
+                f.cpu - b.cpu
+            ));
+        }
+    }
+    let redis: Vec<String> = runs
+        .iter()
+        .map(|r| {
+            let per_req = median(r.rounds.iter().filter_map(|x| x.redis_us_per_req).collect());
+            format!("{} {per_req:.2}", r.kind.name())
+        })
+        .collect();
+    notes.push(format!(
+        "redis-server CPU during each variant's rounds, µs per request (not in the table's \
+         CPU; heartbeats and version checks of the cluster variants, all of them running): {}",
+        redis.join(", ")
+    ));
     Ok(notes)
 }
 
@@ -1690,7 +1827,8 @@ fn switch_scenario(env: &Env, opts: &Opts) -> Result<Vec<switch::SwitchReport>, 
             Kind::Haproxy
             | Kind::Pingora
             | Kind::SwitchyardNoLimits
-            | Kind::SwitchyardNoMetrics => continue,
+            | Kind::SwitchyardNoMetrics
+            | Kind::Clustered(_) => continue,
         };
         eprintln!(
             "load:   {}: {} requests, {} failed, {} answered by the old color after the switch returned, {} switches",
@@ -1699,6 +1837,142 @@ fn switch_scenario(env: &Env, opts: &Opts) -> Result<Vec<switch::SwitchReport>, 
         reports.push(report);
     }
     Ok(reports)
+}
+
+// ---------------------------------------------------------------------------
+// (m) (n) cluster: [cluster] off vs on; switch propagation across instances
+// ---------------------------------------------------------------------------
+
+/// `cluster` (`load/cluster.rs`): starts the scenario's redis-server, runs
+/// (m) into `wrk_results` and (n) into `propagation`; both parts run even
+/// when the other fails, and the errors of both come back together. The
+/// Redis is killed at the end.
+fn cluster_scenario(
+    env: &Env,
+    opts: &Opts,
+    wrk_results: &mut Vec<WrkScenario>,
+    propagation: &mut Option<cluster::Report>,
+) -> Result<(), String> {
+    let redis_server = find_tool("redis-server").ok_or(
+        "needs redis-server (apt-get install redis-server; .ci/setup, which .ci/bench runs, does it)",
+    )?;
+    let dir = scenario_dir(env, "cluster");
+    let mut redis = cluster::start_redis(&redis_server, &dir.join("redis"))?;
+    let spec = WrkSpec {
+        key: "cluster",
+        title: "(m) realistic routes, [cluster] off vs on",
+        setup: Setup::Cluster {
+            redis_port: redis.port,
+            redis_pid: redis.proc.pids()[0],
+        },
+        host: confs::API_HOST,
+        path: confs::REALISTIC_PATH,
+        headers: vec![format!("Host: {}", confs::API_HOST)],
+        client: Client::Wrk,
+        post: None,
+    };
+    let mut errors = Vec::new();
+    // wrk_scenario stops its proxies before it returns.
+    match wrk_scenario(env, opts, spec) {
+        Ok(r) => wrk_results.push(r),
+        Err(e) => errors.push(format!("(m) [cluster] off vs on: {e}")),
+    }
+    match cluster_propagation(env, opts, &dir.join("propagation"), &redis) {
+        Ok(r) => {
+            eprintln!(
+                "load:   propagation: {} switches, {} requests, {} failed, {} stale, {} never reached",
+                r.switches, r.requests, r.failed, r.stale, r.unreached
+            );
+            *propagation = Some(r);
+        }
+        Err(e) => errors.push(format!("(n) switch propagation: {e}")),
+    }
+    if let Some(how) = redis.proc.exited() {
+        errors.push(format!(
+            "redis-server exited during the scenario ({how}); its log:
+{}",
+            redis.proc.log_tail(20)
+        ));
+    }
+    drop(redis);
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(errors.join("; ")),
+    }
+}
+
+/// (n): [`cluster::INSTANCES`] switchyard instances of one cluster on
+/// `redis`, each in its own directory under `dir` (config, state_dir, log),
+/// all serving blue and seeing each other live; then [`cluster::run`].
+fn cluster_propagation(
+    env: &Env,
+    opts: &Opts,
+    dir: &Path,
+    redis: &cluster::Redis,
+) -> Result<cluster::Report, String> {
+    let mut running = Vec::new();
+    let mut nodes = Vec::new();
+    for i in 1..=cluster::INSTANCES {
+        let instance = format!("bench-{i}");
+        let d = dir.join(&instance);
+        fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        let ports = procs::free_ports(2);
+        let (port, admin_port) = (ports[0], ports[1]);
+        let conf = d.join("switchyard.toml");
+        let text = format!(
+            "{}\n{}",
+            confs::switchyard_conf(
+                &env.tools,
+                &env.upstream,
+                &d,
+                (port, 0, 0),
+                admin_port,
+                Setup::Switch,
+                Kind::Switchyard,
+            ),
+            cluster::section(redis.port, cluster::SWITCH_NAME, &instance)
+        );
+        fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+        let mut p = confs::spawn_switchyard(&env.tools, &d, &conf)?;
+        procs::wait_ready(&mut p, procs::local(port), BENCH_HOST, "/", 200)
+            .map_err(|e| format!("{instance}: {e}"))?;
+        running.push(p);
+        nodes.push(cluster::Node {
+            port,
+            admin_port,
+            instance,
+        });
+    }
+    cluster::wait_live(&nodes, &env.tools.token)?;
+    for n in &nodes {
+        let (status, body) = procs::http_get(procs::local(n.port), BENCH_HOST, "/")
+            .map_err(|e| format!("{}: GET /: {e}", n.instance))?;
+        if status != 200 || !body.ends_with(b"blue") {
+            return Err(format!(
+                "{} does not serve blue before the first switch: {}",
+                n.instance,
+                String::from_utf8_lossy(&body)
+            ));
+        }
+    }
+    let plan = cluster::Plan {
+        switches: opts.cluster_switches,
+        every: CLUSTER_SWITCH_EVERY,
+        clients: CLUSTER_CLIENTS,
+        pace: CLUSTER_PACE,
+        bound: CLUSTER_BOUND,
+    };
+    let report = cluster::run(&plan, &nodes, &env.tools.token);
+    for (p, n) in running.iter_mut().zip(&nodes) {
+        if let Some(how) = p.exited() {
+            return Err(format!(
+                "{} exited during the run ({how}); its log:\n{}",
+                n.instance,
+                p.log_tail(30)
+            ));
+        }
+    }
+    Ok(report)
 }
 
 /// Prints the switch table; false when switchyard broke its promise.
@@ -1922,6 +2196,22 @@ fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
         "switch_clients": SWITCH_CLIENTS,
         "switch_every_ms": SWITCH_EVERY.as_millis() as u64,
         "idle_conns": opts.idle_conns,
+        "cluster": {
+            "variants": cluster::VARIANTS.iter().map(|v| json!({
+                "name": v.name,
+                "cluster": v.cluster,
+                "instance": cluster::instance_of(v),
+                "limit_scope": v.limit_scope,
+            })).collect::<Vec<_>>(),
+            "on_off_config": format!("the realistic scenario's switchyard config (metrics listener on); with [cluster]: redis = \"redis://127.0.0.1:PORT/0\", name = \"{}\", defaults otherwise", cluster::ON_OFF_NAME),
+            "redis": "redis-server started by the harness on a free loopback port, own temp dir, --save \"\" --appendonly no; shared by both parts (different [cluster] names); its CPU is measured per round, not included in switchyard's",
+            "propagation_config": format!("{} instances, the switch scenario's config (service app, blue/green upstreams answering their color) + [cluster] name = \"{}\", instance bench-1..{}, own state_dir and admin API each", cluster::INSTANCES, cluster::SWITCH_NAME, cluster::INSTANCES),
+            "switches": opts.cluster_switches,
+            "switch_every_ms": CLUSTER_SWITCH_EVERY.as_millis() as u64,
+            "clients_per_instance": CLUSTER_CLIENTS,
+            "client_pace_ms": CLUSTER_PACE.as_secs_f64() * 1e3,
+            "stale_bound_ms": CLUSTER_BOUND.as_millis() as u64,
+        },
         "total_secs": total_secs,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
@@ -1933,6 +2223,7 @@ fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
         "haproxy": env.tools.haproxy.as_ref().map(|h| command_line(h, &["-v"])),
         "pingora": env.tools.pingora,
         "wrk_version": command_line(&env.wrk, &["-v"]),
+        "redis_version": find_tool("redis-server").map(|r| command_line(&r, &["--version"])),
         "h2load_version": env.h2load.as_ref().map(|h| command_line(h, &["--version"])),
         "tls": {
             "certificate": format!("ECDSA P-256, self-signed for {} and 127.0.0.1, one per run, served by every proxy; clients send SNI {}", tls::TLS_HOST, tls::TLS_HOST),

@@ -9,6 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::cluster;
 use crate::limits;
 use crate::procs::{self, Proc};
 use crate::tls;
@@ -80,6 +81,9 @@ pub enum Kind {
     /// switchyard without its metrics listener (`realistic` only; the
     /// `switchyard` line counts every request, as the shipped config does).
     SwitchyardNoMetrics,
+    /// switchyard on the realistic routes as one variant of the `cluster`
+    /// scenario (`[cluster]` on or off, see `load/cluster.rs`).
+    Clustered(&'static cluster::Variant),
     /// A bare Pingora proxy with Pingora's defaults: what switchyard builds on.
     Pingora,
     Nginx,
@@ -92,6 +96,7 @@ impl Kind {
             Kind::Switchyard => "switchyard",
             Kind::SwitchyardNoLimits => "switchyard, no limits",
             Kind::SwitchyardNoMetrics => "switchyard, no metrics",
+            Kind::Clustered(v) => v.name,
             Kind::Pingora => "pingora",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
@@ -123,6 +128,10 @@ pub enum Setup {
     /// switchyard with the limits, switchyard without them, and nginx
     /// proxying plainly. `stream`: the backend answers an event stream.
     Limits { stream: bool },
+    /// The realistic route table in switchyard alone, once per
+    /// [`cluster::VARIANTS`] entry; the cluster ones share the Redis on
+    /// `redis_port` (process `redis_pid`, whose CPU is measured too).
+    Cluster { redis_port: u16, redis_pid: u32 },
 }
 
 /// One proxy under test.
@@ -333,6 +342,10 @@ pub fn start_proxies(
     ready: (&str, &str, u16),
 ) -> Result<Vec<Target>, String> {
     let mut kinds = vec![Kind::Switchyard];
+    if matches!(setup, Setup::Cluster { .. }) {
+        // switchyard only: the scenario compares its own variants.
+        kinds = cluster::VARIANTS.iter().map(Kind::Clustered).collect();
+    }
     if matches!(setup, Setup::Limits { .. }) {
         kinds.push(Kind::SwitchyardNoLimits);
     }
@@ -344,8 +357,15 @@ pub fn start_proxies(
     if tools.pingora.is_some() && matches!(setup, Setup::Simple { .. }) {
         kinds.push(Kind::Pingora);
     }
-    kinds.push(Kind::Nginx);
-    if tools.haproxy.is_some() && !matches!(setup, Setup::Switch | Setup::Limits { .. }) {
+    if !matches!(setup, Setup::Cluster { .. }) {
+        kinds.push(Kind::Nginx);
+    }
+    if tools.haproxy.is_some()
+        && !matches!(
+            setup,
+            Setup::Switch | Setup::Limits { .. } | Setup::Cluster { .. }
+        )
+    {
         kinds.push(Kind::Haproxy);
     }
     let mut out = Vec::new();
@@ -357,21 +377,20 @@ pub fn start_proxies(
         let tls_port = if tls { ports[2] } else { 0 };
         let metrics_port = match kind {
             Kind::Switchyard if realistic => ports[3],
+            // Every variant as conf/switchyard.toml, metrics listener included.
+            Kind::Clustered(_) => ports[3],
             _ => 0,
         };
         let (mut proc, conf) = match kind {
-            Kind::Switchyard | Kind::SwitchyardNoLimits | Kind::SwitchyardNoMetrics => {
+            Kind::Switchyard
+            | Kind::SwitchyardNoLimits
+            | Kind::SwitchyardNoMetrics
+            | Kind::Clustered(_) => {
                 let conf = d.join("switchyard.toml");
-                let limits = kind == Kind::Switchyard;
                 let listen = (port, tls_port, metrics_port);
-                let text = switchyard_conf(tools, up, &d, listen, admin_port, setup, limits);
+                let text = switchyard_conf(tools, up, &d, listen, admin_port, setup, kind);
                 fs::write(&conf, text).map_err(|e| e.to_string())?;
-                let mut cmd = Command::new(&tools.switchyard);
-                cmd.arg("run").arg("-c").arg(&conf).current_dir(&d);
-                cmd.env_remove("SWITCHYARD_ADMIN_TOKEN");
-                cmd.env("RUST_LOG", "warn");
-                let p = Proc::spawn("switchyard", cmd, &d.join("switchyard.log"), false)?;
-                (p, conf)
+                (spawn_switchyard(tools, &d, &conf)?, conf)
             }
             Kind::Pingora => {
                 let Setup::Simple { backend, .. } = setup else {
@@ -424,15 +443,37 @@ pub fn start_proxies(
     Ok(out)
 }
 
-fn switchyard_conf(
+/// Starts `tools.switchyard run -c conf` in `dir` (its log there), without
+/// waiting for it to serve.
+pub fn spawn_switchyard(tools: &Tools, dir: &Path, conf: &Path) -> Result<Proc, String> {
+    let mut cmd = Command::new(&tools.switchyard);
+    cmd.arg("run").arg("-c").arg(conf).current_dir(dir);
+    cmd.env_remove("SWITCHYARD_ADMIN_TOKEN");
+    cmd.env("RUST_LOG", "warn");
+    Proc::spawn("switchyard", cmd, &dir.join("switchyard.log"), false)
+}
+
+/// switchyard's config for `setup` as `kind` (limits or not, a cluster
+/// variant); `listen` is (http, https or 0, metrics or 0).
+pub fn switchyard_conf(
     tools: &Tools,
     up: &Upstream,
     dir: &Path,
     (port, tls_port, metrics_port): (u16, u16, u16),
     admin: u16,
     setup: Setup,
-    limits: bool,
+    kind: Kind,
 ) -> String {
+    let limits = kind == Kind::Switchyard;
+    // A cluster variant is the realistic config, plus its `[cluster]`
+    // section and limit scope.
+    let (setup, cluster) = match (setup, kind) {
+        (Setup::Cluster { redis_port, .. }, Kind::Clustered(v)) => {
+            (Setup::Realistic, Some((v, redis_port)))
+        }
+        (Setup::Cluster { .. }, _) => unreachable!("only cluster variants run the cluster setup"),
+        (other, _) => (other, None),
+    };
     let d = dir.display();
     let metrics = match metrics_port {
         0 => String::new(),
@@ -575,8 +616,16 @@ health = {{ path = \"/health\", interval = \"5s\", timeout = \"2s\", expect = 20
 rate = \"2/s\"
 burst = 10
 methods = [\"POST\", \"PUT\", \"DELETE\"]
-",
-                g[2], g[3], g[4], g[5], g[6], g[7]
+{}",
+                g[2],
+                g[3],
+                g[4],
+                g[5],
+                g[6],
+                g[7],
+                cluster
+                    .and_then(|(v, _)| v.limit_scope)
+                    .map_or(String::new(), |scope| format!("scope = \"{scope}\"\n"))
             )
             .unwrap();
             for r in realistic_routes() {
@@ -597,6 +646,17 @@ methods = [\"POST\", \"PUT\", \"DELETE\"]
                     s.push_str("rate_limit = \"writes\"\n");
                 }
             }
+        }
+        Setup::Cluster { .. } => unreachable!("turned into Realistic above"),
+    }
+    if let Some((v, redis_port)) = cluster {
+        if let Some(instance) = cluster::instance_of(v) {
+            s.push('\n');
+            s.push_str(&cluster::section(
+                redis_port,
+                cluster::ON_OFF_NAME,
+                &instance,
+            ));
         }
     }
     s
@@ -762,6 +822,7 @@ fn nginx_proxy_http(
         }
         Setup::Realistic => (false, nginx_realistic(up, port)),
         Setup::Limits { .. } => unreachable!("mapped to a simple setup above"),
+        Setup::Cluster { .. } => unreachable!("nginx sits out the cluster scenario"),
     })
 }
 
@@ -987,6 +1048,7 @@ backend be
         )
         .unwrap(),
         Setup::Limits { .. } => unreachable!("HAProxy sits out the limits scenario"),
+        Setup::Cluster { .. } => unreachable!("HAProxy sits out the cluster scenario"),
         Setup::Realistic => {
             let g = &up.general;
             write!(
