@@ -48,8 +48,9 @@ pub struct Variant {
     /// `bench-N` (N counts the cluster variants, from 1), on the scenario's
     /// Redis.
     pub cluster: bool,
-    /// `scope = "..."` on the realistic config's rate limit (`writes`);
-    /// `None` leaves it unset (local).
+    /// `Some(scope)`: the realistic config's rate limit (`writes`) counts
+    /// every request, with this `scope`; `None`: it counts writes only, as
+    /// shipped (the load sends none).
     pub limit_scope: Option<&'static str>,
 }
 
@@ -64,17 +65,24 @@ impl Variant {
 }
 
 /// The variants of (m), in table order; the first is the baseline the
-/// notes compare the others with. A variant is one line here, e.g. the
-/// realistic limits shared through Redis, once `scope` is in the config:
-/// `Variant::new("switchyard, cluster limits", true, Some("cluster")),`
-/// Names must differ: they name the directories and the instances. Mind
-/// that the realistic config's one limit (`writes`) counts POST, PUT and
-/// DELETE only, while the wrk load is `GET`: a variant that moves it to
-/// the cluster shows a per-request cost only once it counts the load's
-/// requests.
+/// notes compare the others with. A variant with a limit scope counts
+/// every request of the load against the realistic config's limit
+/// (`writes`, at a rate no load reaches, so nothing is refused): local,
+/// then through Redis, so the difference is what a cluster check costs.
+/// Names must differ: they name the directories and the instances.
 pub static VARIANTS: &[Variant] = &[
     Variant::new("switchyard, cluster off", false, None),
     Variant::new("switchyard, cluster on", true, None),
+    Variant::new(
+        "switchyard, cluster on, every request limited locally",
+        true,
+        Some("local"),
+    ),
+    Variant::new(
+        "switchyard, cluster on, every request limited in Redis",
+        true,
+        Some("cluster"),
+    ),
 ];
 
 /// `[cluster] name` of the variants of (m).
