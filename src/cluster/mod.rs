@@ -1,38 +1,24 @@
 //! Several switchyard instances sharing one Redis (issue 13, `[cluster]`).
 //!
-//! This branch holds the building blocks, not the wiring: the `[cluster]`
-//! config (`config/cluster.rs`), the Redis password ([`load_password`]) and
-//! the shared state ([`state::RedisState`]). `switchyard run` and a reload
-//! refuse a config with `[cluster]` until the wiring below lands
-//! ([`NOT_SUPPORTED_YET`]).
+//! - [`state::RedisState`]: the shared state in Redis (colors, weights,
+//!   maintenance under a version and an epoch, the history stream, the
+//!   change channel, the live instances), one Lua script per write.
+//! - [`sync::StateSync`]: the background service that keeps this
+//!   instance's snapshot on Redis's state (pub/sub plus a version check
+//!   every second), seeds an empty Redis, pushes a change made while Redis
+//!   was unreachable, and renews this instance's liveness entry.
+//! - [`Link`]: what every cluster user on this instance shares: the Redis
+//!   handle, the live instance count (a cluster limit's local share is its
+//!   figure divided by it) and whether Redis answers (an outage is logged
+//!   once).
+//! - [`rate::ClusterRate`]: the GCRA check of a `scope = "cluster"` rate
+//!   limit; budgets and concurrency leases live with the limits
+//!   (`limits/cluster_tokens.rs`, `limits/leases.rs`).
 //!
-//! # How it will be wired (plan for the next session)
-//!
-//! - The request path does not change: every request still reads colors,
-//!   weights and maintenance from the local `Switchboard` snapshot (one
-//!   `ArcSwap` load). Redis only feeds that snapshot.
-//! - At start, `RedisState::seed` offers the local `SavedState`; whoever
-//!   wins, every instance then `read`s Redis and applies that state to its
-//!   snapshot (and saves it locally, so a restart without Redis comes back
-//!   on the newest state this instance saw), remembering the version.
-//! - An admin change (switch, weights, maintenance, rollback, the rollback
-//!   watcher, a reload's colors) goes through `RedisState::change` with the
-//!   version the instance serves: on success the new version is applied
-//!   locally at once; on a conflict the instance re-reads, re-applies, and
-//!   the command answers 409 with the current state, so no two instances
-//!   diverge.
-//! - A background service subscribes to `NAME:changes` and re-reads on
-//!   every message whose version is newer than the one served; a periodic
-//!   version check (e.g. every second, `select!` with shutdown) catches a
-//!   message lost while the subscription was down.
-//! - While Redis is unreachable, requests keep being served on the last
-//!   snapshot; a switch is refused with the error's message unless forced
-//!   (`--local`), which is logged, recorded in the local history and pushed
-//!   to Redis when it returns (see the note on versions in `state.rs`).
-//!   Reconnect with exponential backoff and jitter.
-//! - `/status` grows a `cluster` object: Redis reachable or not, the
-//!   version served, and the live instances (each refreshes a key
-//!   `NAME:instance:ID` with a short expiry holding its version).
+//! The request path never asks Redis for colors: the switchboard's
+//! snapshot is replaced when Redis says a newer state exists, and a change
+//! made here is written to Redis (compare and set) before it is published
+//! here (`switchboard.rs`).
 
 use std::fmt;
 use std::os::unix::fs::PermissionsExt;

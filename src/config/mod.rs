@@ -42,7 +42,8 @@ pub use access_log::{
 };
 pub use cluster::{
     hostname, Cluster, PasswordSource, CLUSTER_TIMEOUT_RANGE, DEFAULT_CLUSTER_NAME,
-    DEFAULT_CLUSTER_TIMEOUT, MAX_CLUSTER_NAME_LEN,
+    DEFAULT_CLUSTER_TIMEOUT, DEFAULT_LEASE, DEFAULT_LIMIT_TIMEOUT, LEASE_RANGE,
+    LIMIT_TIMEOUT_RANGE, MAX_CLUSTER_NAME_LEN,
 };
 pub use limits::{
     Concurrency, KeySource, RateLimit, Scope, TokenBudget, BUDGET_MAX_BODY_RANGE,
