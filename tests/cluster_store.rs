@@ -569,3 +569,46 @@ async fn heartbeats_list_live_instances_and_drop_expired_ones() {
     let live = store.heartbeat("edge-3", "{}", short).await.unwrap();
     assert_eq!(live.len(), 1, "{live:?}");
 }
+
+/// Runs one raw command on `redis` (a test writing garbage by hand).
+fn raw(redis: &RedisServer, args: &[&str]) {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query::<redis::Value>(&mut conn).unwrap();
+}
+
+#[tokio::test]
+async fn a_version_that_is_not_a_number_is_named_as_malformed() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "ver"), None).unwrap();
+    let seeded = store.seed(None, &state(Color::Blue)).await.unwrap();
+    raw(&redis, &["SET", "ver:version", "abc"]);
+    let at = stamp(1, &seeded.epoch, false);
+    let errors = [
+        store.read().await.map(|_| ()).unwrap_err(),
+        store.version().await.map(|_| ()).unwrap_err(),
+        store
+            .change(&at, &state(Color::Green))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        store
+            .seed(Some(&stamp(5, &seeded.epoch, false)), &state(Color::Green))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ];
+    for e in errors {
+        assert!(
+            matches!(e, ClusterError::Corrupt { .. })
+                && e.to_string().contains("malformed ver:version"),
+            "{e:?}"
+        );
+    }
+}

@@ -70,9 +70,14 @@ use crate::store::{Event, SavedState, Stamp, HISTORY_LIMIT};
 /// Redis: that takes a seed). Ends `settling`.
 /// KEYS: version, epoch, state, settling. ARGV: expected version,
 /// expected epoch, state JSON, channel.
-/// Returns `{1, new, epoch}` or, on a conflict, `{0, current, epoch}`.
+/// Returns `{1, new, epoch}` or, on a conflict, `{0, current, epoch}`; a
+/// version that is not a number is an error reply `MALFORMED` (else Lua's
+/// nil would cut the reply short and the client report a shape mismatch).
 const CHANGE_SCRIPT: &str = r"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if not current then
+  return redis.error_reply('MALFORMED not a number')
+end
 local epoch = redis.call('GET', KEYS[2]) or ''
 if current == 0 or current ~= tonumber(ARGV[1]) or epoch ~= ARGV[2] then
   return {0, current, epoch}
@@ -89,7 +94,7 @@ return {1, new, epoch}
 /// epoch, state, settling. ARGV: offered version, state JSON, the
 /// offerer's epoch ('' for none), a fresh epoch, channel.
 /// Returns `{1, version, epoch}` when the offer was taken, else
-/// `{0, current, epoch}`.
+/// `{0, current, epoch}`; `MALFORMED` as the change script.
 const SEED_SCRIPT: &str = r"
 local offered = tonumber(ARGV[1])
 local stored = redis.call('GET', KEYS[1])
@@ -102,6 +107,9 @@ if not stored then
   return {1, offered, ARGV[4]}
 end
 stored = tonumber(stored)
+if not stored then
+  return redis.error_reply('MALFORMED not a number')
+end
 local epoch = redis.call('GET', KEYS[2]) or ''
 local settling = redis.call('EXISTS', KEYS[4]) == 1
 if offered > stored and (settling or epoch == ARGV[3]) then
@@ -271,8 +279,9 @@ impl RedisState {
         cmd.arg(self.key("version"))
             .arg(self.key("epoch"))
             .arg(self.key("state"));
-        let (version, epoch, state): (Option<u64>, Option<String>, Option<String>) =
+        let (version, epoch, state): (Option<String>, Option<String>, Option<String>) =
             self.query(&cmd).await?;
+        let version = self.parse_version(version)?;
         let (Some(version), Some(state)) = (version, state) else {
             return Ok(None);
         };
@@ -288,8 +297,19 @@ impl RedisState {
     pub async fn version(&self) -> Result<Option<(u64, String)>, ClusterError> {
         let mut cmd = redis::cmd("MGET");
         cmd.arg(self.key("version")).arg(self.key("epoch"));
-        let (version, epoch): (Option<u64>, Option<String>) = self.query(&cmd).await?;
+        let (version, epoch): (Option<String>, Option<String>) = self.query(&cmd).await?;
+        let version = self.parse_version(version)?;
         Ok(version.map(|v| (v, epoch.unwrap_or_default())))
+    }
+
+    /// `NAME:version` as read: absent, or a number; anything else (a key
+    /// written by hand) is [`ClusterError::Corrupt`] naming the key.
+    fn parse_version(&self, raw: Option<String>) -> Result<Option<u64>, ClusterError> {
+        raw.map(|v| {
+            v.parse()
+                .map_err(|_| self.corrupt("version", format!("{v:?} is not a number")))
+        })
+        .transpose()
     }
 
     /// Writes `state` when Redis holds `expected` (version and epoch) and
@@ -583,6 +603,10 @@ impl RedisState {
     fn error(&self, e: RedisError) -> ClusterError {
         let redis = self.redis.clone();
         let detail = e.to_string();
+        // The state scripts' own refusal of a version that is not a number.
+        if e.code() == Some("MALFORMED") {
+            return self.corrupt("version", e.detail().unwrap_or("not a number"));
+        }
         let auth = matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
             || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
         if auth {
