@@ -511,38 +511,55 @@ impl Switchboard {
                 detail: "this instance has not synced with it since it was last unreachable".into(),
             }),
         };
-        match outcome {
+        let mut asked = true;
+        let failure = match outcome {
             Ok(version) => {
                 link.mark_up();
                 let epoch = served.map(|s| s.epoch).unwrap_or_default();
-                Ok(Stamp {
+                return Ok(Stamp {
                     version,
                     epoch,
                     local: false,
-                })
+                });
             }
-            Err(e @ ClusterError::Conflict { .. }) => {
-                link.mark_up();
+            Err(conflict @ ClusterError::Conflict { .. }) => {
                 let redis = link.redis.clone();
-                if let Ok(Some(held)) = link.block_on(async move { redis.read().await }) {
-                    self.adopt_locked(cluster, &held);
+                match link.block_on(async move { redis.read().await }) {
+                    Ok(Some(held)) => {
+                        link.mark_up();
+                        self.adopt_locked(cluster, &held);
+                        return Err(SwitchError::ClusterConflict(conflict.to_string()));
+                    }
+                    // Emptied since (restarted without persistence): the
+                    // sync re-seeds it within a check interval.
+                    Ok(None) => {
+                        asked = false;
+                        ClusterError::Unreachable {
+                            redis: link.redis.url().to_string(),
+                            detail: "it holds no state (restarted empty?) until the sync \
+                                     re-seeds it"
+                                .into(),
+                        }
+                    }
+                    // A state this instance cannot read (a malformed key)
+                    // cannot be followed either: as if Redis did not answer,
+                    // so a rollback or a forced change still goes through.
+                    Err(e) => e,
                 }
-                Err(SwitchError::ClusterConflict(e.to_string()))
             }
-            Err(e) => {
-                if !matches!(e, ClusterError::Unreachable { .. }) || served.is_some() {
-                    link.mark_down(&e);
-                }
-                if !local_ok {
-                    return Err(SwitchError::ClusterDown(e.to_string()));
-                }
-                tracing::warn!(cause = %e, "redis unreachable: change applied on this instance only; it is pushed to redis when it returns");
-                Ok(Stamp {
-                    local: true,
-                    ..served.unwrap_or_default()
-                })
-            }
+            Err(e) => e,
+        };
+        if asked && (!matches!(failure, ClusterError::Unreachable { .. }) || served.is_some()) {
+            link.mark_down(&failure);
         }
+        if !local_ok {
+            return Err(SwitchError::ClusterDown(failure.to_string()));
+        }
+        tracing::warn!(cause = %failure, "redis unreachable: change applied on this instance only; it is pushed to redis when it returns");
+        Ok(Stamp {
+            local: true,
+            ..served.unwrap_or_default()
+        })
     }
 
     /// Puts the cluster's state `held` in force when it is newer than the
@@ -566,7 +583,8 @@ impl Switchboard {
             tracing::error!(
                 local_from = s.version,
                 cluster_version = held.version,
-                "a change made on this instance while redis was unreachable is overruled by the                  cluster's newer state (see the history)"
+                "a change made on this instance while redis was unreachable is overruled by the \
+                 cluster's newer state (see the history)"
             );
         }
         let snap = self.current.load_full();

@@ -612,3 +612,88 @@ async fn a_version_that_is_not_a_number_is_named_as_malformed() {
         );
     }
 }
+
+/// One instance driven by hand: a switchboard on its own state dir,
+/// with `[cluster]` (named `name`) on `redis` or without, and its sync.
+struct Node {
+    board: Arc<switchyard::switchboard::Switchboard>,
+    link: Option<Arc<switchyard::cluster::Link>>,
+    sync: Option<switchyard::cluster::sync::StateSync>,
+}
+
+fn node(redis: Option<&RedisServer>, name: &str, state_dir: &std::path::Path) -> Node {
+    use switchyard::cluster::{sync::StateSync, Link};
+    let mut text = "[services.api]\nblue = [\"127.0.0.1:9\"]\ngreen = [\"127.0.0.1:9\"]\n\n\
+                    [[routes]]\npath = \"/\"\nservice = \"api\"\n"
+        .to_string();
+    if let Some(redis) = redis {
+        text.push_str(&format!(
+            "\n[cluster]\nredis = \"{}\"\nname = \"{name}\"\ntimeout = \"300ms\"\n",
+            redis.url()
+        ));
+    }
+    let config =
+        switchyard::config::Config::parse(&state_dir.join("s.toml"), &text).unwrap();
+    let link = config
+        .cluster
+        .as_ref()
+        .map(|c| Arc::new(Link::new(c, None).unwrap()));
+    let pages = switchyard::respond::Pages::builtin(config.server.retry_after);
+    let settings =
+        switchyard::settings::Settings::new(&config.server, pages).with_cluster(link.clone());
+    let store = switchyard::store::FileStore::open(state_dir).unwrap();
+    let board = Arc::new(
+        switchyard::switchboard::Switchboard::with_settings(&config, settings, Box::new(store))
+            .unwrap(),
+    );
+    let sync = link
+        .as_ref()
+        .map(|l| StateSync::new(l.clone(), board.clone()));
+    Node { board, link, sync }
+}
+
+impl Node {
+    /// One sync round, on `rt` (whose threads keep driving the connection).
+    fn converge(&self, rt: &tokio::runtime::Runtime) {
+        rt.block_on(self.sync.as_ref().unwrap().converge()).unwrap();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn who() -> Actor {
+    Actor::token("default")
+}
+
+#[test]
+fn with_a_malformed_state_in_redis_a_switch_says_so_and_a_rollback_still_goes_through() {
+    use switchyard::pools::{SwitchError, SwitchKind};
+    let redis = RedisServer::start();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(Some(&redis), "bad", dir.path());
+    a.converge(&rt);
+    a.board
+        .switch("api", Color::Green, SwitchKind::Switch, None, false, &who())
+        .unwrap();
+    // Someone writes garbage by hand, under a newer version.
+    raw(&redis, &["MSET", "bad:version", "100", "bad:state", "not json"]);
+    let e = a
+        .board
+        .switch("api", Color::Blue, SwitchKind::Switch, None, false, &who())
+        .unwrap_err();
+    // Not "this instance now serves redis's state": it cannot.
+    assert!(matches!(e, SwitchError::ClusterDown(_)), "{e:?}");
+    assert!(e.to_string().contains("malformed bad:state"), "{e}");
+    assert_eq!(a.board.service("api").unwrap().active, Color::Green);
+    // A rollback never waits for Redis: on this instance alone, marked.
+    let back = a.board.rollback("api", None, false, &who()).unwrap();
+    assert_eq!(back.active, Color::Blue);
+    assert!(a.board.stamp().unwrap().local);
+}
