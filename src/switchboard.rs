@@ -508,10 +508,17 @@ impl Switchboard {
             // has not pushed yet: nothing to compare and set against.
             None => Err(ClusterError::Unreachable {
                 redis: link.redis.url().to_string(),
-                detail: "this instance has not synced with it since it was last unreachable".into(),
+                detail: match served {
+                    Some(_) => "this instance holds a change made while redis was unreachable, \
+                                not pushed yet"
+                        .into(),
+                    None => "this instance has not synced with it since it started".into(),
+                },
             }),
         };
-        let mut asked = true;
+        // Whether `failure` came from a call to Redis (an outage to log),
+        // rather than from this instance not being able to ask.
+        let mut asked = served.as_ref().is_some_and(|s| !s.local);
         let failure = match outcome {
             Ok(version) => {
                 link.mark_up();
@@ -549,7 +556,7 @@ impl Switchboard {
             }
             Err(e) => e,
         };
-        if asked && (!matches!(failure, ClusterError::Unreachable { .. }) || served.is_some()) {
+        if asked {
             link.mark_down(&failure);
         }
         if !local_ok {

@@ -697,3 +697,33 @@ fn with_a_malformed_state_in_redis_a_switch_says_so_and_a_rollback_still_goes_th
     assert_eq!(back.active, Color::Blue);
     assert!(a.board.stamp().unwrap().local);
 }
+
+#[test]
+fn a_switch_refused_for_an_unpushed_local_change_is_not_an_outage() {
+    use switchyard::pools::{SwitchError, SwitchKind};
+    let mut redis = RedisServer::start();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(Some(&redis), "pending", dir.path());
+    a.converge(&rt);
+    redis.kill();
+    a.board
+        .switch("api", Color::Green, SwitchKind::Switch, None, true, &who())
+        .unwrap();
+    let link = a.link.as_ref().unwrap();
+    assert!(!link.is_up());
+    let outages = link.outages();
+    // Redis answers again (another user of the link saw it) before the
+    // sync has pushed the forced change.
+    redis.restart();
+    link.mark_up();
+    let e = a
+        .board
+        .switch("api", Color::Blue, SwitchKind::Switch, None, false, &who())
+        .unwrap_err();
+    assert!(matches!(e, SwitchError::ClusterDown(_)), "{e:?}");
+    assert!(e.to_string().contains("not pushed yet"), "{e}");
+    // No call was made: Redis is not declared down for it.
+    assert!(link.is_up());
+    assert_eq!(link.outages(), outages);
+}
