@@ -471,6 +471,12 @@ impl Switchboard {
             // Redis first: a change it refuses changes nothing here.
             let stamp = self.push(link, &mut cluster, &saved, local_ok)?;
             saved.cluster = Some(stamp);
+        } else {
+            // Alone (no `[cluster]`) after being in one: keep the stamp,
+            // marked as a change Redis does not have, so that on joining
+            // again this state is offered as newer than the one left,
+            // never older than another instance's copy of that one.
+            saved.cluster = cluster.0.clone().map(|s| Stamp { local: true, ..s });
         }
         // Persist before publishing: if the disk refuses, nothing has
         // changed here (with `[cluster]`, the next sync puts Redis's

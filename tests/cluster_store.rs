@@ -727,3 +727,41 @@ fn a_switch_refused_for_an_unpushed_local_change_is_not_an_outage() {
     assert!(link.is_up());
     assert_eq!(link.outages(), outages);
 }
+
+#[test]
+fn an_instance_back_from_running_alone_is_not_overruled_by_a_stale_one() {
+    use switchyard::pools::SwitchKind;
+    let redis = RedisServer::start();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    // Both served version 8 of a cluster: green.
+    let old = r#"{"version":1,"services":{"api":{"active":"green","previous":"blue"}},"cluster":{"version":8,"epoch":"e1"}}"#;
+    for d in [&a_dir, &b_dir] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("state.json"), old).unwrap();
+    }
+    // README "back to one instance": b stopped, a runs alone and changes.
+    {
+        let alone = node(None, "back", &a_dir);
+        alone
+            .board
+            .switch("api", Color::Blue, SwitchKind::Switch, None, false, &who())
+            .unwrap();
+        alone.board.set_maintenance("api", true, &who()).unwrap();
+    }
+    // Several again, on an empty Redis: a first, then b with its old file.
+    let a = node(Some(&redis), "back", &a_dir);
+    a.converge(&rt);
+    let b = node(Some(&redis), "back", &b_dir);
+    b.converge(&rt);
+    a.converge(&rt);
+    for (name, n) in [("a", &a), ("b", &b)] {
+        let s = n.board.service("api").unwrap();
+        assert_eq!(
+            (s.active, s.maintenance),
+            (Color::Blue, true),
+            "instance {name} serves the stale state"
+        );
+    }
+}
