@@ -518,7 +518,12 @@ impl Switchboard {
                     Some(_) => "this instance holds a change made while redis was unreachable, \
                                 not pushed yet"
                         .into(),
-                    None => "this instance has not synced with it since it started".into(),
+                    None => match link.last_error() {
+                        Some(e) => {
+                            format!("this instance has not synced with it since it started ({e})")
+                        }
+                        None => "this instance has not synced with it since it started".into(),
+                    },
                 },
             }),
         };
