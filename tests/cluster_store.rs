@@ -845,3 +845,33 @@ fn switches_on_two_instances_at_once_never_wait_on_their_own_sync() {
         assert_eq!(n.link.as_ref().unwrap().outages(), 0);
     }
 }
+
+#[tokio::test]
+async fn liveness_keys_of_the_wrong_type_are_rebuilt_not_fatal() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "junk"), None).unwrap();
+    raw(&redis, &["SET", "junk:instances", "garbage"]);
+    raw(&redis, &["SET", "junk:instance-info", "garbage"]);
+    let live = store
+        .heartbeat("edge-1", "{\"version\":3}", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        live,
+        [("edge-1".to_string(), "{\"version\":3}".to_string())]
+    );
+    // An entry that is not JSON is still listed, by name.
+    raw(
+        &redis,
+        &["HSET", "junk:instance-info", "edge-2", "not json"],
+    );
+    raw(
+        &redis,
+        &["ZADD", "junk:instances", "99999999999999", "edge-2"],
+    );
+    let live = store
+        .heartbeat("edge-1", "{}", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(live[1], ("edge-2".to_string(), "not json".to_string()));
+}

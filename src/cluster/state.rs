@@ -124,8 +124,17 @@ return {0, stored, epoch}
 /// A heartbeat: this instance's entry, renewed, and the live ones.
 /// KEYS: instances, instance-info. ARGV: instance, info JSON, lease (ms).
 /// Uses Redis's clock, so instances' clocks need not agree. Returns the
-/// live instances' info, `{id, info, id, info, ...}`.
+/// live instances' info, `{id, info, id, info, ...}`. Both keys only
+/// hold what the heartbeats of the last lease wrote: one of another type
+/// (written by hand) is dropped and rebuilt, rather than failing every
+/// heartbeat, and with it the sync, until someone deletes it.
 const HEARTBEAT_SCRIPT: &str = r"
+for i, kind in ipairs({'zset', 'hash'}) do
+  local t = redis.call('TYPE', KEYS[i]).ok
+  if t ~= kind and t ~= 'none' then
+    redis.call('DEL', KEYS[i])
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
