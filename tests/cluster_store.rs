@@ -875,3 +875,34 @@ async fn liveness_keys_of_the_wrong_type_are_rebuilt_not_fatal() {
         .unwrap();
     assert_eq!(live[1], ("edge-2".to_string(), "not json".to_string()));
 }
+
+#[tokio::test]
+async fn a_malformed_history_entry_is_skipped_not_fatal() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "hjunk"), None).unwrap();
+    store
+        .append_history(&event("api", Color::Green))
+        .await
+        .unwrap();
+    raw(&redis, &["XADD", "hjunk:history", "*", "foo", "bar"]);
+    raw(
+        &redis,
+        &[
+            "XADD",
+            "hjunk:history",
+            "*",
+            "service",
+            "api",
+            "event",
+            "{not json",
+        ],
+    );
+    store
+        .append_history(&event("api", Color::Blue))
+        .await
+        .unwrap();
+    let all = store.history(None, 10).await.unwrap();
+    let to: Vec<Color> = all.iter().map(|e| e.to).collect();
+    assert_eq!(to, [Color::Green, Color::Blue]);
+    assert_eq!(store.history(Some("api"), 10).await.unwrap().len(), 2);
+}

@@ -460,6 +460,7 @@ impl RedisState {
 
     /// The newest `limit` history entries (at most [`HISTORY_LIMIT`]),
     /// oldest first; with `service`, only that service's among them.
+    /// Entries that are not an event are skipped (and logged).
     pub async fn history(
         &self,
         service: Option<&str>,
@@ -474,7 +475,8 @@ impl RedisState {
         type Entry = (String, Vec<(String, String)>);
         let entries: Vec<Entry> = self.query(&cmd).await?;
         let mut events = Vec::with_capacity(entries.len());
-        for (_id, fields) in entries.into_iter().rev() {
+        let mut skipped = Vec::new();
+        for (id, fields) in entries.into_iter().rev() {
             let mut svc = None;
             let mut event = None;
             for (k, v) in fields {
@@ -487,10 +489,15 @@ impl RedisState {
             if service.is_some_and(|s| svc.as_deref() != Some(s)) {
                 continue;
             }
-            let Some(event) = event else {
-                return Err(self.corrupt("history", "an entry without an event"));
-            };
-            events.push(serde_json::from_str(&event).map_err(|e| self.corrupt("history", e))?);
+            match event.map(|e| serde_json::from_str(&e)) {
+                Some(Ok(event)) => events.push(event),
+                // One bad entry (written by hand, or by another program)
+                // must not hide every good one: skipped, and said.
+                _ => skipped.push(id),
+            }
+        }
+        if !skipped.is_empty() {
+            tracing::warn!(key = %self.key("history"), entries = ?skipped, "history entries that are not switchyard events skipped");
         }
         Ok(events)
     }
