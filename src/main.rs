@@ -720,15 +720,21 @@ fn print_cluster(c: &Value) {
         "UNREACHABLE: switches refused unless forced"
     };
     println!("cluster: redis {} ({reachable})", s(&c["redis"]));
+    if let Value::String(e) = &c["last_error"] {
+        println!("  last error: {e}");
+    }
     let local = if c["local_change"] == true {
         " (holds a change made while redis was unreachable)"
     } else {
         ""
     };
+    let version = match &c["version"] {
+        Value::Null => "none (not synced with redis since it started)".to_string(),
+        v => v.to_string(),
+    };
     println!(
-        "  this instance: {}, state version {}{local}",
-        s(&c["instance"]),
-        c["version"]
+        "  this instance: {}, state version {version}{local}",
+        s(&c["instance"])
     );
     for m in c["instances"].as_array().into_iter().flatten() {
         println!("  live: {:<24} version {}", s(&m["instance"]), m["version"]);

@@ -471,6 +471,12 @@ impl Switchboard {
             // Redis first: a change it refuses changes nothing here.
             let stamp = self.push(link, &mut cluster, &saved, local_ok)?;
             saved.cluster = Some(stamp);
+        } else {
+            // Alone (no `[cluster]`) after being in one: keep the stamp,
+            // marked as a change Redis does not have, so that on joining
+            // again this state is offered as newer than the one left,
+            // never older than another instance's copy of that one.
+            saved.cluster = cluster.0.clone().map(|s| Stamp { local: true, ..s });
         }
         // Persist before publishing: if the disk refuses, nothing has
         // changed here (with `[cluster]`, the next sync puts Redis's
@@ -509,41 +515,70 @@ impl Switchboard {
             // has not pushed yet: nothing to compare and set against.
             None => Err(ClusterError::Unreachable {
                 redis: link.redis.url().to_string(),
-                detail: "this instance has not synced with it since it was last unreachable".into(),
+                detail: match served {
+                    Some(_) => "this instance holds a change made while redis was unreachable, \
+                                not pushed yet"
+                        .into(),
+                    None => match link.last_error() {
+                        Some(e) => {
+                            format!("this instance has not synced with it since it started ({e})")
+                        }
+                        None => "this instance has not synced with it since it started".into(),
+                    },
+                },
             }),
         };
-        match outcome {
+        // Whether `failure` came from a call to Redis (an outage to log),
+        // rather than from this instance not being able to ask.
+        let mut asked = served.as_ref().is_some_and(|s| !s.local);
+        let failure = match outcome {
             Ok(version) => {
                 link.mark_up(since);
                 let epoch = served.map(|s| s.epoch).unwrap_or_default();
-                Ok(Stamp {
+                return Ok(Stamp {
                     version,
                     epoch,
                     local: false,
-                })
+                });
             }
-            Err(e @ ClusterError::Conflict { .. }) => {
-                link.mark_up(since);
+            Err(conflict @ ClusterError::Conflict { .. }) => {
                 let redis = link.redis.clone();
-                if let Ok(Some(held)) = link.block_on(async move { redis.read().await }) {
-                    self.adopt_locked(cluster, &held);
+                match link.block_on(async move { redis.read().await }) {
+                    Ok(Some(held)) => {
+                        link.mark_up(since);
+                        self.adopt_locked(cluster, &held);
+                        return Err(SwitchError::ClusterConflict(conflict.to_string()));
+                    }
+                    // Emptied since (restarted without persistence): the
+                    // sync re-seeds it within a check interval.
+                    Ok(None) => {
+                        asked = false;
+                        ClusterError::Unreachable {
+                            redis: link.redis.url().to_string(),
+                            detail: "it holds no state (restarted empty?) until the sync \
+                                     re-seeds it"
+                                .into(),
+                        }
+                    }
+                    // A state this instance cannot read (a malformed key)
+                    // cannot be followed either: as if Redis did not answer,
+                    // so a rollback or a forced change still goes through.
+                    Err(e) => e,
                 }
-                Err(SwitchError::ClusterConflict(e.to_string()))
             }
-            Err(e) => {
-                if !matches!(e, ClusterError::Unreachable { .. }) || served.is_some() {
-                    link.mark_down(&e);
-                }
-                if !local_ok {
-                    return Err(SwitchError::ClusterDown(e.to_string()));
-                }
-                tracing::warn!(cause = %e, "redis unreachable: change applied on this instance only; it is pushed to redis when it returns");
-                Ok(Stamp {
-                    local: true,
-                    ..served.unwrap_or_default()
-                })
-            }
+            Err(e) => e,
+        };
+        if asked {
+            link.mark_down(&failure);
         }
+        if !local_ok {
+            return Err(SwitchError::ClusterDown(failure.to_string()));
+        }
+        tracing::warn!(cause = %failure, "redis unreachable: change applied on this instance only; it is pushed to redis when it returns");
+        Ok(Stamp {
+            local: true,
+            ..served.unwrap_or_default()
+        })
     }
 
     /// Puts the cluster's state `held` in force when it is newer than the
@@ -567,7 +602,8 @@ impl Switchboard {
             tracing::error!(
                 local_from = s.version,
                 cluster_version = held.version,
-                "a change made on this instance while redis was unreachable is overruled by the                  cluster's newer state (see the history)"
+                "a change made on this instance while redis was unreachable is overruled by the \
+                 cluster's newer state (see the history)"
             );
         }
         let snap = self.current.load_full();

@@ -381,3 +381,39 @@ async fn of_two_instances_changing_at_once_the_later_gets_a_conflict_and_the_win
     assert_eq!(a.stamp().unwrap().version, 3);
     assert_eq!(b.stamp().unwrap().version, 3);
 }
+
+#[test]
+fn with_a_wrong_password_status_and_a_refused_switch_say_why() {
+    use common::redis::RedisOptions;
+    use std::os::unix::fs::PermissionsExt;
+    let redis = RedisServer::with(RedisOptions {
+        password: Some("right-password".into()),
+        ..Default::default()
+    });
+    let (blue, green) = (Upstream::start("blue"), Upstream::start("green"));
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("redis.pass");
+    std::fs::write(&pw, "wrong-password\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let body = format!(
+        "{}\n[cluster]\nredis = \"{}\"\nname = \"pw\"\npassword_file = \"{}\"\ntimeout = \"300ms\"\n",
+        common::simple_api(&blue, &green),
+        redis.url(),
+        pw.display()
+    );
+    let p = ProxyBuilder::new(body).start();
+    let ctl = common::run_ctl(&p.admin_url(), Some(p.token()), &["status"]);
+    let out = String::from_utf8_lossy(&ctl.stdout);
+    assert!(ctl.status.success(), "{}", common::describe(&ctl));
+    assert!(
+        out.contains("UNREACHABLE")
+            && out.contains("refused the password")
+            && out.contains("state version none"),
+        "{out}"
+    );
+    let (code, answer) = p.admin("POST", "/services/api/switch", Some(r#"{"to":"green"}"#));
+    assert_eq!(code, 503, "{answer}");
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused the password"), "{answer}");
+    assert!(!out.contains("wrong-password") && !error.contains("wrong-password"));
+}

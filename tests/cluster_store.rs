@@ -569,3 +569,340 @@ async fn heartbeats_list_live_instances_and_drop_expired_ones() {
     let live = store.heartbeat("edge-3", "{}", short).await.unwrap();
     assert_eq!(live.len(), 1, "{live:?}");
 }
+
+/// Runs one raw command on `redis` (a test writing garbage by hand).
+fn raw(redis: &RedisServer, args: &[&str]) {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query::<redis::Value>(&mut conn).unwrap();
+}
+
+#[tokio::test]
+async fn a_version_that_is_not_a_number_is_named_as_malformed() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "ver"), None).unwrap();
+    let seeded = store.seed(None, &state(Color::Blue)).await.unwrap();
+    raw(&redis, &["SET", "ver:version", "abc"]);
+    let at = stamp(1, &seeded.epoch, false);
+    let errors = [
+        store.read().await.map(|_| ()).unwrap_err(),
+        store.version().await.map(|_| ()).unwrap_err(),
+        store
+            .change(&at, &state(Color::Green))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        store
+            .seed(Some(&stamp(5, &seeded.epoch, false)), &state(Color::Green))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ];
+    for e in errors {
+        assert!(
+            matches!(e, ClusterError::Corrupt { .. })
+                && e.to_string().contains("malformed ver:version"),
+            "{e:?}"
+        );
+    }
+}
+
+/// One instance driven by hand: a switchboard on its own state dir,
+/// with `[cluster]` (named `name`) on `redis` or without, and its sync.
+struct Node {
+    board: Arc<switchyard::switchboard::Switchboard>,
+    link: Option<Arc<switchyard::cluster::Link>>,
+    sync: Option<switchyard::cluster::sync::StateSync>,
+}
+
+fn node(redis: Option<&RedisServer>, name: &str, state_dir: &std::path::Path) -> Node {
+    use switchyard::cluster::{sync::StateSync, Link};
+    let mut text = "[services.api]\nblue = [\"127.0.0.1:9\"]\ngreen = [\"127.0.0.1:9\"]\n\n\
+                    [[routes]]\npath = \"/\"\nservice = \"api\"\n"
+        .to_string();
+    if let Some(redis) = redis {
+        text.push_str(&format!(
+            "\n[cluster]\nredis = \"{}\"\nname = \"{name}\"\ntimeout = \"300ms\"\n",
+            redis.url()
+        ));
+    }
+    let config = switchyard::config::Config::parse(&state_dir.join("s.toml"), &text).unwrap();
+    let link = config
+        .cluster
+        .as_ref()
+        .map(|c| Arc::new(Link::new(c, None).unwrap()));
+    let pages = switchyard::respond::Pages::builtin(config.server.retry_after);
+    let settings =
+        switchyard::settings::Settings::new(&config.server, pages).with_cluster(link.clone());
+    let store = switchyard::store::FileStore::open(state_dir).unwrap();
+    let board = Arc::new(
+        switchyard::switchboard::Switchboard::with_settings(&config, settings, Box::new(store))
+            .unwrap(),
+    );
+    let sync = link
+        .as_ref()
+        .map(|l| StateSync::new(l.clone(), board.clone()));
+    Node { board, link, sync }
+}
+
+/// Another sync of `n` (its own is driven by hand).
+fn node_sync(n: &Node) -> switchyard::cluster::sync::StateSync {
+    switchyard::cluster::sync::StateSync::new(n.link.clone().unwrap(), n.board.clone())
+}
+
+impl Node {
+    /// One sync round, on `rt` (whose threads keep driving the connection).
+    fn converge(&self, rt: &tokio::runtime::Runtime) {
+        rt.block_on(self.sync.as_ref().unwrap().converge()).unwrap();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn who() -> Actor {
+    Actor::token("default")
+}
+
+#[test]
+fn with_a_malformed_state_in_redis_a_switch_says_so_and_a_rollback_still_goes_through() {
+    use switchyard::pools::{SwitchError, SwitchKind};
+    let redis = RedisServer::start();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(Some(&redis), "bad", dir.path());
+    a.converge(&rt);
+    a.board
+        .switch("api", Color::Green, SwitchKind::Switch, None, false, &who())
+        .unwrap();
+    // Someone writes garbage by hand, under a newer version.
+    raw(
+        &redis,
+        &["MSET", "bad:version", "100", "bad:state", "not json"],
+    );
+    let e = a
+        .board
+        .switch("api", Color::Blue, SwitchKind::Switch, None, false, &who())
+        .unwrap_err();
+    // Not "this instance now serves redis's state": it cannot.
+    assert!(matches!(e, SwitchError::ClusterDown(_)), "{e:?}");
+    assert!(e.to_string().contains("malformed bad:state"), "{e}");
+    assert_eq!(a.board.service("api").unwrap().active, Color::Green);
+    // A rollback never waits for Redis: on this instance alone, marked.
+    let back = a.board.rollback("api", None, false, &who()).unwrap();
+    assert_eq!(back.active, Color::Blue);
+    assert!(a.board.stamp().unwrap().local);
+}
+
+#[test]
+fn a_switch_refused_for_an_unpushed_local_change_is_not_an_outage() {
+    use switchyard::pools::{SwitchError, SwitchKind};
+    let mut redis = RedisServer::start();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(Some(&redis), "pending", dir.path());
+    a.converge(&rt);
+    redis.kill();
+    a.board
+        .switch("api", Color::Green, SwitchKind::Switch, None, true, &who())
+        .unwrap();
+    let link = a.link.as_ref().unwrap();
+    assert!(!link.is_up());
+    let outages = link.outages();
+    // Redis answers again (another user of the link saw it) before the
+    // sync has pushed the forced change.
+    redis.restart();
+    link.mark_up(link.since());
+    let e = a
+        .board
+        .switch("api", Color::Blue, SwitchKind::Switch, None, false, &who())
+        .unwrap_err();
+    assert!(matches!(e, SwitchError::ClusterDown(_)), "{e:?}");
+    assert!(e.to_string().contains("not pushed yet"), "{e}");
+    // No call was made: Redis is not declared down for it.
+    assert!(link.is_up());
+    assert_eq!(link.outages(), outages);
+}
+
+#[test]
+fn an_instance_back_from_running_alone_is_not_overruled_by_a_stale_one() {
+    use switchyard::pools::SwitchKind;
+    let redis = RedisServer::start();
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    // Both served version 8 of a cluster: green.
+    let old = r#"{"version":1,"services":{"api":{"active":"green","previous":"blue"}},"cluster":{"version":8,"epoch":"e1"}}"#;
+    for d in [&a_dir, &b_dir] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("state.json"), old).unwrap();
+    }
+    // README "back to one instance": b stopped, a runs alone and changes.
+    {
+        let alone = node(None, "back", &a_dir);
+        alone
+            .board
+            .switch("api", Color::Blue, SwitchKind::Switch, None, false, &who())
+            .unwrap();
+        alone.board.set_maintenance("api", true, &who()).unwrap();
+    }
+    // Several again, on an empty Redis: a first, then b with its old file.
+    let a = node(Some(&redis), "back", &a_dir);
+    a.converge(&rt);
+    let b = node(Some(&redis), "back", &b_dir);
+    b.converge(&rt);
+    a.converge(&rt);
+    for (name, n) in [("a", &a), ("b", &b)] {
+        let s = n.board.service("api").unwrap();
+        assert_eq!(
+            (s.active, s.maintenance),
+            (Color::Blue, true),
+            "instance {name} serves the stale state"
+        );
+    }
+}
+
+/// The sync runs on a runtime of one worker (as Pingora runs background
+/// services), and the shared Redis connection it makes is driven there.
+/// Switches on two instances at once must never stall on it: none may
+/// fail for a Redis that answers (before, one now and then waited the
+/// whole timeout, was answered 503 and counted as an outage, while
+/// Redis had taken it).
+#[test]
+fn switches_on_two_instances_at_once_never_wait_on_their_own_sync() {
+    use switchyard::pools::{SwitchError, SwitchKind};
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<Node> = ["a", "b"]
+        .iter()
+        .map(|n| node(Some(&redis), "stall", &dir.path().join(n)))
+        .collect();
+    let mut runtimes = Vec::new();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    for n in &nodes {
+        let rt = runtime();
+        let sync = Arc::new(node_sync(n));
+        let stopped = stopped.clone();
+        rt.spawn(async move { sync.run(stopped).await });
+        runtimes.push(rt);
+    }
+    for n in &nodes {
+        assert!(common::poll_until(Duration::from_secs(10), || n
+            .board
+            .stamp()
+            .is_some()));
+    }
+    let outcomes: Vec<Vec<Result<(), String>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                s.spawn(move || {
+                    (0..60)
+                        .map(|k| {
+                            let to = if (k + i) % 2 == 0 {
+                                Color::Green
+                            } else {
+                                Color::Blue
+                            };
+                            match n
+                                .board
+                                .switch("api", to, SwitchKind::Switch, None, false, &who())
+                            {
+                                Ok(_) | Err(SwitchError::ClusterConflict(_)) => Ok(()),
+                                Err(e) => Err(e.to_string()),
+                            }
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    stop.send(true).unwrap();
+    let failed: Vec<&String> = outcomes
+        .iter()
+        .flatten()
+        .filter_map(|r| r.as_ref().err())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} switches failed: {failed:?}",
+        failed.len()
+    );
+    for n in &nodes {
+        assert_eq!(n.link.as_ref().unwrap().outages(), 0);
+    }
+}
+
+#[tokio::test]
+async fn liveness_keys_of_the_wrong_type_are_rebuilt_not_fatal() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "junk"), None).unwrap();
+    raw(&redis, &["SET", "junk:instances", "garbage"]);
+    raw(&redis, &["SET", "junk:instance-info", "garbage"]);
+    let live = store
+        .heartbeat("edge-1", "{\"version\":3}", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        live,
+        [("edge-1".to_string(), "{\"version\":3}".to_string())]
+    );
+    // An entry that is not JSON is still listed, by name.
+    raw(
+        &redis,
+        &["HSET", "junk:instance-info", "edge-2", "not json"],
+    );
+    raw(
+        &redis,
+        &["ZADD", "junk:instances", "99999999999999", "edge-2"],
+    );
+    let live = store
+        .heartbeat("edge-1", "{}", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(live[1], ("edge-2".to_string(), "not json".to_string()));
+}
+
+#[tokio::test]
+async fn a_malformed_history_entry_is_skipped_not_fatal() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "hjunk"), None).unwrap();
+    store
+        .append_history(&event("api", Color::Green))
+        .await
+        .unwrap();
+    raw(&redis, &["XADD", "hjunk:history", "*", "foo", "bar"]);
+    raw(
+        &redis,
+        &[
+            "XADD",
+            "hjunk:history",
+            "*",
+            "service",
+            "api",
+            "event",
+            "{not json",
+        ],
+    );
+    store
+        .append_history(&event("api", Color::Blue))
+        .await
+        .unwrap();
+    let all = store.history(None, 10).await.unwrap();
+    let to: Vec<Color> = all.iter().map(|e| e.to).collect();
+    assert_eq!(to, [Color::Green, Color::Blue]);
+    assert_eq!(store.history(Some("api"), 10).await.unwrap().len(), 2);
+}

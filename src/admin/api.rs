@@ -429,13 +429,15 @@ impl ApiError {
 }
 
 /// `GET /status`'s `cluster`: the Redis (URL, no password), whether it
-/// answers, this instance and the state version it serves, and the live
+/// answers (and, when not, why), this instance and the state version it serves, and the live
 /// instances with the version each serves (from the last heartbeat).
 fn cluster_json(board: &Switchboard, link: &crate::cluster::Link) -> Value {
     let stamp = board.stamp();
     json!({
         "redis": link.redis.url(),
         "reachable": link.is_up(),
+        // While unreachable: why (the last failed call's error).
+        "last_error": if link.is_up() { None } else { link.last_error() },
         "instance": link.instance,
         "version": stamp.as_ref().map(|s| s.version),
         "epoch": stamp.as_ref().map(|s| s.epoch.clone()),

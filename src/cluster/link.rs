@@ -33,6 +33,9 @@ pub struct Link {
     up: AtomicBool,
     /// Outages seen since start (each counted once, when it starts).
     outages: AtomicU64,
+    /// Why the last failed call failed (a [`ClusterError`]'s message, no
+    /// secret in it), for answers that cannot ask Redis themselves.
+    last_error: Mutex<Option<String>>,
     /// The instances at the last heartbeat, for `GET /status`.
     members: Mutex<Vec<Member>>,
     /// Where blocking callers' Redis calls run (see [`Link::block_on`]):
@@ -66,6 +69,7 @@ impl Link {
             live: AtomicUsize::new(1),
             up: AtomicBool::new(true),
             outages: AtomicU64::new(0),
+            last_error: Mutex::new(None),
             members: Mutex::new(Vec::new()),
             runtime: OnceLock::new(),
         })
@@ -106,8 +110,17 @@ impl Link {
         self.outages.load(Ordering::Relaxed)
     }
 
+    /// Why the last failed call failed, if one did.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// A call failed: logs the start of an outage (once) with its cause.
     pub fn mark_down(&self, cause: &ClusterError) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(cause.to_string());
         if self.up.swap(false, Ordering::Relaxed) {
             self.outages.fetch_add(1, Ordering::Relaxed);
             tracing::error!(

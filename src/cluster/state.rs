@@ -70,9 +70,14 @@ use crate::store::{Event, SavedState, Stamp, HISTORY_LIMIT};
 /// Redis: that takes a seed). Ends `settling`.
 /// KEYS: version, epoch, state, settling. ARGV: expected version,
 /// expected epoch, state JSON, channel.
-/// Returns `{1, new, epoch}` or, on a conflict, `{0, current, epoch}`.
+/// Returns `{1, new, epoch}` or, on a conflict, `{0, current, epoch}`; a
+/// version that is not a number is an error reply `MALFORMED` (else Lua's
+/// nil would cut the reply short and the client report a shape mismatch).
 const CHANGE_SCRIPT: &str = r"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if not current then
+  return redis.error_reply('MALFORMED not a number')
+end
 local epoch = redis.call('GET', KEYS[2]) or ''
 if current == 0 or current ~= tonumber(ARGV[1]) or epoch ~= ARGV[2] then
   return {0, current, epoch}
@@ -89,7 +94,7 @@ return {1, new, epoch}
 /// epoch, state, settling. ARGV: offered version, state JSON, the
 /// offerer's epoch ('' for none), a fresh epoch, channel.
 /// Returns `{1, version, epoch}` when the offer was taken, else
-/// `{0, current, epoch}`.
+/// `{0, current, epoch}`; `MALFORMED` as the change script.
 const SEED_SCRIPT: &str = r"
 local offered = tonumber(ARGV[1])
 local stored = redis.call('GET', KEYS[1])
@@ -102,6 +107,9 @@ if not stored then
   return {1, offered, ARGV[4]}
 end
 stored = tonumber(stored)
+if not stored then
+  return redis.error_reply('MALFORMED not a number')
+end
 local epoch = redis.call('GET', KEYS[2]) or ''
 local settling = redis.call('EXISTS', KEYS[4]) == 1
 if offered > stored and (settling or epoch == ARGV[3]) then
@@ -116,8 +124,17 @@ return {0, stored, epoch}
 /// A heartbeat: this instance's entry, renewed, and the live ones.
 /// KEYS: instances, instance-info. ARGV: instance, info JSON, lease (ms).
 /// Uses Redis's clock, so instances' clocks need not agree. Returns the
-/// live instances' info, `{id, info, id, info, ...}`.
+/// live instances' info, `{id, info, id, info, ...}`. Both keys only
+/// hold what the heartbeats of the last lease wrote: one of another type
+/// (written by hand) is dropped and rebuilt, rather than failing every
+/// heartbeat, and with it the sync, until someone deletes it.
 const HEARTBEAT_SCRIPT: &str = r"
+for i, kind in ipairs({'zset', 'hash'}) do
+  local t = redis.call('TYPE', KEYS[i]).ok
+  if t ~= kind and t ~= 'none' then
+    redis.call('DEL', KEYS[i])
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -271,8 +288,9 @@ impl RedisState {
         cmd.arg(self.key("version"))
             .arg(self.key("epoch"))
             .arg(self.key("state"));
-        let (version, epoch, state): (Option<u64>, Option<String>, Option<String>) =
+        let (version, epoch, state): (Option<String>, Option<String>, Option<String>) =
             self.query(&cmd).await?;
+        let version = self.parse_version(version)?;
         let (Some(version), Some(state)) = (version, state) else {
             return Ok(None);
         };
@@ -288,8 +306,19 @@ impl RedisState {
     pub async fn version(&self) -> Result<Option<(u64, String)>, ClusterError> {
         let mut cmd = redis::cmd("MGET");
         cmd.arg(self.key("version")).arg(self.key("epoch"));
-        let (version, epoch): (Option<u64>, Option<String>) = self.query(&cmd).await?;
+        let (version, epoch): (Option<String>, Option<String>) = self.query(&cmd).await?;
+        let version = self.parse_version(version)?;
         Ok(version.map(|v| (v, epoch.unwrap_or_default())))
+    }
+
+    /// `NAME:version` as read: absent, or a number; anything else (a key
+    /// written by hand) is [`ClusterError::Corrupt`] naming the key.
+    fn parse_version(&self, raw: Option<String>) -> Result<Option<u64>, ClusterError> {
+        raw.map(|v| {
+            v.parse()
+                .map_err(|_| self.corrupt("version", format!("{v:?} is not a number")))
+        })
+        .transpose()
     }
 
     /// Writes `state` when Redis holds `expected` (version and epoch) and
@@ -431,6 +460,7 @@ impl RedisState {
 
     /// The newest `limit` history entries (at most [`HISTORY_LIMIT`]),
     /// oldest first; with `service`, only that service's among them.
+    /// Entries that are not an event are skipped (and logged).
     pub async fn history(
         &self,
         service: Option<&str>,
@@ -445,7 +475,8 @@ impl RedisState {
         type Entry = (String, Vec<(String, String)>);
         let entries: Vec<Entry> = self.query(&cmd).await?;
         let mut events = Vec::with_capacity(entries.len());
-        for (_id, fields) in entries.into_iter().rev() {
+        let mut skipped = Vec::new();
+        for (id, fields) in entries.into_iter().rev() {
             let mut svc = None;
             let mut event = None;
             for (k, v) in fields {
@@ -458,10 +489,15 @@ impl RedisState {
             if service.is_some_and(|s| svc.as_deref() != Some(s)) {
                 continue;
             }
-            let Some(event) = event else {
-                return Err(self.corrupt("history", "an entry without an event"));
-            };
-            events.push(serde_json::from_str(&event).map_err(|e| self.corrupt("history", e))?);
+            match event.map(|e| serde_json::from_str(&e)) {
+                Some(Ok(event)) => events.push(event),
+                // One bad entry (written by hand, or by another program)
+                // must not hide every good one: skipped, and said.
+                _ => skipped.push(id),
+            }
+        }
+        if !skipped.is_empty() {
+            tracing::warn!(key = %self.key("history"), entries = ?skipped, "history entries that are not switchyard events skipped");
         }
         Ok(events)
     }
@@ -583,6 +619,10 @@ impl RedisState {
     fn error(&self, e: RedisError) -> ClusterError {
         let redis = self.redis.clone();
         let detail = e.to_string();
+        // The state scripts' own refusal of a version that is not a number.
+        if e.code() == Some("MALFORMED") {
+            return self.corrupt("version", e.detail().unwrap_or("not a number"));
+        }
         let auth = matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
             || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
         if auth {

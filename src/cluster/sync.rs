@@ -55,7 +55,7 @@ impl StateSync {
     /// (the seed rules decide), then puts Redis's state in force if newer.
     pub async fn converge(&self) -> Result<(), ClusterError> {
         let redis = &self.link.redis;
-        let (mine, stamp) = self.replica.served();
+        let (mine, stamp) = self.served().await?;
         let mut held = redis.read().await?;
         let offer = match (&held, &stamp) {
             (None, _) => true,
@@ -75,14 +75,39 @@ impl StateSync {
             held = redis.read().await?;
         }
         if let Some(h) = held {
-            self.replica.adopt(&h);
+            let replica = self.replica.clone();
+            self.off_thread(move || replica.adopt(&h)).await?;
         }
         Ok(())
     }
 
+    /// [`Replica::served`], off this runtime's threads (see `off_thread`).
+    async fn served(&self) -> Result<(SavedState, Option<Stamp>), ClusterError> {
+        let replica = self.replica.clone();
+        self.off_thread(move || replica.served()).await
+    }
+
+    /// Runs `f` on the blocking pool: the replica's calls take the
+    /// switchboard's locks, which a change holds while it waits for Redis,
+    /// and that wait may need the shared connection's driver, spawned on
+    /// the runtime that made it (maybe this one, of one worker, as Pingora
+    /// runs background services). Blocking here could stall that change
+    /// for the whole `[cluster] timeout`.
+    async fn off_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ClusterError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ClusterError::Unreachable {
+                redis: self.link.redis.url().to_string(),
+                detail: format!("the cluster sync's task failed: {e}"),
+            })
+    }
+
     /// Renews this instance's liveness entry and records the live ones.
     pub async fn heartbeat(&self) -> Result<(), ClusterError> {
-        let (_, stamp) = self.replica.served();
+        let (_, stamp) = self.served().await?;
         let stamp = stamp.unwrap_or_default();
         let me = Member {
             instance: self.link.instance.clone(),
@@ -144,7 +169,7 @@ impl StateSync {
             tokio::select! {
                 msg = changes.next() => match msg {
                     Some(version) => {
-                        let (_, stamp) = self.replica.served();
+                        let (_, stamp) = self.served().await?;
                         if stamp.is_none_or(|s| version != s.version || s.local) {
                             self.converge().await?;
                         }
@@ -158,7 +183,7 @@ impl StateSync {
                 },
                 _ = tick.tick() => {
                     let since = self.link.since();
-                    let (_, stamp) = self.replica.served();
+                    let (_, stamp) = self.served().await?;
                     let held = redis.version().await?;
                     let current = stamp.as_ref().map(|s| (s.version, s.epoch.clone()));
                     if held != current || stamp.is_some_and(|s| s.local) {
