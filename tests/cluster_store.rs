@@ -906,3 +906,30 @@ async fn a_malformed_history_entry_is_skipped_not_fatal() {
     assert_eq!(to, [Color::Green, Color::Blue]);
     assert_eq!(store.history(Some("api"), 10).await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_stamp_from_another_cluster_never_beats_this_ones_state() {
+    let redis = RedisServer::start();
+    let store = RedisState::new(&cluster(&redis, "here"), None).unwrap();
+    let seeded = store.seed(None, &state(Color::Blue)).await.unwrap();
+    assert!(seeded.epoch.starts_with("here:"), "{seeded:?}");
+    // A state_dir copied from cluster "there", at a high version: offered
+    // as a state never in this cluster, so settling cannot take it.
+    let foreign = stamp(131, "there:0123456789abcdef", false);
+    let offer = store
+        .seed(Some(&foreign), &state(Color::Green))
+        .await
+        .unwrap();
+    assert!(!offer.won, "{offer:?}");
+    let held = store.read().await.unwrap().unwrap();
+    assert_eq!((held.version, held.state), (1, state(Color::Blue)));
+    // Into an empty cluster it seeds as version 1, under this cluster's epoch.
+    let empty = RedisState::new(&cluster(&redis, "fresh"), None).unwrap();
+    let first = empty
+        .seed(Some(&foreign), &state(Color::Green))
+        .await
+        .unwrap();
+    assert!(first.won);
+    assert_eq!(first.version, 1);
+    assert!(first.epoch.starts_with("fresh:"));
+}

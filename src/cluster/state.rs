@@ -356,15 +356,22 @@ impl RedisState {
     /// epoch; `None`: a state that was never in a cluster, offered as
     /// version 1). Taken by the rules in the module's note; of several
     /// instances seeding an empty Redis at once exactly one wins.
+    ///
+    /// An epoch is `NAME:` and 16 random hex digits: a stamp from another
+    /// cluster (a copied `state_dir`, a renamed cluster) is offered as a
+    /// state that was never in this one, so its version, counted in
+    /// another sequence, cannot beat this cluster's states.
     pub async fn seed(
         &self,
         stamp: Option<&Stamp>,
         state: &SavedState,
     ) -> Result<Seeded, ClusterError> {
         let state = self.state_json(state)?;
+        let ours = format!("{}:", self.name);
+        let stamp = stamp.filter(|s| s.epoch.is_empty() || s.epoch.starts_with(&ours));
         let offered = stamp.map_or(1, Stamp::offered);
         let epoch = stamp.map_or("", |s| s.epoch.as_str());
-        let fresh = format!("{:016x}", rand::random::<u64>());
+        let fresh = format!("{ours}{:016x}", rand::random::<u64>());
         let mut call = self.seed.prepare_invoke();
         call.key(self.key("version"))
             .key(self.key("epoch"))
