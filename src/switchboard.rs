@@ -36,6 +36,9 @@ pub struct Switchboard {
     /// writes to Redis, so instances whose configs differ for a while do
     /// not erase each other's services). Changed under `write` only.
     cluster: Mutex<(Option<Stamp>, BTreeMap<String, SavedService>)>,
+    /// With `[cluster]`: history entries made while Redis did not answer,
+    /// oldest first (at most `HISTORY_LIMIT`), for the sync to push.
+    unpushed: Mutex<Vec<Event>>,
 }
 
 impl Switchboard {
@@ -71,6 +74,7 @@ impl Switchboard {
             reloads: tokio::sync::watch::Sender::new(0),
             notifier: std::sync::OnceLock::new(),
             cluster: Mutex::new((stamp, BTreeMap::new())),
+            unpushed: Mutex::new(Vec::new()),
         })
     }
 
@@ -397,17 +401,33 @@ impl Switchboard {
         if let Err(err) = self.store.append_history(&event) {
             tracing::error!(cause = %err, service = %event.service, "state changed but its history entry was not written");
         }
-        // While Redis is known to be down, the entry stays local (no second
-        // wait for the same timeout).
-        if let Some(link) = link.filter(|l| l.is_up()) {
-            let redis = link.redis.clone();
-            let shared = event.clone();
-            let written = link.block_on(async move { redis.append_history(&shared).await });
-            if let Err(err) = written {
-                link.mark_down(&err);
-                tracing::warn!(cause = %err, service = %event.service, "history entry kept on this instance only");
+        let Some(link) = link else {
+            return;
+        };
+        // While Redis is known to be down, no second wait for the same
+        // timeout: the entry waits for the sync to push it.
+        let written = link.is_up() && {
+            let (redis, shared) = (link.redis.clone(), event.clone());
+            match link.block_on(async move { redis.append_history(&shared).await }) {
+                Ok(()) => true,
+                Err(err) => {
+                    link.mark_down(&err);
+                    false
+                }
             }
+        };
+        if !written {
+            tracing::warn!(service = %event.service, "redis unreachable: history entry kept here until it returns");
+            let mut unpushed = self.unpushed_history();
+            if unpushed.len() >= crate::store::HISTORY_LIMIT {
+                unpushed.remove(0);
+            }
+            unpushed.push(event);
         }
+    }
+
+    fn unpushed_history(&self) -> MutexGuard<'_, Vec<Event>> {
+        self.unpushed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn link(&self) -> Option<Arc<Link>> {
@@ -724,6 +744,18 @@ impl cluster::sync::Replica for Switchboard {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let mut cluster = self.cluster_state();
         self.adopt_locked(&mut cluster, held);
+    }
+
+    fn take_history(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.unpushed_history())
+    }
+
+    fn keep_history(&self, mut events: Vec<Event>) {
+        let mut unpushed = self.unpushed_history();
+        events.append(&mut unpushed);
+        let over = events.len().saturating_sub(crate::store::HISTORY_LIMIT);
+        events.drain(..over);
+        *unpushed = events;
     }
 }
 

@@ -283,6 +283,21 @@ fn with_redis_down_instances_keep_serving_refuse_switches_and_converge_when_it_r
     let seen = traffic.stop();
     let failed: Vec<_> = seen.iter().filter(|s| s.2 != 200).collect();
     assert!(failed.is_empty(), "failed requests: {failed:?}");
+    // The forced switch made while Redis was down reaches the cluster's
+    // history (seen through another instance).
+    let forced = |p: &Proxy| {
+        let (_, history) = p.admin("GET", "/history", None);
+        history["events"].as_array().is_some_and(|events| {
+            events
+                .iter()
+                .any(|e| e["instance"] == "edge-1" && e["to"] == "green")
+        })
+    };
+    assert!(
+        poll_until(Duration::from_secs(10), || forced(&proxies[1])),
+        "{}",
+        proxies[1].admin("GET", "/history", None).1
+    );
 
     // And switches work again.
     let (code, answer) = proxies[2].admin("POST", "/services/api/switch", Some(r#"{"to":"blue"}"#));

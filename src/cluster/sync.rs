@@ -17,7 +17,7 @@ use pingora::services::background::BackgroundService;
 use tokio::sync::watch;
 
 use super::{ClusterError, Link, Member, Versioned};
-use crate::store::{SavedState, Stamp};
+use crate::store::{Event, SavedState, Stamp};
 
 /// How often the version in Redis is compared with the one served (1 s):
 /// the bound on how long a change whose message was lost stays unseen.
@@ -37,6 +37,11 @@ pub trait Replica: Send + Sync + 'static {
     /// rules in `state.rs` (checked again under the switchboard's write
     /// lock, as a change may have landed since `held` was read).
     fn adopt(&self, held: &Versioned);
+    /// Takes the history entries made while Redis did not answer (oldest
+    /// first), for the sync to push.
+    fn take_history(&self) -> Vec<Event>;
+    /// Gives back the entries a push did not get to, before any newer.
+    fn keep_history(&self, events: Vec<Event>);
 }
 
 /// The loop of one instance.
@@ -105,6 +110,28 @@ impl StateSync {
             })
     }
 
+    /// Pushes the history entries made while Redis did not answer to the
+    /// cluster's stream (in the order they were made; each keeps its time).
+    pub async fn push_history(&self) -> Result<(), ClusterError> {
+        let replica = self.replica.clone();
+        let events = self.off_thread(move || replica.take_history()).await?;
+        for (i, event) in events.iter().enumerate() {
+            if let Err(e) = self.link.redis.append_history(event).await {
+                let rest = events[i..].to_vec();
+                let replica = self.replica.clone();
+                self.off_thread(move || replica.keep_history(rest)).await?;
+                return Err(e);
+            }
+        }
+        if !events.is_empty() {
+            tracing::info!(
+                entries = events.len(),
+                "history entries made while redis was unreachable pushed to the cluster's history"
+            );
+        }
+        Ok(())
+    }
+
     /// Renews this instance's liveness entry and records the live ones.
     pub async fn heartbeat(&self) -> Result<(), ClusterError> {
         let (_, stamp) = self.served().await?;
@@ -160,6 +187,7 @@ impl StateSync {
         // by the read or by a message, never missed.
         self.converge().await?;
         self.heartbeat().await?;
+        self.push_history().await?;
         self.link.mark_up(since);
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -193,6 +221,7 @@ impl StateSync {
                         self.heartbeat().await?;
                         last_beat = tokio::time::Instant::now();
                     }
+                    self.push_history().await?;
                     self.link.mark_up(since);
                 }
                 _ = shutdown.changed() => {
