@@ -489,6 +489,13 @@ fn refused_hint(config: Option<&Config>) -> String {
 }
 
 fn ctl(target: Target, json: bool, action: CtlAction) -> anyhow::Result<()> {
+    // `ctl status | head -1`: end quietly when the reader goes away, as
+    // other command-line tools do, rather than panic on the next print.
+    // Not for `deploy`, which must notice a closed output and restore.
+    if !matches!(action, CtlAction::Deploy { .. }) {
+        // SAFETY: restoring a signal's default action; no handler runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let config = match &target.config {
         Some(path) => Some(Config::load(path)?),
         None => None,

@@ -973,3 +973,19 @@ fn ctl_errors_name_their_cause_once() {
     assert!(err.contains("missing.toml"), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
+
+/// `ctl status | head -1`: a reader that goes away ends ctl quietly (by
+/// SIGPIPE, as other tools), never with a panic.
+#[test]
+fn ctl_ends_quietly_when_its_reader_goes_away() {
+    use std::os::unix::process::ExitStatusExt;
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    let mut child = spawn_ctl(&proxy.admin_url(), Some(proxy.token()), &["status"]);
+    drop(child.stdout.take());
+    let out = wait_output_with_deadline(child, Duration::from_secs(10), "ctl status");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{out:?}");
+}
