@@ -529,7 +529,19 @@ impl Switchboard {
         let outcome = match served.as_ref().filter(|s| !s.local) {
             Some(stamp) => {
                 let (redis, stamp, state) = (link.redis.clone(), stamp.clone(), saved.clone());
-                link.block_on(async move { redis.change(&stamp, &state).await })
+                link.block_on(async move {
+                    match redis.change(&stamp, &state).await {
+                        // The answer may be lost after Redis took the change
+                        // (a slow Redis, a dropped connection): look once
+                        // before calling it refused, or the change would be
+                        // in force everywhere but reported as refused here.
+                        Err(e @ ClusterError::Timeout { .. }) => match redis.read().await {
+                            Ok(Some(held)) if took(&stamp, &state, &held) => Ok(held.version),
+                            _ => Err(e),
+                        },
+                        other => other,
+                    }
+                })
             }
             // Never synced since start, or holding a local change the sync
             // has not pushed yet: nothing to compare and set against.
@@ -757,6 +769,14 @@ impl cluster::sync::Replica for Switchboard {
         events.drain(..over);
         *unpushed = events;
     }
+}
+
+/// Whether Redis holds, one version after `expected`, the very state a
+/// change whose answer was lost wrote: then that change was taken.
+fn took(expected: &Stamp, sent: &SavedState, held: &Versioned) -> bool {
+    held.epoch == expected.epoch
+        && held.version == expected.version + 1
+        && held.state.services == sent.services
 }
 
 /// A history entry for `state` as it is now, stamped now: `from` and `to`

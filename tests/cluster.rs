@@ -432,3 +432,115 @@ fn with_a_wrong_password_status_and_a_refused_switch_say_why() {
     assert!(error.contains("refused the password"), "{answer}");
     assert!(!out.contains("wrong-password") && !error.contains("wrong-password"));
 }
+
+/// A TCP relay to Redis that can swallow the next answer Redis sends
+/// (the command still runs there): an answer lost on the way back.
+struct LossyRelay {
+    port: u16,
+    swallow: Arc<AtomicBool>,
+}
+
+impl LossyRelay {
+    fn start(redis_port: u16) -> LossyRelay {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let swallow = Arc::new(AtomicBool::new(false));
+        let armed = swallow.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut c_in, &mut s_out));
+                let (mut s_in, mut c_out, armed) = (server, client, armed.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = s_in.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if armed.swap(false, Ordering::SeqCst) {
+                            continue;
+                        }
+                        if c_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        LossyRelay { port, swallow }
+    }
+}
+
+/// A change Redis took but whose answer was lost is in force here too, not
+/// reported as refused while every other instance follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_answer_was_lost_is_found_taken_not_refused() {
+    use switchyard::cluster::sync::StateSync;
+    use switchyard::cluster::Link;
+    use switchyard::pools::{Color, SwitchKind};
+    use switchyard::store::{Actor, FileStore};
+    use switchyard::switchboard::Switchboard;
+
+    let redis = RedisServer::start();
+    let port: u16 = redis
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let relay = LossyRelay::start(port);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[services.api]\nblue = [\"127.0.0.1:9\"]\ngreen = [\"127.0.0.1:9\"]\n\n\
+         [[routes]]\npath = \"/\"\nservice = \"api\"\n\n\
+         [cluster]\nredis = \"redis://127.0.0.1:{}/0\"\nname = \"lossy\"\ntimeout = \"300ms\"\n",
+        relay.port
+    );
+    let config = switchyard::config::Config::parse(&dir.path().join("s.toml"), &text).unwrap();
+    let link = Arc::new(Link::new(config.cluster.as_ref().unwrap(), None).unwrap());
+    let pages = switchyard::respond::Pages::builtin(config.server.retry_after);
+    let settings =
+        switchyard::settings::Settings::new(&config.server, pages).with_cluster(Some(link.clone()));
+    let store = FileStore::open(&dir.path().join("a")).unwrap();
+    let board = Arc::new(Switchboard::with_settings(&config, settings, Box::new(store)).unwrap());
+    StateSync::new(link, board.clone())
+        .converge()
+        .await
+        .unwrap();
+    assert_eq!(board.stamp().unwrap().version, 1);
+    let switch = |to: Color| {
+        let b = board.clone();
+        tokio::task::spawn_blocking(move || {
+            b.switch(
+                "api",
+                to,
+                SwitchKind::Switch,
+                None,
+                false,
+                &Actor::token("default"),
+            )
+        })
+    };
+    // Once with every answer, so Redis knows the script (an unknown one
+    // costs a NOSCRIPT round trip first).
+    switch(Color::Green).await.unwrap().unwrap();
+    relay.swallow.store(true, Ordering::SeqCst);
+    let switched = switch(Color::Blue).await.unwrap();
+    assert!(
+        !relay.swallow.load(Ordering::SeqCst),
+        "an answer was swallowed"
+    );
+    let after = switched.expect("Redis took the change: it is not refused");
+    assert_eq!(after.active, Color::Blue);
+    assert_eq!(board.stamp().unwrap().version, 3);
+}
