@@ -121,13 +121,7 @@ impl ClusterRate {
         call.key(self.redis_key(key))
             .arg(self.interval_us)
             .arg(self.tolerance_us);
-        let (allowed, wait_us): (u8, u64) = self
-            .state
-            .bounded(|mut conn| {
-                let call = &call;
-                async move { call.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let (allowed, wait_us): (u8, u64) = self.state.invoke(&call).await?;
         Ok(if allowed == 1 {
             Decision::Allowed
         } else {

@@ -336,12 +336,7 @@ impl RedisState {
             .arg(&expected.epoch)
             .arg(state)
             .arg(self.channel());
-        let (won, version, _epoch): (u8, u64, String) = self
-            .bounded(|mut conn| {
-                let call = &call;
-                async move { call.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let (won, version, _epoch): (u8, u64, String) = self.invoke(&call).await?;
         if won == 1 {
             Ok(version)
         } else {
@@ -382,12 +377,7 @@ impl RedisState {
             .arg(epoch)
             .arg(fresh)
             .arg(self.channel());
-        let (won, version, epoch): (u8, u64, String) = self
-            .bounded(|mut conn| {
-                let call = &call;
-                async move { call.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let (won, version, epoch): (u8, u64, String) = self.invoke(&call).await?;
         Ok(Seeded {
             won: won == 1,
             version,
@@ -428,12 +418,7 @@ impl RedisState {
             .arg(instance)
             .arg(info)
             .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
-        let flat: Vec<String> = self
-            .bounded(|mut conn| {
-                let call = &call;
-                async move { call.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let flat: Vec<String> = self.invoke(&call).await?;
         let mut live: Vec<(String, String)> = flat
             .chunks_exact(2)
             .map(|p| (p[0].clone(), p[1].clone()))
@@ -530,6 +515,17 @@ impl RedisState {
         Ok(pubsub
             .into_on_message()
             .filter_map(|msg| async move { msg.get_payload::<u64>().ok() }))
+    }
+
+    /// Runs a prepared script call (EVALSHA, loading the script on
+    /// NOSCRIPT) on the shared connection, bounded like every call
+    /// ([`RedisState::bounded`]).
+    pub(crate) async fn invoke<T: redis::FromRedisValue + Send>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, ClusterError> {
+        self.bounded(|mut conn| async move { call.invoke_async(&mut conn).await })
+            .await
     }
 
     async fn query<T: redis::FromRedisValue + Send>(

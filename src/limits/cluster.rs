@@ -236,13 +236,7 @@ async fn read_secret(link: &Link) -> Result<Vec<u8>, ClusterError> {
     let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
     let mut call = script.prepare_invoke();
     call.key(link.redis.key("limits:secret")).arg(hex);
-    let secret: Vec<u8> = link
-        .redis
-        .bounded(|mut conn| {
-            let call = &call;
-            async move { call.invoke_async(&mut conn).await }
-        })
-        .await?;
+    let secret: Vec<u8> = link.redis.invoke(&call).await?;
     if secret.len() < SECRET_LEN {
         return Err(ClusterError::Corrupt {
             redis: link.redis.url().to_string(),

@@ -148,15 +148,8 @@ impl ClusterTokens {
             .arg(self.capacity)
             .arg(self.rate)
             .arg(tokens);
-        let (admitted, remaining, retry, reset): (u8, i64, i64, i64) = self
-            .limit
-            .link
-            .redis
-            .bounded(|mut conn| {
-                let call = &call;
-                async move { call.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let (admitted, remaining, retry, reset): (u8, i64, i64, i64) =
+            self.limit.link.redis.invoke(&call).await?;
         let us = |n: i64| Duration::from_micros(u64::try_from(n).unwrap_or(0));
         Ok(Answer {
             admitted: admitted == 1,
@@ -174,15 +167,7 @@ impl ClusterTokens {
             .arg(self.capacity)
             .arg(self.rate)
             .arg(give_back);
-        self.limit
-            .link
-            .redis
-            .bounded(|mut conn| {
-                let call = &call;
-                async move { call.invoke_async::<i64>(&mut conn).await }
-            })
-            .await
-            .map(drop)
+        self.limit.link.redis.invoke::<i64>(&call).await.map(drop)
     }
 
     /// [`ClusterTokens::settle`] in the background, on the cluster runtime.

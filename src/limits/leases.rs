@@ -111,15 +111,7 @@ impl Drop for Lease {
         self.cap.limit.link.spawn(async move {
             let mut call = cap.release.prepare_invoke();
             call.key(&cap.all).key(&set).arg(&member);
-            let done = cap
-                .limit
-                .link
-                .redis
-                .bounded(|mut conn| {
-                    let call = &call;
-                    async move { call.invoke_async::<i64>(&mut conn).await }
-                })
-                .await;
+            let done = cap.limit.link.redis.invoke::<i64>(&call).await;
             if let Err(e) = done {
                 cap.limit.link.mark_down(&e);
             }
@@ -175,15 +167,7 @@ impl ClusterCap {
             .arg(self.per_key)
             .arg(member)
             .arg(lease_ms(self.limit.link.lease));
-        let taken: i64 = self
-            .limit
-            .link
-            .redis
-            .bounded(|mut conn| {
-                let call = &call;
-                async move { call.invoke_async(&mut conn).await }
-            })
-            .await?;
+        let taken: i64 = self.limit.link.redis.invoke(&call).await?;
         if taken != 1 {
             return Ok(None);
         }
@@ -218,10 +202,7 @@ impl ClusterCap {
         self.limit
             .link
             .redis
-            .bounded(|mut conn| {
-                let call = &call;
-                async move { call.invoke_async::<i64>(&mut conn).await }
-            })
+            .invoke::<i64>(&call)
             .await
             .map(|_| true)
     }
