@@ -198,16 +198,7 @@ impl TokenBudget {
                 reset: answer.reset,
             });
         }
-        self.stats.admitted.fetch_add(1, Ordering::Relaxed);
-        self.stats.reserved.fetch_add(tokens, Ordering::Relaxed);
-        Ok(Reservation {
-            budget: self.clone(),
-            key,
-            tokens,
-            state: State::Held,
-            service: None,
-            standing: Some((answer.remaining, answer.reset)),
-        })
+        Ok(self.held(key, tokens, Some((answer.remaining, answer.reset))))
     }
 
     /// The local budget of this instance's share of a cluster budget:
@@ -307,16 +298,26 @@ impl TokenBudget {
         }
         table.insert(key, bucket);
         drop(table);
+        Ok(self.held(key, tokens, None))
+    }
+
+    /// A reservation of `tokens` under `key` just admitted, counted.
+    fn held(
+        self: &Arc<Self>,
+        key: Key,
+        tokens: u64,
+        standing: Option<(u64, Duration)>,
+    ) -> Reservation {
         self.stats.admitted.fetch_add(1, Ordering::Relaxed);
         self.stats.reserved.fetch_add(tokens, Ordering::Relaxed);
-        Ok(Reservation {
+        Reservation {
             budget: self.clone(),
             key,
             tokens,
             state: State::Held,
             service: None,
-            standing: None,
-        })
+            standing,
+        }
     }
 
     /// Tokens in `key`'s bucket now (0 when in debt; the full bucket for an
