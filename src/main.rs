@@ -94,7 +94,8 @@ enum CtlAction {
         /// Recorded in the history.
         #[arg(long)]
         reason: Option<String>,
-        /// Switch even if COLOR has too few healthy backends.
+        /// Switch even if COLOR has too few healthy backends; with
+        /// [cluster] and Redis unreachable, switch this instance only.
         #[arg(long)]
         force: bool,
         /// First wait up to this long (e.g. 60s) for COLOR to become healthy.
@@ -128,7 +129,8 @@ enum CtlAction {
         /// Recorded in the history.
         #[arg(long)]
         reason: Option<String>,
-        /// Give traffic to a color even if it has too few healthy backends.
+        /// Give traffic to a color even if it has too few healthy backends;
+        /// with [cluster] and Redis unreachable, on this instance only.
         #[arg(long)]
         force: bool,
     },
