@@ -101,7 +101,7 @@ fn streams_settle_with_the_usage_chunk_and_the_client_never_sees_it() {
     let fake = FakeOpenAi::start();
     let proxy = start(
         &fake,
-        "tokens_per_minute = 100000\nkey = \"header:Authorization\"\nmax_tokens = 2048\ndefault_max_tokens = 300",
+        "tokens_per_minute = 2500\nkey = \"header:Authorization\"\nmax_tokens = 2048\ndefault_max_tokens = 300",
         "",
         "",
     );
@@ -111,15 +111,16 @@ fn streams_settle_with_the_usage_chunk_and_the_client_never_sees_it() {
     assert!(reply.body.ends_with("data: [DONE]\n\n"), "{}", reply.body);
     // Where the budget stands, this request's reservation still held.
     let reserve = body.len() as u64 + 300;
-    assert_eq!(reply.header("ratelimit-limit"), Some("100000"));
-    // 1 667 tokens a second refill meanwhile.
+    assert_eq!(reply.header("ratelimit-limit"), Some("2500"));
+    // 42 tokens a second refill meanwhile. The budget is small so that
+    // the tokens used stay visible to `ctl limits` below for seconds.
     let remaining: u64 = reply
         .header("ratelimit-remaining")
         .unwrap()
         .parse()
         .unwrap();
     assert!(
-        (100_000 - reserve..100_000 - reserve + 500).contains(&remaining),
+        (2_500 - reserve..2_500 - reserve + 100).contains(&remaining),
         "{reply:?}"
     );
     let reset: u64 = reply.header("ratelimit-reset").unwrap().parse().unwrap();
@@ -172,7 +173,7 @@ fn streams_settle_with_the_usage_chunk_and_the_client_never_sees_it() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
-        text.contains("token budget ai: 100000 tokens/min per key, 2 keys"),
+        text.contains("token budget ai: 2500 tokens/min per key, 2 keys"),
         "{text}"
     );
     assert!(text.contains("3 admitted"), "{text}");
