@@ -226,11 +226,17 @@ impl Switchyard {
         };
         let proxy = new_proxy(plain_side);
         let connections = Arc::new(connection_table(&config.server));
+        // The keep-alive idle limit as reloaded (`server.keepalive_timeout`).
+        let keepalive: slow_clients::KeepAlive = {
+            let board = board.clone();
+            Arc::new(move || board.load().settings.keepalive_timeout)
+        };
         let app = HeaderTimeout::new(
             http_proxy(&server.configuration, proxy),
             config.server.header_timeout,
             connections.clone(),
         )
+        .with_keepalive(keepalive.clone())
         .with_observers(observers.clone());
         let mut proxy = Service::new("proxy".into(), app);
         proxy.add_listener(
@@ -257,6 +263,7 @@ impl Switchyard {
             options.h2_idle_timeout = Some(config.server.keepalive_timeout);
             app.server_options = Some(options);
             let app = HeaderTimeout::new(app, config.server.header_timeout, connections.clone())
+                .with_keepalive(keepalive)
                 .with_tls(handshakes)
                 .with_observers(observers.clone());
             let mut service = Service::new("proxy-https".into(), app);
