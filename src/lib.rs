@@ -78,11 +78,14 @@ const RUNTIME_SHUTDOWN_TIMEOUT_SECS: u64 = 1;
 /// is retried, and a refused or reset one moves once to another backend.
 const MAX_TRIES: usize = 3;
 
-/// Read buffer of each client connection (4 KiB). Pingora's default, 64 KiB,
-/// is zero-filled on accept and so costs 64 KiB of memory per idle kept-alive
-/// connection; a request header fits in 4 KiB, and larger body reads bypass
-/// the buffer anyway.
-const CLIENT_READ_BUFFER: usize = 4 * 1024;
+/// Read buffer of each client connection: none (0 bytes). Pingora's
+/// default, 64 KiB, and the 4 KiB used before, are zero-filled at accept and
+/// held for the connection's life; Pingora's own reads (the request header,
+/// 4 KiB, and bodies) are at least as large, so a buffer under them saves
+/// no syscall. Without it an idle kept-alive connection costs 4 KiB less
+/// (`.ci/bench idle`: 19.3 to 15.4 KiB) at no measurable CPU cost per
+/// request (`.ci/bench small`); see README, Benchmarks.
+const CLIENT_READ_BUFFER: usize = 0;
 
 /// Client connections the admin API holds at once (64): deploy tooling
 /// makes a few; more is a misbehaving script or a flood.
