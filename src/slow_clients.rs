@@ -1163,7 +1163,12 @@ mod tests {
         client.write_all(b"GET /1 HTTP/1.1\r\n\r\n").await.unwrap();
         assert!(conn.wait_next(keepalive, &running).await, "first request");
         let mut buf = [0u8; 4096];
-        let n = conn.read(&mut buf).await.unwrap();
+        // Bounded: bytes lost by the replay fail the test instead of hanging it.
+        let limit = Duration::from_secs(5);
+        let n = tokio::time::timeout(limit, conn.read(&mut buf))
+            .await
+            .expect("the request is replayed")
+            .unwrap();
         assert_eq!(&buf[..n], b"GET /1 HTTP/1.1\r\n\r\n");
         conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             .await
@@ -1197,7 +1202,10 @@ mod tests {
         assert!(waited);
         let mut got = Vec::new();
         while got.len() < 38 {
-            let n = conn.read(&mut buf).await.unwrap();
+            let n = tokio::time::timeout(limit, conn.read(&mut buf))
+                .await
+                .expect("both requests are replayed")
+                .unwrap();
             assert!(n > 0);
             got.extend_from_slice(&buf[..n]);
         }
