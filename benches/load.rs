@@ -13,6 +13,8 @@
 //!   16k        16 KiB responses, keep-alive
 //!   close      a new connection per request (`Connection: close`)
 //!   idle       10 000 idle kept-alive client connections: memory
+//!   ws-idle    9 000 idle WebSockets through each proxy: memory per upgraded
+//!              connection (`load/ws_idle.rs`)
 //!   sse        server-sent events relay: time to first byte, added delay
 //!   realistic  route table like conf/switchyard.toml, health checks, forwarded headers
 //!   switch     blue/green switches every 100 ms under constant load
@@ -66,6 +68,8 @@ mod switch;
 mod tls;
 #[path = "load/wrk.rs"]
 mod wrk;
+#[path = "load/ws_idle.rs"]
+mod ws_idle;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -82,6 +86,7 @@ const ALL: &[&str] = &[
     "16k",
     "close",
     "idle",
+    "ws-idle",
     "sse",
     "realistic",
     "switch",
@@ -116,6 +121,10 @@ const CLUSTER_PACE: Duration = Duration::from_millis(1);
 const CLUSTER_BOUND: Duration = Duration::from_millis(100);
 /// Host header of the simple scenarios (no route names a host there).
 const BENCH_HOST: &str = "bench.local";
+/// `ws-idle`: WebSockets held (9 000). Each takes two descriptors in the
+/// proxy (client and upstream side) and two in this process (client and
+/// echo server), and the hard open-file limit here is 20 000.
+const WS_CONNS: usize = 9_000;
 
 struct Opts {
     quick: bool,
@@ -125,6 +134,8 @@ struct Opts {
     switch_secs: u32,
     sse_events: usize,
     idle_conns: usize,
+    /// WebSockets held in `ws-idle`.
+    ws_conns: usize,
     /// Switches in the propagation part of `cluster`.
     cluster_switches: usize,
     /// New connections per second in `tls-h2-close`.
@@ -148,6 +159,7 @@ impl Opts {
                 switch_secs: 10,
                 sse_events: 100,
                 idle_conns: 10_000,
+                ws_conns: WS_CONNS,
                 cluster_switches: 10,
                 tls_rate: TLS_NEW_CONNS_PER_SEC,
                 haproxy: true,
@@ -164,6 +176,7 @@ impl Opts {
                 switch_secs: 30,
                 sse_events: 300,
                 idle_conns: 10_000,
+                ws_conns: WS_CONNS,
                 cluster_switches: 30,
                 tls_rate: TLS_NEW_CONNS_PER_SEC,
                 haproxy: true,
@@ -185,6 +198,7 @@ impl Opts {
                 "--secs" => o.secs = value(a)?.max(1) as u32,
                 "--switch-secs" => o.switch_secs = value(a)?.max(1) as u32,
                 "--idle-conns" => o.idle_conns = value(a)?.max(1) as usize,
+                "--ws-conns" => o.ws_conns = value(a)?.max(1) as usize,
                 "--cluster-switches" => o.cluster_switches = value(a)?.clamp(1, 1000) as usize,
                 // h2load starts connections in 10 ms batches: whole hundreds.
                 "--tls-rate" => o.tls_rate = (value(a)?.clamp(100, 100_000) / 100 * 100) as u32,
@@ -205,13 +219,15 @@ impl Opts {
 }
 
 const USAGE: &str = "usage: .ci/bench [--quick] [--rounds N] [--secs N] [--switch-secs N] \
-[--idle-conns N] [--tls-rate N] [--cluster-switches N] [--no-haproxy] [--no-pingora] [--perf] \
+[--idle-conns N] [--ws-conns N] [--tls-rate N] [--cluster-switches N] [--no-haproxy] [--no-pingora] [--perf] \
 [SCENARIO...]
 scenarios (default: all):
   small         small responses, keep-alive (wrk -t1 -c50)
   16k           16 KiB responses, keep-alive
   close         a new connection per request (Connection: close)
   idle          10 000 idle keep-alive client connections: memory
+  ws-idle       --ws-conns idle WebSockets (default 9 000) through each proxy to an echo
+                upstream: memory per upgraded connection
   sse           server-sent events relay: time to first byte, added delay
   realistic     route table like conf/switchyard.toml, health checks, forwarded headers
   switch        blue/green switches every 100 ms under constant load
@@ -422,6 +438,7 @@ fn run(opts: &Opts) -> i32 {
 
     let mut wrk_results: Vec<WrkScenario> = Vec::new();
     let mut idle_result: Option<Vec<(Kind, idle::IdleResult)>> = None;
+    let mut ws_result: Option<Vec<(Kind, idle::IdleResult)>> = None;
     let mut sse_result: Option<SseResult> = None;
     let mut switch_result: Option<Vec<switch::SwitchReport>> = None;
     let mut cluster_result: Option<cluster::Report> = None;
@@ -433,6 +450,7 @@ fn run(opts: &Opts) -> i32 {
         many_conns: false,
         stream: false,
         tls: false,
+        websocket: false,
     };
     let tls_setup = Setup::Simple {
         backend: g[0],
@@ -440,6 +458,7 @@ fn run(opts: &Opts) -> i32 {
         many_conns: false,
         stream: false,
         tls: true,
+        websocket: false,
     };
     for &name in ALL {
         if !opts.wants(name) {
@@ -571,6 +590,7 @@ fn run(opts: &Opts) -> i32 {
                 Ok(())
             }),
             "idle" => idle_scenario(&env, opts).map(|r| idle_result = Some(r)),
+            "ws-idle" => ws_idle_scenario(&env, opts).map(|r| ws_result = Some(r)),
             "sse" => sse_scenario(&env, opts).map(|r| sse_result = Some(r)),
             "switch" => switch_scenario(&env, opts).map(|r| switch_result = Some(r)),
             "cluster" => cluster_scenario(&env, opts, &mut wrk_results, &mut cluster_result),
@@ -598,7 +618,15 @@ fn run(opts: &Opts) -> i32 {
     print_wrk_table(&wrk_results);
     print_profile_table(&wrk_results);
     if let Some(r) = &idle_result {
-        print_idle_table(r, opts.idle_conns);
+        let title = format!("(d) {} idle keep-alive client connections", opts.idle_conns);
+        print_idle_table(r, &title);
+    }
+    if let Some(r) = &ws_result {
+        let n = r.first().map_or(0, |(_, v)| v.wanted);
+        print_idle_table(
+            r,
+            &format!("(d2) {n} idle WebSockets (client to echo upstream)"),
+        );
     }
     if let Some(r) = &sse_result {
         print_sse_table(r);
@@ -624,6 +652,9 @@ fn run(opts: &Opts) -> i32 {
         "meta": meta(opts, &env, total),
         "wrk_scenarios": wrk_results.iter().map(WrkScenario::json).collect::<Vec<_>>(),
         "idle_connections": idle_result.as_ref().map(|r| {
+            r.iter().map(|(k, v)| json!({"proxy": k.name(), "result": v.json()})).collect::<Vec<_>>()
+        }),
+        "ws_idle_connections": ws_result.as_ref().map(|r| {
             r.iter().map(|(k, v)| json!({"proxy": k.name(), "result": v.json()})).collect::<Vec<_>>()
         }),
         "sse": sse_result.as_ref().map(SseResult::json),
@@ -1468,6 +1499,7 @@ fn idle_scenario(env: &Env, opts: &Opts) -> Result<Vec<(Kind, idle::IdleResult)>
         many_conns: true,
         stream: false,
         tls: false,
+        websocket: false,
     };
     let targets = confs::start_proxies(
         &env.tools,
@@ -1519,12 +1551,64 @@ fn idle_scenario(env: &Env, opts: &Opts) -> Result<Vec<(Kind, idle::IdleResult)>
     Ok(out)
 }
 
-fn print_idle_table(results: &[(Kind, idle::IdleResult)], wanted: usize) {
+// ---------------------------------------------------------------------------
+// (d2) idle WebSockets
+// ---------------------------------------------------------------------------
+
+fn ws_idle_scenario(env: &Env, opts: &Opts) -> Result<Vec<(Kind, idle::IdleResult)>, String> {
+    let echo = ws_idle::start_echo().map_err(|e| format!("WebSocket echo upstream: {e}"))?;
+    let setup = Setup::Simple {
+        backend: echo.port(),
+        alt: env.upstream.general[1],
+        many_conns: true,
+        stream: false,
+        tls: false,
+        websocket: true,
+    };
+    let targets = confs::start_proxies(
+        &env.tools,
+        &env.upstream,
+        &scenario_dir(env, "ws-idle"),
+        setup,
+        (BENCH_HOST, "/", 200),
+    )?;
+    // Two descriptors per WebSocket here (client, echo side) and in the proxy.
+    let fit = (env.tools.nofile.saturating_sub(1000) / 2) as usize;
+    let mut out = Vec::new();
+    for t in &targets {
+        let mut n = opts.ws_conns.min(fit);
+        if t.kind == Kind::Haproxy {
+            n = n.min(confs::haproxy_maxconn(setup, env.tools.nofile).saturating_sub(100) as usize);
+        }
+        if n < opts.ws_conns {
+            eprintln!(
+                "load:   {}: the open-file limit ({}) caps it at {n} WebSockets",
+                t.kind.name(),
+                env.tools.nofile
+            );
+        }
+        let r = ws_idle::hold(&t.proc, t.addr(), BENCH_HOST, "/ws", n);
+        eprintln!(
+            "load:   {}: {} of {} WebSockets held in {:.1} s, RSS {:.1} -> {:.1} MiB ({:.1} KiB/conn)",
+            t.kind.name(),
+            r.held,
+            r.wanted,
+            r.open_secs,
+            r.rss_before_kib as f64 / 1024.0,
+            r.rss_held_kib as f64 / 1024.0,
+            r.kib_per_conn()
+        );
+        out.push((t.kind, r));
+    }
+    Ok(out)
+}
+
+fn print_idle_table(results: &[(Kind, idle::IdleResult)], title: &str) {
     let base = results
         .iter()
         .find(|(k, _)| *k == Kind::Nginx)
         .map(|(_, r)| r.clone());
-    println!("(d) {wanted} idle keep-alive client connections (RSS summed over processes; ratio to nginx in parentheses)");
+    println!("{title} (RSS summed over processes; ratio to nginx in parentheses)");
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|(k, r)| {
@@ -1654,6 +1738,7 @@ fn sse_scenario(env: &Env, opts: &Opts) -> Result<SseResult, String> {
         many_conns: false,
         stream: true,
         tls: false,
+        websocket: false,
     };
     let targets = confs::start_proxies(
         &env.tools,

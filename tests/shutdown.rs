@@ -107,3 +107,43 @@ fn grace_period_bounds_a_request_that_runs_too_long() {
         "request cut off by shutdown reported 200: {result:?}"
     );
 }
+
+/// Keep-alive ends at shutdown: a kept-alive connection waiting for its
+/// next request is closed when SIGTERM arrives (as nginx closes its idle
+/// connections), not left open until the process exits, while a request in
+/// flight on another connection still finishes.
+#[test]
+fn idle_kept_alive_connection_is_closed_when_shutdown_starts() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let mut proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .grace_period("10s")
+        .start();
+    let mut idle = RawConn::connect(&proxy.http_addr());
+    idle.send(b"GET /before HTTP/1.1\r\nHost: s.test\r\n\r\n")
+        .unwrap();
+    let r = idle
+        .read_response(Duration::from_secs(5))
+        .expect("first answer");
+    assert_eq!((r.status, r.body.as_str()), (200, "blue"), "{r:?}");
+
+    // Keeps the process running well past the moment the idle one closes.
+    let slow = in_flight_request(&proxy, &blue, "/slow?delay_ms=5000");
+    proxy.sigterm();
+    let data = idle
+        .wait_closed(Duration::from_secs(3))
+        .expect("idle kept-alive connection still open 3 s after SIGTERM");
+    assert!(data.is_empty(), "{:?}", String::from_utf8_lossy(&data));
+    assert!(
+        blue.in_flight_for("/s") >= 1,
+        "closed only once the in-flight request was done, not at shutdown"
+    );
+
+    let result = slow.join().expect("slow client panicked");
+    let (code, body) = result.unwrap_or_else(|e| panic!("in-flight request failed: {e}"));
+    assert_eq!((code, body.as_str()), (200, "blue"), "in-flight request");
+    let st = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("still running 10 s after SIGTERM");
+    assert_eq!(st.code(), Some(0), "exit status {st}");
+}

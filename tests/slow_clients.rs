@@ -649,3 +649,76 @@ fn pipelined_requests_are_answered_in_order() {
         "{second:?}"
     );
 }
+
+/// Between two requests the wrapper waits for the next one itself and hands
+/// its bytes to Pingora afterwards: the next request arrives intact whether
+/// it comes in one write, in several small ones, or with a second request
+/// pipelined behind it, and after a request that had a body too.
+#[test]
+fn the_request_after_an_idle_wait_is_answered_intact() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    let mut c = RawConn::connect(&proxy.http_addr());
+    let get = |path: &str, id: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: idle.test\r\nX-Request-Id: {id}\r\n\r\n")
+    };
+    let answered = |c: &mut RawConn, id: &str| {
+        let r = c
+            .read_response(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("no answer for {id}: {e}"));
+        assert_eq!(
+            (r.status, r.header("x-request-id"), r.body.as_str()),
+            (200, Some(id), "blue"),
+            "{r:?}"
+        );
+    };
+    c.send(get("/w1", "w1").as_bytes()).unwrap();
+    answered(&mut c, "w1");
+
+    // Idle for a moment, then a request in small pieces. (The pauses are
+    // what make the client slow, not synchronisation.)
+    std::thread::sleep(Duration::from_millis(200));
+    let pieces = get("/w2?q=split", "w2");
+    for piece in pieces.as_bytes().chunks(7) {
+        c.send(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    answered(&mut c, "w2");
+
+    // Idle again, then two requests in one write: the replay loses neither.
+    std::thread::sleep(Duration::from_millis(200));
+    c.send((get("/w3", "w3") + &get("/w4", "w4")).as_bytes())
+        .unwrap();
+    answered(&mut c, "w3");
+    answered(&mut c, "w4");
+
+    // After a request with a body, then idle, then one more.
+    c.send(b"POST /w5 HTTP/1.1\r\nHost: idle.test\r\nX-Request-Id: w5\r\nContent-Length: 5\r\n\r\nhello")
+        .unwrap();
+    answered(&mut c, "w5");
+    std::thread::sleep(Duration::from_millis(200));
+    c.send(get("/w6", "w6").as_bytes()).unwrap();
+    answered(&mut c, "w6");
+
+    let seen: Vec<(String, String)> = blue
+        .seen()
+        .into_iter()
+        .map(|r| {
+            let id = r.header("x-request-id").unwrap_or_default().to_string();
+            (r.path, id)
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("/w1", "w1"),
+        ("/w2?q=split", "w2"),
+        ("/w3", "w3"),
+        ("/w4", "w4"),
+        ("/w5", "w5"),
+        ("/w6", "w6"),
+    ]
+    .iter()
+    .map(|(p, i)| (p.to_string(), i.to_string()))
+    .collect();
+    assert_eq!(seen, expected, "what the backend received, in order");
+}

@@ -118,6 +118,8 @@ pub enum Setup {
         /// Also serve HTTPS (TLS 1.2 + 1.3, ALPN h2 and http/1.1) with the
         /// run's certificate on `Target::tls_port`.
         tls: bool,
+        /// The route passes WebSocket upgrades (idle for up to an hour).
+        websocket: bool,
     },
     /// A route table like conf/switchyard.toml; health checks on.
     Realistic,
@@ -411,7 +413,16 @@ pub fn start_proxies(
             }
             Kind::Nginx => {
                 let (many, http) = nginx_proxy_http(up, &d, (port, tls_port), &tools.tls, setup)?;
-                let text = nginx_conf(&d, if many { 12288 } else { 1024 }, tools.nofile, &http);
+                let connections = match setup {
+                    // Two connections per WebSocket, as many as the
+                    // open-file limit allows.
+                    Setup::Simple {
+                        websocket: true, ..
+                    } => tools.nofile.saturating_sub(500) as u32,
+                    _ if many => 12288,
+                    _ => 1024,
+                };
+                let text = nginx_conf(&d, connections, tools.nofile, &http);
                 start_nginx("nginx", &tools.nginx, &d, &text)?
             }
             Kind::Haproxy => {
@@ -545,7 +556,12 @@ enabled = false
     )
     .unwrap();
     match setup {
-        Setup::Simple { backend, alt, .. } => write!(
+        Setup::Simple {
+            backend,
+            alt,
+            websocket,
+            ..
+        } => write!(
             s,
             "[services.app]
 blue = [\"127.0.0.1:{backend}\"]
@@ -555,7 +571,12 @@ active = \"blue\"
 [[routes]]
 path = \"/\"
 service = \"app\"
-"
+{}",
+            if websocket {
+                "websocket = true\nidle_timeout = \"1h\"\n"
+            } else {
+                ""
+            }
         )
         .unwrap(),
         Setup::Limits { stream } => {
@@ -755,6 +776,7 @@ fn nginx_proxy_http(
             many_conns: false,
             stream,
             tls: false,
+            websocket: false,
         },
         other => other,
     };
@@ -763,12 +785,26 @@ fn nginx_proxy_http(
             backend,
             many_conns,
             stream,
+            websocket,
             ..
         } => {
             let extra = if stream {
                 "        proxy_buffering off;\n        proxy_cache off;\n"
             } else {
                 ""
+            };
+            // Upgrades passed on (`Connection: upgrade` instead of the
+            // empty one), idle for up to an hour.
+            let base = if websocket {
+                "        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection \"upgrade\";
+        proxy_set_header Host $http_host;
+        proxy_read_timeout 1h;
+        proxy_send_timeout 1h;
+"
+            } else {
+                base
             };
             // The same offer as switchyard's listener: TLS 1.2 and 1.3,
             // ALPN h2 and http/1.1; nginx's defaults otherwise (session
