@@ -722,3 +722,27 @@ fn the_request_after_an_idle_wait_is_answered_intact() {
     .collect();
     assert_eq!(seen, expected, "what the backend received, in order");
 }
+
+/// Three GETs in one write (RFC 9112 §9.3.2): each reaches the backend and
+/// is answered, in order, on the same connection.
+#[test]
+fn three_pipelined_requests_are_answered_in_order() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    let mut c = RawConn::connect(&proxy.http_addr());
+    let get =
+        |id: &str| format!("GET /{id} HTTP/1.1\r\nHost: pipe.test\r\nX-Request-Id: {id}\r\n\r\n");
+    c.send((get("a") + &get("b") + &get("c")).as_bytes())
+        .unwrap();
+    for id in ["a", "b", "c"] {
+        let r = c
+            .read_response(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("no answer for /{id}: {e}"));
+        assert_eq!(
+            (r.status, r.header("x-request-id")),
+            (200, Some(id)),
+            "{r:?}"
+        );
+    }
+}
