@@ -82,13 +82,29 @@ pub fn hold(proc: &Proc, addr: SocketAddr, host: &str, n: usize) -> IdleResult {
     let open_secs = start.elapsed().as_secs_f64();
     // Let the proxy settle (buffers released after the answers went out).
     std::thread::sleep(Duration::from_millis(500));
+    measure(proc, n, open_secs, rss_before_kib, held, |s| {
+        s.write_all(request.as_bytes()).is_ok() && matches!(procs::read_response(s), Ok(200))
+    })
+}
+
+/// Measures `proc` holding `held` (of `n` wanted, opened in `open_secs`,
+/// RSS `rss_before_kib` before): RSS and high-water mark now, then whether
+/// every 100th connection is still `alive`, then RSS once all are closed.
+pub fn measure(
+    proc: &Proc,
+    n: usize,
+    open_secs: f64,
+    rss_before_kib: u64,
+    mut held: Vec<TcpStream>,
+    mut alive: impl FnMut(&mut TcpStream) -> bool,
+) -> IdleResult {
     let rss_held_kib = proc.rss_kib();
     let hwm_kib = proc.hwm_kib();
     let mut sampled = 0;
     let mut sampled_alive = 0;
     for s in held.iter_mut().step_by(100) {
         sampled += 1;
-        if s.write_all(request.as_bytes()).is_ok() && matches!(procs::read_response(s), Ok(200)) {
+        if alive(s) {
             sampled_alive += 1;
         }
     }

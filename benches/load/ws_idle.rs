@@ -197,28 +197,5 @@ pub fn hold(proc: &Proc, addr: SocketAddr, host: &str, path: &str, n: usize) -> 
     let open_secs = start.elapsed().as_secs_f64();
     // Let the proxy settle (buffers released after the echoes went through).
     std::thread::sleep(Duration::from_millis(500));
-    let rss_held_kib = proc.rss_kib();
-    let hwm_kib = proc.hwm_kib();
-    let mut sampled = 0;
-    let mut sampled_alive = 0;
-    for s in held.iter_mut().step_by(100) {
-        sampled += 1;
-        if echoed(s) {
-            sampled_alive += 1;
-        }
-    }
-    let count = held.len();
-    drop(held);
-    std::thread::sleep(Duration::from_secs(1));
-    IdleResult {
-        wanted: n,
-        held: count,
-        open_secs,
-        rss_before_kib,
-        rss_held_kib,
-        hwm_kib,
-        rss_after_close_kib: proc.rss_kib(),
-        sampled,
-        sampled_alive,
-    }
+    crate::idle::measure(proc, n, open_secs, rss_before_kib, held, echoed)
 }
