@@ -27,15 +27,10 @@ const LEASE: Duration = Duration::from_secs(1);
 
 fn link(redis: &RedisServer, name: &str, instance: &str) -> Arc<Link> {
     let cluster = Cluster {
-        redis: redis.url(),
-        tls: false,
-        name: name.into(),
         instance: instance.into(),
-        password: None,
-        ca_file: None,
-        timeout: Duration::from_millis(300),
         limit_timeout: Duration::from_millis(200),
         lease: LEASE,
+        ..redis.cluster(name, Duration::from_millis(300))
     };
     Arc::new(Link::new(&cluster, None).unwrap())
 }

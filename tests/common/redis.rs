@@ -161,6 +161,23 @@ impl RedisServer {
         self.spawn();
     }
 
+    /// A `[cluster]` on this server named `name` (instance `test`), every
+    /// call bounded by `timeout`, the lease 10 s: callers change what
+    /// their test is about.
+    pub fn cluster(&self, name: &str, timeout: Duration) -> switchyard::config::Cluster {
+        switchyard::config::Cluster {
+            redis: self.url(),
+            tls: false,
+            name: name.into(),
+            instance: "test".into(),
+            password: None,
+            ca_file: None,
+            timeout,
+            limit_timeout: timeout,
+            lease: Duration::from_secs(10),
+        }
+    }
+
     /// The server's directory (its log is `redis.log` there).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -199,4 +216,25 @@ pub fn ping(port: u16, password: Option<&str>) -> bool {
         line.clear();
     }
     reader.read_line(&mut line).is_ok() && line == "+PONG\r\n"
+}
+
+/// Asserts that `e`, from a call that took `took`, says Redis is gone
+/// (unreachable or timed out), names `redis`'s URL, and came within
+/// `timeout` (with a wide margin for a loaded machine).
+pub fn assert_gone_within(
+    e: &switchyard::cluster::ClusterError,
+    redis: &RedisServer,
+    took: Duration,
+    timeout: Duration,
+) {
+    use switchyard::cluster::ClusterError;
+    assert!(
+        matches!(
+            e,
+            ClusterError::Unreachable { .. } | ClusterError::Timeout { .. }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains(&redis.url()), "{e}");
+    assert!(took < timeout + Duration::from_secs(2), "took {took:?}");
 }
