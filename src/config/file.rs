@@ -107,6 +107,8 @@ pub struct RateLimit {
 #[serde(deny_unknown_fields)]
 pub struct Server {
     pub threads: Option<Spanned<u32>>,
+    pub work_stealing: Option<Spanned<bool>>,
+    pub fast_path: Option<Spanned<bool>>,
     pub grace_period: Option<Spanned<String>>,
     pub state_dir: Option<Spanned<PathBuf>>,
     pub upstream_keepalive_pool: Option<Spanned<usize>>,
