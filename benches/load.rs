@@ -1918,6 +1918,7 @@ fn switch_scenario(env: &Env, opts: &Opts) -> Result<Vec<switch::SwitchReport>, 
             | Kind::Pingora
             | Kind::SwitchyardNoLimits
             | Kind::SwitchyardNoMetrics
+            | Kind::SwitchyardPingoraPath
             | Kind::Clustered(_) => continue,
         };
         eprintln!(

@@ -117,7 +117,16 @@ pub struct Ctx {
     completion: Option<Completion>,
 }
 
-struct RequestCount(Arc<AtomicUsize>);
+/// One request counted in flight from its creation to its drop (shutdown
+/// waits for the count to reach 0).
+pub(crate) struct RequestCount(Arc<AtomicUsize>);
+
+impl RequestCount {
+    pub(crate) fn new(requests: Arc<AtomicUsize>) -> RequestCount {
+        requests.fetch_add(1, Ordering::Relaxed);
+        RequestCount(requests)
+    }
+}
 
 impl Drop for RequestCount {
     fn drop(&mut self) {
@@ -140,9 +149,8 @@ impl ProxyHttp for Proxy {
     }
 
     fn new_ctx(&self) -> Ctx {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         Ctx {
-            _request: RequestCount(self.requests.clone()),
+            _request: RequestCount::new(self.requests.clone()),
             started: Instant::now(),
             snap: None,
             service: None,
@@ -694,7 +702,7 @@ fn content_length(req: &RequestHeader) -> Option<usize> {
 }
 
 /// Bytes of the request line and headers as they came on the wire (close enough).
-fn header_size(req: &RequestHeader) -> usize {
+pub(crate) fn header_size(req: &RequestHeader) -> usize {
     let line = req.method.as_str().len() + req.raw_path().len() + 12;
     req.headers
         .iter()

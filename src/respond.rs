@@ -208,12 +208,25 @@ impl Pages {
         refusal: Refusal,
         openai: bool,
     ) -> Result<()> {
+        let accept = session.req_header().headers.get(http::header::ACCEPT);
+        let (resp, body) = self.render(accept, request_id, refusal, openai)?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+
+    /// The answer for `refusal` as a head and a body, for a client that
+    /// sent `accept`: the configured HTML page for a 503 unless the client
+    /// asks for JSON, else a JSON error (`openai`: in OpenAI's error shape).
+    pub fn render(
+        &self,
+        accept: Option<&http::HeaderValue>,
+        request_id: &http::HeaderValue,
+        refusal: Refusal,
+        openai: bool,
+    ) -> Result<(ResponseHeader, Bytes)> {
         let status = refusal.status();
-        let wants_json = session
-            .req_header()
-            .headers
-            .get(http::header::ACCEPT)
-            .is_some_and(|a| a.to_str().is_ok_and(|a| a.contains("application/json")));
+        let wants_json =
+            accept.is_some_and(|a| a.to_str().is_ok_and(|a| a.contains("application/json")));
         let (content_type, body) = if status == 503 && !wants_json && !openai {
             ("text/html; charset=utf-8", self.page.clone())
         } else {
@@ -255,8 +268,7 @@ impl Pages {
             _ => {}
         }
         stamp(&mut resp, request_id)?;
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await
+        Ok((resp, body))
     }
 }
 

@@ -81,6 +81,10 @@ pub enum Kind {
     /// switchyard without its metrics listener (`realistic` only; the
     /// `switchyard` line counts every request, as the shipped config does).
     SwitchyardNoMetrics,
+    /// switchyard with `server.fast_path = false`: every request through
+    /// Pingora's proxy (the simple wrk scenarios and `realistic`), to
+    /// measure the lean HTTP/1 path against it in the same run.
+    SwitchyardPingoraPath,
     /// switchyard on the realistic routes as one variant of the `cluster`
     /// scenario (`[cluster]` on or off, see `load/cluster.rs`).
     Clustered(&'static cluster::Variant),
@@ -96,6 +100,7 @@ impl Kind {
             Kind::Switchyard => "switchyard",
             Kind::SwitchyardNoLimits => "switchyard, no limits",
             Kind::SwitchyardNoMetrics => "switchyard, no metrics",
+            Kind::SwitchyardPingoraPath => "switchyard, Pingora path",
             Kind::Clustered(v) => v.name,
             Kind::Pingora => "pingora",
             Kind::Nginx => "nginx",
@@ -352,6 +357,18 @@ pub fn start_proxies(
         kinds.push(Kind::SwitchyardNoLimits);
     }
     let realistic = matches!(setup, Setup::Realistic);
+    let plain_wrk = matches!(
+        setup,
+        Setup::Simple {
+            many_conns: false,
+            stream: false,
+            websocket: false,
+            ..
+        }
+    );
+    if realistic || plain_wrk {
+        kinds.push(Kind::SwitchyardPingoraPath);
+    }
     if realistic {
         kinds.push(Kind::SwitchyardNoMetrics);
     }
@@ -378,7 +395,7 @@ pub fn start_proxies(
         let (port, admin_port) = (ports[0], ports[1]);
         let tls_port = if tls { ports[2] } else { 0 };
         let metrics_port = match kind {
-            Kind::Switchyard if realistic => ports[3],
+            Kind::Switchyard | Kind::SwitchyardPingoraPath if realistic => ports[3],
             // Every variant as conf/switchyard.toml, metrics listener included.
             Kind::Clustered(_) => ports[3],
             _ => 0,
@@ -387,6 +404,7 @@ pub fn start_proxies(
             Kind::Switchyard
             | Kind::SwitchyardNoLimits
             | Kind::SwitchyardNoMetrics
+            | Kind::SwitchyardPingoraPath
             | Kind::Clustered(_) => {
                 let conf = d.join("switchyard.toml");
                 let listen = (port, tls_port, metrics_port);
@@ -528,6 +546,10 @@ retry_after = \"30s\"
 "
         ),
         _ => "keepalive_timeout = \"60s\"\n".to_string(),
+    };
+    let server_extra = match kind {
+        Kind::SwitchyardPingoraPath => format!("{server_extra}fast_path = false\n"),
+        _ => server_extra,
     };
     if matches!(setup, Setup::Realistic) {
         let _ = fs::write(dir.join("maintenance.html"), "<h1>Back soon</h1>\n");

@@ -21,7 +21,7 @@ pub const DEFAULT_WORK_STEALING: bool = false;
 /// Whether plain HTTP/1.1 requests without a body are served on
 /// switchyard's lean path (`src/fast_path.rs`) instead of Pingora's proxy
 /// (`false` until issue 14's experiment decides).
-pub const DEFAULT_FAST_PATH: bool = false;
+pub const DEFAULT_FAST_PATH: bool = true;
 /// How long in-flight requests may run on after SIGTERM before the process exits (30 s).
 /// Pingora's own default (300 s) is too long for a deploy.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);

@@ -142,11 +142,7 @@ impl RateLimit {
         let Some(c) = &self.cluster else {
             return self.check(req, client);
         };
-        if self
-            .methods
-            .as_ref()
-            .is_some_and(|m| !m.contains(&req.method))
-        {
+        if !self.counts(&req.method) {
             return Ok(());
         }
         self.checks.fetch_add(1, Ordering::Relaxed);
@@ -200,15 +196,17 @@ impl RateLimit {
         }
     }
 
+    /// Whether requests of `method` count against this limit (`methods`;
+    /// all when unset).
+    pub fn counts(&self, method: &http::Method) -> bool {
+        self.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+
     /// `Err(wait)` when the key of `req` from `client` (its address after
     /// `trusted_proxies`) is over the rate: how long until it may send
     /// again. Methods the limit does not count always pass, untouched.
     pub fn check(&self, req: &RequestHeader, client: IpAddr) -> Result<(), Duration> {
-        if self
-            .methods
-            .as_ref()
-            .is_some_and(|m| !m.contains(&req.method))
-        {
+        if !self.counts(&req.method) {
             return Ok(());
         }
         if self
