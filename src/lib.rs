@@ -16,6 +16,7 @@ pub mod connections;
 pub mod demo;
 pub mod deploy;
 pub mod forwarded;
+pub mod framing;
 pub mod health;
 pub mod host;
 pub mod limits;
