@@ -913,28 +913,64 @@ fn malformed_header_lines_are_refused() {
                 + &last("/after");
             assert_refused_400(&s, what, bytes.as_bytes());
         }
-        // Bare LF line ends: refused, or read as the same lines.
+        // Bare LF line ends, alone or mixed with CRLF, in the header and in
+        // chunked framing: refused, or read as the same lines and the same
+        // body by switchyard and the backend.
         let addr = s.proxy.http_addr();
-        let bytes =
-            format!("POST /lf HTTP/1.1\nHost: {HOST}\nX-One: 1\nContent-Length: 5\n\nhello")
-                + &last("/after");
-        let ex = exchange(&addr, bytes.as_bytes());
-        s.wire.assert_clean("bare LF");
-        let got = s.wire.requests();
-        match ex.statuses()[..] {
-            [400] => assert!(got.is_empty(), "{got:?}"),
-            [200, 200] => {
-                assert_eq!(got.len(), 2, "{}", s.wire.dump());
-                assert_eq!(
-                    (got[0].body.as_slice(), got[0].header_all("x-one")),
-                    (b"hello".as_slice(), vec!["1"]),
-                    "{}",
-                    s.wire.dump()
-                );
+        let te = "Transfer-Encoding: chunked";
+        for (what, bytes) in [
+            (
+                "bare LF",
+                format!("POST /lf HTTP/1.1\nHost: {HOST}\nX-One: 1\nContent-Length: 5\n\nhello"),
+            ),
+            (
+                "CRLF lines, LF end",
+                format!(
+                    "POST /lf HTTP/1.1\r\nHost: {HOST}\r\nX-One: 1\r\nContent-Length: 5\r\n\nhello"
+                ),
+            ),
+            (
+                "LF lines, CRLF end",
+                format!("POST /lf HTTP/1.1\nHost: {HOST}\nX-One: 1\nContent-Length: 5\n\r\nhello"),
+            ),
+            (
+                "bare LF, chunked",
+                format!(
+                    "POST /lf HTTP/1.1\nHost: {HOST}\nX-One: 1\n{te}\n\n5\r\nhello\r\n0\r\n\r\n"
+                ),
+            ),
+            (
+                "bare LF in chunked framing",
+                format!(
+                    "POST /lf HTTP/1.1\r\nHost: {HOST}\r\nX-One: 1\r\n{te}\r\n\r\n5\nhello\n0\n\n"
+                ),
+            ),
+        ] {
+            let before = s.wire.requests().len();
+            let ex = exchange(&addr, (bytes + &last("/after")).as_bytes());
+            s.wire.assert_clean(what);
+            let got = s.wire.requests()[before..].to_vec();
+            match ex.statuses()[..] {
+                [400] => assert!(got.is_empty(), "{what}: {got:?}"),
+                [200, 200] => {
+                    let seen: Vec<(&str, &[u8], Vec<&str>)> = got
+                        .iter()
+                        .map(|r| (r.target.as_str(), r.body.as_slice(), r.header_all("x-one")))
+                        .collect();
+                    assert_eq!(
+                        seen,
+                        [
+                            ("/lf", &b"hello"[..], vec!["1"]),
+                            ("/after", &b""[..], vec![])
+                        ],
+                        "{what}\n{}",
+                        s.wire.dump()
+                    );
+                }
+                _ => panic!("{what}: {ex:?}"),
             }
-            _ => panic!("bare LF: {ex:?}"),
+            assert_eq!(ex.end, End::Closed, "{what}: {ex:?}");
         }
-        assert_eq!(ex.end, End::Closed, "{ex:?}");
     });
 }
 
@@ -1367,6 +1403,27 @@ fn pipelined_requests_are_answered_in_order() {
             "behind bodies: {ex:?}"
         );
 
+        // Methods that seldom carry a body still may (RFC 9110 §9.3): the
+        // body is framed by its header, whatever the method.
+        let get_body = format!(
+            "GET /p12 HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {}\r\n\r\n{inner}",
+            inner.len()
+        );
+        let delete_body = format!(
+            "DELETE /p13 HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+            chunked(&inner)
+        );
+        let ex = exchange(&addr, (get_body + &delete_body + &last("/p14")).as_bytes());
+        assert_eq!(
+            ex.bodies(),
+            [
+                format!("GET /p12 {n}"),
+                format!("DELETE /p13 {n}"),
+                "GET /p14 0".into()
+            ],
+            "bodies on GET and DELETE: {ex:?}"
+        );
+
         let ex = exchange(
             &addr,
             (get("/denied", "") + &get("/p8", "") + &last("/p9")).as_bytes(),
@@ -1381,18 +1438,14 @@ fn pipelined_requests_are_answered_in_order() {
         s.wire.assert_clean("pipelined");
         let targets = s.wire.targets();
         let want = [
-            "/p1", "/p2", "/p3", "/p4", "/p6", "/p5", "/p7", "/p8", "/p9",
+            "/p1", "/p2", "/p3", "/p4", "/p6", "/p5", "/p7", "/p12", "/p13", "/p14", "/p8", "/p9",
         ];
         assert_eq!(targets, want, "the backend's order");
-        let bodies: Vec<Vec<u8>> = s.wire.requests()[3..7]
+        let bodies: Vec<Vec<u8>> = s.wire.requests()[3..10]
             .iter()
             .map(|r| r.body.clone())
             .collect();
-        assert_eq!(
-            bodies,
-            [inner.as_bytes(), b"", inner.as_bytes(), b""],
-            "{}",
-            s.wire.dump()
-        );
+        let i = inner.as_bytes();
+        assert_eq!(bodies, [i, b"", i, b"", i, i, b""], "{}", s.wire.dump());
     });
 }
