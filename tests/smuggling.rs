@@ -312,10 +312,28 @@ fn wire_answer(req: &WireRequest) -> (Vec<u8>, bool) {
         return (head.into(), false);
     }
     if req.method == "HEAD" {
-        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\n";
+        let head = match req.target.as_str() {
+            "/head-chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            _ => "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\n",
+        };
         return (head.into(), false);
     }
     let answer = match req.target.as_str() {
+        "/no-content" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+        "/not-modified" => {
+            "HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 11\r\n\r\n".to_string()
+        }
+        "/ws/refuse-426" => {
+            "HTTP/1.1 426 Upgrade Required\r\nContent-Length: 2\r\n\r\nno".to_string()
+        }
+        "/resp-cl-te" => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+            return (head.into(), true);
+        }
+        "/resp-dup-cl" => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello, ";
+            return (head.into(), true);
+        }
         "/early-hints" => format!(
             "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n{}",
             ok("after hints")
@@ -978,29 +996,38 @@ fn malformed_header_lines_are_refused() {
 // Upgrades (RFC 9110 §7.8)
 // ---------------------------------------------------------------------------
 
-/// An upgrade the backend does not accept (200, not 101) opens no tunnel:
+/// An upgrade the backend does not accept (200 or 426, not 101) opens no
+/// tunnel (a proxy that trusts the request's `Upgrade` instead of the 101
+/// is the classic WebSocket smuggling):
 /// bytes the client sends after it, in the same write or after the answer,
 /// are read as requests by switchyard (they carry its headers) or dropped
 /// with the connection, never passed on raw.
 #[test]
-fn an_upgrade_answered_200_opens_no_tunnel() {
+fn an_upgrade_not_answered_101_opens_no_tunnel() {
     on_both_paths(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         let ws = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
-        for (what, target, extra) in [
-            ("a WebSocket upgrade", "/ws/chat", ws),
+        for (what, target, extra, status) in [
+            ("a WebSocket upgrade", "/ws/chat", ws, 200),
             (
                 "another protocol",
                 "/ws/other",
                 "Connection: Upgrade\r\nUpgrade: foo/2\r\n",
+                200,
+            ),
+            (
+                "a WebSocket upgrade answered 426",
+                "/ws/refuse-426",
+                ws,
+                426,
             ),
         ] {
             // Raw bytes right behind the upgrade request.
             let bytes = get(target, extra) + "RAW BYTES\r\n\r\n" + &last("/after");
             let ex = exchange(&addr, bytes.as_bytes());
-            assert_eq!(ex.statuses().first(), Some(&200), "{what}: {ex:?}");
+            assert_eq!(ex.statuses().first(), Some(&status), "{what}: {ex:?}");
             assert!(
                 !s.wire.received_bytes(b"RAW BYTES"),
                 "{what}\n{}",
@@ -1008,11 +1035,11 @@ fn an_upgrade_answered_200_opens_no_tunnel() {
             );
             s.wire.assert_clean(what);
 
-            // A request sent after the 200 came back.
+            // A request sent after the answer came back.
             let mut c = RawConn::connect(&addr);
             c.send(get(target, extra).as_bytes()).unwrap();
             let r = c.read_response(DEADLINE).unwrap();
-            assert_eq!(r.status, 200, "{what}: {r:?}");
+            assert_eq!(r.status, status, "{what}: {r:?}");
             let _ = c.send(last("/after-200").as_bytes());
             let ex = read_until_close(&mut c, what);
             s.wire.assert_clean(what);
@@ -1230,33 +1257,76 @@ fn http10_keep_alive_only_when_asked_and_bodies_by_length() {
 // Responses: HEAD, 1xx, truncated bodies (RFC 9112 §6.3, RFC 9110 §15.2)
 // ---------------------------------------------------------------------------
 
-/// A response to HEAD has a Content-Length but no body (RFC 9112 §6.3):
-/// the response pipelined behind it starts right after its head.
+/// Responses without a body whatever their header says (RFC 9112 §6.3): to
+/// HEAD (with `Content-Length` or `Transfer-Encoding: chunked`), 204, and
+/// 304 with a `Content-Length`. The response pipelined behind each starts
+/// right after its head.
 #[test]
-fn head_response_has_no_body_and_the_next_one_is_intact() {
+fn bodiless_responses_keep_the_next_one_intact() {
     on_both_paths(|path| {
         let s = setup(path);
-        let mut c = RawConn::connect(&s.proxy.http_addr());
-        let head = format!("HEAD /head HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
-        c.send((head + &get("/after-head", "") + &last("/last")).as_bytes())
-            .unwrap();
-        let r = c.read_head(DEADLINE).unwrap();
-        assert_eq!(
-            (r.status, r.header("content-length")),
-            (200, Some("11")),
-            "{r:?}"
+        let head = |target: &str| format!("HEAD {target} HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+        for (what, first, status) in [
+            ("HEAD, Content-Length", head("/head"), 200),
+            ("HEAD, chunked", head("/head-chunked"), 200),
+            ("204", get("/no-content", ""), 204),
+            ("304 with Content-Length", get("/not-modified", ""), 304),
+        ] {
+            let mut c = RawConn::connect(&s.proxy.http_addr());
+            c.send((first + &get("/after-head", "") + &last("/last")).as_bytes())
+                .unwrap();
+            let r = c.read_head(DEADLINE).unwrap();
+            assert_eq!(r.status, status, "{what}: {r:?}");
+            // No body read: the next bytes are the next response.
+            let next = c.read_response(DEADLINE).unwrap();
+            assert_eq!(
+                (next.status, next.body.as_str()),
+                (200, "GET /after-head 0"),
+                "{what}: {next:?}"
+            );
+            let ex = read_until_close(&mut c, what);
+            assert_eq!(ex.bodies(), ["GET /last 0"], "{what}: {ex:?}");
+            assert_eq!(ex.end, End::Closed, "{what}");
+        }
+        s.wire.assert_clean("bodiless responses");
+    });
+}
+
+/// A backend answer with ambiguous framing reaches the client with one
+/// framing or not at all: with both `Content-Length` and chunked, chunked
+/// wins (RFC 9112 §6.3); differing lengths are the backend's failure (502,
+/// or a cut connection). Never both headers, never the wrong length.
+#[test]
+fn ambiguous_backend_framing_reaches_the_client_unambiguous() {
+    on_both_paths(|path| {
+        let s = setup(path);
+        let addr = s.proxy.http_addr();
+
+        let ex = exchange(&addr, (get("/resp-cl-te", "") + &last("/after")).as_bytes());
+        match ex.replies.first() {
+            Some(r) if r.status == 200 => {
+                assert_eq!(r.body, "hello", "{ex:?}");
+                let framings =
+                    r.header_all("content-length").len() + r.header_all("transfer-encoding").len();
+                assert_eq!(framings, 1, "CL and TE: {r:?}");
+            }
+            Some(r) => assert_eq!(r.status, 502, "CL and TE: {ex:?}"),
+            None => assert!(matches!(ex.end, End::Cut(_)), "CL and TE: {ex:?}"),
+        }
+
+        let ex = exchange(
+            &addr,
+            (get("/resp-dup-cl", "") + &last("/after")).as_bytes(),
         );
-        // No body read for HEAD: the next bytes are the next response.
-        let next = c.read_response(DEADLINE).unwrap();
-        assert_eq!(
-            (next.status, next.body.as_str()),
-            (200, "GET /after-head 0"),
-            "{next:?}"
-        );
-        let ex = read_until_close(&mut c, "HEAD");
-        assert_eq!(ex.bodies(), ["GET /last 0"], "{ex:?}");
-        assert_eq!(ex.end, End::Closed);
-        s.wire.assert_clean("HEAD");
+        for r in &ex.replies {
+            let lengths = r.header_all("content-length");
+            assert!(lengths.len() <= 1, "two lengths: {ex:?}");
+            assert!(
+                r.status == 502 || lengths.is_empty() || lengths == [r.body.len().to_string()],
+                "differing lengths: {ex:?}"
+            );
+        }
+        s.wire.assert_clean("backend framing");
     });
 }
 
