@@ -320,6 +320,14 @@ fn wire_answer(req: &WireRequest) -> (Vec<u8>, bool) {
     }
     let answer = match req.target.as_str() {
         "/no-content" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+        "/hop-resp" => "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: X-Backend-Conn\r\n\
+                        X-Backend-Conn: s\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\n\
+                        TE: trailers\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\nhop"
+            .to_string(),
+        "/hop-resp-cl" => {
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: Content-Length\r\n\r\nhop"
+                .to_string()
+        }
         "/not-modified" => {
             "HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 11\r\n\r\n".to_string()
         }
@@ -993,6 +1001,138 @@ fn malformed_header_lines_are_refused() {
 }
 
 // ---------------------------------------------------------------------------
+// Hop-by-hop fields (RFC 9110 §7.6.1)
+// ---------------------------------------------------------------------------
+
+/// A client's hop-by-hop fields stay behind, and `Connection` cannot take
+/// away the fields switchyard sets for the backend, nor a framing header
+/// (a request whose `Content-Length` or `Transfer-Encoding` is named in
+/// `Connection` still reaches the backend with its body framed as
+/// switchyard read it, or is refused).
+#[test]
+fn hop_by_hop_request_fields_stay_behind() {
+    on_both_paths(|path| {
+        let s = setup(path);
+        let addr = s.proxy.http_addr();
+        let hop = "Connection: close, X-Custom\r\nX-Custom: 1\r\nKeep-Alive: timeout=5\r\n\
+                   Proxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n\
+                   HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nUpgrade: foo\r\nX-Kept: yes\r\n";
+        let ex = exchange(&addr, get("/hop", hop).as_bytes());
+        assert_eq!(ex.statuses(), [200], "{ex:?}");
+        let r = s.wire.requests().pop().expect("the backend got /hop");
+        for name in [
+            "x-custom",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "http2-settings",
+            "upgrade",
+        ] {
+            assert!(r.header_all(name).is_empty(), "{name} passed on: {r:?}");
+        }
+        assert_eq!(r.header_all("x-kept"), ["yes"], "{r:?}");
+
+        for nominated in [
+            "X-Forwarded-For",
+            "X-Real-IP",
+            "X-Request-Id",
+            "Host",
+            "x-forwarded-for",
+        ] {
+            let before = s.wire.requests().len();
+            let extra = format!("Connection: close, {nominated}\r\n");
+            let ex = exchange(&addr, get("/named", &extra).as_bytes());
+            let got = s.wire.requests()[before..].to_vec();
+            match ex.statuses()[..] {
+                [400] => assert!(got.is_empty(), "{nominated}: {got:?}"),
+                [200] => {
+                    let r = &got[0];
+                    assert_eq!(
+                        r.header_all("x-forwarded-for"),
+                        ["127.0.0.1"],
+                        "{nominated}: {r:?}"
+                    );
+                    assert_eq!(
+                        r.header_all("x-real-ip"),
+                        ["127.0.0.1"],
+                        "{nominated}: {r:?}"
+                    );
+                    assert_eq!(r.header_all("host"), [HOST], "{nominated}: {r:?}");
+                    assert_eq!(r.header_all("x-request-id").len(), 1, "{nominated}: {r:?}");
+                }
+                _ => panic!("{nominated}: {ex:?}"),
+            }
+        }
+
+        for (what, bytes) in [
+            (
+                "Connection: Content-Length",
+                format!(
+                    "POST /named-body HTTP/1.1\r\nHost: {HOST}\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\nhello"
+                ),
+            ),
+            (
+                "Connection: Transfer-Encoding",
+                format!(
+                    "POST /named-body HTTP/1.1\r\nHost: {HOST}\r\nConnection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+                    chunked("hello")
+                ),
+            ),
+        ] {
+            let before = s.wire.requests().len();
+            let ex = exchange(&addr, (bytes + &last("/after")).as_bytes());
+            s.wire.assert_clean(what);
+            let got: Vec<(String, Vec<u8>)> = s.wire.requests()[before..]
+                .iter()
+                .map(|r| (r.target.clone(), r.body.clone()))
+                .collect();
+            match ex.statuses()[..] {
+                [400] => assert!(got.is_empty(), "{what}: {got:?}"),
+                [200, 200] => assert_eq!(
+                    got,
+                    [
+                        ("/named-body".to_string(), b"hello".to_vec()),
+                        ("/after".to_string(), vec![])
+                    ],
+                    "{what}\n{}",
+                    s.wire.dump()
+                ),
+                _ => panic!("{what}: {ex:?}"),
+            }
+        }
+        s.wire.assert_clean("hop-by-hop");
+    });
+}
+
+/// A backend answer's hop-by-hop fields stay behind too (RFC 9110 §7.6.1),
+/// except that a framing header named in its `Connection` still frames it:
+/// the response behind it is intact.
+#[test]
+fn hop_by_hop_response_fields_stay_behind() {
+    on_both_paths(|path| {
+        let s = setup(path);
+        let ex = exchange(
+            &s.proxy.http_addr(),
+            (get("/hop-resp", "") + &get("/hop-resp-cl", "") + &last("/after")).as_bytes(),
+        );
+        assert_eq!(ex.bodies(), ["hop", "hop", "GET /after 0"], "{ex:?}");
+        let r = &ex.replies[0];
+        for name in [
+            "x-backend-conn",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "upgrade",
+        ] {
+            assert!(r.header_all(name).is_empty(), "{name} passed on: {r:?}");
+        }
+        assert_eq!(r.header_all("x-kept"), ["yes"], "{r:?}");
+        s.wire.assert_clean("hop-by-hop answers");
+    });
+}
+
+// ---------------------------------------------------------------------------
 // Upgrades (RFC 9110 §7.8)
 // ---------------------------------------------------------------------------
 
@@ -1077,12 +1217,19 @@ fn h2c_upgrade_is_not_passed_on() {
         ] {
             let mut c = RawConn::connect(&addr);
             c.send(get(target, extra).as_bytes()).unwrap();
-            let first = c.read_head(DEADLINE);
-            let _ = c.send(preface.as_bytes());
-            let _ = c.wait_closed(Duration::from_millis(300));
+            let first = c.read_response(DEADLINE);
             assert!(
                 first.as_ref().map_or(true, |r| r.status != 101),
                 "{what}: the client got {first:?}\n{}",
+                s.wire.dump()
+            );
+            // Not a request switchyard serves: refused and closed. Through a
+            // tunnel it would reach the backend and the connection stay open.
+            let _ = c.send(preface.as_bytes());
+            let closed = c.wait_closed(DEADLINE);
+            assert!(
+                closed.is_some(),
+                "{what}: still open after the HTTP/2 preface\n{}",
                 s.wire.dump()
             );
             let upgrades: Vec<WireRequest> = s
