@@ -45,6 +45,10 @@ pub enum FramingError {
     /// A `Content-Length` that is not 1*DIGIT, overflows, or differs
     /// between lines or list members (RFC 9110 §8.6, RFC 9112 §6.3 rule 5).
     BadContentLength,
+    /// A transfer coding other than `chunked` (`gzip, chunked`): switchyard
+    /// does not decode it, and passed on the backend would get the coded
+    /// bytes under `Transfer-Encoding: chunked` alone. 501 (RFC 9112 §6.1).
+    UnknownCoding,
 }
 
 impl fmt::Display for FramingError {
@@ -53,16 +57,29 @@ impl fmt::Display for FramingError {
             FramingError::TransferEncodingInHttp10 => "Transfer-Encoding in an HTTP/1.0 request",
             FramingError::NotChunkedLast => "the last transfer coding is not a single chunked",
             FramingError::BadContentLength => "invalid or conflicting Content-Length",
+            FramingError::UnknownCoding => "a transfer coding other than chunked",
         })
     }
 }
 
-/// A refused framing as the proxy's error: 400, the client's fault (so
-/// the connection is not reused and the refusal is logged at debug only).
+impl FramingError {
+    /// The status the refusal is answered with: 501 for a coding switchyard
+    /// does not implement, 400 for broken framing.
+    pub fn status(self) -> u16 {
+        match self {
+            FramingError::UnknownCoding => 501,
+            _ => 400,
+        }
+    }
+}
+
+/// A refused framing as the proxy's error: [`FramingError::status`], the
+/// client's fault (so the connection is not reused and the refusal is
+/// logged at debug only).
 impl From<FramingError> for Box<Error> {
     fn from(e: FramingError) -> Box<Error> {
         Error::create(
-            ErrorType::HTTPStatus(400),
+            ErrorType::HTTPStatus(e.status()),
             ErrorSource::Downstream,
             Some(e.to_string().into()),
             None,
@@ -74,15 +91,13 @@ impl From<FramingError> for Box<Error> {
 /// header on `req`: with `Transfer-Encoding`, `Content-Length` is removed
 /// (RFC 9112 §6.1); several equal `Content-Length` values become one
 /// (RFC 9110 §8.6). Returns how the body is framed, or why the request must
-/// be refused (400, then close).
+/// be refused (400 or 501, then close).
 pub fn check(req: &mut RequestHeader) -> Result<Framing, FramingError> {
     if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
         if req.version < http::Version::HTTP_11 {
             return Err(FramingError::TransferEncodingInHttp10);
         }
-        if !chunked_once_and_last(req) {
-            return Err(FramingError::NotChunkedLast);
-        }
+        transfer_codings(req)?;
         let close = req.remove_header(&http::header::CONTENT_LENGTH).is_some();
         return Ok(Framing::Chunked { close });
     }
@@ -107,11 +122,13 @@ pub fn check(req: &mut RequestHeader) -> Result<Framing, FramingError> {
     Ok(Framing::Length(length))
 }
 
-/// Whether the transfer codings, over every `Transfer-Encoding` line, end
-/// in `chunked` and name it only once (RFC 9112 §6.1: a sender must not
-/// apply chunked more than once). Codings are case-insensitive tokens
-/// (RFC 9110 §10.1.4); an empty list member is skipped (RFC 9110 §5.6.1).
-fn chunked_once_and_last(req: &RequestHeader) -> bool {
+/// Checks the transfer codings over every `Transfer-Encoding` line: they
+/// must end in `chunked` and name it only once (RFC 9112 §6.3 rule 4, §6.1:
+/// a sender must not apply chunked more than once), else 400; and be
+/// `chunked` alone, the only coding switchyard implements, else 501
+/// (RFC 9112 §6.1). Codings are case-insensitive tokens (RFC 9110 §10.1.4);
+/// an empty list member is skipped (RFC 9110 §5.6.1).
+fn transfer_codings(req: &RequestHeader) -> Result<(), FramingError> {
     let mut codings = Vec::new();
     for line in req.headers.get_all(http::header::TRANSFER_ENCODING) {
         for coding in line.as_bytes().split(|&b| b == b',') {
@@ -122,7 +139,15 @@ fn chunked_once_and_last(req: &RequestHeader) -> bool {
         }
     }
     let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
-    codings.last().is_some_and(|c| chunked(c)) && codings.iter().filter(|c| chunked(c)).count() == 1
+    if !codings.last().is_some_and(|c| chunked(c))
+        || codings.iter().filter(|c| chunked(c)).count() != 1
+    {
+        return Err(FramingError::NotChunkedLast);
+    }
+    match codings.len() {
+        1 => Ok(()),
+        _ => Err(FramingError::UnknownCoding),
+    }
 }
 
 /// The one value of every `Content-Length` line and list member (RFC 9110
@@ -225,8 +250,8 @@ mod tests {
         for te in [
             &["chunked"][..],
             &["CHUNKED"],
-            &["gzip, chunked"],
-            &["gzip", "chunked"],
+            &[" chunked "],
+            &[", chunked"],
         ] {
             let headers: Vec<(&str, &str)> = te.iter().map(|v| ("transfer-encoding", *v)).collect();
             assert_eq!(
@@ -254,6 +279,20 @@ mod tests {
                 Err(FramingError::NotChunkedLast),
                 "{te:?}"
             );
+        }
+    }
+
+    #[test]
+    fn other_transfer_codings_are_not_implemented() {
+        for te in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["identity, chunked"],
+        ] {
+            let headers: Vec<(&str, &str)> = te.iter().map(|v| ("transfer-encoding", *v)).collect();
+            let refused = check(&mut v11(&headers));
+            assert_eq!(refused, Err(FramingError::UnknownCoding), "{te:?}");
+            assert_eq!(FramingError::UnknownCoding.status(), 501);
         }
     }
 

@@ -798,7 +798,8 @@ fn malformed_content_length_is_refused() {
 /// Obfuscated `Transfer-Encoding` lines, each with a `Content-Length` that
 /// frames the body differently (TE.CL: by the length the chunk's content is
 /// a next request; CL.TE: by the length the request behind is body). Either
-/// the line is refused (400, closed, nothing forwarded) or it is read as
+/// the line is refused (400, or 501 for a coding other than chunked;
+/// closed, nothing forwarded) or it is read as
 /// chunked: then the backend gets the chunk's bytes as the body, chunked,
 /// without Content-Length, and nothing after it (RFC 9112 §6.1, §6.3).
 #[test]
@@ -842,7 +843,9 @@ fn obfuscated_transfer_encoding_never_splits_differently() {
                 s.wire.assert_clean(&what);
                 let got = s.wire.requests()[before..].to_vec();
                 match ex.statuses()[..] {
-                    [400] => assert!(got.is_empty(), "{what}: refused yet forwarded {got:?}"),
+                    [400] | [501] => {
+                        assert!(got.is_empty(), "{what}: refused yet forwarded {got:?}")
+                    }
                     [200] => {
                         assert_eq!(got.len(), 1, "{what}\n{}", s.wire.dump());
                         assert_eq!(
@@ -857,6 +860,39 @@ fn obfuscated_transfer_encoding_never_splits_differently() {
                 assert_eq!(ex.end, End::Closed, "{what}: {ex:?}");
             }
         }
+    });
+}
+
+/// A transfer coding switchyard does not implement (anything but
+/// `chunked`) is answered 501 (RFC 9112 §6.1) and the connection closed:
+/// passed on, the backend would get the coded bytes re-chunked, with the
+/// coding's name dropped (Pingora sends `Transfer-Encoding: chunked` only).
+#[test]
+fn unknown_transfer_codings_are_not_implemented() {
+    on_both_paths(|path| {
+        let s = setup(path);
+        for te in [
+            "gzip, chunked",
+            "deflate, chunked",
+            "identity, chunked",
+            "gzip\r\nTransfer-Encoding: chunked",
+        ] {
+            let what = format!("Transfer-Encoding {te:?}");
+            let bytes = format!(
+                "POST /coded HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: {te}\r\n\r\n{}",
+                chunked("not really gzip")
+            ) + &last("/after");
+            let before = s.wire.requests().len();
+            let ex = exchange(&s.proxy.http_addr(), bytes.as_bytes());
+            assert_eq!(
+                (ex.statuses(), &ex.end),
+                (vec![501], &End::Closed),
+                "{what}: {ex:?}\n{}",
+                s.wire.dump()
+            );
+            assert_eq!(s.wire.requests().len(), before, "{what}\n{}", s.wire.dump());
+        }
+        s.wire.assert_clean("transfer codings");
     });
 }
 
