@@ -702,6 +702,7 @@ fn duplicate_content_length() {
                 "Content-Length: 5\r\nContent-Length: 5\r\n",
             ),
             ("an equal list", "Content-Length: 5, 5\r\n"),
+            ("an equal list without a space", "Content-Length: 5,5\r\n"),
         ] {
             let bytes =
                 format!("POST /dup HTTP/1.1\r\nHost: {HOST}\r\n{lines}\r\nhello") + &last("/after");
@@ -767,27 +768,30 @@ fn malformed_content_length_is_refused() {
                 + &last("/after");
             assert_refused_400(&s, &format!("Content-Length {value:?}"), bytes.as_bytes());
         }
-        // OWS around the value: the same 5.
+        // OWS around the value (spaces, a tab) is not part of it: the same 5.
         let addr = s.proxy.http_addr();
-        let bytes =
-            format!("POST /ows HTTP/1.1\r\nHost: {HOST}\r\nContent-Length:  5 \r\n\r\nhello")
-                + &last("/after");
-        let ex = exchange(&addr, bytes.as_bytes());
-        s.wire.assert_clean("Content-Length \" 5 \"");
-        assert_eq!(ex.statuses(), [200, 200], "{ex:?}");
-        let got: Vec<(String, Vec<u8>)> = s
-            .wire
-            .requests()
-            .iter()
-            .map(|r| (r.target.clone(), r.body.clone()))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("/ows".to_string(), b"hello".to_vec()),
-                ("/after".to_string(), vec![])
-            ]
-        );
+        for value in ["5 ", " 5", "\t5\t", "  5  "] {
+            let what = format!("Content-Length {value:?}");
+            let bytes = format!(
+                "POST /ows HTTP/1.1\r\nHost: {HOST}\r\nContent-Length:{value}\r\n\r\nhello"
+            ) + &last("/after");
+            let before = s.wire.requests().len();
+            let ex = exchange(&addr, bytes.as_bytes());
+            s.wire.assert_clean(&what);
+            assert_eq!(ex.statuses(), [200, 200], "{what}: {ex:?}");
+            let got: Vec<(String, Vec<u8>)> = s.wire.requests()[before..]
+                .iter()
+                .map(|r| (r.target.clone(), r.body.clone()))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    ("/ows".to_string(), b"hello".to_vec()),
+                    ("/after".to_string(), vec![])
+                ],
+                "{what}"
+            );
+        }
     });
 }
 
