@@ -91,7 +91,9 @@ impl From<FramingError> for Box<Error> {
 /// header on `req`: with `Transfer-Encoding`, `Content-Length` is removed
 /// (RFC 9112 §6.1); several equal `Content-Length` values become one
 /// (RFC 9110 §8.6). Returns how the body is framed, or why the request must
-/// be refused (400 or 501, then close).
+/// be refused (400 or 501, then close). On an HTTP/2 request (framed by its
+/// DATA frames; the h2 codec refuses `Transfer-Encoding`) only the
+/// `Content-Length` rules apply and the returned framing says nothing.
 pub fn check(req: &mut RequestHeader) -> Result<Framing, FramingError> {
     if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
         if req.version < http::Version::HTTP_11 {
