@@ -583,6 +583,8 @@ fn read_until_close(c: &mut RawConn, what: &str) -> Exchange {
             }
             Err(e) => {
                 let text = e.to_string();
+                // RawConn names what it held when the stream ended: nothing
+                // (a clean close between responses) or part of a response.
                 let clean = text.contains("complete response head; got \"\"")
                     || e.kind() == std::io::ErrorKind::ConnectionReset;
                 let end = match clean {
