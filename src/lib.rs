@@ -17,6 +17,7 @@ pub mod demo;
 pub mod deploy;
 pub mod fast_path;
 pub mod forwarded;
+pub mod framing;
 pub mod health;
 pub mod host;
 pub mod limits;

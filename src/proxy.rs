@@ -180,6 +180,7 @@ impl ProxyHttp for Proxy {
         // Pipelined requests (RFC 9112 §9.3.2) are answered in order, one
         // after the other; Pingora's default drops all but the first.
         session.as_downstream_mut().set_pipelining_enabled(true);
+        crate::framing::check(session.req_header_mut())?;
         let req = session.req_header();
         ctx.request_id = match req.headers.get(forwarded::X_REQUEST_ID) {
             Some(id) if forwarded::sane_request_id(id.as_bytes()) => id.clone(),
