@@ -45,7 +45,7 @@
 //! a header) go to Pingora's proxy, which answers them in order.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,10 @@ use crate::split;
 use crate::switchboard::Switchboard;
 use crate::tls::http::Side;
 use crate::upstream_pool;
+
+/// Requests served on this path since start, by every listener
+/// (`switchyard_fast_path_requests_total`).
+pub static SERVED: AtomicU64 = AtomicU64::new(0);
 
 /// Keep-alive a request starts with, in whole seconds, before the route's
 /// settings apply (as Pingora starts each session: 60).
@@ -173,6 +177,7 @@ impl FastPath {
             let raw = down.get_headers_raw_bytes();
             return Outcome::Declined(down.into_inner(), raw);
         };
+        SERVED.fetch_add(1, Ordering::Relaxed);
         let _request = RequestCount::new(self.requests.clone());
         let started = Instant::now();
         let mut trace = Trace::default();
