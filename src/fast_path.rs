@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::protocols::http::v1::server::HttpSession as DownstreamSession;
@@ -80,8 +80,10 @@ const FIRST_KEEPALIVE_SECS: u64 = 60;
 
 /// What became of a request offered to the lean path.
 pub enum Outcome {
-    /// Answered; the connection may carry a next request.
-    KeepAlive(Stream),
+    /// Answered; the connection may carry a next request. With the first
+    /// bytes of that request when the client sent them early (pipelining,
+    /// RFC 9112 §9.3.2), to be read again before the socket.
+    KeepAlive(Stream, Option<BytesMut>),
     /// Answered (or the client left); the connection is to close.
     Close,
     /// Not for this path, nothing written: the stream and the request
@@ -130,6 +132,28 @@ struct Failed {
     connecting: bool,
     /// A kept-alive connection that broke before any response byte.
     stale: bool,
+    /// The client left (or could not be written to): nobody to answer.
+    gone: bool,
+}
+
+impl Failed {
+    fn upstream(error: Box<Error>, connecting: bool, stale: bool) -> Failed {
+        Failed {
+            error,
+            connecting,
+            stale,
+            gone: false,
+        }
+    }
+
+    fn gone(error: Box<Error>) -> Failed {
+        Failed {
+            error,
+            connecting: false,
+            stale: false,
+            gone: true,
+        }
+    }
 }
 
 impl FastPath {
@@ -156,6 +180,9 @@ impl FastPath {
     pub async fn serve(&self, stream: Stream, shutting_down: bool) -> Outcome {
         let mut down = DownstreamSession::new(stream);
         down.set_server_keepalive((!shutting_down).then_some(FIRST_KEEPALIVE_SECS));
+        // Bytes of a next request read while watching for the client
+        // leaving are kept for it (see `Outcome::KeepAlive`).
+        down.set_pipelining_enabled(true);
         match down.read_request().await {
             Ok(Some(_)) => {}
             Ok(None) => return Outcome::Close,
@@ -188,7 +215,10 @@ impl FastPath {
             return Outcome::Close;
         }
         match down.reuse().await {
-            Ok(Some(reusable)) => Outcome::KeepAlive(reusable.into_parts().0),
+            Ok(Some(reusable)) => {
+                let (stream, early) = reusable.into_parts();
+                Outcome::KeepAlive(stream, early)
+            }
             _ => Outcome::Close,
         }
     }
@@ -269,42 +299,53 @@ impl FastPath {
         down.set_write_timeout(Some(settings.send_timeout));
         let idempotent = down.req_header().method.is_idempotent();
         let pool = plan.target.pool();
-        let mut avoid = None;
+        // As the proxy's retries go: each try avoids the backend that
+        // failed when the pool has another; a kept-alive connection that
+        // broke before any response byte is always worth another try, a
+        // failed backend once (idempotent methods only).
+        let mut failed_backend = None;
+        let mut moved = false;
         let mut fresh = false;
         let mut tries = 0;
         let mut up = loop {
             tries += 1;
-            let Some(backend) = pool
-                .select(avoid)
+            let Some(backend) = failed_backend
+                .and_then(|failed| pool.select(Some(failed)))
                 .or_else(|| pool.select(None))
                 .map(|b| b.addr)
             else {
                 proxy::NO_HEALTHY_BACKEND.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    "no healthy backend in the active pool: request ended early (expected outcome)"
+                );
                 return self
                     .answer_failure(down, plan, trace, Refusal::NoHealthyBackend)
                     .await;
             };
+            // A new connection when the same backend is tried again.
+            fresh &= failed_backend == Some(backend);
             trace.backend = Some(backend);
-            match self.attempt(down, plan, pool, backend, fresh, trace).await {
+            let failed = match self.attempt(down, plan, pool, backend, fresh, trace).await {
                 Ok(up) => break up,
-                Err(failed) => {
-                    self.count_upstream_error(plan, &failed);
-                    let another = pool.select(Some(backend)).is_some();
-                    let retry = idempotent && tries < 2 && (failed.stale || another);
-                    if retry {
-                        // A stale kept-alive connection: the same backend on
-                        // a new one; else another backend.
-                        fresh = failed.stale;
-                        avoid = (!failed.stale).then_some(backend);
-                        continue;
-                    }
-                    let code = respond::status_for(&failed.error);
-                    tracing::error!(cause = %failed.error, request = %summary(down.req_header(), plan), "fail to proxy");
-                    return self
-                        .answer_failure(down, plan, trace, Refusal::Upstream(code))
-                        .await;
-                }
+                Err(failed) => failed,
+            };
+            if failed.gone {
+                tracing::debug!(cause = %failed.error, "client gone before the response: request ended early (expected outcome)");
+                return false;
             }
+            self.count_upstream_error(plan, &failed);
+            let another = !moved && pool.select(Some(backend)).is_some();
+            if idempotent && tries < proxy::MAX_TRIES && (failed.stale || another) {
+                moved |= !failed.stale;
+                fresh = failed.stale;
+                failed_backend = Some(backend);
+                continue;
+            }
+            let code = respond::status_for(&failed.error);
+            tracing::error!(cause = %failed.error, request = %summary(down.req_header(), plan), "fail to proxy");
+            return self
+                .answer_failure(down, plan, trace, Refusal::Upstream(code))
+                .await;
         };
         trace.upstream_answered = Some(Instant::now());
         let Some(mut resp) = up.resp_header().map(|r| Box::new(r.clone())) else {
@@ -314,15 +355,25 @@ impl FastPath {
         self.response_filter(down, plan, &mut resp, body_done, trace);
         trace.status = resp.status.as_u16();
         if let Err(e) = down.write_response_header(resp).await {
-            tracing::debug!(cause = %e, "client gone before the response header");
+            tracing::debug!(cause = %e, "client gone before the response header: request ended early (expected outcome)");
             return false;
         }
-        // The body, as it comes.
+        // The body, as it comes, while watching for the client leaving (a
+        // stream may be quiet for a long time).
         loop {
-            match up.read_body_bytes().await {
+            let read = tokio::select! {
+                biased;
+                read = up.read_body_bytes() => read,
+                gone = down.read_body_or_idle(true) => {
+                    let cause = gone.err().map(|e| e.to_string()).unwrap_or_default();
+                    tracing::debug!(%cause, "client gone during the response: request ended early (expected outcome)");
+                    return false;
+                }
+            };
+            match read {
                 Ok(Some(chunk)) => {
                     if let Err(e) = down.write_body(&chunk).await {
-                        tracing::debug!(cause = %e, "client gone during the response body");
+                        tracing::debug!(cause = %e, "client gone during the response body: request ended early (expected outcome)");
                         return false;
                     }
                 }
@@ -331,11 +382,7 @@ impl FastPath {
                     // The client got a head and part of a body: the
                     // connection closes so that it cannot take it as whole.
                     e.as_up();
-                    let failed = Failed {
-                        error: e,
-                        connecting: false,
-                        stale: false,
-                    };
+                    let failed = Failed::upstream(e, false, false);
                     self.count_upstream_error(plan, &failed);
                     tracing::error!(cause = %failed.error, request = %summary(down.req_header(), plan), "backend failed during the response body");
                     return false;
@@ -352,7 +399,7 @@ impl FastPath {
         match down.finish_body().await {
             Ok(_) => true,
             Err(e) => {
-                tracing::debug!(cause = %e, "client gone at the end of the response");
+                tracing::debug!(cause = %e, "client gone at the end of the response: request ended early (expected outcome)");
                 false
             }
         }
@@ -360,7 +407,8 @@ impl FastPath {
 
     /// One attempt at `backend`: a connection (kept-alive unless `fresh`),
     /// the request header, and the answer's head, interim `1xx` answers
-    /// passed on to the client on the way.
+    /// passed on to the client on the way. The client is watched while
+    /// the backend prepares its answer: one that leaves ends the attempt.
     async fn attempt(
         &self,
         down: &mut DownstreamSession,
@@ -382,22 +430,21 @@ impl FastPath {
                 .await
                 .map_err(|mut error| {
                     error.as_up();
-                    Failed {
-                        error,
-                        connecting: true,
-                        stale: false,
-                    }
+                    Failed::upstream(error, true, false)
                 })?,
         };
         let mut up = UpstreamSession::new(stream);
         up.read_timeout = Some(plan.read_timeout);
+        // Broken before any response byte, not by a timeout: a kept-alive
+        // connection the backend closed meanwhile.
         let fail = |mut error: Box<Error>, up: &UpstreamSession| {
             error.as_up();
-            Failed {
-                error,
-                connecting: false,
-                stale: reused && up.resp_header().is_none(),
-            }
+            let timeout = matches!(
+                error.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            );
+            let stale = reused && up.resp_header().is_none() && !timeout;
+            Failed::upstream(error, false, stale)
         };
         let req = match upstream_request(down.req_header(), plan) {
             Ok(req) => req,
@@ -408,7 +455,15 @@ impl FastPath {
             return Err(fail(e, &up));
         }
         loop {
-            if let Err(e) = up.read_response().await {
+            let read = tokio::select! {
+                biased;
+                read = up.read_response() => read,
+                gone = down.read_body_or_idle(true) => {
+                    let error = gone.err().unwrap_or_else(|| Error::new(ErrorType::ConnectionClosed));
+                    return Err(Failed::gone(error));
+                }
+            };
+            if let Err(e) = read {
                 return Err(fail(e, &up));
             }
             let Some(status) = up.get_status() else {
@@ -428,12 +483,7 @@ impl FastPath {
             if let Some(interim) = up.resp_header() {
                 let interim = Box::new(interim.clone());
                 if let Err(e) = down.write_response_header(interim).await {
-                    // The client is gone: no one to answer.
-                    return Err(Failed {
-                        error: e,
-                        connecting: false,
-                        stale: false,
-                    });
+                    return Err(Failed::gone(e));
                 }
             }
         }

@@ -78,10 +78,6 @@ use crate::tls::store::CertStore;
 /// teardown (1 s). Our drain watcher normally exits long before.
 const RUNTIME_SHUTDOWN_TIMEOUT_SECS: u64 = 1;
 
-/// Attempts per request at most (3): a stale kept-alive upstream connection
-/// is retried, and a refused or reset one moves once to another backend.
-const MAX_TRIES: usize = 3;
-
 /// Read buffer of each client connection: none (0 bytes). Pingora's
 /// default, 64 KiB, and the 4 KiB used before, are zero-filled at accept and
 /// held for the connection's life; Pingora's own reads (the request header,
@@ -575,7 +571,7 @@ fn server_conf(config: &Config, opts: &RunOptions) -> ServerConf {
         graceful_shutdown_timeout_seconds: Some(RUNTIME_SHUTDOWN_TIMEOUT_SECS),
         upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
         // A stale kept-alive upstream connection, then one other backend.
-        max_retries: MAX_TRIES,
+        max_retries: proxy::MAX_TRIES,
         pid_file: state.join("switchyard.pid").display().to_string(),
         // A daemon would otherwise move to `/` (breaking relative paths) and
         // lose its log with stderr.

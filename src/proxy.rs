@@ -35,6 +35,10 @@ pub static NO_HEALTHY_BACKEND: AtomicU64 = AtomicU64::new(0);
 
 pub use crate::settings::Settings;
 
+/// Attempts per request at most (3): a stale kept-alive upstream connection
+/// is retried, and a refused or reset one moves once to another backend.
+pub const MAX_TRIES: usize = 3;
+
 pub struct Proxy {
     /// Routes, limits, settings, colors and pools: one snapshot, loaded
     /// once per request (`request_filter`) and kept in its `Ctx`.

@@ -313,11 +313,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> HeaderTimeout<A> {
             if let Some(fast) = self.fast.as_ref().filter(|_| wait && conn.header_alone()) {
                 let stopping = *shutdown.borrow();
                 match Box::pin(fast.serve(conn, stopping)).await {
-                    Outcome::KeepAlive(stream) => {
+                    Outcome::KeepAlive(stream, early) => {
                         let Ok(back) = stream.into_any().downcast::<Guarded>() else {
                             return;
                         };
                         conn = back;
+                        if let Some(early) = early {
+                            conn.replay(&early);
+                        }
                         first = false;
                         carried = None;
                         continue;
