@@ -1285,7 +1285,9 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
     if let Some(perf) = &env.perf {
         for (r, t) in runs.iter_mut().zip(&targets) {
             let load = || run_wrk(t, opts.secs);
-            r.profile = Some(profile(env, perf, spec.key, t, opts.secs, load)?);
+            let workers = spec.setup.workers();
+            let client = format!("wrk -t{workers} -c{}", CONNECTIONS * workers);
+            r.profile = Some(profile(env, perf, spec.key, t, opts.secs, &client, load)?);
         }
     }
     for (r, t) in runs.iter_mut().zip(&targets) {
@@ -1755,6 +1757,7 @@ fn profile(
     key: &str,
     t: &Target,
     secs: u32,
+    client: &str,
     load: impl FnOnce() -> Result<wrk::WrkOut, String>,
 ) -> Result<BTreeMap<&'static str, f64>, String> {
     let name = t.kind.name();
@@ -1764,7 +1767,7 @@ fn profile(
     let data = recording.finish()?;
     let shares = perf::breakdown(perf, &data)?;
     let svg = results_dir().join(format!("flame-{key}-{name}.svg"));
-    let title = format!("{name}: {key}, wrk -t1 -c{CONNECTIONS}");
+    let title = format!("{name}: {key}, {client}");
     match perf::flamegraph(perf, &data, &title, &svg)? {
         true => eprintln!("load:   {name}: flame graph in {}", svg.display()),
         false => eprintln!("load:   {name}: no flame graph (cargo install inferno to get one)"),
