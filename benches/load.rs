@@ -10,6 +10,10 @@
 //!
 //! Scenarios (pick some by name: `.ci/bench --quick small sse switch`):
 //!   small      small responses, keep-alive             (wrk -t1 -c50)
+//!   threads    `small` with 2 worker threads per proxy (nginx 2 worker
+//!              processes, HAProxy nbthread 2, bare Pingora 2 threads,
+//!              switchyard threads = 2 with work stealing off and on);
+//!              wrk -t2 -c100, which shares the machine's two cores with them
 //!   16k        16 KiB responses, keep-alive
 //!   close      a new connection per request (`Connection: close`)
 //!   idle       10 000 idle kept-alive client connections: memory
@@ -41,6 +45,15 @@
 //!
 //! Every figure of a wrk scenario is the median over rounds; the rounds of
 //! the proxies are interleaved (A B C, B C A, ...) so drift hits all alike.
+//!
+//! Fixed rate (the plain-HTTP wrk scenarios: small, 16k, close, realistic,
+//! threads): after the closed-loop rounds every proxy is loaded again, in
+//! interleaved rounds of the same length, at one offered rate that all of
+//! them carry (`--rate N`, else 60 % of the slowest proxy's closed-loop
+//! req/s in the same run) by an open-loop generator (`load/rate.rs`):
+//! CPU per request at the same events per second, achieved rate, and
+//! p50/p99/p99.9 from each request's scheduled send time (corrected for
+//! coordinated omission). A second table prints them.
 //! CPU is utime+stime of the proxy's processes (nginx: master + workers)
 //! from /proc, also shown split into user and kernel time; memory is VmHWM
 //! (nginx: summed over its processes).
@@ -60,6 +73,8 @@ mod limits;
 mod perf;
 #[path = "load/procs.rs"]
 mod procs;
+#[path = "load/rate.rs"]
+mod rate;
 #[path = "load/sse.rs"]
 mod sse;
 #[path = "load/switch.rs"]
@@ -89,6 +104,7 @@ const ALL: &[&str] = &[
     "ws-idle",
     "sse",
     "realistic",
+    "threads",
     "switch",
     "tls-h1",
     "tls-h1-close",
@@ -98,6 +114,12 @@ const ALL: &[&str] = &[
     "cluster",
 ];
 const CONNECTIONS: u32 = 50;
+/// Worker threads (nginx: worker processes) per proxy in `threads`.
+const THREADS_WORKERS: u32 = 2;
+/// Default offered rate of the fixed-rate runs: this share of the slowest
+/// proxy's closed-loop req/s in the same scenario and run (60 %), rounded
+/// down to whole hundreds, so every proxy can carry it with room to spare.
+const RATE_SHARE: f64 = 0.6;
 /// `tls-h2-close`: new HTTPS connections per second (h2load `-r`), each
 /// with one request. A fixed arrival rate rather than as fast as possible:
 /// h2load then measures latency and CPU at a load every proxy can carry,
@@ -144,6 +166,9 @@ struct Opts {
     pingora: bool,
     /// Profile each proxy of the wrk scenarios (`perf record`).
     perf: bool,
+    /// Offered req/s of the fixed-rate runs (`--rate`); `None`: [`RATE_SHARE`]
+    /// of the slowest proxy's closed-loop throughput.
+    rate: Option<u32>,
     only: Vec<String>,
 }
 
@@ -165,6 +190,7 @@ impl Opts {
                 haproxy: true,
                 pingora: true,
                 perf: false,
+                rate: None,
                 only: Vec::new(),
             }
         } else {
@@ -182,6 +208,7 @@ impl Opts {
                 haproxy: true,
                 pingora: true,
                 perf: false,
+                rate: None,
                 only: Vec::new(),
             }
         };
@@ -202,6 +229,7 @@ impl Opts {
                 "--cluster-switches" => o.cluster_switches = value(a)?.clamp(1, 1000) as usize,
                 // h2load starts connections in 10 ms batches: whole hundreds.
                 "--tls-rate" => o.tls_rate = (value(a)?.clamp(100, 100_000) / 100 * 100) as u32,
+                "--rate" => o.rate = Some(value(a)?.clamp(100, 1_000_000) as u32),
                 "--no-haproxy" => o.haproxy = false,
                 "--no-pingora" => o.pingora = false,
                 "--perf" => o.perf = true,
@@ -219,10 +247,15 @@ impl Opts {
 }
 
 const USAGE: &str = "usage: .ci/bench [--quick] [--rounds N] [--secs N] [--switch-secs N] \
-[--idle-conns N] [--ws-conns N] [--tls-rate N] [--cluster-switches N] [--no-haproxy] [--no-pingora] [--perf] \
-[SCENARIO...]
+[--idle-conns N] [--ws-conns N] [--tls-rate N] [--cluster-switches N] [--rate N] [--no-haproxy] \
+[--no-pingora] [--perf] [SCENARIO...]
+  --rate N      offered req/s of the fixed-rate (open-loop) runs that follow the closed-loop
+                rounds of small, 16k, close, realistic and threads (default: 60 % of the
+                slowest proxy's closed-loop req/s in the same scenario)
 scenarios (default: all):
   small         small responses, keep-alive (wrk -t1 -c50)
+  threads       small with 2 worker threads per proxy (switchyard with work stealing off and
+                on); wrk -t2 -c100 on the same two cores
   16k           16 KiB responses, keep-alive
   close         a new connection per request (Connection: close)
   idle          10 000 idle keep-alive client connections: memory
@@ -325,9 +358,13 @@ fn run(opts: &Opts) -> i32 {
     // the propagation part of `cluster` (its switches and a minute for
     // three instances to start and see each other). Children die with us
     // (PR_SET_PDEATHSIG).
-    let wrk_runs = 8 * 4 + 2 * 3 + cluster::VARIANTS.len() as u32;
+    let wrk_runs = 8 * 4 + 2 * 3 + cluster::VARIANTS.len() as u32 + 5;
+    // The fixed-rate runs: 5 scenarios of at most 5 proxies, each run the
+    // schedule plus at most its drain.
+    let rate_runs = 5 * 5 * opts.rounds as u32;
     let cluster_secs = (CLUSTER_SWITCH_EVERY * opts.cluster_switches as u32).as_secs() as u32 + 60;
     let mut planned = wrk_runs * (opts.warmup + opts.rounds as u32 * opts.secs)
+        + rate_runs * (opts.secs + rate::DRAIN.as_secs() as u32)
         + 2 * opts.switch_secs
         + cluster_secs;
     if opts.perf {
@@ -451,6 +488,16 @@ fn run(opts: &Opts) -> i32 {
         stream: false,
         tls: false,
         websocket: false,
+        workers: 1,
+    };
+    let threads_setup = Setup::Simple {
+        backend: g[0],
+        alt: g[1],
+        many_conns: false,
+        stream: false,
+        tls: false,
+        websocket: false,
+        workers: THREADS_WORKERS,
     };
     let tls_setup = Setup::Simple {
         backend: g[0],
@@ -459,6 +506,7 @@ fn run(opts: &Opts) -> i32 {
         stream: false,
         tls: true,
         websocket: false,
+        workers: 1,
     };
     for &name in ALL {
         if !opts.wants(name) {
@@ -471,6 +519,18 @@ fn run(opts: &Opts) -> i32 {
                 &env,
                 opts,
                 WrkSpec::simple(name, "(a) small, keep-alive", "/", &[], simple),
+            )
+            .map(|r| wrk_results.push(r)),
+            "threads" => wrk_scenario(
+                &env,
+                opts,
+                WrkSpec::simple(
+                    name,
+                    "(o) small, keep-alive, 2 worker threads",
+                    "/",
+                    &[],
+                    threads_setup,
+                ),
             )
             .map(|r| wrk_results.push(r)),
             "16k" => wrk_scenario(
@@ -503,6 +563,7 @@ fn run(opts: &Opts) -> i32 {
                     headers: vec![format!("Host: {}", confs::API_HOST)],
                     client: Client::Wrk,
                     post: None,
+                    fixed_rate: true,
                 },
             )
             .map(|r| wrk_results.push(r)),
@@ -585,6 +646,7 @@ fn run(opts: &Opts) -> i32 {
                     headers: limits::headers(),
                     client: Client::Wrk,
                     post: Some(stream),
+                    fixed_rate: false,
                 };
                 wrk_results.push(wrk_scenario(&env, opts, spec)?);
                 Ok(())
@@ -691,6 +753,9 @@ struct WrkSpec {
     client: Client,
     /// `limits`: wrk POSTs the scenario's chat body (`Some(stream)`).
     post: Option<bool>,
+    /// After the closed-loop rounds, fixed-rate rounds too (plain HTTP GET
+    /// scenarios only: `load/rate.rs` speaks neither TLS nor POST).
+    fixed_rate: bool,
 }
 
 /// What loads the proxies of a wrk scenario.
@@ -736,6 +801,7 @@ impl WrkSpec {
             headers: headers.iter().map(|h| h.to_string()).collect(),
             client: Client::Wrk,
             post: None,
+            fixed_rate: true,
         }
     }
 }
@@ -754,9 +820,44 @@ struct Round {
 struct ProxyRuns {
     kind: Kind,
     rounds: Vec<Round>,
+    /// The fixed-rate rounds (empty when the scenario has none).
+    at_rate: Vec<RateRound>,
     peak_rss_kib: u64,
     /// `--perf`: percent of samples per component.
     profile: Option<BTreeMap<&'static str, f64>>,
+}
+
+/// One fixed-rate (open-loop) round of one proxy.
+struct RateRound {
+    out: rate::RateOut,
+    cpu_ticks: u64,
+    cpu_us_per_req: f64,
+    user_us_per_req: f64,
+    kernel_us_per_req: f64,
+}
+
+/// Medians over the fixed-rate rounds.
+#[derive(Clone, Copy, Default)]
+struct RateFigures {
+    achieved: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    cpu: f64,
+    user: f64,
+    kernel: f64,
+    /// The generator's own lateness at idle slots, p99 ms.
+    lag_p99: f64,
+    client_cpu: f64,
+    /// Errors, non-2xx answers and slots never sent, over all rounds.
+    errors: u64,
+}
+
+/// The offered rate of a scenario's fixed-rate rounds and where it came from.
+struct RateInfo {
+    offered: u32,
+    how: String,
+    connections: u32,
 }
 
 /// Medians over rounds.
@@ -774,6 +875,29 @@ struct Figures {
 }
 
 impl ProxyRuns {
+    fn rate_figures(&self) -> Option<RateFigures> {
+        if self.at_rate.is_empty() {
+            return None;
+        }
+        let m = |f: fn(&RateRound) -> f64| median(self.at_rate.iter().map(f).collect());
+        Some(RateFigures {
+            achieved: m(|r| r.out.achieved_rps),
+            p50: m(|r| r.out.p50_ms),
+            p99: m(|r| r.out.p99_ms),
+            p999: m(|r| r.out.p999_ms),
+            cpu: m(|r| r.cpu_us_per_req),
+            user: m(|r| r.user_us_per_req),
+            kernel: m(|r| r.kernel_us_per_req),
+            lag_p99: m(|r| r.out.send_lag_p99_ms),
+            client_cpu: m(|r| r.out.client_cpu_us_per_req),
+            errors: self
+                .at_rate
+                .iter()
+                .map(|r| r.out.errors + r.out.non2xx + r.out.missed)
+                .sum(),
+        })
+    }
+
     fn figures(&self) -> Figures {
         let m = |f: fn(&Round) -> f64| median(self.rounds.iter().map(f).collect());
         Figures {
@@ -798,6 +922,8 @@ struct WrkScenario {
     key: &'static str,
     title: &'static str,
     proxies: Vec<ProxyRuns>,
+    /// The fixed-rate rounds' offered rate, when the scenario had them.
+    rate: Option<RateInfo>,
     /// How the scenario was run, printed under the table.
     notes: Vec<String>,
     /// Proxies left out because they failed the scenario's pre-check.
@@ -812,8 +938,16 @@ impl WrkScenario {
             .map(ProxyRuns::figures)
     }
 
+    fn nginx_at_rate(&self) -> Option<RateFigures> {
+        self.proxies
+            .iter()
+            .find(|p| p.kind == Kind::Nginx)
+            .and_then(ProxyRuns::rate_figures)
+    }
+
     fn json(&self) -> Value {
         let base = self.nginx();
+        let rate_base = self.nginx_at_rate();
         let proxies: serde_json::Map<String, Value> = self
             .proxies
             .iter()
@@ -838,6 +972,47 @@ impl WrkScenario {
                         },
                         "peak_rss_kib": p.peak_rss_kib,
                         "profile_percent": p.profile,
+                        "at_rate": p.rate_figures().map(|f| {
+                            let rel = |v: f64, b: fn(&RateFigures) -> f64| {
+                                rate_base.and_then(|n| ratio(v, b(&n)))
+                            };
+                            json!({
+                                "median": {
+                                    "achieved_rps": f.achieved, "p50_ms": f.p50, "p99_ms": f.p99,
+                                    "p999_ms": f.p999, "cpu_us_per_req": f.cpu,
+                                    "user_us_per_req": f.user, "kernel_us_per_req": f.kernel,
+                                    "client_send_lag_p99_ms": f.lag_p99,
+                                    "client_cpu_us_per_req": f.client_cpu,
+                                    "errors": f.errors,
+                                },
+                                "ratio_to_nginx": {
+                                    "p50_ms": rel(f.p50, |n| n.p50),
+                                    "p99_ms": rel(f.p99, |n| n.p99),
+                                    "p999_ms": rel(f.p999, |n| n.p999),
+                                    "cpu_us_per_req": rel(f.cpu, |n| n.cpu),
+                                },
+                                "rounds": p.at_rate.iter().map(|r| json!({
+                                    "offered_rps": r.out.offered_rps,
+                                    "achieved_rps": r.out.achieved_rps,
+                                    "secs": r.out.secs,
+                                    "completed": r.out.completed,
+                                    "missed": r.out.missed,
+                                    "errors": r.out.errors,
+                                    "non_2xx": r.out.non2xx,
+                                    "p50_ms": r.out.p50_ms,
+                                    "p99_ms": r.out.p99_ms,
+                                    "p999_ms": r.out.p999_ms,
+                                    "max_ms": r.out.max_ms,
+                                    "client_send_lag_p50_ms": r.out.send_lag_p50_ms,
+                                    "client_send_lag_p99_ms": r.out.send_lag_p99_ms,
+                                    "client_cpu_us_per_req": r.out.client_cpu_us_per_req,
+                                    "cpu_ticks": r.cpu_ticks,
+                                    "cpu_us_per_req": r.cpu_us_per_req,
+                                    "user_us_per_req": r.user_us_per_req,
+                                    "kernel_us_per_req": r.kernel_us_per_req,
+                                })).collect::<Vec<_>>(),
+                            })
+                        }),
                         "rounds": p.rounds.iter().map(|r| json!({
                             "wrk": r.wrk.raw,
                             "secs": r.wrk.secs,
@@ -862,6 +1037,12 @@ impl WrkScenario {
             "scenario": self.key,
             "title": self.title,
             "proxies": proxies,
+            "fixed_rate": self.rate.as_ref().map(|r| json!({
+                "offered_rps": r.offered,
+                "how": r.how,
+                "connections": r.connections,
+                "generator": "benches/load/rate.rs: open loop, one thread, keep-alive HTTP/1.1, one request in flight per connection, uniform schedule, latency from each request's scheduled send time",
+            })),
             "notes": self.notes,
             "failed": self.failed,
         })
@@ -995,7 +1176,8 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
                 &wrk::Load {
                     url: &u,
                     secs,
-                    connections: CONNECTIONS,
+                    threads: spec.setup.workers(),
+                    connections: CONNECTIONS * spec.setup.workers(),
                     headers: &headers,
                     openssl_conf: (spec.client == Client::WrkTls)
                         .then_some(env.tools.tls.openssl_conf.as_path()),
@@ -1032,6 +1214,7 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
         .map(|t| ProxyRuns {
             kind: t.kind,
             rounds: Vec::new(),
+            at_rate: Vec::new(),
             peak_rss_kib: 0,
             profile: None,
         })
@@ -1083,10 +1266,28 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
             });
         }
     }
+    let rate = match spec.fixed_rate && spec.client == Client::Wrk && spec.post.is_none() {
+        true => Some(rate_rounds(opts, &spec, &targets, &mut runs, env.clk_tck)?),
+        false => None,
+    };
+    if spec.setup.workers() > 1 {
+        notes.push(format!(
+            "{} worker threads per proxy (nginx: worker processes); wrk -t{} -c{} and the \
+             fixed-rate client run on the same {} cores as the proxy and the upstream nginx \
+             (1 worker), so they compete with it for CPU; bare Pingora with its default work \
+             stealing (on)",
+            spec.setup.workers(),
+            spec.setup.workers(),
+            CONNECTIONS * spec.setup.workers(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ));
+    }
     if let Some(perf) = &env.perf {
         for (r, t) in runs.iter_mut().zip(&targets) {
             let load = || run_wrk(t, opts.secs);
-            r.profile = Some(profile(env, perf, spec.key, t, opts.secs, load)?);
+            let workers = spec.setup.workers();
+            let client = format!("wrk -t{workers} -c{}", CONNECTIONS * workers);
+            r.profile = Some(profile(env, perf, spec.key, t, opts.secs, &client, load)?);
         }
     }
     for (r, t) in runs.iter_mut().zip(&targets) {
@@ -1133,8 +1334,122 @@ fn wrk_scenario(env: &Env, opts: &Opts, spec: WrkSpec) -> Result<WrkScenario, St
         key: spec.key,
         title: spec.title,
         proxies: runs,
+        rate,
         notes,
         failed,
+    })
+}
+
+/// The fixed-rate rounds of a plain-HTTP wrk scenario, after its
+/// closed-loop rounds: every proxy at one offered rate (`--rate`, else
+/// [`RATE_SHARE`] of the slowest proxy's closed-loop req/s), interleaved
+/// like the closed-loop rounds, by the open-loop client of `load/rate.rs`
+/// on [`CONNECTIONS`] × workers connections opened before each round.
+fn rate_rounds(
+    opts: &Opts,
+    spec: &WrkSpec,
+    targets: &[Target],
+    runs: &mut [ProxyRuns],
+    clk_tck: f64,
+) -> Result<RateInfo, String> {
+    let (offered, how) = match opts.rate {
+        Some(r) => (r, "--rate".to_string()),
+        None => {
+            let (slowest, rps) = runs
+                .iter()
+                .map(|r| (r.kind.name(), r.figures().rps))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .ok_or("no proxy to load")?;
+            let r = ((rps * RATE_SHARE / 100.0).floor() * 100.0) as u32;
+            if r < 100 {
+                return Err(format!(
+                    "{slowest} carried {rps:.0} req/s closed-loop: too little for a fixed-rate run"
+                ));
+            }
+            (
+                r,
+                format!(
+                    "{:.0} % of the slowest proxy's closed-loop req/s ({slowest}, {rps:.0})",
+                    RATE_SHARE * 100.0
+                ),
+            )
+        }
+    };
+    let connections = CONNECTIONS * spec.setup.workers();
+    let close = spec
+        .headers
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case("connection: close"));
+    eprintln!(
+        "load:   fixed rate: {offered} req/s ({how}), {connections} connections, {} s per round",
+        opts.secs
+    );
+    for round in 0..opts.rounds {
+        for i in 0..targets.len() {
+            let idx = (i + round) % targets.len();
+            let t = &targets[idx];
+            let mut request = format!("GET {} HTTP/1.1\r\n", spec.path);
+            // As wrk: `Host: 127.0.0.1:PORT` unless the scenario names one.
+            if !spec
+                .headers
+                .iter()
+                .any(|h| h.to_ascii_lowercase().starts_with("host:"))
+            {
+                request.push_str(&format!("Host: 127.0.0.1:{}\r\n", t.port));
+            }
+            for h in &spec.headers {
+                request.push_str(h);
+                request.push_str("\r\n");
+            }
+            request.push_str("\r\n");
+            let conns = rate::connect(t.addr(), connections)?;
+            let (user0, kernel0) = t.proc.cpu_split();
+            let out = conns.run(&rate::Plan {
+                request: request.into_bytes(),
+                close,
+                rate: offered,
+                secs: opts.secs,
+            })?;
+            let (user1, kernel1) = t.proc.cpu_split();
+            let per_req = |ticks: u64| match out.completed {
+                0 => 0.0,
+                n => ticks as f64 * 1e6 / clk_tck / n as f64,
+            };
+            let (user, kernel) = (user1.saturating_sub(user0), kernel1.saturating_sub(kernel0));
+            let bad = out.errors + out.non2xx + out.missed;
+            eprintln!(
+                "load:   {} at {offered} req/s, round {}: achieved {:.0} req/s, p50 {:.3} ms, \
+                 p99 {:.3} ms, p99.9 {:.3} ms, {:.1} CPU µs/req (client lag p99 {:.3} ms){}",
+                t.kind.name(),
+                round + 1,
+                out.achieved_rps,
+                out.p50_ms,
+                out.p99_ms,
+                out.p999_ms,
+                per_req(user + kernel),
+                out.send_lag_p99_ms,
+                if bad > 0 {
+                    format!(
+                        ", {} errors, {} non-2xx, {} never sent",
+                        out.errors, out.non2xx, out.missed
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            runs[idx].at_rate.push(RateRound {
+                cpu_ticks: user + kernel,
+                cpu_us_per_req: per_req(user + kernel),
+                user_us_per_req: per_req(user),
+                kernel_us_per_req: per_req(kernel),
+                out,
+            });
+        }
+    }
+    Ok(RateInfo {
+        offered,
+        how,
+        connections,
     })
 }
 
@@ -1442,6 +1757,7 @@ fn profile(
     key: &str,
     t: &Target,
     secs: u32,
+    client: &str,
     load: impl FnOnce() -> Result<wrk::WrkOut, String>,
 ) -> Result<BTreeMap<&'static str, f64>, String> {
     let name = t.kind.name();
@@ -1451,7 +1767,7 @@ fn profile(
     let data = recording.finish()?;
     let shares = perf::breakdown(perf, &data)?;
     let svg = results_dir().join(format!("flame-{key}-{name}.svg"));
-    let title = format!("{name}: {key}, wrk -t1 -c{CONNECTIONS}");
+    let title = format!("{name}: {key}, {client}");
     match perf::flamegraph(perf, &data, &title, &svg)? {
         true => eprintln!("load:   {name}: flame graph in {}", svg.display()),
         false => eprintln!("load:   {name}: no flame graph (cargo install inferno to get one)"),
@@ -1500,6 +1816,7 @@ fn idle_scenario(env: &Env, opts: &Opts) -> Result<Vec<(Kind, idle::IdleResult)>
         stream: false,
         tls: false,
         websocket: false,
+        workers: 1,
     };
     let targets = confs::start_proxies(
         &env.tools,
@@ -1518,6 +1835,7 @@ fn idle_scenario(env: &Env, opts: &Opts) -> Result<Vec<(Kind, idle::IdleResult)>
             &wrk::Load {
                 url: &url,
                 secs: 1,
+                threads: 1,
                 connections: CONNECTIONS,
                 headers: &[],
                 openssl_conf: None,
@@ -1564,6 +1882,7 @@ fn ws_idle_scenario(env: &Env, opts: &Opts) -> Result<Vec<(Kind, idle::IdleResul
         stream: false,
         tls: false,
         websocket: true,
+        workers: 1,
     };
     let targets = confs::start_proxies(
         &env.tools,
@@ -1739,6 +2058,7 @@ fn sse_scenario(env: &Env, opts: &Opts) -> Result<SseResult, String> {
         stream: true,
         tls: false,
         websocket: false,
+        workers: 1,
     };
     let targets = confs::start_proxies(
         &env.tools,
@@ -1919,6 +2239,7 @@ fn switch_scenario(env: &Env, opts: &Opts) -> Result<Vec<switch::SwitchReport>, 
             | Kind::SwitchyardNoLimits
             | Kind::SwitchyardNoMetrics
             | Kind::SwitchyardPingoraPath
+            | Kind::SwitchyardThreads { .. }
             | Kind::Clustered(_) => continue,
         };
         eprintln!(
@@ -1961,6 +2282,7 @@ fn cluster_scenario(
         headers: vec![format!("Host: {}", confs::API_HOST)],
         client: Client::Wrk,
         post: None,
+        fixed_rate: false,
     };
     let mut errors = Vec::new();
     // wrk_scenario stops its proxies before it returns.
@@ -2202,9 +2524,11 @@ fn print_wrk_table(scenarios: &[WrkScenario]) {
         return;
     }
     println!(
-        "wrk -t1 -c{CONNECTIONS} (HTTP/2: h2load -t1): medians over rounds; (ratio to nginx): \
+        "wrk -t1 -c{CONNECTIONS} (threads: -t{THREADS_WORKERS} -c{}; HTTP/2: h2load -t1): medians \
+         over rounds; (ratio to nginx): \
          req/s higher is better, everything else lower is better; latency from request sent to \
-         response complete (connect and TLS handshake not included)"
+         response complete (connect and TLS handshake not included)",
+        CONNECTIONS * THREADS_WORKERS
     );
     let mut rows = Vec::new();
     for s in scenarios {
@@ -2247,6 +2571,66 @@ fn print_wrk_table(scenarios: &[WrkScenario]) {
         }
     }
     println!();
+    print_rate_table(scenarios);
+}
+
+/// The second table: the fixed-rate rounds, each scenario at its offered rate.
+fn print_rate_table(scenarios: &[WrkScenario]) {
+    let with_rate: Vec<&WrkScenario> = scenarios.iter().filter(|s| s.rate.is_some()).collect();
+    if with_rate.is_empty() {
+        return;
+    }
+    println!(
+        "At a fixed offered rate (open loop, load/rate.rs; one request in flight per \
+         connection): medians over rounds; (ratio to nginx), lower is better; latency from each \
+         request's scheduled send time to the answer's last byte (corrected for coordinated \
+         omission); client lag = how late the generator itself sent (p99)"
+    );
+    let mut rows = Vec::new();
+    for s in &with_rate {
+        let Some(info) = &s.rate else { continue };
+        let base = s.nginx_at_rate();
+        for p in &s.proxies {
+            let Some(f) = p.rate_figures() else { continue };
+            let b = |g: fn(&RateFigures) -> f64| base.as_ref().map(g);
+            rows.push(vec![
+                format!("{} at {} req/s", s.title, info.offered),
+                p.kind.name().to_string(),
+                format!("{:.0}", f.achieved),
+                cell(f.p50, b(|n| n.p50), 3),
+                cell(f.p99, b(|n| n.p99), 3),
+                cell(f.p999, b(|n| n.p999), 3),
+                cell(f.cpu, b(|n| n.cpu), 1),
+                format!("{:.1} / {:.1}", f.user, f.kernel),
+                format!("{:.3}", f.lag_p99),
+                f.errors.to_string(),
+            ]);
+        }
+    }
+    print_table(
+        &[
+            "scenario",
+            "proxy",
+            "achieved req/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "CPU µs/req",
+            "user / kernel",
+            "client lag ms",
+            "errors",
+        ],
+        &rows,
+    );
+    for s in &with_rate {
+        if let Some(info) = &s.rate {
+            println!(
+                "  {}: {} req/s offered ({}), {} connections",
+                s.key, info.offered, info.how, info.connections
+            );
+        }
+    }
+    println!();
 }
 
 fn command_line(cmd: &Path, args: &[&str]) -> String {
@@ -2283,6 +2667,15 @@ fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
         "secs_per_run": opts.secs,
         "warmup_secs": opts.warmup,
         "wrk": format!("wrk -t1 -c{CONNECTIONS} -d{}s --latency --timeout 5s", opts.secs),
+        "fixed_rate": {
+            "rate": opts.rate.map_or_else(
+                || json!(format!("{:.0} % of the slowest proxy's closed-loop req/s per scenario, whole hundreds", RATE_SHARE * 100.0)),
+                |r| json!(r),
+            ),
+            "scenarios": "small, 16k, close, realistic, threads (plain HTTP GET)",
+            "generator": "benches/load/rate.rs: one thread (tokio current-thread), CONNECTIONS x workers keep-alive HTTP/1.1 connections opened before each round, one request in flight each, connection c sends slots c, c+n, ... of a uniform schedule (timerfd), latency from the scheduled send time to the answer's last byte",
+            "drain_secs": rate::DRAIN.as_secs(),
+        },
         "switch_secs": opts.switch_secs,
         "switch_clients": SWITCH_CLIENTS,
         "switch_every_ms": SWITCH_EVERY.as_millis() as u64,
@@ -2327,6 +2720,7 @@ fn meta(opts: &Opts, env: &Env, total_secs: f64) -> Value {
             "switchyard": "threads = 1; health checks only in `realistic`; metrics listener only in `realistic` (as conf/switchyard.toml), where `switchyard, no metrics` is the same without it",
             "nginx": "worker_processes 1; proxy_http_version 1.1; upstream keepalive 128; access_log off",
             "haproxy": "nbthread 1; http-reuse always",
+            "threads_scenario": format!("the small scenario with {THREADS_WORKERS} workers per proxy: switchyard threads = {THREADS_WORKERS} with work_stealing = false and = true (two rows); nginx worker_processes {THREADS_WORKERS}; haproxy nbthread {THREADS_WORKERS}; bare Pingora {THREADS_WORKERS} threads (BARE_PINGORA_THREADS), work stealing on (its default); wrk -t{THREADS_WORKERS} -c{}; the upstream nginx keeps 1 worker", CONNECTIONS * THREADS_WORKERS),
             "pingora": "examples/bare_pingora.rs: Pingora 0.9 defaults (work stealing, upstream keep-alive pool 128, system allocator, rustls TlsSettings::intermediate + enable_h2), threads = 1; simple and HTTPS scenarios only",
             "nginx_tls": "listen ssl http2; ssl_protocols TLSv1.2 TLSv1.3; session tickets on (default); keepalive_requests 1000000 (also bounds HTTP/2 requests per connection)",
             "haproxy_tls": "bind ssl crt alpn h2,http/1.1 ssl-min-ver TLSv1.2",

@@ -3,7 +3,10 @@
 //! keep-alive pool) and one worker thread, sending every request to one
 //! upstream. Whatever switchyard costs beyond this is switchyard's own.
 //!
-//!     bare_pingora LISTEN_ADDR UPSTREAM_ADDR [TLS_LISTEN_ADDR CERT_PEM KEY_PEM]
+//!     [BARE_PINGORA_THREADS=N] bare_pingora LISTEN_ADDR UPSTREAM_ADDR [TLS_LISTEN_ADDR CERT_PEM KEY_PEM]
+//!
+//! `BARE_PINGORA_THREADS` sets the worker threads (default 1; the bench's
+//! `threads` scenario runs 2, work stealing on as Pingora's default).
 //!
 //! With the TLS arguments it also serves HTTPS the way Pingora's rustls
 //! build does by default (TLS 1.2 and 1.3), with ALPN h2 and http/1.1.
@@ -49,8 +52,18 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let threads = match std::env::var("BARE_PINGORA_THREADS") {
+        Err(_) => 1,
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                eprintln!("bare_pingora: BARE_PINGORA_THREADS {v:?}: not a positive number");
+                std::process::exit(2);
+            }
+        },
+    };
     let conf = ServerConf {
-        threads: 1,
+        threads,
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

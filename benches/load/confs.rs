@@ -88,6 +88,11 @@ pub enum Kind {
     /// switchyard on the realistic routes as one variant of the `cluster`
     /// scenario (`[cluster]` on or off, see `load/cluster.rs`).
     Clustered(&'static cluster::Variant),
+    /// switchyard with several worker threads (`threads` scenario), with
+    /// `server.work_stealing` set as given; takes the place of `Switchyard`.
+    SwitchyardThreads {
+        work_stealing: bool,
+    },
     /// A bare Pingora proxy with Pingora's defaults: what switchyard builds on.
     Pingora,
     Nginx,
@@ -102,6 +107,12 @@ impl Kind {
             Kind::SwitchyardNoMetrics => "switchyard, no metrics",
             Kind::SwitchyardPingoraPath => "switchyard, Pingora path",
             Kind::Clustered(v) => v.name,
+            Kind::SwitchyardThreads {
+                work_stealing: false,
+            } => "switchyard, work stealing off",
+            Kind::SwitchyardThreads {
+                work_stealing: true,
+            } => "switchyard, work stealing on",
             Kind::Pingora => "pingora",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
@@ -125,6 +136,9 @@ pub enum Setup {
         tls: bool,
         /// The route passes WebSocket upgrades (idle for up to an hour).
         websocket: bool,
+        /// Worker threads (processes for nginx) of every proxy: 1, or 2 in
+        /// the `threads` scenario.
+        workers: u32,
     },
     /// A route table like conf/switchyard.toml; health checks on.
     Realistic,
@@ -139,6 +153,16 @@ pub enum Setup {
     /// [`cluster::VARIANTS`] entry; the cluster ones share the Redis on
     /// `redis_port` (process `redis_pid`, whose CPU is measured too).
     Cluster { redis_port: u16, redis_pid: u32 },
+}
+
+impl Setup {
+    /// Worker threads (nginx: worker processes) of each proxy.
+    pub fn workers(self) -> u32 {
+        match self {
+            Setup::Simple { workers, .. } => workers.max(1),
+            _ => 1,
+        }
+    }
 }
 
 /// One proxy under test.
@@ -192,13 +216,20 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The parts of an nginx config every instance shares.
-fn nginx_conf(dir: &Path, worker_connections: u32, nofile: u64, http: &str) -> String {
+/// The parts of an nginx config every instance shares; `workers` worker
+/// processes.
+fn nginx_conf(
+    dir: &Path,
+    workers: u32,
+    worker_connections: u32,
+    nofile: u64,
+    http: &str,
+) -> String {
     let d = dir.display();
     // Workers of a root master run as nobody, who cannot read the temp dir.
     let user = if is_root() { "user root root;\n" } else { "" };
     format!(
-        "{user}worker_processes 1;
+        "{user}worker_processes {workers};
 daemon off;
 master_process on;
 pid {d}/nginx.pid;
@@ -321,7 +352,7 @@ pub fn start_upstream(
         "upstream nginx",
         nginx,
         dir,
-        &nginx_conf(dir, 16384, nofile, &http),
+        &nginx_conf(dir, 1, 16384, nofile, &http),
     )?;
     let addr = procs::local(general[0]);
     procs::wait_ready(&mut proc, addr, "upstream", "/", 200)?;
@@ -349,6 +380,17 @@ pub fn start_proxies(
     ready: (&str, &str, u16),
 ) -> Result<Vec<Target>, String> {
     let mut kinds = vec![Kind::Switchyard];
+    if setup.workers() > 1 {
+        // Both settings of work stealing, the shipped default first.
+        kinds = vec![
+            Kind::SwitchyardThreads {
+                work_stealing: false,
+            },
+            Kind::SwitchyardThreads {
+                work_stealing: true,
+            },
+        ];
+    }
     if matches!(setup, Setup::Cluster { .. }) {
         // switchyard only: the scenario compares its own variants.
         kinds = cluster::VARIANTS.iter().map(Kind::Clustered).collect();
@@ -363,6 +405,7 @@ pub fn start_proxies(
             many_conns: false,
             stream: false,
             websocket: false,
+            workers: 1,
             ..
         }
     );
@@ -405,6 +448,7 @@ pub fn start_proxies(
             | Kind::SwitchyardNoLimits
             | Kind::SwitchyardNoMetrics
             | Kind::SwitchyardPingoraPath
+            | Kind::SwitchyardThreads { .. }
             | Kind::Clustered(_) => {
                 let conf = d.join("switchyard.toml");
                 let listen = (port, tls_port, metrics_port);
@@ -419,6 +463,7 @@ pub fn start_proxies(
                 let mut cmd = Command::new(tools.pingora.as_ref().expect("bare_pingora"));
                 cmd.arg(format!("127.0.0.1:{port}"))
                     .arg(format!("127.0.0.1:{backend}"))
+                    .env(BARE_PINGORA_THREADS, setup.workers().to_string())
                     .current_dir(&d);
                 if tls {
                     cmd.arg(format!("127.0.0.1:{tls_port}"))
@@ -440,7 +485,7 @@ pub fn start_proxies(
                     _ if many => 12288,
                     _ => 1024,
                 };
-                let text = nginx_conf(&d, connections, tools.nofile, &http);
+                let text = nginx_conf(&d, setup.workers(), connections, tools.nofile, &http);
                 start_nginx("nginx", &tools.nginx, &d, &text)?
             }
             Kind::Haproxy => {
@@ -471,6 +516,10 @@ pub fn start_proxies(
     }
     Ok(out)
 }
+
+/// The environment variable that gives `examples/bare_pingora.rs` its
+/// worker threads (1 when unset).
+pub const BARE_PINGORA_THREADS: &str = "BARE_PINGORA_THREADS";
 
 /// Starts `tools.switchyard run -c conf` in `dir` (its log there), without
 /// waiting for it to serve.
@@ -547,17 +596,23 @@ retry_after = \"30s\"
         ),
         _ => "keepalive_timeout = \"60s\"\n".to_string(),
     };
+    // The Pingora-path row turns the lean path off; `threads` writes out
+    // both settings of work stealing.
     let server_extra = match kind {
         Kind::SwitchyardPingoraPath => format!("{server_extra}fast_path = false\n"),
+        Kind::SwitchyardThreads { work_stealing } => {
+            format!("{server_extra}work_stealing = {work_stealing}\n")
+        }
         _ => server_extra,
     };
+    let threads = setup.workers();
     if matches!(setup, Setup::Realistic) {
         let _ = fs::write(dir.join("maintenance.html"), "<h1>Back soon</h1>\n");
     }
     write!(
         s,
         "[server]
-threads = 1
+threads = {threads}
 grace_period = \"1s\"
 state_dir = \"{d}/state\"
 {server_extra}
@@ -799,6 +854,7 @@ fn nginx_proxy_http(
             stream,
             tls: false,
             websocket: false,
+            workers: 1,
         },
         other => other,
     };
@@ -1045,9 +1101,10 @@ fn haproxy_conf(
     nofile: u64,
 ) -> String {
     let maxconn = haproxy_maxconn(setup, nofile);
+    let nbthread = setup.workers();
     let mut s = format!(
         "global
-    nbthread 1
+    nbthread {nbthread}
     maxconn {maxconn}
     ulimit-n {nofile}
 

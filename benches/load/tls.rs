@@ -322,6 +322,7 @@ pub fn check_wrk_pin(
         &crate::wrk::Load {
             url: &url,
             secs: 1,
+            threads: 1,
             connections: 1,
             headers: &[],
             openssl_conf: Some(&files.openssl_conf),

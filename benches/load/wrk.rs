@@ -1,5 +1,5 @@
-//! Runs wrk (one thread: the machine has two cores) and reads the JSON its
-//! Lua `done()` hook prints.
+//! Runs wrk (one thread, as the machine has two cores; two in the `threads`
+//! scenario) and reads the JSON its Lua `done()` hook prints.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -51,6 +51,8 @@ pub struct WrkOut {
 pub struct Load<'a> {
     pub url: &'a str,
     pub secs: u32,
+    /// wrk's threads (`-t`): 1, or the proxies' worker threads in `threads`.
+    pub threads: u32,
     pub connections: u32,
     pub headers: &'a [String],
     /// `OPENSSL_CONF` for wrk's TLS (see `tls::Files::openssl_conf`).
@@ -59,7 +61,7 @@ pub struct Load<'a> {
 
 pub fn run(wrk: &Path, script: &Path, load: &Load) -> Result<WrkOut, String> {
     let mut cmd = Command::new(wrk);
-    cmd.arg("-t1")
+    cmd.arg(format!("-t{}", load.threads.max(1)))
         .arg(format!("-c{}", load.connections))
         .arg(format!("-d{}s", load.secs))
         .arg("--latency")
