@@ -2238,7 +2238,6 @@ fn switch_scenario(env: &Env, opts: &Opts) -> Result<Vec<switch::SwitchReport>, 
             | Kind::Pingora
             | Kind::SwitchyardNoLimits
             | Kind::SwitchyardNoMetrics
-            | Kind::SwitchyardPingoraPath
             | Kind::SwitchyardThreads { .. }
             | Kind::Clustered(_) => continue,
         };

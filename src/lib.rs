@@ -15,7 +15,6 @@ pub mod config;
 pub mod connections;
 pub mod demo;
 pub mod deploy;
-pub mod fast_path;
 pub mod forwarded;
 pub mod framing;
 pub mod health;
@@ -38,7 +37,6 @@ pub mod split;
 pub mod store;
 pub mod switchboard;
 pub mod tls;
-pub mod upstream_pool;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -58,7 +56,6 @@ use crate::admin::api::AdminApi;
 use crate::admin::auth::{self, TokenError};
 use crate::config::Config;
 use crate::connections::Connections;
-use crate::fast_path::FastPath;
 use crate::health::HealthChecker;
 use crate::limits::Sweeper;
 use crate::record::Observer;
@@ -215,7 +212,7 @@ impl Switchyard {
                 .fold(proxy, |proxy, o| proxy.with_observer(o.clone()))
         };
         let tls_configured = config.listen.https.is_some() || config.acme.is_some();
-        let plain_side = || match tls_configured {
+        let plain_side = match tls_configured {
             true => Side::Plain(Plain::new(
                 challenges.clone(),
                 certs.clone(),
@@ -227,19 +224,7 @@ impl Switchyard {
             )),
             false => Side::PlainOnly,
         };
-        // `server.fast_path`: the lean HTTP/1 path beside each proxy.
-        let fast_path = |side| {
-            config.server.fast_path.then(|| {
-                Arc::new(FastPath::new(
-                    board.clone(),
-                    requests.clone(),
-                    side,
-                    observers.clone(),
-                    config.server.upstream_keepalive_pool / config.server.threads.max(1),
-                ))
-            })
-        };
-        let proxy = new_proxy(plain_side());
+        let proxy = new_proxy(plain_side);
         let connections = Arc::new(connection_table(&config.server));
         // The keep-alive idle limit as reloaded (`server.keepalive_timeout`).
         let keepalive: slow_clients::KeepAlive = {
@@ -252,8 +237,7 @@ impl Switchyard {
             connections.clone(),
         )
         .with_keepalive(keepalive.clone())
-        .with_observers(observers.clone())
-        .with_fast_path(fast_path(plain_side()));
+        .with_observers(observers.clone());
         let mut proxy = Service::new("proxy".into(), app);
         proxy.add_listener(
             ListenerConfig::tcp(config.listen.http.to_string())
@@ -281,10 +265,7 @@ impl Switchyard {
             let app = HeaderTimeout::new(app, config.server.header_timeout, connections.clone())
                 .with_keepalive(keepalive)
                 .with_tls(handshakes)
-                .with_observers(observers.clone())
-                .with_fast_path(fast_path(Side::Https(Https::new(
-                    config.tls.hsts.as_deref(),
-                ))));
+                .with_observers(observers.clone());
             let mut service = Service::new("proxy-https".into(), app);
             service.add_listener(
                 ListenerConfig::tcp(https.to_string())

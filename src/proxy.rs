@@ -707,7 +707,7 @@ fn content_length(req: &RequestHeader) -> Option<usize> {
 }
 
 /// Bytes of the request line and headers as they came on the wire (close enough).
-pub(crate) fn header_size(req: &RequestHeader) -> usize {
+fn header_size(req: &RequestHeader) -> usize {
     let line = req.method.as_str().len() + req.raw_path().len() + 12;
     req.headers
         .iter()

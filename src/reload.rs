@@ -31,7 +31,7 @@ use crate::switchboard::Switchboard;
 /// process builds its listeners and background services. A reload that
 /// changes one keeps the running value and names the key (answer and WARN
 /// log line); a restart (or the `-u` socket handover) applies it.
-pub const RESTART_ONLY: [&str; 17] = [
+pub const RESTART_ONLY: [&str; 16] = [
     "listen",
     "cluster",
     "admin",
@@ -41,7 +41,6 @@ pub const RESTART_ONLY: [&str; 17] = [
     "notify",
     "server.threads",
     "server.work_stealing",
-    "server.fast_path",
     "server.grace_period",
     "server.state_dir",
     "server.upstream_keepalive_pool",
@@ -70,7 +69,6 @@ fn differs(key: &str, a: &Config, b: &Config) -> bool {
         "notify" => d(&a.notify, &b.notify),
         "server.threads" => s.threads != t.threads,
         "server.work_stealing" => s.work_stealing != t.work_stealing,
-        "server.fast_path" => s.fast_path != t.fast_path,
         "server.grace_period" => s.grace_period != t.grace_period,
         "server.state_dir" => s.state_dir != t.state_dir,
         "server.upstream_keepalive_pool" => s.upstream_keepalive_pool != t.upstream_keepalive_pool,

@@ -92,7 +92,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::connections::{Connections, Slot};
-use crate::fast_path::{FastPath, Outcome};
 use crate::record::{Observer, RequestRecord};
 use crate::respond::Refusal;
 use crate::tls::handshake::TlsAcceptor;
@@ -135,9 +134,6 @@ pub struct HeaderTimeout<A> {
     tls: Option<Arc<TlsAcceptor>>,
     /// How long a kept-alive connection may wait for its next request.
     keepalive: KeepAlive,
-    /// The lean HTTP/1 path (`server.fast_path`), offered each request
-    /// before Pingora's proxy.
-    fast: Option<Arc<FastPath>>,
 }
 
 impl<A> HeaderTimeout<A> {
@@ -151,15 +147,7 @@ impl<A> HeaderTimeout<A> {
             observers: Arc::new([]),
             tls: None,
             keepalive: Arc::new(|| DEFAULT_KEEPALIVE),
-            fast: None,
         }
-    }
-
-    /// Offers each request whose header came alone to `fast` first
-    /// ([`crate::fast_path`]); `None`: every request goes to the app.
-    pub fn with_fast_path(mut self, fast: Option<Arc<FastPath>>) -> Self {
-        self.fast = fast;
-        self
     }
 
     /// The idle limit between two requests on a kept-alive HTTP/1
@@ -310,33 +298,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> HeaderTimeout<A> {
             if wait && !conn.wait_next((self.keepalive)(), shutdown).await {
                 return;
             }
-            if let Some(fast) = self.fast.as_ref().filter(|_| wait && conn.header_alone()) {
-                let stopping = *shutdown.borrow();
-                match Box::pin(fast.serve(conn, stopping)).await {
-                    Outcome::KeepAlive(stream, early) => {
-                        let Ok(back) = stream.into_any().downcast::<Guarded>() else {
-                            return;
-                        };
-                        conn = back;
-                        if let Some(early) = early {
-                            conn.replay(&early);
-                        }
-                        first = false;
-                        carried = None;
-                        continue;
-                    }
-                    Outcome::Close => return,
-                    Outcome::Declined(stream, header) => {
-                        let Ok(back) = stream.into_any().downcast::<Guarded>() else {
-                            return;
-                        };
-                        conn = back;
-                        conn.replay(&header);
-                    }
-                }
-            }
             // Built and moved in one go: no session sits in this future.
-            let session = self.session(conn, first || carried.is_none(), carried.take(), shutdown);
+            let session = self.session(conn, first, carried.take(), shutdown);
             first = false;
             let Some(reused) = self.app.process_new_http(session, shutdown).await else {
                 return;
@@ -635,12 +598,6 @@ impl Guarded {
             && !self.scan.body
             && self.out_pos >= self.out.len()
             && self.wpos >= self.wbuf.len()
-    }
-
-    /// Whether the header just waited for came alone: no body announced
-    /// and no byte behind it, so a session that reads it reads exactly it.
-    fn header_alone(&self) -> bool {
-        !self.extra && !self.scan.body && !self.scan.tail
     }
 
     /// Waits for a connection's next request (its first, or the next on a

@@ -1,7 +1,6 @@
-//! Request smuggling and message framing, on both proxy paths (Pingora's
-//! proxy and the lean HTTP/1 path, `[server] fast_path`): whatever bytes a
-//! client sends, switchyard and the backend must agree on where each
-//! request ends (RFC 9112 §6, §9.3; RFC 9110 §8.6, §7.8).
+//! Request smuggling and message framing: whatever bytes a client sends,
+//! switchyard and the backend must agree on where each request ends
+//! (RFC 9112 §6, §9.3; RFC 9110 §8.6, §7.8).
 //!
 //! The backend here is [`Wire`], a raw TCP server with its own strict
 //! HTTP/1.1 parser that records every byte it receives: a request that
@@ -10,15 +9,11 @@
 //! the proxy sent bytes it did not frame, and a request carrying both
 //! `Content-Length` and `Transfer-Encoding` is ambiguous by itself. Paths
 //! named `/smuggled` must never reach it.
-//!
-//! Every test body runs twice, once per path ([`on_both_paths`]); a failure
-//! names the path.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -36,45 +31,25 @@ const DUMP_TAIL: usize = 600;
 const HOST: &str = "app.test";
 
 // ---------------------------------------------------------------------------
-// Both paths
+// The proxy under test
 // ---------------------------------------------------------------------------
 
-/// The proxy path a test body runs on.
+/// How a test body starts its proxy. Issue 14 ran every test here on two
+/// request paths (Pingora's proxy and a lean HTTP/1 path, since removed:
+/// README, "Lean HTTP/1 path"); one is left.
 #[derive(Clone, Copy, Debug)]
-struct Path {
-    fast: bool,
-}
+struct Path;
 
 impl Path {
-    fn name(self) -> &'static str {
-        match self.fast {
-            true => "lean path (fast_path = true)",
-            false => "Pingora path (fast_path = false)",
-        }
-    }
-
-    /// A proxy on this path with `body` as its services and routes.
+    /// A proxy with `body` as its services and routes.
     fn proxy(self, body: impl Into<String>) -> ProxyBuilder {
-        ProxyBuilder::new(body).server(&format!("fast_path = {}", self.fast))
+        ProxyBuilder::new(body)
     }
 }
 
-/// Runs `test` on Pingora's path and on the lean path; fails (after both
-/// ran) with every failure, each naming its path.
-fn on_both_paths(test: impl Fn(Path)) {
-    let mut failures = Vec::new();
-    for fast in [false, true] {
-        let path = Path { fast };
-        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| test(path))) {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "(no message)".to_string());
-            failures.push(format!("on the {}: {msg}", path.name()));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+/// Runs `test` against the proxy.
+fn run_on_proxy(test: impl Fn(Path)) {
+    test(Path);
 }
 
 // ---------------------------------------------------------------------------
@@ -634,7 +609,7 @@ fn chunked(data: &str) -> String {
 /// by chunked framing it is the body, by the length a next request.
 #[test]
 fn content_length_with_transfer_encoding_never_splits_differently() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         let tail = "0\r\n\r\n".to_string() + &smuggled();
@@ -695,7 +670,7 @@ fn content_length_with_transfer_encoding_never_splits_differently() {
 /// different ones are refused 400 with the connection closed.
 #[test]
 fn duplicate_content_length() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         for (what, lines) in [
@@ -751,7 +726,7 @@ fn duplicate_content_length() {
 /// whitespace is not part of a field value (RFC 9110 §5.5), so `5 ` is 5.
 #[test]
 fn malformed_content_length_is_refused() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         for value in [
             "+5",
@@ -810,7 +785,7 @@ fn malformed_content_length_is_refused() {
 /// without Content-Length, and nothing after it (RFC 9112 §6.1, §6.3).
 #[test]
 fn obfuscated_transfer_encoding_never_splits_differently() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         let lines = [
@@ -875,7 +850,7 @@ fn obfuscated_transfer_encoding_never_splits_differently() {
 /// coding's name dropped (Pingora sends `Transfer-Encoding: chunked` only).
 #[test]
 fn unknown_transfer_codings_are_not_implemented() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         for te in [
             "gzip, chunked",
@@ -906,7 +881,7 @@ fn unknown_transfer_codings_are_not_implemented() {
 /// §6.1): refused 400, closed.
 #[test]
 fn transfer_encoding_from_an_http10_client_is_refused() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let bytes = format!(
             "POST /te10 HTTP/1.0\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n{}",
@@ -925,7 +900,7 @@ fn transfer_encoding_from_an_http10_client_is_refused() {
 /// the request line and the first field (RFC 9112 §2.2).
 #[test]
 fn obs_fold_is_refused() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         for (what, head) in [
             ("a folded value", "X-Folded: one\r\n two\r\n"),
@@ -959,7 +934,7 @@ fn obs_fold_is_refused() {
 /// fields.
 #[test]
 fn malformed_header_lines_are_refused() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         for (what, line) in [
             ("a space in a name", "Content Length: 5"),
@@ -1053,7 +1028,7 @@ fn malformed_header_lines_are_refused() {
 /// switchyard read it, or is refused).
 #[test]
 fn hop_by_hop_request_fields_stay_behind() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         let hop = "Connection: close, X-Custom\r\nX-Custom: 1\r\nKeep-Alive: timeout=5\r\n\
@@ -1152,7 +1127,7 @@ fn hop_by_hop_request_fields_stay_behind() {
 /// the response behind it is intact.
 #[test]
 fn hop_by_hop_response_fields_stay_behind() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let ex = exchange(
             &s.proxy.http_addr(),
@@ -1186,7 +1161,7 @@ fn hop_by_hop_response_fields_stay_behind() {
 /// with the connection, never passed on raw.
 #[test]
 fn an_upgrade_not_answered_101_opens_no_tunnel() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         let ws = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
@@ -1240,7 +1215,7 @@ fn an_upgrade_not_answered_101_opens_no_tunnel() {
 /// that follows never reaches the backend.
 #[test]
 fn h2c_upgrade_is_not_passed_on() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         let preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -1301,7 +1276,7 @@ fn h2c_upgrade_is_not_passed_on() {
 /// connection closes after the refusal.
 #[test]
 fn an_unread_body_is_never_read_as_a_request() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         let inner = smuggled();
@@ -1390,7 +1365,7 @@ fn an_unread_body_is_never_read_as_a_request() {
 /// framed by its Content-Length, exactly.
 #[test]
 fn http10_keep_alive_only_when_asked_and_bodies_by_length() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         let v10 = |target: &str, extra: &str| {
@@ -1452,7 +1427,7 @@ fn http10_keep_alive_only_when_asked_and_bodies_by_length() {
 /// right after its head.
 #[test]
 fn bodiless_responses_keep_the_next_one_intact() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let head = |target: &str| format!("HEAD {target} HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
         for (what, first, status) in [
@@ -1487,7 +1462,7 @@ fn bodiless_responses_keep_the_next_one_intact() {
 /// or a cut connection). Never both headers, never the wrong length.
 #[test]
 fn ambiguous_backend_framing_reaches_the_client_unambiguous() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
 
@@ -1524,7 +1499,7 @@ fn ambiguous_backend_framing_reaches_the_client_unambiguous() {
 /// an HTTP/1.0 client gets no 1xx at all (RFC 9110 §15.2).
 #[test]
 fn interim_responses_keep_the_exchange_framed() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         for (target, body) in [
@@ -1565,7 +1540,7 @@ fn interim_responses_keep_the_exchange_framed() {
 /// connection is not used again.
 #[test]
 fn a_truncated_upstream_body_never_looks_complete() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
         for target in ["/trunc-length", "/trunc-chunk", "/trunc-last-chunk"] {
@@ -1620,7 +1595,7 @@ fn a_truncated_upstream_body_never_looks_complete() {
 /// its framing is never read.
 #[test]
 fn pipelined_requests_are_answered_in_order() {
-    on_both_paths(|path| {
+    run_on_proxy(|path| {
         let s = setup(path);
         let addr = s.proxy.http_addr();
 

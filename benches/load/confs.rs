@@ -81,10 +81,6 @@ pub enum Kind {
     /// switchyard without its metrics listener (`realistic` only; the
     /// `switchyard` line counts every request, as the shipped config does).
     SwitchyardNoMetrics,
-    /// switchyard with `server.fast_path = false`: every request through
-    /// Pingora's proxy (the simple wrk scenarios and `realistic`), to
-    /// measure the lean HTTP/1 path against it in the same run.
-    SwitchyardPingoraPath,
     /// switchyard on the realistic routes as one variant of the `cluster`
     /// scenario (`[cluster]` on or off, see `load/cluster.rs`).
     Clustered(&'static cluster::Variant),
@@ -105,7 +101,6 @@ impl Kind {
             Kind::Switchyard => "switchyard",
             Kind::SwitchyardNoLimits => "switchyard, no limits",
             Kind::SwitchyardNoMetrics => "switchyard, no metrics",
-            Kind::SwitchyardPingoraPath => "switchyard, Pingora path",
             Kind::Clustered(v) => v.name,
             Kind::SwitchyardThreads {
                 work_stealing: false,
@@ -399,19 +394,6 @@ pub fn start_proxies(
         kinds.push(Kind::SwitchyardNoLimits);
     }
     let realistic = matches!(setup, Setup::Realistic);
-    let plain_wrk = matches!(
-        setup,
-        Setup::Simple {
-            many_conns: false,
-            stream: false,
-            websocket: false,
-            workers: 1,
-            ..
-        }
-    );
-    if realistic || plain_wrk {
-        kinds.push(Kind::SwitchyardPingoraPath);
-    }
     if realistic {
         kinds.push(Kind::SwitchyardNoMetrics);
     }
@@ -438,7 +420,7 @@ pub fn start_proxies(
         let (port, admin_port) = (ports[0], ports[1]);
         let tls_port = if tls { ports[2] } else { 0 };
         let metrics_port = match kind {
-            Kind::Switchyard | Kind::SwitchyardPingoraPath if realistic => ports[3],
+            Kind::Switchyard if realistic => ports[3],
             // Every variant as conf/switchyard.toml, metrics listener included.
             Kind::Clustered(_) => ports[3],
             _ => 0,
@@ -447,7 +429,6 @@ pub fn start_proxies(
             Kind::Switchyard
             | Kind::SwitchyardNoLimits
             | Kind::SwitchyardNoMetrics
-            | Kind::SwitchyardPingoraPath
             | Kind::SwitchyardThreads { .. }
             | Kind::Clustered(_) => {
                 let conf = d.join("switchyard.toml");
@@ -596,10 +577,8 @@ retry_after = \"30s\"
         ),
         _ => "keepalive_timeout = \"60s\"\n".to_string(),
     };
-    // The Pingora-path row turns the lean path off; `threads` writes out
-    // both settings of work stealing.
+    // `threads`: both settings of work stealing, written out.
     let server_extra = match kind {
-        Kind::SwitchyardPingoraPath => format!("{server_extra}fast_path = false\n"),
         Kind::SwitchyardThreads { work_stealing } => {
             format!("{server_extra}work_stealing = {work_stealing}\n")
         }

@@ -108,7 +108,6 @@ pub struct RateLimit {
 pub struct Server {
     pub threads: Option<Spanned<u32>>,
     pub work_stealing: Option<Spanned<bool>>,
-    pub fast_path: Option<Spanned<bool>>,
     pub grace_period: Option<Spanned<String>>,
     pub state_dir: Option<Spanned<PathBuf>>,
     pub upstream_keepalive_pool: Option<Spanned<usize>>,

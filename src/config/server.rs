@@ -18,10 +18,6 @@ pub const DEFAULT_THREADS: usize = 2;
 /// busy one (`false`): tokio's multi-threaded scheduler when on, one
 /// single-threaded runtime per worker when off (issue 14 measures both).
 pub const DEFAULT_WORK_STEALING: bool = false;
-/// Whether plain HTTP/1.1 requests without a body are served on
-/// switchyard's lean path (`src/fast_path.rs`) instead of Pingora's proxy
-/// (`false` until issue 14's experiment decides).
-pub const DEFAULT_FAST_PATH: bool = true;
 /// How long in-flight requests may run on after SIGTERM before the process exits (30 s).
 /// Pingora's own default (300 s) is too long for a deploy.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
@@ -75,8 +71,6 @@ pub struct Server {
     pub threads: usize,
     /// See [`DEFAULT_WORK_STEALING`].
     pub work_stealing: bool,
-    /// See [`DEFAULT_FAST_PATH`].
-    pub fast_path: bool,
     pub grace_period: Duration,
     pub state_dir: PathBuf,
     pub upstream_keepalive_pool: usize,
@@ -151,7 +145,6 @@ impl Validator<'_> {
             work_stealing: s
                 .work_stealing
                 .map_or(DEFAULT_WORK_STEALING, Spanned::into_inner),
-            fast_path: s.fast_path.map_or(DEFAULT_FAST_PATH, Spanned::into_inner),
             grace_period: self.duration_in(
                 s.grace_period.as_ref(),
                 DEFAULT_GRACE_PERIOD,

@@ -34,7 +34,6 @@ pub struct Families {
     pub automatic_rollbacks: IntCounterVec,
     pub notices_dropped: IntCounterVec,
     pub access_log_dropped: IntCounterVec,
-    pub fast_path_requests: IntCounterVec,
     pub maintenance: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub in_flight: IntGaugeVec,
@@ -161,12 +160,6 @@ impl Families {
                 &r,
                 "switchyard_access_log_dropped_lines_total",
                 "Access log lines dropped because the writer fell behind, since start.",
-                &[],
-            ),
-            fast_path_requests: counter(
-                &r,
-                "switchyard_fast_path_requests_total",
-                "Requests served on the lean HTTP/1 path (server.fast_path) since start; the others went through Pingora's proxy.",
                 &[],
             ),
             maintenance: gauge(

@@ -127,10 +127,6 @@ impl State {
                 log.dropped_lines() as u64,
             );
         }
-        set_counter(
-            &f.fast_path_requests.with_label_values::<&str>(&[]),
-            crate::fast_path::SERVED.load(Ordering::Relaxed),
-        );
         let slow = s.connections.stats.header_timeouts.load(Ordering::Relaxed)
             + s.handshakes
                 .as_ref()

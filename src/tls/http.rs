@@ -182,17 +182,6 @@ impl Https {
     }
 }
 
-impl Https {
-    /// Puts the HSTS header on `resp` (for answers written outside
-    /// Pingora's proxy, which the module does not see).
-    pub fn stamp(&self, resp: &mut ResponseHeader) -> Result<()> {
-        match &self.hsts {
-            Some(value) => resp.insert_header(STRICT_TRANSPORT_SECURITY, value.clone()),
-            None => Ok(()),
-        }
-    }
-}
-
 struct HstsBuilder(HeaderValue);
 
 impl HttpModuleBuilder for HstsBuilder {
