@@ -877,6 +877,150 @@ fn unknown_transfer_codings_are_not_implemented() {
     });
 }
 
+/// Framing spelled oddly but validly: empty list members and a
+/// `Transfer-Encoding` split over lines (RFC 9110 §5.6.1, §5.3), chunk
+/// extensions, chunk sizes with leading zeros and trailers that name
+/// framing fields (RFC 9112 §7.1.1, §7.1.2), `Content-Length` with leading
+/// zeros or repeated many times (RFC 9110 §8.6). Each is read as one body:
+/// the backend gets exactly one framing header (a single `chunked`, or the
+/// length's plain digits), the body, no trailer, and the request behind it
+/// intact. Chunk framing that cannot be read (a size over 64 bits, a
+/// quoted CRLF in an extension, a bare CR ending a trailer) and a length
+/// over 64 bits are refused 400, closed, nothing forwarded.
+#[test]
+fn odd_but_valid_framing_reaches_the_backend_as_one_framing() {
+    run_on_proxy(|path| {
+        let s = setup(path);
+        let addr = s.proxy.http_addr();
+        let te = "Transfer-Encoding: chunked\r\n";
+        let many_cl = "Content-Length: 5\r\n".repeat(100);
+        let accepted = [
+            (
+                "an empty Transfer-Encoding line, then chunked",
+                "Transfer-Encoding: ,\r\nTransfer-Encoding: chunked\r\n".to_string(),
+                chunked("hello"),
+            ),
+            (
+                "an empty member before chunked",
+                "Transfer-Encoding: , chunked\r\n".into(),
+                chunked("hello"),
+            ),
+            (
+                "an empty value line, then chunked",
+                "Transfer-Encoding: \r\nTransfer-Encoding: chunked\r\n".into(),
+                chunked("hello"),
+            ),
+            (
+                "tabs around an empty member",
+                "Transfer-Encoding: \t,\tchunked\r\n".into(),
+                chunked("hello"),
+            ),
+            (
+                "a chunk extension",
+                te.into(),
+                "5;ext=1\r\nhello\r\n0\r\n\r\n".into(),
+            ),
+            (
+                "whitespace before a chunk extension",
+                te.into(),
+                "5 ;ext\r\nhello\r\n0\r\n\r\n".into(),
+            ),
+            (
+                "chunk sizes with leading zeros",
+                te.into(),
+                "0005\r\nhello\r\n000\r\n\r\n".into(),
+            ),
+            (
+                "a trailer",
+                te.into(),
+                "5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n".into(),
+            ),
+            (
+                "framing fields in the trailer",
+                te.into(),
+                "5\r\nhello\r\n0\r\nTransfer-Encoding: chunked\r\nContent-Length: 50\r\n\r\n"
+                    .into(),
+            ),
+            (
+                "a length with leading zeros",
+                "Content-Length: 005\r\n".into(),
+                "hello".into(),
+            ),
+            (
+                "an equal list with tabs",
+                "Content-Length: 5\t,\t5\r\n".into(),
+                "hello".into(),
+            ),
+            ("a hundred equal lengths", many_cl, "hello".into()),
+        ];
+        for (what, head, body) in accepted {
+            let bytes =
+                format!("POST /odd HTTP/1.1\r\nHost: {HOST}\r\n{head}\r\n{body}") + &last("/after");
+            let before = s.wire.requests().len();
+            let ex = exchange(&addr, bytes.as_bytes());
+            s.wire.assert_clean(what);
+            assert_eq!(
+                (ex.bodies(), &ex.end),
+                (vec!["POST /odd 5", "GET /after 0"], &End::Closed),
+                "{what}: {ex:?}"
+            );
+            let got = &s.wire.requests()[before..];
+            let seen: Vec<(&str, &[u8], Vec<&str>, Vec<&str>, Vec<&str>)> = got
+                .iter()
+                .map(|r| {
+                    (
+                        r.target.as_str(),
+                        r.body.as_slice(),
+                        r.header_all("transfer-encoding"),
+                        r.header_all("content-length"),
+                        r.header_all("x-trailer"),
+                    )
+                })
+                .collect();
+            let framing = match body.starts_with("hello") {
+                true => (vec![], vec!["5"]),
+                false => (vec!["chunked"], vec![]),
+            };
+            assert_eq!(
+                seen,
+                [
+                    ("/odd", &b"hello"[..], framing.0, framing.1, vec![]),
+                    ("/after", &b""[..], vec![], vec![], vec![])
+                ],
+                "{what}\n{}",
+                s.wire.dump()
+            );
+        }
+        for (what, head, body) in [
+            (
+                "a chunk size over 64 bits",
+                te,
+                "fffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+            ),
+            (
+                "a quoted CRLF in a chunk extension",
+                te,
+                "5;ext=\"a\r\nb\"\r\nhello\r\n0\r\n\r\n",
+            ),
+            (
+                "a bare CR ending a trailer",
+                te,
+                "5\r\nhello\r\n0\r\nX-Trailer: 1\r\r\n\r\n",
+            ),
+            (
+                "a length over 64 bits",
+                "Content-Length: 18446744073709551616\r\n",
+                "hello",
+            ),
+        ] {
+            let bytes = format!("POST /odd HTTP/1.1\r\nHost: {HOST}\r\n{head}\r\n{body}")
+                + &smuggled()
+                + &last("/after");
+            assert_refused_400(&s, what, bytes.as_bytes());
+        }
+    });
+}
+
 /// `Transfer-Encoding` in an HTTP/1.0 request is faulty framing (RFC 9112
 /// §6.1): refused 400, closed.
 #[test]
