@@ -462,3 +462,42 @@ fn the_health_checker_follows_a_reload() {
     );
     assert_eq!(proxy.get("/x", None), (200, "added".to_string()));
 }
+
+/// `server.work_stealing` is read once, when the worker threads start: a
+/// reload that changes it (either way) keeps serving, answers it in
+/// `needs_restart` and says so in the WARN line; the running value stays.
+#[test]
+fn a_reload_that_changes_work_stealing_needs_a_restart() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let proxy = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    for value in ["true", "false"] {
+        rewrite(&proxy, |text| match text.contains("work_stealing") {
+            false => text.replacen(
+                "[server]\n",
+                &format!("[server]\nwork_stealing = {value}\n"),
+                1,
+            ),
+            true => text.replace("work_stealing = true", &format!("work_stealing = {value}")),
+        });
+        let (status, answer) = reload(&proxy);
+        assert_eq!(status, 200, "{answer}");
+        let want: Vec<&str> = match value {
+            "true" => vec!["server.work_stealing"],
+            _ => vec![],
+        };
+        assert_eq!(
+            answer["needs_restart"],
+            serde_json::json!(want),
+            "{value}: {answer}"
+        );
+        assert_eq!(proxy.get("/x", None), (200, "blue".to_string()));
+    }
+    let logged = proxy.stderr_text();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("need a restart") && l.contains("server.work_stealing")),
+        "no WARN line naming server.work_stealing:\n{logged}"
+    );
+}

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::*;
 
 /// How long any exchange may take before the test calls it hung.
@@ -877,6 +878,153 @@ fn unknown_transfer_codings_are_not_implemented() {
     });
 }
 
+/// Framing spelled oddly but validly: empty list members and a
+/// `Transfer-Encoding` split over lines (RFC 9110 §5.6.1, §5.3), chunk
+/// extensions, chunk sizes with leading zeros and trailers that name
+/// framing fields (RFC 9112 §7.1.1, §7.1.2), `Content-Length` with leading
+/// zeros or repeated many times (RFC 9110 §8.6). Each is read as one body:
+/// the backend gets exactly one framing header (a single `chunked`, or the
+/// length's plain digits), the body, no trailer, and the request behind it
+/// intact. Chunk framing that cannot be read (a size over 64 bits, a
+/// quoted CRLF in an extension, a bare CR ending a trailer) and a length
+/// over 64 bits are refused 400, closed, nothing forwarded.
+#[test]
+fn odd_but_valid_framing_reaches_the_backend_as_one_framing() {
+    run_on_proxy(|path| {
+        let s = setup(path);
+        let addr = s.proxy.http_addr();
+        let te = "Transfer-Encoding: chunked\r\n";
+        let many_cl = "Content-Length: 5\r\n".repeat(100);
+        let accepted = [
+            (
+                "an empty Transfer-Encoding line, then chunked",
+                "Transfer-Encoding: ,\r\nTransfer-Encoding: chunked\r\n".to_string(),
+                chunked("hello"),
+            ),
+            (
+                "an empty member before chunked",
+                "Transfer-Encoding: , chunked\r\n".into(),
+                chunked("hello"),
+            ),
+            (
+                "an empty value line, then chunked",
+                "Transfer-Encoding: \r\nTransfer-Encoding: chunked\r\n".into(),
+                chunked("hello"),
+            ),
+            (
+                "tabs around an empty member",
+                "Transfer-Encoding: \t,\tchunked\r\n".into(),
+                chunked("hello"),
+            ),
+            (
+                "a chunk extension",
+                te.into(),
+                "5;ext=1\r\nhello\r\n0\r\n\r\n".into(),
+            ),
+            (
+                "whitespace before a chunk extension",
+                te.into(),
+                "5 ;ext\r\nhello\r\n0\r\n\r\n".into(),
+            ),
+            (
+                "chunk sizes with leading zeros",
+                te.into(),
+                "0005\r\nhello\r\n000\r\n\r\n".into(),
+            ),
+            (
+                "a trailer",
+                te.into(),
+                "5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n".into(),
+            ),
+            (
+                "framing fields in the trailer",
+                te.into(),
+                "5\r\nhello\r\n0\r\nTransfer-Encoding: chunked\r\nContent-Length: 50\r\n\r\n"
+                    .into(),
+            ),
+            (
+                "a length with leading zeros",
+                "Content-Length: 005\r\n".into(),
+                "hello".into(),
+            ),
+            (
+                "an equal list with tabs",
+                "Content-Length: 5\t,\t5\r\n".into(),
+                "hello".into(),
+            ),
+            ("a hundred equal lengths", many_cl, "hello".into()),
+        ];
+        for (what, head, body) in accepted {
+            let bytes =
+                format!("POST /odd HTTP/1.1\r\nHost: {HOST}\r\n{head}\r\n{body}") + &last("/after");
+            let before = s.wire.requests().len();
+            let ex = exchange(&addr, bytes.as_bytes());
+            s.wire.assert_clean(what);
+            assert_eq!(
+                (ex.bodies(), &ex.end),
+                (vec!["POST /odd 5", "GET /after 0"], &End::Closed),
+                "{what}: {ex:?}"
+            );
+            let got = &s.wire.requests()[before..];
+            // Per request: target, body, Transfer-Encoding, Content-Length
+            // and any trailer field that leaked into the head.
+            let seen: Vec<String> = got
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {:?} te={:?} cl={:?} trailer={:?}",
+                        r.target,
+                        String::from_utf8_lossy(&r.body),
+                        r.header_all("transfer-encoding"),
+                        r.header_all("content-length"),
+                        r.header_all("x-trailer"),
+                    )
+                })
+                .collect();
+            let framing = match body.starts_with("hello") {
+                true => r#"te=[] cl=["5"]"#,
+                false => r#"te=["chunked"] cl=[]"#,
+            };
+            assert_eq!(
+                seen,
+                [
+                    format!("/odd \"hello\" {framing} trailer=[]"),
+                    "/after \"\" te=[] cl=[] trailer=[]".to_string(),
+                ],
+                "{what}\n{}",
+                s.wire.dump()
+            );
+        }
+        for (what, head, body) in [
+            (
+                "a chunk size over 64 bits",
+                te,
+                "fffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+            ),
+            (
+                "a quoted CRLF in a chunk extension",
+                te,
+                "5;ext=\"a\r\nb\"\r\nhello\r\n0\r\n\r\n",
+            ),
+            (
+                "a bare CR ending a trailer",
+                te,
+                "5\r\nhello\r\n0\r\nX-Trailer: 1\r\r\n\r\n",
+            ),
+            (
+                "a length over 64 bits",
+                "Content-Length: 18446744073709551616\r\n",
+                "hello",
+            ),
+        ] {
+            let bytes = format!("POST /odd HTTP/1.1\r\nHost: {HOST}\r\n{head}\r\n{body}")
+                + &smuggled()
+                + &last("/after");
+            assert_refused_400(&s, what, bytes.as_bytes());
+        }
+    });
+}
+
 /// `Transfer-Encoding` in an HTTP/1.0 request is faulty framing (RFC 9112
 /// §6.1): refused 400, closed.
 #[test]
@@ -1354,6 +1502,147 @@ fn an_unread_body_is_never_read_as_a_request() {
             );
         }
     });
+}
+
+// ---------------------------------------------------------------------------
+// HTTP/2 clients (RFC 9113 §8.1.1)
+// ---------------------------------------------------------------------------
+
+/// An HTTP/2 request's `content-length` that its DATA frames do not match
+/// is malformed (RFC 9113 §8.1.1): more data than announced, or less before
+/// END_STREAM. Whatever part was already passed on, the backend connection
+/// it went on is never used for another request (which the backend would
+/// read as the rest of that body); the requests after it, on the same h2
+/// connection and a new one, reach the backend intact. A body without
+/// `content-length`, holding what looks like a request, reaches the backend
+/// chunked, as a body.
+#[test]
+fn http2_content_length_that_disagrees_with_data_never_desyncs_the_backend() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![HOST.to_string()])
+        .unwrap()
+        .signed_by(&key, &*ca)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("app.pem"), dir.path().join("app.key"));
+    std::fs::write(&cert_path, leaf.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(common::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = Arc::new(config);
+
+    let wire = Wire::start();
+    let green = Upstream::start("green");
+    let host = toml_str(HOST);
+    let proxy = ProxyBuilder::new(format!(
+        "[services.api]\nblue = [{}]\ngreen = [{}]\nactive = \"blue\"\n\n\
+         [[routes]]\nhost = {host}\npath = \"/\"\nservice = \"api\"\n",
+        toml_str(&wire.addr),
+        toml_str(&green.addr())
+    ))
+    .https(&format!(
+        "[tls]\ndefault_certificate = \"app\"\n\n\
+         [[tls.certificates]]\nname = \"app\"\ncert = {}\nkey = {}\n",
+        toml_str(cert_path.to_str().unwrap()),
+        toml_str(key_path.to_str().unwrap())
+    ))
+    .start();
+    let addr = proxy.https_addr();
+    let inner = smuggled();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // (status, or the stream's error) of one request with `body` as DATA.
+    let send = |h2: &mut h2::client::SendRequest<Bytes>,
+                target: &str,
+                length: Option<usize>,
+                body: &str| {
+        let mut req = http::Request::post(format!("https://{HOST}{target}"));
+        if let Some(n) = length {
+            req = req.header("content-length", n);
+        }
+        let h2 = h2.clone();
+        let body = Bytes::from(body.to_string());
+        rt.block_on(async move {
+            let mut h2 = h2.ready().await.map_err(|e| e.to_string())?;
+            let (resp, mut stream) = h2
+                .send_request(req.body(()).unwrap(), body.is_empty())
+                .map_err(|e| e.to_string())?;
+            if !body.is_empty() {
+                let _ = stream.send_data(body, true);
+            }
+            match tokio::time::timeout(DEADLINE, resp).await {
+                Err(_) => panic!("no h2 answer to {target} in {DEADLINE:?}"),
+                Ok(Ok(r)) => {
+                    let status = r.status().as_u16();
+                    let mut body = r.into_body();
+                    let mut text = Vec::new();
+                    while let Some(Ok(d)) = tokio::time::timeout(DEADLINE, body.data())
+                        .await
+                        .expect("h2 body in time")
+                    {
+                        let _ = body.flow_control().release_capacity(d.len());
+                        text.extend_from_slice(&d);
+                    }
+                    Ok((status, String::from_utf8_lossy(&text).into_owned()))
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+            }
+        })
+    };
+    let connect = || rt.block_on(common::tls::h2_handshake(&addr, HOST, config.clone()));
+
+    let mut h2 = connect();
+    let n = inner.len();
+    let short = send(&mut h2, "/short", Some(n + 10), &inner);
+    let long = send(&mut h2, "/long", Some(5), &inner);
+    let after = send(&mut h2, "/after-same", None, "");
+    let fresh = send(&mut connect(), "/after-new", None, "");
+    let no_length = send(&mut connect(), "/unsized", None, &inner);
+    wire.assert_clean("h2 content-length");
+    let answers = format!("short {short:?}, long {long:?}, after {after:?}, new {fresh:?}");
+    assert!(
+        short.as_ref().map_or(true, |(s, _)| *s >= 400)
+            && long.as_ref().map_or(true, |(s, _)| *s >= 400),
+        "a malformed h2 body was answered as a success: {answers}\n{}",
+        wire.dump()
+    );
+    assert_eq!(after, Ok((200, "POST /after-same 0".into())), "{answers}");
+    assert_eq!(fresh, Ok((200, "POST /after-new 0".into())), "{answers}");
+    assert_eq!(
+        no_length,
+        Ok((200, format!("POST /unsized {n}"))),
+        "{answers}"
+    );
+    let got: Vec<(String, Vec<u8>)> = wire
+        .requests()
+        .into_iter()
+        .filter(|r| !r.target.starts_with("/short") && !r.target.starts_with("/long"))
+        .map(|r| (r.target, r.body))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/after-same".to_string(), vec![]),
+            ("/after-new".to_string(), vec![]),
+            ("/unsized".to_string(), inner.as_bytes().to_vec()),
+        ],
+        "{answers}\n{}",
+        wire.dump()
+    );
 }
 
 // ---------------------------------------------------------------------------
