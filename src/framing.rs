@@ -9,9 +9,9 @@
 //! `Content-Length` when `Transfer-Encoding` is present. What it passes on
 //! unchanged is a `Content-Length` it accepted as several equal values
 //! (`5` twice, or `5, 5`): the backend would get both, and may read them
-//! differently. [`check`] applies every rule itself, so a path that does not
-//! go through Pingora's proxy (the lean HTTP/1 path) can call the same
-//! function, and it leaves exactly one framing header on the request.
+//! differently. [`check`] applies every rule itself, without relying on
+//! which of them Pingora's parser happened to enforce, and leaves exactly
+//! one framing header on the request.
 
 use std::fmt;
 
