@@ -56,6 +56,24 @@ impl IdleResult {
 /// open while `proc`'s memory is read, then closes them all.
 pub fn hold(proc: &Proc, addr: SocketAddr, host: &str, n: usize) -> IdleResult {
     let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: switchyard-bench\r\n\r\n");
+    let answered = |s: &mut TcpStream| matches!(procs::read_response(s), Ok(200));
+    hold_with(proc, addr, n, &request, answered, |s| {
+        s.write_all(request.as_bytes()).is_ok() && answered(s)
+    })
+}
+
+/// Opens `n` connections to `addr` in batches, sends `request` on each and
+/// keeps those `accepted` says were answered as expected; after a moment
+/// for the proxy to settle (buffers released once the answers went out),
+/// [`measure`]s `proc` holding them, each 100th checked with `alive`.
+pub fn hold_with(
+    proc: &Proc,
+    addr: SocketAddr,
+    n: usize,
+    request: &str,
+    mut accepted: impl FnMut(&mut TcpStream) -> bool,
+    alive: impl FnMut(&mut TcpStream) -> bool,
+) -> IdleResult {
     let rss_before_kib = proc.rss_kib();
     let start = Instant::now();
     let mut held: Vec<TcpStream> = Vec::with_capacity(n);
@@ -69,22 +87,20 @@ pub fn hold(proc: &Proc, addr: SocketAddr, host: &str, n: usize) -> IdleResult {
                 continue;
             };
             let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.set_nodelay(true);
             if s.write_all(request.as_bytes()).is_ok() {
                 batch.push(s);
             }
         }
         for mut s in batch {
-            if matches!(procs::read_response(&mut s), Ok(200)) {
+            if accepted(&mut s) {
                 held.push(s);
             }
         }
     }
     let open_secs = start.elapsed().as_secs_f64();
-    // Let the proxy settle (buffers released after the answers went out).
     std::thread::sleep(Duration::from_millis(500));
-    measure(proc, n, open_secs, rss_before_kib, held, |s| {
-        s.write_all(request.as_bytes()).is_ok() && matches!(procs::read_response(s), Ok(200))
-    })
+    measure(proc, n, open_secs, rss_before_kib, held, alive)
 }
 
 /// Measures `proc` holding `held` (of `n` wanted, opened in `open_secs`,

@@ -5,7 +5,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -13,9 +12,6 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use crate::idle::IdleResult;
 use crate::procs::Proc;
 
-/// Connections upgraded (and echoed once) before the next batch starts, so
-/// the proxy's accept queue never overflows.
-const BATCH: usize = 250;
 /// The client's `Sec-WebSocket-Key` (RFC 6455 §4.1: any 16 bytes, base64).
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// The message echoed on each connection.
@@ -170,32 +166,12 @@ pub fn hold(proc: &Proc, addr: SocketAddr, host: &str, path: &str, n: usize) -> 
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: switchyard-bench\r\n\r\n"
     );
-    let rss_before_kib = proc.rss_kib();
-    let start = Instant::now();
-    let mut held: Vec<TcpStream> = Vec::with_capacity(n);
-    let mut opened = 0;
-    while opened < n {
-        let count = BATCH.min(n - opened);
-        opened += count;
-        let mut batch = Vec::with_capacity(count);
-        for _ in 0..count {
-            let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
-                continue;
-            };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.set_nodelay(true);
-            if s.write_all(request.as_bytes()).is_ok() {
-                batch.push(s);
-            }
-        }
-        for mut s in batch {
-            if switched(&mut s) && echoed(&mut s) {
-                held.push(s);
-            }
-        }
-    }
-    let open_secs = start.elapsed().as_secs_f64();
-    // Let the proxy settle (buffers released after the echoes went through).
-    std::thread::sleep(Duration::from_millis(500));
-    crate::idle::measure(proc, n, open_secs, rss_before_kib, held, echoed)
+    crate::idle::hold_with(
+        proc,
+        addr,
+        n,
+        &request,
+        |s| switched(s) && echoed(s),
+        echoed,
+    )
 }
