@@ -123,10 +123,10 @@ pub struct Ctx {
 
 /// One request counted in flight from its creation to its drop (shutdown
 /// waits for the count to reach 0).
-pub(crate) struct RequestCount(Arc<AtomicUsize>);
+struct RequestCount(Arc<AtomicUsize>);
 
 impl RequestCount {
-    pub(crate) fn new(requests: Arc<AtomicUsize>) -> RequestCount {
+    fn new(requests: Arc<AtomicUsize>) -> RequestCount {
         requests.fetch_add(1, Ordering::Relaxed);
         RequestCount(requests)
     }
