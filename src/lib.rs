@@ -20,6 +20,7 @@ pub mod framing;
 pub mod health;
 pub mod host;
 pub mod limits;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
@@ -44,7 +45,6 @@ use std::time::SystemTime;
 
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
@@ -58,6 +58,7 @@ use crate::config::Config;
 use crate::connections::Connections;
 use crate::health::HealthChecker;
 use crate::limits::Sweeper;
+use crate::listener::Listener;
 use crate::record::Observer;
 use crate::reload::{OnSighup, Reloader};
 use crate::respond::Pages;
@@ -74,15 +75,6 @@ use crate::tls::store::CertStore;
 /// Runtime shutdown allowance after the grace period, for Pingora's own
 /// teardown (1 s). Our drain watcher normally exits long before.
 const RUNTIME_SHUTDOWN_TIMEOUT_SECS: u64 = 1;
-
-/// Read buffer of each client connection: none (0 bytes). Pingora's
-/// default, 64 KiB, and the 4 KiB used before, are zero-filled at accept and
-/// held for the connection's life; Pingora's own reads (the request header,
-/// 4 KiB, and bodies) are at least as large, so a buffer under them saves
-/// no syscall. Without it an idle kept-alive connection costs 4 KiB less
-/// (`.ci/bench idle`: 19.3 to 15.4 KiB) at no measurable CPU cost per
-/// request (`.ci/bench small`); see README, Benchmarks.
-const CLIENT_READ_BUFFER: usize = 0;
 
 /// Client connections the admin API holds at once (64): deploy tooling
 /// makes a few; more is a misbehaving script or a flood.
@@ -238,12 +230,7 @@ impl Switchyard {
         )
         .with_keepalive(keepalive.clone())
         .with_observers(observers.clone());
-        let mut proxy = Service::new("proxy".into(), app);
-        proxy.add_listener(
-            ListenerConfig::tcp(config.listen.http.to_string())
-                .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
-        );
-        server.add_service(proxy);
+        server.add_service(Listener::new("proxy", app, vec![config.listen.http]));
         let mut tls_handshakes = None;
         if let Some(https) = config.listen.https {
             // A plain TCP listener: the handshake is ours, inside the
@@ -266,12 +253,7 @@ impl Switchyard {
                 .with_keepalive(keepalive)
                 .with_tls(handshakes)
                 .with_observers(observers.clone());
-            let mut service = Service::new("proxy-https".into(), app);
-            service.add_listener(
-                ListenerConfig::tcp(https.to_string())
-                    .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
-            );
-            server.add_service(service);
+            server.add_service(Listener::new("proxy-https", app, vec![https]));
         }
 
         if let Some(sync) = sync {

@@ -111,6 +111,13 @@ pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
 /// per request with `server.keepalive_timeout`.
 const FIRST_REQUEST_KEEPALIVE_SECS: u64 = 60;
 
+/// Response bytes gathered before they are written (1 460, one TCP
+/// segment's payload, as Pingora's stream buffered them before switchyard
+/// accepted its own connections, `listener.rs`): a small response's head
+/// and body, which Pingora writes one after the other and then flushes,
+/// leave in one `write` (and one TLS record on HTTPS).
+const WRITE_BUFFER: usize = 1460;
+
 /// Most bytes taken by the read that ends an idle wait (4 KiB, Pingora's
 /// first header read): the rest of a longer header follows through the
 /// same held-back path. On the stack of one poll, never kept.
@@ -378,7 +385,8 @@ struct Guarded {
     /// A complete header being handed over, from `out_pos` on.
     out: Vec<u8>,
     out_pos: usize,
-    /// A rewritten response head not yet written, from `wpos` on.
+    /// Response bytes taken but not yet written, from `wpos` on: the write
+    /// buffer ([`WRITE_BUFFER`]), and rewritten response heads.
     wbuf: Vec<u8>,
     wpos: usize,
     /// Idle state shared with [`Connections`].
@@ -552,22 +560,35 @@ impl Guarded {
     }
 
     /// Takes `head` (a rewritten form of the caller's `len` bytes) as
-    /// written: it goes out now or on the next write, flush or shutdown.
-    fn write_rewritten(
-        &mut self,
-        cx: &mut Context<'_>,
-        head: Vec<u8>,
-        len: usize,
-    ) -> Poll<io::Result<usize>> {
-        self.wbuf = head;
-        self.wpos = 0;
-        if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
-            return Poll::Ready(Err(e));
-        }
+    /// written: it goes out with the next flush, or shutdown.
+    fn write_rewritten(&mut self, head: Vec<u8>, len: usize) -> Poll<io::Result<usize>> {
+        self.wbuf.extend_from_slice(&head);
         Poll::Ready(Ok(len))
     }
 
-    /// Writes out a rewritten response head; Ready once nothing is left.
+    /// Writes `data` through the write buffer: kept while it and what is
+    /// already buffered fit in [`WRITE_BUFFER`], otherwise the buffer goes
+    /// out first, and `data` as large as the buffer is written directly
+    /// (the rules of tokio's `BufWriter`, which Pingora's stream used).
+    fn poll_buffered(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        if self.wbuf.len() - self.wpos + data.len() > WRITE_BUFFER
+            && self.poll_drain(cx)?.is_pending()
+        {
+            return Poll::Pending;
+        }
+        if data.len() >= WRITE_BUFFER {
+            return Pin::new(&mut self.inner).poll_write(cx, data);
+        }
+        if self.wbuf.capacity() == 0 {
+            self.wbuf.reserve_exact(WRITE_BUFFER);
+        }
+        self.wbuf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    /// Writes out the write buffer; Ready once nothing is left. The
+    /// buffer's memory is kept for the next response (see
+    /// [`Self::wait_next`] for when it is given back).
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wpos < self.wbuf.len() {
             let n = match Pin::new(&mut self.inner).poll_write(cx, &self.wbuf[self.wpos..]) {
@@ -578,7 +599,7 @@ impl Guarded {
             };
             self.wpos += n;
         }
-        self.wbuf = Vec::new();
+        self.wbuf.clear();
         self.wpos = 0;
         Poll::Ready(Ok(()))
     }
@@ -616,6 +637,9 @@ impl Guarded {
     /// begins is still served, and so is a fresh connection's first request
     /// (see `HeaderTimeout::cleanup`).
     async fn wait_next(&mut self, keepalive: Duration, shutdown: &ShutdownWatch) -> bool {
+        // Empty between requests (Pingora flushed its answer); its memory
+        // is not held while the connection waits, maybe for long.
+        self.wbuf = Vec::new();
         let idle_until = Instant::now() + keepalive;
         let mut watch = shutdown.clone();
         let mut stopping = *watch.borrow();
@@ -820,9 +844,6 @@ impl AsyncWrite for Guarded {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.poll_drain(cx)?.is_pending() {
-            return Poll::Pending;
-        }
         if matches!(this.phase, Phase::Header | Phase::Request) {
             match status_code(data) {
                 Some(101) => {
@@ -840,7 +861,7 @@ impl AsyncWrite for Guarded {
                         .and_then(|c| Some((c, rewrite_server(data)?)))
                     {
                         this.report_own_answer(code);
-                        return this.write_rewritten(cx, head, data.len());
+                        return this.write_rewritten(head, data.len());
                     }
                 }
             }
@@ -851,10 +872,10 @@ impl AsyncWrite for Guarded {
             // head with `Content-Length: 0`, which is how Pingora writes them.
             if let Some(head) = rewrite_server(data) {
                 this.report_own_answer(status_code(data).unwrap_or(400));
-                return this.write_rewritten(cx, head, data.len());
+                return this.write_rewritten(head, data.len());
             }
         }
-        Pin::new(&mut this.inner).poll_write(cx, data)
+        this.poll_buffered(cx, data)
     }
 
     fn poll_write_vectored(
@@ -1035,6 +1056,40 @@ mod tests {
         )
     }
 
+    /// Small writes wait for the flush (a response's head and body leave in
+    /// one write); one as large as the buffer goes out at once, after what
+    /// was gathered before it.
+    #[tokio::test(start_paused = true)]
+    async fn small_writes_wait_for_the_flush_and_large_ones_do_not() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut conn, mut client, _) = wrapped(64 * 1024, Duration::from_secs(5));
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = conn.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        conn.write_all(&answer[..answer.len() - 2]).await.unwrap();
+        conn.write_all(b"ok").await.unwrap();
+        let wait = Duration::from_secs(1);
+        let early = tokio::time::timeout(wait, client.read(&mut buf)).await;
+        assert!(early.is_err(), "written before the flush: {early:?}");
+        conn.flush().await.unwrap();
+        let mut got = vec![0u8; answer.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, answer);
+
+        let large = vec![b'x'; WRITE_BUFFER];
+        conn.write_all(b"abc").await.unwrap();
+        conn.write_all(&large).await.unwrap();
+        let mut got = vec![0u8; 3 + large.len()];
+        tokio::time::timeout(wait, client.read_exact(&mut got))
+            .await
+            .expect("a large write goes out without a flush")
+            .unwrap();
+        assert_eq!((&got[..3], &got[3..]), (&b"abc"[..], &large[..]));
+    }
+
     #[tokio::test]
     async fn rewritten_answer_survives_partial_writes() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1173,6 +1228,9 @@ mod tests {
         conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             .await
             .unwrap();
+        // Written out by the flush that ends every response in Pingora.
+        assert!(!conn.between_requests());
+        conn.flush().await.unwrap();
         assert!(conn.between_requests());
 
         // Nothing comes: closed at the keep-alive limit, not before.

@@ -515,9 +515,10 @@ fn exhausted_open_file_limit_does_not_spin_and_recovers() {
         .server("max_connections = 100000\nheader_timeout = \"60s\"")
         .start();
     let addr = proxy.http_addr();
-    assert!(proxy
+    // The log is written by a thread of its own: it may lag the start.
+    assert!(poll_until(Duration::from_secs(5), || proxy
         .stderr_text()
-        .contains("max_connections leaves too few open files"));
+        .contains("max_connections leaves too few open files")));
 
     // Connections beyond the limit wait in the listen backlog.
     let flood: Vec<RawConn> = (0..200).map(|_| RawConn::connect(&addr)).collect();
@@ -534,9 +535,13 @@ fn exhausted_open_file_limit_does_not_spin_and_recovers() {
         share < MAX_CPU_SHARE,
         "proxy used {share:.2} of a core at EMFILE"
     );
-    // Pingora's accept loop waits a second after each EMFILE: its error
-    // line comes about once a second, not in a loop.
-    let accept_errors = proxy.stderr_text().matches("Accept() failed").count();
+    // The accept loop waits half a second after each EMFILE
+    // (`listener::ACCEPT_BACKOFF`): its error line comes about twice a
+    // second, not in a loop.
+    let accept_errors = proxy
+        .stderr_text()
+        .matches("cannot accept a connection")
+        .count();
     assert!(
         accept_errors <= 2 * CPU_WINDOW.as_secs() as usize + 10,
         "{accept_errors} accept errors logged"

@@ -1,9 +1,13 @@
 //! Upgrading switchyard itself without dropping a request: a new process
 //! started with `run -u` takes the listening sockets from the old one on
-//! SIGQUIT, and the old one drains and exits.
+//! SIGQUIT, and the old one drains and exits. Also the listening sockets'
+//! other rules (`src/listener.rs`): an address that cannot be bound stops
+//! the start with a clear error.
 
 mod common;
 
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -58,31 +62,7 @@ fn run_u_takes_over_the_sockets_with_no_failed_request() {
         .load(Ordering::SeqCst)
         >= 20));
 
-    let log = std::fs::File::create(old.dir().join("new.err")).unwrap();
-    let new = KillOnDrop(
-        Command::new(BIN)
-            .args(["run", "-u", "-c"])
-            .arg(old.config_path())
-            .env_remove(TOKEN_ENV)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    // The new process listens on the upgrade socket before the old one may send.
-    let sock = old.state_dir().join("upgrade.sock");
-    assert!(
-        poll_until(Duration::from_secs(20), || sock.exists()),
-        "no upgrade socket"
-    );
-    unsafe { libc::kill(old.pid(), libc::SIGQUIT) };
-
-    let exit = old.wait_exit(Duration::from_secs(20));
-    assert!(
-        exit.is_some_and(|s| s.success()),
-        "old process: {exit:?}\n{}",
-        old.stderr_text()
-    );
+    let new = upgrade(&mut old);
     let served_before = ok.load(Ordering::SeqCst);
     assert!(
         poll_until(Duration::from_secs(10), || ok.load(Ordering::SeqCst)
@@ -97,4 +77,93 @@ fn run_u_takes_over_the_sockets_with_no_failed_request() {
         "failed requests: {errors:?}"
     );
     drop(new);
+}
+
+/// Starts `run -u` on `old`'s config, sends the old process SIGQUIT once
+/// the new one waits for the sockets, and waits for the old one to exit.
+fn upgrade(old: &mut Proxy) -> KillOnDrop {
+    let log = fs::File::create(old.dir().join("new.err")).unwrap();
+    let new = KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "-u", "-c"])
+            .arg(old.config_path())
+            .env_remove(TOKEN_ENV)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let sock = old.state_dir().join("upgrade.sock");
+    assert!(
+        poll_until(Duration::from_secs(20), || sock.exists()),
+        "no upgrade socket"
+    );
+    unsafe { libc::kill(old.pid(), libc::SIGQUIT) };
+    let exit = old.wait_exit(Duration::from_secs(20));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "old process: {exit:?}\n{}",
+        old.stderr_text()
+    );
+    new
+}
+
+#[test]
+fn run_u_takes_over_the_https_socket_too() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let certs = tempfile::tempdir().unwrap();
+    let site = rcgen::generate_simple_self_signed(vec!["api.test".to_string()]).unwrap();
+    let (cert, key) = (certs.path().join("site.pem"), certs.path().join("site.key"));
+    fs::write(&cert, site.cert.pem()).unwrap();
+    fs::write(&key, site.signing_key.serialize_pem()).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let tables = format!(
+        "[tls]\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n",
+        toml_str(cert.to_str().unwrap()),
+        toml_str(key.to_str().unwrap())
+    );
+    let mut old = ProxyBuilder::new(simple_api(&blue, &green))
+        .https(&tables)
+        .start();
+    let addr = old.https_addr();
+    let config = Arc::new(tls::Recorder::config(Arc::default()));
+    let get = || {
+        let mut conn = tls::try_tls_connect(&addr, "api.test", config.clone())?;
+        Ok::<u16, String>(tls::exchange(&mut conn, &tls::get_request("api.test", "/")).status)
+    };
+    assert_eq!(get(), Ok(200));
+
+    // The old process still listens when the new one starts: a fresh bind
+    // of the same address would fail, so an answer afterwards comes from
+    // the socket handed over.
+    let new = upgrade(&mut old);
+    assert!(
+        poll_until(Duration::from_secs(10), || get() == Ok(200)),
+        "the new process does not serve HTTPS: {:?}\n{}",
+        get(),
+        fs::read_to_string(old.dir().join("new.err")).unwrap_or_default()
+    );
+    drop(new);
+}
+
+#[test]
+fn a_listen_address_in_use_stops_the_start_with_a_clear_error() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut proxy = ProxyBuilder::new(simple_api(&blue, &green))
+        .http_port(port)
+        .spawn();
+    let status = proxy
+        .wait_exit(FAIL_DEADLINE)
+        .expect("started on an address in use");
+    assert_eq!(status.code(), Some(1), "{status}");
+    let log = proxy.stderr_text();
+    let address = format!("127.0.0.1:{port}");
+    assert!(
+        log.contains(&format!("cannot listen on {address}")) && log.contains("in use"),
+        "{log}"
+    );
 }
