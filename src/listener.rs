@@ -65,6 +65,7 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
 pub struct ListenError {
     /// The address as configured.
     pub address: SocketAddr,
+    /// What the system said (address in use, not this host's, ...).
     #[source]
     pub source: io::Error,
 }

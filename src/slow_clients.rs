@@ -917,6 +917,22 @@ impl AsyncWrite for Guarded {
     }
 }
 
+/// What is still in the write buffer goes out if the socket takes it at
+/// once, as Pingora's own stream does with its buffer when dropped. Pingora
+/// drops a connection without a flush when its backend fails mid-body: the
+/// client then gets the response as far as it came, then the cut, rather
+/// than nothing at all (a response head still buffered would otherwise
+/// vanish, `tests/smuggling.rs`). Never waits: a client not reading loses
+/// what its socket cannot take, as it did with Pingora's buffer.
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if self.wpos < self.wbuf.len() {
+            let waker = futures_util::task::noop_waker_ref();
+            let _ = self.poll_drain(&mut Context::from_waker(waker));
+        }
+    }
+}
+
 impl fmt::Debug for Guarded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guarded")

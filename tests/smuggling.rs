@@ -100,6 +100,8 @@ struct WireLog {
 /// - `/trunc-length`: `Content-Length: 100`, 9 bytes, close;
 /// - `/trunc-chunk`: chunked, half a chunk, close;
 /// - `/trunc-last-chunk`: chunked, one whole chunk, no last chunk, close;
+/// - `/stall/length`: `Content-Length: 100`, 9 bytes, then nothing more on a
+///   connection kept open (the proxy's `read_timeout` ends it);
 /// - any request with `Upgrade: h2c`: `101 Switching Protocols`, then it
 ///   only records (an h2c-capable server: a tunnel past the proxy);
 /// - anything else (an `Upgrade: websocket` included): 200 kept alive, the
@@ -327,6 +329,10 @@ fn wire_answer(req: &WireRequest) -> (Vec<u8>, bool) {
             let head = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part";
             return (head.into(), true);
         }
+        "/stall/length" => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part";
+            return (head.into(), false);
+        }
         "/trunc-chunk" => {
             let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nonly-par";
             return (head.into(), true);
@@ -472,7 +478,8 @@ fn wire_proxy(path: Path, wire: &Wire, green: &Upstream) -> Proxy {
          [[routes]]\nhost = {host}\npath = \"/\"\nservice = \"api\"\n\n\
          [[routes]]\nhost = {host}\npath = \"/ws\"\nservice = \"api\"\nwebsocket = true\n\n\
          [[routes]]\nhost = {host}\npath = \"/small\"\nservice = \"api\"\nmax_body = \"16\"\n\n\
-         [[routes]]\nhost = {host}\npath = \"/denied\"\naction = \"deny\"\n\n",
+         [[routes]]\nhost = {host}\npath = \"/denied\"\naction = \"deny\"\n\n\
+         [[routes]]\nhost = {host}\npath = \"/stall\"\nservice = \"api\"\nread_timeout = \"300ms\"\n\n",
         toml_str(&wire.addr),
         toml_str(&green.addr()),
     );
@@ -1871,6 +1878,29 @@ fn a_truncated_upstream_body_never_looks_complete() {
             );
         }
         s.wire.assert_clean("truncated");
+    });
+}
+
+/// What a backend sent before it failed mid-body still reaches the client,
+/// then the cut: the head and the bytes that came. A response small enough
+/// to sit in the proxy's write buffer must not vanish with the connection,
+/// which would leave the client no status at all (an empty reply, which
+/// some clients answer by sending the request again).
+#[test]
+fn a_truncated_upstream_body_still_delivers_what_came() {
+    run_on_proxy(|path| {
+        let s = setup(path);
+        let mut c = RawConn::connect(&s.proxy.http_addr());
+        // The backend stalls after a part of its body; the proxy gives up
+        // on it at the route's `read_timeout`, long after the part came.
+        c.send(get("/stall/length", "").as_bytes()).unwrap();
+        let raw = c.wait_closed(DEADLINE).expect("the cut connection closes");
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\n") && text.ends_with("\r\n\r\nonly-part"),
+            "what reached the client: {text:?}"
+        );
+        s.wire.assert_clean("truncated, delivered");
     });
 }
 
