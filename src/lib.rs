@@ -49,7 +49,6 @@ use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
-use pingora::services::listening::Service;
 
 use crate::access_log::AccessLog;
 use crate::admin::api::AdminApi;
@@ -230,7 +229,9 @@ impl Switchyard {
         )
         .with_keepalive(keepalive.clone())
         .with_observers(observers.clone());
-        server.add_service(Listener::new("proxy", app, vec![config.listen.http]));
+        server.add_service(
+            Listener::new("proxy", app, vec![config.listen.http]).upgrading(opts.upgrade),
+        );
         let mut tls_handshakes = None;
         if let Some(https) = config.listen.https {
             // A plain TCP listener: the handshake is ours, inside the
@@ -253,7 +254,9 @@ impl Switchyard {
                 .with_keepalive(keepalive)
                 .with_tls(handshakes)
                 .with_observers(observers.clone());
-            server.add_service(Listener::new("proxy-https", app, vec![https]));
+            server.add_service(
+                Listener::new("proxy-https", app, vec![https]).upgrading(opts.upgrade),
+            );
         }
 
         if let Some(sync) = sync {
@@ -339,10 +342,11 @@ impl Switchyard {
                     config.server.header_timeout,
                     Arc::new(Connections::new(ADMIN_MAX_CONNECTIONS, None)),
                 );
-                let mut admin = Service::new("admin".into(), app);
-                admin.threads = Some(1);
-                admin.add_tcp(&config.listen.admin.to_string());
-                server.add_service(admin);
+                server.add_service(
+                    Listener::new("admin", app, vec![config.listen.admin])
+                        .with_threads(1)
+                        .upgrading(opts.upgrade),
+                );
                 tracing::info!(listen = %config.listen.admin, "admin API enabled");
             }
             None => tracing::warn!(
@@ -376,10 +380,11 @@ impl Switchyard {
                 config.server.header_timeout.min(METRICS_HEADER_TIMEOUT),
                 Arc::new(Connections::new(METRICS_MAX_CONNECTIONS, None)),
             );
-            let mut service = Service::new("metrics".into(), app);
-            service.threads = Some(1);
-            service.add_tcp(&listen.to_string());
-            server.add_service(service);
+            server.add_service(
+                Listener::new("metrics", app, vec![listen])
+                    .with_threads(1)
+                    .upgrading(opts.upgrade),
+            );
             tracing::info!(listen = %listen, "metrics listener enabled");
         }
 

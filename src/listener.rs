@@ -1,5 +1,6 @@
-//! The proxy's listening service: switchyard's own accept loop in place of
-//! Pingora's `listening::Service`, for the HTTP and HTTPS listeners.
+//! switchyard's listening service: its own accept loop in place of
+//! Pingora's `listening::Service`, for every listener (HTTP, HTTPS, admin
+//! and metrics).
 //!
 //! Why: Pingora spawns one task per accepted connection whose future holds
 //! `timeout(handshake())` inline, and that TLS handshake state is 7 168
@@ -24,9 +25,10 @@
 //!   already accepted are served on.
 //!
 //! What differs: a listening socket that cannot be bound stops the process
-//! with one clear error line and exit status 1 (Pingora panicked in its
-//! service thread); a failed accept for want of descriptors is retried after
-//! [`ACCEPT_BACKOFF`] (500 ms) instead of Pingora's 1 s. A connection's stream has
+//! with one clear error line and exit status 1 (Pingora retried for 30 s,
+//! then panicked in its service thread), except during a graceful upgrade
+//! ([`Listener::upgrading`]); a failed accept for want of descriptors is
+//! retried after [`ACCEPT_BACKOFF`] (500 ms) instead of Pingora's 1 s. A connection's stream has
 //! no read buffer (none was used before either: Pingora's own reads, 4 KiB
 //! and up, made one useless while it was zero-filled and held per
 //! connection) and no write buffer: gathering a response's head and body
@@ -75,17 +77,38 @@ pub struct Listener<A> {
     name: String,
     addresses: Vec<SocketAddr>,
     app: Option<Arc<A>>,
+    threads: Option<usize>,
+    upgrading: bool,
 }
 
 impl<A> Listener<A> {
     /// A service named `name` (in Pingora's logs) serving `app` on
-    /// `addresses`.
+    /// `addresses`, on the server's worker threads.
     pub fn new(name: &str, app: A, addresses: Vec<SocketAddr>) -> Self {
         Listener {
             name: name.to_string(),
             addresses,
             app: Some(Arc::new(app)),
+            threads: None,
+            upgrading: false,
         }
+    }
+
+    /// Runs on `threads` worker threads of its own instead of the
+    /// server's `threads`.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = Some(threads);
+        self
+    }
+
+    /// Marks a start that takes over a running instance's sockets
+    /// (`run -u`): an address that cannot be bound is then logged and left
+    /// unserved instead of stopping the process, because the old process
+    /// has already handed over its sockets and is draining, and exiting
+    /// would leave nothing serving.
+    pub fn upgrading(mut self, upgrading: bool) -> Self {
+        self.upgrading = upgrading;
+        self
     }
 }
 
@@ -141,12 +164,28 @@ fn bind(address: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// Whether an accept failed for want of descriptors or memory, which
-/// only connections closing can cure.
-fn starved(e: &io::Error) -> bool {
+/// Whether an accept error belongs to the one connection being accepted:
+/// the client gave up or reset it, or a network error was pending on it
+/// (Linux reports those from accept, `accept(2)`, "Error handling"). The
+/// next accept may succeed at once.
+fn transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EINTR
+                | libc::EPERM
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENONET
+                | libc::EOPNOTSUPP
+                | libc::ETIMEDOUT
+        )
     )
 }
 
@@ -176,13 +215,19 @@ where
                 let (app, shutdown) = (app.clone(), shutdown.clone());
                 pingora_runtime::current_handle().spawn(serve(tcp, peer, app, shutdown));
             }
-            Err(e) if starved(&e) => {
-                tracing::error!(cause = %e, "cannot accept a connection; retrying shortly");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            Err(e) if transient(&e) => tracing::debug!(cause = %e, "accept failed"),
+            // Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS,
+            // ENOMEM), which only connections closing cure, or a fault of
+            // the listening socket itself: retried after a pause, never in
+            // a spin, and not past the start of shutdown.
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot accept a connection; retrying in 500 ms");
+                tokio::select! {
+                    biased;
+                    () = stopping(&mut shutdown) => return,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
             }
-            // The client gave up before the accept (ECONNABORTED) and the
-            // like: nothing to serve.
-            Err(e) => tracing::debug!(cause = %e, "accept failed"),
         }
     }
 }
@@ -227,9 +272,14 @@ where
         for &address in &self.addresses {
             match listen(address, fds.as_ref()) {
                 Ok(listener) => listeners.push(Arc::new(listener)),
+                Err(e) if self.upgrading => {
+                    tracing::error!(
+                        "{e}; not served until a restart (the sockets taken over keep serving)"
+                    );
+                }
                 Err(e) => {
                     // Nothing would answer on this address: stop, clearly.
-                    tracing::error!(%address, "{e}");
+                    tracing::error!("{e}");
                     std::process::exit(1);
                 }
             }
@@ -252,6 +302,10 @@ where
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.threads
     }
 
     fn listen_addresses(&self) -> Option<Vec<String>> {

@@ -167,3 +167,37 @@ fn a_listen_address_in_use_stops_the_start_with_a_clear_error() {
         "{log}"
     );
 }
+
+#[test]
+fn an_upgrade_whose_new_address_is_in_use_keeps_serving_what_it_took_over() {
+    let blue = Upstream::start("blue");
+    let green = Upstream::start("green");
+    let mut old = ProxyBuilder::new(simple_api(&blue, &green)).start();
+    // The new process's config adds a metrics listener on a taken port:
+    // the old process hands over the proxy's socket, so exiting would
+    // leave nothing serving.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let config = fs::read_to_string(old.config_path()).unwrap();
+    let config = config.replacen(
+        "[listen]\n",
+        &format!("[listen]\nmetrics = \"{address}\"\n"),
+        1,
+    );
+    fs::write(old.config_path(), config).unwrap();
+
+    let mut new = upgrade(&mut old);
+    assert_eq!(old.get("/", None), (200, "blue".to_string()));
+    let new_log = || fs::read_to_string(old.dir().join("new.err")).unwrap_or_default();
+    let said = format!("cannot listen on {address}");
+    assert!(
+        poll_until(Duration::from_secs(10), || new_log().contains(&said)),
+        "{}",
+        new_log()
+    );
+    let log = new_log();
+    assert!(
+        new.0.try_wait().unwrap().is_none(),
+        "the new process exited:\n{log}"
+    );
+}
