@@ -227,38 +227,57 @@ impl Validator<'_> {
     }
 
     pub(super) fn listen(&mut self, l: file::Listen) -> Listen {
-        let https = l.https.and_then(|v| self.addr(&v, "listen.https"));
-        let metrics_key = l.metrics;
-        let metrics = metrics_key
-            .as_ref()
-            .and_then(|v| self.addr(v, "listen.metrics"));
-        let mut addr = |value: Option<Spanned<String>>, default: &str, what: &str| {
-            value
-                .and_then(|v| self.addr(&v, what))
-                .unwrap_or_else(|| default.parse().expect("default addresses are valid"))
-        };
-        let listen = Listen {
-            http: addr(l.http, DEFAULT_HTTP_LISTEN, "listen.http"),
-            https,
-            admin: addr(l.admin, DEFAULT_ADMIN_LISTEN, "listen.admin"),
-            metrics,
-        };
-        // The metrics listener is a listener of its own: sharing a port
-        // would fail at bind time, after the config was called good.
-        let taken = [
-            ("listen.http", Some(listen.http)),
-            ("listen.https", listen.https),
-            ("listen.admin", Some(listen.admin)),
+        let keys = [
+            ("listen.http", l.http, Some(DEFAULT_HTTP_LISTEN)),
+            ("listen.https", l.https, None),
+            ("listen.admin", l.admin, Some(DEFAULT_ADMIN_LISTEN)),
+            ("listen.metrics", l.metrics, None),
         ];
-        if let (Some(key), Some(m)) = (&metrics_key, metrics) {
-            if let Some((other, _)) = taken.iter().find(|(_, a)| *a == Some(m)) {
-                self.at(
-                    key,
-                    format!("listen.metrics {m} is already {other}'s address"),
-                );
+        // Each listener binds a socket of its own: two whose addresses
+        // overlap would fail at start (or share one socket), after the
+        // config was called good.
+        let mut taken: Vec<(&str, SocketAddr, Option<Spanned<String>>)> = Vec::new();
+        let mut addrs = [None; 4];
+        for (slot, (what, value, default)) in addrs.iter_mut().zip(keys) {
+            let addr = value
+                .as_ref()
+                .and_then(|v| self.addr(v, what))
+                .or_else(|| default.map(|d| d.parse().expect("default addresses are valid")));
+            let Some(addr) = addr else { continue };
+            if let Some((other, other_addr, other_value)) =
+                taken.iter().find(|(_, a, _)| overlap(*a, addr))
+            {
+                // Said at a key written in the file: the later one of the
+                // two, or the only one (two defaults never overlap).
+                let (key, at, spot, by, by_addr, by_default) = match &value {
+                    Some(v) => (
+                        what,
+                        addr,
+                        Some(v.clone()),
+                        *other,
+                        *other_addr,
+                        other_value.is_none(),
+                    ),
+                    None => (*other, *other_addr, other_value.clone(), what, addr, true),
+                };
+                let by_default = if by_default { " (its default)" } else { "" };
+                if let Some(spot) = spot {
+                    self.at(
+                        &spot,
+                        format!("{key} {at} overlaps {by} {by_addr}{by_default}: each listener needs an address of its own"),
+                    );
+                }
             }
+            taken.push((what, addr, value));
+            *slot = Some(addr);
         }
-        listen
+        let default = |d: &str| d.parse().expect("default addresses are valid");
+        Listen {
+            http: addrs[0].unwrap_or_else(|| default(DEFAULT_HTTP_LISTEN)),
+            https: addrs[1],
+            admin: addrs[2].unwrap_or_else(|| default(DEFAULT_ADMIN_LISTEN)),
+            metrics: addrs[3],
+        }
     }
 
     pub(super) fn admin(&mut self, a: file::Admin) -> Admin {
@@ -316,6 +335,13 @@ impl Validator<'_> {
     }
 }
 
+/// Whether two listen addresses cannot both be bound: the same port on the
+/// same address, or on any address when either is a wildcard (`0.0.0.0`,
+/// `[::]`, which on Linux also takes IPv4 by default).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -345,10 +371,56 @@ mod tests {
         let err = Config::parse(path, &text).unwrap_err().to_string();
         assert!(
             err.contains(
-                "t.toml:3:11: listen.metrics 127.0.0.1:9900 is already listen.admin's address"
+                "t.toml:3:11: listen.metrics 127.0.0.1:9900 overlaps listen.admin 127.0.0.1:9900"
             ),
             "{err}"
         );
+    }
+
+    /// Every pair of listeners, wildcards and defaults included: each needs
+    /// an address of its own, or one of them would fail to bind at start.
+    #[test]
+    fn listen_addresses_must_not_overlap() {
+        let path = Path::new("t.toml");
+        let refused = [
+            // The same address, any two keys.
+            (
+                "https = \"127.0.0.1:8443\"\nadmin = \"127.0.0.1:8443\"",
+                "t.toml:3:9: listen.admin 127.0.0.1:8443 overlaps listen.https 127.0.0.1:8443",
+            ),
+            (
+                "http = \"127.0.0.1:8080\"\nhttps = \"127.0.0.1:8080\"",
+                "t.toml:3:9: listen.https 127.0.0.1:8080 overlaps listen.http",
+            ),
+            // A wildcard takes the port on every address, IPv6 too.
+            (
+                "http = \"0.0.0.0:8080\"\nmetrics = \"127.0.0.1:8080\"",
+                "listen.metrics 127.0.0.1:8080 overlaps listen.http 0.0.0.0:8080",
+            ),
+            (
+                "http = \"[::]:8080\"\nadmin = \"127.0.0.1:8080\"",
+                "listen.admin 127.0.0.1:8080 overlaps listen.http [::]:8080",
+            ),
+            // Against a default, the error is at the key written.
+            (
+                "admin = \"0.0.0.0:80\"",
+                "t.toml:2:9: listen.admin 0.0.0.0:80 overlaps listen.http 0.0.0.0:80 (its default)",
+            ),
+            (
+                &format!("http = \"{}\"", super::DEFAULT_ADMIN_LISTEN),
+                "t.toml:2:8: listen.http",
+            ),
+        ];
+        for (listen, want) in refused {
+            let text = format!("[listen]\n{listen}\n{SERVICE}");
+            let err = Config::parse(path, &text).unwrap_err().to_string();
+            assert!(err.contains(want), "{listen}: {err}");
+        }
+        let allowed =
+            "http = \"127.0.0.1:8080\"\nadmin = \"[::1]:8080\"\nmetrics = \"127.0.0.2:8080\"";
+        let text = format!("[listen]\n{allowed}\n{SERVICE}");
+        let c = Config::parse(path, &text).unwrap();
+        assert_eq!(c.listen.metrics, Some("127.0.0.2:8080".parse().unwrap()));
     }
 
     #[test]
