@@ -1,6 +1,7 @@
 //! The `switchyard` command line: run | check | demo | ctl. Everything real
 //! lives in the library; this file parses arguments and prints results.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -292,11 +293,33 @@ fn run(path: &Path, opts: RunOptions) -> anyhow::Result<()> {
     if let Some(missing) = missing_token_file(&config) {
         tracing::warn!("{missing}");
     }
+    let pid_file = config.server.state_dir.join("switchyard.pid");
+    if let Some(pid) = running_instance(&pid_file).filter(|_| !opts.upgrade) {
+        // Its sockets are taken and its state_dir is in use; a second
+        // daemon would also overwrite the pid file, then remove it on its
+        // failed exit, leaving the running one without.
+        bail!(
+            "switchyard is already running as pid {pid} ({}): stop it first, or start the new one with -u to take over its sockets",
+            pid_file.display()
+        );
+    }
     let yard = Switchyard::build(&config, &opts)?;
     // Written by the daemon after it forks; gone again when it exits.
-    cleanup::remove_pid_file_on_exit(config.server.state_dir.join("switchyard.pid"));
+    cleanup::remove_pid_file_on_exit(pid_file);
     yard.run();
     Ok(())
+}
+
+/// The live switchyard process a pid file names, if any: the process exists
+/// and its name (`/proc/PID/comm`) starts with `switchyard`, so a stale file
+/// whose number was reused by another program does not count.
+fn running_instance(pid_file: &Path) -> Option<u32> {
+    let pid: u32 = fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    if pid == std::process::id() {
+        return None;
+    }
+    let name = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    name.starts_with("switchyard").then_some(pid)
 }
 
 fn check(path: &Path) -> ExitCode {

@@ -1,6 +1,6 @@
 //! `run -d`: the daemon keeps relative paths working, writes its pid and log
-//! into state_dir, serves, drains and stops on SIGTERM, and removes its pid
-//! file when it exits.
+//! into state_dir, serves, refuses a second start on the same state_dir,
+//! drains and stops on SIGTERM, and removes its pid file when it exits.
 
 mod common;
 
@@ -64,6 +64,24 @@ fn daemon_serves_logs_to_state_dir_stops_on_sigterm_and_removes_its_pid_file() {
         .trim()
         .parse()
         .unwrap();
+
+    // A second daemon on the same config is refused before it forks, and
+    // leaves the running one's pid file alone.
+    let again = Command::new(BIN)
+        .args(["run", "-c", "switchyard.toml", "-d"])
+        .current_dir(dir.path())
+        .env_remove(TOKEN_ENV)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1), "{}", describe(&again));
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        said.contains(&format!("already running as pid {pid}")),
+        "{said}"
+    );
+    assert_eq!(read_pid(), Some(pid));
+    assert_eq!(get(&url, None), (200, "blue".to_string()));
+
     unsafe { libc::kill(pid, libc::SIGTERM) };
     assert!(
         poll_until(Duration::from_secs(10), || unsafe { libc::kill(pid, 0) }
