@@ -229,9 +229,7 @@ impl Switchyard {
         )
         .with_keepalive(keepalive.clone())
         .with_observers(observers.clone());
-        server.add_service(
-            Listener::new("proxy", app, vec![config.listen.http]).upgrading(opts.upgrade),
-        );
+        server.add_service(Listener::new("proxy", app, config.listen.http).upgrading(opts.upgrade));
         let mut tls_handshakes = None;
         if let Some(https) = config.listen.https {
             // A plain TCP listener: the handshake is ours, inside the
@@ -254,9 +252,7 @@ impl Switchyard {
                 .with_keepalive(keepalive)
                 .with_tls(handshakes)
                 .with_observers(observers.clone());
-            server.add_service(
-                Listener::new("proxy-https", app, vec![https]).upgrading(opts.upgrade),
-            );
+            server.add_service(Listener::new("proxy-https", app, https).upgrading(opts.upgrade));
         }
 
         if let Some(sync) = sync {
@@ -343,7 +339,7 @@ impl Switchyard {
                     Arc::new(Connections::new(ADMIN_MAX_CONNECTIONS, None)),
                 );
                 server.add_service(
-                    Listener::new("admin", app, vec![config.listen.admin])
+                    Listener::new("admin", app, config.listen.admin)
                         .with_threads(1)
                         .upgrading(opts.upgrade),
                 );
@@ -381,7 +377,7 @@ impl Switchyard {
                 Arc::new(Connections::new(METRICS_MAX_CONNECTIONS, None)),
             );
             server.add_service(
-                Listener::new("metrics", app, vec![listen])
+                Listener::new("metrics", app, listen)
                     .with_threads(1)
                     .upgrading(opts.upgrade),
             );

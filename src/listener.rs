@@ -24,16 +24,20 @@
 //!   per socket, accepting stops when shutdown begins while connections
 //!   already accepted are served on.
 //!
-//! What differs: a listening socket that cannot be bound stops the process
-//! with one clear error line and exit status 1 (Pingora retried for 30 s,
-//! then panicked in its service thread), except during a graceful upgrade
-//! ([`Listener::upgrading`]); a failed accept for want of descriptors is
-//! retried after [`ACCEPT_BACKOFF`] (500 ms) instead of Pingora's 1 s. A connection's stream has
-//! no read buffer (none was used before either: Pingora's own reads, 4 KiB
-//! and up, made one useless while it was zero-filled and held per
-//! connection) and no write buffer: gathering a response's head and body
-//! into one write is the HTTP/1 connection wrapper's job
-//! ([`crate::slow_clients`]); HTTP/2 buffers its frames itself.
+//! What differs:
+//! - A listening socket that cannot be bound stops the process with one
+//!   clear error line and exit status 1 (Pingora retried for 30 s, then
+//!   panicked in its service thread), except during a graceful upgrade
+//!   ([`Listener::upgrading`]).
+//! - An accept error that is not the one connection's (out of descriptors,
+//!   say) is retried after [`ACCEPT_BACKOFF`] (500 ms), where Pingora
+//!   waited 1 s after EMFILE only and retried anything else at once.
+//! - A connection's stream has no read buffer (none was used before
+//!   either: Pingora's own reads, 4 KiB and up, made one useless while it
+//!   was zero-filled and held per connection) and no write buffer:
+//!   gathering a response's head and body into one write is the HTTP/1
+//!   connection wrapper's job ([`crate::slow_clients`]); HTTP/2 buffers its
+//!   frames itself.
 
 use std::io;
 use std::net::SocketAddr;
@@ -55,10 +59,11 @@ use tokio::net::{TcpListener, TcpStream};
 /// Pingora asks; Linux caps it at `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 65_535;
 
-/// Pause after an accept that failed for want of descriptors or memory
-/// (500 ms, nginx's pause in the same case): retrying at once would spin,
-/// and connections closing meanwhile free what the next accept needs. The
-/// connections waiting meanwhile stay in the listen backlog.
+/// Pause after an accept that failed for a reason other than the one
+/// connection's, typically out of descriptors or memory (500 ms, nginx's
+/// pause in the same case): retrying at once would spin, and connections
+/// closing meanwhile free what the next accept needs. The connections
+/// waiting meanwhile stay in the listen backlog.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Why a listening socket could not be opened.
@@ -72,10 +77,10 @@ pub struct ListenError {
     pub source: io::Error,
 }
 
-/// A listening service on TCP addresses whose connections `app` serves.
+/// A listening service on one TCP address whose connections `app` serves.
 pub struct Listener<A> {
     name: String,
-    addresses: Vec<SocketAddr>,
+    address: SocketAddr,
     app: Option<Arc<A>>,
     threads: Option<usize>,
     upgrading: bool,
@@ -83,11 +88,11 @@ pub struct Listener<A> {
 
 impl<A> Listener<A> {
     /// A service named `name` (in Pingora's logs) serving `app` on
-    /// `addresses`, on the server's worker threads.
-    pub fn new(name: &str, app: A, addresses: Vec<SocketAddr>) -> Self {
+    /// `address`, on the server's worker threads.
+    pub fn new(name: &str, app: A, address: SocketAddr) -> Self {
         Listener {
             name: name.to_string(),
-            addresses,
+            address,
             app: Some(Arc::new(app)),
             threads: None,
             upgrading: false,
@@ -133,8 +138,9 @@ pub fn listen(address: SocketAddr, fds: Option<&ListenFds>) -> Result<TcpListene
             let key = fd_key(address);
             match table.get(&key) {
                 // SAFETY: the table holds descriptors Pingora received
-                // from the process before this one for this address, and
-                // nothing else owns them in this process.
+                // from the process before this one, one per address, and
+                // no other listener here has this address (the config
+                // refuses overlapping ones), so nothing else owns it.
                 Some(&fd) => unsafe { Socket::from_raw_fd(fd) },
                 None => {
                     let socket = bind(address).map_err(failed)?;
@@ -221,7 +227,7 @@ where
             // the listening socket itself: retried after a pause, never in
             // a spin, and not past the start of shutdown.
             Err(e) => {
-                tracing::error!(cause = %e, "cannot accept a connection; retrying in 500 ms");
+                tracing::error!(cause = %e, retry_in = ?ACCEPT_BACKOFF, "cannot accept a connection");
                 tokio::select! {
                     biased;
                     () = stopping(&mut shutdown) => return,
@@ -268,32 +274,23 @@ where
         let Some(app) = self.app.take() else {
             return; // started once already
         };
-        let mut listeners = Vec::with_capacity(self.addresses.len());
-        for &address in &self.addresses {
-            match listen(address, fds.as_ref()) {
-                Ok(listener) => listeners.push(Arc::new(listener)),
-                Err(e) if self.upgrading => {
-                    tracing::error!(
-                        "{e}; not served until a restart (the sockets taken over keep serving)"
-                    );
-                }
-                Err(e) => {
-                    // Nothing would answer on this address: stop, clearly.
-                    tracing::error!("{e}");
-                    std::process::exit(1);
-                }
+        let listener = match listen(self.address, fds.as_ref()) {
+            Ok(listener) => Arc::new(listener),
+            Err(e) if self.upgrading => {
+                tracing::error!(
+                    "{e}; not served until a restart (the sockets taken over keep serving)"
+                );
+                return;
             }
-        }
-        let mut tasks = Vec::new();
-        for listener in &listeners {
-            for _ in 0..listeners_per_fd.max(1) {
-                tasks.push(tokio::spawn(accept_loop(
-                    listener.clone(),
-                    app.clone(),
-                    shutdown.clone(),
-                )));
+            Err(e) => {
+                // Nothing would answer on this address: stop, clearly.
+                tracing::error!("{e}");
+                std::process::exit(1);
             }
-        }
+        };
+        let tasks: Vec<_> = (0..listeners_per_fd.max(1))
+            .map(|_| tokio::spawn(accept_loop(listener.clone(), app.clone(), shutdown.clone())))
+            .collect();
         for task in tasks {
             let _ = task.await;
         }
@@ -309,6 +306,6 @@ where
     }
 
     fn listen_addresses(&self) -> Option<Vec<String>> {
-        Some(self.addresses.iter().map(|a| fd_key(*a)).collect())
+        Some(vec![fd_key(self.address)])
     }
 }

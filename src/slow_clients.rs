@@ -67,6 +67,11 @@
 //! Pingora writes some answers itself (400 for a request it cannot parse,
 //! 405 for CONNECT) with `Server: Pingora`; the wrapper rewrites that header
 //! in the response head to `Server: switchyard` on the way out.
+//!
+//! The wrapper is also the connection's write buffer ([`WRITE_BUFFER`]):
+//! the stream switchyard's accept loop makes ([`crate::listener`]) has none,
+//! and Pingora writes a response's head and body one after the other before
+//! its flush.
 
 use std::fmt;
 use std::future::Future;
@@ -945,7 +950,7 @@ impl fmt::Debug for Guarded {
 #[async_trait]
 impl Shutdown for Guarded {
     async fn shutdown(&mut self) {
-        // A rewritten answer still buffered goes out before the close.
+        // What is still buffered goes out before the close.
         let _ = futures_util::future::poll_fn(|cx| self.poll_drain(cx)).await;
         self.inner.shutdown().await
     }
