@@ -230,16 +230,8 @@ fn requests_over_https_are_logged_too() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
     let certs = tempfile::tempdir().unwrap();
-    let site = rcgen::generate_simple_self_signed(vec!["shop.test".to_string()]).unwrap();
-    let (cert, key) = (certs.path().join("site.pem"), certs.path().join("site.key"));
-    fs::write(&cert, site.cert.pem()).unwrap();
-    fs::write(&key, site.signing_key.serialize_pem()).unwrap();
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
-    let tables = format!(
-        "[tls]\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n",
-        toml_str(cert.to_str().unwrap()),
-        toml_str(key.to_str().unwrap())
-    );
+    let (site, _) = common::tls::self_signed_site(certs.path(), "shop.test");
+    let tables = format!("[tls]\n{site}");
     let proxy = ProxyBuilder::new(web(&blue, &green, ""))
         .https(&tables)
         .start();

@@ -7,8 +7,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
@@ -178,24 +176,15 @@ fn promtool_check(text: &str) {
 /// A self-signed certificate for `api.test`, as `[tls]` tables, and a
 /// client that trusts it.
 fn tls_tables(dir: &std::path::Path) -> (String, Arc<rustls::ClientConfig>) {
-    let cert = rcgen::generate_simple_self_signed(vec!["api.test".to_string()]).unwrap();
+    let (site, der) = common::tls::self_signed_site(dir, "api.test");
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).unwrap();
+    roots.add(der).unwrap();
     let client = rustls::ClientConfig::builder_with_provider(common::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let cert_path = dir.join("site.crt");
-    let key_path = dir.join("site.key");
-    fs::write(&cert_path, cert.cert.pem()).unwrap();
-    fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
-    let tables = format!(
-        "[tls]\nhandshake_timeout = \"300ms\"\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n\n",
-        toml_str(cert_path.to_str().unwrap()),
-        toml_str(key_path.to_str().unwrap())
-    );
+    let tables = format!("[tls]\nhandshake_timeout = \"300ms\"\n{site}");
     (tables, Arc::new(client))
 }
 

@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -94,17 +93,9 @@ fn raw_status(addr: &str, req: &[u8]) -> u16 {
 /// A self-signed certificate for `api.test` as `[tls]` tables (handshake
 /// timeout 300 ms), and a client config trusting it that offers `alpn`.
 fn tls_tables(dir: &std::path::Path) -> (String, rustls::pki_types::CertificateDer<'static>) {
-    let cert = rcgen::generate_simple_self_signed(vec!["api.test".to_string()]).unwrap();
-    let (cert_path, key_path) = (dir.join("c.pem"), dir.join("k.pem"));
-    fs::write(&cert_path, cert.cert.pem()).unwrap();
-    fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
-    let tables = format!(
-        "[tls]\nhandshake_timeout = \"300ms\"\nredirect_http = false\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n\n",
-        toml_str(cert_path.to_str().unwrap()),
-        toml_str(key_path.to_str().unwrap())
-    );
-    (tables, cert.cert.der().clone())
+    let (site, der) = common::tls::self_signed_site(dir, "api.test");
+    let tables = format!("[tls]\nhandshake_timeout = \"300ms\"\nredirect_http = false\n{site}");
+    (tables, der)
 }
 
 #[test]

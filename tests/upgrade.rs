@@ -7,7 +7,6 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -113,16 +112,8 @@ fn run_u_takes_over_the_https_socket_too() {
     let blue = Upstream::start("blue");
     let green = Upstream::start("green");
     let certs = tempfile::tempdir().unwrap();
-    let site = rcgen::generate_simple_self_signed(vec!["api.test".to_string()]).unwrap();
-    let (cert, key) = (certs.path().join("site.pem"), certs.path().join("site.key"));
-    fs::write(&cert, site.cert.pem()).unwrap();
-    fs::write(&key, site.signing_key.serialize_pem()).unwrap();
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
-    let tables = format!(
-        "[tls]\n[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n",
-        toml_str(cert.to_str().unwrap()),
-        toml_str(key.to_str().unwrap())
-    );
+    let (site, _) = tls::self_signed_site(certs.path(), "api.test");
+    let tables = format!("[tls]\n{site}");
     let mut old = ProxyBuilder::new(simple_api(&blue, &green))
         .https(&tables)
         .start();

@@ -211,3 +211,22 @@ pub async fn h2_handshake(
     });
     send.ready().await.expect("h2 ready")
 }
+
+/// A self-signed certificate for `name`, written into `dir` (the key with
+/// mode 0600, as switchyard requires), as a `[[tls.certificates]]` table
+/// named `site` to follow a `[tls]` header, and the certificate for a
+/// client to trust.
+pub fn self_signed_site(dir: &std::path::Path, name: &str) -> (String, CertificateDer<'static>) {
+    use std::os::unix::fs::PermissionsExt;
+    let site = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    let (cert, key) = (dir.join("site.pem"), dir.join("site.key"));
+    std::fs::write(&cert, site.cert.pem()).unwrap();
+    std::fs::write(&key, site.signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let table = format!(
+        "[[tls.certificates]]\nname = \"site\"\ncert = {}\nkey = {}\n\n",
+        super::toml_str(cert.to_str().unwrap()),
+        super::toml_str(key.to_str().unwrap())
+    );
+    (table, site.cert.der().clone())
+}
