@@ -177,15 +177,9 @@ fn promtool_check(text: &str) {
 /// client that trusts it.
 fn tls_tables(dir: &std::path::Path) -> (String, Arc<rustls::ClientConfig>) {
     let (site, der) = common::tls::self_signed_site(dir, "api.test");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(common::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let client = common::tls::trusting(der, &[]);
     let tables = format!("[tls]\nhandshake_timeout = \"300ms\"\n{site}");
-    (tables, Arc::new(client))
+    (tables, client)
 }
 
 /// Service `api` (blue, green), `/` proxied, `/private/` denied, `/limited/`

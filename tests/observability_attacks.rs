@@ -554,18 +554,11 @@ fn every_request_counts_once_however_it_arrives() {
         .enable_all()
         .build()
         .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(common::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = common::tls::trusting(der, &[b"h2"]);
     let https = proxy.https_addr();
     let statuses = rt.block_on(async move {
         let tcp = tokio::net::TcpStream::connect(&https).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        let tls = tokio_rustls::TlsConnector::from(config)
             .connect(
                 rustls::pki_types::ServerName::try_from("api.test").unwrap(),
                 tcp,
@@ -788,17 +781,7 @@ fn an_http2_client_cut_at_the_header_deadline_counts_as_slow() {
         )
     };
     assert_eq!(slow(), 0.0);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der).unwrap();
-    let client = |alpn: &[u8]| {
-        let mut c = rustls::ClientConfig::builder_with_provider(common::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth();
-        c.alpn_protocols = vec![alpn.to_vec()];
-        Arc::new(c)
-    };
+    let client = |alpn: &[u8]| common::tls::trusting(der.clone(), &[alpn]);
     for (alpn, counted) in [(&b"http/1.1"[..], 1.0), (&b"h2"[..], 2.0)] {
         let mut tls = common::tls::tls_connect(&proxy.https_addr(), "api.test", client(alpn));
         assert_eq!(tls.conn.alpn_protocol(), Some(alpn));

@@ -1525,28 +1525,9 @@ fn an_unread_body_is_never_read_as_a_request() {
 /// chunked, as a body.
 #[test]
 fn http2_content_length_that_disagrees_with_data_never_desyncs_the_backend() {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let dir = tempfile::tempdir().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![HOST.to_string()])
-        .unwrap()
-        .signed_by(&key, &*ca)
-        .unwrap();
-    let (cert_path, key_path) = (dir.path().join("app.pem"), dir.path().join("app.key"));
-    std::fs::write(&cert_path, leaf.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der().clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(common::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let config = Arc::new(config);
+    let (site, cert) = common::tls::self_signed_site(dir.path(), HOST);
+    let config = common::tls::trusting(cert, &[b"h2"]);
 
     let wire = Wire::start();
     let green = Upstream::start("green");
@@ -1557,12 +1538,7 @@ fn http2_content_length_that_disagrees_with_data_never_desyncs_the_backend() {
         toml_str(&wire.addr),
         toml_str(&green.addr())
     ))
-    .https(&format!(
-        "[tls]\ndefault_certificate = \"app\"\n\n\
-         [[tls.certificates]]\nname = \"app\"\ncert = {}\nkey = {}\n",
-        toml_str(cert_path.to_str().unwrap()),
-        toml_str(key_path.to_str().unwrap())
-    ))
+    .https(&format!("[tls]\ndefault_certificate = \"site\"\n\n{site}"))
     .start();
     let addr = proxy.https_addr();
     let inner = smuggled();

@@ -230,3 +230,17 @@ pub fn self_signed_site(dir: &std::path::Path, name: &str) -> (String, Certifica
     );
     (table, site.cert.der().clone())
 }
+
+/// A client that trusts only `cert` (a self-signed site, as from
+/// [`self_signed_site`]) and offers the ALPN protocols `alpn`.
+pub fn trusting(cert: CertificateDer<'static>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
