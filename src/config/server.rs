@@ -247,36 +247,35 @@ impl Validator<'_> {
             if let Some((other, other_addr, other_value)) =
                 taken.iter().find(|(_, a, _)| overlap(*a, addr))
             {
+                let mine = described(what, addr, value.is_some());
+                let theirs = described(other, *other_addr, other_value.is_some());
                 // Said at a key written in the file: the later one of the
                 // two, or the only one (two defaults never overlap).
-                let (key, at, spot, by, by_addr, by_default) = match &value {
-                    Some(v) => (
-                        what,
-                        addr,
-                        Some(v.clone()),
-                        *other,
-                        *other_addr,
-                        other_value.is_none(),
-                    ),
-                    None => (*other, *other_addr, other_value.clone(), what, addr, true),
+                let said = match (&value, other_value) {
+                    (Some(spot), _) => Some((spot, mine, theirs)),
+                    (None, Some(spot)) => Some((spot, theirs, mine)),
+                    (None, None) => None,
                 };
-                let by_default = if by_default { " (its default)" } else { "" };
-                if let Some(spot) = spot {
+                if let Some((spot, first, second)) = said {
                     self.at(
-                        &spot,
-                        format!("{key} {at} overlaps {by} {by_addr}{by_default}: each listener needs an address of its own"),
+                        spot,
+                        format!(
+                            "{first} overlaps {second}: each listener needs an address of its own"
+                        ),
                     );
                 }
             }
             taken.push((what, addr, value));
             *slot = Some(addr);
         }
+        // The two with a default always have an address.
+        let [http, https, admin, metrics] = addrs;
         let default = |d: &str| d.parse().expect("default addresses are valid");
         Listen {
-            http: addrs[0].unwrap_or_else(|| default(DEFAULT_HTTP_LISTEN)),
-            https: addrs[1],
-            admin: addrs[2].unwrap_or_else(|| default(DEFAULT_ADMIN_LISTEN)),
-            metrics: addrs[3],
+            http: http.unwrap_or_else(|| default(DEFAULT_HTTP_LISTEN)),
+            https,
+            admin: admin.unwrap_or_else(|| default(DEFAULT_ADMIN_LISTEN)),
+            metrics,
         }
     }
 
@@ -332,6 +331,14 @@ impl Validator<'_> {
             });
         }
         tokens
+    }
+}
+
+/// A listen key and its address, marked when the address is the default.
+fn described(key: &str, addr: SocketAddr, written: bool) -> String {
+    match written {
+        true => format!("{key} {addr}"),
+        false => format!("{key} {addr} (its default)"),
     }
 }
 
