@@ -69,12 +69,12 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
 /// Why a listening socket could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {address}: {source}")]
-pub struct ListenError {
+struct ListenError {
     /// The address as configured.
-    pub address: SocketAddr,
+    address: SocketAddr,
     /// What the system said (address in use, not this host's, ...).
     #[source]
-    pub source: io::Error,
+    source: io::Error,
 }
 
 /// A listening service on one TCP address whose connections `app` serves.
@@ -130,7 +130,7 @@ fn fd_key(address: SocketAddr) -> String {
 ///
 /// Errors: the address is in use or not this host's, or an inherited
 /// descriptor is not a listening TCP socket.
-pub fn listen(address: SocketAddr, fds: Option<&ListenFds>) -> Result<TcpListener, ListenError> {
+fn listen(address: SocketAddr, fds: Option<&ListenFds>) -> Result<TcpListener, ListenError> {
     let failed = |source| ListenError { address, source };
     let socket = match fds {
         Some(table) => {
